@@ -1,0 +1,22 @@
+"""A tiny configuration for tests: 2 epochs of a small MLP, deterministic noise.
+
+Command (tests create the data)::
+
+  python main.py --config=configs/test.py --config.data.path=DIR --workdir=W
+"""
+
+from fastdp_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.num_epochs = 2
+  config.batch_size = 64
+  config.model.hidden_sizes = (8,)
+  config.optimizer.learning_rate = 0.05
+  config.dp.noise_multiplier = 1.0
+  config.dp.noise_seed = 0
+  config.data.attack_rows = 500
+  config.steps_per_call = 8
+  config.eval_batch_size = 1024
+  return config

@@ -1,0 +1,111 @@
+"""The configuration schema: every key a config may set, its default, and its validation.
+
+Config files (``configs/*.py``) start from :func:`base_config` and change only what differs.
+:func:`validate` runs once, after command-line overrides, before any work: unknown keys
+(typos), wrong types and out-of-range values fail with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from fastdp_jax import accounting
+
+CLIPPING_METHODS = ("vmap",)
+OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("shard_map",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with its default: the original system's sequential DP-SGD run."""
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()
+  c.data.path = "data/generated/capums"  # dataset directory (manifest.json) or original .h5.
+  c.data.verify_checksums = True  # check every shard's sha256 against the manifest.
+  c.data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
+  c.data.attack_rows = 10_000  # training rows attacked (the original's figure).
+
+  c.num_epochs = 10  # an epoch is round(N / batch_size) updates.
+  c.batch_size = 256  # EXPECTED batch size; the sampling rate is q = batch_size / N.
+  c.seed = 0  # sampling and initialisation (not the noise: see dp.noise_seed).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_sizes = (50,)  # the original 9-50-1 MLP.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"  # 'sgd' | 'adam'.
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.momentum = 0.0  # SGD momentum (0 = the original's plain SGD).
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.enabled = True  # False: the same code path without clipping or noise (baseline).
+  c.dp.l2_norm_clip = 3.0  # C: each example's gradient is clipped to this L2 norm.
+  c.dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
+  c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this.
+  c.dp.delta = 1e-5
+  c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
+  c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
+  c.dp.clipping = "vmap"  # per-example gradient method.
+  c.dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = "shard_map"  # how the device mesh reduces gradients.
+
+  c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
+  c.eval_batch_size = 65_536  # evaluation chunk size.
+  return c
+
+
+def _check_keys(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                prefix: str = "") -> None:
+  for key in cfg.keys():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      known = ", ".join(sorted(f"{prefix}{k}" for k in schema.keys()))
+      raise ValueError(f"unknown config key {name!r}; known keys here: {known}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ValueError(f"config key {name!r} must be a group of keys")
+      _check_keys(cfg[key], schema[key], name + ".")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks a config before any work; raises ``ValueError`` naming the offending key."""
+  _check_keys(cfg, base_config())
+  if not cfg.data.path:
+    raise ValueError("data.path must be set")
+  for key in ("num_epochs", "batch_size", "steps_per_call", "eval_batch_size"):
+    if not isinstance(cfg[key], int) or cfg[key] <= 0:
+      raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
+  if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
+    raise ValueError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
+  if cfg.optimizer.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
+  if not cfg.optimizer.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate={cfg.optimizer.learning_rate} must be positive")
+  if cfg.parallel.strategy not in STRATEGIES:
+    raise ValueError(f"parallel.strategy={cfg.parallel.strategy!r} must be one of "
+                     f"{STRATEGIES}")
+  dp = cfg.dp
+  if dp.clipping not in CLIPPING_METHODS:
+    raise ValueError(f"dp.clipping={dp.clipping!r} must be one of {CLIPPING_METHODS}")
+  if dp.microbatch_size is not None and dp.microbatch_size <= 0:
+    raise ValueError(f"dp.microbatch_size={dp.microbatch_size} must be positive")
+  if not dp.enabled:
+    return
+  if not dp.l2_norm_clip > 0:
+    raise ValueError(f"dp.l2_norm_clip={dp.l2_norm_clip} must be positive when DP is on")
+  if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+    raise ValueError("set exactly one of dp.noise_multiplier and dp.target_epsilon (got "
+                     f"{dp.noise_multiplier=}, {dp.target_epsilon=})")
+  if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
+    raise ValueError(f"dp.noise_multiplier={dp.noise_multiplier} must be positive when DP is"
+                     " on (dp.enabled=False for a non-private run)")
+  if dp.target_epsilon is not None and not dp.target_epsilon > 0:
+    raise ValueError(f"dp.target_epsilon={dp.target_epsilon} must be positive")
+  if not 0 < dp.delta < 1:
+    raise ValueError(f"dp.delta={dp.delta} must be in (0, 1)")
+  if dp.accountant not in accounting.ACCOUNTANTS:
+    raise ValueError(f"dp.accountant={dp.accountant!r} must be one of "
+                     f"{accounting.ACCOUNTANTS}")
