@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -42,10 +41,9 @@ from fastdp_jax import config as config_lib
 from fastdp_jax import data as data_lib
 from fastdp_jax import models
 from fastdp_jax import noise
+from fastdp_jax import parallel
 from fastdp_jax import sampling
-
-AXIS = "data"
-
+from fastdp_jax import step as step_lib
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyPlan:
@@ -99,100 +97,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.adam(o.learning_rate)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class State:
-  """What a compiled call carries from one update to the next."""
-
-  params: Any
-  opt_state: Any
-  step: jax.Array  # int32, updates done
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceData:
-  """Training rows on the mesh: device k holds global rows ``bounds[k]:bounds[k+1]``."""
-
-  features: jax.Array  # [num_devices * rows_per_device, d], sharded along AXIS
-  labels: jax.Array  # [num_devices * rows_per_device], sharded along AXIS
-  bounds: np.ndarray  # [num_devices + 1]
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over all devices (a single device is a mesh of size 1)."""
-  devices = jax.devices() if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-
-
-def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray) -> DeviceData:
-  """Splits the rows into contiguous equal blocks, one per device (the last one padded)."""
-  n, k = len(y), mesh.devices.size
-  per = -(-n // k)
-  bounds = np.minimum(np.arange(k + 1) * per, n)
-  pad = per * k - n
-  xp = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
-  yp = np.concatenate([y, np.zeros((pad,), y.dtype)]) if pad else y
-  sharding = NamedSharding(mesh, P(AXIS))
-  return DeviceData(features=jax.device_put(xp, sharding), labels=jax.device_put(yp, sharding),
-                    bounds=bounds)
-
-
-def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: Callable, tx: optax.GradientTransformation,
-                      l2_norm_clip: float | None, microbatch_size: int | None) -> Callable:
-  """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
-
-  ``indices``/``mask`` are [steps, num_devices, capacity] per-device local row indices of each
-  update's Poisson batch; ``active`` [steps] bool lets a call run fewer updates than its
-  compiled length without recompiling.
-  """
-
-  def local_sum(params, x, y, idx, mask):
-    # One device's block: idx/mask [1, capacity]; x, y its own rows.
-    idx, mask = idx[0], mask[0]
-    batch = (x[idx], y[idx])
-    # Parameters are replicated; per-example gradients inside shard_map need them marked
-    # device-varying, or their gradients come back summed across devices (JAX 0.10).
-    params = jax.lax.pcast(params, AXIS, to="varying")
-    grads, stats = clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip,
-                                                        mask, microbatch_size=microbatch_size)
-    losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
-    clipped = (stats.norms > l2_norm_clip) if l2_norm_clip is not None else stats.norms < 0
-    local = dict(loss_sum=jnp.sum(jnp.where(mask, losses, 0.0)),
-                 count=jnp.sum(mask).astype(jnp.float32),
-                 clipped=jnp.sum(clipped & mask).astype(jnp.float32),
-                 nonfinite=jnp.sum(stats.nonfinite).astype(jnp.float32))
-    # The only cross-device communication of a step: one all-reduce of the clipped sums.
-    return jax.lax.psum((grads, local), AXIS)
-
-  sharded_sum = jax.shard_map(local_sum, mesh=mesh,
-                              in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
-                              out_specs=(P(), P()))
-
-  def one_step(carry, inputs):
-    state, x, y = carry
-    idx, mask, active = inputs
-
-    def do(state):
-      grads, m = sharded_sum(state.params, x, y, idx, mask)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return State(params=params, opt_state=opt_state, step=state.step + 1), m
-
-    def skip(state):
-      zero = jnp.zeros((), jnp.float32)
-      return state, dict(loss_sum=zero, count=zero, clipped=zero, nonfinite=zero)
-
-    state, m = jax.lax.cond(active, do, skip, state)
-    return (state, x, y), m
-
-  @jax.jit
-  def run(state, x, y, indices, mask, active):
-    (state, _, _), metrics = jax.lax.scan(one_step, (state, x, y), (indices, mask, active))
-    return state, metrics
-
-  return run
-
-
 def build_eval(apply_fn: Callable) -> Callable:
   @jax.jit
   def evaluate(params, x, y, mask):
@@ -219,6 +123,7 @@ def evaluate_split(evaluate: Callable, params, x: np.ndarray, y: np.ndarray,
     loss += float(l)
     correct += int(c)
   return loss / len(y), correct / len(y)
+
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -261,13 +166,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, cfg.batch_size, key),
       make_optimizer(cfg))
 
-  mesh = make_mesh()
-  dev = place_training_data(mesh, train.features, train.labels)
+  mesh = parallel.make_mesh()
+  dev = parallel.place_training_data(mesh, train.features, train.labels)
   sampler = sampling.PoissonSampler(n, cfg.batch_size, cfg.seed, shard_bounds=dev.bounds)
-  run = build_train_chunk(mesh, loss_fn, tx, plan.l2_norm_clip, cfg.dp.microbatch_size)
+  clipped_sum = step_lib.vmap_clipped_sum(loss_fn, plan.l2_norm_clip, cfg.dp.microbatch_size)
+  run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip)
   evaluate = build_eval(apply_fn)
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(State(params=params, opt_state=tx.init(params),
+  state = jax.device_put(step_lib.State(params=params, opt_state=tx.init(params),
                                step=jnp.zeros((), jnp.int32)), replicated)
 
   majority = float(max(test.labels.mean(), 1 - test.labels.mean()))
