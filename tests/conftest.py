@@ -1,0 +1,35 @@
+"""Shared fixtures: small generated data sets (tests never need data from elsewhere)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+def make_dataset(path, rows=6000, seed=0, num_features=9, **kw):
+  """A CaPUMS-like dataset directory written through the project's shard writer."""
+  from fastdp_jax import data as data_lib
+  from fastdp_jax import schema
+  rng = np.random.default_rng(seed)
+  x = (rng.random((rows, num_features)) < 0.4).astype(np.uint8)
+  w = rng.normal(size=num_features)
+  y = (rng.random(rows) < 1 / (1 + np.exp(-(x @ w - w.sum() * 0.4)))).astype(np.uint8)
+  names = (schema.CAPUMS_FEATURES if num_features == len(schema.CAPUMS_FEATURES)
+           else tuple(f"f{i}" for i in range(num_features)))
+  test = schema.is_test_row(np.arange(rows))
+  with data_lib.DatasetWriter(path, feature_names=names, label_name="employed", **kw) as wr:
+    wr.add("train", x[~test], y[~test])
+    wr.add("test", x[test], y[test])
+  return path
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+  return make_dataset(str(tmp_path / "data"))
