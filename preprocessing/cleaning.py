@@ -1,0 +1,273 @@
+"""The cleaning rules, shared by every producer so that they all keep, drop and reject the same rows.
+
+The Spark job (per partition), the Hadoop-streaming mapper (per block of stdin lines) and the
+direct writer of the generator call the functions here and nothing else to decide the fate of
+a row. Each row ends in exactly one of three outcomes:
+
+* **kept**: every used column holds a valid value; the row becomes a training/test example;
+* **dropped for NA**: well formed, but a used column is missing (a token from the spec's
+  ``na_tokens``, ``NA`` and the empty cell by default); counted per column;
+* **rejected** (malformed), with a reason code and a detail naming the column and token:
+
+  ===================  =======================================================================
+  ``blank_line``       the line is empty or whitespace only
+  ``repeated_header``  the header line again after the first line of a file
+  ``wrong_arity``      not as many comma-separated fields as the header
+  ``non_numeric``      a used column's token is not a number (``abc``, ``nan``, ``inf``, ...)
+  ``out_of_domain``    a number outside the column's domain (binary not 0/1, a category not in
+                       the public list, a numeric value outside its hard ``domain``)
+  ===================  =======================================================================
+
+Structural problems are checked first (blank, header, arity), then the tokens from left to
+right (``non_numeric``), then the values from left to right (``out_of_domain``); a row with
+a malformed token and an ``NA`` is rejected, not dropped. Columns the spec does not use are
+neither parsed nor checked.
+
+Tokens may carry surrounding spaces and one pair of double quotes (``"1"``); numbers are
+decimal literals (``1``, ``-3.5``, ``1e3``), never ``nan``, ``inf``, ``1_000`` or hex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from preprocessing import features as features_lib
+
+REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
+_NAN = float("nan")
+_MAX_TOKEN_TEXT = 40
+_LUT_LIMIT = 1 << 16
+
+
+def parse_number(token: str) -> float | None:
+  """The value of a decimal literal, or None (for ``nan``, ``inf``, ``1_0``, ``0x1``, ``''``)."""
+  if not _NUMBER.match(token):
+    return None
+  v = float(token)
+  return v if math.isfinite(v) else None
+
+
+def normalize_token(token: str) -> str:
+  """Strips surrounding whitespace and one pair of surrounding double quotes."""
+  token = token.strip()
+  if len(token) >= 2 and token[0] == '"' and token[-1] == '"':
+    token = token[1:-1].strip()
+  return token
+
+
+def parse_header(line: str) -> tuple[str, ...]:
+  """Column names of a header line (quoted or not; a UTF-8 byte-order mark is ignored)."""
+  return tuple(normalize_token(t) for t in line.lstrip("\ufeff").split(","))
+
+
+def _show(token: str) -> str:
+  return repr(token if len(token) <= _MAX_TOKEN_TEXT else token[:_MAX_TOKEN_TEXT] + "...")
+
+
+class _NumericLUT(dict):
+  """token -> value cache for a numeric column; a miss parses, an invalid token raises KeyError."""
+
+  def __missing__(self, token: str) -> float:
+    v = parse_number(token)
+    if v is None:
+      raise KeyError(token)
+    if len(self) < _LUT_LIMIT:
+      self[token] = v
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanResult:
+  """The outcome of cleaning a block of rows.
+
+  Attributes:
+    kept: [m] int64 indices (into the block) of kept rows, increasing.
+    values: [m, k] float64 validated values of the used columns of the kept rows (features
+      then label).
+    dropped_na: [a] int64 indices of rows dropped for a missing value.
+    na_by_column: [k] int64, for the dropped rows, how many had each used column missing.
+    rejects: ``(index, reason, detail)`` for each malformed row, by index.
+  """
+
+  kept: np.ndarray
+  values: np.ndarray
+  dropped_na: np.ndarray
+  na_by_column: np.ndarray
+  rejects: list[tuple[int, str, str]]
+
+
+def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: np.ndarray,
+                    rejects: list[tuple[int, str, str]]) -> CleanResult:
+  """Stage 2: checks parsed values against the columns' domains, then looks for NA.
+
+  Args:
+    spec: the feature spec.
+    values: [m, k] float64 values of the used columns, NaN for a missing cell.
+    index: [m] the rows' indices in the block.
+    rejects: rows already rejected by stage 1 (tokens); extended and sorted here.
+
+  Returns:
+    The block's :class:`CleanResult`.
+  """
+  values = np.asarray(values, np.float64).reshape(len(index), len(spec.used_columns))
+  index = np.asarray(index, np.int64)
+  present = ~np.isnan(values)
+  bad = np.zeros(len(index), bool)
+  rejects = list(rejects)
+  for j, col in enumerate(spec.used_specs):
+    v = values[:, j]
+    if col.kind == "binary":
+      ok = (v == 0) | (v == 1)
+    elif col.kind == "categorical":
+      ok = np.isin(v, np.asarray(col.categories))
+    elif col.domain is not None:
+      ok = (v >= col.domain[0]) & (v <= col.domain[1])
+    else:
+      ok = np.isfinite(v)
+    viol = np.flatnonzero(present[:, j] & ~ok & ~bad)
+    if viol.size:
+      bad[viol] = True
+      what = col.domain_text()
+      rejects.extend((int(index[r]), "out_of_domain",
+                      f"column {col.name!r}: {features_lib._fmt(v[r])} is not {what}")  # pylint: disable=protected-access
+                     for r in viol)
+  na_rows = ~bad & ~present.all(axis=1)
+  keep = ~bad & ~na_rows
+  rejects.sort(key=lambda r: r[0])
+  return CleanResult(kept=index[keep], values=values[keep], dropped_na=index[na_rows],
+                     na_by_column=(~present[na_rows]).sum(axis=0).astype(np.int64),
+                     rejects=rejects)
+
+
+class LineCleaner:
+  """Cleans CSV lines (without their line terminator) against a header and a spec.
+
+  Example::
+
+    cleaner = LineCleaner(spec, parse_header(first_line))
+    result = cleaner.clean(lines)          # a CleanResult; indices are positions in `lines`
+    x, y = spec.encode(result.values)
+  """
+
+  def __init__(self, spec: features_lib.FeatureSpec, header: Sequence[str]):
+    self.spec = spec
+    self.header = tuple(header)
+    self.indices = spec.column_indices(self.header)
+    self.num_fields = len(self.header)
+    self._na = frozenset(spec.na_tokens)
+    self._getters = []
+    for idx, col in zip(self.indices, spec.used_specs):
+      if col.kind == "numeric":
+        lut = _NumericLUT()
+      else:
+        valid = (0.0, 1.0) if col.kind == "binary" else col.categories
+        lut = {features_lib._fmt(v): float(v) for v in valid}  # pylint: disable=protected-access
+      for t in spec.na_tokens:
+        lut[t] = _NAN
+      self._getters.append((idx, lut.__getitem__))
+
+  def is_header(self, line: str) -> bool:
+    return parse_header(line) == self.header
+
+  def _tokens(self, line: str, parts: list[str]) -> list[float] | tuple[str, str]:
+    """Stage 1, careful path: the used columns' values, or ``(reason, detail)``."""
+    if not line.strip():
+      return ("blank_line", "empty line")
+    if len(parts) != self.num_fields:
+      return ("wrong_arity", f"{len(parts)} fields, expected {self.num_fields}")
+    if self.is_header(line):
+      return ("repeated_header", "the header line again")
+    out = []
+    for idx, col in zip(self.indices, self.spec.used_specs):
+      token = normalize_token(parts[idx])
+      if token in self._na:
+        out.append(_NAN)
+        continue
+      v = parse_number(token)
+      if v is None:
+        return ("non_numeric", f"column {col.name!r}: {_show(parts[idx])} is not a number")
+      out.append(v)
+    return out
+
+  def clean(self, lines: Sequence[str]) -> CleanResult:
+    """Cleans a block of lines; see the module docstring for the rules."""
+    k = len(self.indices)
+    getters = self._getters
+    nf = self.num_fields
+    flat: list[float] = []
+    ok: list[int] = []
+    rejects: list[tuple[int, str, str]] = []
+    for i, line in enumerate(lines):
+      parts = line.split(",")
+      if len(parts) == nf:
+        try:
+          flat.extend([g(parts[j]) for j, g in getters])
+          ok.append(i)
+          continue
+        except KeyError:
+          pass
+      r = self._tokens(line, parts)
+      if isinstance(r, tuple):
+        rejects.append((i, r[0], r[1]))
+      else:
+        flat.extend(r)
+        ok.append(i)
+    values = np.array(flat, np.float64).reshape(len(ok), k)
+    return classify_values(self.spec, values, np.array(ok, np.int64), rejects)
+
+
+def clean_columns(spec: features_lib.FeatureSpec, columns: dict[str, Sequence]) -> CleanResult:
+  """Cleans rows given column-wise (Parquet batches, the generator's arrays).
+
+  Numeric arrays are taken as they are (NaN and None mean missing); object arrays hold
+  tokens (str) or numbers and go through the same token rules as CSV cells.
+
+  Args:
+    spec: the feature spec.
+    columns: at least the used columns, each [n].
+
+  Returns:
+    The :class:`CleanResult`, indices being row positions.
+  """
+  missing = [c for c in spec.used_columns if c not in columns]
+  if missing:
+    raise features_lib.SpecError(f"columns {missing} that spec {spec.name!r} uses are absent "
+                                 f"(have {sorted(columns)})")
+  n = len(columns[spec.used_columns[0]])
+  values = np.empty((n, len(spec.used_columns)), np.float64)
+  bad: dict[int, tuple[str, str]] = {}
+  na = frozenset(spec.na_tokens)
+  for j, name in enumerate(spec.used_columns):
+    col = columns[name]
+    arr = np.asarray(col)
+    if arr.dtype.kind in "biuf":
+      values[:, j] = arr.astype(np.float64)
+      for i in np.flatnonzero(np.isinf(values[:, j])).tolist():
+        bad.setdefault(i, ("non_numeric", f"column {name!r}: {values[i, j]!r} is not a "
+                                          "finite number"))
+      continue
+    for i, cell in enumerate(arr.tolist()):
+      if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        values[i, j] = _NAN
+      elif isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        values[i, j] = float(cell)
+        if math.isinf(values[i, j]):
+          bad.setdefault(i, ("non_numeric", f"column {name!r}: {cell!r} is not a finite "
+                                            "number"))
+      else:
+        token = normalize_token(str(cell))
+        v = _NAN if token in na else parse_number(token)
+        if v is None:
+          if i not in bad:
+            bad[i] = ("non_numeric", f"column {name!r}: {_show(str(cell))} is not a number")
+          v = _NAN
+        values[i, j] = v
+  rejects = sorted((i, r, d) for i, (r, d) in bad.items())
+  good = np.setdiff1d(np.arange(n), np.array(sorted(bad), np.int64))
+  return classify_values(spec, values[good], good, rejects)

@@ -1,0 +1,681 @@
+"""The Spark job: census CSV (or Parquet) -> cleaned, encoded, split HDF5 shards + manifest.
+
+Runs on a laptop (Spark local mode, the default) and unchanged on a cluster::
+
+  python -m preprocessing.spark_job --input CaPUMS5full.csv --output data/capums \
+      --spec configs/data/capums.py [--master local[2]] [--overwrite]
+  PYSPARK_PYTHON=.venv/bin/python spark-submit --master yarn preprocessing/spark_job.py \
+      --input hdfs:///census/CaPUMS5full.csv --output /shared/data/capums --spec capums
+
+What it does, and what it guarantees:
+
+1. **Plan** (one cheap JVM-only pass): counts the lines of every input split (file, byte
+   offset) and reads each file's first line, its header. Headers are checked against the spec
+   before any Python runs; from the counts every line gets its line number and every data row
+   its row id (0-based index of the data row over the files in path order). Neither depends
+   on how the input is partitioned or how many executors there are.
+2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
+   :mod:`preprocessing.cleaning` (the same rules as the streaming mapper and the direct
+   writer), puts each row in train or test with ``fastdp_jax.schema.is_test_row(row_id)``,
+   encodes it with the spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
+   mixing input splits, named by their first row id) with ``fastdp_jax.data.write_shard``
+   into a staging directory, and its malformed lines into ``rejects/part-*.jsonl`` with the
+   reason. Tasks return the shards' manifest entries and their counts.
+3. **Commit** (driver): checks that ``rows_read = kept + dropped_na + rejected``, that every
+   planned line was seen exactly once and that the shards hold exactly the kept rows, writes
+   ``manifest.json`` last, then renames the staging directory into place. A failed or killed
+   job leaves only a hidden ``.NAME.staging-*`` directory, never a complete-looking output.
+
+The output directory must be on a file system that the driver and every executor can write
+(local disk in local mode; NFS/EFS/Lustre on a cluster): HDF5 files are written with h5py.
+The output (shards, rejects, counts) is as private as the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax import schema  # pylint: disable=g-import-not-at-top
+from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
+from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MAX_ROWS_PER_SHARD = 250_000
+REJECTS = "rejects"
+
+
+class PipelineError(ValueError):
+  """Bad input or arguments; the message says what is wrong and where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSplit:
+  """One input split as planned on the driver (shipped to the executors).
+
+  Attributes:
+    key: xxhash64 of (file, start), the split's id in the processing pass.
+    file: the file's path (URI).
+    start: byte offset of the split in the file.
+    lines: number of lines the split holds.
+    header: whether its first line is the file's header (``start == 0``).
+    row_base: row id of its first data row.
+    line_base: 1-based line number, in the file, of its first line.
+  """
+
+  key: int
+  file: str
+  start: int
+  lines: int
+  header: bool
+  row_base: int
+  line_base: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Executor side.
+
+
+class _TaskWriter:
+  """Collects one task's cleaned rows per input split and writes shards and rejects."""
+
+  def __init__(self, *, spec: features_lib.FeatureSpec, staging: str, split_seed: int,
+               test_fraction: float, max_rows: int):
+    self.spec = spec
+    self.staging = staging
+    self.split_seed = split_seed
+    self.test_fraction = test_fraction
+    self.max_rows = max_rows
+    self.shards: list[dict[str, Any]] = []
+    self.stats = {"rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
+                  "na_by_column": [0] * len(spec.used_columns),
+                  "rejects_by_reason": {}, "lines_by_split": {}}
+    self._key: int | None = None
+    self._ids: list[np.ndarray] = []
+    self._values: list[np.ndarray] = []
+    self._rejects_file = None
+
+  def begin(self, key: int) -> None:
+    if key != self._key:
+      self.flush()
+      self._key = key
+
+  def add(self, key: int, lines: int, row_ids: np.ndarray, result: cleaning.CleanResult,
+          reject_records: Iterator[dict[str, Any]]) -> None:
+    """Adds a block of cleaned rows; ``row_ids`` maps the block's indices to row ids."""
+    self.begin(key)
+    s = self.stats
+    s["lines_by_split"][str(key)] = s["lines_by_split"].get(str(key), 0) + lines
+    s["rows_read"] += len(row_ids)
+    s["kept"] += len(result.kept)
+    s["dropped_na"] += len(result.dropped_na)
+    s["rejected"] += len(result.rejects)
+    s["na_by_column"] = [a + int(b) for a, b in zip(s["na_by_column"], result.na_by_column)]
+    for _, reason, _ in result.rejects:
+      s["rejects_by_reason"][reason] = s["rejects_by_reason"].get(reason, 0) + 1
+    if len(result.kept):
+      self._ids.append(row_ids[result.kept])
+      self._values.append(result.values)
+    if result.rejects:
+      if self._rejects_file is None:
+        first = int(row_ids[result.rejects[0][0]])
+        path = os.path.join(self.staging, REJECTS, f"part-{first:012d}.jsonl")
+        self._rejects_file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+      for rec in reject_records:
+        self._rejects_file.write(json.dumps(rec) + "\n")
+
+  def header(self, key: int) -> None:
+    self.begin(key)
+    self.stats["header_lines"] += 1
+    s = self.stats["lines_by_split"]
+    s[str(key)] = s.get(str(key), 0) + 1
+
+  def flush(self) -> None:
+    """Writes the current input split's rows as shards; closes its rejects file."""
+    if self._rejects_file is not None:
+      self._rejects_file.close()
+      self._rejects_file = None
+    if not self._ids:
+      return
+    ids = np.concatenate(self._ids)
+    values = np.concatenate(self._values)
+    self._ids, self._values = [], []
+    x, y = self.spec.encode(values)
+    test = schema.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
+    for split, mask in (("train", ~test), ("test", test)):
+      sid, sx, sy = ids[mask], x[mask], y[mask]
+      for lo in range(0, len(sid), self.max_rows):
+        name = f"{split}-{int(sid[lo]):012d}.h5"
+        info = data_lib.write_shard(self.staging, name, split, sx[lo:lo + self.max_rows],
+                                    sy[lo:lo + self.max_rows])
+        self.shards.append(dataclasses.asdict(info))
+
+  def results(self):
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    self.flush()
+    body = [("shard", json.dumps(s)) for s in self.shards] + [("stats", json.dumps(self.stats))]
+    return pd.DataFrame(body, columns=["kind", "body"])
+
+
+def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
+              spec: features_lib.FeatureSpec, staging: str, split_seed: int,
+              test_fraction: float, max_rows: int):
+  """The mapInPandas function of the CSV pass: (value, key) batches -> (kind, body) rows."""
+
+  def run(batches):
+    cleaner = cleaning.LineCleaner(spec, header)
+    writer = _TaskWriter(spec=spec, staging=staging, split_seed=split_seed,
+                         test_fraction=test_fraction, max_rows=max_rows)
+    seen: dict[int, int] = {}
+    for pdf in batches:
+      lines = pdf["value"].tolist()
+      keys = pdf["key"].to_numpy()
+      cuts = np.flatnonzero(np.diff(keys)) + 1
+      for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)]):
+        key = int(keys[lo])
+        s = splits.get(key)
+        if s is None:
+          raise RuntimeError(f"input split {key} was not in the plan: the input changed while "
+                             "the job ran")
+        block = lines[lo:hi]
+        pos = seen.get(key, 0)  # position of block[0] among the split's lines
+        seen[key] = pos + len(block)
+        if s.header and pos == 0:
+          if cleaning.parse_header(block[0]) != header:
+            raise RuntimeError(f"{s.file}: first line changed while the job ran")
+          writer.header(key)
+          block, pos = block[1:], 1
+          if not block:
+            continue
+        first_row = s.row_base + pos - (1 if s.header else 0)
+        row_ids = np.arange(first_row, first_row + len(block), dtype=np.int64)
+        result = cleaner.clean(block)
+        records = ({"file": s.file, "line": s.line_base + pos + i, "row": int(row_ids[i]),
+                    "reason": reason, "detail": detail, "text": block[i]}
+                   for i, reason, detail in result.rejects)
+        writer.add(key, len(block), row_ids, result, records)
+    yield writer.results()
+
+  return run
+
+
+def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureSpec,
+                  staging: str, split_seed: int, test_fraction: float, max_rows: int):
+  """The mapInPandas function of the Parquet pass."""
+
+  def run(batches):
+    writer = _TaskWriter(spec=spec, staging=staging, split_seed=split_seed,
+                         test_fraction=test_fraction, max_rows=max_rows)
+    for pdf in batches:
+      keys = pdf["__key"].to_numpy()
+      cuts = np.flatnonzero(np.diff(keys)) + 1
+      for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)]):
+        key = int(keys[lo])
+        path, base = files[key]
+        part = pdf.iloc[lo:hi]
+        index = part["__row_index"].to_numpy(np.int64)
+        row_ids = base + index
+        cols = {c: part[c].to_numpy() for c in spec.used_columns}
+        result = cleaning.clean_columns(spec, cols)
+
+        def show(i, cols=cols):
+          return json.dumps({c: (None if v is None or (isinstance(v, float) and v != v)
+                                 else (v.item() if hasattr(v, "item") else v))
+                             for c, v in ((c, cols[c][i]) for c in spec.used_columns)},
+                            default=str)
+
+        records = ({"file": path, "line": int(index[i]) + 1, "row": int(row_ids[i]),
+                    "reason": reason, "detail": detail, "text": show(i)}
+                   for i, reason, detail in result.rejects)
+        writer.add(key, hi - lo, row_ids, result, records)
+    yield writer.results()
+
+  return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path or path.startswith("file:")
+
+
+def _local(path: str) -> str:
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if path.startswith("file:"):
+    return path[len("file:"):]
+  return path
+
+
+def _check_output(output: str, overwrite: bool) -> str:
+  if not _is_local(output):
+    raise PipelineError(f"--output {output}: shards are written with h5py, so the output must "
+                        "be a path on a (shared) POSIX file system, not a URI")
+  out = os.path.abspath(_local(output))
+  if os.path.lexists(out):
+    if not overwrite:
+      raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    if not os.path.isdir(out) or (os.listdir(out) and
+                                  not os.path.isfile(os.path.join(out, data_lib.MANIFEST))):
+      raise PipelineError(f"refusing to replace {out}: it is not a dataset directory (no "
+                          f"{data_lib.MANIFEST}); remove it yourself or choose another --output")
+  return out
+
+
+def _local_input_files(path: str) -> list[str]:
+  """The local files an input names (file, directory, or glob); [] if none exist."""
+  p = _local(path)
+  if glob.has_magic(p):
+    found = sorted(glob.glob(p))
+  elif os.path.isdir(p):
+    found = [p]
+  elif os.path.isfile(p):
+    found = [p]
+  else:
+    found = []
+  return found
+
+
+def _check_input(input_path: str, output: str) -> int:
+  """Checks a local input exists and does not contain the output; returns its size in bytes."""
+  if not _is_local(input_path):
+    return 0
+  found = _local_input_files(input_path)
+  if not found:
+    raise FileNotFoundError(f"input {input_path} does not exist")
+  size = 0
+  for f in found:
+    if os.path.isdir(f):
+      if os.path.commonpath([os.path.abspath(f), output]) == os.path.abspath(f):
+        raise PipelineError(f"--output {output} is inside the input directory {f}; the job "
+                            "would read its own output")
+      for root, _, names in os.walk(f):
+        size += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+    else:
+      size += os.path.getsize(f)
+  return size
+
+
+def _detect_format(input_path: str, fmt: str) -> str:
+  if fmt != "auto":
+    return fmt
+  p = _local(input_path).rstrip("/")
+  if p.endswith((".parquet", ".pq")):
+    return "parquet"
+  if _is_local(input_path) and os.path.isdir(p):
+    names = [n for n in os.listdir(p) if not n.startswith(("_", "."))]
+    if names and all(n.endswith((".parquet", ".pq")) for n in names):
+      return "parquet"
+  return "csv"
+
+
+def _read_error(e: Exception, input_path: str) -> PipelineError | FileNotFoundError:
+  text = str(e)
+  if "PATH_NOT_FOUND" in text or "does not exist" in text:
+    return FileNotFoundError(f"input {input_path} does not exist")
+  return PipelineError(f"cannot read {input_path}: {text.splitlines()[0]}")
+
+
+def plan_csv(spark, input_path: str,
+             spec: features_lib.FeatureSpec) -> tuple[list[InputSplit], str, tuple[str, ...]]:
+  """Pass 1: the input splits with their line counts and bases, and the checked header.
+
+  Returns:
+    ``(splits in file order, header line, header columns)``.
+
+  Raises:
+    PipelineError: empty input, a header that does not fit the spec, or files whose headers
+      differ.
+  """
+  from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
+  try:
+    df = spark.read.text(input_path)
+    meta = df.select("value", F.col("_metadata.file_path").alias("file"),
+                     F.col("_metadata.file_block_start").alias("start"),
+                     F.monotonically_increasing_id().alias("pos"))
+    rows = (meta.groupBy("file", "start", F.xxhash64("file", "start").alias("key"))
+            .agg(F.count(F.lit(1)).alias("lines"), F.min_by("value", "pos").alias("first"))
+            .collect())
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ in ("AnalysisException", "Py4JJavaError", "IllegalArgumentException"):
+      raise _read_error(e, input_path) from e
+    raise
+  if not rows:
+    raise PipelineError(f"input {input_path} is empty: no lines at all (expected a header "
+                        f"line naming the columns {list(spec.input_columns or spec.used_columns)})")
+  rows = sorted(rows, key=lambda r: (r["file"], r["start"]))
+  if len({r["key"] for r in rows}) != len(rows):
+    raise PipelineError("two input splits hash to the same key; rename a file and retry")
+  header_line, header = None, None
+  for r in rows:
+    if r["start"] != 0:
+      continue
+    line = r["first"]
+    try:
+      cols = cleaning.parse_header(line)
+      spec.column_indices(cols)
+    except features_lib.SpecError as e:
+      raise PipelineError(f"{r['file']}: the first line is taken as the header: {e}") from e
+    if header is None:
+      header_line, header = line, cols
+    elif cols != header:
+      raise PipelineError(f"{r['file']}: header {list(cols)} differs from {list(header)} of "
+                          "the first file; all input files must have the same columns")
+  splits, row, line, file = [], 0, 1, None
+  for r in rows:
+    if r["file"] != file:
+      file, line = r["file"], 1
+      if r["start"] != 0:
+        raise PipelineError(f"{file}: no split at offset 0 (cannot find its header)")
+    has_header = r["start"] == 0
+    splits.append(InputSplit(key=int(r["key"]), file=file, start=int(r["start"]),
+                             lines=int(r["lines"]), header=has_header, row_base=row,
+                             line_base=line))
+    row += int(r["lines"]) - has_header
+    line += int(r["lines"])
+  return splits, header_line, header
+
+
+def _tune_partitions(spark, input_bytes: int, partition_mb: float | None) -> None:
+  """Sets split sizes so that each core gets a few tasks (better balance than 128 MB splits)."""
+  if partition_mb is None:
+    if not input_bytes:
+      return
+    cores = spark.sparkContext.defaultParallelism
+    partition_mb = min(128.0, max(4.0, input_bytes / 1e6 / (3 * cores)))
+  spark.conf.set("spark.sql.files.maxPartitionBytes", str(int(partition_mb * 1e6)))
+
+
+def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec | str, *,
+            fmt: str = "auto", overwrite: bool = False,
+            split_seed: int = schema.DEFAULT_SPLIT_SEED,
+            test_fraction: float = schema.DEFAULT_TEST_FRACTION,
+            max_rows_per_shard: int = DEFAULT_MAX_ROWS_PER_SHARD,
+            partition_mb: float | None = None) -> data_lib.Manifest:
+  """Runs the job on an existing SparkSession; returns the committed manifest.
+
+  Args:
+    spark: the session (its master decides where the job runs).
+    input_path: a CSV or Parquet file, a directory of them, or a glob; local or a URI.
+    output: the dataset directory to create.
+    spec: a :class:`FeatureSpec`, or a spec file path / built-in name.
+    fmt: ``'csv'``, ``'parquet'`` or ``'auto'`` (by extension).
+    overwrite: replace an existing dataset directory.
+    split_seed: seed of the train/test hash split.
+    test_fraction: expected fraction of test rows.
+    max_rows_per_shard: shard size bound.
+    partition_mb: input split size; default about 3 tasks per core.
+
+  Raises:
+    FileNotFoundError: missing input.
+    FileExistsError: existing output without ``overwrite``.
+    PipelineError: empty input, header problems, no usable rows, or a failed task.
+  """
+  t0 = time.perf_counter()
+  if isinstance(spec, str):
+    spec = features_lib.load_spec(spec)
+  if not 0 < test_fraction < 1:
+    raise PipelineError(f"{test_fraction=} must be in (0, 1)")
+  if max_rows_per_shard < 1:
+    raise PipelineError(f"{max_rows_per_shard=} must be positive")
+  out = _check_output(output, overwrite)
+  input_bytes = _check_input(input_path, out)
+  fmt = _detect_format(input_path, fmt)
+  if fmt not in ("csv", "parquet"):
+    raise PipelineError(f"{fmt=} must be csv, parquet or auto")
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+  os.makedirs(os.path.join(staging, REJECTS))
+  old_partition_bytes = spark.conf.get("spark.sql.files.maxPartitionBytes")
+  try:
+    _tune_partitions(spark, input_bytes, partition_mb)
+    if fmt == "csv":
+      manifest = _run_csv(spark, input_path, spec, staging, split_seed, test_fraction,
+                          max_rows_per_shard)
+    else:
+      manifest = _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction,
+                              max_rows_per_shard)
+    manifest["extra"].update({
+        "producer": "preprocessing.spark_job", "input": input_path, "format": fmt,
+        "spark": {"version": spark.version, "master": spark.sparkContext.master,
+                  "partitions": manifest["extra"].pop("partitions")},
+        "seconds": round(time.perf_counter() - t0, 2)})
+    data_lib.write_manifest(staging, **manifest)
+    _publish(staging, out, overwrite)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  finally:
+    spark.conf.set("spark.sql.files.maxPartitionBytes", old_partition_bytes)
+  return data_lib.read_manifest(out)
+
+
+def _collect(df, what: str) -> list:
+  try:
+    return df.collect()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    for marker in ("RuntimeError: ", "PipelineError: ", "SpecError: "):
+      if marker in text:
+        detail = text.split(marker, 1)[1].splitlines()[0]
+        raise PipelineError(f"{what} failed: {detail}") from e
+    raise
+
+
+def _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+  """Sums the tasks' counts, checks them, and returns write_manifest's arguments."""
+  shards = [data_lib.ShardInfo(**json.loads(r["body"])) for r in results if r["kind"] == "shard"]
+  stats = [json.loads(r["body"]) for r in results if r["kind"] == "stats"]
+  total = {k: sum(s[k] for s in stats) for k in ("rows_read", "kept", "dropped_na", "rejected",
+                                                  "header_lines")}
+  na_by_column = np.sum([s["na_by_column"] for s in stats], axis=0).astype(int).tolist()
+  by_reason: dict[str, int] = {}
+  for s in stats:
+    for k, v in s["rejects_by_reason"].items():
+      by_reason[k] = by_reason.get(k, 0) + v
+  lines_by_split: dict[str, int] = {}
+  for s in stats:
+    for k, v in s["lines_by_split"].items():
+      lines_by_split[k] = lines_by_split.get(k, 0) + v
+  provenance = data_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
+                                   dropped_na=total["dropped_na"], rejected=total["rejected"])
+  in_shards = sum(s.rows for s in shards)
+  if in_shards != provenance.kept:
+    raise PipelineError(f"internal error: shards hold {in_shards} rows, {provenance.kept} kept")
+  if provenance.kept == 0:
+    examples = []
+    for f in sorted(os.listdir(os.path.join(staging, REJECTS)))[:1]:
+      with open(os.path.join(staging, REJECTS, f), encoding="utf-8") as fh:
+        examples = [json.loads(next(fh)) for _ in range(1)]
+    raise PipelineError(
+        f"no usable rows: {provenance.rows_read} rows read, {provenance.dropped_na} dropped for "
+        f"NA (by column: {dict(zip(spec.used_columns, na_by_column))}), "
+        f"{provenance.rejected} rejected (by reason: {by_reason})"
+        + (f"; first reject: line {examples[0]['line']} of {examples[0]['file']}: "
+           f"{examples[0]['reason']}: {examples[0]['detail']}" if examples else ""))
+  extra.update({
+      "spec": spec.to_dict(), "spec_source": spec.source,
+      "split": {"seed": split_seed, "test_fraction": test_fraction,
+                "row_id": "0-based index of the data row over the input files in path order"},
+      "max_rows_per_shard": max_rows,
+      "header_lines": total["header_lines"],
+      "dropped_na_by_column": dict(zip(spec.used_columns, na_by_column)),
+      "rejected_by_reason": dict(sorted(by_reason.items())),
+      "rejects_dir": REJECTS,
+  })
+  return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
+          "provenance": provenance, "extra": extra, "_lines_by_split": lines_by_split}
+
+
+def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_rows):
+  from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
+  splits, _, header = plan_csv(spark, input_path, spec)
+  table = {s.key: s for s in splits}
+  df = spark.read.text(input_path).select(
+      "value", F.xxhash64(F.col("_metadata.file_path"),
+                          F.col("_metadata.file_block_start")).alias("key"))
+  fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows)
+  results = _collect(df.mapInPandas(fn, "kind string, body string"), "cleaning the input")
+  body = _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
+                      {"partitions": df.rdd.getNumPartitions(),
+                       "files": sorted({s.file for s in splits})})
+  seen = body.pop("_lines_by_split")
+  for s in splits:
+    if seen.get(str(s.key), 0) != s.lines:
+      raise PipelineError(f"{s.file} at byte {s.start}: planned {s.lines} lines, the tasks saw "
+                          f"{seen.get(str(s.key), 0)} (the input changed while the job ran?)")
+  lines = sum(s.lines for s in splits)
+  if lines != body["provenance"].rows_read + body["extra"]["header_lines"]:
+    raise PipelineError(f"internal error: {lines} lines != rows read + headers")
+  body["extra"]["lines"] = lines
+  return body
+
+
+def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, max_rows):
+  from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
+  try:
+    df = spark.read.parquet(input_path)
+    columns = tuple(df.columns)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(e, input_path) from e
+  missing = [c for c in spec.used_columns if c not in columns]
+  if missing:
+    raise PipelineError(f"{input_path}: Parquet columns {list(columns)} lack {missing} that "
+                        f"spec {spec.name!r} uses")
+  if spec.input_columns and set(columns) != set(spec.input_columns):
+    raise PipelineError(f"{input_path}: Parquet columns {sorted(columns)} are not the spec's "
+                        f"input_columns {sorted(spec.input_columns)}")
+  meta = df.select(*[F.col(f"`{c}`") for c in spec.used_columns],
+                   F.xxhash64(F.col("_metadata.file_path")).alias("__key"),
+                   F.col("_metadata.row_index").alias("__row_index"),
+                   F.col("_metadata.file_path").alias("__file"))
+  counts = sorted(meta.groupBy("__file", "__key").count().collect(), key=lambda r: r["__file"])
+  if not counts:
+    raise PipelineError(f"input {input_path} holds no rows")
+  files, base = {}, 0
+  for r in counts:
+    files[int(r["__key"])] = (r["__file"], base)
+    base += int(r["count"])
+  fn = _parquet_task(files, spec, staging, split_seed, test_fraction, max_rows)
+  out_df = meta.drop("__file").mapInPandas(fn, "kind string, body string")
+  results = _collect(out_df, "cleaning the input")
+  body = _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
+                      {"partitions": meta.rdd.getNumPartitions(),
+                       "files": [r["__file"] for r in counts]})
+  body.pop("_lines_by_split")
+  if body["provenance"].rows_read != base:
+    raise PipelineError(f"planned {base} rows, the tasks read {body['provenance'].rows_read}")
+  return body
+
+
+def _publish(staging: str, out: str, overwrite: bool) -> None:
+  """Moves the finished staging directory into place (replacing an old dataset if asked)."""
+  if os.path.lexists(out):
+    if not overwrite:
+      raise FileExistsError(f"output {out} appeared while the job ran; not replacing it")
+    parent, name = os.path.split(out)
+    trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+    os.replace(out, trash)
+    os.replace(staging, out)
+    shutil.rmtree(trash, ignore_errors=True)
+  else:
+    os.replace(staging, out)
+
+
+def create_session(master: str | None = None, app_name: str = "fastdp-preprocess",
+                   conf: dict[str, str] | None = None):
+  """A SparkSession whose Python workers run this interpreter and can import this project.
+
+  Args:
+    master: e.g. ``'local[2]'``; default: the one spark-submit set, else ``local[*]``.
+    app_name: the application name.
+    conf: extra Spark settings.
+  """
+  os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+  os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+  paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+  if REPO_ROOT not in paths:  # local-mode workers inherit it; on a cluster use --py-files
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in paths if p])
+  from pyspark.sql import SparkSession  # pylint: disable=g-import-not-at-top
+  builder = SparkSession.builder.appName(app_name)
+  if master:
+    builder = builder.master(master)
+  elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
+    builder = builder.master("local[*]")
+  settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.adaptive.enabled": "true"}
+  settings.update(conf or {})
+  for k, v in settings.items():
+    builder = builder.config(k, v)
+  spark = builder.getOrCreate()
+  spark.sparkContext.setLogLevel("ERROR")
+  return spark
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m preprocessing.spark_job",
+      description="Census CSV/Parquet -> cleaned, split HDF5 shards (see docs/data_pipeline.md)")
+  p.add_argument("--input", required=True,
+                 help="CSV or Parquet file, directory, or glob; local path or URI")
+  p.add_argument("--output", required=True, help="dataset directory to create")
+  p.add_argument("--spec", required=True,
+                 help="feature spec: configs/data/capums.py, configs/data/pums_raw.py, or a "
+                 "built-in name (capums, pums_raw)")
+  p.add_argument("--format", choices=("auto", "csv", "parquet"), default="auto")
+  p.add_argument("--master", default=None,
+                 help="Spark master; default: spark-submit's, else local[*]")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+  p.add_argument("--split-seed", type=int, default=schema.DEFAULT_SPLIT_SEED)
+  p.add_argument("--test-fraction", type=float, default=schema.DEFAULT_TEST_FRACTION)
+  p.add_argument("--max-rows-per-shard", type=int, default=DEFAULT_MAX_ROWS_PER_SHARD)
+  p.add_argument("--partition-mb", type=float, default=None,
+                 help="input split size in MB (default: about 3 tasks per core, 4..128 MB)")
+  p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                 help="extra Spark setting (repeatable)")
+  args = p.parse_args(argv)
+  t0 = time.perf_counter()
+  try:
+    spec = features_lib.load_spec(args.spec)
+    out = _check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
+    _check_input(args.input, out)
+    conf = dict(kv.split("=", 1) for kv in args.conf)
+    spark = create_session(args.master, conf=conf)
+    t1 = time.perf_counter()
+    m = run_job(spark, args.input, args.output, spec, fmt=args.format,
+                overwrite=args.overwrite, split_seed=args.split_seed,
+                test_fraction=args.test_fraction, max_rows_per_shard=args.max_rows_per_shard,
+                partition_mb=args.partition_mb)
+  except (PipelineError, features_lib.SpecError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  pv = m.provenance
+  print(f"{args.output}: {pv.rows_read} rows read, {pv.kept} kept "
+        f"({m.rows('train')} train / {m.rows('test')} test, {len(m.shards)} shards, "
+        f"{m.num_features} features), {pv.dropped_na} dropped for NA, {pv.rejected} rejected"
+        + (f" (see {os.path.join(args.output, REJECTS)}/: {m.extra['rejected_by_reason']})"
+           if pv.rejected else "")
+        + f"; {time.perf_counter() - t0:.1f} s ({t1 - t0:.1f} s Spark start-up)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
