@@ -1,0 +1,522 @@
+"""Empirical privacy evaluation: membership inference and a one-run epsilon lower bound.
+
+Two measurements complement the accountant's epsilon (an upper bound that holds for every
+attacker):
+
+* **Loss-threshold membership inference** (Yeom et al. 2018): the attacker guesses "member"
+  when a row's loss is below a threshold. Training rows (members) against held-out test rows
+  (non-members), the same number of each; reported as the ROC AUC (0.5 = no better than a
+  coin) and the true-positive rate at a 1 % false-positive rate (Carlini et al. 2022, which
+  argues the low-FPR regime is what matters). It measures what one simple attack achieves on
+  THIS model, not a guarantee.
+* **A canary audit in one training run** (Steinke, Nasr, Jagielski 2023): ``m`` canary rows
+  are made up, each put into the training set independently with probability 1/2; after
+  training, the auditor guesses from the canaries' losses which were included (lowest losses:
+  "in", highest: "out", abstains on the rest). If the training were (eps, delta)-DP, the number
+  of correct guesses could exceed a Binomial tail only with small probability; the largest
+  eps that the observed count rejects at significance ``significance`` is an empirical LOWER
+  bound on the true epsilon. It must not exceed the accountant's epsilon (except with
+  probability ``significance``); a larger value means the implementation leaks more than it
+  claims. With the weak input-space canaries possible on tabular data the bound is loose:
+  far below the accountant's epsilon for private runs; it is large only for models that
+  memorise (non-private, many epochs).
+
+Canaries change the training set, so they live in a separate *audit dataset*: a copy of a
+dataset's shards plus one shard of the included canaries, with every canary and its inclusion
+bit in ``canaries.npz`` beside it (the auditor's secret; the manifest's ``extra`` points at
+it)::
+
+  python -m fastdp_jax.privacy_eval make-audit-dataset --data data/generated/capums \
+      --output data/generated/capums-audit --canaries 1000
+  python main.py --config=configs/seq.py --config.data.path=data/generated/capums-audit
+
+Training on an audit dataset runs the audit at the end automatically (the summary's
+``privacy_eval.canary_audit``). Audit runs check the implementation; their models are not
+for release.
+
+References:
+  Yeom, Giacomelli, Fredrikson, Jha. Privacy risk in machine learning: analyzing the
+    connection to overfitting. CSF 2018.
+  Carlini, Chien, Nasr, Song, Terzis, Tramer. Membership inference attacks from first
+    principles. IEEE S&P 2022.
+  Steinke, Nasr, Jagielski. Privacy auditing with one (1) training run. NeurIPS 2023,
+    arXiv:2305.08846 (Algorithm 1, Theorem 3.1 and the p-value computation of its appendix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import optimize, special, stats
+
+from fastdp_jax import data as data_lib
+
+# The guess budgets tried by the audit: fractions of the canaries guessed on (half "in" from
+# the lowest losses, half "out" from the highest). Fixed before seeing any score, and the
+# significance is split over them (Bonferroni), so taking the best one stays valid.
+DEFAULT_GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+CANARIES_FILE = "canaries.npz"
+CANARY_SHARD = "train-canaries.h5"
+
+
+# ---------------------------------------------------------------- membership inference
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MembershipResult:
+  """Result of the loss-threshold membership-inference attack.
+
+  Attributes:
+    auc: area under the ROC curve of "member if loss < threshold" (0.5: chance).
+    tpr_at_low_fpr: the highest true-positive rate among thresholds whose false-positive
+      rate is at most ``low_fpr``.
+    low_fpr: the false-positive rate of ``tpr_at_low_fpr`` (0.01).
+    advantage: max over thresholds of TPR - FPR (membership advantage, Yeom et al.).
+    num_members: training rows attacked.
+    num_nonmembers: held-out rows attacked.
+  """
+
+  auc: float
+  tpr_at_low_fpr: float
+  low_fpr: float
+  advantage: float
+  num_members: int
+  num_nonmembers: int
+
+  def to_dict(self) -> dict[str, float | int]:
+    return dataclasses.asdict(self)
+
+
+def roc_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+  """P(score of a random member > score of a random non-member), ties counting 1/2.
+
+  The Mann-Whitney U statistic divided by the number of pairs: exactly the area under the
+  empirical ROC curve.
+
+  Example:
+    >>> roc_auc(np.array([2.0, 3.0]), np.array([1.0, 2.0]))
+    0.875
+  """
+  pos = np.asarray(member_scores, np.float64)
+  neg = np.asarray(nonmember_scores, np.float64)
+  if pos.size == 0 or neg.size == 0:
+    raise ValueError(f"need members and non-members, got {pos.size} and {neg.size}")
+  ranks = stats.rankdata(np.concatenate([pos, neg]))  # average ranks for ties
+  u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2
+  return float(u / (pos.size * neg.size))
+
+
+def _roc_points(member_scores: np.ndarray,
+                nonmember_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """TPR and FPR of "member if score >= t" for every distinct score t (and +inf)."""
+  pos = np.sort(np.asarray(member_scores, np.float64))
+  neg = np.sort(np.asarray(nonmember_scores, np.float64))
+  thresholds = np.concatenate([np.unique(np.concatenate([pos, neg])), [np.inf]])
+  tpr = 1 - np.searchsorted(pos, thresholds, side="left") / pos.size
+  fpr = 1 - np.searchsorted(neg, thresholds, side="left") / neg.size
+  return tpr, fpr
+
+
+def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray,
+               fpr: float = 0.01) -> float:
+  """The highest TPR of a threshold on the score whose empirical FPR is at most ``fpr``."""
+  if not 0 <= fpr <= 1:
+    raise ValueError(f"{fpr=} must be in [0, 1]")
+  tprs, fprs = _roc_points(member_scores, nonmember_scores)
+  return float(tprs[fprs <= fpr].max())  # the +inf threshold has FPR 0: never empty
+
+
+def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray, *,
+                          low_fpr: float = 0.01) -> MembershipResult:
+  """The loss-threshold attack: lower loss -> more likely a training row.
+
+  Args:
+    member_losses: [n_in] per-example losses of training rows.
+    nonmember_losses: [n_out] per-example losses of rows not trained on.
+    low_fpr: the false-positive rate at which the TPR is reported.
+
+  Returns:
+    A :class:`MembershipResult`.
+  """
+  pos = -np.asarray(member_losses, np.float64)  # score: higher = "member"
+  neg = -np.asarray(nonmember_losses, np.float64)
+  if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+    raise ValueError("non-finite losses given to the membership-inference attack")
+  tprs, fprs = _roc_points(pos, neg)
+  return MembershipResult(auc=roc_auc(pos, neg), tpr_at_low_fpr=tpr_at_fpr(pos, neg, low_fpr),
+                          low_fpr=low_fpr, advantage=float(np.max(tprs - fprs)),
+                          num_members=int(pos.size), num_nonmembers=int(neg.size))
+
+
+def membership_inference(example_losses: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                         train: tuple[np.ndarray, np.ndarray],
+                         test: tuple[np.ndarray, np.ndarray], *, num_rows: int,
+                         seed: int = 0, low_fpr: float = 0.01) -> MembershipResult:
+  """Runs the loss-threshold attack on up to ``num_rows`` training and as many test rows.
+
+  Both sides get the same number of rows (a balanced attack, so AUC 0.5 is chance).
+
+  Args:
+    example_losses: ``(features [n, d], labels [n]) -> losses [n]`` of the trained model.
+    train: ``(features, labels)`` of the training rows (members).
+    test: ``(features, labels)`` of held-out rows (non-members).
+    num_rows: rows per side (capped by the smaller split).
+    seed: which rows are drawn.
+    low_fpr: see :func:`loss_threshold_attack`.
+  """
+  n = min(int(num_rows), len(train[1]), len(test[1]))
+  if n <= 0:
+    raise ValueError(f"membership inference needs rows on both sides; {num_rows=}, "
+                     f"train {len(train[1])}, test {len(test[1])}")
+  rng = np.random.default_rng(seed)
+  rows_in = rng.choice(len(train[1]), size=n, replace=False)
+  rows_out = rng.choice(len(test[1]), size=n, replace=False)
+  losses_in = np.asarray(example_losses(train[0][rows_in], train[1][rows_in]))
+  losses_out = np.asarray(example_losses(test[0][rows_out], test[1][rows_out]))
+  return loss_threshold_attack(losses_in, losses_out, low_fpr=low_fpr)
+
+
+# ---------------------------------------------------------------- canaries
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Canaries:
+  """Made-up training rows for the one-run audit.
+
+  Attributes:
+    features: [m, d] float32.
+    labels: [m] float32 in {0, 1}.
+    included: [m] bool: which canaries go into the training set (secret until the audit).
+  """
+
+  features: np.ndarray
+  labels: np.ndarray
+  included: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+
+def make_canaries(num_canaries: int, num_features: int, *, seed: int,
+                  scale: float = 2.0) -> Canaries:
+  """Random canaries: Gaussian features of std ``scale``, random labels, included w.p. 1/2.
+
+  Off-distribution features (the real rows are 0/1) and labels unrelated to them make each
+  canary's own gradient the main thing that moves its loss, which is what the audit detects.
+
+  Args:
+    num_canaries: m.
+    num_features: d, the width of the training rows.
+    seed: the canaries and their inclusion are a function of (m, d, seed, scale).
+    scale: standard deviation of the canaries' features.
+  """
+  if num_canaries <= 0:
+    raise ValueError(f"{num_canaries=} must be positive")
+  if not scale > 0:
+    raise ValueError(f"{scale=} must be positive")
+  rng = np.random.default_rng([int(seed), 0xCA7A])
+  return Canaries(
+      features=(scale * rng.standard_normal((num_canaries, num_features))).astype(np.float32),
+      labels=rng.integers(0, 2, num_canaries).astype(np.float32),
+      included=rng.random(num_canaries) < 0.5)
+
+
+def add_canaries(features: np.ndarray, labels: np.ndarray,
+                 canaries: Canaries) -> tuple[np.ndarray, np.ndarray]:
+  """The training rows followed by the included canaries."""
+  keep = canaries.included
+  return (np.concatenate([features, canaries.features[keep].astype(features.dtype)]),
+          np.concatenate([labels, canaries.labels[keep].astype(labels.dtype)]))
+
+
+def one_run_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon: float,
+                    delta: float) -> float:
+  """P(at least ``num_correct`` right out of ``num_guesses``) if training were (eps, delta)-DP.
+
+  Steinke et al. 2023, Theorem 3.1 (delta = 0: the count of correct guesses is dominated by
+  Binomial(r, e^eps / (1 + e^eps))) and its delta > 0 extension computed as in the paper's
+  appendix: beta + 2 m delta max_i P(v - i <= Binomial < v) / i.
+
+  Args:
+    num_canaries: m, canaries each included independently with probability 1/2.
+    num_guesses: r <= m, canaries the auditor did not abstain on.
+    num_correct: v <= r, correct guesses.
+    epsilon, delta: the DP claim under test.
+  """
+  m, r, v = int(num_canaries), int(num_guesses), int(num_correct)
+  if not 0 <= v <= r <= m:
+    raise ValueError(f"need 0 <= correct {v} <= guesses {r} <= canaries {m}")
+  if epsilon < 0 or not 0 <= delta <= 1:
+    raise ValueError(f"{epsilon=} must be >= 0 and {delta=} in [0, 1]")
+  q = special.expit(epsilon)  # accuracy of eps-DP randomised response
+  beta = stats.binom.sf(v - 1, r, q)  # P[Binomial(r, q) >= v]
+  if delta == 0 or v == 0:
+    return float(min(beta, 1.0))
+  i = np.arange(1, v + 1)
+  window = stats.binom.sf(v - i - 1, r, q) - beta  # P[v - i <= Binomial(r, q) < v]
+  alpha = float(np.max(window / i))
+  return float(min(beta + alpha * delta * 2 * m, 1.0))
+
+
+def epsilon_lower_bound(num_canaries: int, num_guesses: int, num_correct: int, *,
+                        delta: float, significance: float = 0.05) -> float:
+  """The largest epsilon that ``num_correct`` of ``num_guesses`` rejects at ``significance``.
+
+  Returns 0 when even epsilon = 0 is not rejected.
+  """
+  if not 0 < significance < 1:
+    raise ValueError(f"{significance=} must be in (0, 1)")
+
+  def gap(eps: float) -> float:  # > 0 while (eps, delta)-DP is rejected
+    return significance - one_run_p_value(num_canaries, num_guesses, num_correct, eps, delta)
+
+  if gap(0.0) <= 0:
+    return 0.0
+  lo, hi = 0.0, 1.0
+  while gap(hi) > 0:
+    lo, hi = hi, 2 * hi
+    if hi > 1e3:  # perfect guessing on many canaries: report the cap, not an endless loop
+      return lo
+  return float(optimize.brentq(gap, lo, hi, xtol=1e-6))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuditResult:
+  """Result of the one-run canary audit.
+
+  Attributes:
+    epsilon_lower_bound: the empirical lower bound (0: nothing shown).
+    num_canaries: m.
+    num_included: canaries in the training set.
+    num_guesses: r of the best guess budget.
+    num_correct: v of the best guess budget.
+    significance: total significance (split over the guess budgets).
+    delta: the delta at which the bound is stated.
+  """
+
+  epsilon_lower_bound: float
+  num_canaries: int
+  num_included: int
+  num_guesses: int
+  num_correct: int
+  significance: float
+  delta: float
+
+  def to_dict(self) -> dict[str, float | int]:
+    return dataclasses.asdict(self)
+
+
+def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
+                 significance: float = 0.05,
+                 guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS) -> AuditResult:
+  """The one-run audit from per-canary scores (higher = "more likely included").
+
+  For each guess budget k = fraction * m (fixed in advance), guess "in" for the k/2 highest
+  scores and "out" for the k/2 lowest, count the correct guesses and compute the lower bound
+  at ``significance / len(guess_fractions)``; report the largest (a union bound keeps the
+  overall significance).
+
+  Args:
+    scores: [m] attack scores of the canaries (e.g. minus their loss).
+    included: [m] bool, the truth.
+    delta: the delta of the DP claim tested (the run's delta).
+    significance: probability that a correct implementation gets a bound above its true
+      epsilon.
+    guess_fractions: the guess budgets.
+  """
+  scores = np.asarray(scores, np.float64)
+  included = np.asarray(included, bool)
+  m = scores.size
+  if m == 0 or included.shape != scores.shape:
+    raise ValueError(f"scores {scores.shape} and included {included.shape} must be [m], m > 0")
+  if not np.isfinite(scores).all():
+    raise ValueError("non-finite canary scores")
+  # Ties broken at random (seeded by the scores' count only), never by the truth.
+  order = np.lexsort((np.random.default_rng(m).random(m), scores))  # ascending
+  per_budget = significance / len(guess_fractions)
+  best = (0.0, 0, 0)
+  for frac in guess_fractions:
+    half = max(1, int(round(frac * m / 2)))
+    half = min(half, m // 2)
+    if half == 0:
+      continue
+    guess_out, guess_in = order[:half], order[m - half:]
+    r = 2 * half
+    v = int(included[guess_in].sum() + (~included[guess_out]).sum())
+    eps = epsilon_lower_bound(m, r, v, delta=delta, significance=per_budget)
+    if eps > best[0] or best[1] == 0:
+      best = (eps, r, v)
+  return AuditResult(epsilon_lower_bound=best[0], num_canaries=m,
+                     num_included=int(included.sum()), num_guesses=best[1],
+                     num_correct=best[2], significance=significance, delta=delta)
+
+
+def audit_canaries(example_losses: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                   canaries: Canaries, *, delta: float,
+                   significance: float = 0.05) -> AuditResult:
+  """Audits a trained model with its canaries: score = minus the canary's loss."""
+  losses = np.asarray(example_losses(canaries.features, canaries.labels))
+  return audit_scores(-losses, canaries.included, delta=delta, significance=significance)
+
+
+# ---------------------------------------------------------------- audit datasets
+def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int = 0,
+                       scale: float = 2.0, overwrite: bool = False) -> Canaries:
+  """Copies a dataset and adds the included canaries as one more training shard.
+
+  Args:
+    source: a dataset directory (manifest.json).
+    output: the audit dataset directory to create.
+    num_canaries: m; about half of them end up in the training set.
+    seed: see :func:`make_canaries`.
+    scale: see :func:`make_canaries`.
+    overwrite: replace ``output`` if it exists.
+
+  Returns:
+    The canaries (also in ``output/canaries.npz``).
+  """
+  manifest = data_lib.read_manifest(source)
+  if os.path.exists(output):
+    if not overwrite:
+      raise FileExistsError(f"output {output} exists; pass overwrite to replace it")
+    shutil.rmtree(output)
+  canaries = make_canaries(num_canaries, manifest.num_features, seed=seed, scale=scale)
+  staging = output + ".staging"
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  for info in manifest.shards:
+    shutil.copyfile(os.path.join(source, info.file), os.path.join(staging, info.file))
+  keep = canaries.included
+  shards = list(manifest.shards)
+  shards.append(data_lib.write_shard(staging, CANARY_SHARD, "train",
+                                     canaries.features[keep], canaries.labels[keep]))
+  np.savez(os.path.join(staging, CANARIES_FILE), features=canaries.features,
+           labels=canaries.labels, included=canaries.included)
+  extra = dict(manifest.extra, canaries=CANARIES_FILE, canary_seed=int(seed),
+               canary_scale=float(scale), num_canaries=int(num_canaries),
+               audit_of=os.path.abspath(source))
+  kept = manifest.provenance.kept + int(keep.sum())
+  data_lib.write_manifest(staging, feature_names=manifest.feature_names,
+                          label_name=manifest.label_name, shards=shards,
+                          provenance=data_lib.Provenance(
+                              rows_read=manifest.provenance.rows_read + int(keep.sum()),
+                              kept=kept, dropped_na=manifest.provenance.dropped_na,
+                              rejected=manifest.provenance.rejected),
+                          extra=extra)
+  os.replace(staging, output)
+  return canaries
+
+
+def load_canaries(data_path: str) -> Canaries | None:
+  """The canaries of an audit dataset, or None for an ordinary dataset (or a .h5 file)."""
+  if not os.path.isdir(data_path):
+    return None
+  name = data_lib.read_manifest(data_path).extra.get("canaries")
+  if not name:
+    return None
+  with np.load(os.path.join(data_path, name)) as f:
+    return Canaries(features=f["features"].astype(np.float32),
+                    labels=f["labels"].astype(np.float32), included=f["included"].astype(bool))
+
+
+# ---------------------------------------------------------------- after training
+def batched_losses(apply_fn: Callable, params: Any,
+                   chunk: int = 65_536) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """``(features [n, d], labels [n]) -> per-example BCE losses [n]`` of a trained model."""
+  import jax  # local: the statistics above need no JAX
+  import optax
+
+  @jax.jit
+  def losses(params, x, y):
+    return optax.sigmoid_binary_cross_entropy(apply_fn(params, x), y)
+
+  def fn(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, np.float32)
+    labels = np.asarray(labels, np.float32)
+    out = [np.asarray(losses(params, features[lo:lo + chunk], labels[lo:lo + chunk]))
+           for lo in range(0, len(labels), chunk)]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  return fn
+
+
+def evaluate_privacy(example_losses: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+                     train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                     membership_rows: int, seed: int, canaries: Canaries | None = None,
+                     delta: float | None = None, epsilon: float | None = None,
+                     significance: float = 0.05) -> tuple[dict[str, Any], list[str]]:
+  """The end-of-training privacy evaluation.
+
+  Args:
+    example_losses: see :func:`batched_losses`.
+    train: ``(features, labels)`` of the training rows.
+    test: ``(features, labels)`` of the held-out rows.
+    membership_rows: rows per side of the membership-inference attack (0: skip it).
+    seed: which rows are attacked.
+    canaries: the audit dataset's canaries (None: no audit).
+    delta: the run's delta (the audit states its bound at it; None: 1e-5).
+    epsilon: the accountant's epsilon, to compare the audit with (inf or None: non-private).
+    significance: of the audit.
+
+  Returns:
+    ``(results, lines)``: a JSON-able dict with ``membership_inference`` and
+    ``canary_audit`` (when run), and human-readable lines for the console.
+  """
+  results: dict[str, Any] = {}
+  lines = []
+  if membership_rows > 0:
+    mia = membership_inference(example_losses, train, test, num_rows=membership_rows,
+                               seed=seed)
+    results["membership_inference"] = mia.to_dict()
+    lines.append(f"membership inference (loss threshold, {mia.num_members} train vs "
+                 f"{mia.num_nonmembers} test rows): AUC {mia.auc:.4f}, TPR "
+                 f"{mia.tpr_at_low_fpr:.4f} at FPR {mia.low_fpr:g}")
+  if canaries is not None:
+    audit = audit_canaries(example_losses, canaries,
+                           delta=1e-5 if delta is None else delta, significance=significance)
+    res = audit.to_dict()
+    bounded = epsilon is not None and np.isfinite(epsilon)
+    res["accountant_epsilon"] = float(epsilon) if bounded else None
+    res["consistent"] = (audit.epsilon_lower_bound <= epsilon) if bounded else None
+    results["canary_audit"] = res
+    lines.append(f"canary audit ({audit.num_canaries} canaries, {audit.num_included} "
+                 f"included): empirical epsilon >= {audit.epsilon_lower_bound:.4f} at "
+                 f"delta {audit.delta:g} ({audit.num_correct}/{audit.num_guesses} guesses "
+                 f"right, {100 * (1 - significance):g}% confidence)"
+                 + (f"; accountant epsilon {epsilon:.4f}" if bounded else ""))
+    if bounded and audit.epsilon_lower_bound > epsilon:
+      lines.append("WARNING: the empirical lower bound exceeds the accountant's epsilon: "
+                   "the training leaks more than it claims (or a 1-in-"
+                   f"{1 / significance:g} chance); check the clipping, noise and sampling")
+  return results, lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m fastdp_jax.privacy_eval",
+                                   description="Privacy evaluation tools.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("make-audit-dataset",
+                     help="copy a dataset and add canaries for the one-run audit")
+  p.add_argument("--data", required=True, help="source dataset directory")
+  p.add_argument("--output", required=True, help="audit dataset directory to create")
+  p.add_argument("--canaries", type=int, default=1000, help="number of canaries m")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scale", type=float, default=2.0, help="std of the canaries' features")
+  p.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    canaries = make_audit_dataset(args.data, args.output, num_canaries=args.canaries,
+                                  seed=args.seed, scale=args.scale, overwrite=args.overwrite)
+  except (FileExistsError, FileNotFoundError, ValueError, data_lib.ShardError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.output}: {len(canaries)} canaries, {int(canaries.included.sum())} in the "
+        f"training set; train on it and the audit runs at the end")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
