@@ -91,15 +91,20 @@ class CleanResult:
     values: [m, k] float64 validated values of the used columns of the kept rows (features
       then label).
     dropped_na: [a] int64 indices of rows dropped for a missing value.
-    na_by_column: [k] int64, for the dropped rows, how many had each used column missing.
+    na_cells: [a, k] bool, which used columns are missing in each dropped row.
     rejects: ``(index, reason, detail)`` for each malformed row, by index.
   """
 
   kept: np.ndarray
   values: np.ndarray
   dropped_na: np.ndarray
-  na_by_column: np.ndarray
+  na_cells: np.ndarray
   rejects: list[tuple[int, str, str]]
+
+  @property
+  def na_by_column(self) -> np.ndarray:
+    """[k] int64: for the dropped rows, how many had each used column missing."""
+    return self.na_cells.sum(axis=0).astype(np.int64)
 
 
 def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: np.ndarray,
@@ -141,7 +146,7 @@ def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: n
   keep = ~bad & ~na_rows
   rejects.sort(key=lambda r: r[0])
   return CleanResult(kept=index[keep], values=values[keep], dropped_na=index[na_rows],
-                     na_by_column=(~present[na_rows]).sum(axis=0).astype(np.int64),
+                     na_cells=~present[na_rows],
                      rejects=rejects)
 
 

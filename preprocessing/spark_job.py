@@ -41,9 +41,7 @@ import os
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,14 +52,11 @@ from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax import schema  # pylint: disable=g-import-not-at-top
 from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
 from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
+from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MAX_ROWS_PER_SHARD = 250_000
-REJECTS = "rejects"
-
-
-class PipelineError(ValueError):
-  """Bad input or arguments; the message says what is wrong and where."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,95 +86,15 @@ class InputSplit:
 # Executor side.
 
 
-class _TaskWriter:
-  """Collects one task's cleaned rows per input split and writes shards and rejects."""
-
-  def __init__(self, *, spec: features_lib.FeatureSpec, staging: str, split_seed: int,
-               test_fraction: float, max_rows: int):
-    self.spec = spec
-    self.staging = staging
-    self.split_seed = split_seed
-    self.test_fraction = test_fraction
-    self.max_rows = max_rows
-    self.shards: list[dict[str, Any]] = []
-    self.stats = {"rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
-                  "na_by_column": [0] * len(spec.used_columns),
-                  "rejects_by_reason": {}, "lines_by_split": {}}
-    self._key: int | None = None
-    self._ids: list[np.ndarray] = []
-    self._values: list[np.ndarray] = []
-    self._rejects_file = None
-
-  def begin(self, key: int) -> None:
-    if key != self._key:
-      self.flush()
-      self._key = key
-
-  def add(self, key: int, lines: int, row_ids: np.ndarray, result: cleaning.CleanResult,
-          reject_records: Iterator[dict[str, Any]]) -> None:
-    """Adds a block of cleaned rows; ``row_ids`` maps the block's indices to row ids."""
-    self.begin(key)
-    s = self.stats
-    s["lines_by_split"][str(key)] = s["lines_by_split"].get(str(key), 0) + lines
-    s["rows_read"] += len(row_ids)
-    s["kept"] += len(result.kept)
-    s["dropped_na"] += len(result.dropped_na)
-    s["rejected"] += len(result.rejects)
-    s["na_by_column"] = [a + int(b) for a, b in zip(s["na_by_column"], result.na_by_column)]
-    for _, reason, _ in result.rejects:
-      s["rejects_by_reason"][reason] = s["rejects_by_reason"].get(reason, 0) + 1
-    if len(result.kept):
-      self._ids.append(row_ids[result.kept])
-      self._values.append(result.values)
-    if result.rejects:
-      if self._rejects_file is None:
-        first = int(row_ids[result.rejects[0][0]])
-        path = os.path.join(self.staging, REJECTS, f"part-{first:012d}.jsonl")
-        self._rejects_file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
-      for rec in reject_records:
-        self._rejects_file.write(json.dumps(rec) + "\n")
-
-  def header(self, key: int) -> None:
-    self.begin(key)
-    self.stats["header_lines"] += 1
-    s = self.stats["lines_by_split"]
-    s[str(key)] = s.get(str(key), 0) + 1
-
-  def flush(self) -> None:
-    """Writes the current input split's rows as shards; closes its rejects file."""
-    if self._rejects_file is not None:
-      self._rejects_file.close()
-      self._rejects_file = None
-    if not self._ids:
-      return
-    ids = np.concatenate(self._ids)
-    values = np.concatenate(self._values)
-    self._ids, self._values = [], []
-    x, y = self.spec.encode(values)
-    test = schema.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
-    for split, mask in (("train", ~test), ("test", test)):
-      sid, sx, sy = ids[mask], x[mask], y[mask]
-      for lo in range(0, len(sid), self.max_rows):
-        name = f"{split}-{int(sid[lo]):012d}.h5"
-        info = data_lib.write_shard(self.staging, name, split, sx[lo:lo + self.max_rows],
-                                    sy[lo:lo + self.max_rows])
-        self.shards.append(dataclasses.asdict(info))
-
-  def results(self):
-    import pandas as pd  # pylint: disable=g-import-not-at-top
-    self.flush()
-    body = [("shard", json.dumps(s)) for s in self.shards] + [("stats", json.dumps(self.stats))]
-    return pd.DataFrame(body, columns=["kind", "body"])
-
-
 def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
               spec: features_lib.FeatureSpec, staging: str, split_seed: int,
               test_fraction: float, max_rows: int):
   """The mapInPandas function of the CSV pass: (value, key) batches -> (kind, body) rows."""
 
   def run(batches):
+    import pandas as pd  # pylint: disable=g-import-not-at-top
     cleaner = cleaning.LineCleaner(spec, header)
-    writer = _TaskWriter(spec=spec, staging=staging, split_seed=split_seed,
+    writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
                          test_fraction=test_fraction, max_rows=max_rows)
     seen: dict[int, int] = {}
     for pdf in batches:
@@ -209,7 +124,7 @@ def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
                     "reason": reason, "detail": detail, "text": block[i]}
                    for i, reason, detail in result.rejects)
         writer.add(key, len(block), row_ids, result, records)
-    yield writer.results()
+    yield pd.DataFrame(writer.close(), columns=["kind", "body"])
 
   return run
 
@@ -219,7 +134,8 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
   """The mapInPandas function of the Parquet pass."""
 
   def run(batches):
-    writer = _TaskWriter(spec=spec, staging=staging, split_seed=split_seed,
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
                          test_fraction=test_fraction, max_rows=max_rows)
     for pdf in batches:
       keys = pdf["__key"].to_numpy()
@@ -243,7 +159,7 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
                     "reason": reason, "detail": detail, "text": show(i)}
                    for i, reason, detail in result.rejects)
         writer.add(key, hi - lo, row_ids, result, records)
-    yield writer.results()
+    yield pd.DataFrame(writer.close(), columns=["kind", "body"])
 
   return run
 
@@ -252,36 +168,9 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
 # Driver side.
 
 
-def _is_local(path: str) -> bool:
-  return "://" not in path or path.startswith("file:")
-
-
-def _local(path: str) -> str:
-  if path.startswith("file://"):
-    return path[len("file://"):]
-  if path.startswith("file:"):
-    return path[len("file:"):]
-  return path
-
-
-def _check_output(output: str, overwrite: bool) -> str:
-  if not _is_local(output):
-    raise PipelineError(f"--output {output}: shards are written with h5py, so the output must "
-                        "be a path on a (shared) POSIX file system, not a URI")
-  out = os.path.abspath(_local(output))
-  if os.path.lexists(out):
-    if not overwrite:
-      raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
-    if not os.path.isdir(out) or (os.listdir(out) and
-                                  not os.path.isfile(os.path.join(out, data_lib.MANIFEST))):
-      raise PipelineError(f"refusing to replace {out}: it is not a dataset directory (no "
-                          f"{data_lib.MANIFEST}); remove it yourself or choose another --output")
-  return out
-
-
 def _local_input_files(path: str) -> list[str]:
   """The local files an input names (file, directory, or glob); [] if none exist."""
-  p = _local(path)
+  p = output_lib.local_path(path)
   if glob.has_magic(p):
     found = sorted(glob.glob(p))
   elif os.path.isdir(p):
@@ -295,7 +184,7 @@ def _local_input_files(path: str) -> list[str]:
 
 def _check_input(input_path: str, output: str) -> int:
   """Checks a local input exists and does not contain the output; returns its size in bytes."""
-  if not _is_local(input_path):
+  if not output_lib.is_local(input_path):
     return 0
   found = _local_input_files(input_path)
   if not found:
@@ -316,10 +205,10 @@ def _check_input(input_path: str, output: str) -> int:
 def _detect_format(input_path: str, fmt: str) -> str:
   if fmt != "auto":
     return fmt
-  p = _local(input_path).rstrip("/")
+  p = output_lib.local_path(input_path).rstrip("/")
   if p.endswith((".parquet", ".pq")):
     return "parquet"
-  if _is_local(input_path) and os.path.isdir(p):
+  if output_lib.is_local(input_path) and os.path.isdir(p):
     names = [n for n in os.listdir(p) if not n.startswith(("_", "."))]
     if names and all(n.endswith((".parquet", ".pq")) for n in names):
       return "parquet"
@@ -435,15 +324,12 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
     raise PipelineError(f"{test_fraction=} must be in (0, 1)")
   if max_rows_per_shard < 1:
     raise PipelineError(f"{max_rows_per_shard=} must be positive")
-  out = _check_output(output, overwrite)
+  out = output_lib.check_output(output, overwrite)
   input_bytes = _check_input(input_path, out)
   fmt = _detect_format(input_path, fmt)
   if fmt not in ("csv", "parquet"):
     raise PipelineError(f"{fmt=} must be csv, parquet or auto")
-  parent, name = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-  os.makedirs(os.path.join(staging, REJECTS))
+  staging = output_lib.make_staging(out)
   old_partition_bytes = spark.conf.get("spark.sql.files.maxPartitionBytes")
   try:
     _tune_partitions(spark, input_bytes, partition_mb)
@@ -459,7 +345,7 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
                   "partitions": manifest["extra"].pop("partitions")},
         "seconds": round(time.perf_counter() - t0, 2)})
     data_lib.write_manifest(staging, **manifest)
-    _publish(staging, out, overwrite)
+    output_lib.publish(staging, out, overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
@@ -480,52 +366,6 @@ def _collect(df, what: str) -> list:
     raise
 
 
-def _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
-                 extra: dict[str, Any]) -> dict[str, Any]:
-  """Sums the tasks' counts, checks them, and returns write_manifest's arguments."""
-  shards = [data_lib.ShardInfo(**json.loads(r["body"])) for r in results if r["kind"] == "shard"]
-  stats = [json.loads(r["body"]) for r in results if r["kind"] == "stats"]
-  total = {k: sum(s[k] for s in stats) for k in ("rows_read", "kept", "dropped_na", "rejected",
-                                                  "header_lines")}
-  na_by_column = np.sum([s["na_by_column"] for s in stats], axis=0).astype(int).tolist()
-  by_reason: dict[str, int] = {}
-  for s in stats:
-    for k, v in s["rejects_by_reason"].items():
-      by_reason[k] = by_reason.get(k, 0) + v
-  lines_by_split: dict[str, int] = {}
-  for s in stats:
-    for k, v in s["lines_by_split"].items():
-      lines_by_split[k] = lines_by_split.get(k, 0) + v
-  provenance = data_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
-                                   dropped_na=total["dropped_na"], rejected=total["rejected"])
-  in_shards = sum(s.rows for s in shards)
-  if in_shards != provenance.kept:
-    raise PipelineError(f"internal error: shards hold {in_shards} rows, {provenance.kept} kept")
-  if provenance.kept == 0:
-    examples = []
-    for f in sorted(os.listdir(os.path.join(staging, REJECTS)))[:1]:
-      with open(os.path.join(staging, REJECTS, f), encoding="utf-8") as fh:
-        examples = [json.loads(next(fh)) for _ in range(1)]
-    raise PipelineError(
-        f"no usable rows: {provenance.rows_read} rows read, {provenance.dropped_na} dropped for "
-        f"NA (by column: {dict(zip(spec.used_columns, na_by_column))}), "
-        f"{provenance.rejected} rejected (by reason: {by_reason})"
-        + (f"; first reject: line {examples[0]['line']} of {examples[0]['file']}: "
-           f"{examples[0]['reason']}: {examples[0]['detail']}" if examples else ""))
-  extra.update({
-      "spec": spec.to_dict(), "spec_source": spec.source,
-      "split": {"seed": split_seed, "test_fraction": test_fraction,
-                "row_id": "0-based index of the data row over the input files in path order"},
-      "max_rows_per_shard": max_rows,
-      "header_lines": total["header_lines"],
-      "dropped_na_by_column": dict(zip(spec.used_columns, na_by_column)),
-      "rejected_by_reason": dict(sorted(by_reason.items())),
-      "rejects_dir": REJECTS,
-  })
-  return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
-          "provenance": provenance, "extra": extra, "_lines_by_split": lines_by_split}
-
-
 def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_rows):
   from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
   splits, _, header = plan_csv(spark, input_path, spec)
@@ -535,7 +375,7 @@ def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_ro
                           F.col("_metadata.file_block_start")).alias("key"))
   fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows)
   results = _collect(df.mapInPandas(fn, "kind string, body string"), "cleaning the input")
-  body = _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
+  body = output_lib.summarize(spec, results, staging, split_seed, test_fraction, max_rows,
                       {"partitions": df.rdd.getNumPartitions(),
                        "files": sorted({s.file for s in splits})})
   seen = body.pop("_lines_by_split")
@@ -578,27 +418,13 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
   fn = _parquet_task(files, spec, staging, split_seed, test_fraction, max_rows)
   out_df = meta.drop("__file").mapInPandas(fn, "kind string, body string")
   results = _collect(out_df, "cleaning the input")
-  body = _commit_body(spec, results, staging, split_seed, test_fraction, max_rows,
+  body = output_lib.summarize(spec, results, staging, split_seed, test_fraction, max_rows,
                       {"partitions": meta.rdd.getNumPartitions(),
                        "files": [r["__file"] for r in counts]})
   body.pop("_lines_by_split")
   if body["provenance"].rows_read != base:
     raise PipelineError(f"planned {base} rows, the tasks read {body['provenance'].rows_read}")
   return body
-
-
-def _publish(staging: str, out: str, overwrite: bool) -> None:
-  """Moves the finished staging directory into place (replacing an old dataset if asked)."""
-  if os.path.lexists(out):
-    if not overwrite:
-      raise FileExistsError(f"output {out} appeared while the job ran; not replacing it")
-    parent, name = os.path.split(out)
-    trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
-    os.replace(out, trash)
-    os.replace(staging, out)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.replace(staging, out)
 
 
 def create_session(master: str | None = None, app_name: str = "fastdp-preprocess",
@@ -655,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.perf_counter()
   try:
     spec = features_lib.load_spec(args.spec)
-    out = _check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
+    out = output_lib.check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
     _check_input(args.input, out)
     conf = dict(kv.split("=", 1) for kv in args.conf)
     spark = create_session(args.master, conf=conf)
@@ -671,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"{args.output}: {pv.rows_read} rows read, {pv.kept} kept "
         f"({m.rows('train')} train / {m.rows('test')} test, {len(m.shards)} shards, "
         f"{m.num_features} features), {pv.dropped_na} dropped for NA, {pv.rejected} rejected"
-        + (f" (see {os.path.join(args.output, REJECTS)}/: {m.extra['rejected_by_reason']})"
+        + (f" (see {os.path.join(args.output, output_lib.REJECTS)}/: {m.extra['rejected_by_reason']})"
            if pv.rejected else "")
         + f"; {time.perf_counter() - t0:.1f} s ({t1 - t0:.1f} s Spark start-up)")
   return 0

@@ -1,0 +1,262 @@
+"""Writing a dataset directory the same way from every producer: shards, rejects, manifest.
+
+Layout of an output directory (the shard format of :mod:`fastdp_jax.data`, plus rejects)::
+
+  OUT/
+    manifest.json                 # written last; provenance counts reconcile
+    train-000000000001.h5         # shards, named by the row id of their first row
+    test-000000000000.h5
+    rejects/part-000000004711.jsonl  # one JSON object per malformed line, with its reason
+
+Producers write into a hidden staging directory beside ``OUT`` (``.OUT.staging-*``) and
+:func:`publish` renames it into place after the manifest is written, so a crashed producer
+never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from fastdp_jax import data as data_lib
+from fastdp_jax import schema
+from preprocessing import cleaning
+from preprocessing import features as features_lib
+
+REJECTS = "rejects"
+
+
+class PipelineError(ValueError):
+  """Bad input or arguments; the message says what is wrong and where."""
+
+
+def is_local(path: str) -> bool:
+  return "://" not in path or path.startswith("file:")
+
+
+def local_path(path: str) -> str:
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if path.startswith("file:"):
+    return path[len("file:"):]
+  return path
+
+
+def check_output(output: str, overwrite: bool) -> str:
+  """Refuses an existing output unless ``overwrite`` (and then only a dataset directory).
+
+  Returns:
+    The absolute output path.
+  """
+  if not is_local(output):
+    raise PipelineError(f"--output {output}: shards are written with h5py, so the output must "
+                        "be a path on a (shared) POSIX file system, not a URI")
+  out = os.path.abspath(local_path(output))
+  if os.path.lexists(out):
+    if not overwrite:
+      raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    if not os.path.isdir(out) or (os.listdir(out) and
+                                  not os.path.isfile(os.path.join(out, data_lib.MANIFEST))):
+      raise PipelineError(f"refusing to replace {out}: it is not a dataset directory (no "
+                          f"{data_lib.MANIFEST}); remove it yourself or choose another --output")
+  return out
+
+
+def make_staging(out: str) -> str:
+  """Creates ``.NAME.staging-XXXX/rejects/`` beside ``out``; returns the staging path."""
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+  os.makedirs(os.path.join(staging, REJECTS))
+  return staging
+
+
+def publish(staging: str, out: str, overwrite: bool) -> None:
+  """Moves the finished staging directory into place (replacing an old dataset if asked)."""
+  if os.path.lexists(out):
+    if not overwrite:
+      raise FileExistsError(f"output {out} appeared while the job ran; not replacing it")
+    parent, name = os.path.split(out)
+    trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+    os.replace(out, trash)
+    os.replace(staging, out)
+    shutil.rmtree(trash, ignore_errors=True)
+  else:
+    os.replace(staging, out)
+
+
+class ShardSink:
+  """Collects cleaned rows of consecutive input splits; writes their shards and rejects.
+
+  One sink per Spark task (or one for the streaming converter). Rows of one input split
+  (``key``) arrive in row-id order; shards never mix splits and hold at most ``max_rows``
+  rows, so shard files sorted by name list the rows in input order.
+  """
+
+  def __init__(self, *, spec: features_lib.FeatureSpec, staging: str, split_seed: int,
+               test_fraction: float, max_rows: int):
+    self.spec = spec
+    self.staging = staging
+    self.split_seed = split_seed
+    self.test_fraction = test_fraction
+    self.max_rows = max_rows
+    self.shards: list[dict[str, Any]] = []
+    self.stats = {"rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
+                  "na_by_column": [0] * len(spec.used_columns),
+                  "rejects_by_reason": {}, "lines_by_split": {}}
+    self._key: Any = None
+    self._ids: list[np.ndarray] = []
+    self._values: list[np.ndarray] = []
+    self._buffered = 0
+    self._rejects_file = None
+
+  def _begin(self, key: Any) -> None:
+    if key != self._key:
+      self.flush()
+      self._key = key
+
+  def _count_lines(self, key: Any, lines: int) -> None:
+    s = self.stats["lines_by_split"]
+    s[str(key)] = s.get(str(key), 0) + lines
+
+  def add(self, key: Any, lines: int, row_ids: np.ndarray, result: cleaning.CleanResult,
+          reject_records: Iterable[dict[str, Any]]) -> None:
+    """Adds a block of cleaned rows.
+
+    Args:
+      key: the input split the block comes from.
+      lines: how many input lines (records) the block covers.
+      row_ids: [lines] row id of each record of the block (indices of ``result`` point here).
+      result: the block's cleaning outcome.
+      reject_records: the JSON objects to write for ``result.rejects``, in the same order.
+    """
+    self._begin(key)
+    self._count_lines(key, lines)
+    s = self.stats
+    s["rows_read"] += len(row_ids)
+    s["kept"] += len(result.kept)
+    s["dropped_na"] += len(result.dropped_na)
+    s["rejected"] += len(result.rejects)
+    s["na_by_column"] = [a + int(b) for a, b in zip(s["na_by_column"], result.na_by_column)]
+    for _, reason, _ in result.rejects:
+      s["rejects_by_reason"][reason] = s["rejects_by_reason"].get(reason, 0) + 1
+    if len(result.kept):
+      self._ids.append(np.asarray(row_ids)[result.kept])
+      self._values.append(result.values)
+      self._buffered += len(result.kept)
+    if result.rejects:
+      if self._rejects_file is None:
+        first = int(row_ids[result.rejects[0][0]])
+        path = os.path.join(self.staging, REJECTS, f"part-{first:012d}.jsonl")
+        self._rejects_file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+      for rec in reject_records:
+        self._rejects_file.write(json.dumps(rec) + "\n")
+    if self._buffered >= 4 * self.max_rows:  # bound memory on huge splits
+      self._write_shards(final=False)
+
+  def header(self, key: Any) -> None:
+    """Counts a header line of the input split ``key``."""
+    self._begin(key)
+    self.stats["header_lines"] += 1
+    self._count_lines(key, 1)
+
+  def _write_shards(self, final: bool) -> None:
+    if not self._ids:
+      return
+    ids = np.concatenate(self._ids)
+    values = np.concatenate(self._values)
+    x, y = self.spec.encode(values)
+    test = schema.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
+    keep_ids, keep_values = [], []
+    for split, mask in (("train", ~test), ("test", test)):
+      sid, sx, sy = ids[mask], x[mask], y[mask]
+      n = len(sid)
+      full = n if final else (n // self.max_rows) * self.max_rows
+      for lo in range(0, full, self.max_rows):
+        name = f"{split}-{int(sid[lo]):012d}.h5"
+        info = data_lib.write_shard(self.staging, name, split, sx[lo:lo + self.max_rows],
+                                    sy[lo:lo + self.max_rows])
+        self.shards.append(dataclasses.asdict(info))
+      if full < n:  # keep the partial shard's rows for later
+        keep_ids.append(sid[full:])
+        keep_values.append(values[mask][full:])
+    self._ids, self._values = keep_ids, keep_values
+    self._buffered = sum(len(i) for i in keep_ids)
+
+  def flush(self) -> None:
+    """Writes the current input split's remaining rows as shards; closes its rejects file."""
+    if self._rejects_file is not None:
+      self._rejects_file.close()
+      self._rejects_file = None
+    self._write_shards(final=True)
+    self._ids, self._values, self._buffered = [], [], 0
+
+  def close(self) -> list[tuple[str, str]]:
+    """Flushes; returns ``(kind, json)`` records: one per shard, then the counts."""
+    self.flush()
+    return [("shard", json.dumps(s)) for s in self.shards] + [("stats", json.dumps(self.stats))]
+
+
+def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]],
+              staging: str, split_seed: int, test_fraction: float, max_rows: int,
+              extra: dict[str, Any]) -> dict[str, Any]:
+  """Sums the sinks' records, checks them, and returns :func:`write_manifest`'s arguments.
+
+  The returned dict also carries ``'_lines_by_split'`` (pop it before writing).
+
+  Raises:
+    PipelineError: if no row is usable (with counts by reason and the first reject), or if
+      the shards do not hold exactly the kept rows.
+  """
+  results = list(results)
+  shards = [data_lib.ShardInfo(**json.loads(body)) for kind, body in results if kind == "shard"]
+  stats = [json.loads(body) for kind, body in results if kind == "stats"]
+  total = {k: sum(s[k] for s in stats) for k in ("rows_read", "kept", "dropped_na", "rejected",
+                                                  "header_lines")}
+  na_by_column = [int(v) for v in np.sum([s["na_by_column"] for s in stats] or
+                                         [[0] * len(spec.used_columns)], axis=0)]
+  by_reason: dict[str, int] = {}
+  lines_by_split: dict[str, int] = {}
+  for s in stats:
+    for k, v in s["rejects_by_reason"].items():
+      by_reason[k] = by_reason.get(k, 0) + v
+    for k, v in s["lines_by_split"].items():
+      lines_by_split[k] = lines_by_split.get(k, 0) + v
+  provenance = data_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
+                                   dropped_na=total["dropped_na"], rejected=total["rejected"])
+  in_shards = sum(s.rows for s in shards)
+  if in_shards != provenance.kept:
+    raise PipelineError(f"internal error: shards hold {in_shards} rows, {provenance.kept} kept")
+  if provenance.kept == 0:
+    first = None
+    parts = sorted(os.listdir(os.path.join(staging, REJECTS)))
+    if parts:
+      with open(os.path.join(staging, REJECTS, parts[0]), encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    if provenance.rows_read == 0:
+      raise PipelineError("no data rows: the input holds a header line and nothing else")
+    raise PipelineError(
+        f"no usable rows: {provenance.rows_read} rows read, {provenance.dropped_na} dropped for "
+        f"NA (by column: {dict(zip(spec.used_columns, na_by_column))}), "
+        f"{provenance.rejected} rejected (by reason: {by_reason})"
+        + (f"; first reject: line {first['line']} of {first['file']}: {first['reason']}: "
+           f"{first['detail']}" if first else ""))
+  extra.update({
+      "spec": spec.to_dict(), "spec_source": spec.source,
+      "split": {"seed": split_seed, "test_fraction": test_fraction,
+                "row_id": "0-based index of the data row over the input files in path order"},
+      "max_rows_per_shard": max_rows,
+      "header_lines": total["header_lines"],
+      "dropped_na_by_column": dict(zip(spec.used_columns, na_by_column)),
+      "rejected_by_reason": dict(sorted(by_reason.items())),
+      "rejects_dir": REJECTS,
+  })
+  return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
+          "provenance": provenance, "extra": extra, "_lines_by_split": lines_by_split}
