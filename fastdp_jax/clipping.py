@@ -24,10 +24,14 @@ class ClipStats(NamedTuple):
   Attributes:
     norms: [batch] L2 norm of each example's gradient before clipping (0 for padding).
     nonfinite: [batch] bool, True where the gradient was not finite and was zeroed.
+    losses: optional [batch] per-example losses, when the method computed them anyway
+      (ghost clipping does); the step then reports them instead of running another
+      forward pass. ``None`` otherwise.
   """
 
   norms: jax.Array
   nonfinite: jax.Array
+  losses: jax.Array | None = None
 
 
 def sensitivity(l2_norm_clip: float) -> float:

@@ -1,0 +1,235 @@
+"""Ghost-norm clipping: exact per-example clipping of dense layers at non-private cost.
+
+For a dense layer ``z = a @ W + b`` the gradient of example i's loss is
+``dW_i = outer(a_i, g_i)`` and ``db_i = g_i``, where ``a_i`` [in] is the layer's input and
+``g_i = d loss_i / d z_i`` [out] its output gradient. Hence
+
+  ||dW_i||^2 + ||db_i||^2 = (||a_i||^2 + 1) * ||g_i||^2,
+
+so every example's full gradient norm comes from activations and output gradients alone,
+without materialising a per-example gradient (Goodfellow 2015; Li et al. 2022 "ghost
+clipping"). The output gradients of all layers come from ONE backward pass: a zero "tap" is
+added to every pre-activation and the summed loss is differentiated with respect to the taps;
+row i of a tap's gradient is ``g_i`` because example i's loss depends on its own row only.
+
+The clipped sum then needs no second backward pass: with ``c_i = min(1, C / norm_i)``,
+
+  sum_i c_i dW_i = a^T @ (c * g),   sum_i c_i db_i = sum_i c_i g_i,
+
+the very matrix products a non-private backward pass computes, reweighted ("book-keeping",
+Bu et al. 2023). This equals the gradient of ``sum_i stop_gradient(c_i) * loss_i``, computed
+from the quantities of the first pass. A DP step therefore costs one forward and one backward
+pass, like a non-private step, and its memory is the activations' [batch, width], not the
+per-example gradients' [batch, params].
+
+Rows with ``mask == 0`` (padding) and rows whose norm is not finite get ``c_i = 0`` and their
+activations and output gradients are zeroed with ``where`` before the products, so they
+contribute exactly zero (a NaN row times 0 would still be NaN). An example whose gradient norm
+is 0 gets ``c_i = 1`` (its gradient is zero anyway).
+
+:func:`make_clipped_sum` is the ``dp.clipping`` dispatch: ``'ghost'``, ``'vmap'`` (per-example
+gradients by ``jax.vmap``, see :mod:`fastdp_jax.clipping`) or ``'auto'`` (ghost when every
+parametrised layer of the model supports it, else vmap).
+
+References:
+  Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015.
+  Li, Tramer, Liang, Hashimoto, "Large language models can be strong differentially private
+  learners", ICLR 2022 (ghost clipping).
+  Bu, Wang, Zha, Karypis, "Differentially private optimization on large model at small cost",
+  ICML 2023 (book-keeping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fastdp_jax import clipping
+from fastdp_jax import models
+
+METHODS = ("auto", "ghost", "vmap")
+
+# (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
+# fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).
+ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
+# (logits [batch], labels [batch]) -> [batch] per-example losses.
+ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def unsupported_layers(model: nnx.Module) -> list[str]:
+  """Why ghost clipping cannot handle ``model``; an empty list when it can.
+
+  Ghost clipping here knows the forward pass of :class:`fastdp_jax.models.MLP` (dense layers
+  with ReLU in between), and the per-example norm identity of dense layers only; any other
+  parametrised layer (a convolution, a normalisation with a scale) is reported by its path.
+
+  Args:
+    model: an NNX module.
+
+  Returns:
+    One line per obstacle, naming the layer.
+  """
+  problems = []
+  if not isinstance(model, models.MLP):
+    problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
+                    " architecture whose forward pass ghost clipping replicates")
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module) or isinstance(node, nnx.Linear):
+      continue
+    own = [name for name, value in vars(node).items() if isinstance(value, nnx.Param)]
+    if own:
+      where = ".".join(map(str, path)) or "<root>"
+      problems.append(f"layer {where} ({type(node).__name__}) has parameters {own} and is not"
+                      " a dense layer (nnx.Linear)")
+  return problems
+
+
+def resolve_method(method: str, model: nnx.Module) -> str:
+  """The clipping method that ``method`` means for ``model``: ``'ghost'`` or ``'vmap'``.
+
+  Raises:
+    ValueError: for an unknown method, or ``'ghost'`` on a model it does not support.
+  """
+  if method not in METHODS:
+    raise ValueError(f"dp.clipping={method!r} must be one of {METHODS}")
+  if method == "vmap":
+    return "vmap"
+  problems = unsupported_layers(model)
+  if method == "ghost" and problems:
+    raise ValueError("dp.clipping='ghost' does not support this model: " + "; ".join(problems)
+                     + " (use 'auto' or 'vmap')")
+  return "vmap" if problems else "ghost"
+
+
+def _dense_layers(params: models.Params) -> list[dict[str, jax.Array]]:
+  """The MLP's layers in order, from the NNX layout ``{'layers': {0: {...}, 1: {...}}}``."""
+  layers = params["layers"]
+  return [layers[k] for k in sorted(layers, key=int)]
+
+
+def mlp_forward(params: models.Params, x: jax.Array,
+                taps: Sequence[jax.Array] | None = None) -> tuple[jax.Array, list[jax.Array]]:
+  """The MLP's forward pass on a plain parameter pytree, with optional taps.
+
+  Computes the same function as :class:`fastdp_jax.models.MLP` (tested), written out so that
+  the inputs of every dense layer are available and a tap can be added to its output.
+
+  Args:
+    params: the pure parameter dict of a :class:`fastdp_jax.models.MLP`.
+    x: [batch, num_features] features.
+    taps: optional, one [batch, out_l] array per layer added to its pre-activation (zeros:
+      they only serve to differentiate with respect to the pre-activations).
+
+  Returns:
+    ``(logits [batch], inputs)``; ``inputs[l]`` [batch, in_l] is layer l's input.
+  """
+  layers = _dense_layers(params)
+  inputs = []
+  a = x
+  for l, layer in enumerate(layers):
+    inputs.append(a)
+    z = a @ layer["kernel"]
+    if "bias" in layer:
+      z = z + layer["bias"]
+    if taps is not None:
+      z = z + taps[l]
+    a = jax.nn.relu(z) if l < len(layers) - 1 else z
+  return a[..., 0], inputs
+
+
+def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
+  """``v`` with the rows where ``keep`` is False set to exactly 0 (also NaN/inf rows)."""
+  return jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
+
+
+def ghost_clipped_sum(l2_norm_clip: float,
+                      loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy
+                      ) -> ClippedSumFn:
+  """Ghost-norm clipping of an MLP as a ``ClippedSumFn(params, (x, y), mask)``.
+
+  Args:
+    l2_norm_clip: C > 0; every example's gradient is scaled to norm at most C.
+    loss: per-example loss of the logits, ``loss(logits [batch], labels [batch]) ->
+      [batch]`` (BCE with logits, as :func:`fastdp_jax.models.example_loss`). Example i's
+      loss must depend on row i only.
+
+  Returns:
+    ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
+    the same results as :func:`fastdp_jax.clipping.clipped_grad_sum_with_stats`; the stats
+    also carry the per-example ``losses``.
+  """
+  if not l2_norm_clip > 0:
+    raise ValueError(f"{l2_norm_clip=} must be positive")
+
+  def fn(params, batch, mask):
+    x, y = batch
+    mask = jnp.asarray(mask).astype(bool)
+    layers = _dense_layers(params)
+    taps = [jnp.zeros((x.shape[0], layer["kernel"].shape[1]), layer["kernel"].dtype)
+            for layer in layers]
+
+    def summed_loss(taps):
+      logits, inputs = mlp_forward(params, x, taps)
+      losses = loss(logits, y)
+      return jnp.sum(losses), (inputs, losses)
+
+    # One backward pass, to the taps only: out_grads[l] [batch, out_l] holds each example's
+    # gradient with respect to layer l's pre-activation.
+    out_grads, (inputs, losses) = jax.grad(summed_loss, has_aux=True)(taps)
+    sq = jnp.zeros((x.shape[0],), jnp.float32)
+    for layer, a, g in zip(layers, inputs, out_grads):
+      a_sq = jnp.sum(jnp.square(a), axis=1)
+      g_sq = jnp.sum(jnp.square(g), axis=1)
+      sq = sq + (a_sq + (1.0 if "bias" in layer else 0.0)) * g_sq
+    norms = jnp.sqrt(sq)
+    nonfinite = ~jnp.isfinite(norms)
+    keep = mask & ~nonfinite
+    # min(1, C / norm); a zero norm gets factor 1 (its gradient is zero anyway).
+    factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))
+    factor = jnp.where(keep, factor, 0.0)
+    grads = {"layers": {}}
+    for k, layer, a, g in zip(sorted(params["layers"], key=int), layers, inputs, out_grads):
+      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+      entry = {"kernel": _rows(keep, a).T @ scaled}
+      if "bias" in layer:
+        entry["bias"] = jnp.sum(scaled, axis=0)
+      grads["layers"][k] = entry
+    # The losses come with the forward pass: the step reports them without another one.
+    return grads, clipping.ClipStats(norms=jnp.where(keep, norms, 0.0),
+                                     nonfinite=nonfinite & mask, losses=losses)
+
+  return fn
+
+
+def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
+                     l2_norm_clip: float | None, *,
+                     microbatch_size: int | None = None) -> ClippedSumFn:
+  """The ``dp.clipping`` dispatch: a per-device ``ClippedSumFn`` for the training step.
+
+  Args:
+    method: ``'auto'`` (ghost when :func:`unsupported_layers` finds nothing, else vmap),
+      ``'ghost'`` or ``'vmap'``.
+    model: the NNX model (inspected, not called).
+    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
+      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss`'s BCE for the
+      ghost path, which computes the same loss on the whole batch).
+    l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
+      by one backward pass, whatever the method.
+    microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
+      of the activations).
+
+  Returns:
+    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
+  """
+  resolved = resolve_method(method, model)
+  if l2_norm_clip is None or resolved == "vmap":
+    def fn(params, batch, mask):
+      return clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
+                                                  microbatch_size=microbatch_size)
+    return fn
+  return ghost_clipped_sum(l2_norm_clip)
