@@ -1,0 +1,135 @@
+"""Compiled multi-update calls: same Poisson batches and same results as one update at a time,
+and a new configuration compiles in under 10 s."""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fastdp_jax import clipping
+from fastdp_jax import ghost
+from fastdp_jax import models
+from fastdp_jax import noise
+from fastdp_jax import parallel
+from fastdp_jax import sampling
+from fastdp_jax import step as step_lib
+
+N, D, HIDDEN, BATCH, CLIP, SIGMA, STEPS = 3000, 9, (16,), 48, 1.0, 0.8, 13
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  x = (rng.random((N, D)) < 0.4).astype(np.float32)
+  y = (rng.random(N) < 0.6).astype(np.float32)
+  model = models.create_model(D, HIDDEN, 0)
+  apply_fn, params = models.functional(model)
+  loss_fn = models.example_loss(apply_fn)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  dev = parallel.place_training_data(mesh, x, y)
+  sampler = sampling.PoissonSampler(N, BATCH, seed=3, shard_bounds=dev.bounds)
+  s = dict(x=x, y=y, model=model, params=params, loss_fn=loss_fn, mesh=mesh, dev=dev,
+           sampler=sampler)
+  s["train"] = functools.lru_cache(lambda *a: _train(s, *a))  # each setting compiles once
+  return s
+
+
+def _tx():
+  # Momentum: the optimizer state must carry across calls too.
+  return optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(11)[0]),
+                     optax.sgd(0.1, momentum=0.9))
+
+
+def _init(params, tx):
+  return step_lib.State(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def _train(s, steps_per_call, method="ghost"):
+  """Runs STEPS updates in calls of ``steps_per_call``, as the training loop does."""
+  tx = _tx()
+  run = step_lib.build_train_chunk(
+      s["mesh"], s["loss_fn"], ghost.make_clipped_sum(method, s["model"], s["loss_fn"], CLIP),
+      tx, CLIP)
+  state, step, counts = _init(s["params"], tx), 0, []
+  while step < STEPS:
+    k = min(steps_per_call, STEPS - step)
+    b = s["sampler"].batches(step, k)
+    pad = ((0, steps_per_call - k), (0, 0), (0, 0))
+    state, m = run(state, s["dev"].features, s["dev"].labels, np.pad(b.indices, pad),
+                   np.pad(b.mask, pad), np.arange(steps_per_call) < k)
+    counts.extend(np.asarray(m["count"])[:k])
+    step += k
+  return jax.device_get(state), np.asarray(counts)
+
+
+def _close(a, b, rtol=1e-6):
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=rtol, atol=rtol * float(np.abs(v).max()))
+
+
+def test_one_update_per_call_equals_many_per_call(setup):
+  one, counts_one = setup["train"](1, "ghost")
+  # 13 = 8 + 5: the second call runs 5 active updates of its 8 (no recompilation).
+  many, counts_many = setup["train"](8, "ghost")
+  _close(many.params, one.params)
+  _close(many.opt_state, one.opt_state)
+  assert int(many.step) == int(one.step) == STEPS
+  np.testing.assert_array_equal(counts_one, counts_many)
+
+
+def test_compiled_updates_equal_a_step_by_step_reference(setup):
+  """Same Poisson batches and same updates as a plain loop over steps: update t clips over
+  exactly the rows in ``global_indices(t)`` (here as a mask over all N rows, not padded
+  indices), adds the noise of update t and applies the optimizer."""
+  s = setup
+  tx = _tx()
+  loss_fn = s["loss_fn"]
+
+  @jax.jit
+  def reference_step(params, opt_state, included):
+    grads, _ = clipping.clipped_grad_sum(loss_fn, params, (s["x"], s["y"]), CLIP, included)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = s["params"], tx.init(s["params"])
+  sizes = []
+  for t in range(STEPS):
+    included = np.zeros(N, bool)
+    included[s["sampler"].global_indices(t)] = True
+    sizes.append(included.sum())
+    params, opt_state = reference_step(params, opt_state, included)
+  for method in ("ghost", "vmap"):
+    state, counts = s["train"](8, method)
+    np.testing.assert_array_equal(counts, sizes)  # the same Poisson batch sizes
+    _close(state.params, params, rtol=1e-5)
+    assert int(state.opt_state[0].count) == STEPS  # one noise draw per update
+
+
+@pytest.mark.parametrize("name,d,hidden,batch,method", [
+    ("W2 ghost", 128, (1024, 1024), 1024, "auto"),
+    ("W1 vmap", 9, (50,), 256, "vmap"),
+])
+def test_new_configuration_compiles_in_under_10_s(name, d, hidden, batch, method):
+  n = 4 * batch
+  model = models.create_model(d, hidden, 1)
+  apply_fn, params = models.functional(model)
+  loss_fn = models.example_loss(apply_fn)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  dev = parallel.place_training_data(mesh, np.zeros((n, d), np.float32), np.zeros(n, np.float32))
+  sampler = sampling.PoissonSampler(n, batch, seed=0, shard_bounds=dev.bounds)
+  steps_per_call = 128
+  b = sampler.batches(0, 1)
+  idx = np.repeat(b.indices, steps_per_call, axis=0)
+  mask = np.repeat(b.mask, steps_per_call, axis=0)
+  tx = optax.chain(noise.privatize(1.0, 1.0, batch, noise.noise_key(0)[0]), optax.sgd(0.1))
+  run = step_lib.build_train_chunk(mesh, loss_fn,
+                                   ghost.make_clipped_sum(method, model, loss_fn, 1.0), tx, 1.0)
+  state = _init(params, tx)
+  t0 = time.perf_counter()
+  run.lower(state, dev.features, dev.labels, idx, mask, np.ones(steps_per_call, bool)).compile()
+  seconds = time.perf_counter() - t0
+  assert seconds < 10, f"{name}: compiling {steps_per_call} updates took {seconds:.1f} s"
