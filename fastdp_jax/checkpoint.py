@@ -1,0 +1,163 @@
+"""Checkpoints that resume with their privacy state, and the workdir lock.
+
+A checkpoint (orbax, ``WORKDIR/checkpoints/STEP/``) holds the training state (parameters,
+optimizer state -- which carries the noise key and the noise counter --, the update count)
+and JSON metadata: the accountant's ledger (every segment of updates with its sigma and q),
+what the run must not silently change (privacy parameters, model, data digest, sampling
+seed), the epochs' metric records and the current epoch's partial sums. The sampler needs no
+state of its own: its batches are a function of (seed, step).
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+crash during a save leaves the previous checkpoint intact. In multi-host runs every process
+takes part in the save (the arrays are global); only process 0 writes the metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fastdp_jax import accounting
+
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+
+
+class ResumeMismatchError(ValueError):
+  """A resumed run differs from its checkpoint in something that must not change silently."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another run holds the workdir."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Segment:
+  """``steps`` consecutive updates with the same privacy parameters (one ledger entry)."""
+
+  noise_multiplier: float
+  sampling_rate: float
+  steps: int
+
+
+def ledger_epsilon(segments: list[Segment], delta: float, accountant: str) -> float:
+  """Epsilon of a sequence of DP-SGD segments, composed by ``dp_accounting``."""
+  segments = [s for s in segments if s.steps > 0]
+  if not segments:
+    return 0.0
+  if len(segments) == 1:
+    s = segments[0]
+    return accounting.compute_epsilon(s.noise_multiplier, s.sampling_rate, s.steps, delta,
+                                      accountant)
+  acc = accounting.make_accountant(accountant)
+  for s in segments:
+    if s.noise_multiplier <= 0:
+      return float("inf")
+    acc.compose(accounting.dp_event(s.noise_multiplier, s.sampling_rate, s.steps))
+  return float(acc.get_epsilon(delta))
+
+
+def add_steps(segments: list[Segment], noise_multiplier: float, sampling_rate: float,
+              steps: int) -> list[Segment]:
+  """The ledger after ``steps`` more updates (merged into the last segment if it matches)."""
+  out = list(segments)
+  if out and (out[-1].noise_multiplier, out[-1].sampling_rate) == (noise_multiplier,
+                                                                    sampling_rate):
+    out[-1] = dataclasses.replace(out[-1], steps=out[-1].steps + steps)
+  else:
+    out.append(Segment(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+                       steps=steps))
+  return out
+
+
+class WorkdirLock:
+  """An exclusive lock on the workdir (``fcntl.flock``; released when the process dies)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._f = None
+
+  def acquire(self) -> None:
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.close()
+      self._f = None
+      raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is in use by another run "
+                               "(lock held); wait for it or use another --workdir") from None
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"{os.getpid()}\n")
+    self._f.flush()
+
+  def release(self) -> None:
+    if self._f is not None:
+      fcntl.flock(self._f, fcntl.LOCK_UN)
+      self._f.close()
+      self._f = None
+
+
+def check_writable(workdir: str) -> None:
+  """Fails before any work if the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process (multi-host)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); choose another "
+                          "--workdir") from e
+
+
+class Checkpointer:
+  """Saves and restores ``(state, metadata)`` in ``WORKDIR/checkpoints``."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
+    if step in (self._mngr.all_steps() or []):
+      return  # already saved at this step (e.g. an epoch end that is also a periodic save)
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  meta=ocp.args.JsonSave(metadata)))
+    self._mngr.wait_until_finished()
+
+  def restore_metadata(self) -> dict[str, Any]:
+    """The latest checkpoint's metadata only (to check it before restoring arrays)."""
+    r = self._mngr.restore(self._mngr.latest_step(),
+                           args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return r["meta"]
+
+  def restore(self, like_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores the latest checkpoint into the structure and shardings of ``like_state``."""
+    step = self._mngr.latest_step()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
+    r = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return r["state"], r["meta"]
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """What differs between a checkpoint's identity record and the current run's."""
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    if saved.get(key) != current.get(key):
+      diffs.append(f"{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}")
+  return diffs
