@@ -394,3 +394,47 @@ def load_split(path: str | os.PathLike, split: str, *, shard_files: Sequence[str
   return Split(features=np.concatenate(xs), labels=np.concatenate(ys),
                feature_names=manifest.feature_names, label_name=manifest.label_name,
                digest=manifest.digest())
+
+
+def assign_shards(shards: Sequence[ShardInfo], num_parts: int) -> list[tuple[ShardInfo, ...]]:
+  """Splits shards into ``num_parts`` contiguous groups balanced by rows (one per process).
+
+  Groups are contiguous in the given (manifest) order, so group p holds the global rows
+  ``sum(rows of groups < p)`` onward and every process can compute everyone's range from the
+  manifest alone. The largest group is as small as a contiguous split allows; a group is
+  empty only when there are fewer shards than parts.
+
+  Args:
+    shards: the shards of one split, in manifest order.
+    num_parts: number of groups (processes), positive.
+
+  Returns:
+    ``num_parts`` tuples of shards.
+  """
+  if num_parts <= 0:
+    raise ValueError(f"{num_parts=} must be positive")
+  rows = [s.rows for s in shards]
+
+  def fits(limit: int) -> bool:  # can a greedy left-to-right cut keep every group <= limit?
+    groups, load = 1, 0
+    for r in rows:
+      if load + r > limit and load > 0:
+        groups, load = groups + 1, 0
+      load += r
+    return groups <= num_parts
+
+  lo, hi = max(rows, default=0), sum(rows)
+  while lo < hi:  # smallest feasible largest-group size
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+  parts: list[list[ShardInfo]] = [[] for _ in range(num_parts)]
+  p, load = 0, 0
+  for i, s in enumerate(shards):
+    # Close the group when the next shard would overflow it, or when every remaining group
+    # needs one of the remaining shards (no empty groups while shards last).
+    if parts[p] and p < num_parts - 1 and (load + s.rows > lo or
+                                           len(shards) - i <= num_parts - 1 - p):
+      p, load = p + 1, 0
+    parts[p].append(s)
+    load += s.rows
+  return [tuple(g) for g in parts]

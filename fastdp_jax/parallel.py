@@ -1,18 +1,32 @@
-"""The device mesh and where the training rows live on it.
+"""The device mesh and where the training rows live on it, for one or many processes.
 
-One program for 1 and N devices: a 1-D mesh with axis ``data`` over all devices; the training
-rows are split into contiguous blocks, one per device; parameters are replicated. A single
-device is a mesh of size 1.
+One program for 1 and N devices on 1 or N hosts: a 1-D mesh with axis ``data`` over all
+devices of all processes, ordered by process and then by device, so that each process's
+devices are one contiguous run of the mesh. Parameters are replicated. The training rows
+are laid out in global order (the manifest's shard order): process p holds a contiguous
+range of rows (whole shards, balanced by rows: :func:`fastdp_jax.data.assign_shards`) and
+splits it into equal contiguous blocks, one per local device. A single device is a mesh of
+size 1 holding every row.
+
+Every process computes every device's global row range from the manifest alone
+(:func:`device_bounds`), which is what the topology-independent Poisson sampler needs to map
+a step's global indices to per-device local indices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fastdp_jax import data as data_lib
 
 AXIS = "data"
 
@@ -22,30 +36,171 @@ class DeviceData:
   """Training rows on the mesh: device k holds global rows ``bounds[k]:bounds[k+1]``.
 
   Attributes:
-    features: [num_devices * rows_per_device, d] float32, sharded along ``data``.
+    features: [num_devices * rows_per_device, d] float32, sharded along ``data``; device k's
+      block starts with its rows and is padded with zeros.
     labels: [num_devices * rows_per_device] float32, sharded along ``data``.
     bounds: [num_devices + 1] global row offsets of the devices' blocks.
+    num_examples: N, the number of training rows over all processes.
   """
 
   features: jax.Array
   labels: jax.Array
   bounds: np.ndarray
+  num_examples: int = -1
+
+  def __post_init__(self):
+    if self.num_examples < 0:
+      object.__setattr__(self, "num_examples", int(self.bounds[-1]))
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over all devices (a single device is a mesh of size 1)."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D ``data`` mesh over all devices of all processes (one device: a mesh of size 1).
+
+  Devices are ordered by (process, id) so that each process's devices are contiguous, which
+  lets each process hold one contiguous range of rows.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
-def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray) -> DeviceData:
-  """Splits the rows into contiguous equal blocks, one per device (the last one padded)."""
-  n, k = len(y), mesh.devices.size
-  per = -(-n // k)
-  bounds = np.minimum(np.arange(k + 1) * per, n)
-  pad = per * k - n
-  xp = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
-  yp = np.concatenate([y, np.zeros((pad,), y.dtype)]) if pad else y
+def devices_per_process(mesh: jax.sharding.Mesh) -> list[int]:
+  """Number of mesh devices of each process, indexed by process."""
+  counts = np.bincount([d.process_index for d in mesh.devices.flat],
+                       minlength=jax.process_count())
+  return [int(c) for c in counts]
+
+
+def device_bounds(process_rows: Sequence[int],
+                  device_counts: Sequence[int]) -> tuple[np.ndarray, int]:
+  """Global row ranges of every device, and the padded block size.
+
+  Args:
+    process_rows: rows held by each process, in process order (contiguous, in global order).
+    device_counts: mesh devices of each process.
+
+  Returns:
+    ``(bounds, rows_per_device)``: [num_devices + 1] global offsets (device k holds rows
+    ``bounds[k]:bounds[k+1]``) and the common block length every device is padded to.
+  """
+  if len(process_rows) != len(device_counts):
+    raise ValueError(f"{len(process_rows)} processes' rows for {len(device_counts)} processes")
+  bounds, start, per = [0], 0, 1
+  for rows, k in zip(process_rows, device_counts):
+    if k <= 0:
+      raise ValueError(f"a process with rows has {k} devices in the mesh")
+    block = -(-rows // k)
+    for j in range(k):
+      bounds.append(start + min((j + 1) * block, rows))
+    start += rows
+    per = max(per, block)
+  return np.asarray(bounds, np.int64), per
+
+
+def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray,
+                        process_rows: Sequence[int] | None = None) -> DeviceData:
+  """Puts this process's rows on its devices: equal contiguous blocks, padded with zeros.
+
+  Args:
+    mesh: the ``data`` mesh (from :func:`make_mesh`).
+    x: [n_p, d] this process's features, its global rows in order.
+    y: [n_p] its labels.
+    process_rows: rows held by each process; default (one process) ``[len(y)]``.
+
+  Returns:
+    The :class:`DeviceData`; with several processes, ``features``/``labels`` are global
+    arrays of which this process holds only its blocks.
+  """
+  if process_rows is None:
+    if jax.process_count() > 1:
+      raise ValueError("with several processes, give every process's row count")
+    process_rows = [len(y)]
+  me = jax.process_index()
+  if process_rows[me] != len(y):
+    raise ValueError(f"process {me} holds {len(y)} rows, the layout says {process_rows[me]}")
+  counts = devices_per_process(mesh)
+  bounds, per = device_bounds(process_rows, counts)
+  # This process's blocks, in mesh order: each padded to the common block length.
+  first = sum(counts[:me])
+  offset = sum(process_rows[:me])
+  xs, ys = [], []
+  for k in range(first, first + counts[me]):
+    lo, hi = bounds[k] - offset, bounds[k + 1] - offset
+    pad = per - (hi - lo)
+    xs.append(np.concatenate([x[lo:hi], np.zeros((pad,) + x.shape[1:], x.dtype)]))
+    ys.append(np.concatenate([y[lo:hi], np.zeros((pad,), y.dtype)]))
   sharding = NamedSharding(mesh, P(AXIS))
-  return DeviceData(features=jax.device_put(xp, sharding), labels=jax.device_put(yp, sharding),
-                    bounds=bounds)
+  total = per * mesh.devices.size
+  features = jax.make_array_from_process_local_data(sharding, np.concatenate(xs),
+                                                    (total,) + x.shape[1:])
+  labels = jax.make_array_from_process_local_data(sharding, np.concatenate(ys), (total,))
+  return DeviceData(features=features, labels=labels, bounds=bounds,
+                    num_examples=int(sum(process_rows)))
+
+
+def load_training_data(mesh: jax.sharding.Mesh, path: str, *,
+                       verify_checksum: bool = True) -> tuple[data_lib.Split, DeviceData]:
+  """Reads this process's share of the training split and places it on its devices.
+
+  With a dataset directory, process p reads only the shards that
+  :func:`fastdp_jax.data.assign_shards` gives it (contiguous, balanced by rows, from the
+  manifest), and verifies only those. An original single-file layout (``dataset.h5``) has no
+  shards: every process reads the file and keeps an equal contiguous range.
+
+  Returns:
+    ``(local, device_data)``: this process's rows as a :class:`fastdp_jax.data.Split`
+    (its ``digest`` identifies the whole data set) and the placed :class:`DeviceData`, whose
+    ``num_examples`` is the global N.
+  """
+  me, nproc = jax.process_index(), jax.process_count()
+  if os.path.isdir(path):
+    manifest = data_lib.read_manifest(path)
+    parts = data_lib.assign_shards(manifest.shards_of("train"), nproc)
+    process_rows = [sum(s.rows for s in part) for part in parts]
+    if parts[me]:
+      local = data_lib.load_split(path, "train", shard_files=[s.file for s in parts[me]],
+                                  verify_checksum=verify_checksum)
+    else:
+      if not manifest.shards_of("train"):
+        raise data_lib.ShardError(f"{path}: no train shards in the manifest")
+      logging.warning("process %d holds no training rows: %s has %d train shards for %d "
+                      "processes (write it with more shards)", me, path,
+                      len(manifest.shards_of("train")), nproc)
+      d = manifest.num_features
+      local = data_lib.Split(features=np.zeros((0, d), np.float32),
+                             labels=np.zeros((0,), np.float32),
+                             feature_names=manifest.feature_names,
+                             label_name=manifest.label_name, digest=manifest.digest())
+  else:
+    full = data_lib.load_split(path, "train", verify_checksum=verify_checksum)
+    process_rows = [len(a) for a in np.array_split(np.arange(len(full)), nproc)]
+    lo = sum(process_rows[:me])
+    hi = lo + process_rows[me]
+    local = dataclasses.replace(full, features=full.features[lo:hi], labels=full.labels[lo:hi])
+  if nproc > 1:
+    logging.info("process %d holds training rows %d:%d of %d", me, sum(process_rows[:me]),
+                 sum(process_rows[:me + 1]), sum(process_rows))
+  return local, place_training_data(mesh, local.features, local.labels, process_rows)
+
+
+def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  """Places a pytree, identical on every process, replicated on every mesh device."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(leaf):
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def shard_along_devices(mesh: jax.sharding.Mesh, value: np.ndarray, axis: int = 1) -> jax.Array:
+  """Places a host array, identical on every process, sharded along ``axis`` by device.
+
+  Each process transfers only its own devices' slices (e.g. the per-device sampled indices
+  ``[steps, num_devices, capacity]``).
+  """
+  value = np.asarray(value)
+  spec = P(*([None] * axis + [AXIS]))
+  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec),
+                                      lambda index: value[index])

@@ -2,24 +2,42 @@
 
 ``build_train_chunk`` returns ``run(state, features, labels, indices, mask, active)`` that runs
 a ``lax.scan`` of updates. Each update gathers each device's Poisson-sampled rows from the
-rows it holds, computes the sum of clipped per-example gradients on that device, all-reduces
-the sums across the mesh with ONE ``psum`` (clipping always precedes any reduction), then the
-optax chain adds the noise once and applies the optimizer. The sampled indices come from the
-host (:mod:`fastdp_jax.sampling`); nothing else crosses between host and device per update.
+rows it holds, computes the sum of clipped per-example gradients on that device (clipping
+always precedes any reduction), all-reduces the per-device sums across the mesh with ONE
+all-reduce, then the optax chain adds the noise once and applies the optimizer. The sampled
+indices come from the host (:mod:`fastdp_jax.sampling`); nothing else crosses between host and
+device per update.
+
+Two strategies produce the all-reduce (``config.parallel.strategy``):
+
+* ``shard_map``: explicit SPMD code: each device runs the per-device function on its block
+  and calls ``lax.psum`` on its clipped sum (the original system's hand-written all-reduce,
+  done once per update instead of once per parameter and microbatch).
+* ``auto``: plain ``jax.jit`` with sharding annotations: the per-device function is
+  ``vmap``-ed over a device axis that is sharded along ``data``, the per-device sums are
+  packed into one [num_devices, num_params + 4] buffer and summed over that axis, and XLA's
+  partitioner inserts the all-reduce (the counterpart of DistributedDataParallel).
+
+Both run the same per-device function and give the same update (up to float summation order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fastdp_jax import clipping
+from fastdp_jax import parallel
 from fastdp_jax.parallel import AXIS
 
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats)
@@ -51,45 +69,102 @@ def vmap_clipped_sum(loss_fn: clipping.LossFn, l2_norm_clip: float | None,
   return fn
 
 
-def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
-                      clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
-                      l2_norm_clip: float | None) -> Callable:
-  """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
+STRATEGIES = ("auto", "shard_map")
+_METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
-  Args:
-    mesh: the 1-D ``data`` mesh.
-    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example (for the loss metric).
-    clipped_sum: the per-device sum of clipped per-example gradients.
-    tx: the optax chain (privatize, then the optimizer).
-    l2_norm_clip: C, or None when DP is off (only used to count clipped examples).
 
-  Returns:
-    A jitted function. ``indices``/``mask`` are [steps, num_devices, capacity] per-device
-    local row indices of each update's Poisson batch; ``active`` [steps] bool lets a call run
-    fewer updates than its compiled length without recompiling. ``metrics`` holds per-update
-    ``loss_sum, count, clipped, nonfinite`` [steps].
+def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
+                l2_norm_clip: float | None) -> Callable:
+  """One device's work: ``(params, x, y, idx, mask) -> (clipped sum, metric sums)``.
+
+  ``x``, ``y`` are the device's own rows, ``idx``/``mask`` [capacity] its local sampled
+  indices. Nothing here reduces across devices.
   """
 
-  def local_sum(params, x, y, idx, mask):
-    # One device's block: idx/mask [1, capacity]; x, y its own rows.
-    idx, mask = idx[0], mask[0]
+  def fn(params, x, y, idx, mask):
     batch = (x[idx], y[idx])
-    # Parameters are replicated; per-example gradients inside shard_map need them marked
-    # device-varying, or their gradients come back summed across devices (JAX 0.10).
-    params = jax.lax.pcast(params, AXIS, to="varying")
     grads, stats = clipped_sum(params, batch, mask)
-    losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
+    losses = getattr(stats, "losses", None)
+    if losses is None:  # ghost clipping returns them; vmap clipping does not.
+      losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
     clipped = stats.norms > (l2_norm_clip if l2_norm_clip is not None else jnp.inf)
     local = dict(loss_sum=jnp.sum(jnp.where(mask, losses, 0.0)),
                  count=jnp.sum(mask).astype(jnp.float32),
                  clipped=jnp.sum(clipped & mask).astype(jnp.float32),
                  nonfinite=jnp.sum(stats.nonfinite).astype(jnp.float32))
-    # The only cross-device communication of an update: one all-reduce of the clipped sums.
-    return jax.lax.psum((grads, local), AXIS)
+    return grads, local
 
-  sharded_sum = jax.shard_map(local_sum, mesh=mesh,
-                              in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
-                              out_specs=(P(), P()))
+  return fn
+
+
+def _shard_map_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
+  """``shard_map`` strategy: ``lax.psum`` of every device's clipped sum."""
+
+  def local_sum(params, x, y, idx, mask):
+    sums = per_device(params, x, y, idx[0], mask[0])
+    # The only cross-device communication of an update: one all-reduce of the clipped sums.
+    return jax.lax.psum(sums, AXIS)
+
+  # check_vma=False: the body is plain per-device code. With the default (True), the gradient
+  # with respect to any device-invariant value (the replicated parameters, or a zero "tap"
+  # that ghost clipping differentiates) is the gradient of the SUM over devices: an implicit
+  # psum before clipping. Casting the parameters with pcast fixes only the first case; this
+  # fixes every ClippedSumFn. The one explicit psum above is then the only reduction.
+  return jax.shard_map(local_sum, mesh=mesh,
+                       in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+                       out_specs=(P(), P()), check_vma=False)
+
+
+def _auto_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
+  """``auto`` strategy: sharding annotations only; XLA inserts the all-reduce."""
+  num_devices = mesh.devices.size
+  by_device = NamedSharding(mesh, P(AXIS))
+  replicated = NamedSharding(mesh, P())
+
+  def total_sum(params, x, y, idx, mask):
+    # [num_devices * rows, ...] -> [num_devices, rows, ...]: the leading axis is the device
+    # axis, sharded along ``data``, so each device computes its own block's sum. The sharding
+    # constraints stay outside the per-example vmap (they break inside it).
+    x = jax.lax.with_sharding_constraint(x.reshape((num_devices, -1) + x.shape[1:]), by_device)
+    y = jax.lax.with_sharding_constraint(y.reshape(num_devices, -1), by_device)
+    sums = jax.vmap(per_device, in_axes=(None, 0, 0, 0, 0))(params, x, y, idx, mask)
+    # One buffer per device, like DistributedDataParallel's bucket, so that the sum over the
+    # device axis is ONE all-reduce of num_params + 4 floats.
+    packed = jax.vmap(lambda s: jax.flatten_util.ravel_pytree(s)[0])(sums)
+    packed = jax.lax.with_sharding_constraint(packed, by_device)
+    total = jax.lax.with_sharding_constraint(jnp.sum(packed, axis=0), replicated)
+    _, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda s: s[0], sums))
+    return unravel(total)
+
+  return total_sum
+
+
+def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
+                      clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
+                      l2_norm_clip: float | None, strategy: str = "shard_map") -> Callable:
+  """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
+
+  Args:
+    mesh: the 1-D ``data`` mesh (all devices of all processes).
+    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example (for the loss metric).
+    clipped_sum: the per-device sum of clipped per-example gradients.
+    tx: the optax chain (privatize, then the optimizer).
+    l2_norm_clip: C, or None when DP is off (only used to count clipped examples).
+    strategy: ``'shard_map'`` (explicit ``psum``) or ``'auto'`` (XLA inserts the all-reduce).
+
+  Returns:
+    A function. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData` arrays;
+    ``indices``/``mask`` are host arrays [steps, num_devices, capacity] of per-device local
+    row indices of each update's Poisson batch (identical on every process; each process
+    transfers only its devices' slices); ``active`` [steps] bool lets a call run fewer updates
+    than its compiled length without recompiling. ``metrics`` holds per-update
+    ``loss_sum, count, clipped, nonfinite`` [steps]. ``run.lower(...)`` lowers the jitted
+    function for the same arguments (to inspect the compiled step).
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
+  per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip)
+  sharded_sum = (_shard_map_sum if strategy == "shard_map" else _auto_sum)(mesh, per_device)
 
   def one_step(carry, inputs):
     state, x, y = carry
@@ -103,14 +178,33 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
 
     def skip(state):
       zero = jnp.zeros((), jnp.float32)
-      return state, dict(loss_sum=zero, count=zero, clipped=zero, nonfinite=zero)
+      return state, {k: zero for k in _METRICS}
 
     state, m = jax.lax.cond(active, do, skip, state)
     return (state, x, y), m
 
-  @jax.jit
-  def run(state, x, y, indices, mask, active):
+  replicated = NamedSharding(mesh, P())
+  by_device = NamedSharding(mesh, P(AXIS))
+  per_step = NamedSharding(mesh, P(None, AXIS))
+
+  @functools.partial(jax.jit, in_shardings=(replicated, by_device, by_device, per_step,
+                                            per_step, replicated),
+                     out_shardings=(replicated, replicated))
+  def jitted(state, x, y, indices, mask, active):
     (state, _, _), metrics = jax.lax.scan(one_step, (state, x, y), (indices, mask, active))
     return state, metrics
 
+  def place(indices, mask, active):
+    return (parallel.shard_along_devices(mesh, indices), parallel.shard_along_devices(mesh, mask),
+            parallel.replicate(mesh, np.asarray(active)))
+
+  def run(state, x, y, indices, mask, active):
+    if not isinstance(indices, jax.Array):  # host arrays; run.place may have placed them
+      indices, mask, active = place(indices, mask, active)
+    return jitted(state, x, y, indices, mask, active)
+
+  run.place = place  # the host -> device transfer of a call's batches, on its own (profiling)
+
+  run.lower = lambda state, x, y, indices, mask, active: jitted.lower(
+      state, x, y, *place(indices, mask, active))
   return run
