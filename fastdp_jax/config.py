@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 from fastdp_jax import accounting
 
-CLIPPING_METHODS = ("vmap",)
+CLIPPING_METHODS = ("auto", "ghost", "vmap")  # see fastdp_jax.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("shard_map",)
 
@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.delta = 1e-5
   c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
   c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
-  c.dp.clipping = "vmap"  # per-example gradient method.
+  c.dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
   c.dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
 
   c.parallel = ml_collections.ConfigDict()
@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.eval_batch_size = 65_536  # evaluation chunk size.
+  c.profile_steps = 0  # >0: JAX profiler trace of this many updates in WORKDIR/profile,
+  #                      and a per-phase time table (fastdp_jax.profiling).
   return c
 
 
@@ -78,6 +80,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("num_epochs", "batch_size", "steps_per_call", "eval_batch_size"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
+  if not isinstance(cfg.profile_steps, int) or cfg.profile_steps < 0:
+    raise ValueError(f"profile_steps={cfg.profile_steps!r} must be a non-negative integer")
   if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
     raise ValueError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
   if cfg.optimizer.name not in OPTIMIZERS:
