@@ -138,7 +138,7 @@ class ShardSink:
       reject_records: the JSON objects to write for ``result.rejects``, in the same order.
     """
     self._begin(key)
-    self._count_lines(key, lines)
+    self._count_lines(key, int(lines))
     s = self.stats
     s["rows_read"] += len(row_ids)
     s["kept"] += len(result.kept)

@@ -162,51 +162,63 @@ def _bernoulli(rng: np.random.Generator, coefs: dict[str, float],
   return (rng.random(n) < _sigmoid(_linear(coefs, terms, n))).astype(np.float64)
 
 
-def _raw_block(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-  """Draws n people of the raw schema (int64 columns, RAW_COLUMNS order)."""
-  bracket = rng.choice(len(_AGE_PROBS), size=n, p=np.asarray(_AGE_PROBS) / sum(_AGE_PROBS))
+def _streams(entropy: list[int]) -> Iterator[np.random.Generator]:
+  """Independent generators, one per draw: the first k rows never depend on n >= k."""
+  seq = np.random.SeedSequence(entropy)
+  while True:
+    yield from (np.random.default_rng(s) for s in seq.spawn(8))
+
+
+def _raw_block(entropy: list[int], n: int) -> dict[str, np.ndarray]:
+  """Draws n people of the raw schema (int64 columns, RAW_COLUMNS order).
+
+  Every random draw takes n values (or n rows) from its own stream, so the first k people
+  are the same for every n >= k.
+  """
+  rng = _streams(entropy).__next__  # a fresh stream per call
+  bracket = rng().choice(len(_AGE_PROBS), size=n, p=np.asarray(_AGE_PROBS) / sum(_AGE_PROBS))
   lo = np.asarray(_AGE_EDGES[:-1])[bracket]
   hi = np.asarray(_AGE_EDGES[1:])[bracket]
-  age = np.floor(lo + rng.random(n) * (hi - lo))
+  age = np.floor(lo + rng().random(n) * (hi - lo))
   age = np.where(age >= 90, _AGE_TOP_CODE, age)
   a = (age - 45.0) / 15.0
   t = {"a1": a, "a2": a * a, "a3": a * a * a, "r60": np.maximum(age - 60.0, 0) / 10.0,
        "r25": np.maximum(25.0 - age, 0) / 5.0}
   for col in ("sex", "black", "asian", "latino", "uscitizen", "englishability"):
-    t[col] = _bernoulli(rng, _LOGIT[col], t, n)
+    t[col] = _bernoulli(rng(), _LOGIT[col], t, n)
   educ = np.ones(n)
   alive = np.ones(n, bool)
   low, high = _linear(_EDUC_LOW, t, n), _linear(_EDUC_HIGH, t, n)
-  u = rng.random((len(_EDUC_CUTS), n))
+  u = rng().random((n, len(_EDUC_CUTS)))
   for k, cut in enumerate(_EDUC_CUTS, start=1):
-    alive &= u[k - 1] < _sigmoid(cut + (low if k < 9 else high))
+    alive &= u[:, k - 1] < _sigmoid(cut + (low if k < 9 else high))
     educ += alive
   t["educ_s"] = (educ - 10.0) / 3.0
   t["college"] = (educ >= 13).astype(np.float64)
   t["hsgrad"] = (educ >= 9).astype(np.float64)
-  t["married"] = _bernoulli(rng, _LOGIT["married"], t, n)
-  t["divorced"] = _bernoulli(rng, _LOGIT["divorced"], t, n) * (1 - t["married"])
+  t["married"] = _bernoulli(rng(), _LOGIT["married"], t, n)
+  t["divorced"] = _bernoulli(rng(), _LOGIT["divorced"], t, n) * (1 - t["married"])
   t["sex_married"] = t["sex"] * t["married"]
   for col in ("children", "militaryservice", "disability"):
-    t[col] = _bernoulli(rng, _LOGIT[col], t, n)
+    t[col] = _bernoulli(rng(), _LOGIT[col], t, n)
   t["sex_children"] = t["sex"] * t["children"]
-  t["employed"] = _bernoulli(rng, _LOGIT["employed"], t, n)
+  t["employed"] = _bernoulli(rng(), _LOGIT["employed"], t, n)
   for name in ("a1", "a2", "sex", "educ_s"):
     t[f"employed_{name}"] = t["employed"] * t[name]
-  positive = _bernoulli(rng, _LOGIT["income_positive"], t, n).astype(bool)
-  comp = rng.choice(len(_RESIDUAL_MIX), size=n, p=[m[0] for m in _RESIDUAL_MIX])
+  positive = _bernoulli(rng(), _LOGIT["income_positive"], t, n).astype(bool)
+  comp = rng().choice(len(_RESIDUAL_MIX), size=n, p=[m[0] for m in _RESIDUAL_MIX])
   mix = np.asarray(_RESIDUAL_MIX)
-  resid = mix[comp, 1] + mix[comp, 2] * rng.standard_normal(n)
+  resid = mix[comp, 1] + mix[comp, 2] * rng().standard_normal(n)
   sd = np.where(t["employed"] == 1, _LOG_INCOME_SD[1], _LOG_INCOME_SD[0])
   income = np.exp(np.minimum(_linear(_LOG_INCOME, t, n) + sd * resid, np.log(_INCOME_MAX)))
   step = np.asarray([s for _, s in _INCOME_ROUNDING])[
-      rng.choice(len(_INCOME_ROUNDING), size=n, p=[p for p, _ in _INCOME_ROUNDING])]
+      rng().choice(len(_INCOME_ROUNDING), size=n, p=[p for p, _ in _INCOME_ROUNDING])]
   income = np.clip(np.round(income / step) * step, 10, _INCOME_MAX)
-  loss = -np.round(rng.uniform(100, 10_000, n) / 10) * 10
-  income = np.where(positive, income, np.where(rng.random(n) < _INCOME_NEGATIVE, loss, 0))
+  loss = -np.round(rng().uniform(100, 10_000, n) / 10) * 10
+  income = np.where(positive, income, np.where(rng().random(n) < _INCOME_NEGATIVE, loss, 0))
   p_puma = np.asarray([_PUMA_PROBS[0], _PUMA_PROBS[1]])
   cum = np.cumsum(p_puma / p_puma.sum(axis=1, keepdims=True), axis=1)[t["black"].astype(int)]
-  puma = np.asarray(_PUMA_CODES)[(rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)]
+  puma = np.asarray(_PUMA_CODES)[(rng().random(n)[:, None] > cum[:, :-1]).sum(axis=1)]
   cols = {"state": np.full(n, _STATE), "puma": puma, "age": age, "educ": educ,
           "income": income, "fips": np.full(n, _FIPS)}
   return {c: np.asarray(cols[c] if c in cols else t[c]).astype(np.int64) for c in RAW_COLUMNS}
@@ -226,13 +238,13 @@ def raw_to_capums(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {c: out[c].astype(np.float32) for c in CAPUMS_COLUMNS}
 
 
-def _add_na(columns: dict[str, np.ndarray], rng: np.random.Generator,
+def _add_na(columns: dict[str, np.ndarray], entropy: list[int],
             fraction: float) -> dict[str, np.ndarray]:
   """Blanks each cell independently with probability ``fraction`` (NaN, written as NA)."""
   if fraction <= 0:
     return columns
   out = {}
-  for name, col in columns.items():
+  for name, col, rng in zip(columns, columns.values(), _streams(entropy)):
     col = np.asarray(col, np.float32 if col.dtype == np.float32 else np.float64)
     mask = rng.random(len(col)) < fraction
     out[name] = np.where(mask, np.nan, col).astype(col.dtype)
@@ -260,9 +272,9 @@ def iter_blocks(rows: int, *, schema_name: str = "capums", seed: int = 0,
     raise ValueError(f"{na_fraction=} must be in [0, 1]")
   for block, lo in enumerate(range(0, rows, BLOCK_ROWS)):
     n = min(BLOCK_ROWS, rows - lo)
-    raw = _raw_block(np.random.default_rng([seed, block]), n)
+    raw = _raw_block([seed, block], n)
     cols = raw_to_capums(raw) if schema_name == "capums" else raw
-    yield _add_na(cols, np.random.default_rng([seed, block, 1]), na_fraction)
+    yield _add_na(cols, [seed, block, 1], na_fraction)
 
 
 def synthesize(rows: int, *, schema_name: str = "capums", seed: int = 0,

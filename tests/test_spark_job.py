@@ -1,0 +1,254 @@
+"""The Spark job: counts reconcile, rejects are complete, shards hold exactly the kept rows,
+the split does not depend on partitioning, and the streaming path and the direct writer agree.
+
+One SparkSession (local[2]) serves the whole module.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastdp_jax import data as data_lib
+from preprocessing import features as features_lib
+from preprocessing import synthesize as S
+from preprocessing import testing as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULTON = os.path.join(ROOT, "..", "shared", "data", "FultonPUMS5full.csv")
+
+_WHY_NOT = T.spark_available()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+
+
+@pytest.fixture(scope="module")
+def spark():
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  session = spark_job.create_session("local[2]", app_name="test_spark_job",
+                                     conf={"spark.ui.enabled": "false"})
+  yield session
+  session.stop()
+
+
+@pytest.fixture(scope="module")
+def capums(tmp_path_factory):
+  """200,000 generated CaPUMS rows, and the same file with 300 malformed lines inserted."""
+  d = tmp_path_factory.mktemp("capums")
+  clean, dirty = str(d / "clean.csv"), str(d / "dirty.csv")
+  S.write_csv_file(clean, 200_000, seed=11)
+  injected = S.inject_malformed(clean, dirty, 300, seed=5)
+  cols = S.synthesize_capums(200_000, seed=11, na_fraction=S.DEFAULT_NA_FRACTION["capums"])
+  return {"dir": d, "clean": clean, "dirty": dirty, "injected": injected, "columns": cols}
+
+
+def assert_same_splits(a: str, b: str):
+  for split in data_lib.SPLITS:
+    sa, sb = data_lib.load_split(a, split), data_lib.load_split(b, split)
+    assert sa.feature_names == sb.feature_names
+    np.testing.assert_array_equal(sa.features, sb.features)
+    np.testing.assert_array_equal(sa.labels, sb.labels)
+
+
+def assert_holds(output: str, expected):
+  for split, (x, y) in expected.items():
+    got = data_lib.load_split(output, split)
+    assert got.features.shape == x.shape
+    np.testing.assert_array_equal(got.features, x)
+    np.testing.assert_array_equal(got.labels, y)
+
+
+def test_200k_rows_with_malformed_lines(spark, capums, tmp_path):
+  """The issue's acceptance check, Spark and streaming side by side."""
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  from preprocessing.mapreduce import local  # pylint: disable=g-import-not-at-top
+  spec = features_lib.load_spec("capums")
+  out = str(tmp_path / "spark")
+  m = spark_job.run_job(spark, capums["dirty"], out, spec, max_rows_per_shard=40_000)
+  pv = m.provenance
+  # Counts reconcile with `wc -l` (minus the header) and with each other.
+  assert pv.rows_read == T.count_lines(capums["dirty"]) - 1 == 200_300
+  assert pv.rows_read == pv.kept + pv.dropped_na + pv.rejected
+  assert m.extra["lines"] == T.count_lines(capums["dirty"])
+  # Every injected line is in rejects/ with its reason and its text; nothing else is.
+  rejects = T.read_rejects(out)
+  assert pv.rejected == len(rejects) == 300
+  assert [(r["line"], r["reason"], r["text"]) for r in rejects] == [
+      (i.line, i.reason, i.text) for i in capums["injected"]]
+  assert all(r["detail"] for r in rejects)
+  assert sum(m.extra["rejected_by_reason"].values()) == 300
+  # The shards hold exactly the kept rows, in the splits their row ids give.
+  row_ids = T.row_ids_after_injection(200_000, [i.line for i in capums["injected"]])
+  expected, dropped = T.expected_splits(spec, capums["columns"], row_ids)
+  assert pv.dropped_na == dropped and pv.kept == 200_000 - dropped
+  assert_holds(out, expected)
+  assert max(s.rows for s in m.shards) <= 40_000
+  assert sum(m.extra["dropped_na_by_column"].values()) >= dropped
+  # The streaming path gives the same rows, counts and rejects.
+  out_mr = str(tmp_path / "streaming")
+  m2 = local.run_local(capums["dirty"], out_mr, "capums")
+  assert m2.provenance == pv
+  assert_same_splits(out, out_mr)
+  assert [(r["line"], r["row"], r["reason"], r["detail"], r["text"])
+          for r in T.read_rejects(out_mr)] == [
+              (r["line"], r["row"], r["reason"], r["detail"], r["text"]) for r in rejects]
+  assert m2.extra["dropped_na_by_column"] == m.extra["dropped_na_by_column"]
+
+
+def test_split_does_not_depend_on_partitioning(spark, capums, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  a = spark_job.run_job(spark, capums["clean"], str(tmp_path / "a"), "capums")
+  b = spark_job.run_job(spark, capums["clean"], str(tmp_path / "b"), "capums",
+                        partition_mb=0.3)
+  assert a.extra["spark"]["partitions"] != b.extra["spark"]["partitions"]
+  assert b.extra["spark"]["partitions"] >= 10
+  assert_same_splits(str(tmp_path / "a"), str(tmp_path / "b"))
+  # ... and equals the direct writer on the same generated rows.
+  S.write_shards(capums["columns"], str(tmp_path / "direct"))
+  assert_same_splits(str(tmp_path / "a"), str(tmp_path / "direct"))
+  assert a.provenance == data_lib.read_manifest(str(tmp_path / "direct")).provenance
+  # A different split seed moves rows between train and test.
+  c = spark_job.run_job(spark, capums["clean"], str(tmp_path / "c"), "capums", split_seed=1)
+  assert c.rows("test") != a.rows("test")
+  assert c.rows("train") + c.rows("test") == a.rows("train") + a.rows("test")
+
+
+def test_raw_spec_matches_the_direct_writer(spark, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  cols = S.synthesize_raw(30_000, seed=2, na_fraction=0.002)
+  csv = str(tmp_path / "raw.csv")
+  S.write_csv(cols, csv)
+  m = spark_job.run_job(spark, csv, str(tmp_path / "spark"), "configs/data/pums_raw.py")
+  spec = features_lib.load_spec("pums_raw")
+  assert m.feature_names == spec.feature_names and m.num_features == 29
+  expected, dropped = T.expected_splits(spec, cols)
+  assert m.provenance.dropped_na == dropped > 0
+  assert_holds(str(tmp_path / "spark"), expected)
+  train = data_lib.load_split(str(tmp_path / "spark"), "train")
+  assert train.features.min() >= 0 and train.features.max() <= 1
+  assert m.extra["spec"]["features"][-1] == {"name": "income", "kind": "numeric",
+                                              "bounds": [0.0, 1e6], "domain": None,
+                                              "transform": "log1p"}
+
+
+def test_parquet_input_gives_the_same_rows_as_csv(spark, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  cols = S.synthesize_raw(20_000, seed=6, na_fraction=0.002)
+  frame = pd.DataFrame(cols)
+  os.makedirs(tmp_path / "pq")
+  frame.iloc[:12_000].to_parquet(tmp_path / "pq" / "part-0.parquet")
+  frame.iloc[12_000:].to_parquet(tmp_path / "pq" / "part-1.parquet")
+  m = spark_job.run_job(spark, str(tmp_path / "pq"), str(tmp_path / "out"), "pums_raw")
+  assert m.extra["format"] == "parquet" and m.provenance.rows_read == 20_000
+  expected, _ = T.expected_splits(features_lib.load_spec("pums_raw"), cols)
+  assert_holds(str(tmp_path / "out"), expected)
+  # Malformed Parquet cells (a string column with junk, an out-of-domain code) are rejected.
+  bad = frame.iloc[:100].copy()
+  bad["age"] = bad["age"].astype(str)  # a text column: its cells go through the token rules
+  bad.loc[3, "age"] = "old"
+  bad.loc[7, "educ"] = 99
+  bad.to_parquet(tmp_path / "bad.parquet")
+  m = spark_job.run_job(spark, str(tmp_path / "bad.parquet"), str(tmp_path / "bad"),
+                        "pums_raw")
+  rejects = T.read_rejects(str(tmp_path / "bad"))
+  assert [(r["line"], r["reason"]) for r in rejects] == [(4, "non_numeric"),
+                                                          (8, "out_of_domain")]
+  assert json.loads(rejects[0]["text"])["age"] == "old"
+  assert m.provenance.rows_read == 100 and m.provenance.rejected == 2
+
+
+def test_directory_of_part_files_continues_row_ids(spark, capums, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  with open(capums["clean"], encoding="utf-8") as f:
+    lines = f.read().split("\n")[:-1]
+  header, body = lines[0], lines[1:]
+  os.makedirs(tmp_path / "parts")
+  for i, (lo, hi) in enumerate([(0, 70_000), (70_000, 130_000), (130_000, 200_000)]):
+    with open(tmp_path / "parts" / f"part-{i:05d}.csv", "w", encoding="utf-8") as f:
+      f.write("\n".join([header] + body[lo:hi]) + "\n")
+  open(tmp_path / "parts" / "_SUCCESS", "w").close()  # pylint: disable=consider-using-with
+  m = spark_job.run_job(spark, str(tmp_path / "parts"), str(tmp_path / "out"), "capums")
+  assert m.extra["header_lines"] == 3 and m.provenance.rows_read == 200_000
+  assert len(m.extra["files"]) == 3
+  expected, _ = T.expected_splits(features_lib.load_spec("capums"), capums["columns"])
+  assert_holds(str(tmp_path / "out"), expected)
+
+
+def test_overwrite_replaces_a_dataset(spark, capums, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "out")
+  S.write_shards(S.synthesize_capums(1000, seed=0), out)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    spark_job.run_job(spark, capums["clean"], out, "capums")
+  assert data_lib.read_manifest(out).provenance.rows_read == 1000  # untouched
+  m = spark_job.run_job(spark, capums["clean"], out, "capums", overwrite=True)
+  assert m.provenance.rows_read == 200_000
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
+
+
+def test_real_fulton_file_with_the_raw_spec(spark, tmp_path):
+  if not os.path.isfile(FULTON):
+    pytest.skip(f"real data file {FULTON} is absent")
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  m = spark_job.run_job(spark, FULTON, str(tmp_path / "fulton"), "pums_raw")
+  pv = m.provenance
+  assert pv.rows_read == T.count_lines(FULTON) - 1 == 25_766
+  assert pv.kept == 25_766 and pv.rejected == 0 and pv.dropped_na == 0
+  d = pd.read_csv(FULTON)
+  S.write_shards({c: d[c].to_numpy() for c in d.columns}, str(tmp_path / "direct"),
+                 spec=features_lib.load_spec("pums_raw"))
+  assert_same_splits(str(tmp_path / "fulton"), str(tmp_path / "direct"))
+
+
+def test_spark_submit_runs_the_script(capums, tmp_path):
+  submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+  if not os.path.exists(submit):
+    submit = shutil.which("spark-submit")
+  if not submit:
+    pytest.skip("spark-submit is not installed")
+  small = str(tmp_path / "small.csv")
+  S.write_csv_file(small, 5000, seed=1)
+  out = str(tmp_path / "out")
+  env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+  r = subprocess.run([submit, "--master", "local[1]", "preprocessing/spark_job.py",
+                      "--input", small, "--output", out, "--spec", "configs/data/capums.py"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                     check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = data_lib.read_manifest(out)
+  assert m.extra["spark"]["master"] == "local[1]"  # the master came from spark-submit
+  assert m.provenance.rows_read == 5000 and "5000 rows read" in r.stdout
+
+
+def test_killed_job_leaves_no_complete_looking_output(tmp_path):
+  big = str(tmp_path / "big.csv")
+  S.write_csv_file(big, 1_000_000, seed=3)
+  out = str(tmp_path / "out")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "preprocessing.spark_job", "--input", big, "--output", out,
+       "--spec", "capums", "--master", "local[2]", "--partition-mb", "1.5"],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if glob.glob(str(tmp_path / ".out.staging-*" / "*.h5")):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before any shard was written"
+    assert glob.glob(str(tmp_path / ".out.staging-*" / "*.h5")), "no shard appeared in time"
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  assert not os.path.exists(out)
+  with pytest.raises(FileNotFoundError):
+    data_lib.load_split(out, "train")
+  for staging in glob.glob(str(tmp_path / ".out.staging-*")):
+    assert not os.path.exists(os.path.join(staging, data_lib.MANIFEST))
