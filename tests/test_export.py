@@ -1,0 +1,103 @@
+"""Model export: WORKDIR/model/ with parameters, feature spec and card; load_model."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import fastdp_jax
+from fastdp_jax import data as data_lib
+from fastdp_jax import export
+from fastdp_jax import models
+
+NAMES = ("a", "b", "c", "d", "e")
+
+
+def _export(tmp_path, summary=None, hidden=(7,)):
+  model = models.create_model(len(NAMES), hidden, seed=3)
+  apply_fn, params = models.functional(model)
+  path = export.export_model(str(tmp_path / "model"), params=params, feature_names=NAMES,
+                             label_name="employed", hidden_sizes=hidden, summary=summary)
+  return path, apply_fn, params
+
+
+def test_loaded_model_reproduces_the_trained_function(tmp_path):
+  path, apply_fn, params = _export(tmp_path)
+  x = np.random.default_rng(0).normal(size=(33, len(NAMES))).astype(np.float32)
+  predictor = fastdp_jax.load_model(path)
+  expected = np.asarray(apply_fn(params, x))
+  np.testing.assert_allclose(predictor.logits(x), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(predictor(x), jax.nn.sigmoid(expected), rtol=1e-5, atol=1e-6)
+  assert np.array_equal(predictor.predict(x), (expected >= 0).astype(np.int32))
+  # Columns by name, in any order, give the same answer; a single row works too.
+  columns = {n: x[:, i] for i, n in reversed(list(enumerate(NAMES)))}
+  np.testing.assert_array_equal(predictor(columns), predictor(x))
+  assert predictor(x[0]).shape == (1,)
+  assert predictor.feature_names == NAMES and predictor.label_name == "employed"
+  # The workdir holding model/ is accepted as well.
+  assert fastdp_jax.load_model(str(tmp_path)).feature_names == NAMES
+
+
+def test_wrong_inputs_and_damaged_files_fail_loudly(tmp_path):
+  path, _, _ = _export(tmp_path)
+  predictor = export.load_model(path)
+  with pytest.raises(ValueError, match=r"expected \[n, 5\]"):
+    predictor(np.zeros((2, 4)))
+  with pytest.raises(KeyError, match="lack columns"):
+    predictor({"a": [1.0]})
+  with pytest.raises(FileNotFoundError):
+    export.load_model(str(tmp_path / "nowhere"))
+  params_path = os.path.join(path, export.PARAMS_FILE)
+  saved = dict(np.load(params_path))
+  saved["layers/0/bias"] = saved["layers/0/bias"] + 1
+  np.savez(params_path, **saved)
+  with pytest.raises(ValueError, match="sha256"):
+    export.load_model(path)
+
+
+def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
+  summary = dict(dp_enabled=True, epsilon=0.2768, delta=1e-5, accountant="pld",
+                 noise_multiplier=0.9, l2_norm_clip=3.0, sampling_rate=2.6e-4, steps=37860,
+                 noise_key="os entropy", test_accuracy=0.6766, majority_class_rate=0.6234,
+                 train_examples=969204, attack_accuracy=0.61,
+                 privacy_eval={"membership_inference": dict(
+                     auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
+                     num_members=10, num_nonmembers=10)})
+  path, _, _ = _export(tmp_path, summary)
+  with open(os.path.join(path, export.SPEC_FILE)) as f:
+    spec = json.load(f)
+  assert [f["name"] for f in spec["features"]] == list(NAMES)
+  assert spec["architecture"]["hidden_sizes"] == [7] and spec["num_params"] == 5 * 7 + 7 + 8
+  assert spec["privacy"]["epsilon"] == 0.2768 and spec["privacy"]["accountant"] == "pld"
+  assert "train_examples" not in json.dumps(spec)  # data-dependent counts stay out
+  card = open(os.path.join(path, export.CARD_FILE)).read()
+  for text in ("(epsilon, delta) = (0.2768, 1e-05)", "C = 3", "sigma = 0.9",
+               "| 4 | `e` |", "load_model", "AUC | 0.5039", "0.6766"):
+    assert text in card, text
+  public, _, _ = _export(tmp_path / "np", dict(dp_enabled=False, epsilon=float("inf")))
+  assert "**Not private**" in open(os.path.join(public, export.CARD_FILE)).read()
+
+
+def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
+  from configs import test as test_config
+  from fastdp_jax import train
+  from tests.conftest import make_dataset
+  cfg = test_config.get_config()
+  cfg.data.path = make_dataset(str(tmp_path / "data"), rows=2000, seed=5)
+  cfg.num_epochs = 1
+  cfg.checkpoint.enabled = False
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert summary["model_dir"] == str(tmp_path / "w" / "model")
+  predictor = fastdp_jax.load_model(str(tmp_path / "w"))
+  test = data_lib.load_split(cfg.data.path, "test")
+  accuracy = np.mean(predictor.predict(test.features) == test.labels)
+  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
+  final = np.load(tmp_path / "w" / "final_params.npz")
+  exported = np.load(tmp_path / "w" / "model" / export.PARAMS_FILE)
+  assert sorted(final) == sorted(exported)
+  for k in final:
+    np.testing.assert_array_equal(final[k], exported[k])
+  assert predictor.spec["privacy"]["epsilon"] == summary["epsilon"]
+  assert predictor.spec["privacy_eval"] == summary["privacy_eval"]

@@ -1,0 +1,99 @@
+"""The report: PNG plots and a Markdown table from training workdirs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastdp_jax import report
+from tests.conftest import ROOT
+
+
+def _workdir(path, *, dp, accs, eps, mia_auc=None):
+  os.makedirs(path)
+  steps = [10 * (i + 1) for i in range(len(accs))]
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for i, (s, a, e) in enumerate(zip(steps, accs, eps)):
+      f.write(json.dumps(dict(epoch=i + 1, step=s, train_loss=0.7 - 0.01 * i, test_loss=0.69,
+                              test_accuracy=a, epsilon=e, attack_accuracy=0.6)) + "\n")
+  with open(os.path.join(path, "steps.jsonl"), "w") as f:
+    for s, a, e in zip(steps, accs, eps):  # a finer point between epoch ends
+      f.write(json.dumps(dict(step=s - 5, train_loss=0.71, test_accuracy=a - 0.01,
+                              epsilon=e / 2)) + "\n")
+      f.write(json.dumps(dict(step=s, train_loss=0.7, test_accuracy=a, epsilon=e)) + "\n")
+  summary = dict(dp_enabled=dp, noise_multiplier=0.9 if dp else 0.0,
+                 l2_norm_clip=3.0 if dp else None, sampling_rate=0.01, steps=steps[-1],
+                 epsilon=eps[-1], delta=1e-5 if dp else None, test_accuracy=accs[-1],
+                 majority_class_rate=0.6234, attack_accuracy=0.6, wall_time_s=12.5)
+  if mia_auc is not None:
+    summary["privacy_eval"] = {"membership_inference": dict(auc=mia_auc, tpr_at_low_fpr=0.02)}
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+  dp = _workdir(str(tmp_path / "runs" / "dp"), dp=True, accs=[0.65, 0.66, 0.67],
+                eps=[0.1, 0.2, 0.3], mia_auc=0.501)
+  public = _workdir(str(tmp_path / "runs" / "public"), dp=False, accs=[0.66, 0.68, 0.69],
+                    eps=[float("inf")] * 3, mia_auc=0.75)
+  return dp, public
+
+
+def _is_png(path):
+  from matplotlib import image
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  pixels = image.imread(path)
+  return pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0  # not blank
+
+
+def test_report_writes_four_plots_and_a_table(runs, tmp_path):
+  path = report.write_report(list(runs))
+  out = os.path.dirname(path)
+  assert out == str(tmp_path / "runs" / "report")  # the common parent
+  for name in report.PLOTS:
+    assert _is_png(os.path.join(out, name)), name
+  text = open(path).read()
+  rows = [l for l in text.splitlines() if l.startswith("| dp ") or l.startswith("| public ")]
+  assert len(rows) == 2
+  dp_cells = [c.strip() for c in rows[0].strip("|").split("|")]
+  public_cells = [c.strip() for c in rows[1].strip("|").split("|")]
+  header = [c.strip() for c in text.splitlines()[text.splitlines().index(
+      next(l for l in text.splitlines() if l.startswith("| run ")))].strip("|").split("|")]
+  dp_row, public_row = dict(zip(header, dp_cells)), dict(zip(header, public_cells))
+  assert dp_row["epsilon"] == "0.3" and dp_row["sigma"] == "0.9" and dp_row["DP"] == "yes"
+  assert public_row["epsilon"] == "inf" and public_row["sigma"] == "-"
+  assert dp_row["test acc"] == "0.67" and public_row["MIA AUC"] == "0.75"
+  for name in report.PLOTS:
+    assert f"({name})" in text
+
+
+def test_series_prefer_the_finer_points(runs):
+  run = report.load_run(runs[0])
+  steps, accs = run.series("test_accuracy")
+  assert steps == [5, 10, 15, 20, 25, 30] and accs[1] == 0.65
+  public = report.load_run(runs[1])
+  assert public.series("epsilon") == ([], [])  # inf is not plotted
+
+
+def test_names_stay_unique():
+  assert report._names(["x/a/run", "x/b/run"]) == ["a/run", "b/run"]
+  assert report._names(["x/a", "x/b"]) == ["a", "b"]
+
+
+def test_command_line(runs, tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "fastdp_jax.report", *runs, "--output",
+                         str(out)], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, MPLBACKEND="", DISPLAY=""))
+  assert proc.returncode == 0, proc.stderr
+  assert "report.md" in proc.stdout
+  assert sorted(os.listdir(out)) == sorted([*report.PLOTS, "report.md"])
+  bad = subprocess.run([sys.executable, "-m", "fastdp_jax.report", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
