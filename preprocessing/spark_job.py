@@ -98,7 +98,9 @@ def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
                          test_fraction=test_fraction, max_rows=max_rows)
     seen: dict[int, int] = {}
     for pdf in batches:
-      lines = pdf["value"].tolist()
+      # Lines come as bytes: undecodable bytes become U+FFFD (as in the streaming mapper) and
+      # the row is rejected, instead of failing the Arrow conversion of the whole batch.
+      lines = b"\n".join(pdf["value"].tolist()).decode("utf-8", "replace").split("\n")
       keys = pdf["key"].to_numpy()
       cuts = np.flatnonzero(np.diff(keys)) + 1
       for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)]):
@@ -240,7 +242,7 @@ def plan_csv(spark, input_path: str,
                      F.col("_metadata.file_block_start").alias("start"),
                      F.monotonically_increasing_id().alias("pos"))
     rows = (meta.groupBy("file", "start", F.xxhash64("file", "start").alias("key"))
-            .agg(F.count(F.lit(1)).alias("lines"), F.min_by("value", "pos").alias("first"))
+            .agg(F.count(F.lit(1)).alias("lines"), F.min_by(F.col("value").cast("binary"), "pos").alias("first"))
             .collect())
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ in ("AnalysisException", "Py4JJavaError", "IllegalArgumentException"):
@@ -256,7 +258,7 @@ def plan_csv(spark, input_path: str,
   for r in rows:
     if r["start"] != 0:
       continue
-    line = r["first"]
+    line = bytes(r["first"]).decode("utf-8", "replace")
     try:
       cols = cleaning.parse_header(line)
       spec.column_indices(cols)
@@ -371,7 +373,7 @@ def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_ro
   splits, _, header = plan_csv(spark, input_path, spec)
   table = {s.key: s for s in splits}
   df = spark.read.text(input_path).select(
-      "value", F.xxhash64(F.col("_metadata.file_path"),
+      F.col("value").cast("binary").alias("value"), F.xxhash64(F.col("_metadata.file_path"),
                           F.col("_metadata.file_block_start")).alias("key"))
   fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows)
   results = _collect(df.mapInPandas(fn, "kind string, body string"), "cleaning the input")
