@@ -327,14 +327,31 @@ class Split:
     return int(self.labels.shape[0])
 
 
+def _original_dataset(f: h5py.File, name: str, path: str) -> np.ndarray:
+  """Reads one numeric dataset of an original-layout file, or raises a ShardError."""
+  obj = f.get(name)
+  if obj is None:
+    raise ShardError(f"{path}: no {name!r} dataset (the file has {sorted(f.keys())})")
+  if not isinstance(obj, h5py.Dataset):
+    raise ShardError(f"{path}: {name!r} is not a dataset (a {type(obj).__name__})")
+  arr = obj[...]
+  if arr.dtype.kind not in "biuf":
+    raise ShardError(f"{path}: {name!r} is not numeric (dtype {arr.dtype})")
+  return arr
+
+
 def _load_original(path: str, split: str) -> Split:
   """Reads the original system's ``dataset.h5`` or ``dataset_package.h5``."""
   try:
     with h5py.File(path, "r") as f:
-      if f"x_{split}" in f:
-        x, y = f[f"x_{split}"][...], f[f"y_{split}"][...]
+      if f"x_{split}" in f or f"y_{split}" in f:
+        x = _original_dataset(f, f"x_{split}", path)
+        y = _original_dataset(f, f"y_{split}", path)
       elif split in f:
-        table = f[split][...]
+        table = _original_dataset(f, split, path)
+        if table.ndim != 2 or table.shape[1] < 2:
+          raise ShardError(f"{path}: {split!r} has shape {table.shape}; the dataset_package.h5 "
+                           "layout is a 2-D table [n, features + 1] with the label last")
         x, y = table[:, :-1], table[:, -1]
       else:
         raise ShardError(f"{path}: neither x_{split}/y_{split} (dataset.h5 layout) nor "
@@ -345,6 +362,11 @@ def _load_original(path: str, split: str) -> Split:
   y = np.asarray(y, np.float32).reshape(-1)
   if x.ndim != 2 or x.shape[0] != y.shape[0]:
     raise ShardError(f"{path}: {split} features {x.shape} and labels {y.shape} do not match")
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    raise ShardError(f"{path}: {split} holds non-finite values (NaN or inf)")
+  if not np.isin(y, (0, 1)).all():
+    raise ShardError(f"{path}: {split} labels must be 0 or 1, found "
+                     f"{np.unique(y)[:5].tolist()}")
   from fastdp_jax import schema  # local: avoids a cycle at import time
   names = schema.CAPUMS_FEATURES if x.shape[1] == len(schema.CAPUMS_FEATURES) else tuple(
       f"x{i}" for i in range(x.shape[1]))
