@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import socket
 import sys
@@ -185,9 +186,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   start = time.monotonic()
   if topo.process_id != 0:
     wait_for_coordinator(topo.coordinator_address, init_s)
-  remaining = max(1, int(init_s - (time.monotonic() - start)))
+  remaining = max(1, math.ceil(init_s - (time.monotonic() - start)))
+  # If a peer never joins, JAX aborts every process after the timeout with DEADLINE_EXCEEDED
+  # from C++ (no Python exception to catch): say so beforehand.
   print(f"process {topo.process_id} of {topo.num_processes}: joining coordinator "
-        f"{topo.coordinator_address} (timeout {remaining} s, heartbeat {beat_s} s)",
+        f"{topo.coordinator_address} (timeout {remaining} s, heartbeat {beat_s} s; "
+        "DEADLINE_EXCEEDED below means a process did not join in time)",
         file=sys.stderr, flush=True)
   # 'deactivate': explicit values must not be overridden by a SLURM/MPI environment, whose
   # detection would also restrict this process to one GPU; one process per host uses all.
