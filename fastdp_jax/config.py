@@ -14,7 +14,7 @@ from fastdp_jax import accounting
 
 CLIPPING_METHODS = ("auto", "ghost", "vmap")  # see fastdp_jax.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("shard_map",)
+STRATEGIES = ("auto", "shard_map")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,16 +44,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
   c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this.
   c.dp.delta = 1e-5
+  c.dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
   c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
   c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
   c.dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
   c.dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
 
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.strategy = "shard_map"  # how the device mesh reduces gradients.
+  c.parallel.strategy = "shard_map"  # 'shard_map' (explicit psum) | 'auto' (XLA's all-reduce).
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True  # save in WORKDIR/checkpoints and resume from it.
+  c.checkpoint.every_steps = 1000  # also save at every epoch end.
+  c.checkpoint.allow_changes = False  # resume even if privacy/model/data changed (recorded).
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.eval_batch_size = 65_536  # evaluation chunk size.
+  c.log_every_steps = 5000  # TensorBoard/steps.jsonl point (test eval + epsilon) every N
+  #                           updates, besides every epoch end (0: epoch ends only); each
+  #                           point costs a test-set pass and ~0.2 s of PLD accounting.
+  c.export_model = True  # write WORKDIR/model/ (parameters, feature spec, MODEL_CARD.md).
+
+  c.privacy_eval = ml_collections.ConfigDict()  # after training (fastdp_jax.privacy_eval)
+  c.privacy_eval.membership_rows = 10_000  # loss-threshold membership inference: train and
+  #                                          as many test rows attacked (0: skip).
+  c.privacy_eval.significance = 0.05  # of the canary audit, run when data.path is an audit
+  #                                     dataset (python -m fastdp_jax.privacy_eval).
   c.profile_steps = 0  # >0: JAX profiler trace of this many updates in WORKDIR/profile,
   #                      and a per-phase time table (fastdp_jax.profiling).
   return c
@@ -80,8 +96,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("num_epochs", "batch_size", "steps_per_call", "eval_batch_size"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
+  for key, value in (("log_every_steps", cfg.log_every_steps),
+                     ("privacy_eval.membership_rows", cfg.privacy_eval.membership_rows)):
+    if not isinstance(value, int) or value < 0:
+      raise ValueError(f"{key}={value!r} must be a non-negative integer")
+  if not 0 < cfg.privacy_eval.significance < 1:
+    raise ValueError(f"privacy_eval.significance={cfg.privacy_eval.significance} must be in"
+                     " (0, 1)")
   if not isinstance(cfg.profile_steps, int) or cfg.profile_steps < 0:
     raise ValueError(f"profile_steps={cfg.profile_steps!r} must be a non-negative integer")
+  if not cfg.checkpoint.every_steps > 0:
+    raise ValueError(f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
   if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
     raise ValueError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
   if cfg.optimizer.name not in OPTIMIZERS:
@@ -108,6 +133,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                      " on (dp.enabled=False for a non-private run)")
   if dp.target_epsilon is not None and not dp.target_epsilon > 0:
     raise ValueError(f"dp.target_epsilon={dp.target_epsilon} must be positive")
+  if dp.max_epsilon is not None and not dp.max_epsilon > 0:
+    raise ValueError(f"dp.max_epsilon={dp.max_epsilon} must be positive")
   if not 0 < dp.delta < 1:
     raise ValueError(f"dp.delta={dp.delta} must be in (0, 1)")
   if dp.accountant not in accounting.ACCOUNTANTS:

@@ -9,8 +9,12 @@ Flow of one run:
    and compile ONE function that runs ``steps_per_call`` updates: gather each device's
    Poisson-sampled rows on device, clip per example, ``psum`` the clipped sums across the
    mesh, add noise once, update;
-4. per epoch: evaluate, account, attack, and write a line to the console and
-   ``metrics.jsonl``; at the end ``summary.json`` and ``final_params.npz``.
+4. per epoch (and every ``log_every_steps`` updates): evaluate, account, attack, and hand the
+   numbers to :class:`fastdp_jax.metrics.MetricWriter` (console and progress bar,
+   ``metrics.jsonl``, ``steps.jsonl``, TensorBoard);
+5. at the end: membership inference and, on an audit dataset, the canary audit
+   (:mod:`fastdp_jax.privacy_eval`); ``summary.json``, ``final_params.npz`` and the exported
+   model ``model/`` (:mod:`fastdp_jax.export`).
 
 Host code (sampling, accounting, evaluation bookkeeping) and device code (the compiled step)
 are kept apart: the jitted step never does accounting.
@@ -18,6 +22,7 @@ are kept apart: the jitted step never does accounting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,12 +41,19 @@ from jax.sharding import PartitionSpec as P
 
 from fastdp_jax import accounting
 from fastdp_jax import attack
+from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import clipping
 from fastdp_jax import config as config_lib
 from fastdp_jax import data as data_lib
+from fastdp_jax import distributed
+from fastdp_jax import export as export_lib
+from fastdp_jax import ghost
+from fastdp_jax import metrics as metrics_lib
 from fastdp_jax import models
 from fastdp_jax import noise
 from fastdp_jax import parallel
+from fastdp_jax import profiling
+from fastdp_jax import privacy_eval
 from fastdp_jax import sampling
 from fastdp_jax import step as step_lib
 
@@ -126,6 +138,63 @@ def evaluate_split(evaluate: Callable, params, x: np.ndarray, y: np.ndarray,
 
 
 
+def run_identity(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
+                 train: data_lib.Split) -> dict[str, Any]:
+  """What a resumed run must share with its checkpoint (privacy, model, data, sampling)."""
+  return dict(dp_enabled=plan.enabled, noise_multiplier=plan.noise_multiplier,
+              l2_norm_clip=plan.l2_norm_clip, sampling_rate=plan.sampling_rate,
+              batch_size=cfg.batch_size, delta=plan.delta, accountant=plan.accountant,
+              model_hidden_sizes=list(cfg.model.hidden_sizes),
+              num_features=int(train.features.shape[1]), data_digest=train.digest,
+              seed=cfg.seed, optimizer=cfg.optimizer.to_dict())
+
+
+def _zero_partial() -> dict[str, float]:
+  return dict(loss_sum=0.0, count=0.0, clipped=0.0, nonfinite=0.0)
+
+
+def _ledger_add(ledger: list[dict], plan: PrivacyPlan, steps: int) -> list[dict]:
+  segments = [checkpoint_lib.Segment(**s) for s in ledger]
+  segments = checkpoint_lib.add_steps(segments, plan.noise_multiplier, plan.sampling_rate, steps)
+  return [dataclasses.asdict(s) for s in segments]
+
+
+def _ledger_eps(meta: dict[str, Any], plan: PrivacyPlan) -> float:
+  if not plan.enabled:
+    return float("inf")
+  return checkpoint_lib.ledger_epsilon([checkpoint_lib.Segment(**s) for s in meta["ledger"]],
+                                       plan.delta, plan.accountant)
+
+
+def budget_stop_step(plan: PrivacyPlan, meta: dict[str, Any], max_epsilon: float | None) -> int:
+  """The last update count whose epsilon stays within ``max_epsilon`` (binary search)."""
+  done = sum(s["steps"] for s in meta["ledger"])
+  if max_epsilon is None or not plan.enabled:
+    return plan.total_steps
+
+  def eps_at(total: int) -> float:
+    return _ledger_eps(dict(ledger=_ledger_add(meta["ledger"], plan, total - done)), plan)
+
+  if eps_at(plan.total_steps) <= max_epsilon:
+    return plan.total_steps
+  lo, hi = done, plan.total_steps  # eps_at(lo) <= cap (or lo == done), eps_at(hi) > cap
+  if eps_at(lo) > max_epsilon:
+    return done
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if eps_at(mid) <= max_epsilon else (lo, mid)
+  return lo
+
+
+def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
+  """Stops the run at the first update with a non-finite loss or gradient norm."""
+  bad = np.flatnonzero(~np.isfinite(metrics["loss_sum"][:k]) | (metrics["nonfinite"][:k] > 0))
+  if bad.size:
+    raise FloatingPointError(f"non-finite training loss or gradient at step "
+                             f"{step + int(bad[0]) + 1}; lower the learning rate or check the"
+                             " data")
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -139,21 +208,44 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   Args:
     cfg: a config built from :func:`fastdp_jax.config.base_config` (validated here).
     workdir: output directory (created): ``metrics.jsonl``, ``summary.json``,
-      ``final_params.npz``.
+      ``final_params.npz`` and ``checkpoints/``. If it holds a checkpoint, the run resumes
+      from it (same parameters, noise and sampling as an uninterrupted run).
 
   Returns:
     The summary dict (also written to ``workdir/summary.json``).
+
+  Raises:
+    ValueError: a bad config (before any work); ResumeMismatchError: the workdir's
+      checkpoint belongs to a different run; WorkdirLockedError: another run uses the workdir;
+      FloatingPointError: a non-finite loss or gradient (naming the update).
   """
   config_lib.validate(cfg)
+  checkpoint_lib.check_writable(workdir)
+  with contextlib.ExitStack() as cleanup:
+    if jax.process_index() == 0:
+      lock = checkpoint_lib.WorkdirLock(workdir)
+      lock.acquire()
+      cleanup.callback(lock.release)
+    return _train_and_evaluate(cfg, workdir, cleanup)
+
+
+def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
+  config_lib.validate(cfg)
   t_start = time.time()
-  train = data_lib.load_split(cfg.data.path, "train", verify_checksum=cfg.data.verify_checksums)
+  # Each process reads only its training shards (balanced by rows) and holds only its part,
+  # on its devices of the global mesh; N is the global row count.
+  mesh = parallel.make_mesh()
+  train, dev = parallel.load_training_data(mesh, cfg.data.path,
+                                           verify_checksum=cfg.data.verify_checksums)
+  distributed.check_same_on_all_processes("config and data",
+                                          (cfg.to_json_best_effort(), train.digest))
   test = data_lib.load_split(cfg.data.path, "test", verify_checksum=cfg.data.verify_checksums)
   if train.features.shape[1] != test.features.shape[1]:
     raise data_lib.ShardError(f"{cfg.data.path}: train has {train.features.shape[1]} features,"
                               f" test {test.features.shape[1]}")
-  n = len(train)
+  n = dev.num_examples
   plan = plan_privacy(cfg, n)
-  os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
 
   model = models.create_model(train.features.shape[1], cfg.model.hidden_sizes, cfg.seed)
@@ -162,19 +254,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   apply_fn, params = models.functional(model)
   loss_fn = models.example_loss(apply_fn)
   key, deterministic = noise.noise_key(cfg.dp.noise_seed)
+  key = distributed.broadcast_from_process_0(key)  # process 0 draws the key for everyone
   tx = optax.chain(
       noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, cfg.batch_size, key),
       make_optimizer(cfg))
 
-  mesh = parallel.make_mesh()
-  dev = parallel.place_training_data(mesh, train.features, train.labels)
   sampler = sampling.PoissonSampler(n, cfg.batch_size, cfg.seed, shard_bounds=dev.bounds)
-  clipped_sum = step_lib.vmap_clipped_sum(loss_fn, plan.l2_norm_clip, cfg.dp.microbatch_size)
-  run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip)
+  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
+                                       microbatch_size=cfg.dp.microbatch_size)
+  logging.info("per-example clipping: %s", ghost.resolve_method(cfg.dp.clipping, model))
+  run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
+                                   cfg.parallel.strategy)
   evaluate = build_eval(apply_fn)
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(step_lib.State(params=params, opt_state=tx.init(params),
-                               step=jnp.zeros((), jnp.int32)), replicated)
+  state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
+                                                  step=jnp.zeros((), jnp.int32)))
 
   majority = float(max(test.labels.mean(), 1 - test.labels.mean()))
   attack_col = cfg.data.attack_column
@@ -190,58 +283,122 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         f"capacity/device={sampler.capacity}" if plan.enabled else
         f"non-private SGD: updates={plan.total_steps} devices={mesh.devices.size}", flush=True)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if is_writer:
-    open(metrics_path, "w").close()
+  # Resume from the workdir alone: the latest checkpoint carries the state (noise key and
+  # counter included), the accountant's ledger and the metrics so far.
+  identity = run_identity(cfg, plan, train)
+  meta = dict(identity=identity, ledger=[], history=[], partial=_zero_partial(), overrides=[],
+              noise_key="deterministic (dp.noise_seed)" if deterministic else "os entropy")
+  ckpt = checkpoint_lib.Checkpointer(workdir) if cfg.checkpoint.enabled else None
+  if ckpt is not None:
+    cleanup.callback(ckpt.close)
+  if ckpt is not None and ckpt.latest_step() is not None:
+    saved = ckpt.restore_metadata()
+    diffs = checkpoint_lib.compare_identity(saved["identity"], identity)
+    if diffs and not cfg.checkpoint.allow_changes:
+      raise checkpoint_lib.ResumeMismatchError(
+          f"workdir {workdir} holds a checkpoint of a different run; changed: "
+          + "; ".join(diffs) + ". Use another --workdir, or --config.checkpoint.allow_changes"
+          "=True to continue anyway (recorded in the summary; epsilon keeps accumulating)")
+    state, saved = ckpt.restore(state)
+    meta = dict(saved, identity=identity,
+                overrides=saved["overrides"] + ([diffs] if diffs else []))
+    print(f"resumed from {ckpt.directory} at update {int(state.step)} "
+          f"(epsilon so far {_ledger_eps(meta, plan):.4f})", flush=True)
+  step = int(state.step)
+  stop_at = budget_stop_step(plan, meta, cfg.dp.max_epsilon)
+  if stop_at < plan.total_steps:
+    print(f"privacy budget: dp.max_epsilon={cfg.dp.max_epsilon} allows {stop_at} of "
+          f"{plan.total_steps} updates", flush=True)
+
+  # Console, metrics.jsonl (rewritten from the checkpoint's records, so a resumed run has no
+  # duplicates), steps.jsonl and TensorBoard; only process 0 writes.
+  writer = metrics_lib.MetricWriter(workdir, total_steps=stop_at, num_epochs=cfg.num_epochs,
+                                    log_every_steps=cfg.log_every_steps, enabled=is_writer,
+                                    history=meta["history"], start_step=step)
+  writer.write_hparams(json.loads(cfg.to_json_best_effort()))
+  eps_curve = metrics_lib.EpsilonCurve(plan.noise_multiplier if plan.enabled else 0.0,
+                                       plan.sampling_rate, plan.delta, plan.accountant)
+
+  def epsilon_now() -> float:
+    # One (sigma, q) segment: the cached curve (bit-identical to the accountant, several times
+    # faster); a resumed run that changed sigma or q composes its whole ledger.
+    return eps_curve(step) if len(meta["ledger"]) == 1 else _ledger_eps(meta, plan)
   chunk = cfg.steps_per_call
-  history = []
-  step = 0
-  for epoch in range(1, cfg.num_epochs + 1):
+  last_save = step
+
+  def save():
+    if ckpt is not None:
+      ckpt.save(step, state, meta)
+
+  prof = profiling.Profiler(workdir, cfg.profile_steps, first_step=step, last_step=stop_at,
+                            steps_per_call=chunk)
+  while step < stop_at:
+    epoch = step // plan.steps_per_epoch + 1
     t0 = time.time()
-    loss_sum = count = clipped = nonfinite = 0.0
-    epoch_end = epoch * plan.steps_per_epoch
+    part = meta["partial"]
+    epoch_end = min(epoch * plan.steps_per_epoch, stop_at)
     while step < epoch_end:
-      k = min(chunk, epoch_end - step)
-      batches = sampler.batches(step, k)
-      pad = chunk - k
-      idx = np.pad(batches.indices, ((0, pad), (0, 0), (0, 0)))
-      msk = np.pad(batches.mask, ((0, pad), (0, 0), (0, 0)))
-      active = np.arange(chunk) < k
-      state, m = run(state, dev.features, dev.labels, idx, msk, active)
-      m = jax.device_get(m)
-      step_losses = m["loss_sum"][:k]
-      bad = np.flatnonzero(~np.isfinite(step_losses))
-      if bad.size:
-        raise FloatingPointError(f"non-finite training loss at step {step + int(bad[0]) + 1}; "
-                                 "lower the learning rate or check the data")
-      loss_sum += float(step_losses.sum())
-      count += float(m["count"][:k].sum())
-      clipped += float(m["clipped"][:k].sum())
-      nonfinite += float(m["nonfinite"][:k].sum())
+      k = min(chunk, epoch_end - step, writer.steps_to_next_log(step))
+      k = prof.call_length(step, k)  # when profiling, calls end at the traced window's edges
+      with prof.phase("sampling"):
+        batches = sampler.batches(step, k)
+        pad = chunk - k
+        idx = np.pad(batches.indices, ((0, pad), (0, 0), (0, 0)))
+        msk = np.pad(batches.mask, ((0, pad), (0, 0), (0, 0)))
+        active = np.arange(chunk) < k
+      with prof.phase("data transfer"):
+        inputs = prof.sync(run.place(idx, msk, active))
+      prof.before_call(step)
+      with prof.phase("step"):
+        state, m = run(state, dev.features, dev.labels, *inputs)
+        m = jax.device_get(m)
+      prof.after_call(step + k, state)
+      check_finite(m, step, k)
+      for name in part:
+        part[name] += float(m[name][:k].sum())
+      meta["ledger"] = _ledger_add(meta["ledger"], plan, k)
       step += k
+      writer.write_train_steps(step - k, m, k)
+      if writer.log_due(step) and step < epoch_end:  # epoch ends are logged below
+        point = evaluate_split(evaluate, jax.device_get(state.params), test.features,
+                               test.labels, cfg.eval_batch_size)
+        writer.write_point(step, dict(test_loss=point[0], test_accuracy=point[1],
+                                      epsilon=epsilon_now()))
+      if ckpt is not None and step - last_save >= cfg.checkpoint.every_steps:
+        save()
+        last_save = step
     host_params = jax.device_get(state.params)
     train_time = time.time() - t0
-    test_loss, test_acc = evaluate_split(evaluate, host_params, test.features, test.labels,
-                                         cfg.eval_batch_size)
-    eps = plan.epsilon(step)
-    record = dict(epoch=epoch, step=step, train_loss=loss_sum / max(count, 1),
+    with prof.phase("evaluation"):
+      test_loss, test_acc = evaluate_split(evaluate, host_params, test.features, test.labels,
+                                           cfg.eval_batch_size)
+    with prof.phase("accounting"):
+      eps = epsilon_now()
+    count = max(part["count"], 1)
+    record = dict(epoch=epoch, step=step, train_loss=part["loss_sum"] / count,
                   test_loss=test_loss, test_accuracy=test_acc, epsilon=eps,
-                  clipped_fraction=clipped / max(count, 1), nonfinite_examples=int(nonfinite),
-                  epoch_time_s=train_time)
+                  clipped_fraction=part["clipped"] / count,
+                  nonfinite_examples=int(part["nonfinite"]), epoch_time_s=train_time)
     if attack_idx is not None:
       record["attack_accuracy"] = attack.model_inversion_accuracy(
           lambda x: jax.nn.sigmoid(apply_fn(host_params, x)), train.features, train.labels,
           attack_idx, cfg.data.attack_rows, seed=cfg.seed)
-    history.append(record)
-    if is_writer:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"epoch {epoch}/{cfg.num_epochs}  train_loss {record['train_loss']:.4f}  "
-          f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  epsilon {eps:.4f}"
-          + (f"  attack_acc {record['attack_accuracy']:.4f}" if attack_idx is not None else "")
-          + f"  time {train_time:.1f}s", flush=True)
+    meta["history"].append(record)
+    meta["partial"] = _zero_partial()
+    writer.write_point(step, dict(test_loss=test_loss, test_accuracy=test_acc, epsilon=eps))
+    writer.write_epoch(record)
+    save()
+    last_save = step
 
-  final = history[-1]
+  table = prof.report()  # None unless profile_steps > 0
+  if table:
+    print(table, flush=True)
+  budget_exhausted = stop_at < plan.total_steps
+  if budget_exhausted:
+    print(f"stopped: the next update would exceed dp.max_epsilon={cfg.dp.max_epsilon} "
+          f"(after {step} of {plan.total_steps} updates; checkpoint saved)", flush=True)
+  host_params = jax.device_get(state.params)
+  final = meta["history"][-1]
   summary = dict(
       epsilon=final["epsilon"], delta=plan.delta if plan.enabled else None,
       noise_multiplier=plan.noise_multiplier, l2_norm_clip=plan.l2_norm_clip,
@@ -249,10 +406,28 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       dp_enabled=plan.enabled, test_accuracy=final["test_accuracy"],
       test_loss=final["test_loss"], majority_class_rate=majority, train_examples=n,
       test_examples=len(test), attack_accuracy=final.get("attack_accuracy"),
-      noise_key="deterministic (dp.noise_seed)" if deterministic else "os entropy",
+      noise_key=meta["noise_key"], max_epsilon=cfg.dp.max_epsilon,
+      budget_exhausted=budget_exhausted, privacy_ledger=meta["ledger"],
+      resume_overrides=meta["overrides"],
       data_digest=train.digest, num_devices=int(mesh.devices.size),
       num_processes=jax.process_count(), wall_time_s=time.time() - t_start,
       config=json.loads(cfg.to_json_best_effort()))
+  # Empirical privacy: membership inference; the canary audit when the data is an audit set.
+  summary["privacy_eval"], lines = privacy_eval.evaluate_privacy(
+      privacy_eval.batched_losses(apply_fn, host_params, cfg.eval_batch_size),
+      train=(train.features, train.labels), test=(test.features, test.labels),
+      membership_rows=cfg.privacy_eval.membership_rows, seed=cfg.seed,
+      canaries=privacy_eval.load_canaries(cfg.data.path), delta=plan.delta,
+      epsilon=summary["epsilon"], significance=cfg.privacy_eval.significance)
+  for line in lines:
+    writer.print(line)
+  if is_writer and cfg.export_model:
+    summary["model_dir"] = export_lib.export_model(
+        os.path.join(workdir, export_lib.MODEL_DIR), params=host_params,
+        feature_names=train.feature_names, label_name=train.label_name,
+        hidden_sizes=cfg.model.hidden_sizes, summary=summary)
+  writer.write_summary(summary)
+  writer.close()
   if is_writer:
     _write_json(os.path.join(workdir, "summary.json"), summary)
     np.savez(os.path.join(workdir, "final_params.npz"),
