@@ -43,6 +43,7 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
+_LINE_CACHE_LIMIT = 1 << 16
 
 
 def parse_number(token: str) -> float | None:
@@ -176,6 +177,8 @@ class LineCleaner:
       for t in spec.na_tokens:
         lut[t] = _NAN
       self._getters.append((idx, lut.__getitem__))
+    # Binary data has few distinct lines (CaPUMS: a few thousand), so whole lines repeat.
+    self._line_cache: dict[str, tuple[float, ...]] = {}
 
   def is_header(self, line: str) -> bool:
     return parse_header(line) == self.header
@@ -205,15 +208,24 @@ class LineCleaner:
     k = len(self.indices)
     getters = self._getters
     nf = self.num_fields
+    cache = self._line_cache
     flat: list[float] = []
     ok: list[int] = []
     rejects: list[tuple[int, str, str]] = []
     for i, line in enumerate(lines):
+      hit = cache.get(line)
+      if hit is not None:  # tokens are a pure function of the line: reuse them
+        flat.extend(hit)
+        ok.append(i)
+        continue
       parts = line.split(",")
       if len(parts) == nf:
         try:
-          flat.extend([g(parts[j]) for j, g in getters])
+          vals = tuple([g(parts[j]) for j, g in getters])
+          flat.extend(vals)
           ok.append(i)
+          if len(cache) < _LINE_CACHE_LIMIT:
+            cache[line] = vals
           continue
         except KeyError:
           pass

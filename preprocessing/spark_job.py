@@ -41,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
@@ -224,6 +225,33 @@ def _read_error(e: Exception, input_path: str) -> PipelineError | FileNotFoundEr
   return PipelineError(f"cannot read {input_path}: {text.splitlines()[0]}")
 
 
+_COMPRESSED = (".gz", ".bz2", ".deflate", ".zst", ".lz4", ".snappy", ".xz")
+
+
+def _first_lines(spark, input_path: str, files: list[str]) -> dict[str, str]:
+  """The first line of each file: read directly when local, else with a small Spark query."""
+  from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
+  out, remote = {}, []
+  for uri in files:
+    path = urllib.parse.unquote(output_lib.local_path(uri)) if uri.startswith("file:") else None
+    if path and os.path.isfile(path) and not path.endswith(_COMPRESSED):
+      with open(path, "rb") as f:
+        head = f.readline(1 << 20)
+      # Like Hadoop's line reader: \n, \r\n and \r all end a line.
+      out[uri] = head.split(b"\n")[0].split(b"\r")[0].decode("utf-8", "replace")
+    else:
+      remote.append(uri)
+  if remote:
+    meta = spark.read.text(input_path).select(
+        F.col("value").cast("binary").alias("value"), F.col("_metadata.file_path").alias("file"),
+        F.col("_metadata.file_block_start").alias("start"),
+        F.monotonically_increasing_id().alias("pos"))
+    for r in (meta.where(F.col("start") == 0).where(F.col("file").isin(remote))
+              .groupBy("file").agg(F.min_by("value", "pos").alias("first")).collect()):
+      out[r["file"]] = bytes(r["first"]).decode("utf-8", "replace")
+  return out
+
+
 def plan_csv(spark, input_path: str,
              spec: features_lib.FeatureSpec) -> tuple[list[InputSplit], str, tuple[str, ...]]:
   """Pass 1: the input splits with their line counts and bases, and the checked header.
@@ -238,12 +266,10 @@ def plan_csv(spark, input_path: str,
   from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
   try:
     df = spark.read.text(input_path)
-    meta = df.select("value", F.col("_metadata.file_path").alias("file"),
-                     F.col("_metadata.file_block_start").alias("start"),
-                     F.monotonically_increasing_id().alias("pos"))
+    meta = df.select(F.col("_metadata.file_path").alias("file"),
+                     F.col("_metadata.file_block_start").alias("start"))
     rows = (meta.groupBy("file", "start", F.xxhash64("file", "start").alias("key"))
-            .agg(F.count(F.lit(1)).alias("lines"), F.min_by(F.col("value").cast("binary"), "pos").alias("first"))
-            .collect())
+            .agg(F.count(F.lit(1)).alias("lines")).collect())
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ in ("AnalysisException", "Py4JJavaError", "IllegalArgumentException"):
       raise _read_error(e, input_path) from e
@@ -254,11 +280,12 @@ def plan_csv(spark, input_path: str,
   rows = sorted(rows, key=lambda r: (r["file"], r["start"]))
   if len({r["key"] for r in rows}) != len(rows):
     raise PipelineError("two input splits hash to the same key; rename a file and retry")
+  first_lines = _first_lines(spark, input_path, [r["file"] for r in rows if r["start"] == 0])
   header_line, header = None, None
   for r in rows:
     if r["start"] != 0:
       continue
-    line = bytes(r["first"]).decode("utf-8", "replace")
+    line = first_lines[r["file"]]
     try:
       cols = cleaning.parse_header(line)
       spec.column_indices(cols)

@@ -252,3 +252,23 @@ def test_killed_job_leaves_no_complete_looking_output(tmp_path):
     data_lib.load_split(out, "train")
   for staging in glob.glob(str(tmp_path / ".out.staging-*")):
     assert not os.path.exists(os.path.join(staging, data_lib.MANIFEST))
+
+
+def test_gzip_input_and_a_path_with_spaces(spark, capums, tmp_path):
+  """Compressed files take the Spark-side header lookup; odd paths the local one."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  with open(capums["dirty"], "rb") as f:
+    raw = f.read()
+  gz = str(tmp_path / "dirty.csv.gz")
+  with gzip.open(gz, "wb") as f:
+    f.write(raw)
+  odd = tmp_path / "dir with space%20"
+  odd.mkdir()
+  shutil.copy(capums["dirty"], odd / "dirty #1.csv")
+  a = spark_job.run_job(spark, gz, str(tmp_path / "gz"), "capums")
+  b = spark_job.run_job(spark, str(odd / "dirty #1.csv"), str(tmp_path / "odd"), "capums")
+  assert a.provenance == b.provenance and a.provenance.rejected == 300
+  assert_same_splits(str(tmp_path / "gz"), str(tmp_path / "odd"))
+  assert [r["line"] for r in T.read_rejects(str(tmp_path / "gz"))] == [
+      i.line for i in capums["injected"]]
