@@ -21,7 +21,10 @@ compiles, and prints one JSON line::
 ``nonprivate`` (``dp.enabled=False``: the same step without clipping or noise). Several
 workloads or modes (comma-separated) run back to back, each in a fresh process (so that
 ``peak_rss_mb`` is its own), ``--repeat`` times, followed by one ``ratio`` line per
-workload and repetition (DP over non-private, measured back to back).
+workload and repetition (DP over non-private, measured back to back). When both modes are
+asked for, a third process also times them interleaved (alternating their compiled calls over
+an epoch each, so that both see the same load on a shared machine) and prints its own
+``ratio`` line with ``"interleaved": true``.
 
 Usage::
 
@@ -90,109 +93,185 @@ def _largest_divisor_at_most(n: int, k: int) -> int:
   return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
 
+class _Trainer:
+  """The set-up and inner loop of :func:`fastdp_jax.train.train_and_evaluate` for one mode."""
+
+  def __init__(self, workload: str, mode: str, clipping: str, data, *, steps_per_call: int,
+               microbatch_size: int | None):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fastdp_jax import config as config_lib
+    from fastdp_jax import ghost
+    from fastdp_jax import models
+    from fastdp_jax import noise
+    from fastdp_jax import sampling
+    from fastdp_jax import step as step_lib
+    from fastdp_jax import train
+
+    d, hidden, batch = WORKLOADS[workload]
+    mesh, dev = data
+    n = dev.num_examples
+    cfg = config_lib.base_config()  # configs/seq.py: sigma 0.9, C 3, SGD lr 0.01
+    cfg.data.path = "<generated in memory>"
+    cfg.batch_size, cfg.model.hidden_sizes = batch, hidden
+    cfg.num_epochs, cfg.steps_per_call = 1, steps_per_call
+    cfg.dp.enabled = mode == "dp"
+    cfg.dp.noise_multiplier = 0.9
+    cfg.dp.noise_seed = 0
+    cfg.dp.delta = 1e-7  # below 1/N for both workloads (no effect on the speed)
+    cfg.dp.clipping = clipping
+    config_lib.validate(cfg)
+    self.plan = plan = train.plan_privacy(cfg, n)
+    model = models.create_model(d, hidden, cfg.seed)
+    apply_fn, params = models.functional(model)
+    loss_fn = models.example_loss(apply_fn)
+    key, _ = noise.noise_key(cfg.dp.noise_seed)
+    tx = optax.chain(
+        noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, batch, key),
+        train.make_optimizer(cfg))
+    self.sampler = sampling.PoissonSampler(n, batch, cfg.seed, shard_bounds=dev.bounds)
+    self.method = ghost.resolve_method(clipping, model) if plan.enabled else "none"
+    if microbatch_size and self.method == "vmap":
+      microbatch_size = _largest_divisor_at_most(self.sampler.capacity, microbatch_size)
+    else:
+      microbatch_size = None
+    self.microbatch_size = microbatch_size
+    clipped_sum = ghost.make_clipped_sum(clipping, model, loss_fn, plan.l2_norm_clip,
+                                         microbatch_size=microbatch_size)
+    self.run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
+                                          cfg.parallel.strategy)
+    self.state = jax.device_put(step_lib.State(params=params, opt_state=tx.init(params),
+                                               step=jnp.zeros((), jnp.int32)),
+                                NamedSharding(mesh, P()))
+    self.dev, self.chunk, self.batch = dev, steps_per_call, batch
+    self.model_name = f"MLP {d}-{'-'.join(map(str, hidden))}-1"
+
+  def call(self, step: int, k: int) -> float:
+    """One compiled call of ``k`` updates from ``step``, as the training loop makes it;
+    returns the number of examples it trained on."""
+    import jax
+    import numpy as np
+    batches = self.sampler.batches(step, k)
+    pad = ((0, self.chunk - k), (0, 0), (0, 0))
+    inputs = self.run.place(np.pad(batches.indices, pad), np.pad(batches.mask, pad),
+                            np.arange(self.chunk) < k)
+    self.state, m = self.run(self.state, self.dev.features, self.dev.labels, *inputs)
+    return float(jax.device_get(m)["count"][:k].sum())
+
+  def warm_up(self) -> float:
+    """Compiles (first call, one update) and checks that a second call does not; returns
+    the first call's seconds."""
+    t0 = time.perf_counter()
+    self.call(0, 1)
+    seconds = time.perf_counter() - t0
+    self.call(0, 1)
+    return seconds
+
+  def step_temp_mb(self) -> float | None:
+    """XLA's temporary buffers of the compiled call (best effort)."""
+    import numpy as np
+    try:
+      b = self.sampler.batches(0, 1)
+      lowered = self.run.lower(self.state, self.dev.features, self.dev.labels,
+                               np.repeat(b.indices, self.chunk, 0),
+                               np.repeat(b.mask, self.chunk, 0), np.ones(self.chunk, bool))
+      return round(lowered.compile().memory_analysis().temp_size_in_bytes / 2**20, 1)
+    except Exception:  # not every backend reports it
+      return None
+
+  def check_finite(self) -> None:
+    import jax
+    import numpy as np
+    leaves = jax.tree_util.tree_leaves(jax.device_get(self.state.params))
+    if not all(np.all(np.isfinite(leaf)) for leaf in leaves):
+      raise FloatingPointError("parameters became non-finite during the benchmark")
+
+  def record(self, workload: str, mode: str, examples: float, seconds: float, steps: int,
+             compile_s: float, **extra) -> dict:
+    import jax
+    return dict(
+        workload=workload, mode=mode, clipping=self.method,
+        examples_per_s=round(examples / seconds),
+        epoch_s=round(seconds * self.plan.steps_per_epoch / steps, 4),
+        epoch_extrapolated=steps < self.plan.steps_per_epoch, **extra,
+        device=_device(), train_rows=self.dev.num_examples, batch_size=self.batch,
+        capacity=self.sampler.capacity, updates=steps,
+        updates_per_s=round(steps / seconds, 3), steps_per_call=self.chunk,
+        microbatch_size=self.microbatch_size, compile_s=round(compile_s, 2),
+        model=self.model_name, jax=jax.__version__)
+
+
+def _place(workload: str, w2_rows: int):
+  from fastdp_jax import parallel
+  x, y = _data(workload, w2_rows)
+  mesh = parallel.make_mesh()
+  return mesh, parallel.place_training_data(mesh, x, y)
+
+
+def _epoch_steps(trainer: _Trainer, max_steps: int | None) -> int:
+  total = trainer.plan.steps_per_epoch
+  return total if max_steps is None else min(max_steps, total)
+
+
 def measure(workload: str, mode: str, clipping: str, *, steps_per_call: int, w2_rows: int,
             max_steps: int | None, microbatch_size: int | None) -> dict:
-  """Times one epoch of the training loop; returns the JSON record."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-
-  from fastdp_jax import config as config_lib
-  from fastdp_jax import ghost
-  from fastdp_jax import models
-  from fastdp_jax import noise
-  from fastdp_jax import parallel
-  from fastdp_jax import sampling
-  from fastdp_jax import step as step_lib
-  from fastdp_jax import train
-
-  d, hidden, batch = WORKLOADS[workload]
-  x, y = _data(workload, w2_rows)
-  n = len(y)
-  cfg = config_lib.base_config()  # configs/seq.py: sigma 0.9, C 3, SGD lr 0.01
-  cfg.data.path = "<generated in memory>"
-  cfg.batch_size, cfg.model.hidden_sizes = batch, hidden
-  cfg.num_epochs, cfg.steps_per_call = 1, steps_per_call
-  cfg.dp.enabled = mode == "dp"
-  cfg.dp.noise_multiplier = 0.9
-  cfg.dp.noise_seed = 0
-  cfg.dp.delta = 1e-7  # below 1/N for both workloads (no effect on the speed)
-  cfg.dp.clipping = clipping
-  config_lib.validate(cfg)
-  plan = train.plan_privacy(cfg, n)
-
-  # The set-up of fastdp_jax.train.train_and_evaluate.
-  model = models.create_model(d, hidden, cfg.seed)
-  apply_fn, params = models.functional(model)
-  loss_fn = models.example_loss(apply_fn)
-  key, _ = noise.noise_key(cfg.dp.noise_seed)
-  tx = optax.chain(
-      noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, batch, key),
-      train.make_optimizer(cfg))
-  mesh = parallel.make_mesh()
-  dev = parallel.place_training_data(mesh, x, y)
-  sampler = sampling.PoissonSampler(n, batch, cfg.seed, shard_bounds=dev.bounds)
-  method = ghost.resolve_method(clipping, model) if plan.enabled else "none"
-  if microbatch_size and method == "vmap":
-    microbatch_size = _largest_divisor_at_most(sampler.capacity, microbatch_size)
-  else:
-    microbatch_size = None
-  clipped_sum = ghost.make_clipped_sum(clipping, model, loss_fn, plan.l2_norm_clip,
-                                       microbatch_size=microbatch_size)
-  run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
-                                   cfg.parallel.strategy)
-  state = jax.device_put(step_lib.State(params=params, opt_state=tx.init(params),
-                                        step=jnp.zeros((), jnp.int32)),
-                         NamedSharding(mesh, P()))
-  chunk = steps_per_call
-
-  def one_call(state, step, k):
-    batches = sampler.batches(step, k)
-    pad = ((0, chunk - k), (0, 0), (0, 0))
-    inputs = run.place(np.pad(batches.indices, pad), np.pad(batches.mask, pad),
-                       np.arange(chunk) < k)
-    state, m = run(state, dev.features, dev.labels, *inputs)
-    return state, jax.device_get(m)
-
-  steps = plan.steps_per_epoch if max_steps is None else min(max_steps, plan.steps_per_epoch)
+  """Times one epoch of the training loop in this process; returns the JSON record."""
+  data = _place(workload, w2_rows)
+  trainer = _Trainer(workload, mode, clipping, data, steps_per_call=steps_per_call,
+                     microbatch_size=microbatch_size)
+  steps = _epoch_steps(trainer, max_steps)
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  t0 = time.perf_counter()
-  state, _ = one_call(state, 0, 1)  # compiles (and runs one update)
-  compile_s = time.perf_counter() - t0
-  state, _ = one_call(state, 0, 1)  # a second call: nothing left to compile
-  step_temp_mb = None
-  try:
-    b = sampler.batches(0, 1)
-    lowered = run.lower(state, dev.features, dev.labels, np.repeat(b.indices, chunk, 0),
-                        np.repeat(b.mask, chunk, 0), np.ones(chunk, bool))
-    step_temp_mb = lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
-  except Exception:  # memory analysis is best effort (not every backend reports it)
-    pass
-
+  compile_s = trainer.warm_up()
+  temp = trainer.step_temp_mb()
   examples, step = 0.0, 0
   t0 = time.perf_counter()
   while step < steps:
-    k = min(chunk, steps - step)
-    state, m = one_call(state, step, k)
-    examples += float(m["count"][:k].sum())
+    k = min(steps_per_call, steps - step)
+    examples += trainer.call(step, k)
     step += k
   seconds = time.perf_counter() - t0
-  if not np.all(np.isfinite(np.asarray(jax.device_get(state.params)["layers"][0]["kernel"]))):
-    raise FloatingPointError("parameters became non-finite during the benchmark")
-  return dict(
-      workload=workload, mode=mode, clipping=method, examples_per_s=round(examples / seconds),
-      epoch_s=round(seconds * plan.steps_per_epoch / steps, 4),
-      epoch_extrapolated=steps < plan.steps_per_epoch,
+  trainer.check_finite()
+  return trainer.record(
+      workload, mode, examples, seconds, steps, compile_s,
       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      rss_before_training_mb=round(rss_before_mb, 1),
-      step_temp_mb=None if step_temp_mb is None else round(step_temp_mb, 1),
-      device=_device(), train_rows=n, batch_size=batch, updates=steps,
-      updates_per_s=round(steps / seconds, 1), steps_per_call=chunk,
-      microbatch_size=microbatch_size, compile_s=round(compile_s, 2),
-      model=f"MLP {d}-{'-'.join(map(str, hidden))}-1", jax=jax.__version__)
+      rss_before_training_mb=round(rss_before_mb, 1), step_temp_mb=temp)
+
+
+def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2_rows: int,
+                        max_steps: int | None, microbatch_size: int | None) -> list[dict]:
+  """Both modes in ONE process over the same data, alternating their compiled calls over an
+  epoch each, so that both see the same machine load; returns both records and the ratio.
+  (``peak_rss_mb`` is the process's, shared by both: use separate processes for memory.)"""
+  data = _place(workload, w2_rows)
+  trainers = {mode: _Trainer(workload, mode, clipping, data, steps_per_call=steps_per_call,
+                             microbatch_size=microbatch_size)
+              for mode in ("nonprivate", "dp")}
+  compile_s = {mode: t.warm_up() for mode, t in trainers.items()}
+  steps = _epoch_steps(trainers["dp"], max_steps)
+  examples = dict.fromkeys(trainers, 0.0)
+  seconds = dict.fromkeys(trainers, 0.0)
+  step = 0
+  while step < steps:
+    k = min(steps_per_call, steps - step)
+    for mode, trainer in trainers.items():
+      t0 = time.perf_counter()
+      examples[mode] += trainer.call(step, k)
+      seconds[mode] += time.perf_counter() - t0
+    step += k
+  records = []
+  for mode, trainer in trainers.items():
+    trainer.check_finite()
+    records.append(trainer.record(workload, mode, examples[mode], seconds[mode], steps,
+                                  compile_s[mode], interleaved=True))
+  dp, base = records[1], records[0]
+  records.append(dict(ratio=True, interleaved=True, workload=workload, clipping=dp["clipping"],
+                      dp_over_nonprivate_examples_per_s=round(
+                          dp["examples_per_s"] / base["examples_per_s"], 3)))
+  return records
 
 
 def _split(value: str, allowed) -> list[str]:
@@ -216,13 +295,23 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--microbatch-size", type=int, default=None,
                  help="vmap chunk size (rounded down to a divisor of the batch capacity)")
   p.add_argument("--repeat", type=int, default=1, help="repetitions of the whole set")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                 help="also time both modes in one process, alternating their calls (the "
+                      "ratio under the same load); default: on when both modes are asked for")
   args = p.parse_args(argv)
   workloads = _split(args.workload, WORKLOADS)
   modes = _split(args.mode, ("dp", "nonprivate"))
   single = dict(steps_per_call=args.steps_per_call, w2_rows=args.w2_rows,
                 max_steps=args.max_steps, microbatch_size=args.microbatch_size)
-  if len(workloads) == 1 and len(modes) == 1 and args.repeat == 1:
-    print(json.dumps(measure(workloads[0], modes[0], args.clipping, **single)), flush=True)
+  both = {"dp", "nonprivate"} <= set(modes)
+  interleave = both if args.interleave is None else args.interleave
+  if interleave and not both:
+    raise SystemExit("--interleave needs both modes: --mode nonprivate,dp")
+  if len(workloads) == 1 and args.repeat == 1 and (len(modes) == 1 or args.interleave):
+    records = (measure_interleaved(workloads[0], args.clipping, **single) if interleave else
+               [measure(workloads[0], modes[0], args.clipping, **single)])
+    for record in records:
+      print(json.dumps(record), flush=True)
     return 0
   # Several measurements: each in its own process (its own peak RSS), back to back.
   forwarded = [f"--clipping={args.clipping}", f"--steps-per-call={args.steps_per_call}",
@@ -252,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
             dp_over_nonprivate_step_temp=(
                 round(dp["step_temp_mb"] / base["step_temp_mb"], 3)
                 if dp["step_temp_mb"] and base["step_temp_mb"] else None))), flush=True)
+      if interleave:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--workload={wl}",
+                              "--mode=nonprivate,dp", "--interleave", *forwarded], check=True,
+                             text=True, stdout=subprocess.PIPE).stdout
+        for line in out.strip().splitlines():
+          if line.startswith("{"):
+            print(json.dumps(dict(json.loads(line), repeat=rep)), flush=True)
   return 0
 
 
