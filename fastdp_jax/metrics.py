@@ -139,6 +139,7 @@ class MetricWriter:
     self._window = dict(loss_sum=0.0, count=0.0, clipped=0.0)
     self._last_loss = float("nan")
     self._last_eps: float | None = None
+    self._hparams: dict[str, bool | int | float | str] = {}
     self._tb = None
     if not self.enabled:
       return
@@ -251,9 +252,8 @@ class MetricWriter:
     final = {f"final/{k}": float(v) for k, v in flatten_config(summary).items()
              if k != "config" and not k.startswith("config.") and _is_number(v)}
     from tensorboardX import summary as tb_summary  # local: only the writer needs it
-    hparams = getattr(self, "_hparams", {})
-    if hparams:
-      for s in tb_summary.hparams(hparams, final):
+    if self._hparams:
+      for s in tb_summary.hparams(self._hparams, final):
         self._tb.file_writer.add_summary(s)
     step = int(summary.get("steps", self._step))
     for tag, value in final.items():
