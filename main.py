@@ -7,6 +7,7 @@ This file is intentionally kept short: the logic lives in ``fastdp_jax`` where i
 tested and imported in a notebook.
 """
 
+import logging as std_logging
 import os
 import sys
 import time
@@ -46,6 +47,10 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_float(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax logs about 20 INFO lines per checkpoint save, which would bury the progress bar and
+  # the epoch lines; its warnings and errors still show, and so do our own INFO lines.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
   cfg = _CONFIG.value
   try:
     config_lib.validate(cfg)  # a typo fails here, before any work
