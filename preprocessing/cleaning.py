@@ -1,4 +1,4 @@
-"""The cleaning rules, shared by every producer so that they all keep, drop and reject the same rows.
+"""The cleaning rules, shared by every producer: all keep, drop and reject the same rows.
 
 The Spark job (per partition), the Hadoop-streaming mapper (per block of stdin lines) and the
 direct writer of the generator call the functions here and nothing else to decide the fate of
@@ -141,7 +141,7 @@ def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: n
       bad[viol] = True
       what = col.domain_text()
       rejects.extend((int(index[r]), "out_of_domain",
-                      f"column {col.name!r}: {features_lib._fmt(v[r])} is not {what}")  # pylint: disable=protected-access
+                      f"column {col.name!r}: {features_lib.format_number(v[r])} is not {what}")
                      for r in viol)
   na_rows = ~bad & ~present.all(axis=1)
   keep = ~bad & ~na_rows
@@ -173,7 +173,7 @@ class LineCleaner:
         lut = _NumericLUT()
       else:
         valid = (0.0, 1.0) if col.kind == "binary" else col.categories
-        lut = {features_lib._fmt(v): float(v) for v in valid}  # pylint: disable=protected-access
+        lut = {features_lib.format_number(v): float(v) for v in valid}
       for t in spec.na_tokens:
         lut[t] = _NAN
       self._getters.append((idx, lut.__getitem__))

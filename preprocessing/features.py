@@ -83,7 +83,7 @@ class ColumnSpec:
   @property
   def feature_names(self) -> tuple[str, ...]:
     if self.kind == "categorical":
-      return tuple(f"{self.name}={_fmt(c)}" for c in self.categories)
+      return tuple(f"{self.name}={format_number(c)}" for c in self.categories)
     return (self.name,)
 
   def domain_text(self) -> str:
@@ -91,12 +91,12 @@ class ColumnSpec:
     if self.kind == "binary":
       return "0 or 1"
     if self.kind == "categorical":
-      cats = [_fmt(c) for c in self.categories]
+      cats = [format_number(c) for c in self.categories]
       return "one of " + (",".join(cats) if len(cats) <= 20 else
                           ",".join(cats[:20]) + f",... ({len(cats)} values)")
     if self.domain is None:
       return "a finite number"
-    return f"a number in [{_fmt(self.domain[0])}, {_fmt(self.domain[1])}]"
+    return f"a number in [{format_number(self.domain[0])}, {format_number(self.domain[1])}]"
 
   def to_dict(self) -> dict[str, Any]:
     d: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -109,7 +109,7 @@ class ColumnSpec:
     return d
 
 
-def _fmt(v: float) -> str:
+def format_number(v: float) -> str:
   """Formats a number as the shortest text that reads back to it (``3`` not ``3.0``)."""
   v = float(v)
   return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
@@ -359,8 +359,9 @@ def load_spec(path: str | os.PathLike) -> FeatureSpec:
   if not path.endswith(".py") and os.sep not in path:
     path = os.path.join(_CONFIG_DIR, f"{path}.py")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"feature spec {path} does not exist (built-in specs: "
-                            f"{sorted(n[:-3] for n in os.listdir(_CONFIG_DIR) if n.endswith('.py') and not n.startswith('_'))})")
+    builtin = sorted(n[:-3] for n in os.listdir(_CONFIG_DIR)
+                     if n.endswith(".py") and not n.startswith("_"))
+    raise FileNotFoundError(f"feature spec {path} does not exist (built-in specs: {builtin})")
   module_name = "_fastdp_spec_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)

@@ -155,7 +155,8 @@ class ShardSink:
       if self._rejects_file is None:
         first = int(row_ids[result.rejects[0][0]])
         path = os.path.join(self.staging, REJECTS, f"part-{first:012d}.jsonl")
-        self._rejects_file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._rejects_file = open(  # pylint: disable=consider-using-with
+            path, "w", encoding="utf-8")
       for rec in reject_records:
         self._rejects_file.write(json.dumps(rec) + "\n")
     if self._buffered >= 4 * self.max_rows:  # bound memory on huge splits

@@ -96,7 +96,7 @@ def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
     import pandas as pd  # pylint: disable=g-import-not-at-top
     cleaner = cleaning.LineCleaner(spec, header)
     writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
-                         test_fraction=test_fraction, max_rows=max_rows)
+                                  test_fraction=test_fraction, max_rows=max_rows)
     seen: dict[int, int] = {}
     for pdf in batches:
       # Lines come as bytes: undecodable bytes become U+FFFD (as in the streaming mapper) and
@@ -139,7 +139,7 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
   def run(batches):
     import pandas as pd  # pylint: disable=g-import-not-at-top
     writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
-                         test_fraction=test_fraction, max_rows=max_rows)
+                                  test_fraction=test_fraction, max_rows=max_rows)
     for pdf in batches:
       keys = pdf["__key"].to_numpy()
       cuts = np.flatnonzero(np.diff(keys)) + 1
@@ -526,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"{args.output}: {pv.rows_read} rows read, {pv.kept} kept "
         f"({m.rows('train')} train / {m.rows('test')} test, {len(m.shards)} shards, "
         f"{m.num_features} features), {pv.dropped_na} dropped for NA, {pv.rejected} rejected"
-        + (f" (see {os.path.join(args.output, output_lib.REJECTS)}/: {m.extra['rejected_by_reason']})"
+        + (f" (see {os.path.join(args.output, output_lib.REJECTS)}/: "
+           f"{m.extra['rejected_by_reason']})"
            if pv.rejected else "")
         + f"; {time.perf_counter() - t0:.1f} s ({t1 - t0:.1f} s Spark start-up)")
   return 0
