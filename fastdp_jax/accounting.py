@@ -66,6 +66,30 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
   return float(acc.get_epsilon(delta))
 
 
+def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
+             accountant: str) -> dp_accounting.ExplicitBracketInterval:
+  """An interval holding the calibrated sigma, found with cheap RDP evaluations.
+
+  PLD evaluations at small sigma are slow (wide loss distributions), so the search for a
+  bracket starts from the RDP calibration, which is fast and never below the PLD sigma.
+  """
+  hi = float(dp_accounting.calibrate_dp_mechanism(
+      rdp.RdpAccountant, lambda s: dp_event(s, sampling_rate, steps), target_epsilon, delta,
+      bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_SIGMA, 1.0)))
+  eps = lambda s: compute_epsilon(s, sampling_rate, steps, delta, accountant)
+  while eps(hi) > target_epsilon:
+    hi *= 1.25
+  lo = hi
+  while lo > _MIN_SIGMA:
+    lo = max(_MIN_SIGMA, lo * 0.8)
+    if eps(lo) > target_epsilon:
+      break
+  else:
+    raise ValueError(f"target epsilon {target_epsilon} needs a noise multiplier below "
+                     f"{_MIN_SIGMA}: DP-SGD gives no meaningful guarantee there")
+  return dp_accounting.ExplicitBracketInterval(lo, hi)
+
+
 def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int,
                                delta: float, accountant: str = "pld") -> float:
   """The smallest noise multiplier (to the search tolerance) whose epsilon <= target.
@@ -77,12 +101,11 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
     raise ValueError(f"{target_epsilon=} must be positive")
   if steps == 0:
     raise ValueError("cannot calibrate noise for zero steps")
+  bracket = _bracket(target_epsilon, sampling_rate, steps, delta, accountant)
   sigma = float(dp_accounting.calibrate_dp_mechanism(
       lambda: make_accountant(accountant),
       lambda s: dp_event(s, sampling_rate, steps),
-      target_epsilon, delta,
-      bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_SIGMA, 1.0),
-      tol=1e-5))
+      target_epsilon, delta, bracket_interval=bracket, tol=1e-5 * bracket.endpoint_2))
   # Brent's search brackets the root; step up until the target is met for certain.
   while compute_epsilon(sigma, sampling_rate, steps, delta, accountant) > target_epsilon:
     sigma *= 1 + 1e-6
