@@ -69,11 +69,14 @@ class PoissonSampler:
     shard_bounds: [num_shards + 1] increasing global row offsets; shard k (a device) holds
       rows ``shard_bounds[k]:shard_bounds[k+1]``. Default: one shard with every row.
     overflow_probability: per-step probability that a shard's batch exceeds its capacity.
+    capacity_multiple: round the capacity up to a multiple of this (e.g. the microbatch
+      size of chunked clipping, which must divide the padded batch).
   """
 
   def __init__(self, num_examples: int, expected_batch_size: float, seed: int, *,
                shard_bounds: np.ndarray | None = None,
-               overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY):
+               overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
+               capacity_multiple: int | None = None):
     if num_examples <= 0:
       raise ValueError(f"{num_examples=} must be positive")
     self.num_examples = int(num_examples)
@@ -90,6 +93,8 @@ class PoissonSampler:
       raise ValueError(f"shard_bounds {self.shard_bounds} must rise from 0 to {num_examples}")
     largest = int(np.diff(self.shard_bounds).max())
     self.capacity = capacity_for(largest, self.sampling_rate, overflow_probability)
+    if capacity_multiple:
+      self.capacity = -(-self.capacity // capacity_multiple) * capacity_multiple
 
   @property
   def num_shards(self) -> int:

@@ -259,7 +259,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, cfg.batch_size, key),
       make_optimizer(cfg))
 
-  sampler = sampling.PoissonSampler(n, cfg.batch_size, cfg.seed, shard_bounds=dev.bounds)
+  sampler = sampling.PoissonSampler(n, cfg.batch_size, cfg.seed, shard_bounds=dev.bounds,
+                                    capacity_multiple=cfg.dp.microbatch_size)
   clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
                                        microbatch_size=cfg.dp.microbatch_size)
   logging.info("per-example clipping: %s", ghost.resolve_method(cfg.dp.clipping, model))

@@ -61,3 +61,9 @@ def test_capacity_makes_overflow_improbable_and_overflow_raises():
 def test_sampling_rate_out_of_range_is_rejected():
   with pytest.raises(ValueError, match="sampling rate"):
     sampling.PoissonSampler(10, 20, seed=0)
+
+
+def test_capacity_rounds_up_to_the_microbatch_size():
+  plain = sampling.PoissonSampler(1000, 50, seed=0)
+  s = sampling.PoissonSampler(1000, 50, seed=0, capacity_multiple=16)
+  assert s.capacity % 16 == 0 and plain.capacity <= s.capacity < plain.capacity + 16

@@ -71,6 +71,13 @@ def test_deterministic_noise_reproduces_and_entropy_noise_differs(dataset, tmp_p
   assert c["noise_key"] == "os entropy" and a["epsilon"] == c["epsilon"]
 
 
+def test_vmap_clipping_with_microbatches_trains(dataset, tmp_path):
+  summary = train.train_and_evaluate(
+      _config(dataset, num_epochs=1, **{"dp.clipping": "vmap", "dp.microbatch_size": 16}),
+      str(tmp_path))
+  assert summary["test_accuracy"] > summary["majority_class_rate"]
+
+
 def test_target_epsilon_is_met(dataset, tmp_path):
   cfg = _config(dataset, num_epochs=1, **{"dp.noise_multiplier": None,
                                           "dp.target_epsilon": 2.0})
