@@ -430,8 +430,10 @@ def inject_malformed(src: str, dst: str, count: int, *, seed: int = 0,
   Returns:
     The injected lines, by line number in ``dst``, with the reason the pipeline must report.
   """
-  with open(src, encoding="utf-8", newline="") as f:
-    lines = f.read().splitlines()
+  with open(src, encoding="utf-8") as f:  # universal newlines, as the pipeline reads lines
+    lines = f.read().split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
   if not lines:
     raise ValueError(f"{src} is empty")
   header, body = lines[0], lines[1:]
