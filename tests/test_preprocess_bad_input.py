@@ -92,7 +92,8 @@ def test_no_header_line(spark, tmp_path):
 
 
 def test_na_everywhere(spark, tmp_path):
-  rows = [",".join("NA" if j == i % 10 else "1" for j in range(12)) for i in range(40)]
+  rows = [",".join("NA" if j == i % 10 else "1" for j in range(12)) for i in range(30)]
+  rows += [",".join(["NA"] * 12)] * 10  # and every cell NA
   path = write(tmp_path, "na.csv", [HEADER] + rows)
   assert_both_raise(spark, path, tmp_path, PipelineError,
                     r"no usable rows: 40 rows read, 40 dropped for NA")
