@@ -254,21 +254,24 @@ def test_killed_job_leaves_no_complete_looking_output(tmp_path):
     assert not os.path.exists(os.path.join(staging, data_lib.MANIFEST))
 
 
-def test_gzip_input_and_a_path_with_spaces(spark, capums, tmp_path):
+def test_gzip_input_and_a_path_with_spaces(spark, tmp_path):
   """Compressed files take the Spark-side header lookup; odd paths the local one."""
   import gzip  # pylint: disable=g-import-not-at-top
   from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
-  with open(capums["dirty"], "rb") as f:
+  clean, dirty = str(tmp_path / "clean.csv"), str(tmp_path / "dirty.csv")
+  S.write_csv_file(clean, 20_000, seed=9)
+  injected = S.inject_malformed(clean, dirty, 40, seed=9)
+  with open(dirty, "rb") as f:
     raw = f.read()
   gz = str(tmp_path / "dirty.csv.gz")
   with gzip.open(gz, "wb") as f:
     f.write(raw)
   odd = tmp_path / "dir with space%20"
   odd.mkdir()
-  shutil.copy(capums["dirty"], odd / "dirty #1.csv")
+  shutil.copy(dirty, odd / "dirty #1.csv")
   a = spark_job.run_job(spark, gz, str(tmp_path / "gz"), "capums")
   b = spark_job.run_job(spark, str(odd / "dirty #1.csv"), str(tmp_path / "odd"), "capums")
-  assert a.provenance == b.provenance and a.provenance.rejected == 300
+  assert a.provenance == b.provenance and a.provenance.rejected == 40
+  assert a.provenance.rows_read == 20_040
   assert_same_splits(str(tmp_path / "gz"), str(tmp_path / "odd"))
-  assert [r["line"] for r in T.read_rejects(str(tmp_path / "gz"))] == [
-      i.line for i in capums["injected"]]
+  assert [r["line"] for r in T.read_rejects(str(tmp_path / "gz"))] == [i.line for i in injected]
