@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[spark,test]'
 	touch $(STAMP)
 
+# Census-like CSV in the original CaPUMS5full.csv schema, then the Spark job (local mode)
+# turns it into HDF5 shards with a manifest (malformed rows would go to rejects/).
 data: $(STAMP)
 	mkdir -p data/generated
-	$(PY) -m preprocessing.synthesize --rows $(DEMO_ROWS) --seed 0 --output-shards $(DEMO_DATA) --overwrite
+	$(PY) -m preprocessing.synthesize --rows $(DEMO_ROWS) --schema capums --seed 0 --output $(DEMO_CSV)
+	$(PY) -m preprocessing.spark_job --input $(DEMO_CSV) --output $(DEMO_DATA) --spec configs/data/capums.py --overwrite
 
+# A fresh workdir each time (a rerun in the same workdir would resume, not retrain).
 demo: data
+	rm -rf runs/demo
 	$(PY) main.py --config=configs/seq.py --config.data.path=$(DEMO_DATA) --workdir=runs/demo
 
 # All tests: the main suite, then the 8-fake-device tests in their own process (the CPU
