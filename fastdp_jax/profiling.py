@@ -5,7 +5,8 @@ loop runs on the device: with ``--config.profile_steps=N`` the training loop
 
 * times its host-side phases (``sampling`` the Poisson batches, ``data transfer`` of the
   sampled indices to the devices, the compiled ``step`` calls, ``evaluation``,
-  ``accounting``) and prints a table at the end, also written to
+  ``accounting``; the profiler's own start and stop apart; ``other`` is the rest: logging,
+  metrics files, checkpoints, attacks) and prints a table at the end, also written to
   ``WORKDIR/profile/phases.json``;
 * writes a JAX profiler trace of N updates into ``WORKDIR/profile`` (TensorBoard's profile
   plugin reads ``plugins/profile/*/*.xplane.pb``; ``perfetto_trace.json.gz`` opens in
@@ -32,6 +33,7 @@ import jax
 
 PHASES = ("sampling", "data transfer", "step", "evaluation", "accounting")
 FIRST_STEP_CALL = "step, first call (compiles)"
+TRACER = "profiler (trace start/stop)"  # the cost of profiling itself, booked apart
 
 
 class Profiler:
@@ -110,28 +112,33 @@ class Profiler:
   def before_call(self, step: int) -> None:
     """Starts the trace when the call from ``step`` opens the window."""
     if self.enabled and not self._traced and not self._tracing and step == self.trace_start:
-      os.makedirs(self.directory, exist_ok=True)
-      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      with self.phase(TRACER):
+        os.makedirs(self.directory, exist_ok=True)
+        jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
       self._tracing = True
 
   def after_call(self, step: int, outputs: Any) -> None:
     """Stops the trace once the updates up to ``step`` are done and the window is full."""
     if self._tracing and step >= self.trace_end:
       jax.block_until_ready(outputs)
-      jax.profiler.stop_trace()
-      self._tracing, self._traced = False, True
+      self._tracing = False
+      with self.phase(TRACER):
+        jax.profiler.stop_trace()  # writes the trace files
+      self._traced = True
 
   def close(self) -> None:
     """Stops a trace still running (a run that ended inside the window)."""
     if self._tracing:
-      jax.profiler.stop_trace()
-      self._tracing, self._traced = False, True
+      self._tracing = False
+      with self.phase(TRACER):
+        jax.profiler.stop_trace()
+      self._traced = True
 
   def phases(self) -> dict[str, dict[str, float]]:
     """``{phase: {'seconds', 'calls'}}`` so far, with ``'other'``: the rest of the wall time
     (attack, checkpoints, logging)."""
     wall = time.perf_counter() - self._t0
-    names = [p for p in (FIRST_STEP_CALL, *PHASES) if p in self._seconds]
+    names = [p for p in (FIRST_STEP_CALL, *PHASES, TRACER) if p in self._seconds]
     names += sorted(set(self._seconds) - set(names))
     out = {n: dict(seconds=self._seconds[n], calls=self._calls[n]) for n in names}
     out["other"] = dict(seconds=max(0.0, wall - sum(self._seconds.values())), calls=0)
