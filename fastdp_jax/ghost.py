@@ -75,7 +75,8 @@ def unsupported_layers(model: nnx.Module) -> list[str]:
     One line per obstacle, naming the layer.
   """
   problems = []
-  if not isinstance(model, models.MLP):
+  # Exactly MLP: a subclass could change the forward pass that mlp_forward replicates.
+  if type(model) is not models.MLP:  # pylint: disable=unidiomatic-typecheck
     problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
                     " architecture whose forward pass ghost clipping replicates")
   for path, node in nnx.iter_graph(model):
