@@ -30,6 +30,20 @@ def make_dataset(path, rows=6000, seed=0, num_features=9, **kw):
   return path
 
 
+def make_config(path, **overrides):
+  """configs/test.py on ``path``, with dotted-key overrides (``**{"dp.delta": 1e-6}``)."""
+  from configs import test as test_cfg
+  cfg = test_cfg.get_config()
+  cfg.data.path = path
+  for key, value in overrides.items():
+    node = cfg
+    *head, last = key.split(".")
+    for h in head:
+      node = node[h]
+    node[last] = value
+  return cfg
+
+
 @pytest.fixture
 def small_dataset(tmp_path):
   return make_dataset(str(tmp_path / "data"))

@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from fastdp_jax import accounting
 from fastdp_jax import data as data_lib
 from fastdp_jax import train
-from tests.conftest import ROOT, make_dataset
+from tests.conftest import ROOT, make_dataset, make_config
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +19,7 @@ def dataset(tmp_path_factory):
   return make_dataset(str(tmp_path_factory.mktemp("d") / "data"), rows=8000, seed=3)
 
 
-def _config(path, **overrides):
-  cfg = test_config.get_config()
-  cfg.data.path = path
-  for k, v in overrides.items():
-    node = cfg
-    *head, last = k.split(".")
-    for h in head:
-      node = node[h]
-    node[last] = v
-  return cfg
+_config = make_config
 
 
 def test_end_to_end_summary_metrics_and_params(dataset, tmp_path):

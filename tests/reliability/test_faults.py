@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from fastdp_jax import accounting
 from fastdp_jax import checkpoint
 from fastdp_jax import data as data_lib
 from fastdp_jax import train
-from tests.conftest import ROOT, make_dataset
+from tests.conftest import ROOT, make_dataset, make_config
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +21,8 @@ def dataset(tmp_path_factory):
                       max_rows_per_shard=2000)
 
 
-def _cfg(path, **kw):
-  cfg = test_config.get_config()
-  cfg.data.path = path
-  cfg.num_epochs = 1
-  for k, v in kw.items():
-    node = cfg
-    *head, last = k.split(".")
-    for h in head:
-      node = node[h]
-    node[last] = v
-  return cfg
+def _cfg(path, **overrides):
+  return make_config(path, **{"num_epochs": 1, **overrides})
 
 
 def _cli(dataset, workdir, *extra):
