@@ -89,10 +89,6 @@ def _device() -> str:
   return f"{dev.platform}: {dev.device_kind} x{jax.device_count()}"
 
 
-def _largest_divisor_at_most(n: int, k: int) -> int:
-  return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
-
-
 class _Trainer:
   """The set-up and inner loop of :func:`fastdp_jax.train.train_and_evaluate` for one mode."""
 
@@ -133,13 +129,13 @@ class _Trainer:
     tx = optax.chain(
         noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, batch, key),
         train.make_optimizer(cfg))
-    self.sampler = sampling.PoissonSampler(n, batch, cfg.seed, shard_bounds=dev.bounds)
     self.method = ghost.resolve_method(clipping, model) if plan.enabled else "none"
-    if microbatch_size and self.method == "vmap":
-      microbatch_size = _largest_divisor_at_most(self.sampler.capacity, microbatch_size)
-    else:
-      microbatch_size = None
+    if self.method != "vmap":
+      microbatch_size = None  # only the vmap path chunks the batch
     self.microbatch_size = microbatch_size
+    # As train.py: the capacity is rounded up to a multiple of the vmap chunk size.
+    self.sampler = sampling.PoissonSampler(n, batch, cfg.seed, shard_bounds=dev.bounds,
+                                           capacity_multiple=microbatch_size)
     clipped_sum = ghost.make_clipped_sum(clipping, model, loss_fn, plan.l2_norm_clip,
                                          microbatch_size=microbatch_size)
     self.run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
@@ -293,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-steps", type=int, default=None,
                  help="time at most this many updates and extrapolate the epoch (slow modes)")
   p.add_argument("--microbatch-size", type=int, default=None,
-                 help="vmap chunk size (rounded down to a divisor of the batch capacity)")
+                 help="vmap chunk size (the batch capacity is rounded up to a multiple)")
   p.add_argument("--repeat", type=int, default=1, help="repetitions of the whole set")
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="also time both modes in one process, alternating their calls (the "
