@@ -37,7 +37,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+import jax
 import numpy as np
+from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
@@ -115,7 +117,6 @@ class MetricWriter:
     if log_every_steps < 0:
       raise ValueError(f"{log_every_steps=} must be non-negative")
     if enabled is None:
-      import jax  # local: this module is usable without initialising JAX
       enabled = jax.process_index() == 0
     self.workdir = workdir
     self.total_steps = int(total_steps)
@@ -225,6 +226,9 @@ class MetricWriter:
     if record.get("epsilon") is not None:
       self._last_eps = float(record["epsilon"])
     if not self.enabled:
+      # Every process logs (its own log, not the console or the files of process 0).
+      logging.info("process %d: %s", jax.process_index(),
+                   format_epoch_line(record, self.num_epochs))
       return
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(dict(record)) + "\n")
