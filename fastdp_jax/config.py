@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.enabled = True  # False: the same code path without clipping or noise (baseline).
   c.dp.l2_norm_clip = 3.0  # C: each example's gradient is clipped to this L2 norm.
   c.dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
-  c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this.
+  c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this
+  #                                                        (takes precedence over sigma).
   c.dp.delta = 1e-5
   c.dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
   c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
@@ -125,9 +126,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     return
   if not dp.l2_norm_clip > 0:
     raise ValueError(f"dp.l2_norm_clip={dp.l2_norm_clip} must be positive when DP is on")
-  if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
-    raise ValueError("set exactly one of dp.noise_multiplier and dp.target_epsilon (got "
-                     f"{dp.noise_multiplier=}, {dp.target_epsilon=})")
+  if dp.noise_multiplier is None and dp.target_epsilon is None:
+    raise ValueError("set dp.noise_multiplier or dp.target_epsilon (or dp.enabled=False)")
   if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
     raise ValueError(f"dp.noise_multiplier={dp.noise_multiplier} must be positive when DP is"
                      " on (dp.enabled=False for a non-private run)")

@@ -91,9 +91,14 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int) -> PrivacyPl
                        total_steps=total, l2_norm_clip=None, noise_multiplier=0.0,
                        delta=dp.delta, accountant=dp.accountant)
   sigma = dp.noise_multiplier
-  if sigma is None:
+  if dp.target_epsilon is not None:
+    # The target wins over a sigma inherited from the config file, so that
+    # `--config.dp.target_epsilon=1` works from the command line; said aloud.
     sigma = accounting.calibrate_noise_multiplier(dp.target_epsilon, q, total, dp.delta,
                                                   dp.accountant)
+    print(f"noise multiplier calibrated to {sigma:.4f} for epsilon <= {dp.target_epsilon} "
+          f"over {total} updates" + (f" (dp.noise_multiplier={dp.noise_multiplier} ignored)"
+                                     if dp.noise_multiplier is not None else ""), flush=True)
   if dp.delta >= 1 / num_examples:
     logging.warning("delta=%g is not below 1/N=%g: the guarantee is weak", dp.delta,
                     1 / num_examples)

@@ -69,11 +69,13 @@ def test_vmap_clipping_with_microbatches_trains(dataset, tmp_path):
 
 
 def test_target_epsilon_is_met(dataset, tmp_path):
-  cfg = _config(dataset, num_epochs=1, **{"dp.noise_multiplier": None,
-                                          "dp.target_epsilon": 2.0})
+  # A target on the command line wins over the sigma of the config file.
+  cfg = _config(dataset, num_epochs=1, **{"dp.target_epsilon": 2.0})
+  assert cfg.dp.noise_multiplier == 1.0
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   assert summary["epsilon"] <= 2.0
   assert summary["epsilon"] == pytest.approx(2.0, rel=1e-3)
+  assert summary["noise_multiplier"] != 1.0
 
 
 def test_non_private_mode_same_path(dataset, tmp_path):
@@ -101,7 +103,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     ({"dp.l2_norm_clip": 0.0}, "l2_norm_clip"),
     ({"dp.noise_multiplier": -1.0}, "noise_multiplier"),
     ({"dp.delta": 1.0}, "delta"),
-    ({"dp.target_epsilon": 1.0}, "exactly one"),
+    ({"dp.noise_multiplier": None}, "dp.noise_multiplier or dp.target_epsilon"),
     ({"batch_size": 10 ** 7}, "sampling rate"),
     ({"optimizer.name": "adagrad"}, "optimizer.name"),
     ({"data.path": "/nonexistent/data"}, "does not exist"),
