@@ -236,7 +236,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
 def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                         cleanup: contextlib.ExitStack) -> dict[str, Any]:
-  config_lib.validate(cfg)
   t_start = time.time()
   # Each process reads only its training shards (balanced by rows) and holds only its part,
   # on its devices of the global mesh; N is the global row count.
