@@ -261,3 +261,12 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
   })
   return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
           "provenance": provenance, "extra": extra, "_lines_by_split": lines_by_split}
+
+
+def describe(output: str, manifest: data_lib.Manifest) -> str:
+  """The one-line account of a producer's run: what was read, kept, dropped and rejected."""
+  pv = manifest.provenance
+  return (f"{output}: {pv.rows_read} rows read, {pv.kept} kept ({manifest.rows('train')} train"
+          f" / {manifest.rows('test')} test, {len(manifest.shards)} shards, "
+          f"{manifest.num_features} features), {pv.dropped_na} dropped for NA, "
+          f"{pv.rejected} rejected")

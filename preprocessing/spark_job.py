@@ -523,9 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   pv = m.provenance
-  print(f"{args.output}: {pv.rows_read} rows read, {pv.kept} kept "
-        f"({m.rows('train')} train / {m.rows('test')} test, {len(m.shards)} shards, "
-        f"{m.num_features} features), {pv.dropped_na} dropped for NA, {pv.rejected} rejected"
+  print(output_lib.describe(args.output, m)
         + (f" (see {os.path.join(args.output, output_lib.REJECTS)}/: "
            f"{m.extra['rejected_by_reason']})"
            if pv.rejected else "")

@@ -137,3 +137,26 @@ def clean_reference(lines: list[str], spec: features_lib.FeatureSpec):
 
 
 PYTHON = sys.executable
+
+
+def spark_session(app_name: str):
+  """A local[2] SparkSession for one test module (yield it from a module-scoped fixture)."""
+  from preprocessing import spark_job  # local: needs pyspark
+  session = spark_job.create_session("local[2]", app_name=app_name,
+                                     conf={"spark.ui.enabled": "false"})
+  try:
+    yield session
+  finally:
+    session.stop()
+
+
+def dirty_capums(directory, rows: int, seed: int, malformed: int, malformed_seed: int) -> dict:
+  """A generated CaPUMS CSV, and a copy with ``malformed`` bad lines inserted."""
+  from preprocessing import synthesize  # local: synthesize imports this module's neighbours
+  clean, dirty = os.path.join(directory, "clean.csv"), os.path.join(directory, "dirty.csv")
+  synthesize.write_csv_file(clean, rows, seed=seed)
+  injected = synthesize.inject_malformed(clean, dirty, malformed, seed=malformed_seed)
+  cols = synthesize.synthesize_capums(rows, seed=seed,
+                                      na_fraction=synthesize.DEFAULT_NA_FRACTION["capums"])
+  return {"dir": directory, "clean": clean, "dirty": dirty, "injected": injected,
+          "columns": cols}

@@ -27,12 +27,8 @@ HADOOP_ENV = {"mapreduce_task_id": "attempt_1_0001_m_000000_0",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  d = tmp_path_factory.mktemp("mr")
-  clean, dirty = str(d / "clean.csv"), str(d / "dirty.csv")
-  S.write_csv_file(clean, 30_000, seed=21)
-  injected = S.inject_malformed(clean, dirty, 50, seed=2)
-  cols = S.synthesize_capums(30_000, seed=21, na_fraction=S.DEFAULT_NA_FRACTION["capums"])
-  return {"dir": d, "clean": clean, "dirty": dirty, "injected": injected, "columns": cols}
+  return T.dirty_capums(tmp_path_factory.mktemp("mr"), 30_000, seed=21, malformed=50,
+                        malformed_seed=2)
 
 
 def assert_same_splits(a, b):

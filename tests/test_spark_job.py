@@ -31,22 +31,14 @@ pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 @pytest.fixture(scope="module")
 def spark():
-  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
-  session = spark_job.create_session("local[2]", app_name="test_spark_job",
-                                     conf={"spark.ui.enabled": "false"})
-  yield session
-  session.stop()
+  yield from T.spark_session("test_spark_job")
 
 
 @pytest.fixture(scope="module")
 def capums(tmp_path_factory):
   """200,000 generated CaPUMS rows, and the same file with 300 malformed lines inserted."""
-  d = tmp_path_factory.mktemp("capums")
-  clean, dirty = str(d / "clean.csv"), str(d / "dirty.csv")
-  S.write_csv_file(clean, 200_000, seed=11)
-  injected = S.inject_malformed(clean, dirty, 300, seed=5)
-  cols = S.synthesize_capums(200_000, seed=11, na_fraction=S.DEFAULT_NA_FRACTION["capums"])
-  return {"dir": d, "clean": clean, "dirty": dirty, "injected": injected, "columns": cols}
+  return T.dirty_capums(tmp_path_factory.mktemp("capums"), 200_000, seed=11, malformed=300,
+                        malformed_seed=5)
 
 
 def assert_same_splits(a: str, b: str):

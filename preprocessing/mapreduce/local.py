@@ -23,6 +23,7 @@ from fastdp_jax import data as data_lib
 from fastdp_jax import schema
 from preprocessing import features as features_lib
 from preprocessing.mapreduce import to_shards
+from preprocessing import output as output_lib
 from preprocessing.output import PipelineError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,10 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (PipelineError, features_lib.SpecError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  pv = m.provenance
-  print(f"{args.output}: {pv.rows_read} rows read, {pv.kept} kept ({m.rows('train')} train / "
-        f"{m.rows('test')} test), {pv.dropped_na} dropped for NA, {pv.rejected} rejected; "
-        f"{time.perf_counter() - t0:.1f} s")
+  print(f"{output_lib.describe(args.output, m)}; {time.perf_counter() - t0:.1f} s")
   return 0
 
 

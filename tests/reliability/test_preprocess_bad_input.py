@@ -27,11 +27,7 @@ GOOD = ["1,0,1,0,1,1,0,1,0,1,1,1", "0,1,0,0,0,0,0,1,1,1,0,0", "1,1,0,1,1,1,1,1,0
 
 @pytest.fixture(scope="module")
 def spark():
-  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
-  session = spark_job.create_session("local[2]", app_name="test_preprocess_bad_input",
-                                     conf={"spark.ui.enabled": "false"})
-  yield session
-  session.stop()
+  yield from T.spark_session("test_preprocess_bad_input")
 
 
 def write(tmp_path, name, lines, ending="\n", final=True):
