@@ -11,10 +11,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from fastdp_jax import accounting
+from fastdp_jax import ghost
+from fastdp_jax import step
 
-CLIPPING_METHODS = ("auto", "ghost", "vmap")  # see fastdp_jax.ghost.make_clipped_sum
+CLIPPING_METHODS = ghost.METHODS  # see fastdp_jax.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("auto", "shard_map")
+STRATEGIES = step.STRATEGIES
 
 
 def base_config() -> ml_collections.ConfigDict:
