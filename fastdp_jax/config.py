@@ -2,21 +2,27 @@
 
 Config files (``configs/*.py``) start from :func:`base_config` and change only what differs.
 :func:`validate` runs once, after command-line overrides, before any work: unknown keys
-(typos), wrong types and out-of-range values fail with a message naming the key.
+(typos), wrong types and out-of-range values raise :class:`fastdp_jax.errors.ConfigError`
+naming the key. Reading and validating a config imports neither JAX nor Flax.
 """
 
 from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
 
 import ml_collections
 from ml_collections import config_dict
 
 from fastdp_jax import accounting
-from fastdp_jax import ghost
-from fastdp_jax import step
+from fastdp_jax.errors import ConfigError
 
-CLIPPING_METHODS = ghost.METHODS  # see fastdp_jax.ghost.make_clipped_sum
+# The selectors' values live here, not in the JAX modules that implement them, so that reading
+# a config imports no JAX: fastdp_jax.ghost and fastdp_jax.step import them from here.
+CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = step.STRATEGIES
+STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.num_epochs = 10  # an epoch is round(N / batch_size) updates.
   c.batch_size = 256  # EXPECTED batch size; the sampling rate is q = batch_size / N.
-  c.seed = 0  # sampling and initialisation (not the noise: see dp.noise_seed).
+  c.seed = 0  # model initialisation (batches: dp.sampling_seed; noise: dp.noise_seed).
 
   c.model = ml_collections.ConfigDict()
   c.model.hidden_sizes = (50,)  # the original 9-50-1 MLP.
@@ -50,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
   c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
   c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
+  c.dp.sampling_seed = config_dict.placeholder(int)  # unset: OS entropy (private); int:
+  #                                                    reproducible batches, run is not private.
+  c.dp.overflow_probability = config_dict.placeholder(float)  # per update, of a Poisson batch
+  #                                                    above its padded capacity (None: automatic).
   c.dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
   c.dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
 
@@ -78,67 +88,132 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _keys(schema: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+  """Every dotted key of ``schema``, groups included (``dp``, ``dp.delta``, ...)."""
+  for key in schema.keys():
+    yield prefix + key
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      yield from _keys(schema[key], f"{prefix}{key}.")
+
+
+def unknown_key_message(name: str, schema: ml_collections.ConfigDict | None = None) -> str:
+  """``unknown config key dp.nosie; did you mean dp.noise_multiplier? known keys in dp: ...``."""
+  schema = base_config() if schema is None else schema
+  *group_path, _ = name.split(".")
+  group, where = schema, []  # the deepest group of ``name`` that exists
+  for part in group_path:
+    if part not in group or not isinstance(group[part], ml_collections.ConfigDict):
+      break
+    group, where = group[part], where + [part]
+  prefix = "".join(f"{w}." for w in where)
+  known = sorted(prefix + k for k in group.keys())
+  close = difflib.get_close_matches(name, list(_keys(schema)), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  scope = f"in {prefix[:-1]}" if prefix else "at the top level"
+  return f"unknown config key {name}{hint} (known keys {scope}: {', '.join(known)})"
+
+
+def check_key(name: str) -> None:
+  """Raises :class:`ConfigError` unless the dotted key ``name`` is in :func:`base_config`.
+
+  For command-line overrides (``--config.dp.noise_multiplier=1``), checked before
+  ``ml_collections`` applies them (it raises an ``AttributeError`` with a traceback).
+  """
+  node = base_config()
+  for part in name.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(unknown_key_message(name))
+    node = node[part]
+
+
 def _check_keys(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
                 prefix: str = "") -> None:
   for key in cfg.keys():
     name = f"{prefix}{key}"
     if key not in schema:
-      known = ", ".join(sorted(f"{prefix}{k}" for k in schema.keys()))
-      raise ValueError(f"unknown config key {name!r}; known keys here: {known}")
+      raise ConfigError(unknown_key_message(name))
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(cfg[key], ml_collections.ConfigDict):
-        raise ValueError(f"config key {name!r} must be a group of keys")
+        raise ConfigError(f"config key {name!r} must be a group of keys")
       _check_keys(cfg[key], schema[key], name + ".")
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive_finite(name: str, value) -> None:
+  if not (_is_number(value) and math.isfinite(value) and value > 0):
+    raise ConfigError(f"{name}={value!r} must be a positive finite number")
+
+
+def _check_optional_int(name: str, value) -> None:
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    raise ConfigError(f"{name}={value!r} must be an integer (or unset)")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks a config before any work; raises ``ValueError`` naming the offending key."""
+  """Checks a config before any work.
+
+  Raises:
+    ConfigError: naming the offending key and value.
+  """
   _check_keys(cfg, base_config())
   if not cfg.data.path:
-    raise ValueError("data.path must be set")
+    raise ConfigError("data.path must be set")
   for key in ("num_epochs", "batch_size", "steps_per_call", "eval_batch_size"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
-      raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
+      raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer")
   for key, value in (("log_every_steps", cfg.log_every_steps),
                      ("privacy_eval.membership_rows", cfg.privacy_eval.membership_rows)):
     if not isinstance(value, int) or value < 0:
-      raise ValueError(f"{key}={value!r} must be a non-negative integer")
+      raise ConfigError(f"{key}={value!r} must be a non-negative integer")
   if not 0 < cfg.privacy_eval.significance < 1:
-    raise ValueError(f"privacy_eval.significance={cfg.privacy_eval.significance} must be in"
-                     " (0, 1)")
+    raise ConfigError(f"privacy_eval.significance={cfg.privacy_eval.significance} must be in"
+                      " (0, 1)")
   if not isinstance(cfg.profile_steps, int) or cfg.profile_steps < 0:
-    raise ValueError(f"profile_steps={cfg.profile_steps!r} must be a non-negative integer")
+    raise ConfigError(f"profile_steps={cfg.profile_steps!r} must be a non-negative integer")
   if not cfg.checkpoint.every_steps > 0:
-    raise ValueError(f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
+    raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
   if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
-    raise ValueError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
+    raise ConfigError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
   if cfg.optimizer.name not in OPTIMIZERS:
-    raise ValueError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
-  if not cfg.optimizer.learning_rate > 0:
-    raise ValueError(f"optimizer.learning_rate={cfg.optimizer.learning_rate} must be positive")
+    raise ConfigError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
+  _check_positive_finite("optimizer.learning_rate", cfg.optimizer.learning_rate)
+  _check_optional_int("seed", cfg.seed)
   if cfg.parallel.strategy not in STRATEGIES:
-    raise ValueError(f"parallel.strategy={cfg.parallel.strategy!r} must be one of "
-                     f"{STRATEGIES}")
+    raise ConfigError(f"parallel.strategy={cfg.parallel.strategy!r} must be one of "
+                      f"{STRATEGIES}")
   dp = cfg.dp
   if dp.clipping not in CLIPPING_METHODS:
-    raise ValueError(f"dp.clipping={dp.clipping!r} must be one of {CLIPPING_METHODS}")
+    raise ConfigError(f"dp.clipping={dp.clipping!r} must be one of {CLIPPING_METHODS}")
   if dp.microbatch_size is not None and dp.microbatch_size <= 0:
-    raise ValueError(f"dp.microbatch_size={dp.microbatch_size} must be positive")
+    raise ConfigError(f"dp.microbatch_size={dp.microbatch_size} must be positive")
+  _check_optional_int("dp.noise_seed", dp.noise_seed)
+  _check_optional_int("dp.sampling_seed", dp.sampling_seed)
+  if dp.overflow_probability is not None and not (
+      _is_number(dp.overflow_probability) and 0 < dp.overflow_probability < 1):
+    raise ConfigError(f"dp.overflow_probability={dp.overflow_probability!r} must be in (0, 1)"
+                      " (or unset: automatic)")
+  if dp.l2_norm_clip is not None:  # also when DP is off: a NaN here is a mistake either way
+    _check_positive_finite("dp.l2_norm_clip", dp.l2_norm_clip)
   if not dp.enabled:
     return
-  if not dp.l2_norm_clip > 0:
-    raise ValueError(f"dp.l2_norm_clip={dp.l2_norm_clip} must be positive when DP is on")
+  if dp.l2_norm_clip is None:
+    raise ConfigError("dp.l2_norm_clip must be set when DP is on")
   if dp.noise_multiplier is None and dp.target_epsilon is None:
-    raise ValueError("set dp.noise_multiplier or dp.target_epsilon (or dp.enabled=False)")
-  if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
-    raise ValueError(f"dp.noise_multiplier={dp.noise_multiplier} must be positive when DP is"
-                     " on (dp.enabled=False for a non-private run)")
-  if dp.target_epsilon is not None and not dp.target_epsilon > 0:
-    raise ValueError(f"dp.target_epsilon={dp.target_epsilon} must be positive")
-  if dp.max_epsilon is not None and not dp.max_epsilon > 0:
-    raise ValueError(f"dp.max_epsilon={dp.max_epsilon} must be positive")
+    raise ConfigError("set dp.noise_multiplier or dp.target_epsilon (or dp.enabled=False)")
+  if dp.noise_multiplier is not None and not (
+      _is_number(dp.noise_multiplier) and math.isfinite(dp.noise_multiplier)
+      and dp.noise_multiplier > 0):
+    raise ConfigError(f"dp.noise_multiplier={dp.noise_multiplier} must be a positive finite "
+                      "number when DP is on (dp.enabled=False for a non-private run)")
+  if dp.target_epsilon is not None:
+    _check_positive_finite("dp.target_epsilon", dp.target_epsilon)
+  if dp.max_epsilon is not None and not dp.max_epsilon > 0:  # inf: no cap
+    raise ConfigError(f"dp.max_epsilon={dp.max_epsilon} must be positive")
   if not 0 < dp.delta < 1:
-    raise ValueError(f"dp.delta={dp.delta} must be in (0, 1)")
+    raise ConfigError(f"dp.delta={dp.delta} must be in (0, 1)")
   if dp.accountant not in accounting.ACCOUNTANTS:
-    raise ValueError(f"dp.accountant={dp.accountant!r} must be one of "
-                     f"{accounting.ACCOUNTANTS}")
+    raise ConfigError(f"dp.accountant={dp.accountant!r} must be one of "
+                      f"{accounting.ACCOUNTANTS}")

@@ -51,8 +51,9 @@ from flax import nnx
 
 from fastdp_jax import clipping
 from fastdp_jax import models
+from fastdp_jax.config import CLIPPING_METHODS
 
-METHODS = ("auto", "ghost", "vmap")
+METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not import JAX
 
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
 # fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from fastdp_jax import clipping
 from fastdp_jax import parallel
+from fastdp_jax.config import STRATEGIES
 from fastdp_jax.parallel import AXIS
 
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats)
@@ -69,7 +70,7 @@ def vmap_clipped_sum(loss_fn: clipping.LossFn, l2_norm_clip: float | None,
   return fn
 
 
-STRATEGIES = ("auto", "shard_map")
+# STRATEGIES is defined in fastdp_jax.config (imported above), which must not import JAX.
 _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
 
