@@ -36,13 +36,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fastdp_jax import errors
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 _HASH_CHUNK = 1 << 20
 
 
-class ShardError(ValueError):
+class ShardError(errors.UserError):
   """A data set on disk does not match its manifest; the message names the shard."""
 
 

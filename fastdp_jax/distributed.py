@@ -42,6 +42,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from fastdp_jax import errors
+
 ENV_COORDINATOR = "FASTDP_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "FASTDP_NUM_PROCESSES"
 ENV_PROCESS_ID = "FASTDP_PROCESS_ID"
@@ -53,7 +55,7 @@ DEFAULT_INIT_TIMEOUT_S = 90
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 
-class CoordinatorUnreachableError(RuntimeError):
+class CoordinatorUnreachableError(errors.UserError, RuntimeError):
   """The coordinator (process 0) did not accept connections within the timeout."""
 
 

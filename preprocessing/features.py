@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from fastdp_jax import errors
+
 KINDS = ("binary", "categorical", "numeric")
 TRANSFORMS = ("identity", "log1p")
 _TOP_KEYS = {"name", "input_columns", "features", "columns", "label", "na_tokens", "description"}
@@ -51,7 +53,7 @@ _COLUMN_KEYS = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(errors.UserError):
   """A feature spec is malformed; the message names the offending key and value."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fastdp_jax import data as data_lib
+from fastdp_jax import errors
 from fastdp_jax import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
@@ -33,7 +34,7 @@ from preprocessing import features as features_lib
 REJECTS = "rejects"
 
 
-class PipelineError(ValueError):
+class PipelineError(errors.UserError):
   """Bad input or arguments; the message says what is wrong and where."""
 
 
