@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 data: $(STAMP)
 	mkdir -p data/generated
 	$(PY) -m preprocessing.synthesize --rows $(DEMO_ROWS) --schema capums --seed 0 --output $(DEMO_CSV)
-	$(PY) -m preprocessing.spark_job --input $(DEMO_CSV) --output $(DEMO_DATA) --spec configs/data/capums.py --overwrite
+	$(PY) -m preprocessing.spark_job --input $(DEMO_CSV) --output $(DEMO_DATA) --spec capums --overwrite
 
 # A fresh workdir each time (a rerun in the same workdir would resume, not retrain).
 demo: data

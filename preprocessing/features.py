@@ -1,7 +1,7 @@
 """Feature specs: which input columns become which model features, with public bounds only.
 
 A feature spec is a Python config file whose ``get_config()`` returns an
-``ml_collections.ConfigDict`` (see ``configs/data/capums.py`` and ``configs/data/pums_raw.py``)::
+``ml_collections.ConfigDict`` (see ``preprocessing/specs/capums.py`` and ``preprocessing/specs/pums_raw.py``)::
 
   config.name = 'capums'
   config.input_columns = ('sex', ..., 'targetted')  # the expected header, exactly; () = any
@@ -346,12 +346,18 @@ def _looks_numeric(token: str) -> bool:
   return cleaning.parse_number(token) is not None
 
 
+def builtin_specs() -> list[str]:
+  """The names of the specs shipped in the package (``--spec NAME``)."""
+  return sorted(n[:-3] for n in os.listdir(_CONFIG_DIR)
+                if n.endswith(".py") and not n.startswith("_"))
+
+
 def load_spec(path: str | os.PathLike) -> FeatureSpec:
-  """Loads and validates a spec file (``configs/data/capums.py``) or a built-in name.
+  """Loads and validates a spec file (``my_spec.py``) or a built-in spec's name.
 
   Args:
     path: a ``.py`` file with ``get_config()``, or ``'capums'`` / ``'pums_raw'`` for the
-      specs shipped in ``configs/data/``.
+      specs shipped in the package (``preprocessing/specs/``, found from any install).
 
   Raises:
     FileNotFoundError: if the file does not exist.
@@ -361,8 +367,7 @@ def load_spec(path: str | os.PathLike) -> FeatureSpec:
   if not path.endswith(".py") and os.sep not in path:
     path = os.path.join(_CONFIG_DIR, f"{path}.py")
   if not os.path.isfile(path):
-    builtin = sorted(n[:-3] for n in os.listdir(_CONFIG_DIR)
-                     if n.endswith(".py") and not n.startswith("_"))
+    builtin = builtin_specs()
     raise FileNotFoundError(f"feature spec {path} does not exist (built-in specs: {builtin})")
   module_name = "_fastdp_spec_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
   spec = importlib.util.spec_from_file_location(module_name, path)
@@ -373,5 +378,5 @@ def load_spec(path: str | os.PathLike) -> FeatureSpec:
   return spec_from_config(module.get_config(), source=path)
 
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "data")
+# The built-in specs: package data of preprocessing (preprocessing/specs/*.py).
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")

@@ -3,7 +3,7 @@
 Runs on a laptop (Spark local mode, the default) and unchanged on a cluster::
 
   python -m preprocessing.spark_job --input CaPUMS5full.csv --output data/capums \
-      --spec configs/data/capums.py [--master local[2]] [--overwrite]
+      --spec capums [--master local[2]] [--overwrite]
   PYSPARK_PYTHON=.venv/bin/python spark-submit --master yarn preprocessing/spark_job.py \
       --input hdfs:///census/CaPUMS5full.csv --output /shared/data/capums --spec capums
 
@@ -516,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="CSV or Parquet file, directory, or glob; local path or URI")
   p.add_argument("--output", required=True, help="dataset directory to create")
   p.add_argument("--spec", required=True,
-                 help="feature spec: configs/data/capums.py, configs/data/pums_raw.py, or a "
-                 "built-in name (capums, pums_raw)")
+                 help="feature spec: a built-in name (capums, pums_raw; shipped in "
+                 "preprocessing/specs/) or the path of a spec file (my_spec.py)")
   p.add_argument("--format", choices=("auto", "csv", "parquet"), default="auto")
   p.add_argument("--master", default=None,
                  help="Spark master; default: spark-submit's, else local[*]")

@@ -38,7 +38,7 @@ def assert_same_splits(a, b):
     np.testing.assert_array_equal(sa.labels, sb.labels)
 
 
-def shell_pipeline(csv: str, tsv: str, spec: str = "configs/data/capums.py"):
+def shell_pipeline(csv: str, tsv: str, spec: str = "preprocessing/specs/capums.py"):
   """The documented local command, verbatim."""
   cmd = (f"set -o pipefail; cat {csv} | {sys.executable} preprocessing/mapreduce/mapper.py "
          f"--spec {spec} | LC_ALL=C sort | {sys.executable} preprocessing/mapreduce/reducer.py "

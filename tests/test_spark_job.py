@@ -117,7 +117,7 @@ def test_raw_spec_matches_the_direct_writer(spark, tmp_path):
   cols = S.synthesize_raw(30_000, seed=2, na_fraction=0.002)
   csv = str(tmp_path / "raw.csv")
   S.write_csv(cols, csv)
-  m = spark_job.run_job(spark, csv, str(tmp_path / "spark"), "configs/data/pums_raw.py")
+  m = spark_job.run_job(spark, csv, str(tmp_path / "spark"), "preprocessing/specs/pums_raw.py")
   spec = features_lib.load_spec("pums_raw")
   assert m.feature_names == spec.feature_names and m.num_features == 29
   expected, dropped = T.expected_splits(spec, cols)
@@ -210,7 +210,7 @@ def test_spark_submit_runs_the_script(capums, tmp_path):
   out = str(tmp_path / "out")
   env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
   r = subprocess.run([submit, "--master", "local[1]", "preprocessing/spark_job.py",
-                      "--input", small, "--output", out, "--spec", "configs/data/capums.py"],
+                      "--input", small, "--output", out, "--spec", "preprocessing/specs/capums.py"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                      check=False)
   assert r.returncode == 0, r.stderr[-3000:]

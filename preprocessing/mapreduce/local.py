@@ -3,7 +3,7 @@
 ::
 
   python -m preprocessing.mapreduce.local --input in.csv --output data/capums \
-      --spec configs/data/capums.py [--overwrite] [--keep-tsv cleaned.tsv]
+      --spec capums [--overwrite] [--keep-tsv cleaned.tsv]
 
 This is what ``hadoop jar hadoop-streaming.jar`` does with one map task and one reducer; the
 same mapper and reducer run under Hadoop unchanged (see ``mapper.py``).
@@ -62,8 +62,8 @@ def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False
   """The streaming path end to end; returns the manifest of ``output``."""
   from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
   output_lib.check_output(output, overwrite)  # before the (long) streaming run
-  spec_path = spec if spec.endswith(".py") else os.path.join(
-      os.path.dirname(os.path.dirname(_HERE)), "configs", "data", f"{spec}.py")
+  spec_path = spec if spec.endswith(".py") else os.path.join(  # a built-in spec's file
+      os.path.dirname(os.path.abspath(features_lib.__file__)), "specs", f"{spec}.py")
   features_lib.load_spec(spec_path)
   with tempfile.TemporaryDirectory() as tmp:
     tsv = keep_tsv or os.path.join(tmp, "cleaned.tsv")

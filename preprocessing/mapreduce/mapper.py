@@ -3,7 +3,7 @@
 
 Locally (one input stream; its first line is the header)::
 
-  cat in.csv | python preprocessing/mapreduce/mapper.py --spec configs/data/capums.py \
+  cat in.csv | python preprocessing/mapreduce/mapper.py --spec capums \
     | LC_ALL=C sort | python preprocessing/mapreduce/reducer.py > cleaned.tsv
 
 Under Hadoop (``-D stream.map.input.ignoreKey=false``, so each input record is

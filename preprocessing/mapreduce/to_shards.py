@@ -3,7 +3,7 @@
 ::
 
   python -m preprocessing.mapreduce.to_shards --input cleaned.tsv --output data/capums \
-      --spec configs/data/capums.py [--overwrite]
+      --spec capums [--overwrite]
 
 ``--input`` is the reducer's output: a file, ``-`` for stdin, or a Hadoop output directory
 (its ``part-*`` files, in name order). Rows are split with ``fastdp_jax.schema.is_test_row``

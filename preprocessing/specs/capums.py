@@ -7,7 +7,7 @@ are in the header but not used, so an `NA` there does not drop the row.
 Commands::
 
   python -m preprocessing.spark_job --input CaPUMS5full.csv --output data/capums \
-      --spec configs/data/capums.py
+      --spec capums
   python -m preprocessing.synthesize --rows 1223992 --schema capums --output CaPUMS5full.csv
 """
 

@@ -17,7 +17,7 @@ computed from the data: a min/max/mean of the private file would leak it.
 Command (real data, ../shared/data/FultonPUMS5full.csv)::
 
   python -m preprocessing.spark_job --input ../shared/data/FultonPUMS5full.csv \
-      --output data/fulton --spec configs/data/pums_raw.py
+      --output data/fulton --spec pums_raw
 """
 
 import ml_collections
