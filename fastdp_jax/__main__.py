@@ -1,0 +1,166 @@
+"""The trainer's command line: ``python -m fastdp_jax --config=configs/seq.py [--workdir=DIR]``.
+
+Installed as ``fastdp-train``; ``main.py`` in the repository runs the same. Several processes
+(one per host): add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on
+each (or see ``configs/dist.py`` and ``python -m fastdp_jax.launch``).
+
+An error that is the user's to fix (:class:`fastdp_jax.errors.UserError`: a bad config key or
+value, a missing or corrupt dataset, a busy workdir, ...) is printed once, as one line
+``error: ...``, and the exit status is 2; any other exception is a bug and keeps its traceback.
+
+This file is intentionally kept short: the logic lives in ``fastdp_jax`` where it can be
+tested and imported in a notebook. JAX is imported only once the flags and the config have
+been checked, so that a mistake there is reported at once.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fastdp_jax import config as config_lib
+from fastdp_jax import errors
+
+USAGE = ("usage: python -m fastdp_jax --config=CONFIG.py [--config.KEY=VALUE ...] "
+         "[--workdir=DIR] (--helpshort lists every flag)")
+
+# Errors that are the user's to fix: one line, no traceback, exit status 2. The OS's errors
+# about a path name that path, and the paths are the user's (data.path, the workdir); a
+# non-finite loss names the update and is fixed by the config (learning rate, clipping).
+_USER_ERRORS = (errors.UserError, FileNotFoundError, FileExistsError, PermissionError,
+                FloatingPointError)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file (configs/*.py); override keys with --config.x.y=...",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory; default runs/<time>")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 in a multi-process run (else "
+    "$FASTDP_COORDINATOR_ADDRESS; else JAX's SLURM/Open MPI/Kubernetes detection; else one "
+    "process)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (hosts)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank, 0..N-1")
+_INIT_TIMEOUT = flags.DEFINE_float("init_timeout_s", None,
+                                   "wait this long for the coordinator and peers (default 90)")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_float(
+    "heartbeat_timeout_s", None, "a process silent this long is dead; the others stop "
+    "(default 60)")
+
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)")
+
+
+def _fail(message: object) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(errors.USER_ERROR_EXIT_CODE)
+
+
+def _describe(e: BaseException) -> str:
+  # A config error names its key already; other classes (ShardError, WorkdirLockedError,
+  # FileNotFoundError, ...) say what kind of problem it is.
+  return str(e) if isinstance(e, errors.ConfigError) else f"{type(e).__name__}: {e}"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with one-line errors (exit status 2) instead of tracebacks.
+
+  A misspelt ``--config.KEY`` is caught here, before ``ml_collections`` would raise an
+  ``AttributeError`` from deep inside the flag parser.
+  """
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    match = _OVERRIDE.match(arg)
+    if match:
+      try:
+        config_lib.check_key(match.group(1))
+      except errors.ConfigError as e:
+        _fail(e)
+  try:
+    rest = flags.FLAGS(list(argv))
+  except flags.Error as e:  # a config file that does not load, a value of the wrong type
+    _fail(e)
+  if _CONFIG.value is None:
+    _fail(f"--config is required; {USAGE}")
+  try:
+    _CONFIG.value.keys()  # a config file that did not load raises its OSError when first used
+  except OSError as e:
+    _fail(f"--config: {' '.join(str(e).split())}")
+  if len(rest) > 1:
+    _fail(f"unexpected arguments {rest[1:]}; {USAGE}")
+  return rest
+
+
+class _DropUnavailableBackendNotes(std_logging.Filter):
+  """Drops JAX's INFO line about backends that are not installed (``libtpu.so``).
+
+  Every run on a machine without a TPU would otherwise print "Unable to initialize backend
+  'tpu'"; warnings and errors from the same logger still show.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno < std_logging.WARNING
+                and str(record.msg).startswith("Unable to initialize backend"))
+
+
+def _quiet_library_logs() -> None:
+  # Orbax logs about 20 INFO lines per checkpoint save, which would bury the progress bar and
+  # the epoch lines; its warnings and errors still show, and so do our own INFO lines.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+  std_logging.getLogger("jax._src.xla_bridge").addFilter(_DropUnavailableBackendNotes())
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv  # checked by parse_flags
+  _quiet_library_logs()
+  cfg = _CONFIG.value
+  try:
+    config_lib.validate(cfg)  # a typo or a bad value fails here, before any work
+  except errors.ConfigError as e:
+    _fail(e)
+  for name, value in (("init_timeout_s", _INIT_TIMEOUT.value),
+                      ("heartbeat_timeout_s", _HEARTBEAT_TIMEOUT.value)):
+    if value is not None and not value > 0:
+      _fail(f"--{name}={value} must be positive")
+  # JAX only now: the checks above answer in a fraction of a second.
+  import jax  # pylint: disable=g-import-not-at-top
+  from fastdp_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fastdp_jax import train  # pylint: disable=g-import-not-at-top
+  try:  # the flags alone; resolve() starts nothing
+    distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    _fail(e)
+  workdir = _WORKDIR.value or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+  logging.info("workdir %s", workdir)
+  try:  # before any other JAX call
+    topology = distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        initialization_timeout_s=_INIT_TIMEOUT.value,
+        heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
+  except errors.UserError as e:
+    _fail(_describe(e))
+  logging.info("process %d of %d (%s): %d local devices, %d in all", jax.process_index(),
+               jax.process_count(), topology.source, jax.local_device_count(),
+               jax.device_count())
+  with distributed.exit_promptly_on_failure():
+    try:
+      train.train_and_evaluate(cfg, workdir)
+    except _USER_ERRORS as e:
+      _fail(_describe(e))
+
+
+def run() -> None:
+  """The ``fastdp-train`` console entry point (and ``python -m fastdp_jax``)."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()
