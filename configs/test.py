@@ -1,4 +1,7 @@
-"""A tiny configuration for tests: 2 epochs of a small MLP, deterministic noise.
+"""A tiny configuration for tests: 2 epochs of a small MLP, fixed batches and noise.
+
+A reproducibility configuration: ``dp.sampling_seed`` and ``dp.noise_seed`` are set, so its
+runs say ``private: false`` (tests that need a private run unset both).
 
 Command (tests create the data)::
 
@@ -16,6 +19,7 @@ def get_config():
   config.optimizer.learning_rate = 0.05
   config.dp.noise_multiplier = 1.0
   config.dp.noise_seed = 0
+  config.dp.sampling_seed = 0
   config.data.attack_rows = 500
   config.steps_per_call = 8
   config.eval_batch_size = 1024

@@ -14,26 +14,104 @@ takes part in the save (the arrays are global); only process 0 writes the metada
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
+import json
 import os
+import shutil
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fastdp_jax import accounting
+from fastdp_jax import errors
+from fastdp_jax import release
 
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+KEYS_FILE = "keys.json"  # the secret keys, owner-only, apart from the checkpoints' arrays
+KEYS_DELETED = "KEYS_DELETED"  # left by forget(): the run is over and cannot be resumed
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(errors.UserError):
   """A resumed run differs from its checkpoint in something that must not change silently."""
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError):
   """Another run holds the workdir."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunKeys:
+  """The run's secret randomness.
+
+  Attributes:
+    sampling: uint64[2], the Poisson sampling key.
+    noise: uint32[4], the noise key.
+    sampling_fixed: the sampling key came from ``dp.sampling_seed`` (public).
+    noise_fixed: the noise key came from ``dp.noise_seed`` (public).
+  """
+
+  sampling: np.ndarray
+  noise: np.ndarray
+  sampling_fixed: bool
+  noise_fixed: bool
+
+  def __repr__(self) -> str:  # never prints a key
+    return f"RunKeys(sampling_fixed={self.sampling_fixed}, noise_fixed={self.noise_fixed})"
+
+  def to_json(self) -> str:
+    return json.dumps(dict(sampling=[int(w) for w in self.sampling],
+                           noise=[int(w) for w in self.noise],
+                           sampling_fixed=self.sampling_fixed, noise_fixed=self.noise_fixed))
+
+  @classmethod
+  def from_json(cls, text: str) -> RunKeys:
+    d = json.loads(text)
+    return cls(sampling=np.asarray(d["sampling"], np.uint64),
+               noise=np.asarray(d["noise"], np.uint32),
+               sampling_fixed=bool(d["sampling_fixed"]), noise_fixed=bool(d["noise_fixed"]))
+
+
+def save_keys(workdir: str, keys: RunKeys) -> None:
+  """Writes the keys to ``WORKDIR/keys.json`` (owner-only, atomic)."""
+  release.write_private_file(os.path.join(workdir, KEYS_FILE), keys.to_json())
+
+
+def load_keys(workdir: str) -> RunKeys | None:
+  """The keys saved in ``workdir``, or None."""
+  path = os.path.join(workdir, KEYS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return RunKeys.from_json(f.read())
+
+
+def forget(workdir: str) -> None:
+  """Deletes the keys and checkpoints of a finished run, leaving a marker that refuses resume.
+
+  The exported model, the summary and the metrics stay. Without the keys nobody (the
+  operator included) can recompute the batches or the noise of the run.
+  """
+  shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
+  path = os.path.join(workdir, KEYS_FILE)
+  if os.path.exists(path):
+    os.remove(path)
+  with open(os.path.join(workdir, KEYS_DELETED), "w") as f:
+    f.write("the keys and checkpoints of this run were deleted; it cannot be resumed\n")
+
+
+def check_not_forgotten(workdir: str) -> None:
+  """Refuses to train in a workdir whose keys were deleted (it would restart from scratch)."""
+  if os.path.exists(os.path.join(workdir, KEYS_DELETED)):
+    raise ResumeMismatchError(
+        f"workdir {workdir} holds a finished run whose keys and checkpoints were deleted; "
+        "use another --workdir (training again on the same data spends privacy budget again)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,7 +124,14 @@ class Segment:
 
 
 def ledger_epsilon(segments: list[Segment], delta: float, accountant: str) -> float:
-  """Epsilon of a sequence of DP-SGD segments, composed by ``dp_accounting``."""
+  """Epsilon of a sequence of DP-SGD segments, composed by ``dp_accounting``.
+
+  One segment uses the configured accountant. Several segments (a resume with
+  ``checkpoint.allow_changes``, whose parameters may have been chosen after seeing earlier
+  results) are composed with the RDP accountant: RDP composition holds under adaptive choice
+  of each segment's parameters when the total is compared with a budget fixed in advance
+  (``dp.max_epsilon``; a Renyi filter, Feldman & Zrnic 2021).
+  """
   segments = [s for s in segments if s.steps > 0]
   if not segments:
     return 0.0
@@ -54,7 +139,7 @@ def ledger_epsilon(segments: list[Segment], delta: float, accountant: str) -> fl
     s = segments[0]
     return accounting.compute_epsilon(s.noise_multiplier, s.sampling_rate, s.steps, delta,
                                       accountant)
-  acc = accounting.make_accountant(accountant)
+  acc = accounting.make_accountant("rdp")
   for s in segments:
     if s.noise_multiplier <= 0:
       return float("inf")
@@ -112,7 +197,7 @@ def check_writable(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); choose another "
+    raise errors.UserError(f"workdir {workdir} is not writable ({e.strerror}); choose another "
                           "--workdir") from e
 
 
@@ -161,3 +246,24 @@ def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     if saved.get(key) != current.get(key):
       diffs.append(f"{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}")
   return diffs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m fastdp_jax.checkpoint forget WORKDIR``: drop a finished run's keys."""
+  parser = argparse.ArgumentParser(prog="python -m fastdp_jax.checkpoint",
+                                   description="Manage a run's checkpoints and keys.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  f = sub.add_parser("forget", help="delete the keys and checkpoints of a finished run")
+  f.add_argument("workdir")
+  args = parser.parse_args(argv)
+  if not os.path.isfile(os.path.join(args.workdir, "summary.json")):
+    print(f"error: {args.workdir} holds no finished run (no summary.json); nothing deleted",
+          file=sys.stderr)
+    return 2
+  forget(args.workdir)
+  print(f"deleted the keys and checkpoints of {args.workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

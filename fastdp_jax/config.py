@@ -31,6 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.path = "data/generated/capums"  # dataset directory (manifest.json) or original .h5.
   c.data.verify_checksums = True  # check every shard's sha256 against the manifest.
+  c.data.public_num_examples = config_dict.placeholder(int)  # a PUBLIC training-set size
+  #                            that fixes q and the number of updates (unset: N is public).
+  c.data.feature_bounds = config_dict.placeholder(tuple)  # PUBLIC feature bounds for data
+  #   that declares none (an original .h5, a manifest older than recorded bounds): (lo, hi)
+  #   for every feature or one (lo, hi) per feature; never computed from the data. Every row
+  #   outside them is refused before the first update. A manifest's own bounds take precedence.
   c.data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
   c.data.attack_rows = 10_000  # training rows attacked (the original's figure).
 
@@ -52,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
   c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this
   #                                                        (takes precedence over sigma).
-  c.dp.delta = 1e-5
+  c.dp.delta = config_dict.placeholder(float)  # unset: the largest power of ten at most
+  #                                              1/(10 N); a delta >= 1/N is warned about.
   c.dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
   c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
   c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
@@ -70,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.enabled = True  # save in WORKDIR/checkpoints and resume from it.
   c.checkpoint.every_steps = 1000  # also save at every epoch end.
   c.checkpoint.allow_changes = False  # resume even if privacy/model/data changed (recorded).
+  c.checkpoint.keep_keys = True  # False: delete keys.json and checkpoints/ when the run ends
+  #                                (or later: python -m fastdp_jax.checkpoint forget WORKDIR).
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.eval_batch_size = 65_536  # evaluation chunk size.
@@ -181,6 +190,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
   _check_positive_finite("optimizer.learning_rate", cfg.optimizer.learning_rate)
   _check_optional_int("seed", cfg.seed)
+  _check_optional_int("data.public_num_examples", cfg.data.public_num_examples)
+  if cfg.data.public_num_examples is not None and cfg.data.public_num_examples <= 0:
+    raise ConfigError(f"data.public_num_examples={cfg.data.public_num_examples} must be "
+                      "positive")
   if cfg.parallel.strategy not in STRATEGIES:
     raise ConfigError(f"parallel.strategy={cfg.parallel.strategy!r} must be one of "
                       f"{STRATEGIES}")
@@ -212,7 +225,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_positive_finite("dp.target_epsilon", dp.target_epsilon)
   if dp.max_epsilon is not None and not dp.max_epsilon > 0:  # inf: no cap
     raise ConfigError(f"dp.max_epsilon={dp.max_epsilon} must be positive")
-  if not 0 < dp.delta < 1:
+  if dp.delta is not None and not (_is_number(dp.delta) and 0 < dp.delta < 1):
     raise ConfigError(f"dp.delta={dp.delta} must be in (0, 1)")
   if dp.accountant not in accounting.ACCOUNTANTS:
     raise ConfigError(f"dp.accountant={dp.accountant!r} must be one of "

@@ -7,9 +7,11 @@ The directory holds everything needed to use the model without the training code
       model.json      # architecture, feature spec, label, threshold, privacy, metrics, sha256
       MODEL_CARD.md   # for people: what it is, how private, how good, how to load it
 
-Only public values go into the export: the configuration, the accountant's result and test-set
-metrics. No training row, and no statistic of the training data (means, ranges, counts) that
-the DP guarantee would not cover, is written.
+Only public values go into the export (:mod:`fastdp_jax.release`): the configuration, the
+privacy parameters (q at a public precision), the accountant's result, whether the run is
+private, and test-set metrics labelled as computed on held-out private rows that the guarantee
+does not cover. No training row, no statistic of training rows (losses, attack figures), no
+row count and no data digest is written.
 
 Example::
 
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastdp_jax import data as data_lib
+from fastdp_jax import release
 
 FORMAT = "fastdp_jax.model"
 FORMAT_VERSION = 1
@@ -92,8 +95,6 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
       num_params=int(sum(v.size for v in flat.values())),
       privacy=_privacy_of(summary),
       metrics=_metrics_of(summary),
-      privacy_eval=summary.get("privacy_eval"),
-      data_digest=summary.get("data_digest"),
       config=summary.get("config"),
       versions=_versions())
   _write_text(os.path.join(directory, SPEC_FILE), json.dumps(spec, indent=1, default=float))
@@ -109,15 +110,23 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _privacy_of(summary: Mapping[str, Any]) -> dict[str, Any]:
-  keys = ("dp_enabled", "epsilon", "delta", "accountant", "noise_multiplier", "l2_norm_clip",
-          "sampling_rate", "steps", "noise_key", "max_epsilon", "budget_exhausted")
-  return {k: summary[k] for k in keys if k in summary}
+  keys = ("private", "privacy_note", "dp_enabled", "epsilon", "delta", "accountant_delta",
+          "overflow_delta", "delta_warning", "accountant", "noise_multiplier", "l2_norm_clip",
+          "steps", "noise", "sampling", "max_epsilon", "budget_exhausted", "ledger_composition")
+  out = {k: summary[k] for k in keys if k in summary}
+  if "sampling_rate" in summary:
+    out["sampling_rate"] = release.public_sampling_rate(summary["sampling_rate"])
+  return out
 
 
 def _metrics_of(summary: Mapping[str, Any]) -> dict[str, Any]:
-  keys = ("test_accuracy", "test_loss", "majority_class_rate", "test_examples",
-          "attack_accuracy")
-  return {k: summary[k] for k in keys if k in summary}
+  # Held-out test rows only; the training-row diagnostics (nonprivate_*) stay in the workdir.
+  keys = ("test_accuracy", "test_loss", "majority_class_rate", "below_majority_class")
+  out = {k: summary[k] for k in keys if k in summary}
+  if out:
+    out["note"] = ("computed on held-out private test rows; not covered by the privacy "
+                   "guarantee")
+  return out
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -133,10 +142,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def model_card(spec: Mapping[str, Any]) -> str:
   """The ``MODEL_CARD.md`` text of an exported model's ``model.json`` contents."""
   arch, priv, met = spec["architecture"], spec.get("privacy", {}), spec.get("metrics", {})
-  pe = spec.get("privacy_eval") or {}
   sizes = [arch["num_features"], *arch["hidden_sizes"], 1]
-  lines = [
-      f"# Model card: DP-SGD classifier of `{spec['label']['name']}`", "",
+  lines = [f"# Model card: DP-SGD classifier of `{spec['label']['name']}`", ""]
+  if not priv.get("private", False):
+    lines += [f"**This model has no privacy guarantee**: "
+              f"{priv.get('privacy_note') or 'trained without DP'}.", ""]
+  lines += [
       f"Exported {spec['created']} by fastdp_jax "
       f"{spec.get('versions', {}).get('fastdp-jax', '(version not installed)')} with "
       + ", ".join(f"{k} {v}" for k, v in spec.get("versions", {}).items()
@@ -162,10 +173,13 @@ def model_card(spec: Mapping[str, Any]) -> str:
         f"sigma = {_fmt(priv.get('noise_multiplier'))} added once per update to the sum, "
         f"Poisson sampling at rate q = {_fmt(priv.get('sampling_rate'))}, "
         f"{priv.get('steps')} updates.", "",
-        f"**(epsilon, delta) = ({_fmt(priv.get('epsilon'))}, {_fmt(priv.get('delta'))})** "
-        f"by the {str(priv.get('accountant', '')).upper()} accountant (dp_accounting), for "
-        "adding or removing one training row. Noise key: "
-        f"{priv.get('noise_key', 'n/a')}.", "",
+        f"**(epsilon, delta) = ({_fmt(priv.get('epsilon'))}, {_fmt(priv.get('delta'), 3)})"
+        f"** by the {str(priv.get('accountant', '')).upper()} accountant (dp_accounting), "
+        "for adding or removing one training row with q held fixed (delta includes "
+        f"{_fmt(priv.get('overflow_delta'), 2)} for a batch overflowing its capacity). "
+        f"Private: **{str(priv.get('private', False)).lower()}** (sampling: "
+        f"{priv.get('sampling', 'n/a')}; noise: {priv.get('noise', 'n/a')}).", "",
+        *([f"Warning: {priv['delta_warning']}.", ""] if priv.get("delta_warning") else []),
         "What the guarantee covers: the trained parameters, hence every prediction. What it "
         "does not cover: the held-out test set behind the metrics below, the choice of "
         "hyperparameters if they were tuned on the same data, and any data-dependent "
@@ -175,25 +189,16 @@ def model_card(spec: Mapping[str, Any]) -> str:
     lines += ["**Not private**: trained with plain SGD (no clipping, no noise). Do not "
               "release it if the training data are sensitive."]
   lines += ["", "## Evaluation (held-out test split)", "",
+            "Computed on held-out private test rows, released without noise: not covered by "
+            "the privacy guarantee above.", "",
             "| metric | value |", "|---|---|",
             f"| test accuracy | {_fmt(met.get('test_accuracy'))} |",
             f"| majority-class rate | {_fmt(met.get('majority_class_rate'))} |",
             f"| test loss (BCE) | {_fmt(met.get('test_loss'))} |"]
-  if met.get("attack_accuracy") is not None:
-    lines.append(f"| model-inversion attack accuracy (the original system's metric) | "
-                 f"{_fmt(met['attack_accuracy'])} |")
-  mia = pe.get("membership_inference")
-  if mia:
-    lines += [f"| membership inference (loss threshold) AUC | {_fmt(mia['auc'])} |",
-              f"| membership inference TPR at {_fmt(mia['low_fpr'])} FPR | "
-              f"{_fmt(mia['tpr_at_low_fpr'])} |"]
-  audit = pe.get("canary_audit")
-  if audit:
-    lines.append(f"| empirical epsilon lower bound ({audit['num_canaries']} canaries, one run) "
-                 f"| {_fmt(audit['epsilon_lower_bound'])} |")
   lines += [
-      "", "Membership inference: 0.5 AUC is chance. The empirical epsilon is a lower bound "
-      "from one attack; the accountant's epsilon is the upper bound that holds for all.", "",
+      "", "Attacks on training rows (model inversion, membership inference) and the training "
+      "loss are statistics of the training data that no accountant covers: they stay in the "
+      "private workdir and are not part of this export.", "",
       "## Intended use and limits", "",
       "- Binary classification of rows with exactly the features above; inputs outside the "
       "training distribution (e.g. values other than those seen in training) give "
@@ -207,8 +212,6 @@ def model_card(spec: Mapping[str, Any]) -> str:
       "probabilities = predictor(features)   # [n, d] float array or {name: column}",
       "labels = predictor.predict(features)",
       "```", ""]
-  if spec.get("data_digest"):
-    lines += [f"Training data digest: `{spec['data_digest']}`.", ""]
   return "\n".join(lines)
 
 

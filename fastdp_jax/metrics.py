@@ -20,7 +20,8 @@ TensorBoard event files go straight into the workdir (``tensorboard --logdir run
 every run), written by ``tensorboardX`` (no TensorFlow). :func:`read_scalars` reads them back
 without TensorBoard.
 
-Scalar tags: ``train/loss``, ``train/clipped_fraction``, ``test/loss``, ``test/accuracy``,
+Scalar tags: ``nonprivate/train_loss``, ``nonprivate/clipped_fraction`` (training-row
+diagnostics without noise, see :mod:`fastdp_jax.release`), ``test/loss``, ``test/accuracy``,
 ``privacy/epsilon`` (x-axis: optimizer updates), the same under ``epoch/`` with the epoch
 number as x-axis, and ``final/*``.
 """
@@ -41,6 +42,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from fastdp_jax import release
+
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
 _BAR_WIDTH = 24
@@ -58,11 +61,13 @@ def _format_duration(seconds: float) -> str:
 
 def format_epoch_line(record: Mapping[str, Any], num_epochs: int) -> str:
   """The console line of one epoch record (the same text the training loop always printed)."""
-  line = (f"epoch {record['epoch']}/{num_epochs}  train_loss {record['train_loss']:.4f}  "
+  # '*': computed on training rows without noise (not covered by the guarantee).
+  line = (f"epoch {record['epoch']}/{num_epochs}  "
+          f"train_loss* {record[release.TRAIN_LOSS]:.4f}  "
           f"test_loss {record['test_loss']:.4f}  test_acc {record['test_accuracy']:.4f}  "
           f"epsilon {record['epsilon']:.4f}")
-  if record.get("attack_accuracy") is not None:
-    line += f"  attack_acc {record['attack_accuracy']:.4f}"
+  if record.get(release.ATTACK_ACCURACY) is not None:
+    line += f"  attack_acc* {record[release.ATTACK_ACCURACY]:.4f}"
   return line + f"  time {record.get('epoch_time_s', 0.0):.1f}s"
 
 
@@ -207,8 +212,8 @@ class MetricWriter:
     """
     record = dict(step=int(step), time_s=time.time() - self._t0)
     if self._window["count"] > 0:
-      record["train_loss"] = self._window["loss_sum"] / self._window["count"]
-      record["clipped_fraction"] = self._window["clipped"] / self._window["count"]
+      record[release.TRAIN_LOSS] = self._window["loss_sum"] / self._window["count"]
+      record[release.CLIPPED_FRACTION] = self._window["clipped"] / self._window["count"]
     record.update({k: float(v) for k, v in scalars.items() if v is not None})
     self._window = dict(loss_sum=0.0, count=0.0, clipped=0.0)
     if "epsilon" in record:
@@ -389,8 +394,8 @@ class EpsilonCurve:
 
 # steps.jsonl key -> TensorBoard tag of the per-update curves.
 _STEP_TAGS = {
-    "train_loss": "train/loss",
-    "clipped_fraction": "train/clipped_fraction",
+    release.TRAIN_LOSS: "nonprivate/train_loss",
+    release.CLIPPED_FRACTION: "nonprivate/clipped_fraction",
     "test_loss": "test/loss",
     "test_accuracy": "test/accuracy",
     "epsilon": "privacy/epsilon",

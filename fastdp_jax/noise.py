@@ -7,27 +7,33 @@ realised one, which would leak the batch size). Chain it before the optimizer::
 
   tx = optax.chain(noise.privatize(C, sigma, B, key), optax.sgd(lr))
 
-The noise of update t uses ``fold_in(key, t)``: keys are never reused, and every device and
-process holding the same key adds the same noise, so noise is added exactly once to the global
-sum.
+The noise key is 128 bits (uint32[4]): two independent 64-bit Threefry keys whose bit streams
+are XOR-ed, so that guessing the noise means guessing both halves (JAX's own Threefry key is 64
+bits). The noise of update t folds t into both halves: keys are never reused, and every device
+and process holding the same key adds the same noise, so noise is added exactly once to the
+global sum. The key lives in the optimizer state (a runtime argument of the compiled step,
+never a compile-time constant); checkpoints store it apart, owner-only
+(:mod:`fastdp_jax.checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fastdp_jax import errors
+
 
 class PrivatizeState(NamedTuple):
   """State of :func:`privatize`.
 
   Attributes:
-    key: uint32[2] raw PRNG key of the noise (secret; checkpointed, never logged).
+    key: uint32[4] key data of the noise (secret; checkpointed apart, never logged).
     count: int32 number of updates done so far (the step whose noise comes next).
   """
 
@@ -35,15 +41,67 @@ class PrivatizeState(NamedTuple):
   count: jax.Array
 
 
+KEY_WORDS = 4  # uint32 words: 128 bits
+
+
 def noise_key(noise_seed: int | None) -> tuple[np.ndarray, bool]:
-  """The noise key: from the OS's entropy, or from an integer seed for reproducible tests.
+  """The noise key: 128 bits of OS entropy, or derived from an integer seed (reproducible).
 
   Returns:
-    ``(uint32[2] key data, deterministic)``.
+    ``(uint32[4] key data, fixed)``; ``fixed`` is True when the key came from a seed: such a
+    run's noise is known to anyone who knows the seed, and it has no DP guarantee.
   """
   if noise_seed is None:
-    return np.frombuffer(os.urandom(8), dtype=np.uint32).copy(), False
-  return np.asarray(jax.random.key_data(jax.random.key(int(noise_seed))), np.uint32), True
+    return np.frombuffer(os.urandom(4 * KEY_WORDS), dtype=np.uint32).copy(), False
+  if isinstance(noise_seed, bool) or not isinstance(noise_seed, (int, np.integer)):
+    raise errors.ConfigError(f"dp.noise_seed={noise_seed!r} must be an integer")
+  seq = np.random.SeedSequence([int(noise_seed) & (2**64 - 1), 0x4E4F4953])
+  return seq.generate_state(KEY_WORDS, np.uint32), True
+
+
+def gaussian_noise(key: jax.typing.ArrayLike, count: jax.typing.ArrayLike,
+                   like: Any) -> Any:
+  """Standard normal noise shaped like the pytree ``like``, for update number ``count``.
+
+  Args:
+    key: uint32[4] noise key data.
+    count: the update number (folded into the key: a fresh draw per update).
+    like: a pytree of float arrays.
+
+  Returns:
+    A pytree like ``like`` of i.i.d. N(0, 1) values (JAX's normal-from-bits transform applied
+    to the XOR of two Threefry streams).
+  """
+  key = jnp.asarray(key, jnp.uint32)
+  halves = [jax.random.fold_in(jax.random.wrap_key_data(key[i:i + 2]), count) for i in (0, 2)]
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  keys = [jax.random.split(h, len(leaves)) for h in halves]
+  out = []
+  for j, g in enumerate(leaves):
+    bits = (jax.random.bits(keys[0][j], g.shape, jnp.uint32)
+            ^ jax.random.bits(keys[1][j], g.shape, jnp.uint32))
+    # As jax.random.normal does: 23 random mantissa bits give a uniform in [1, 2), mapped to
+    # (-1, 1), then sqrt(2) * erfinv.
+    floats = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jnp.maximum(lo, (floats - 1.0) * 2.0 - 1.0)
+    out.append((np.sqrt(2.0).astype(np.float32) * jax.lax.erf_inv(u)).astype(g.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def without_key(opt_state: Any) -> Any:
+  """``opt_state`` with every noise key zeroed (what a checkpoint's state file holds)."""
+  return _map_privatize(opt_state, lambda s: s._replace(key=jnp.zeros_like(s.key)))
+
+
+def with_key(opt_state: Any, key: jax.typing.ArrayLike) -> Any:
+  """``opt_state`` with the noise key set to ``key`` (restoring a checkpoint)."""
+  return _map_privatize(opt_state,
+                        lambda s: s._replace(key=jnp.asarray(key, s.key.dtype).reshape(s.key.shape)))
+
+
+def _map_privatize(opt_state: Any, fn) -> Any:
+  return jax.tree_util.tree_map(fn, opt_state, is_leaf=lambda x: isinstance(x, PrivatizeState))
 
 
 def privatize(l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float,
@@ -55,7 +113,7 @@ def privatize(l2_norm_clip: float, noise_multiplier: float, expected_batch_size:
     l2_norm_clip: C, the sensitivity of the incoming sum.
     noise_multiplier: sigma >= 0 (0: no noise, for non-private baselines).
     expected_batch_size: the public expected batch size q * N.
-    key: uint32[2] raw key data of the noise.
+    key: uint32[4] key data of the noise (see :func:`noise_key`).
 
   Returns:
     An optax ``GradientTransformation``.
@@ -66,6 +124,8 @@ def privatize(l2_norm_clip: float, noise_multiplier: float, expected_batch_size:
     raise ValueError(f"{expected_batch_size=} must be positive")
   stddev = float(noise_multiplier) * float(l2_norm_clip)
   key = jnp.asarray(key, jnp.uint32)
+  if key.shape != (KEY_WORDS,):
+    raise ValueError(f"noise key must be uint32[{KEY_WORDS}], got shape {key.shape}")
 
   def init_fn(params):
     del params
@@ -74,12 +134,8 @@ def privatize(l2_norm_clip: float, noise_multiplier: float, expected_batch_size:
   def update_fn(updates, state, params=None):
     del params
     if stddev > 0:
-      step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-      leaves, treedef = jax.tree_util.tree_flatten(updates)
-      keys = jax.random.split(step_key, len(leaves))
-      leaves = [g + stddev * jax.random.normal(k, g.shape, g.dtype)
-                for g, k in zip(leaves, keys)]
-      updates = jax.tree_util.tree_unflatten(treedef, leaves)
+      noise = gaussian_noise(state.key, state.count, updates)
+      updates = jax.tree_util.tree_map(lambda g, z: g + stddev * z, updates, noise)
     updates = jax.tree_util.tree_map(lambda g: g / expected_batch_size, updates)
     return updates, PrivatizeState(key=state.key, count=state.count + 1)
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastdp_jax import metrics as metrics_lib
+from fastdp_jax import release
 
 PLOTS = ("loss.png", "accuracy.png", "epsilon.png", "accuracy_vs_epsilon.png")
 
@@ -127,7 +128,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.get("delta")),
         _fmt(s.get("test_accuracy", last.get("test_accuracy"))),
         _fmt(s.get("majority_class_rate")),
-        _fmt(s.get("attack_accuracy", last.get("attack_accuracy"))),
+        _fmt(s.get(release.ATTACK_ACCURACY, last.get(release.ATTACK_ACCURACY))),
         _fmt(mia.get("auc")), _fmt(mia.get("tpr_at_low_fpr")),
         _fmt(audit.get("epsilon_lower_bound")),
         _fmt(s.get("wall_time_s"), 3),
@@ -135,8 +136,13 @@ def markdown_table(runs: Sequence[Run]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_runs(runs: Sequence[Run], output_dir: str) -> list[str]:
-  """Writes the four PNG plots into ``output_dir``; returns their paths."""
+def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = False
+              ) -> list[str]:
+  """Writes the four PNG plots into ``output_dir``; returns their paths.
+
+  ``include_nonprivate`` adds the training loss (a training-row statistic without noise) to
+  the loss plot; by default only test-set curves and epsilon are drawn.
+  """
   import matplotlib
   matplotlib.use("Agg")  # files only; no display on servers and CI
   from matplotlib import pyplot as plt
@@ -161,8 +167,8 @@ def plot_runs(runs: Sequence[Run], output_dir: str) -> list[str]:
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in runs:
-    x, y = r.series("train_loss")
-    if x:
+    x, y = r.series(release.TRAIN_LOSS)
+    if x and include_nonprivate:
       ax.plot(x, y, "-", color=color[r.name], label=f"{r.name} train")
     x, y = r.series("test_loss")
     if x:
@@ -211,7 +217,8 @@ def plot_runs(runs: Sequence[Run], output_dir: str) -> list[str]:
   return paths
 
 
-def write_report(workdirs: Sequence[str], output_dir: str | None = None) -> str:
+def write_report(workdirs: Sequence[str], output_dir: str | None = None,
+                 include_nonprivate: bool = False) -> str:
   """Writes the plots and ``report.md`` for ``workdirs``; returns the ``report.md`` path."""
   if not workdirs:
     raise ValueError("give at least one workdir")
@@ -220,14 +227,15 @@ def write_report(workdirs: Sequence[str], output_dir: str | None = None) -> str:
     base = (workdirs[0] if len(workdirs) == 1
             else os.path.commonpath([os.path.abspath(w) for w in workdirs]))
     output_dir = os.path.join(base, "report")
-  paths = plot_runs(runs, output_dir)
+  paths = plot_runs(runs, output_dir, include_nonprivate)
   lines = ["# Training report", "",
            "Runs: " + ", ".join(f"`{r.workdir}`" for r in runs) + ".", "",
            markdown_table(runs), "",
            "epsilon: the accountant's upper bound at the run's delta (inf: non-private). "
            "MIA: loss-threshold membership inference, train vs held-out rows (AUC 0.5 = "
            "chance). Empirical eps: the one-run canary audit's lower bound (when canaries "
-           "were used).", ""]
+           "were used). Model inversion and MIA use training rows: they are not private "
+           "(nonprivate_*), like the whole report.", ""]
   lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"
             for p in paths]
   path = os.path.join(output_dir, "report.md")
@@ -242,9 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("workdirs", nargs="+", help="training runs' workdirs")
   parser.add_argument("--output", default=None,
                       help="output directory (default: WORKDIR/report or <parent>/report)")
+  parser.add_argument("--include-nonprivate", action="store_true",
+                      help="also plot the training loss (computed on training rows, no noise)")
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.workdirs, args.output)
+    path = write_report(args.workdirs, args.output, args.include_nonprivate)
   except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

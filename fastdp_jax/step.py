@@ -89,7 +89,10 @@ def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
     if losses is None:  # ghost clipping returns them; vmap clipping does not.
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
     clipped = stats.norms > (l2_norm_clip if l2_norm_clip is not None else jnp.inf)
-    local = dict(loss_sum=jnp.sum(jnp.where(mask, losses, 0.0)),
+    # A non-finite loss is left out of the sum (its gradient was zeroed and counted): the
+    # run must not behave differently at the update where such a row was sampled.
+    finite = mask & jnp.isfinite(losses)
+    local = dict(loss_sum=jnp.sum(jnp.where(finite, losses, 0.0)),
                  count=jnp.sum(mask).astype(jnp.float32),
                  clipped=jnp.sum(clipped & mask).astype(jnp.float32),
                  nonfinite=jnp.sum(stats.nonfinite).astype(jnp.float32))
@@ -159,7 +162,8 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
     row indices of each update's Poisson batch (identical on every process; each process
     transfers only its devices' slices); ``active`` [steps] bool lets a call run fewer updates
     than its compiled length without recompiling. ``metrics`` holds per-update
-    ``loss_sum, count, clipped, nonfinite`` [steps]. ``run.lower(...)`` lowers the jitted
+    ``loss_sum, count, clipped, nonfinite`` [steps] (training-row sums, not private) and
+    ``params_finite`` [steps] bool (of the noised parameters). ``run.lower(...)`` lowers the jitted
     function for the same arguments (to inspect the compiled step).
   """
   if strategy not in STRATEGIES:
@@ -175,11 +179,15 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
       grads, m = sharded_sum(state.params, x, y, idx, mask)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+      # Whether the noised parameters are finite: a function of the DP output only.
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                  for p in jax.tree_util.tree_leaves(params)]))
+      m = dict(m, params_finite=finite)
       return State(params=params, opt_state=opt_state, step=state.step + 1), m
 
     def skip(state):
       zero = jnp.zeros((), jnp.float32)
-      return state, {k: zero for k in _METRICS}
+      return state, dict({k: zero for k in _METRICS}, params_finite=jnp.ones((), bool))
 
     state, m = jax.lax.cond(active, do, skip, state)
     return (state, x, y), m
