@@ -1,10 +1,9 @@
-"""The generator: determinism, the CaPUMS export, CSV format, speed, realism, direct writer."""
+"""The generator: determinism, the CaPUMS export, CSV format, streaming, realism, direct writer."""
 
 import io
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -152,13 +151,12 @@ def test_streamed_file_equals_in_memory_file_and_crlf(tmp_path):
     assert crlf.replace(b"\r\n", b"\n") == b"".join(fa.readlines()[:101])
 
 
-def test_one_million_rows_in_under_20_seconds(tmp_path):
+def test_a_file_of_several_blocks_has_every_row_once(tmp_path):
+  # Streamed block by block (its speed is measured in BENCHMARKS.md, not asserted here).
+  rows = 3 * S.BLOCK_ROWS + 1
   path = str(tmp_path / "big.csv")
-  t0 = time.perf_counter()
-  size = S.write_csv_file(path, 1_000_000, seed=0)
-  seconds = time.perf_counter() - t0
-  assert seconds < 20, seconds
-  assert T.count_lines(path) == 1_000_001 and size == os.path.getsize(path)
+  size = S.write_csv_file(path, rows, seed=0)
+  assert T.count_lines(path) == rows + 1 and size == os.path.getsize(path)
 
 
 def test_direct_writer_applies_the_pipeline_rules(tmp_path):
