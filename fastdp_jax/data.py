@@ -8,18 +8,34 @@ A dataset is a directory holding one HDF5 file per shard and a ``manifest.json``
       test-00000.h5
       ...
 
-The manifest records the format version, the feature and label names, each shard's split,
-row count, feature width and sha256, and the provenance counts of the producer (rows read,
-kept, dropped for ``NA``, rejected as malformed; ``read = kept + dropped_na + rejected``).
+The manifest records the format version, the feature and label names, each feature's PUBLIC
+bounds ``[lo, hi]`` (declared by the producer from the feature spec, never computed from the
+data), each shard's split, row count, feature width and sha256, and the provenance counts of
+the producer (rows read, kept, dropped for ``NA``, rejected as malformed;
+``read = kept + dropped_na + rejected``).
+
+The dataset directory is a trust boundary. Shards are plain file names inside the directory
+(no ``..``, no absolute paths, no symlink leading outside), each listed once (a shard listed
+twice would count its people twice), with a known split. Values are checked where they enter:
+:func:`write_shard` refuses non-numeric or boolean features, wrong shapes, non-finite values,
+values outside the declared bounds and labels outside {0, 1}, naming the column; the loader
+checks the same again on every row before training.
 
 Every producer (the built-in generator, the Spark job, the streaming converter) writes through
 :func:`write_shard` and :func:`write_manifest` (or the :class:`DatasetWriter` that wraps
 them), and the trainer reads only through :func:`load_split`, which checks the files against
-the manifest and names the offending shard on any mismatch.
+the manifest and names the offending shard and column on any mismatch.
+
+The training rows of a dataset are the train shards concatenated in manifest order: a row's
+global id is its offset in that order. :func:`load_split` can read any range of global rows
+(HDF5 slices across shard boundaries), which is how each process of a multi-process run reads
+its share (:func:`process_row_ranges`).
 
 The original system's single-file layouts (``dataset.h5`` with ``x_train, y_train, x_test,
 y_test`` and ``dataset_package.h5`` with ``train, test``, label last) are read by
-:func:`load_split` too.
+:func:`load_split` too. They declare no bounds, nor do manifests written before bounds were
+recorded: for those, the bounds come from the config (``data.feature_bounds``) or the data is
+refused.
 """
 
 from __future__ import annotations
@@ -41,11 +57,22 @@ from fastdp_jax import errors
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
+LABELS = (0, 1)  # the task's label set (binary classification)
 _HASH_CHUNK = 1 << 20
+_NUMERIC_KINDS = "iuf"  # signed, unsigned, float; not bool, complex, strings or objects
+_READ_ROWS = 1 << 18  # rows per HDF5 read when validating a large shard
+
+Bounds = tuple[tuple[float, float], ...]
+
+HOW_TO_DECLARE_BOUNDS = (
+    "declare the public bounds of the features: --config.data.feature_bounds='(0, 1)' (one "
+    "(lo, hi) for every feature) or one (lo, hi) pair per feature, written down from what the "
+    "columns can be (never computed from the data); or rewrite the dataset with the shard "
+    "writer, which records the feature spec's bounds")
 
 
 class ShardError(errors.UserError):
-  """A data set on disk does not match its manifest; the message names the shard."""
+  """A data set on disk does not match its manifest or its contract; names the shard."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,7 +80,7 @@ class ShardInfo:
   """What the manifest records about one shard file.
 
   Attributes:
-    file: file name relative to the dataset directory.
+    file: plain file name inside the dataset directory.
     split: ``'train'`` or ``'test'``.
     rows: number of examples in the shard.
     num_features: width of its ``features`` dataset.
@@ -85,7 +112,12 @@ class Provenance:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Manifest:
-  """The parsed ``manifest.json`` of a dataset directory."""
+  """The parsed ``manifest.json`` of a dataset directory.
+
+  Attributes:
+    feature_bounds: each feature's public ``(lo, hi)``; None for a manifest written before
+      bounds were recorded (the config must then declare them).
+  """
 
   format_version: int
   feature_names: tuple[str, ...]
@@ -93,6 +125,7 @@ class Manifest:
   shards: tuple[ShardInfo, ...]
   provenance: Provenance
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  feature_bounds: Bounds | None = None
 
   @property
   def num_features(self) -> int:
@@ -120,6 +153,110 @@ def sha256_file(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
+# ------------------------------------------------------------------ bounds and value checks
+
+def normalize_bounds(bounds: Any, num_features: int, *, what: str = "feature_bounds") -> Bounds:
+  """Turns ``(lo, hi)`` (every feature) or ``d`` pairs (one per feature) into ``d`` pairs.
+
+  Args:
+    bounds: one ``(lo, hi)`` pair, or a sequence of ``num_features`` pairs; finite, lo <= hi.
+    num_features: d.
+    what: the name given in the error message (e.g. ``'data.feature_bounds'``).
+
+  Returns:
+    ``num_features`` ``(lo, hi)`` float pairs.
+
+  Raises:
+    UserError: naming ``what``, if the bounds are not of that form.
+  """
+  try:
+    arr = np.asarray(bounds, dtype=np.float64)
+  except (TypeError, ValueError):
+    arr = None
+  if arr is not None and arr.shape == (2,):
+    arr = np.tile(arr, (num_features, 1))
+  if arr is None or arr.shape != (num_features, 2) or isinstance(bounds, (str, bytes)):
+    raise errors.UserError(f"{what}={bounds!r} must be one (lo, hi) pair for every feature or "
+                           f"{num_features} (lo, hi) pairs, one per feature")
+  if not np.isfinite(arr).all() or (arr[:, 0] > arr[:, 1]).any():
+    raise errors.UserError(f"{what}={bounds!r}: bounds must be finite with lo <= hi")
+  return tuple((float(lo), float(hi)) for lo, hi in arr)
+
+
+def _column(names: Sequence[str] | None, j: int) -> str:
+  return repr(names[j]) if names is not None and j < len(names) else f"{j}"
+
+
+def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | None,
+                 feature_names: Sequence[str] | None, where: str, first_row: int = 0) -> None:
+  """The one value check of the writer and the loader: finite, inside bounds, 0/1 labels.
+
+  Values are compared in float32, the precision the trainer uses, against the bounds rounded
+  to float32 (rounding is monotone, so a float64 value inside its bounds stays inside).
+
+  Args:
+    features: [n, d] numeric.
+    labels: [n] numeric.
+    bounds: d ``(lo, hi)`` pairs, or None to check finiteness and labels only.
+    feature_names: the d column names, for the message.
+    where: what the rows are, e.g. ``'shard train-00000.h5'``.
+    first_row: row number of ``features[0]`` in ``where`` (for the message).
+
+  Raises:
+    ShardError: naming ``where``, the column and the first offending row (never the value:
+      it is private data).
+  """
+  x = np.asarray(features, np.float32)
+  finite = np.isfinite(x)
+  if not finite.all():
+    j = int(np.flatnonzero(~finite.all(axis=0))[0])
+    bad = ~finite[:, j]
+    raise ShardError(f"{where}: column {_column(feature_names, j)} has {int(bad.sum())} "
+                     f"non-finite value(s) (NaN or inf), first at row "
+                     f"{first_row + int(np.argmax(bad))}")
+  if bounds is not None and x.size:
+    b = np.asarray(bounds, np.float64).astype(np.float32)
+    outside = (x < b[:, 0]) | (x > b[:, 1])
+    if outside.any():
+      j = int(np.flatnonzero(outside.any(axis=0))[0])
+      bad = outside[:, j]
+      lo, hi = bounds[j]
+      raise ShardError(f"{where}: column {_column(feature_names, j)} has {int(bad.sum())} "
+                       f"value(s) outside its declared bounds [{lo:g}, {hi:g}], first at row "
+                       f"{first_row + int(np.argmax(bad))}")
+  y = np.asarray(labels)
+  bad = ~np.isin(y, LABELS)
+  if bad.any():
+    raise ShardError(f"{where}: {int(bad.sum())} label(s) outside {{0, 1}}, first at row "
+                     f"{first_row + int(np.argmax(bad))}")
+
+
+def _check_arrays(features: np.ndarray, labels: np.ndarray, *, num_features: int | None,
+                  where: str) -> None:
+  """Dtypes and shapes: numeric (not bool, complex or text) [n, d] features and [n] labels."""
+  for name, a in (("features", features), ("labels", labels)):
+    if a.dtype.kind not in _NUMERIC_KINDS:
+      raise ShardError(f"{where}: {name} have dtype {a.dtype}; they must be integer or float "
+                       "numbers (not bool, complex or text)")
+  if features.ndim != 2:
+    raise ShardError(f"{where}: features have shape {features.shape}, expected [rows, "
+                     "features]")
+  if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+    raise ShardError(f"{where}: labels have shape {labels.shape}, expected "
+                     f"({features.shape[0]},) for {features.shape[0]} feature rows")
+  if num_features is not None and features.shape[1] != num_features:
+    raise ShardError(f"{where}: {features.shape[1]} features, expected {num_features}")
+
+
+def check_file_name(file: Any, where: str = "manifest") -> str:
+  """A shard's name must be a plain file name: no directory part, no ``..``, not absolute."""
+  if (not isinstance(file, str) or not file or file in (".", "..") or "/" in file
+      or "\\" in file or "\0" in file or os.path.isabs(file)):
+    raise ShardError(f"{where}: shard name {file!r} is not a plain file name inside the dataset"
+                     " directory (no '/', '..' or absolute paths)")
+  return file
+
+
 def _compact(features: np.ndarray) -> np.ndarray:
   """Stores 0/1 features as uint8 (8x smaller than float64); everything else as float32."""
   if features.dtype == np.uint8:
@@ -129,46 +266,90 @@ def _compact(features: np.ndarray) -> np.ndarray:
   return features.astype(np.float32)
 
 
+# ------------------------------------------------------------------ writing
+
 def write_shard(directory: str | os.PathLike, file: str, split: str, features: np.ndarray,
-                labels: np.ndarray) -> ShardInfo:
-  """Writes one shard file and returns its manifest entry.
+                labels: np.ndarray, *, feature_bounds: Any,
+                feature_names: Sequence[str] | None = None) -> ShardInfo:
+  """Writes one shard file, after checking its values, and returns its manifest entry.
 
   Args:
     directory: the dataset directory (or a staging directory that becomes it).
-    file: the shard's file name, e.g. ``'train-00003.h5'``.
+    file: the shard's plain file name, e.g. ``'train-00003.h5'``.
     split: ``'train'`` or ``'test'``.
-    features: [n, d] numeric array; 0/1 data is stored as uint8, other data as float32.
-    labels: [n] array of 0/1 labels.
+    features: [n, d] integer or float array; 0/1 data is stored as uint8, other data as
+      float32.
+    labels: [n] array of 0/1 labels (stored as uint8).
+    feature_bounds: the features' public bounds (see :func:`normalize_bounds`), the same that
+      go into the manifest; None only for data whose bounds are declared elsewhere (the
+      config): then only finiteness and labels are checked.
+    feature_names: the d column names, for error messages.
 
   Returns:
     The :class:`ShardInfo` to put in the manifest.
+
+  Raises:
+    ShardError: naming the shard and column, for a non-numeric or boolean dtype, a wrong
+      shape, a non-finite value, a value outside the bounds, or a label outside {0, 1}.
   """
   if split not in SPLITS:
-    raise ValueError(f"{split=} must be one of {SPLITS}")
+    raise ShardError(f"shard {file}: {split=} must be one of {SPLITS}")
+  check_file_name(file, f"shard {file!r}")
   features = np.asarray(features)
   labels = np.asarray(labels)
-  if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
-    raise ValueError(f"shard {file}: features {features.shape} and labels {labels.shape} do not"
-                     " form [n, d] and [n]")
+  where = f"shard {file}"
+  _check_arrays(features, labels, num_features=None if feature_names is None else
+                len(feature_names), where=where)
+  bounds = (None if feature_bounds is None else
+            normalize_bounds(feature_bounds, features.shape[1], what=f"{where}: feature_bounds"))
+  stored = _compact(features)
+  check_values(stored, labels, bounds=bounds, feature_names=feature_names, where=where)
   path = os.path.join(directory, file)
   with h5py.File(path, "w") as f:
-    f.create_dataset("features", data=_compact(features))
+    f.create_dataset("features", data=stored)
     f.create_dataset("labels", data=labels.astype(np.uint8))
   return ShardInfo(file=file, split=split, rows=int(features.shape[0]),
                    num_features=int(features.shape[1]), sha256=sha256_file(path))
 
 
+def _check_shard_list(shards: Sequence[ShardInfo], num_features: int, where: str) -> None:
+  """Plain names, each listed once, known splits, non-negative counts, the manifest's width."""
+  seen = set()
+  for s in shards:
+    check_file_name(s.file, where)
+    if s.file in seen:
+      raise ShardError(f"{where}: shard {s.file} is listed more than once (its rows would "
+                       "count twice)")
+    seen.add(s.file)
+    if s.split not in SPLITS:
+      raise ShardError(f"{where}: shard {s.file} has split {s.split!r}; known splits are "
+                       f"{SPLITS}")
+    for key in ("rows", "num_features"):
+      value = getattr(s, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ShardError(f"{where}: shard {s.file} has {key}={value!r}, not a count")
+    if not isinstance(s.sha256, str):
+      raise ShardError(f"{where}: shard {s.file} has sha256={s.sha256!r}, not a hex digest")
+    if s.num_features != num_features:
+      raise ShardError(f"shard {s.file}: feature width {s.num_features} != the "
+                       f"{num_features} feature names of the manifest")
+
+
 def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str],
                    label_name: str, shards: Sequence[ShardInfo], provenance: Provenance,
-                   extra: dict[str, Any] | None = None) -> Manifest:
-  """Writes ``manifest.json`` last, atomically (temporary file + rename)."""
+                   feature_bounds: Any, extra: dict[str, Any] | None = None) -> Manifest:
+  """Writes ``manifest.json`` last, atomically (temporary file + rename).
+
+  Args:
+    feature_bounds: the features' public bounds (see :func:`normalize_bounds`), recorded for
+      the loader; None writes a manifest without bounds (the config must then declare them).
+  """
+  bounds = (None if feature_bounds is None else
+            normalize_bounds(feature_bounds, len(feature_names), what="feature_bounds"))
   manifest = Manifest(format_version=FORMAT_VERSION, feature_names=tuple(feature_names),
                       label_name=label_name, shards=tuple(sorted(shards, key=lambda s: s.file)),
-                      provenance=provenance, extra=dict(extra or {}))
-  for s in manifest.shards:
-    if s.num_features != manifest.num_features:
-      raise ShardError(f"shard {s.file}: {s.num_features} features, manifest names "
-                       f"{manifest.num_features}")
+                      provenance=provenance, extra=dict(extra or {}), feature_bounds=bounds)
+  _check_shard_list(manifest.shards, manifest.num_features, f"{directory}")
   body = {
       "format_version": manifest.format_version,
       "feature_names": list(manifest.feature_names),
@@ -177,6 +358,8 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
       "provenance": dataclasses.asdict(manifest.provenance),
       "extra": manifest.extra,
   }
+  if bounds is not None:
+    body["feature_bounds"] = [list(b) for b in bounds]
   tmp = os.path.join(directory, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
     json.dump(body, f, indent=1)
@@ -189,26 +372,39 @@ class DatasetWriter:
 
   Shards go to a staging directory beside the target; the manifest is written last and the
   directory renamed into place, so a crashed producer never leaves a directory that looks
-  complete.
+  complete. Every row is checked against the declared bounds as it is added.
 
   Example::
 
-    with DatasetWriter(out, feature_names=names, label_name='employed') as w:
+    with DatasetWriter(out, feature_names=names, label_name='employed',
+                       feature_bounds=(0, 1)) as w:
       w.add('train', x_train, y_train)
       w.add('test', x_test, y_test)
       w.set_provenance(Provenance(rows_read=n, kept=n))
+
+  Args:
+    directory: the dataset directory to create.
+    feature_names: the d column names.
+    label_name: the label column's name.
+    feature_bounds: the features' PUBLIC bounds, one ``(lo, hi)`` for every feature or d
+      pairs (e.g. a feature spec's ``feature_bounds``); never computed from the data.
+    max_rows_per_shard: shard size bound.
+    overwrite: replace an existing directory.
+    extra: producer-specific manifest entries.
   """
 
   def __init__(self, directory: str | os.PathLike, *, feature_names: Sequence[str],
-               label_name: str, max_rows_per_shard: int = 500_000, overwrite: bool = False,
-               extra: dict[str, Any] | None = None):
+               label_name: str, feature_bounds: Any, max_rows_per_shard: int = 500_000,
+               overwrite: bool = False, extra: dict[str, Any] | None = None):
+    self.feature_names = list(feature_names)
+    self.feature_bounds = normalize_bounds(feature_bounds, len(self.feature_names),
+                                           what="feature_bounds")
     self.directory = os.path.abspath(directory)
     if os.path.exists(self.directory) and not overwrite:
       raise FileExistsError(f"output {self.directory} exists; pass overwrite to replace it")
     parent = os.path.dirname(self.directory)
     os.makedirs(parent, exist_ok=True)
     self.staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
-    self.feature_names = list(feature_names)
     self.label_name = label_name
     self.max_rows_per_shard = max_rows_per_shard
     self.extra = extra
@@ -218,13 +414,22 @@ class DatasetWriter:
     self._provenance: Provenance | None = None
 
   def add(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
-    """Adds rows of a split, cut into shards of at most ``max_rows_per_shard``."""
+    """Adds rows of a split, cut into shards of at most ``max_rows_per_shard``.
+
+    Raises:
+      ShardError: naming the shard and column, if a value breaks the shard contract.
+    """
+    if split not in SPLITS:
+      raise ShardError(f"{split=} must be one of {SPLITS}")
+    features, labels = np.asarray(features), np.asarray(labels)
     for lo in range(0, max(len(labels), 1), self.max_rows_per_shard):
       name = f"{split}-{self._counts[split]:05d}.h5"
       self._counts[split] += 1
       self._shards.append(write_shard(self.staging, name, split,
                                       features[lo:lo + self.max_rows_per_shard],
-                                      labels[lo:lo + self.max_rows_per_shard]))
+                                      labels[lo:lo + self.max_rows_per_shard],
+                                      feature_bounds=self.feature_bounds,
+                                      feature_names=self.feature_names))
 
   def set_provenance(self, provenance: Provenance) -> None:
     self._provenance = provenance
@@ -236,7 +441,8 @@ class DatasetWriter:
       raise ValueError(f"provenance says kept={prov.kept} but the shards hold {kept} rows")
     manifest = write_manifest(self.staging, feature_names=self.feature_names,
                               label_name=self.label_name, shards=self._shards,
-                              provenance=prov, extra=self.extra)
+                              provenance=prov, feature_bounds=self.feature_bounds,
+                              extra=self.extra)
     if os.path.exists(self.directory):
       shutil.rmtree(self.directory)
     os.replace(self.staging, self.directory)
@@ -255,8 +461,15 @@ class DatasetWriter:
       self.abort()
 
 
+# ------------------------------------------------------------------ reading
+
 def read_manifest(directory: str | os.PathLike) -> Manifest:
-  """Parses and checks ``DIRECTORY/manifest.json``."""
+  """Parses and checks ``DIRECTORY/manifest.json``.
+
+  Raises:
+    ShardError: if it is missing or malformed, lists a shard that is not a plain file name
+      or lists one twice, names an unknown split, or declares malformed bounds.
+  """
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ShardError(f"{directory}: no {MANIFEST} (not a complete fastdp_jax dataset; create "
@@ -267,56 +480,149 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if body["format_version"] != FORMAT_VERSION:
       raise ShardError(f"{path}: format_version {body['format_version']} is not "
                        f"{FORMAT_VERSION}")
-    return Manifest(format_version=body["format_version"],
-                    feature_names=tuple(body["feature_names"]), label_name=body["label_name"],
-                    shards=tuple(ShardInfo(**s) for s in body["shards"]),
-                    provenance=Provenance(**body["provenance"]), extra=body.get("extra", {}))
-  except (KeyError, TypeError, json.JSONDecodeError) as e:
+    manifest = Manifest(format_version=body["format_version"],
+                        feature_names=tuple(body["feature_names"]),
+                        label_name=body["label_name"],
+                        shards=tuple(ShardInfo(**s) for s in body["shards"]),
+                        provenance=Provenance(**body["provenance"]),
+                        extra=body.get("extra", {}))
+    declared = body.get("feature_bounds")
+  except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
     raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+  _check_shard_list(manifest.shards, manifest.num_features, path)
+  if declared is None:  # written before bounds were recorded
+    return manifest
+  try:
+    bounds = normalize_bounds(declared, manifest.num_features, what="feature_bounds")
+  except errors.UserError as e:
+    raise ShardError(f"{path}: malformed manifest ({e})") from e
+  return dataclasses.replace(manifest, feature_bounds=bounds)
 
 
-def read_shard(directory: str | os.PathLike, info: ShardInfo, *,
-               verify_checksum: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one shard, checking it against its manifest entry.
-
-  Returns:
-    ``(features [rows, d] float32, labels [rows] float32)``.
+def shard_path(directory: str | os.PathLike, info: ShardInfo) -> str:
+  """The shard's file, resolved; it must be a regular file inside the dataset directory.
 
   Raises:
-    ShardError: naming the shard, if the file is missing, unreadable, or differs from the
-      manifest in checksum, row count or feature width.
+    ShardError: if the name is not plain, the file is missing, or it (through a symlink)
+      lies outside the directory.
   """
+  check_file_name(info.file, f"{directory}")
   path = os.path.join(directory, info.file)
   if not os.path.isfile(path):
     raise ShardError(f"shard {info.file}: file missing from {directory}")
+  real_dir = os.path.realpath(directory)
+  real = os.path.realpath(path)
+  if os.path.dirname(real) != real_dir:
+    raise ShardError(f"shard {info.file}: a symlink leading outside the dataset directory "
+                     f"{directory}; copy the file in instead")
+  return real
+
+
+def _check_distinct_files(directory: str | os.PathLike, manifest: Manifest) -> None:
+  """Two manifest entries must not be the same file (e.g. one a symlink to the other)."""
+  seen: dict[str, str] = {}
+  for info in manifest.shards:
+    path = os.path.join(directory, info.file)
+    if not os.path.lexists(path):
+      continue  # reported as missing when (and if) it is read
+    real = os.path.realpath(path)
+    if real in seen:
+      raise ShardError(f"shard {info.file}: the same file as shard {seen[real]} (a symlink); "
+                       "its rows would count twice")
+    seen[real] = info.file
+
+
+def _h5_dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
+  """One numeric HDF5 dataset, or a ShardError saying what is there instead."""
+  obj = f.get(name)
+  if obj is None:
+    raise ShardError(f"{where}: no {name!r} dataset (the file has {sorted(f.keys())})")
+  if not isinstance(obj, h5py.Dataset):
+    raise ShardError(f"{where}: {name!r} is not a dataset (a {type(obj).__name__})")
+  if obj.dtype.kind not in _NUMERIC_KINDS:
+    raise ShardError(f"{where}: {name!r} is not numeric (dtype {obj.dtype}; integer or float "
+                     "numbers expected, not bool, complex or text)")
+  return obj
+
+
+def read_shard(directory: str | os.PathLike, info: ShardInfo, *, start: int = 0,
+               stop: int | None = None,
+               verify_checksum: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Reads rows ``start:stop`` of one shard, checking the file against its manifest entry.
+
+  The whole file is hashed (when ``verify_checksum``) and its structure checked; only the
+  requested rows are read (an HDF5 slice). Values are checked by :func:`check_values`.
+
+  Returns:
+    ``(features [stop - start, d] float32, labels [stop - start] float32)``.
+
+  Raises:
+    ShardError: naming the shard, if the file is missing, outside the directory, unreadable,
+      or differs from the manifest in checksum, structure, dtype, row count or width.
+  """
+  path = shard_path(directory, info)
+  stop = info.rows if stop is None else stop
+  if not 0 <= start <= stop <= info.rows:
+    raise ValueError(f"rows {start}:{stop} outside shard {info.file} of {info.rows} rows")
   if verify_checksum and (digest := sha256_file(path)) != info.sha256:
     raise ShardError(f"shard {info.file}: sha256 {digest[:12]}... does not match the "
                      f"manifest's {info.sha256[:12]}... (corrupt or replaced file)")
+  where = f"shard {info.file}"
   try:
     with h5py.File(path, "r") as f:
-      x = f["features"][...]
-      y = f["labels"][...]
+      fx = _h5_dataset(f, "features", where)
+      fy = _h5_dataset(f, "labels", where)
+      if len(fx.shape) != 2 or fx.shape[1] != info.num_features:
+        raise ShardError(f"{where}: feature width {fx.shape[1:]} != manifest's "
+                         f"{info.num_features}")
+      if len(fy.shape) != 1:
+        raise ShardError(f"{where}: labels have shape {fy.shape}, expected one label per row "
+                         f"({info.rows},)")
+      if fx.shape[0] != info.rows or fy.shape[0] != info.rows:
+        raise ShardError(f"{where}: {fx.shape[0]} feature rows and {fy.shape[0]} labels, "
+                         f"manifest says {info.rows}")
+      x = fx[start:stop]
+      y = fy[start:stop]
   except (OSError, KeyError) as e:
-    raise ShardError(f"shard {info.file}: unreadable ({e})") from e
-  if x.ndim != 2 or x.shape[1] != info.num_features:
-    raise ShardError(f"shard {info.file}: feature width {x.shape[1:]} != manifest's "
-                     f"{info.num_features}")
-  if x.shape[0] != info.rows or y.shape != (info.rows,):
-    raise ShardError(f"shard {info.file}: {x.shape[0]} feature rows and {y.shape[0]} labels,"
-                     f" manifest says {info.rows}")
+    raise ShardError(f"{where}: unreadable ({e})") from e
   return x.astype(np.float32), y.astype(np.float32)
+
+
+def resolve_bounds(declared: Bounds | None, configured: Any, num_features: int,
+                   where: str) -> Bounds:
+  """The bounds a dataset is validated against: its own, else the config's, else refused.
+
+  Args:
+    declared: the manifest's bounds (None: not declared).
+    configured: ``data.feature_bounds`` (None: not set); used only when nothing is declared.
+    num_features: d.
+    where: the dataset, for the message.
+
+  Raises:
+    ConfigError: if ``configured`` is malformed.
+    ShardError: if neither declares bounds, saying how to declare them.
+  """
+  if declared is not None:
+    return declared
+  if configured is None:
+    raise ShardError(f"{where}: no feature bounds declared; {HOW_TO_DECLARE_BOUNDS}")
+  try:
+    return normalize_bounds(configured, num_features, what="data.feature_bounds")
+  except errors.UserError as e:
+    raise errors.ConfigError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Split:
-  """One split of a dataset in host memory.
+  """One split of a dataset (or a process's rows of it) in host memory.
 
   Attributes:
     features: [n, d] float32.
     labels: [n] float32 in {0, 1}.
     feature_names: the d column names.
     label_name: the label column's name.
-    digest: identifies the data (manifest digest or file checksum).
+    digest: identifies the whole data set (manifest digest or file checksum).
+    feature_bounds: the d public ``(lo, hi)`` bounds every row was checked against.
   """
 
   features: np.ndarray
@@ -324,33 +630,21 @@ class Split:
   feature_names: tuple[str, ...]
   label_name: str
   digest: str
+  feature_bounds: Bounds | None = None
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
 
 
-def _original_dataset(f: h5py.File, name: str, path: str) -> np.ndarray:
-  """Reads one numeric dataset of an original-layout file, or raises a ShardError."""
-  obj = f.get(name)
-  if obj is None:
-    raise ShardError(f"{path}: no {name!r} dataset (the file has {sorted(f.keys())})")
-  if not isinstance(obj, h5py.Dataset):
-    raise ShardError(f"{path}: {name!r} is not a dataset (a {type(obj).__name__})")
-  arr = obj[...]
-  if arr.dtype.kind not in "biuf":
-    raise ShardError(f"{path}: {name!r} is not numeric (dtype {arr.dtype})")
-  return arr
-
-
-def _load_original(path: str, split: str) -> Split:
+def _load_original(path: str, split: str, feature_bounds: Any) -> Split:
   """Reads the original system's ``dataset.h5`` or ``dataset_package.h5``."""
   try:
     with h5py.File(path, "r") as f:
       if f"x_{split}" in f or f"y_{split}" in f:
-        x = _original_dataset(f, f"x_{split}", path)
-        y = _original_dataset(f, f"y_{split}", path)
+        x = _h5_dataset(f, f"x_{split}", path)[...]
+        y = _h5_dataset(f, f"y_{split}", path)[...]
       elif split in f:
-        table = _original_dataset(f, split, path)
+        table = _h5_dataset(f, split, path)[...]
         if table.ndim != 2 or table.shape[1] < 2:
           raise ShardError(f"{path}: {split!r} has shape {table.shape}; the dataset_package.h5 "
                            "layout is a 2-D table [n, features + 1] with the label last")
@@ -360,105 +654,121 @@ def _load_original(path: str, split: str) -> Split:
                          f"{split} (dataset_package.h5 layout)")
   except OSError as e:
     raise ShardError(f"{path}: unreadable HDF5 file ({e})") from e
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.float32).reshape(-1)
-  if x.ndim != 2 or x.shape[0] != y.shape[0]:
+  if y.ndim == 2 and y.shape[1] == 1:  # the original wrote y as a column
+    y = y[:, 0]
+  if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ShardError(f"{path}: {split} features {x.shape} and labels {y.shape} do not match")
-  if not (np.isfinite(x).all() and np.isfinite(y).all()):
-    raise ShardError(f"{path}: {split} holds non-finite values (NaN or inf)")
-  if not np.isin(y, (0, 1)).all():
-    raise ShardError(f"{path}: {split} labels must be 0 or 1, found "
-                     f"{np.unique(y)[:5].tolist()}")
   from fastdp_jax import schema  # local: avoids a cycle at import time
   names = schema.CAPUMS_FEATURES if x.shape[1] == len(schema.CAPUMS_FEATURES) else tuple(
       f"x{i}" for i in range(x.shape[1]))
-  return Split(features=x, labels=y, feature_names=tuple(names), label_name="employed",
-               digest=sha256_file(path))
+  where = f"{path} ({split})"
+  check_values(x, y, bounds=None, feature_names=names, where=where)
+  bounds = resolve_bounds(None, feature_bounds, x.shape[1],
+                          f"{path} (an original single-file layout)")
+  check_values(x, y, bounds=bounds, feature_names=names, where=where)
+  return Split(features=np.asarray(x, np.float32), labels=np.asarray(y, np.float32),
+               feature_names=tuple(names), label_name="employed", digest=sha256_file(path),
+               feature_bounds=bounds)
 
 
-def load_split(path: str | os.PathLike, split: str, *, shard_files: Sequence[str] | None = None,
-               verify_checksum: bool = True) -> Split:
-  """Loads a split of a dataset into host memory, verifying it against its manifest.
+def _slices(shards: Sequence[ShardInfo], start: int,
+            stop: int) -> list[tuple[ShardInfo, int, int]]:
+  """``(shard, lo, hi)`` for the shards holding global rows ``start:stop`` (manifest order).
+
+  Empty shards at the range's offsets are included, so that every shard is checked by the
+  process whose range starts or ends at it.
+  """
+  out, offset = [], 0
+  for s in shards:
+    lo, hi = max(start, offset), min(stop, offset + s.rows)
+    if lo < hi or (s.rows == 0 and start <= offset <= stop):
+      out.append((s, lo - offset, max(lo, hi) - offset))
+    offset += s.rows
+  return out
+
+
+def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | None = None,
+               verify_checksum: bool = True, feature_bounds: Any = None) -> Split:
+  """Loads (rows of) a split into host memory, verifying every row before it is used.
+
+  Each row read is checked: the shard against its manifest entry (checksum, structure,
+  dtypes, shapes) and its values with :func:`check_values` (finite, inside the manifest's
+  declared bounds, labels in {0, 1}).
 
   Args:
     path: a dataset directory, or an original-layout ``.h5`` file.
     split: ``'train'`` or ``'test'``.
-    shard_files: read only these shards of the split (a process's share); default all.
-    verify_checksum: check each shard's sha256 (on by default; costs one read of the file).
+    rows: ``(start, stop)``: read only these global rows of the split (the split's shards
+      concatenated in manifest order; a process's share); default all.
+    verify_checksum: check the sha256 of each shard that is read (on by default; costs one
+      read of the file).
+    feature_bounds: ``data.feature_bounds``: the bounds of data that declares none (an
+      original ``.h5`` file, a manifest written before bounds were recorded); ignored when
+      the manifest declares its own.
 
   Returns:
     A :class:`Split`.
 
   Raises:
-    ShardError: naming the shard or file on any mismatch.
+    ShardError: naming the shard (and column) on any mismatch or bad value, or if the data
+      declares no bounds and none are configured.
     FileNotFoundError: if ``path`` does not exist.
   """
   path = os.fspath(path)
+  if split not in SPLITS:
+    raise ValueError(f"{split=} must be one of {SPLITS}")
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"data set {path} does not exist; create the default one with `make data` or "
         f"`python -m preprocessing.synthesize --rows 100000 --output-shards {path}`")
   if os.path.isfile(path):
-    return _load_original(path, split)
+    full = _load_original(path, split, feature_bounds)
+    if rows is None:
+      return full
+    return dataclasses.replace(full, features=full.features[rows[0]:rows[1]],
+                               labels=full.labels[rows[0]:rows[1]])
   manifest = read_manifest(path)
+  _check_distinct_files(path, manifest)
   shards = manifest.shards_of(split)
-  if shard_files is not None:
-    wanted = set(shard_files)
-    shards = tuple(s for s in shards if s.file in wanted)
   if not shards:
     raise ShardError(f"{path}: no {split} shards in the manifest")
-  xs, ys = [], []
-  for info in shards:
-    x, y = read_shard(path, info, verify_checksum=verify_checksum)
-    if x.shape[1] != manifest.num_features:
-      raise ShardError(f"shard {info.file}: width {x.shape[1]} != {manifest.num_features}"
-                       " feature names in the manifest")
+  bounds = resolve_bounds(manifest.feature_bounds, feature_bounds, manifest.num_features,
+                          f"{path} (a manifest without feature_bounds)")
+  total = manifest.rows(split)
+  start, stop = (0, total) if rows is None else (int(rows[0]), int(rows[1]))
+  if not 0 <= start <= stop <= total:
+    raise ValueError(f"rows {start}:{stop} outside the {total} {split} rows of {path}")
+  xs = [np.zeros((0, manifest.num_features), np.float32)]
+  ys = [np.zeros((0,), np.float32)]
+  for info, lo, hi in _slices(shards, start, stop):
+    x, y = read_shard(path, info, start=lo, stop=hi, verify_checksum=verify_checksum)
+    check_values(x, y, bounds=bounds, feature_names=manifest.feature_names,
+                 where=f"shard {info.file}", first_row=lo)
     xs.append(x)
     ys.append(y)
   return Split(features=np.concatenate(xs), labels=np.concatenate(ys),
                feature_names=manifest.feature_names, label_name=manifest.label_name,
-               digest=manifest.digest())
+               digest=manifest.digest(), feature_bounds=bounds)
 
 
-def assign_shards(shards: Sequence[ShardInfo], num_parts: int) -> list[tuple[ShardInfo, ...]]:
-  """Splits shards into ``num_parts`` contiguous groups balanced by rows (one per process).
+def process_row_ranges(num_rows: int, device_counts: Sequence[int]) -> list[tuple[int, int]]:
+  """Each process's contiguous range of global rows, in proportion to its devices.
 
-  Groups are contiguous in the given (manifest) order, so group p holds the global rows
-  ``sum(rows of groups < p)`` onward and every process can compute everyone's range from the
-  manifest alone. The largest group is as small as a contiguous split allows; a group is
-  empty only when there are fewer shards than parts.
+  With ``D`` devices in all, process p (with devices ``c_p .. c_p + k_p - 1`` of the mesh)
+  holds rows ``[c_p * N // D, (c_p + k_p) * N // D)``: every process holds its share within
+  one row whatever the number of shards (with the same number of devices each, process p of
+  P holds ``[p * N // P, (p + 1) * N // P)``, N/P rows plus or minus one).
 
   Args:
-    shards: the shards of one split, in manifest order.
-    num_parts: number of groups (processes), positive.
+    num_rows: N, the rows of the split.
+    device_counts: mesh devices of each process, in process order.
 
   Returns:
-    ``num_parts`` tuples of shards.
+    ``[(start, stop)]``, one per process.
   """
-  if num_parts <= 0:
-    raise ValueError(f"{num_parts=} must be positive")
-  rows = [s.rows for s in shards]
-
-  def fits(limit: int) -> bool:  # can a greedy left-to-right cut keep every group <= limit?
-    groups, load = 1, 0
-    for r in rows:
-      if load + r > limit and load > 0:
-        groups, load = groups + 1, 0
-      load += r
-    return groups <= num_parts
-
-  lo, hi = max(rows, default=0), sum(rows)
-  while lo < hi:  # smallest feasible largest-group size
-    mid = (lo + hi) // 2
-    lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
-  parts: list[list[ShardInfo]] = [[] for _ in range(num_parts)]
-  p, load = 0, 0
-  for i, s in enumerate(shards):
-    # Close the group when the next shard would overflow it, or when every remaining group
-    # needs one of the remaining shards (no empty groups while shards last).
-    if parts[p] and p < num_parts - 1 and (load + s.rows > lo or
-                                           len(shards) - i <= num_parts - 1 - p):
-      p, load = p + 1, 0
-    parts[p].append(s)
-    load += s.rows
-  return [tuple(g) for g in parts]
+  total = sum(device_counts)
+  if total <= 0 or any(k < 0 for k in device_counts):
+    raise ValueError(f"{device_counts=} must be non-negative with a positive sum")
+  cuts = np.cumsum([0] + list(device_counts))
+  return [(int(a) * num_rows // total, int(b) * num_rows // total)
+          for a, b in zip(cuts[:-1], cuts[1:])]

@@ -3,10 +3,11 @@
 One program for 1 and N devices on 1 or N hosts: a 1-D mesh with axis ``data`` over all
 devices of all processes, ordered by process and then by device, so that each process's
 devices are one contiguous run of the mesh. Parameters are replicated. The training rows
-are laid out in global order (the manifest's shard order): process p holds a contiguous
-range of rows (whole shards, balanced by rows: :func:`fastdp_jax.data.assign_shards`) and
-splits it into equal contiguous blocks, one per local device. A single device is a mesh of
-size 1 holding every row.
+are laid out in global order (the train shards concatenated in manifest order: a row's global
+id is its offset there): process p holds one contiguous range of rows, in proportion to its
+devices and whatever the number of shards (:func:`fastdp_jax.data.process_row_ranges`; read
+as HDF5 slices across shard boundaries), and splits it into equal contiguous blocks, one per
+local device. A single device is a mesh of size 1 holding every row.
 
 Every process computes every device's global row range from the manifest alone
 (:func:`device_bounds`), which is what the topology-independent Poisson sampler needs to map
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fastdp_jax import data as data_lib
+from fastdp_jax import errors
 
 AXIS = "data"
 
@@ -138,49 +140,86 @@ def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray,
                     num_examples=int(sum(process_rows)))
 
 
-def load_training_data(mesh: jax.sharding.Mesh, path: str, *,
-                       verify_checksum: bool = True) -> tuple[data_lib.Split, DeviceData]:
-  """Reads this process's share of the training split and places it on its devices.
+def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: bool = True,
+                       feature_bounds: Any = None) -> tuple[data_lib.Split, DeviceData]:
+  """Reads this process's rows of the training split and places them on its devices.
 
-  With a dataset directory, process p reads only the shards that
-  :func:`fastdp_jax.data.assign_shards` gives it (contiguous, balanced by rows, from the
-  manifest), and verifies only those. An original single-file layout (``dataset.h5``) has no
-  shards: every process reads the file and keeps an equal contiguous range.
+  Process p reads only its range of global rows (:func:`fastdp_jax.data.process_row_ranges`,
+  N/P rows plus or minus one with equal devices per process), as HDF5 slices of the shards
+  that hold them, and verifies those shards (checksum, structure, and every row's values
+  against the bounds: :func:`fastdp_jax.data.load_split`). Together the processes check every
+  row; a refusal on any process stops every process with the same one-line message, before
+  the first update. An original single-file layout (``dataset.h5``) has no shards: every
+  process reads and checks the whole file and keeps its range.
+
+  Args:
+    mesh: the ``data`` mesh (from :func:`make_mesh`).
+    path: a dataset directory or an original-layout ``.h5`` file.
+    verify_checksum: check the sha256 of every shard this process reads.
+    feature_bounds: ``data.feature_bounds``, for data that declares no bounds.
 
   Returns:
     ``(local, device_data)``: this process's rows as a :class:`fastdp_jax.data.Split`
     (its ``digest`` identifies the whole data set) and the placed :class:`DeviceData`, whose
     ``num_examples`` is the global N.
+
+  Raises:
+    ShardError: on every process, naming the process, shard and column, if any process
+      refuses its rows.
   """
   me, nproc = jax.process_index(), jax.process_count()
-  if os.path.isdir(path):
-    manifest = data_lib.read_manifest(path)
-    parts = data_lib.assign_shards(manifest.shards_of("train"), nproc)
-    process_rows = [sum(s.rows for s in part) for part in parts]
-    if parts[me]:
-      local = data_lib.load_split(path, "train", shard_files=[s.file for s in parts[me]],
-                                  verify_checksum=verify_checksum)
+  counts = devices_per_process(mesh)
+  local, ranges, failure = None, None, None
+  try:
+    if os.path.isdir(path):
+      total = data_lib.read_manifest(path).rows("train")
+      ranges = data_lib.process_row_ranges(total, counts)
+      local = data_lib.load_split(path, "train", rows=ranges[me],
+                                  verify_checksum=verify_checksum,
+                                  feature_bounds=feature_bounds)
     else:
-      if not manifest.shards_of("train"):
-        raise data_lib.ShardError(f"{path}: no train shards in the manifest")
-      logging.warning("process %d holds no training rows: %s has %d train shards for %d "
-                      "processes (write it with more shards)", me, path,
-                      len(manifest.shards_of("train")), nproc)
-      d = manifest.num_features
-      local = data_lib.Split(features=np.zeros((0, d), np.float32),
-                             labels=np.zeros((0,), np.float32),
-                             feature_names=manifest.feature_names,
-                             label_name=manifest.label_name, digest=manifest.digest())
-  else:
-    full = data_lib.load_split(path, "train", verify_checksum=verify_checksum)
-    process_rows = [len(a) for a in np.array_split(np.arange(len(full)), nproc)]
-    lo = sum(process_rows[:me])
-    hi = lo + process_rows[me]
-    local = dataclasses.replace(full, features=full.features[lo:hi], labels=full.labels[lo:hi])
+      full = data_lib.load_split(path, "train", verify_checksum=verify_checksum,
+                                 feature_bounds=feature_bounds)
+      ranges = data_lib.process_row_ranges(len(full), counts)
+      lo, hi = ranges[me]
+      local = dataclasses.replace(full, features=full.features[lo:hi],
+                                  labels=full.labels[lo:hi])
+  except errors.UserError as e:
+    failure = e
+  _agree_on_failure(failure)
+  assert local is not None and ranges is not None
+  process_rows = [hi - lo for lo, hi in ranges]
   if nproc > 1:
-    logging.info("process %d holds training rows %d:%d of %d", me, sum(process_rows[:me]),
-                 sum(process_rows[:me + 1]), sum(process_rows))
+    logging.info("process %d holds training rows %d:%d of %d", me, ranges[me][0],
+                 ranges[me][1], sum(process_rows))
   return local, place_training_data(mesh, local.features, local.labels, process_rows)
+
+
+_MESSAGE_BYTES = 1024  # a refusal's message as shared with the other processes
+
+
+def _agree_on_failure(failure: errors.UserError | None) -> None:
+  """Raises on every process if data loading failed on any (a collective when P > 1).
+
+  Without this, a process that refused its rows would leave the others waiting in the next
+  collective until the heartbeat timeout, and they would report a lost peer, not the shard.
+  """
+  if jax.process_count() == 1:
+    if failure is not None:
+      raise failure
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  me = jax.process_index()
+  text = b"" if failure is None else f"{failure}".encode()[:_MESSAGE_BYTES]
+  mine = np.zeros(_MESSAGE_BYTES, np.uint8)
+  mine[:len(text)] = np.frombuffer(text, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, _MESSAGE_BYTES)
+  if failure is not None:
+    raise failure
+  for p, row in enumerate(every):
+    if row.any() and p != me:
+      message = bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
+      raise data_lib.ShardError(f"process {p} refused its training rows: {message}")
 
 
 def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:

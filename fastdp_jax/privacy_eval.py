@@ -389,10 +389,18 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
   os.makedirs(staging)
   for info in manifest.shards:
     shutil.copyfile(os.path.join(source, info.file), os.path.join(staging, info.file))
+  # Public bounds of the canaries: +-8 standard deviations (a canary value is clipped there,
+  # probability about 1e-15); the audit dataset declares their union with the source's.
+  reach = 8.0 * scale
+  canaries = dataclasses.replace(canaries, features=np.clip(canaries.features, -reach, reach))
+  bounds = None if manifest.feature_bounds is None else [
+      (min(lo, -reach), max(hi, reach)) for lo, hi in manifest.feature_bounds]
   keep = canaries.included
   shards = list(manifest.shards)
   shards.append(data_lib.write_shard(staging, CANARY_SHARD, "train",
-                                     canaries.features[keep], canaries.labels[keep]))
+                                     canaries.features[keep], canaries.labels[keep],
+                                     feature_bounds=bounds or (-reach, reach),
+                                     feature_names=manifest.feature_names))
   np.savez(os.path.join(staging, CANARIES_FILE), features=canaries.features,
            labels=canaries.labels, included=canaries.included)
   extra = dict(manifest.extra, canaries=CANARIES_FILE, canary_seed=int(seed),
@@ -405,7 +413,7 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
                               rows_read=manifest.provenance.rows_read + int(keep.sum()),
                               kept=kept, dropped_na=manifest.provenance.dropped_na,
                               rejected=manifest.provenance.rejected),
-                          extra=extra)
+                          feature_bounds=bounds, extra=extra)
   os.replace(staging, output)
   return canaries
 

@@ -162,6 +162,15 @@ class FeatureSpec:
     return sum(c.width for c in self.features)
 
   @property
+  def feature_bounds(self) -> tuple[tuple[float, float], ...]:
+    """Public ``(lo, hi)`` of every encoded feature, for the manifest (from the spec alone).
+
+    :meth:`encode` maps every feature into [0, 1]: binary values and one-hot indicators are 0
+    or 1, and numeric columns are clipped to their public bounds and scaled to [0, 1].
+    """
+    return ((0.0, 1.0),) * self.num_features
+
+  @property
   def all_binary(self) -> bool:
     return all(c.kind == "binary" for c in self.features)
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -109,14 +109,15 @@ class ShardSink:
     self.test_fraction = test_fraction
     self.max_rows = max_rows
     self.shards: list[dict[str, Any]] = []
-    self.stats = {"rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
-                  "na_by_column": [0] * len(spec.used_columns),
-                  "rejects_by_reason": {}, "lines_by_split": {}}
+    self.stats: dict[str, Any] = {
+        "rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
+        "na_by_column": [0] * len(spec.used_columns), "rejects_by_reason": {},
+        "lines_by_split": {}}
     self._key: Any = None
     self._ids: list[np.ndarray] = []
     self._values: list[np.ndarray] = []
     self._buffered = 0
-    self._rejects_file = None
+    self._rejects_file: IO[str] | None = None
 
   def _begin(self, key: Any) -> None:
     if key != self._key:
@@ -184,7 +185,9 @@ class ShardSink:
       for lo in range(0, full, self.max_rows):
         name = f"{split}-{int(sid[lo]):012d}.h5"
         info = data_lib.write_shard(self.staging, name, split, sx[lo:lo + self.max_rows],
-                                    sy[lo:lo + self.max_rows])
+                                    sy[lo:lo + self.max_rows],
+                                    feature_bounds=self.spec.feature_bounds,
+                                    feature_names=self.spec.feature_names)
         self.shards.append(dataclasses.asdict(info))
       if full < n:  # keep the partial shard's rows for later
         keep_ids.append(sid[full:])
@@ -211,7 +214,9 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
               extra: dict[str, Any]) -> dict[str, Any]:
   """Sums the sinks' records, checks them, and returns :func:`write_manifest`'s arguments.
 
-  The returned dict also carries ``'_lines_by_split'`` (pop it before writing).
+  The manifest declares the spec's public feature bounds (the shards were checked against
+  them as they were written). The returned dict also carries ``'_lines_by_split'`` (pop it
+  before writing).
 
   Raises:
     PipelineError: if no row is usable (with counts by reason and the first reject), or if
@@ -261,7 +266,8 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
       "rejects_dir": REJECTS,
   })
   return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
-          "provenance": provenance, "extra": extra, "_lines_by_split": lines_by_split}
+          "provenance": provenance, "feature_bounds": spec.feature_bounds, "extra": extra,
+          "_lines_by_split": lines_by_split}
 
 
 def describe(output: str, manifest: data_lib.Manifest) -> str:

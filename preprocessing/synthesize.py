@@ -511,7 +511,8 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
            "dropped_na_by_column": dict(zip(spec.used_columns,
                                             result.na_by_column.tolist()))}
   with data_lib.DatasetWriter(output, feature_names=spec.feature_names,
-                              label_name=spec.label, overwrite=overwrite,
+                              label_name=spec.label, feature_bounds=spec.feature_bounds,
+                              overwrite=overwrite,
                               max_rows_per_shard=max_rows_per_shard, extra=extra) as w:
     w.add("train", x[~test], y[~test])
     w.add("test", x[test], y[test])

@@ -24,6 +24,7 @@ def make_dataset(path, rows=6000, seed=0, num_features=9, **kw):
   names = (schema.CAPUMS_FEATURES if num_features == len(schema.CAPUMS_FEATURES)
            else tuple(f"f{i}" for i in range(num_features)))
   test = schema.is_test_row(np.arange(rows))
+  kw.setdefault("feature_bounds", (0, 1))  # binary features
   with data_lib.DatasetWriter(path, feature_names=names, label_name="employed", **kw) as wr:
     wr.add("train", x[~test], y[~test])
     wr.add("test", x[test], y[test])

@@ -28,30 +28,8 @@ from fastdp_jax import step as step_lib
 from tests.conftest import ROOT
 
 
-def _shards(rows):
-  return [data_lib.ShardInfo(file=f"train-{i:05d}.h5", split="train", rows=r, num_features=1,
-                             sha256="") for i, r in enumerate(rows)]
-
-
-@pytest.mark.parametrize("rows,parts", [
-    ([1000] * 4 + [800], 2), ([500_000, 459_618], 2), ([5, 1, 1, 1, 1, 1], 2),
-    ([3] * 8, 3), ([10, 10, 10], 5), ([7], 1), ([1, 9, 1, 9, 1, 9], 4)])
-def test_assign_shards_contiguous_complete_and_balanced(rows, parts):
-  groups = data_lib.assign_shards(_shards(rows), parts)
-  assert len(groups) == parts
-  # Contiguous, in manifest order, every shard exactly once: process p's rows are one range.
-  assert [s.file for g in groups for s in g] == [s.file for s in _shards(rows)]
-  loads = [sum(s.rows for s in g) for g in groups]
-  # Optimal among contiguous splits: brute force over all cut positions.
-  best = min(max(sum(rows[a:b]) for a, b in zip((0,) + cuts, cuts + (len(rows),)))
-             for cuts in _cut_positions(len(rows), parts))
-  assert max(loads) == best
-  assert sum(1 for g in groups if g) == min(parts, len(rows))  # empty only if shards run out
-
-
-def _cut_positions(n, parts):
-  import itertools
-  return [c for c in itertools.combinations_with_replacement(range(n + 1), parts - 1)]
+# Process row ranges (data.process_row_ranges, which replaced whole-shard assignment) are
+# tested in tests/test_data.py.
 
 
 def test_device_bounds_split_each_process_range_evenly():

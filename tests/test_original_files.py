@@ -2,6 +2,7 @@
 
 ``dataset.h5``: ``x_train (n, 9)``, ``y_train (n,)``, ``x_test``, ``y_test``.
 ``dataset_package.h5``: ``train (n, 10)``, ``test (n, 10)``, the label in the last column.
+Neither declares feature bounds: they come from ``data.feature_bounds`` or the file is refused.
 """
 
 import json
@@ -54,13 +55,26 @@ def test_load_split_reads_the_original_layouts(tmp_path, arrays, layout):
     path = write_dataset_h5(tmp_path / "dataset.h5", arrays,
                             y_shape="column" if layout.endswith("labels") else None)
   for split, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
-    s = data_lib.load_split(path, split)
+    s = data_lib.load_split(path, split, feature_bounds=(0, 1))
     assert s.features.dtype == np.float32 and s.labels.dtype == np.float32
     assert s.features.shape == x.shape and s.labels.shape == (len(y),)
     np.testing.assert_array_equal(s.features, x)
     np.testing.assert_array_equal(s.labels, y)
     assert s.feature_names == schema.CAPUMS_FEATURES and s.label_name == "employed"
     assert s.digest == data_lib.sha256_file(path)
+    assert s.feature_bounds == ((0.0, 1.0),) * 9
+
+
+def test_original_files_without_configured_bounds_are_refused(tmp_path, arrays):
+  path = write_dataset_h5(tmp_path / "dataset.h5", arrays)
+  with pytest.raises(data_lib.ShardError, match=r"dataset.h5 \(an original single-file layout"
+                     r"\): no feature bounds declared.*--config.data.feature_bounds"):
+    data_lib.load_split(path, "train")
+  # Bounds are checked, not just required: these binary features are not all in [0, 0.5].
+  with pytest.raises(data_lib.ShardError, match="dataset.h5 \\(train\\): column 'sex'.*outside"):
+    data_lib.load_split(path, "train", feature_bounds=(0, 0.5))
+  per_feature = tuple((0, 1) for _ in schema.CAPUMS_FEATURES)
+  assert len(data_lib.load_split(path, "test", feature_bounds=per_feature)) == len(arrays[3])
 
 
 def test_other_widths_get_generic_feature_names(tmp_path):
@@ -68,7 +82,7 @@ def test_other_widths_get_generic_feature_names(tmp_path):
   with h5py.File(path, "w") as f:
     f["train"] = np.array([[0.5, 1, 0], [1.5, 0, 1]])
     f["test"] = np.array([[2.5, 1, 1]])
-  s = data_lib.load_split(path, "train")
+  s = data_lib.load_split(path, "train", feature_bounds=(0, 2))
   assert s.feature_names == ("x0", "x1") and s.labels.tolist() == [0, 1]
 
 
@@ -76,13 +90,14 @@ def test_shards_of_the_spark_job_equal_the_original_layout(tmp_path, arrays):
   """The same rows in both formats load identically (so the trainer sees no difference)."""
   x_tr, y_tr, x_te, y_te = arrays
   with data_lib.DatasetWriter(str(tmp_path / "shards"), feature_names=schema.CAPUMS_FEATURES,
-                              label_name="employed", max_rows_per_shard=1000) as w:
+                              label_name="employed", feature_bounds=(0, 1),
+                              max_rows_per_shard=1000) as w:
     w.add("train", x_tr, y_tr)
     w.add("test", x_te, y_te)
   package = write_package_h5(tmp_path / "dataset_package.h5", arrays)
   for split in data_lib.SPLITS:
     a = data_lib.load_split(str(tmp_path / "shards"), split)
-    b = data_lib.load_split(package, split)
+    b = data_lib.load_split(package, split, feature_bounds=(0, 1))
     np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.labels, b.labels)
 
@@ -99,7 +114,7 @@ def test_shards_of_the_spark_job_equal_the_original_layout(tmp_path, arrays):
     ("group.h5", lambda f: f.create_group("train"), "not a dataset"),
     ("labels_12.h5", lambda f: (f.create_dataset("x_train", data=np.zeros((2, 9))),
                                 f.create_dataset("y_train", data=np.array([1, 2]))),
-     "labels must be 0 or 1"),
+     r"label\(s\) outside \{0, 1\}"),
     ("nan.h5", lambda f: f.create_dataset("train", data=np.array([[np.nan, 1.0]])),
      "non-finite"),
     ("strings.h5", lambda f: f.create_dataset("train", data=np.array([[b"a", b"1"]])),
@@ -110,7 +125,7 @@ def test_malformed_original_files_raise_a_shard_error(tmp_path, name, build, mat
   with h5py.File(path, "w") as f:
     build(f)
   with pytest.raises(data_lib.ShardError, match=match) as e:
-    data_lib.load_split(path, "train")
+    data_lib.load_split(path, "train", feature_bounds=(0, 1))
   assert name in str(e.value)
 
 
@@ -128,7 +143,7 @@ def test_the_trainer_reads_dataset_h5_directly(tmp_path, arrays):
   workdir = str(tmp_path / "run")
   r = subprocess.run([sys.executable, "main.py", "--config=configs/test.py",
                       f"--config.data.path={path}", f"--workdir={workdir}",
-                      "--config.num_epochs=1"], cwd=ROOT, capture_output=True, text=True,
+                      "--config.data.feature_bounds=(0, 1)", "--config.num_epochs=1"], cwd=ROOT, capture_output=True, text=True,
                      timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:

@@ -105,7 +105,7 @@ def _continuous_dataset(path, rows=800, dims=10, seed=0):
   w = rng.standard_normal(dims)
   y = (rng.random(rows) < special.expit(0.5 * x @ w)).astype(np.uint8)
   with data_lib.DatasetWriter(path, feature_names=[f"x{i}" for i in range(dims)],
-                              label_name="y") as writer:
+                              label_name="y", feature_bounds=(-8, 8)) as writer:  # N(0, 1)
     writer.add("train", x[:rows // 2], y[:rows // 2])
     writer.add("test", x[rows // 2:], y[rows // 2:])
   return path
