@@ -58,10 +58,12 @@ def test_wrong_inputs_and_damaged_files_fail_loudly(tmp_path):
 
 
 def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
-  summary = dict(dp_enabled=True, epsilon=0.2768, delta=1e-5, accountant="pld",
-                 noise_multiplier=0.9, l2_norm_clip=3.0, sampling_rate=2.6e-4, steps=37860,
-                 noise_key="os entropy", test_accuracy=0.6766, majority_class_rate=0.6234,
-                 train_examples=969204, attack_accuracy=0.61,
+  summary = dict(private=True, dp_enabled=True, epsilon=0.2768, delta=1.0001e-7,
+                 accountant_delta=1e-7, overflow_delta=1e-11, accountant="pld",
+                 noise_multiplier=0.9, l2_norm_clip=3.0, sampling_rate=256 / 969204,
+                 steps=37860, noise="os entropy", sampling="os entropy", test_accuracy=0.6766,
+                 majority_class_rate=0.6234, train_examples=969204,
+                 nonprivate_attack_accuracy=0.61, data_digest="ab" * 32,
                  privacy_eval={"membership_inference": dict(
                      auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
                      num_members=10, num_nonmembers=10)})
@@ -71,13 +73,26 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
   assert [f["name"] for f in spec["features"]] == list(NAMES)
   assert spec["architecture"]["hidden_sizes"] == [7] and spec["num_params"] == 5 * 7 + 7 + 8
   assert spec["privacy"]["epsilon"] == 0.2768 and spec["privacy"]["accountant"] == "pld"
-  assert "train_examples" not in json.dumps(spec)  # data-dependent counts stay out
   card = open(os.path.join(path, export.CARD_FILE)).read()
-  for text in ("(epsilon, delta) = (0.2768, 1e-05)", "C = 3", "sigma = 0.9",
-               "| 4 | `e` |", "load_model", "AUC | 0.5039", "0.6766"):
+  # No N (nor q precise enough to give it back), data digest or training-row statistic.
+  text = json.dumps(spec) + card
+  for leak in ("969204", "train_examples", "ab" * 32, "data_digest", "0.5039", "0.61",
+               "tpr_at_low_fpr", "privacy_eval"):
+    assert leak not in text, leak
+  assert spec["privacy"]["sampling_rate"] == 0.000264
+  assert round(256 / spec["privacy"]["sampling_rate"]) != 969204
+  for text in ("(epsilon, delta) = (0.2768, 1e-07)", "C = 3", "sigma = 0.9",
+               "| 4 | `e` |", "load_model", "0.6766", "Private: **true**",
+               "held-out private test rows"):
     assert text in card, text
+  assert "no privacy guarantee" not in card
   public, _, _ = _export(tmp_path / "np", dict(dp_enabled=False, epsilon=float("inf")))
-  assert "**Not private**" in open(os.path.join(public, export.CARD_FILE)).read()
+  public_card = open(os.path.join(public, export.CARD_FILE)).read()
+  assert "**Not private**" in public_card and "no privacy guarantee" in public_card
+  repro, _, _ = _export(tmp_path / "r", dict(summary, private=False,
+                                             privacy_note="reproducibility run: ..."))
+  repro_card = open(os.path.join(repro, export.CARD_FILE)).read()
+  assert repro_card.splitlines()[2].startswith("**This model has no privacy guarantee**")
 
 
 def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
@@ -100,4 +115,4 @@ def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
   for k in final:
     np.testing.assert_array_equal(final[k], exported[k])
   assert predictor.spec["privacy"]["epsilon"] == summary["epsilon"]
-  assert predictor.spec["privacy_eval"] == summary["privacy_eval"]
+  assert predictor.spec["privacy"]["private"] is summary["private"] is False
