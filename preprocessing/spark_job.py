@@ -59,6 +59,7 @@ from preprocessing import output as output_lib  # pylint: disable=g-import-not-a
 from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOG4J2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 DEFAULT_MAX_ROWS_PER_SHARD = 250_000
 
 
@@ -480,7 +481,9 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
     builder = builder.master(master)
   elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
     builder = builder.master("local[*]")
-  settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.adaptive.enabled": "true"}
+  settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.adaptive.enabled": "true",
+              # log4j2.properties: the driver JVM's start-up notes off (warnings still show).
+              "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_LOG4J2}"}
   settings.update(conf or {})
   for k, v in settings.items():
     builder = builder.config(k, v)
