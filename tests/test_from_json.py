@@ -35,7 +35,7 @@ def test_seq_train_values_map_onto_our_keys():
     assert sum(l.strip().startswith(f"{key} = ") for l in lines) == 1, key
   assert any("minibatch_size = 3: not mapped: gradients are clipped per example" in l
              for l in lines)
-  assert any("dp.delta = 1e-05" in l for l in lines)
+  assert any("dp.delta = 1/(10 N) rounded down to a power of ten" in l for l in lines)
 
 
 def test_dist_train_keys_are_explained_not_silently_dropped():
