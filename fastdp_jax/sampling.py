@@ -102,6 +102,35 @@ def first_update(key: np.ndarray, rows: np.ndarray, sampling_rate: float) -> np.
   return geometric_gaps(key, rows, np.zeros(np.shape(rows), np.int64), sampling_rate) - 1
 
 
+def inclusions(key: np.ndarray, rows: np.ndarray, sampling_rate: float, end: int,
+               start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Every (row, update) with ``start <= update < end`` and the row in that update.
+
+  The inclusion function of every path (the in-memory sampler, the Spark job that
+  materialises batches): vectorised over ``rows`` (global row ids), each row's chain of
+  geometric gaps followed from update 0.
+
+  Returns:
+    ``(rows, updates)``: int64 arrays of equal length, ordered by row then update.
+  """
+  rows = np.asarray(rows, np.int64)
+  nxt = first_update(key, rows, sampling_rate)
+  draws = np.ones(rows.shape, np.int64)
+  out_r, out_t = [], []
+  sel = np.flatnonzero(nxt < end)
+  while sel.size:
+    keep = sel[nxt[sel] >= start]
+    out_r.append(rows[keep])
+    out_t.append(nxt[keep])
+    nxt[sel] += geometric_gaps(key, rows[sel], draws[sel], sampling_rate)
+    draws[sel] += 1
+    sel = sel[nxt[sel] < end]
+  r = np.concatenate(out_r) if out_r else np.zeros(0, np.int64)
+  t = np.concatenate(out_t) if out_t else np.zeros(0, np.int64)
+  order = np.lexsort((t, r))
+  return r[order], t[order]
+
+
 def row_updates(key: np.ndarray, row: int, sampling_rate: float, end: int) -> np.ndarray:
   """Every update before ``end`` that global row ``row`` is in (the reference definition)."""
   out, t, j = [], -1, 0

@@ -188,3 +188,12 @@ def test_overflow_probability_is_part_of_the_stated_delta():
   assert sampling.overflow_delta(p, 38_000, 8) <= 0.01 * 1e-7
   cap = sampling.capacity_for(979_193, 256 / 979_193, p)
   assert stats.binom.sf(cap, 979_193, 256 / 979_193) <= p
+
+
+def test_the_vectorised_inclusion_function_is_the_samplers():
+  key = sampling.sampling_key(8)[0]
+  n, batch, steps = 500, 25, 300
+  s = sampling.PoissonSampler(n, batch, key)
+  rows, updates = sampling.inclusions(key, np.arange(n), batch / n, end=steps, start=100)
+  for t in range(100, steps):
+    np.testing.assert_array_equal(np.sort(rows[updates == t]), s.global_indices(t))
