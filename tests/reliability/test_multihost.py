@@ -18,6 +18,7 @@ from fastdp_jax import data as data_lib
 from fastdp_jax import launch
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset
+from tests.test_data import write_raw_dataset
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,34 @@ def test_one_train_shard_is_split_by_rows_between_two_processes(tmp_path):
     assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
 
 
+def test_a_bad_row_on_one_process_stops_every_process_naming_the_shard(tmp_path):
+  """Process 1 alone reads the bad row; process 0 must not wait for it in a collective, and
+  both say which shard and column, before any update."""
+  src = make_dataset(str(tmp_path / "src"), rows=3000, seed=2)
+  train_rows, test_rows = (data_lib.load_split(src, s) for s in data_lib.SPLITS)
+  n = len(train_rows)
+  x = train_rows.features.copy()
+  x[n - 5, 3] = 1e30  # in process 1's half, second shard
+  names = data_lib.read_manifest(src).feature_names
+  bad = write_raw_dataset(str(tmp_path / "bad"), {
+      "train-0.h5": ("train", x[:1000], train_rows.labels[:1000]),
+      "train-1.h5": ("train", x[1000:], train_rows.labels[1000:]),
+      "test-0.h5": ("test", test_rows.features, test_rows.labels)}, names=names)
+  r = subprocess.run(
+      [sys.executable, "-m", "fastdp_jax.launch", "--num_processes=2",
+       "--devices_per_process=2", "--", "--config=configs/test.py",
+       f"--config.data.path={bad}", f"--workdir={tmp_path / 'w'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert r.returncode != 0
+  where = f"shard train-1.h5: column '{names[3]}' has 1 value(s) outside its declared bounds"
+  lines = r.stdout.splitlines()
+  assert any(line.startswith("[0] ") and "process 1 refused its training rows" in line
+             and where in line for line in lines), r.stdout[-3000:]
+  # Process 1 says the same (unless the launcher stopped it first, once process 0 failed).
+  assert all(where in line for line in lines if line.startswith("[1] error")), r.stdout[-3000:]
+  assert "epoch 1/" not in r.stdout and not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
 def _start(dataset, tmp_path, port, rank):
   out = open(tmp_path / f"out{rank}.txt", "w")
   env = dict(os.environ, PYTHONUNBUFFERED="1",
@@ -118,7 +147,7 @@ def _start(dataset, tmp_path, port, rank):
   return subprocess.Popen(
       [sys.executable, "main.py", "--config=configs/test.py", f"--config.data.path={dataset}",
        "--config.num_epochs=500", "--config.checkpoint.enabled=False",
-       f"--workdir={tmp_path}/w{rank}", f"--coordinator_address=127.0.0.1:{port}",
+       f"--workdir={tmp_path}/w", f"--coordinator_address=127.0.0.1:{port}",  # one, shared
        "--num_processes=2", f"--process_id={rank}", "--heartbeat_timeout_s=5",
        "--init_timeout_s=60"],
       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -134,9 +163,7 @@ def test_killing_one_process_stops_the_other_with_a_message(dataset, tmp_path, v
       assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
           (tmp_path / "out0.txt").read_text()[-3000:]
       time.sleep(0.2)
-    # Only process 0 writes, every process logs.
-    assert (tmp_path / "w0" / "metrics.jsonl").exists()
-    assert not (tmp_path / "w1" / "metrics.jsonl").exists()
+    assert (tmp_path / "w" / "metrics.jsonl").exists()  # written by process 0
     procs[victim].send_signal(signal.SIGKILL)
     t0 = time.monotonic()
     survivor = procs[1 - victim]
