@@ -101,7 +101,9 @@ def with_key(opt_state: Any, key: jax.typing.ArrayLike) -> Any:
 
 
 def _map_privatize(opt_state: Any, fn) -> Any:
-  return jax.tree_util.tree_map(fn, opt_state, is_leaf=lambda x: isinstance(x, PrivatizeState))
+  is_state = lambda x: isinstance(x, PrivatizeState)
+  return jax.tree_util.tree_map(lambda x: fn(x) if is_state(x) else x, opt_state,
+                                is_leaf=is_state)
 
 
 def privatize(l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float,

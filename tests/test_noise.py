@@ -63,3 +63,17 @@ def test_rejects_bad_parameters():
     noise.privatize(1.0, -1.0, 1.0, key)
   with pytest.raises(ValueError, match="expected_batch_size"):
     noise.privatize(1.0, 1.0, 0.0, key)
+
+
+def test_the_noise_key_can_be_taken_out_of_and_put_back_into_any_optimizer_state():
+  import optax
+  key, _ = noise.noise_key(4)
+  params = {"w": jnp.zeros(3)}
+  for opt in (optax.sgd(0.1), optax.adam(0.1), optax.sgd(0.1, momentum=0.9)):
+    state = optax.chain(noise.privatize(1.0, 1.0, 8, key), opt).init(params)
+    stripped = noise.without_key(state)
+    assert not any(np.array_equal(np.asarray(leaf), key)
+                   for leaf in jax.tree_util.tree_leaves(stripped))
+    restored = noise.with_key(stripped, key)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+      np.testing.assert_array_equal(a, b)
