@@ -17,22 +17,29 @@ attacker):
   eps that the observed count rejects at significance ``significance`` is an empirical LOWER
   bound on the true epsilon. It must not exceed the accountant's epsilon (except with
   probability ``significance``); a larger value means the implementation leaks more than it
-  claims. With the weak input-space canaries possible on tabular data the bound is loose:
-  far below the accountant's epsilon for private runs; it is large only for models that
-  memorise (non-private, many epochs).
+  claims.
 
 Canaries change the training set, so they live in a separate *audit dataset*: a copy of a
-dataset's shards plus one shard of the included canaries, with every canary and its inclusion
-bit in ``canaries.npz`` beside it (the auditor's secret; the manifest's ``extra`` points at
-it)::
+dataset plus one shard of the included canaries, with every canary and its inclusion bit in
+``canaries.npz`` beside it (the auditor's secret; the manifest's ``extra`` points at it)::
 
   python -m fastdp_jax.privacy_eval make-audit-dataset --data data/generated/capums \
       --output data/generated/capums-audit --canaries 1000
   python main.py --config=configs/seq.py --config.data.path=data/generated/capums-audit
 
+The default canaries are *Dirac* canaries (:func:`make_dirac_canaries`): the audit dataset
+has ``m`` more columns, zero in every real row, and canary c is a large value in column
+``d + c`` alone, with a random label. No other row's gradient touches canary c's first-layer
+weights, so without noise they move exactly when canary c is sampled: with the noise removed
+the audit reports a lower bound of about 4 to 5 (m = 1000), far above any useful epsilon,
+while with the noise on those weights are drowned in it. Canaries drawn in the data's own
+feature space (``kind='gaussian'``) interfere with each other and with the data; on tabular
+data they show almost nothing unless the model memorises. The widened model is the audited
+training *procedure* (clipping, noise, sampling) applied to a slightly different model: the
+audit checks the implementation; audit runs' models are not for release.
+
 Training on an audit dataset runs the audit at the end automatically (the summary's
-``privacy_eval.canary_audit``). Audit runs check the implementation; their models are not
-for release.
+``privacy_eval.canary_audit``).
 
 References:
   Yeom, Giacomelli, Fredrikson, Jha. Privacy risk in machine learning: analyzing the
@@ -58,12 +65,17 @@ from scipy import optimize, special, stats
 
 from fastdp_jax import data as data_lib
 
-# The guess budgets tried by the audit: fractions of the canaries guessed on (half "in" from
-# the lowest losses, half "out" from the highest). Fixed before seeing any score, and the
-# significance is split over them (Bonferroni), so taking the best one stays valid.
+# The guess budgets' sizes tried by the audit, as fractions of the canaries guessed on (see
+# guess_budgets). Fixed before seeing any score, and the significance is split over the
+# budgets (Bonferroni), so taking the best one stays valid.
 DEFAULT_GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 CANARIES_FILE = "canaries.npz"
 CANARY_SHARD = "train-canaries.h5"
+CANARY_KINDS = ("dirac", "gaussian")  # see make_audit_dataset
+# The Dirac canaries' value in their own column: large enough that a canary's gradient is
+# clipped (|p - y| * scale > C for any C up to a few) and almost all of it lies along the
+# canary's own column, so that the shared bias carries a negligible share of it.
+DIRAC_SCALE = 10.0
 
 
 # ---------------------------------------------------------------- membership inference
@@ -224,6 +236,43 @@ def make_canaries(num_canaries: int, num_features: int, *, seed: int,
       included=rng.random(num_canaries) < 0.5)
 
 
+def make_dirac_canaries(num_canaries: int, num_features: int, *, seed: int,
+                        scale: float = DIRAC_SCALE) -> Canaries:
+  """Dirac canaries: canary c is ``scale`` in its own extra column ``d + c``, 0 elsewhere.
+
+  The audit dataset appends ``m`` columns to the data, zero in every real row (train and
+  test): a corner of the feature space that no real row uses. Canary c's gradient on the
+  first layer then touches only the weights of column ``d + c``, which no other row's
+  gradient touches: without noise, those weights move exactly when canary c is sampled, and
+  its loss drops far below that of an excluded canary. With the noise on, only the noise
+  moves the weights of an excluded canary's column. This is the input-space counterpart of
+  the Dirac gradient canaries of Steinke et al. (one coordinate per canary), and it is what
+  gives the one-run audit its power: the canaries do not interfere with each other or with
+  the data. Labels are random (the model cannot fit the canaries by one rule).
+
+  Args:
+    num_canaries: m (also the number of columns added).
+    num_features: d, the width of the real rows.
+    seed: the canaries' labels and inclusion are a function of (m, seed).
+    scale: the canary's value in its own column (the declared upper bound of the canary
+      columns). Larger values make a canary's gradient clipped to C point almost entirely
+      along its own column (the bias's share is 1/scale of it).
+
+  Returns:
+    :class:`Canaries` with [m, d + m] features.
+  """
+  if num_canaries <= 0:
+    raise ValueError(f"{num_canaries=} must be positive")
+  if not scale > 0:
+    raise ValueError(f"{scale=} must be positive")
+  rng = np.random.default_rng([int(seed), 0xD1AC])
+  features = np.zeros((num_canaries, num_features + num_canaries), np.float32)
+  features[np.arange(num_canaries), num_features + np.arange(num_canaries)] = scale
+  return Canaries(features=features,
+                  labels=rng.integers(0, 2, num_canaries).astype(np.float32),
+                  included=rng.random(num_canaries) < 0.5)
+
+
 def add_canaries(features: np.ndarray, labels: np.ndarray,
                  canaries: Canaries) -> tuple[np.ndarray, np.ndarray]:
   """The training rows followed by the included canaries."""
@@ -309,15 +358,38 @@ class AuditResult:
     return dataclasses.asdict(self)
 
 
+def guess_budgets(num_canaries: int,
+                  guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS
+                  ) -> list[tuple[int, int]]:
+  """The ``(k_in, k_out)`` guess budgets of the audit, fixed before any score is seen.
+
+  For each fraction f: ``f m / 2`` "in" and as many "out" guesses, and ``f m / 2`` "in"
+  guesses alone. Guessing "in" only matters under Poisson sampling: an included canary that
+  was never sampled looks excluded, so the lowest scores hold some of them, while the highest
+  scores hold included, sampled canaries only (Steinke et al. 2023 guess positives only, k- =
+  0, for the same reason).
+  """
+  m = int(num_canaries)
+  budgets = []
+  for frac in guess_fractions:
+    half = min(max(1, int(round(frac * m / 2))), m // 2)
+    if half == 0:
+      continue
+    for b in ((half, half), (half, 0)):
+      if b not in budgets:
+        budgets.append(b)
+  return budgets
+
+
 def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
                  significance: float = 0.05,
                  guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS) -> AuditResult:
   """The one-run audit from per-canary scores (higher = "more likely included").
 
-  For each guess budget k = fraction * m (fixed in advance), guess "in" for the k/2 highest
-  scores and "out" for the k/2 lowest, count the correct guesses and compute the lower bound
-  at ``significance / len(guess_fractions)``; report the largest (a union bound keeps the
-  overall significance).
+  For each guess budget ``(k_in, k_out)`` of :func:`guess_budgets` (fixed in advance), guess
+  "in" for the ``k_in`` highest scores and "out" for the ``k_out`` lowest, count the correct
+  guesses and compute the lower bound at ``significance / number of budgets``; report the
+  largest (a union bound keeps the overall significance).
 
   Args:
     scores: [m] attack scores of the canaries (e.g. minus their loss).
@@ -325,7 +397,7 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
     delta: the delta of the DP claim tested (the run's delta).
     significance: probability that a correct implementation gets a bound above its true
       epsilon.
-    guess_fractions: the guess budgets.
+    guess_fractions: the guess budgets' sizes (see :func:`guess_budgets`).
   """
   scores = np.asarray(scores, np.float64)
   included = np.asarray(included, bool)
@@ -336,15 +408,12 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
     raise ValueError("non-finite canary scores")
   # Ties broken at random (seeded by the scores' count only), never by the truth.
   order = np.lexsort((np.random.default_rng(m).random(m), scores))  # ascending
-  per_budget = significance / len(guess_fractions)
+  budgets = guess_budgets(m, guess_fractions)
+  per_budget = significance / max(1, len(budgets))
   best = (0.0, 0, 0)
-  for frac in guess_fractions:
-    half = max(1, int(round(frac * m / 2)))
-    half = min(half, m // 2)
-    if half == 0:
-      continue
-    guess_out, guess_in = order[:half], order[m - half:]
-    r = 2 * half
+  for k_in, k_out in budgets:
+    guess_out, guess_in = order[:k_out], order[m - k_in:]
+    r = k_in + k_out
     v = int(included[guess_in].sum() + (~included[guess_out]).sum())
     eps = epsilon_lower_bound(m, r, v, delta=delta, significance=per_budget)
     if eps > best[0] or best[1] == 0:
@@ -364,50 +433,93 @@ def audit_canaries(example_losses: Callable[[np.ndarray, np.ndarray], np.ndarray
 
 # ---------------------------------------------------------------- audit datasets
 def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int = 0,
-                       scale: float = 2.0, overwrite: bool = False) -> Canaries:
+                       kind: str = "dirac", scale: float | None = None,
+                       overwrite: bool = False) -> Canaries:
   """Copies a dataset and adds the included canaries as one more training shard.
 
+  Two kinds of canaries (:data:`CANARY_KINDS`):
+
+  * ``'dirac'`` (default): :func:`make_dirac_canaries`. The copy gets ``num_canaries`` more
+    columns (``canary_0``, ...), zero in every real row of both splits, declared bounded by
+    ``[0, scale]``; every shard is rewritten. The audit then has power: with the noise
+    removed it reports a lower bound far above any useful epsilon.
+  * ``'gaussian'``: :func:`make_canaries`, in the data's own feature space (the shards are
+    copied as they are). Weak on tabular data: a bound above 0 only for models that memorise.
+
   Args:
-    source: a dataset directory (manifest.json).
+    source: a dataset directory (manifest.json) that declares its feature bounds (required
+      for ``'dirac'``: the widened dataset declares the union).
     output: the audit dataset directory to create.
     num_canaries: m; about half of them end up in the training set.
-    seed: see :func:`make_canaries`.
-    scale: see :func:`make_canaries`.
+    seed: the canaries and their inclusion are a function of (m, d, seed, kind, scale).
+    kind: ``'dirac'`` or ``'gaussian'``.
+    scale: the Dirac canaries' value (default :data:`DIRAC_SCALE`), or the Gaussian
+      canaries' standard deviation (default 2).
     overwrite: replace ``output`` if it exists.
 
   Returns:
     The canaries (also in ``output/canaries.npz``).
+
+  Raises:
+    ValueError: an unknown kind, or a Dirac audit of a source without declared bounds or
+      with a column already named like a canary column.
   """
+  if kind not in CANARY_KINDS:
+    raise ValueError(f"canary {kind=} must be one of {CANARY_KINDS}")
+  if scale is None:
+    scale = DIRAC_SCALE if kind == "dirac" else 2.0
   manifest = data_lib.read_manifest(source)
+  d = manifest.num_features
+  if kind == "dirac":
+    if manifest.feature_bounds is None:
+      raise ValueError(f"{source}: the manifest declares no feature bounds; the Dirac audit "
+                       "dataset must declare the real columns' bounds (rewrite the data with "
+                       "the shard writer's feature_bounds)")
+    names = tuple(f"canary_{c}" for c in range(num_canaries))
+    if clash := set(names) & set(manifest.feature_names):
+      raise ValueError(f"{source}: columns {sorted(clash)} clash with the canary columns")
   if os.path.exists(output):
     if not overwrite:
       raise FileExistsError(f"output {output} exists; pass overwrite to replace it")
     shutil.rmtree(output)
-  canaries = make_canaries(num_canaries, manifest.num_features, seed=seed, scale=scale)
   staging = output + ".staging"
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
-  for info in manifest.shards:
-    shutil.copyfile(os.path.join(source, info.file), os.path.join(staging, info.file))
-  # Public bounds of the canaries: +-8 standard deviations (a canary value is clipped there,
-  # probability about 1e-15); the audit dataset declares their union with the source's.
-  reach = 8.0 * scale
-  canaries = dataclasses.replace(canaries, features=np.clip(canaries.features, -reach, reach))
-  bounds = None if manifest.feature_bounds is None else [
-      (min(lo, -reach), max(hi, reach)) for lo, hi in manifest.feature_bounds]
+  shards = []
+  if kind == "dirac":
+    canaries = make_dirac_canaries(num_canaries, d, seed=seed, scale=scale)
+    feature_names = manifest.feature_names + names
+    bounds = list(manifest.feature_bounds) + [(0.0, float(scale))] * num_canaries
+    for info in manifest.shards:  # every real row: zero in the canary columns
+      x, y = data_lib.read_shard(source, info)
+      x = np.concatenate([x, np.zeros((len(y), num_canaries), x.dtype)], axis=1)
+      shards.append(data_lib.write_shard(staging, info.file, info.split, x, y,
+                                         feature_bounds=bounds, feature_names=feature_names))
+  else:
+    canaries = make_canaries(num_canaries, d, seed=seed, scale=scale)
+    feature_names = manifest.feature_names
+    for info in manifest.shards:
+      shutil.copyfile(os.path.join(source, info.file), os.path.join(staging, info.file))
+      shards.append(info)
+    # Public bounds of the canaries: +-8 standard deviations (a canary value is clipped
+    # there, probability about 1e-15); the audit dataset declares their union with the
+    # source's.
+    reach = 8.0 * scale
+    canaries = dataclasses.replace(canaries,
+                                   features=np.clip(canaries.features, -reach, reach))
+    bounds = None if manifest.feature_bounds is None else [
+        (min(lo, -reach), max(hi, reach)) for lo, hi in manifest.feature_bounds]
   keep = canaries.included
-  shards = list(manifest.shards)
-  shards.append(data_lib.write_shard(staging, CANARY_SHARD, "train",
-                                     canaries.features[keep], canaries.labels[keep],
-                                     feature_bounds=bounds or (-reach, reach),
-                                     feature_names=manifest.feature_names))
+  shards.append(data_lib.write_shard(
+      staging, CANARY_SHARD, "train", canaries.features[keep], canaries.labels[keep],
+      feature_bounds=bounds or (-8.0 * scale, 8.0 * scale), feature_names=feature_names))
   np.savez(os.path.join(staging, CANARIES_FILE), features=canaries.features,
            labels=canaries.labels, included=canaries.included)
   extra = dict(manifest.extra, canaries=CANARIES_FILE, canary_seed=int(seed),
-               canary_scale=float(scale), num_canaries=int(num_canaries),
+               canary_kind=kind, canary_scale=float(scale), num_canaries=int(num_canaries),
                audit_of=os.path.abspath(source))
   kept = manifest.provenance.kept + int(keep.sum())
-  data_lib.write_manifest(staging, feature_names=manifest.feature_names,
+  data_lib.write_manifest(staging, feature_names=feature_names,
                           label_name=manifest.label_name, shards=shards,
                           provenance=data_lib.Provenance(
                               rows_read=manifest.provenance.rows_read + int(keep.sum()),
@@ -512,12 +624,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True, help="audit dataset directory to create")
   p.add_argument("--canaries", type=int, default=1000, help="number of canaries m")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--scale", type=float, default=2.0, help="std of the canaries' features")
+  p.add_argument("--kind", choices=CANARY_KINDS, default="dirac",
+                 help="dirac: one extra column per canary (powerful; the default); gaussian: "
+                 "canaries in the data's own feature space")
+  p.add_argument("--scale", type=float, default=None,
+                 help=f"the Dirac canaries' value (default {DIRAC_SCALE:g}) or the Gaussian "
+                 "canaries' standard deviation (default 2)")
   p.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   try:
     canaries = make_audit_dataset(args.data, args.output, num_canaries=args.canaries,
-                                  seed=args.seed, scale=args.scale, overwrite=args.overwrite)
+                                  seed=args.seed, kind=args.kind, scale=args.scale,
+                                  overwrite=args.overwrite)
   except (FileExistsError, FileNotFoundError, ValueError, data_lib.ShardError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
