@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -165,21 +165,21 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
-    self._f = None
+    self._f: TextIO | None = None
 
   def acquire(self) -> None:
-    self._f = open(self.path, "a+")
+    f = open(self.path, "a+")
     try:
-      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      self._f.close()
-      self._f = None
+      f.close()
       raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is in use by another run "
                                "(lock held); wait for it or use another --workdir") from None
-    self._f.seek(0)
-    self._f.truncate()
-    self._f.write(f"{os.getpid()}\n")
-    self._f.flush()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    self._f = f
 
   def release(self) -> None:
     if self._f is not None:

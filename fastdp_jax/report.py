@@ -210,7 +210,7 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
     elif _finite(r.summary.get("test_accuracy")):
       ax.axhline(r.summary["test_accuracy"], color=color[r.name], ls="--",
                  label=f"{r.name} (non-private)")
-  if log_x and any(line.get_xdata().size for line in ax.get_lines()):
+  if log_x and any(np.size(line.get_xdata()) for line in ax.get_lines()):
     ax.set_xscale("log")
   finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
          "Accuracy against privacy (dot: end of run)")

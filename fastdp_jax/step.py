@@ -145,7 +145,7 @@ def _auto_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
 
 def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
                       clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
-                      l2_norm_clip: float | None, strategy: str = "shard_map") -> Callable:
+                      l2_norm_clip: float | None, strategy: str = "shard_map") -> Any:
   """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
 
   Args:
@@ -212,8 +212,9 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
       indices, mask, active = place(indices, mask, active)
     return jitted(state, x, y, indices, mask, active)
 
-  run.place = place  # the host -> device transfer of a call's batches, on its own (profiling)
+  # The host -> device transfer of a call's batches, on its own (profiling).
+  run.place = place  # type: ignore[attr-defined]
 
-  run.lower = lambda state, x, y, indices, mask, active: jitted.lower(
+  run.lower = lambda state, x, y, indices, mask, active: jitted.lower(  # type: ignore[attr-defined]
       state, x, y, *place(indices, mask, active))
   return run

@@ -36,13 +36,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fastdp_jax import accounting
 from fastdp_jax import attack
 from fastdp_jax import checkpoint as checkpoint_lib
-from fastdp_jax import clipping
 from fastdp_jax import config as config_lib
 from fastdp_jax import data as data_lib
 from fastdp_jax import distributed
@@ -403,7 +400,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # Resume from the workdir alone: the latest checkpoint carries the state (noise key and
   # counter included), the accountant's ledger and the metrics so far.
   identity = run_identity(cfg, plan, train)
-  meta = dict(identity=identity, ledger=[], history=[], partial=_zero_partial(), overrides=[])
+  meta: dict[str, Any] = dict(identity=identity, ledger=[], history=[],
+                              partial=_zero_partial(), overrides=[])
   if resuming:
     saved = ckpt.restore_metadata()
     diffs = checkpoint_lib.compare_identity(saved["identity"], identity)
@@ -504,7 +502,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
               release.NONFINITE_EXAMPLES: int(part["nonfinite"])}
     if attack_idx is not None:
       record[release.ATTACK_ACCURACY] = attack.model_inversion_accuracy(
-          lambda x: jax.nn.sigmoid(apply_fn(host_params, x)), train.features, train.labels,
+          lambda x, p=host_params: np.asarray(jax.nn.sigmoid(apply_fn(p, jnp.asarray(x)))),
+          train.features, train.labels,
           attack_idx, cfg.data.attack_rows, seed=cfg.seed)
     meta["history"].append(record)
     meta["partial"] = _zero_partial()
@@ -564,7 +563,9 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     _write_json(os.path.join(workdir, "summary.json"), summary)
     params_path = os.path.join(workdir, "final_params.npz")
     tmp = params_path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in models.flatten_params(host_params).items()})
+    # type: ignore: numpy's stub fears that a ** dict sets allow_pickle.
+    np.savez(tmp, **{k: np.asarray(v)  # type: ignore[arg-type]
+                     for k, v in models.flatten_params(host_params).items()})
     os.replace(tmp, params_path)
     if not cfg.checkpoint.get("keep_keys", True) and ckpt is not None:
       ckpt.close()

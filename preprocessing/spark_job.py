@@ -299,18 +299,18 @@ def plan_csv(spark, input_path: str,
     elif cols != header:
       raise PipelineError(f"{r['file']}: header {list(cols)} differs from {list(header)} of "
                           "the first file; all input files must have the same columns")
-  splits, row, line, file = [], 0, 1, None
+  splits, row, line_no, file = [], 0, 1, None
   for r in rows:
     if r["file"] != file:
-      file, line = r["file"], 1
+      file, line_no = r["file"], 1
       if r["start"] != 0:
         raise PipelineError(f"{file}: no split at offset 0 (cannot find its header)")
     has_header = r["start"] == 0
     splits.append(InputSplit(key=int(r["key"]), file=file, start=int(r["start"]),
                              lines=int(r["lines"]), header=has_header, row_base=row,
-                             line_base=line))
+                             line_base=line_no))
     row += int(r["lines"]) - has_header
-    line += int(r["lines"])
+    line_no += int(r["lines"])
   return splits, header_line, header
 
 
