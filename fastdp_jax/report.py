@@ -144,6 +144,7 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
   the loss plot; by default only test-set curves and epsilon are drawn.
   """
   import matplotlib
+  import numpy as np
   matplotlib.use("Agg")  # files only; no display on servers and CI
   from matplotlib import pyplot as plt
 
