@@ -7,6 +7,7 @@ updates is their self-composition. Nothing here re-implements RDP or PLD arithme
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -138,7 +139,7 @@ class _SegmentCurve:
                accountant: str):
     self.noise_multiplier, self.sampling_rate = float(noise_multiplier), float(sampling_rate)
     self.delta, self.accountant = float(delta), accountant
-    self._one_update = None
+    self._one_update: Any = None  # the PLD of one update, built on first use
 
   def __call__(self, steps: int) -> float:
     if self.noise_multiplier <= 0:

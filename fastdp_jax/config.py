@@ -109,7 +109,7 @@ def unknown_key_message(name: str, schema: ml_collections.ConfigDict | None = No
   """``unknown config key dp.nosie; did you mean dp.noise_multiplier? known keys in dp: ...``."""
   schema = base_config() if schema is None else schema
   *group_path, _ = name.split(".")
-  group, where = schema, []  # the deepest group of ``name`` that exists
+  group, where = schema, list[str]()  # the deepest group of ``name`` that exists
   for part in group_path:
     if part not in group or not isinstance(group[part], ml_collections.ConfigDict):
       break

@@ -79,7 +79,7 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
   os.makedirs(directory, exist_ok=True)
   params_path = os.path.join(directory, PARAMS_FILE)
   tmp = params_path + ".tmp.npz"
-  np.savez(tmp, **flat)
+  np.savez(tmp, **flat)  # type: ignore[arg-type]  # the stub fears ** sets allow_pickle
   os.replace(tmp, params_path)
   summary = dict(summary or {})
   spec = dict(

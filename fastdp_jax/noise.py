@@ -38,7 +38,7 @@ class PrivatizeState(NamedTuple):
   """
 
   key: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
 
 
 KEY_WORDS = 4  # uint32 words: 128 bits

@@ -133,7 +133,8 @@ def inclusions(key: np.ndarray, rows: np.ndarray, sampling_rate: float, end: int
 
 def row_updates(key: np.ndarray, row: int, sampling_rate: float, end: int) -> np.ndarray:
   """Every update before ``end`` that global row ``row`` is in (the reference definition)."""
-  out, t, j = [], -1, 0
+  out: list[int] = []
+  t, j = -1, 0
   while True:
     t += int(geometric_gaps(key, np.array([row]), np.array([j]), sampling_rate)[0])
     j += 1

@@ -48,6 +48,6 @@ def is_test_row(row_ids: np.ndarray, seed: int = DEFAULT_SPLIT_SEED,
   """
   row_ids = np.asarray(row_ids, dtype=np.uint64)
   with np.errstate(over="ignore"):
-    h = _splitmix64(row_ids ^ _splitmix64(np.uint64(seed)))
+    h = _splitmix64(row_ids ^ _splitmix64(np.asarray(seed, dtype=np.uint64)))
   u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
   return u < test_fraction

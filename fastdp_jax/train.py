@@ -501,10 +501,11 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
               release.CLIPPED_FRACTION: part["clipped"] / count,
               release.NONFINITE_EXAMPLES: int(part["nonfinite"])}
     if attack_idx is not None:
+      def predict_proba(x: np.ndarray, p=host_params) -> np.ndarray:  # this epoch's params
+        return np.asarray(jax.nn.sigmoid(apply_fn(p, jnp.asarray(x))))
       record[release.ATTACK_ACCURACY] = attack.model_inversion_accuracy(
-          lambda x, p=host_params: np.asarray(jax.nn.sigmoid(apply_fn(p, jnp.asarray(x)))),
-          train.features, train.labels,
-          attack_idx, cfg.data.attack_rows, seed=cfg.seed)
+          predict_proba, train.features, train.labels, attack_idx, cfg.data.attack_rows,
+          seed=cfg.seed)
     meta["history"].append(record)
     meta["partial"] = _zero_partial()
     writer.write_point(step, dict(test_loss=test_loss, test_accuracy=test_acc, epsilon=eps))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -169,6 +169,7 @@ class LineCleaner:
     self._na = frozenset(spec.na_tokens)
     self._getters = []
     for idx, col in zip(self.indices, spec.used_specs):
+      lut: dict[str, float]
       if col.kind == "numeric":
         lut = _NumericLUT()
       else:
@@ -239,7 +240,8 @@ class LineCleaner:
     return classify_values(self.spec, values, np.array(ok, np.int64), rejects)
 
 
-def clean_columns(spec: features_lib.FeatureSpec, columns: dict[str, Sequence]) -> CleanResult:
+def clean_columns(spec: features_lib.FeatureSpec,
+                  columns: Mapping[str, Sequence | np.ndarray]) -> CleanResult:
   """Cleans rows given column-wise (Parquet batches, the generator's arrays).
 
   Numeric arrays are taken as they are (NaN and None mean missing); object arrays hold

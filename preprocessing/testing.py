@@ -29,7 +29,7 @@ def count_lines(path: str) -> int:
 
 def read_rejects(output: str) -> list[dict]:
   """All reject records of a dataset directory, by line."""
-  out = []
+  out: list[dict] = []
   for path in sorted(glob.glob(os.path.join(output, "rejects", "*.jsonl"))):
     with open(path, encoding="utf-8") as f:
       out.extend(json.loads(line) for line in f)

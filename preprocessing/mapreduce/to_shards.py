@@ -140,7 +140,7 @@ def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | 
     if records == 0:
       raise PipelineError("the streaming output is empty: the input had no lines at all "
                           "(expected a header line)")
-    body = output_lib.summarize(spec, [tuple(r) for r in sink.close()], staging, split_seed,
+    body = output_lib.summarize(spec, sink.close(), staging, split_seed,
                                 test_fraction, max_rows_per_shard,
                                 {"producer": "preprocessing.mapreduce", "input": source})
     body.pop("_lines_by_split")
