@@ -188,18 +188,21 @@ class PrivacyLedger:
     """How the segments are composed: the accountant, or ``'rdp (adaptive)'``."""
     return self.accountant if len(self.segments) <= 1 else "rdp (adaptive)"
 
-  def add(self, noise_multiplier: float, sampling_rate: float, steps: int) -> None:
-    """Records ``steps`` more updates (merged into the last segment if it matches)."""
+  def add(self, noise_multiplier: float, sampling_rate: float, steps: int) -> PrivacyLedger:
+    """The ledger after ``steps`` more updates (merged into the last segment if it matches)."""
+    segments = self.segments
+    last = segments[-1] if segments else None
     if steps <= 0:
-      return
-    last = self.segments[-1] if self.segments else None
-    if last and (last.noise_multiplier, last.sampling_rate) == (noise_multiplier,
-                                                                sampling_rate):
-      self.segments = self.segments[:-1] + (dataclasses.replace(last,
-                                                                steps=last.steps + steps),)
+      pass
+    elif last and (last.noise_multiplier, last.sampling_rate) == (noise_multiplier,
+                                                                  sampling_rate):
+      segments = segments[:-1] + (dataclasses.replace(last, steps=last.steps + steps),)
     else:
-      self.segments += (Segment(noise_multiplier=float(noise_multiplier),
-                                sampling_rate=float(sampling_rate), steps=int(steps)),)
+      segments += (Segment(noise_multiplier=float(noise_multiplier),
+                           sampling_rate=float(sampling_rate), steps=int(steps)),)
+    out = PrivacyLedger(self.delta, self.accountant, segments)
+    out._curves = self._curves  # the cached curves stay valid: same delta and accountant
+    return out
 
   def epsilon(self, extra_steps: int = 0, noise_multiplier: float | None = None,
               sampling_rate: float | None = None) -> float:

@@ -1,11 +1,12 @@
-"""Checkpoints that resume with their privacy state, and the workdir lock.
+"""Checkpoints that resume with their privacy state, the run's keys, and the workdir lock.
 
 A checkpoint (orbax, ``WORKDIR/checkpoints/STEP/``) holds the training state (parameters,
-optimizer state -- which carries the noise key and the noise counter --, the update count)
-and JSON metadata: the accountant's ledger (every segment of updates with its sigma and q),
-what the run must not silently change (privacy parameters, model, data digest, sampling
-seed), the epochs' metric records and the current epoch's partial sums. The sampler needs no
-state of its own: its batches are a function of (seed, step).
+optimizer state with the noise key zeroed and the noise counter, the update count) and the
+:class:`RunState` as JSON: the privacy ledger, what the run must not silently change
+(privacy parameters, model, data digest, seeds), the epochs' records and the current epoch's
+partial sums. The secret keys live apart, in ``WORKDIR/keys.json`` (owner-only,
+:class:`RunKeys`). The sampler needs no state of its own: its batches are a function of
+(sampling key, row, update).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 crash during a save leaves the previous checkpoint intact. In multi-host runs every process
@@ -114,50 +115,39 @@ def check_not_forgotten(workdir: str) -> None:
         "use another --workdir (training again on the same data spends privacy budget again)")
 
 
+def zero_partial() -> dict[str, float]:
+  """The current epoch's training-row sums before its first update."""
+  return dict(loss_sum=0.0, count=0.0, clipped=0.0, nonfinite=0.0)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Segment:
-  """``steps`` consecutive updates with the same privacy parameters (one ledger entry)."""
+class RunState:
+  """What a checkpoint holds besides the arrays, saved and restored as one object.
 
-  noise_multiplier: float
-  sampling_rate: float
-  steps: int
-
-
-def ledger_epsilon(segments: list[Segment], delta: float, accountant: str) -> float:
-  """Epsilon of a sequence of DP-SGD segments, composed by ``dp_accounting``.
-
-  One segment uses the configured accountant. Several segments (a resume with
-  ``checkpoint.allow_changes``, whose parameters may have been chosen after seeing earlier
-  results) are composed with the RDP accountant: RDP composition holds under adaptive choice
-  of each segment's parameters when the total is compared with a budget fixed in advance
-  (``dp.max_epsilon``; a Renyi filter, Feldman & Zrnic 2021).
+  Attributes:
+    identity: what a resumed run must share with its checkpoint (privacy, model, data).
+    ledger: the privacy ledger of every update so far.
+    history: the epoch records so far.
+    partial: the current epoch's training-row sums (loss, count, clipped, non-finite).
+    overrides: the changes accepted by each resume with ``checkpoint.allow_changes``.
   """
-  segments = [s for s in segments if s.steps > 0]
-  if not segments:
-    return 0.0
-  if len(segments) == 1:
-    s = segments[0]
-    return accounting.compute_epsilon(s.noise_multiplier, s.sampling_rate, s.steps, delta,
-                                      accountant)
-  acc = accounting.make_accountant("rdp")
-  for s in segments:
-    if s.noise_multiplier <= 0:
-      return float("inf")
-    acc.compose(accounting.dp_event(s.noise_multiplier, s.sampling_rate, s.steps))
-  return float(acc.get_epsilon(delta))
 
+  identity: dict[str, Any]
+  ledger: accounting.PrivacyLedger
+  history: tuple[dict[str, Any], ...] = ()
+  partial: dict[str, float] = dataclasses.field(default_factory=zero_partial)
+  overrides: tuple[tuple[str, ...], ...] = ()
 
-def add_steps(segments: list[Segment], noise_multiplier: float, sampling_rate: float,
-              steps: int) -> list[Segment]:
-  """The ledger after ``steps`` more updates (merged into the last segment if it matches)."""
-  out = list(segments)
-  if out and (out[-1].noise_multiplier, out[-1].sampling_rate) == (noise_multiplier,
-                                                                    sampling_rate):
-    out[-1] = dataclasses.replace(out[-1], steps=out[-1].steps + steps)
-  else:
-    out.append(Segment(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
-                       steps=steps))
-  return out
+  def to_json(self) -> dict[str, Any]:
+    return dict(identity=self.identity, ledger=self.ledger.to_json(),
+                history=list(self.history), partial=dict(self.partial),
+                overrides=[list(o) for o in self.overrides])
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> RunState:
+    return cls(identity=d["identity"], ledger=accounting.PrivacyLedger.from_json(d["ledger"]),
+               history=tuple(d["history"]), partial=dict(d["partial"]),
+               overrides=tuple(tuple(o) for o in d["overrides"]))
 
 
 class WorkdirLock:
@@ -210,33 +200,36 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False))
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, run_state: RunState) -> None:
     if step in (self._mngr.all_steps() or []):
       return  # already saved at this step (e.g. an epoch end that is also a periodic save)
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(metadata)))
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(run_state.to_json())))
     self._mngr.wait_until_finished()
 
-  def restore_metadata(self) -> dict[str, Any]:
-    """The latest checkpoint's metadata only (to check it before restoring arrays)."""
+  def restore_metadata(self) -> RunState:
+    """The latest checkpoint's run state only (to check it before restoring arrays)."""
     r = self._mngr.restore(self._mngr.latest_step(),
                            args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return r["meta"]
+    return RunState.from_json(r["meta"])
 
-  def restore(self, like_state: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(self, like_state: Any) -> tuple[Any, RunState]:
     """Restores the latest checkpoint into the structure and shardings of ``like_state``."""
     step = self._mngr.latest_step()
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
     r = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return r["state"], r["meta"]
+    return r["state"], RunState.from_json(r["meta"])
 
   def close(self) -> None:
-    self._mngr.close()
+    if not self._closed:
+      self._mngr.close()
+      self._closed = True
 
 
 def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -9,12 +9,18 @@
   point, test loss and accuracy, and epsilon, to TensorBoard and ``WORKDIR/steps.jsonl``;
 * after every compiled chunk of updates (:meth:`MetricWriter.write_train_steps`): the
   progress bar with an ETA when stdout is a terminal; plain progress lines (at most one
-  every ``plain_interval_s`` seconds) when it is not, so logs of batch jobs stay readable;
+  every ``plain_interval_s`` seconds) when it is not, so logs of batch jobs stay readable.
+  The ETA's rate leaves out the intervals that hold one-time costs: the first call of this run
+  (mostly compilation: seconds, against milliseconds for a steady call) and the interval
+  around the first evaluation and epoch end (the evaluation's compilation, the first
+  checkpoint save); until a steady call has finished it shows ``?``;
 * hyperparameters (:meth:`MetricWriter.write_hparams`) and the final metrics
   (:meth:`MetricWriter.write_summary`) to TensorBoard's hparams dashboard.
 
 Only process 0 writes files and prints (``enabled``); the others keep the same bookkeeping so
-that every process makes the same decisions (when to evaluate, for example).
+that every process makes the same decisions (when to evaluate, for example). The others log
+their epoch lines only at verbosity 1 (``--verbosity=1``): by default a multi-process run
+shows each epoch once, from process 0.
 
 TensorBoard event files go straight into the workdir (``tensorboard --logdir runs/`` shows
 every run), written by ``tensorboardX`` (no TensorFlow). :func:`read_scalars` reads them back
@@ -139,6 +145,13 @@ class MetricWriter:
     self._step = self._start_step
     self._epoch = int(history[-1]["epoch"]) + 1 if history else 1
     self._t0 = time.time()
+    # The ETA's rate: seconds and updates summed over the intervals between calls, except
+    # those that hold a one-time cost (``_skip``: the first call, the first evaluation).
+    self._last_call: tuple[float, int] | None = None
+    self._rate_s = 0.0
+    self._rate_steps = 0
+    self._skip = False
+    self._evaluated = False
     self._last_draw = 0.0
     self._last_plain = self._t0
     self._bar_shown = False
@@ -189,9 +202,13 @@ class MetricWriter:
     if count > 0:
       self._last_loss = float(np.sum(np.asarray(metrics["loss_sum"])[:num_steps])) / count
     self._step = first_step + num_steps
+    now = time.time()
+    if self._last_call is not None and not self._skip:
+      self._rate_s += now - self._last_call[0]
+      self._rate_steps += self._step - self._last_call[1]
+    self._last_call, self._skip = (now, self._step), False
     if not self.enabled:
       return
-    now = time.time()
     if self.progress_bar:
       if now - self._last_draw >= _REFRESH_S or self._step >= self.total_steps:
         self._draw_bar()
@@ -211,6 +228,7 @@ class MetricWriter:
       The record written to ``steps.jsonl``.
     """
     record = dict(step=int(step), time_s=time.time() - self._t0)
+    self._one_time_cost_once()
     if self._window["count"] > 0:
       record[release.TRAIN_LOSS] = self._window["loss_sum"] / self._window["count"]
       record[release.CLIPPED_FRACTION] = self._window["clipped"] / self._window["count"]
@@ -228,11 +246,13 @@ class MetricWriter:
   def write_epoch(self, record: Mapping[str, Any]) -> None:
     """Writes one epoch record: console line, ``metrics.jsonl``, TensorBoard."""
     self._epoch = int(record["epoch"]) + 1
+    self._one_time_cost_once()
     if record.get("epsilon") is not None:
       self._last_eps = float(record["epsilon"])
     if not self.enabled:
-      # Every process logs (its own log, not the console or the files of process 0).
-      logging.info("process %d: %s", jax.process_index(),
+      # Process 0 prints the epoch line for the run; the others' copies, the same numbers,
+      # only at --verbosity=1 (a multi-process console would show each epoch N times).
+      logging.vlog(1, "process %d: %s", jax.process_index(),
                    format_epoch_line(record, self.num_epochs))
       return
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
@@ -298,19 +318,24 @@ class MetricWriter:
         self._tb.add_scalar(tag, float(record[key]), int(step))
     self._tb.flush()
 
+  def _one_time_cost_once(self) -> None:
+    """The first evaluation point or epoch end of the run: the interval up to the next call
+    holds compilation and the first checkpoint save, so it stays out of the ETA's rate."""
+    if not self._evaluated:
+      self._evaluated = self._skip = True
+
   def _eta_s(self) -> float:
-    done = self._step - self._start_step
-    if done <= 0:
+    """Seconds left at the steady rate (``nan`` until a steady interval was measured)."""
+    if self._rate_steps <= 0:
       return float("nan")
-    rate = (time.time() - self._t0) / done
-    return rate * (self.total_steps - self._step)
+    return self._rate_s / self._rate_steps * (self.total_steps - self._step)
 
   def _progress_text(self) -> str:
     pct = 100.0 * self._step / max(self.total_steps, 1)
     text = (f"step {self._step}/{self.total_steps} ({pct:.0f}%)  "
             f"epoch {min(self._epoch, self.num_epochs)}/{self.num_epochs}")
     if math.isfinite(self._last_loss):
-      text += f"  loss {self._last_loss:.4f}"
+      text += f"  loss* {self._last_loss:.4f}"
     if self._last_eps is not None and math.isfinite(self._last_eps):
       text += f"  eps {self._last_eps:.3f}"
     return text + (f"  elapsed {_format_duration(time.time() - self._t0)}"
@@ -347,49 +372,6 @@ class MetricWriter:
       kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-
-
-class EpsilonCurve:
-  """Epsilon after T updates of one (sigma, q) DP-SGD run, cheap enough to log often.
-
-  ``dp_accounting``'s PLD accountant rebuilds the privacy loss distribution of one
-  Poisson-subsampled Gaussian update at every call (0.2-1.5 s on a 2-core CPU), which would
-  dominate a short run logged every few hundred updates. This builds it once and
-  self-composes it T times, exactly the computation the accountant performs, so the values are
-  bit-identical to :func:`fastdp_jax.accounting.compute_epsilon` (tested). The RDP
-  accountant is cheap: it is called directly.
-
-  Args:
-    noise_multiplier: sigma (0: non-private, epsilon is inf).
-    sampling_rate: q.
-    delta: target delta.
-    accountant: ``'pld'`` or ``'rdp'``.
-  """
-
-  def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float,
-               accountant: str = "pld"):
-    self.noise_multiplier = float(noise_multiplier)
-    self.sampling_rate = float(sampling_rate)
-    self.delta = float(delta)
-    self.accountant = accountant
-    self._one_update = None
-
-  def __call__(self, steps: int) -> float:
-    from fastdp_jax import accounting  # local: keeps this module free of the accountant
-    if self.noise_multiplier <= 0:
-      return float("inf")
-    if self.accountant != "pld" or steps <= 0:
-      return accounting.compute_epsilon(self.noise_multiplier, self.sampling_rate, steps,
-                                        self.delta, self.accountant)
-    from dp_accounting.pld import privacy_loss_distribution as pld_lib
-    interval = 1e-4  # PLDAccountant's default value_discretization_interval
-    if self._one_update is None:
-      self._one_update = pld_lib.from_gaussian_mechanism(
-          standard_deviation=self.noise_multiplier, value_discretization_interval=interval,
-          sampling_prob=self.sampling_rate)
-    composed = pld_lib.identity(value_discretization_interval=interval).compose(
-        self._one_update.self_compose(int(steps)))
-    return float(composed.get_epsilon_for_delta(self.delta))
 
 
 # steps.jsonl key -> TensorBoard tag of the per-update curves.

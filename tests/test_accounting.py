@@ -56,3 +56,30 @@ def test_bad_parameters_fail_clearly(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     accounting.compute_epsilon(**args)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_the_ledgers_cached_epsilon_equals_the_accountant(accountant):
+  ledger = accounting.PrivacyLedger(1e-5, accountant)
+  for steps in (1, 37, 500):
+    grown = ledger.add(1.1, 0.01, steps)
+    assert grown.epsilon() == accounting.compute_epsilon(1.1, 0.01, steps, 1e-5, accountant)
+  assert ledger.epsilon() == 0.0 and ledger.steps == 0
+  assert accounting.PrivacyLedger(1e-5).add(0.0, 0.01, 10).epsilon() == float("inf")
+
+
+def test_the_ledger_merges_segments_and_round_trips_through_json():
+  ledger = accounting.PrivacyLedger(1e-6, "pld").add(1.0, 0.01, 10).add(1.0, 0.01, 5)
+  assert len(ledger.segments) == 1 and ledger.steps == 15
+  ledger = ledger.add(2.0, 0.01, 5)
+  assert len(ledger.segments) == 2 and ledger.composition == "rdp (adaptive)"
+  again = accounting.PrivacyLedger.from_json(ledger.to_json())
+  assert again.segments == ledger.segments and again.epsilon() == ledger.epsilon()
+
+
+def test_steps_within_a_budget_is_the_last_update_within_it():
+  ledger = accounting.PrivacyLedger(1e-5, "pld").add(0.9, 0.01, 100)
+  k = ledger.steps_within(2.0, 0.9, 0.01, 10_000)
+  assert ledger.epsilon(k, 0.9, 0.01) <= 2.0 < ledger.epsilon(k + 1, 0.9, 0.01)
+  assert ledger.steps_within(None, 0.9, 0.01, 77) == 77
+  assert ledger.steps_within(1e-3, 0.9, 0.01, 77) == 0

@@ -25,8 +25,9 @@ def _chunk(losses, counts, clipped=None):
 
 
 def _record(epoch, step, acc, eps):
-  return dict(epoch=epoch, step=step, train_loss=0.5, test_loss=0.6, test_accuracy=acc,
-              epsilon=eps, clipped_fraction=0.1, nonfinite_examples=0, epoch_time_s=1.0)
+  return dict(epoch=epoch, step=step, nonprivate_train_loss=0.5, test_loss=0.6,
+              test_accuracy=acc, epsilon=eps, nonprivate_clipped_fraction=0.1,
+              nonprivate_nonfinite_examples=0, epoch_time_s=1.0)
 
 
 def test_schedule_puts_points_on_exact_multiples():
@@ -48,14 +49,14 @@ def test_plain_output_files_and_tensorboard(tmp_path):
   w.write_train_steps(0, _chunk([1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 99], [1, 0, 0, 0, 1, 0]),
                       num_steps=5)
   p = w.write_point(5, dict(test_loss=0.7, test_accuracy=0.61, epsilon=0.3))
-  assert p["train_loss"] == pytest.approx((2 + 8 + 18 + 32 + 50) / 30)
-  assert p["clipped_fraction"] == pytest.approx(2 / 30)
+  assert p["nonprivate_train_loss"] == pytest.approx((2 + 8 + 18 + 32 + 50) / 30)
+  assert p["nonprivate_clipped_fraction"] == pytest.approx(2 / 30)
   w.write_train_steps(5, _chunk([1.0] * 5, [3] * 5), num_steps=5)
   w.write_point(10, dict(test_loss=0.65, test_accuracy=0.63, epsilon=0.4))
   w.write_epoch(_record(1, 10, 0.63, 0.4))
   w.write_train_steps(10, _chunk([0.5] * 10, [3] * 10), num_steps=10)
   w.write_point(20, dict(test_loss=0.6, test_accuracy=0.64, epsilon=0.5))
-  w.write_epoch(dict(_record(2, 20, 0.64, 0.5), attack_accuracy=0.55))
+  w.write_epoch(dict(_record(2, 20, 0.64, 0.5), nonprivate_attack_accuracy=0.55))
   w.write_summary(dict(epsilon=0.5, test_accuracy=0.64, steps=20, dp_enabled=True,
                        config={"x": 1}))
   w.close()
@@ -65,24 +66,24 @@ def test_plain_output_files_and_tensorboard(tmp_path):
   lines = text.splitlines()
   epoch_lines = [l for l in lines if l.startswith("epoch ")]
   assert epoch_lines == [
-      "epoch 1/2  train_loss 0.5000  test_loss 0.6000  test_acc 0.6300  epsilon 0.4000  "
+      "epoch 1/2  train_loss* 0.5000  test_loss 0.6000  test_acc 0.6300  epsilon 0.4000  "
       "time 1.0s",
-      "epoch 2/2  train_loss 0.5000  test_loss 0.6000  test_acc 0.6400  epsilon 0.5000  "
-      "attack_acc 0.5500  time 1.0s"]
+      "epoch 2/2  train_loss* 0.5000  test_loss 0.6000  test_acc 0.6400  epsilon 0.5000  "
+      "attack_acc* 0.5500  time 1.0s"]
   progress = [l for l in lines if l.startswith("step ")]
   assert progress and all("ETA" in l for l in progress)
 
   recs = metrics.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [r["epoch"] for r in recs] == [1, 2] and recs[1]["attack_accuracy"] == 0.55
+  assert [r["epoch"] for r in recs] == [1, 2] and recs[1]["nonprivate_attack_accuracy"] == 0.55
   points = metrics.read_jsonl(tmp_path / "steps.jsonl")
   assert [p["step"] for p in points] == [5, 10, 20]
-  assert points[1]["train_loss"] == pytest.approx(1.0)
+  assert points[1]["nonprivate_train_loss"] == pytest.approx(1.0)
 
   scalars = metrics.read_scalars(str(tmp_path))
   assert scalars["test/accuracy"] == [(5, pytest.approx(0.61)), (10, pytest.approx(0.63)),
                                       (20, pytest.approx(0.64))]
   assert [s for s, _ in scalars["privacy/epsilon"]] == [5, 10, 20]
-  assert scalars["train/loss"][0][1] == pytest.approx(p["train_loss"], rel=1e-6)
+  assert scalars["nonprivate/train_loss"][0][1] == pytest.approx(p["nonprivate_train_loss"], rel=1e-6)
   assert scalars["epoch/test_accuracy"] == [(1, pytest.approx(0.63)), (2, pytest.approx(0.64))]
   assert scalars["final/epsilon"] == [(20, pytest.approx(0.5))]
   assert not any(t.startswith("final/config") for t in scalars)
@@ -105,9 +106,9 @@ def test_progress_bar_on_a_terminal(tmp_path):
   assert "\r[" in text and "ETA" in text and "step 8/8 (100%)" in text
   assert "#" * 24 in text  # a full bar at the end
   # Epoch lines start on a cleared line and are never glued to the bar.
-  assert "\r\x1b[Kepoch 1/2  train_loss" in text
+  assert "\r\x1b[Kepoch 1/2  train_loss*" in text
   # Finished: the bar is cleared and not redrawn after the last line.
-  assert text.endswith("\r\x1b[Kepoch 2/2  train_loss 0.5000  test_loss 0.6000  "
+  assert text.endswith("\r\x1b[Kepoch 2/2  train_loss* 0.5000  test_loss 0.6000  "
                        "test_acc 0.6000  epsilon 0.3000  time 1.0s\n")
   assert not (tmp_path / "events").exists() and not any(
       f.startswith("events.out") for f in os.listdir(tmp_path))
@@ -118,7 +119,7 @@ def test_only_the_writing_process_writes(tmp_path):
   w = metrics.MetricWriter(str(tmp_path / "w"), total_steps=4, num_epochs=1, stream=out,
                            log_every_steps=2, enabled=False)
   w.write_train_steps(0, _chunk([1.0] * 2, [1] * 2), num_steps=2)
-  assert w.write_point(2, dict(epsilon=0.1))["train_loss"] == 1.0  # same bookkeeping
+  assert w.write_point(2, dict(epsilon=0.1))["nonprivate_train_loss"] == 1.0  # same bookkeeping
   w.write_epoch(_record(1, 4, 0.5, 0.1))
   w.print("hello")
   w.close()
@@ -153,16 +154,6 @@ def test_read_scalars_reads_tfrecord_framing(tmp_path):
   assert 12 + length + 4 <= len(data)
 
 
-@pytest.mark.parametrize("accountant", ["pld", "rdp"])
-def test_epsilon_curve_equals_the_accountant(accountant):
-  from fastdp_jax import accounting
-  curve = metrics.EpsilonCurve(1.1, 0.01, 1e-5, accountant)
-  for steps in (1, 37, 500):
-    assert curve(steps) == accounting.compute_epsilon(1.1, 0.01, steps, 1e-5, accountant)
-  assert curve(0) == 0.0
-  assert metrics.EpsilonCurve(0.0, 0.01, 1e-5)(10) == float("inf")
-
-
 def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   from configs import test as test_config
   from fastdp_jax import accounting
@@ -183,14 +174,15 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   # Mid-epoch epsilon is the accountant's; epoch-end points repeat the epoch records.
   mid = [p for p in points if p["step"] % per_epoch]
   assert mid[0]["epsilon"] == accounting.compute_epsilon(
-      cfg.dp.noise_multiplier, summary["sampling_rate"], mid[0]["step"], cfg.dp.delta)
+      cfg.dp.noise_multiplier, summary["sampling_rate"], mid[0]["step"],
+      summary["accountant_delta"])
   eps = [p["epsilon"] for p in points]
   assert eps == sorted(eps) and len(set(eps)) == len(eps)
   by_step = {p["step"]: p for p in points}
   for r in epochs:
     assert by_step[r["step"]]["test_accuracy"] == r["test_accuracy"]
     assert by_step[r["step"]]["epsilon"] == r["epsilon"]
-  assert all(np.isfinite(p["train_loss"]) and 0 <= p["clipped_fraction"] <= 1 for p in points)
+  assert all(np.isfinite(p["nonprivate_train_loss"]) and 0 <= p["nonprivate_clipped_fraction"] <= 1 for p in points)
   scalars = metrics.read_scalars(work)
   assert [s for s, _ in scalars["test/accuracy"]] == expected
   assert [v for _, v in scalars["privacy/epsilon"]] == pytest.approx(eps, rel=1e-6)

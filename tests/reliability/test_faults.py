@@ -51,12 +51,27 @@ def test_override_is_recorded_and_epsilon_keeps_accumulating(dataset, tmp_path):
   q, steps = first["sampling_rate"], first["steps"]
   assert second["steps"] == 2 * steps
   assert [s["noise_multiplier"] for s in second["privacy_ledger"]] == [1.0, 2.0]
-  # The composition of both segments, never a reset: more than either part alone.
-  eps_second_alone = accounting.compute_epsilon(2.0, q, steps, 1e-5)
+  # The composition of both segments, never a reset: more than either part alone; RDP, which
+  # is valid when the second segment's sigma was chosen after seeing the first's results.
+  delta = first["accountant_delta"]
+  eps_second_alone = accounting.compute_epsilon(2.0, q, steps, delta)
   assert second["epsilon"] > max(first["epsilon"], eps_second_alone)
-  assert second["epsilon"] == pytest.approx(checkpoint.ledger_epsilon(
-      [checkpoint.Segment(noise_multiplier=1.0, sampling_rate=q, steps=steps),
-       checkpoint.Segment(noise_multiplier=2.0, sampling_rate=q, steps=steps)], 1e-5, "pld"))
+  assert second["ledger_composition"] == "rdp (adaptive)"
+  rdp = accounting.make_accountant("rdp")
+  for sigma in (1.0, 2.0):
+    rdp.compose(accounting.dp_event(sigma, q, steps))
+  assert second["epsilon"] == pytest.approx(rdp.get_epsilon(delta), rel=1e-12)
+
+
+def test_a_resume_with_changes_draws_fresh_noise(dataset, tmp_path):
+  train.train_and_evaluate(_cfg(dataset), str(tmp_path))
+  before = checkpoint.load_keys(str(tmp_path))
+  train.train_and_evaluate(_cfg(dataset, num_epochs=2, **{"dp.noise_multiplier": 2.0,
+                                                          "checkpoint.allow_changes": True}),
+                           str(tmp_path))
+  after = checkpoint.load_keys(str(tmp_path))
+  assert not (after.noise == before.noise).all()
+  assert (after.sampling == before.sampling).all()
 
 
 def test_budget_cap_stops_before_exceeding_and_survives_resume(dataset, tmp_path):
@@ -68,7 +83,8 @@ def test_budget_cap_stops_before_exceeding_and_survives_resume(dataset, tmp_path
   assert capped["epsilon"] <= cap < full["epsilon"]
   q, sigma = capped["sampling_rate"], capped["noise_multiplier"]
   # It stopped at the LAST update within the budget.
-  assert accounting.compute_epsilon(sigma, q, capped["steps"] + 1, 1e-5) > cap
+  assert accounting.compute_epsilon(sigma, q, capped["steps"] + 1,
+                                    capped["accountant_delta"]) > cap
   assert (tmp_path / "cap" / "checkpoints" / str(capped["steps"])).is_dir()
   # Rerunning resumes and takes no further update: the budget never resets.
   again = train.train_and_evaluate(_cfg(dataset, num_epochs=4, **{"dp.max_epsilon": cap}),
