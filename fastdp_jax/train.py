@@ -552,6 +552,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       NonFiniteParametersError: the noised parameters diverged (naming the update).
   """
   config_lib.validate(cfg)
+  distributed.check_same_start(workdir, cfg.to_json_best_effort())  # same workdir, shared
   checkpoint_lib.check_writable(workdir)
   checkpoint_lib.check_not_forgotten(workdir)
   if jax.process_index() == 0:
