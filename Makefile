@@ -12,7 +12,7 @@ DEMO_DATA := data/generated/capums
 DEMO_CSV := data/generated/CaPUMS5full.csv
 LINT_PATHS := fastdp_jax preprocessing main.py
 
-.PHONY: install demo data lint test test-main test-multidevice clean
+.PHONY: install demo data lint test test-main test-multidevice mutation clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ test-main: $(STAMP)
 
 test-multidevice: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests -m multidevice
+
+# Each deliberately broken copy of the training path (tests/mutation/mutants.py) must make a
+# privacy test fail; writes the table into docs/privacy.md. About 10 minutes on 2 cores.
+mutation: $(STAMP)
+	$(PY) tests/mutation/run.py
 
 clean:
 	rm -rf runs data/generated

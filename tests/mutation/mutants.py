@@ -1,0 +1,148 @@
+"""The mutants of ``make mutation``: one textual change each, in the training path.
+
+Each :class:`Mutant` replaces one exact piece of text in one file of a temporary copy of the
+repository (it must occur exactly once there, or the run is a harness error: a mutant that no
+longer applies is never counted as caught). Each breaks one guarantee that
+:mod:`fastdp_jax` states, silently: the code runs, trains and reports the same sigma, C, q and
+epsilon, and only a test that checks what the loop does can tell.
+
+``tests/mutation/test_mutants_apply.py`` checks in the ordinary suite that every mutant still
+applies to the current sources, so a refactoring that moves the text is noticed at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Mutant:
+  """One deliberate bug.
+
+  Attributes:
+    name: short identifier (``--only NAME``).
+    file: the mutated file, relative to the repository root.
+    old: the exact text replaced (must occur exactly once in ``file``).
+    new: its replacement.
+    breaks: the guarantee the change breaks, in words (for the table).
+    multidevice: True when the change is invisible on one device (only the 8-device run can
+      catch it).
+  """
+
+  name: str
+  file: str
+  old: str
+  new: str
+  breaks: str
+  multidevice: bool = False
+
+
+_CLIP_FACTOR = "factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))"
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        name="sigma_half",
+        file="fastdp_jax/noise.py",
+        old="  stddev = float(noise_multiplier) * float(l2_norm_clip)\n",
+        new="  stddev = 0.5 * float(noise_multiplier) * float(l2_norm_clip)  # MUTANT\n",
+        breaks="the loop adds noise of std sigma C / 2 while sigma is reported"),
+    Mutant(
+        name="clip_10c_ghost",
+        file="fastdp_jax/ghost.py",
+        old=_CLIP_FACTOR,
+        new=_CLIP_FACTOR.replace("l2_norm_clip /", "10 * l2_norm_clip /") + "  # MUTANT",
+        breaks="ghost clipping (dp.clipping 'auto' for the MLP) clips at 10 C; noise for C"),
+    Mutant(
+        name="clip_10c_vmap",
+        file="fastdp_jax/clipping.py",
+        old=_CLIP_FACTOR,
+        new=_CLIP_FACTOR.replace("l2_norm_clip /", "10 * l2_norm_clip /") + "  # MUTANT",
+        breaks="vmap clipping clips at 10 C; noise for C"),
+    Mutant(
+        name="no_clipping_ghost",
+        file="fastdp_jax/ghost.py",
+        old=_CLIP_FACTOR,
+        new="factor = jnp.ones_like(norms)  # MUTANT: no clipping",
+        breaks="ghost path: per-example gradients are not clipped at all"),
+    Mutant(
+        name="no_clipping_vmap",
+        file="fastdp_jax/clipping.py",
+        old=_CLIP_FACTOR,
+        new="factor = jnp.ones_like(norms)  # MUTANT: no clipping",
+        breaks="vmap path: per-example gradients are not clipped at all"),
+    Mutant(
+        name="realised_batch",
+        file="fastdp_jax/train.py",
+        old=("  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
+             "plan.l2_norm_clip,\n"
+             "                                       microbatch_size=cfg.dp.microbatch_size)\n"),
+        new=("  _exact_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
+             "plan.l2_norm_clip,\n"
+             "                                      microbatch_size=cfg.dp.microbatch_size)\n"
+             "\n"
+             "  def clipped_sum(params, batch, mask):  # MUTANT: mean over the realised batch\n"
+             "    grads, stats = _exact_sum(params, batch, mask)\n"
+             "    scale = cfg.batch_size / jnp.maximum(jnp.sum(mask), 1)\n"
+             "    return jax.tree_util.tree_map(lambda g: g * scale, grads), stats\n"),
+        breaks="the clipped sum is divided by the realised batch size, not the expected one"),
+    Mutant(
+        name="noise_key_reuse",
+        file="fastdp_jax/noise.py",
+        old="return updates, PrivatizeState(key=state.key, count=state.count + 1)",
+        new="return updates, PrivatizeState(key=state.key, count=state.count)  # MUTANT",
+        breaks="the noise count is never advanced: every update (and call) reuses one noise"),
+    Mutant(
+        name="correlated_sampling",
+        file="fastdp_jax/sampling.py",
+        old=("    lo, hi = np.searchsorted(self.block_t, [step, step + 1])\n"
+             "    return self.block_rows[lo:hi]\n"),
+        new=("    lo, hi = np.searchsorted(self.block_t, [step, step + 1])\n"
+             "    # MUTANT: the Poisson batch size, but the batch is one contiguous cyclic window\n"
+             "    # of rows at a uniformly random start: every row is still in with probability\n"
+             "    # q, yet neighbouring rows are included together.\n"
+             "    n = len(self.rows)\n"
+             "    u = uniforms(self.key, np.array([2**63 + self.lo], np.uint64), np.array([step]))\n"
+             "    start = int(u[0] * n) % n\n"
+             "    return np.sort((start + np.arange(hi - lo)) % n)\n"),
+        breaks="inclusions are perfectly correlated between neighbouring rows (right rate q)"),
+    Mutant(
+        name="noise_per_device",
+        file="fastdp_jax/step.py",
+        old=("    def do(state):\n"
+             "      grads, m = sharded_sum(state.params, x, y, idx, mask)\n"
+             "      updates, opt_state = tx.update(grads, state.opt_state, state.params)\n"),
+        new=("    def do(state):\n"
+             "      # MUTANT: every device noises and applies its own clipped sum before the\n"
+             "      # all-reduce, and the updates are summed: D devices sharing the key add D\n"
+             "      # times the noise (on one device, the same as adding it once).\n"
+             "      def local(params, opt_state, x, y, idx, mask):\n"
+             "        grads, m = per_device(params, x, y, idx[0], mask[0])\n"
+             "        updates, opt_state = tx.update(grads, opt_state, params)\n"
+             "        return jax.lax.psum(updates, AXIS), opt_state, jax.lax.psum(m, AXIS)\n"
+             "\n"
+             "      updates, opt_state, m = jax.shard_map(\n"
+             "          local, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),\n"
+             "          out_specs=(P(), P(), P()), check_vma=False)(\n"
+             "              state.params, state.opt_state, x, y, idx, mask)\n"),
+        breaks="noise is added on each of the D devices before the all-reduce, not once",
+        multidevice=True),
+    Mutant(
+        name="public_sampling_seed",
+        file="fastdp_jax/train.py",
+        # The tail of the line (the configured seed) becomes a dead expression, so that the
+        # mutant applies whichever way the line reads the seed.
+        old="  skey, sfixed = sampling.sampling_key(",
+        new="  skey, sfixed = sampling.sampling_key(cfg.seed)[0], False; _public = (  # MUTANT\n      ",
+        breaks="the sampler is keyed by the public cfg.seed while the run says private"),
+)
+
+
+def by_name(names: list[str] | None = None) -> list[Mutant]:
+  """The mutants called ``names`` (all of them for None), in the order of :data:`MUTANTS`."""
+  if not names:
+    return list(MUTANTS)
+  known = {m.name: m for m in MUTANTS}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown mutants {unknown}; known: {sorted(known)}")
+  return [m for m in MUTANTS if m.name in names]
