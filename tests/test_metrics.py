@@ -2,7 +2,9 @@
 
 import io
 import json
+import logging as std_logging
 import os
+import re
 import struct
 
 import numpy as np
@@ -124,6 +126,64 @@ def test_only_the_writing_process_writes(tmp_path):
   w.print("hello")
   w.close()
   assert out.getvalue() == "" and not (tmp_path / "w").exists()
+
+
+def test_eta_leaves_out_compilation_and_the_first_evaluation(tmp_path, monkeypatch):
+  # A fake clock: the first call takes 100 s (compilation), each later call of 10 updates 1 s,
+  # the first epoch end 30 s (the evaluation's compilation, the first checkpoint save). The
+  # first ETA of a 4-minute run used to read 1:17:43: the compiling call counted as a rate.
+  clock = [0.0]
+  monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+  out = io.StringIO()
+  w = metrics.MetricWriter(str(tmp_path), total_steps=1000, num_epochs=2, stream=out,
+                           tensorboard=False, plain_interval_s=0.0)
+  eta = {}
+
+  def call(step, seconds):
+    clock[0] += seconds
+    w.write_train_steps(step, _chunk([0.5] * 10, [2] * 10), num_steps=10)
+    eta[step + 10] = re.findall(r"ETA (\S+)", out.getvalue())[-1]
+
+  call(0, 100.0)
+  for step in range(10, 500, 10):
+    call(step, 1.0)
+  clock[0] += 30.0
+  w.write_point(500, dict(epsilon=0.5))
+  w.write_epoch(_record(1, 500, 0.6, 0.5))
+  for step in range(500, 600, 10):
+    call(step, 1.0)
+  w.close()
+  assert eta[10] == "?"  # only the compiling call so far: no rate yet
+  assert eta[20] == "1:38"  # 0.1 s per update, 980 to go (counted from the start: 1:22:29)
+  assert eta[500] == "0:50"
+  assert eta[510] == "0:49"  # the first epoch end's one-time 30 s left out as well
+  assert eta[600] == "0:40"
+
+
+def test_other_processes_log_their_epoch_lines_only_at_verbosity_1(tmp_path):
+  # Process 0 prints each epoch; a copy from every other process would repeat it N-1 times.
+  from absl import logging as absl_logging
+  seen = []
+
+  class Catch(std_logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  logger, catch = absl_logging.get_absl_logger(), Catch()
+  logger.addHandler(catch)
+  verbosity = absl_logging.get_verbosity()
+  w = metrics.MetricWriter(str(tmp_path / "w"), total_steps=4, num_epochs=1, enabled=False)
+  try:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    w.write_epoch(_record(1, 4, 0.5, 0.1))
+    assert not [m for m in seen if "epoch 1/1" in m]
+    absl_logging.set_verbosity(1)
+    w.write_epoch(_record(1, 4, 0.5, 0.1))
+    assert [m for m in seen if "epoch 1/1" in m] == [
+        "process 0: " + metrics.format_epoch_line(_record(1, 4, 0.5, 0.1), 1)]
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    logger.removeHandler(catch)
 
 
 def test_resume_rewrites_epochs_and_cuts_points(tmp_path):
