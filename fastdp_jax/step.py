@@ -145,7 +145,7 @@ def _auto_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
 
 def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
                       clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
-                      l2_norm_clip: float | None, strategy: str = "shard_map") -> Any:
+                      l2_norm_clip: float | None, strategy: str = "shard_map") -> TrainStep:
   """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
 
   Args:
@@ -157,14 +157,14 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
     strategy: ``'shard_map'`` (explicit ``psum``) or ``'auto'`` (XLA inserts the all-reduce).
 
   Returns:
-    A function. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData` arrays;
+    A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData`
+    arrays;
     ``indices``/``mask`` are host arrays [steps, num_devices, capacity] of per-device local
     row indices of each update's Poisson batch (identical on every process; each process
     transfers only its devices' slices); ``active`` [steps] bool lets a call run fewer updates
     than its compiled length without recompiling. ``metrics`` holds per-update
     ``loss_sum, count, clipped, nonfinite`` [steps] (training-row sums, not private) and
-    ``params_finite`` [steps] bool (of the noised parameters). ``run.lower(...)`` lowers the jitted
-    function for the same arguments (to inspect the compiled step).
+    ``params_finite`` [steps] bool (of the noised parameters).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
@@ -203,18 +203,56 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
     (state, _, _), metrics = jax.lax.scan(one_step, (state, x, y), (indices, mask, active))
     return state, metrics
 
-  def place(indices, mask, active):
-    return (parallel.shard_along_devices(mesh, indices), parallel.shard_along_devices(mesh, mask),
-            parallel.replicate(mesh, np.asarray(active)))
+  return TrainStep(layout=BatchLayout(mesh=mesh), jitted=jitted)
 
-  def run(state, x, y, indices, mask, active):
-    if not isinstance(indices, jax.Array):  # host arrays; run.place may have placed them
-      indices, mask, active = place(indices, mask, active)
-    return jitted(state, x, y, indices, mask, active)
 
-  # The host -> device transfer of a call's batches, on its own (profiling).
-  run.place = place  # type: ignore[attr-defined]
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a call's Poisson batches go from the host to the devices.
 
-  run.lower = lambda state, x, y, indices, mask, active: jitted.lower(  # type: ignore[attr-defined]
-      state, x, y, *place(indices, mask, active))
-  return run
+  ``indices`` and ``mask`` are ``[steps, num_devices, capacity]``: for update s and mesh
+  device d, the batch's rows among d's OWN block of training rows (local indices), padded with
+  ``mask == False``. They are sharded along axis 1 (one slice per device), so each process
+  transfers only its devices' slices; ``active`` ``[steps]`` is replicated.
+  """
+
+  mesh: jax.sharding.Mesh
+
+  @property
+  def num_devices(self) -> int:
+    return int(self.mesh.devices.size)
+
+  def place(self, indices: np.ndarray, mask: np.ndarray,
+            active: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The host -> device transfer of a call's batches (on its own, for profiling)."""
+    if indices.ndim != 3 or indices.shape[1] != self.num_devices or mask.shape != indices.shape:
+      raise ValueError(f"batches of shape {indices.shape} / {mask.shape}; expected [steps, "
+                       f"{self.num_devices}, capacity] for both")
+    return (parallel.shard_along_devices(self.mesh, indices),
+            parallel.shard_along_devices(self.mesh, mask),
+            parallel.replicate(self.mesh, np.asarray(active)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The compiled call: ``step(state, features, labels, indices, mask, active)``.
+
+  Attributes:
+    layout: the batches' device layout (:class:`BatchLayout`).
+    jitted: the jitted function (for inspection).
+  """
+
+  layout: BatchLayout
+  jitted: Callable
+
+  def place(self, indices, mask, active):
+    return self.layout.place(indices, mask, active)
+
+  def __call__(self, state, x, y, indices, mask, active):
+    if not isinstance(indices, jax.Array):  # host arrays; place() may have placed them
+      indices, mask, active = self.place(indices, mask, active)
+    return self.jitted(state, x, y, indices, mask, active)
+
+  def lower(self, state, x, y, indices, mask, active):
+    """Lowers the jitted function for these arguments (to inspect the compiled step)."""
+    return self.jitted.lower(state, x, y, *self.place(indices, mask, active))

@@ -166,7 +166,7 @@ class Trainer:
   test: data_lib.Split
   dev: parallel.DeviceData
   apply_fn: Callable
-  run: Any  # the compiled step (fastdp_jax.step.build_train_chunk; has .place and .lower)
+  run: step_lib.TrainStep  # the compiled step
   sampler: sampling.PoissonSampler
   local_shards: list[int]
   evaluate: Callable

@@ -382,7 +382,7 @@ def _run_steps(devices, strategy, clip_kind):
              else _tap_clipped_sum(loss_fn, CLIP))
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]),
                    optax.sgd(0.5, momentum=0.9))
-  sampler = sampling.PoissonSampler(N, BATCH, seed=2, shard_bounds=dev.bounds)
+  sampler = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds)
   run = step_lib.build_train_chunk(mesh, loss_fn, clipped, tx, CLIP, strategy)
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
                                                   step=jnp.zeros((), jnp.int32)))
@@ -434,7 +434,7 @@ def test_compiled_step_has_exactly_one_all_reduce_of_the_gradient(strategy):
   apply_fn, params = models.functional(models.create_model(D, HIDDEN, 0))
   loss_fn = models.example_loss(apply_fn)
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]), optax.sgd(0.1))
-  sampler = sampling.PoissonSampler(N, BATCH, seed=2, shard_bounds=dev.bounds)
+  sampler = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds)
   run = step_lib.build_train_chunk(mesh, loss_fn, step_lib.vmap_clipped_sum(loss_fn, CLIP),
                                    tx, CLIP, strategy)
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),

@@ -23,13 +23,13 @@ def _run(devices, method, strategy="shard_map"):
   x = rng.normal(size=(N, D)).astype(np.float32)
   y = (rng.random(N) < 0.6).astype(np.float32)
   # A sampled example with a non-finite feature: zeroed by both methods on whichever device.
-  x[sampling.PoissonSampler(N, BATCH, seed=1).global_indices(2)[-1], 2] = np.nan
+  x[sampling.PoissonSampler(N, BATCH, key=1).global_indices(2)[-1], 2] = np.nan
   model = models.create_model(D, HIDDEN, 0)
   apply_fn, params = models.functional(model)
   loss_fn = models.example_loss(apply_fn)
   mesh = parallel.make_mesh(devices)
   dev = parallel.place_training_data(mesh, x, y)
-  sampler = sampling.PoissonSampler(N, BATCH, seed=1, shard_bounds=dev.bounds)
+  sampler = sampling.PoissonSampler(N, BATCH, key=1, shard_bounds=dev.bounds)
   b = sampler.batches(0, STEPS)
   tx = optax.chain(noise.privatize(CLIP, 0.7, BATCH, noise.noise_key(5)[0]), optax.sgd(0.5))
   kwargs = {} if strategy == "shard_map" else dict(strategy=strategy)
