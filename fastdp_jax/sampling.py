@@ -248,6 +248,14 @@ class PoissonSampler:
     capacity_multiple: round the capacity up to a multiple of this (e.g. the microbatch
       size of chunked clipping, which must divide the padded batch).
     sampling_rate: q itself, when it is fixed by a public figure rather than by N.
+
+  Example::
+
+    >>> key, fixed = sampling_key(None)  # 128 bits of OS entropy: the batches are secret
+    >>> sampler = PoissonSampler(10_000, 100, key)
+    >>> b = sampler.batches(0, 4)  # 4 updates, padded to a fixed capacity with a mask
+    >>> b.indices.shape == (4, 1, sampler.capacity), bool(b.mask.sum() > 0)
+    (True, True)
   """
 
   def __init__(self, num_examples: int, expected_batch_size: float,
