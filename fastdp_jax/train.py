@@ -313,11 +313,21 @@ def _announce(t: Trainer, num_params: int) -> None:
     print(f"WARNING: private: false: {t.privacy_note}", flush=True)
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: str,
-          cleanup: contextlib.ExitStack) -> Trainer:
-  """Builds a :class:`Trainer` for ``cfg`` in ``workdir``, resumed from its checkpoint."""
+def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, *,
+          data: tuple[data_lib.Split, data_lib.Split, parallel.DeviceData] | None = None
+          ) -> Trainer:
+  """Builds a :class:`Trainer` for ``cfg`` in ``workdir``, resumed from its checkpoint.
+
+  Args:
+    cfg: a validated config.
+    workdir: the run's directory.
+    cleanup: closes the checkpointer when the run ends.
+    data: ``(train, test, device data)`` already in memory (benchmarks, notebooks), instead
+      of reading ``cfg.data.path``; the device data must be placed on
+      ``parallel.make_mesh()``'s mesh.
+  """
   mesh = parallel.make_mesh()
-  train, test, dev = _load_data(cfg, mesh)
+  train, test, dev = _load_data(cfg, mesh) if data is None else data
   plan = plan_lib.plan_privacy(cfg, dev.num_examples, num_devices=int(mesh.devices.size))
   # cfg.seed initialises the model and nothing else: the batches and the noise come from
   # secret keys (OS entropy, unless dp.sampling_seed / dp.noise_seed fix them).
