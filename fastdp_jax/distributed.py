@@ -540,6 +540,12 @@ class _FatalErrorGuard:
     sys.stderr = io.TextIOWrapper(
         io.FileIO(real_fd, "w", closefd=False), encoding=getattr(old, "encoding", None),
         errors="backslashreplace", line_buffering=True)
+    # Log handlers that captured the old stream (absl's, made at import) follow it.
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+    handlers = [logging.get_absl_handler().python_handler, *std_logging.getLogger().handlers]
+    for handler in handlers:
+      if isinstance(handler, std_logging.StreamHandler) and handler.stream is old:
+        handler.setStream(sys.stderr)
     import faulthandler  # pylint: disable=g-import-not-at-top
     if faulthandler.is_enabled():  # crash dumps go to the real stderr, not into the pipe
       faulthandler.enable(file=sys.stderr, all_threads=True)

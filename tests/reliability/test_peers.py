@@ -197,3 +197,24 @@ def test_processes_started_differently_are_refused_before_training(dataset, tmp_
     assert "epoch 1/" not in out
   for w in set(workdirs):  # refused before any training: nothing written
     assert not (w / "metrics.jsonl").exists()
+
+
+def test_a_hung_trainer_process_ends_the_other_with_one_line(dataset, tmp_path):
+  port = launch.free_port()
+  work = tmp_path / "w"
+  procs = [_trainer(dataset, work, port, r, "--config.num_epochs=500",
+                    "--config.checkpoint.enabled=False") for r in (0, 1)]
+  try:
+    lines = []  # process 0's stdout, read while it trains
+    _wait_for(lambda: lines.append(procs[0].stdout.readline()) or "epoch 1/500" in lines[-1],
+              procs, "the first epoch")
+    os.kill(procs[1].pid, signal.SIGSTOP)  # hung: its connections stay open
+    out, err = procs[0].communicate(timeout=WAIT_S)
+  finally:
+    _kill_all(procs)
+  assert procs[0].returncode == distributed.PEER_LOST_EXIT_CODE, err[-3000:]
+  line = _one_error_line(err)
+  assert line == ("error: process 0 of 2: process 1 stopped answering (no heartbeat for "
+                  f"{HEARTBEAT_S} s: killed, hung or unreachable); stopping; to resume, rerun "
+                  "the same command on every process (training continues from the last "
+                  f"checkpoint in {work})"), line
