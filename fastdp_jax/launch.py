@@ -89,6 +89,8 @@ def process_env(base: dict[str, str], coordinator: str, num_processes: int, proc
                 devices_per_process: int | None) -> dict[str, str]:
   """The environment of process ``process_id``."""
   env = dict(base)
+  # PYTHONUNBUFFERED: output arrives as it is written; the trainer itself makes stdout
+  # line-buffered (distributed.initialize), so that a print is one write, never split.
   env.update(FASTDP_COORDINATOR_ADDRESS=coordinator, FASTDP_NUM_PROCESSES=str(num_processes),
              FASTDP_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
   if devices_per_process:
