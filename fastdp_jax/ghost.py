@@ -76,7 +76,7 @@ def unsupported_layers(model: nnx.Module) -> list[str]:
     One line per obstacle, naming the layer.
   """
   problems = []
-  # Exactly MLP: a subclass could change the forward pass that mlp_forward replicates.
+  # Exactly MLP: a subclass could change the forward pass that ghost norms assume.
   if type(model) is not models.MLP:  # pylint: disable=unidiomatic-typecheck
     problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
                     " architecture whose forward pass ghost clipping replicates")
@@ -114,36 +114,6 @@ def _dense_layers(params: models.Params) -> list[dict[str, jax.Array]]:
   return [layers[k] for k in sorted(layers, key=int)]
 
 
-def mlp_forward(params: models.Params, x: jax.Array,
-                taps: Sequence[jax.Array] | None = None) -> tuple[jax.Array, list[jax.Array]]:
-  """The MLP's forward pass on a plain parameter pytree, with optional taps.
-
-  Computes the same function as :class:`fastdp_jax.models.MLP` (tested), written out so that
-  the inputs of every dense layer are available and a tap can be added to its output.
-
-  Args:
-    params: the pure parameter dict of a :class:`fastdp_jax.models.MLP`.
-    x: [batch, num_features] features.
-    taps: optional, one [batch, out_l] array per layer added to its pre-activation (zeros:
-      they only serve to differentiate with respect to the pre-activations).
-
-  Returns:
-    ``(logits [batch], inputs)``; ``inputs[l]`` [batch, in_l] is layer l's input.
-  """
-  layers = _dense_layers(params)
-  inputs = []
-  a = x
-  for l, layer in enumerate(layers):
-    inputs.append(a)
-    z = a @ layer["kernel"]
-    if "bias" in layer:
-      z = z + layer["bias"]
-    if taps is not None:
-      z = z + taps[l]
-    a = jax.nn.relu(z) if l < len(layers) - 1 else z
-  return a[..., 0], inputs
-
-
 def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
   """``v`` with the rows where ``keep`` is False set to exactly 0 (also NaN/inf rows)."""
   return jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
@@ -176,7 +146,7 @@ def ghost_clipped_sum(l2_norm_clip: float,
             for layer in layers]
 
     def summed_loss(taps):
-      logits, inputs = mlp_forward(params, x, taps)
+      logits, inputs = models.mlp_forward(params, x, taps)  # the model's own forward pass
       losses = loss(logits, y)
       return jnp.sum(losses), (inputs, losses)
 

@@ -33,9 +33,38 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps features [..., num_features] to logits [...]."""
-    for layer in self.layers[:-1]:
-      x = jax.nn.relu(layer(x))
-    return self.layers[-1](x)[..., 0]
+    return self.forward(x)[0]
+
+  def forward(self, x: jax.Array, taps: Sequence[jax.Array] | None = None
+              ) -> tuple[jax.Array, list[jax.Array]]:
+    """The forward pass, with every dense layer's input and optional taps.
+
+    Args:
+      x: [batch, num_features] features.
+      taps: optional, one [batch, out_l] array per layer added to its pre-activation (zeros:
+        ghost clipping differentiates with respect to them).
+
+    Returns:
+      ``(logits [batch], inputs)``; ``inputs[l]`` [batch, in_l] is layer l's input.
+    """
+    inputs = []
+    for l, layer in enumerate(self.layers):
+      inputs.append(x)
+      z = layer(x)
+      if taps is not None:
+        z = z + taps[l]
+      x = jax.nn.relu(z) if l < len(self.layers) - 1 else z
+    return x[..., 0], inputs
+
+
+def mlp_forward(params: Params, x: jax.Array, taps: Sequence[jax.Array] | None = None
+                ) -> tuple[jax.Array, list[jax.Array]]:
+  """:meth:`MLP.forward` on a plain parameter pytree (the architecture read off its shapes)."""
+  layers = [params["layers"][k] for k in sorted(params["layers"], key=int)]
+  sizes = [layers[0]["kernel"].shape[0]] + [layer["kernel"].shape[1] for layer in layers]
+  abstract = nnx.eval_shape(lambda: MLP(sizes[0], tuple(sizes[1:-1]), rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract, nnx.Param)
+  return nnx.merge(graphdef, nnx.State(params)).forward(x, taps)
 
 
 def create_model(num_features: int, hidden_sizes: Sequence[int], seed: int) -> MLP:

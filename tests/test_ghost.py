@@ -54,7 +54,7 @@ def _both(loss_fn, params, batch, clip, mask):
 def test_forward_is_the_models_forward(d, hidden):
   _, apply_fn, params, _ = _model(d, hidden, seed=3)
   x, _ = _batch(np.random.default_rng(0), 17, d)
-  logits, inputs = ghost.mlp_forward(params, x)
+  logits, inputs = models.mlp_forward(params, x)
   np.testing.assert_allclose(logits, apply_fn(params, x), rtol=1e-6, atol=1e-6)
   assert [a.shape[1] for a in inputs] == [d, *hidden]
 
