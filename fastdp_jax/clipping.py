@@ -34,11 +34,6 @@ class ClipStats(NamedTuple):
   losses: jax.Array | None = None
 
 
-def sensitivity(l2_norm_clip: float) -> float:
-  """L2 sensitivity of :func:`clipped_grad_sum` to adding or removing one example."""
-  return float(l2_norm_clip)
-
-
 def _per_example_norms(grads: PyTree) -> jax.Array:
   leaves = jax.tree_util.tree_leaves(grads)
   sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves)

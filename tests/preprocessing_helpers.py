@@ -1,4 +1,4 @@
-"""Helpers for the pipeline's tests and benchmarks: reading outputs back, expected rows, LR.
+"""Helpers for the pipeline's tests: reading outputs back, expected rows, logistic regression.
 
 Nothing here is used by the pipeline itself.
 """

@@ -14,7 +14,7 @@ import pytest
 from fastdp_jax import data as data_lib
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
-from preprocessing import testing as T
+from tests import preprocessing_helpers as T
 from preprocessing.mapreduce import mapper
 from preprocessing.mapreduce import reducer
 from preprocessing.mapreduce import to_shards

@@ -14,7 +14,7 @@ from fastdp_jax import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
-from preprocessing import testing as T
+from tests import preprocessing_helpers as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ from fastdp_jax import data as data_lib
 from fastdp_jax import schema
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
-from preprocessing import testing as T
+from tests import preprocessing_helpers as T
 from preprocessing.mapreduce import local
 from preprocessing.mapreduce import to_shards
 from preprocessing.output import PipelineError
