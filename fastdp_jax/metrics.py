@@ -56,6 +56,14 @@ _BAR_WIDTH = 24
 _REFRESH_S = 0.2  # redraw the progress bar at most this often
 
 
+def say(text: str) -> None:
+  """Prints a user-facing line once, from process 0 (the other processes only log it)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+  else:
+    logging.info("process %d: %s", jax.process_index(), text)
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"

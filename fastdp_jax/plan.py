@@ -14,6 +14,7 @@ import numpy as np
 
 from fastdp_jax import accounting
 from fastdp_jax import errors
+from fastdp_jax.metrics import say
 from fastdp_jax import release
 from fastdp_jax import sampling
 
@@ -61,8 +62,8 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int,
     num_examples = int(public_n)
   q = cfg.batch_size / num_examples
   if not 0 < q <= 1:
-    raise errors.ConfigError(f"sampling rate q = batch_size / N = {cfg.batch_size} / {num_examples} ="
-                     f" {q:.4g} must be in (0, 1]; lower batch_size")
+    raise errors.ConfigError(f"sampling rate q = batch_size / N = {cfg.batch_size} / "
+                             f"{num_examples} = {q:.4g} must be in (0, 1]; lower batch_size")
   steps_per_epoch = max(1, round(num_examples / cfg.batch_size))
   total = cfg.num_epochs * steps_per_epoch
   dp = cfg.dp
@@ -80,15 +81,15 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int,
     # `--config.dp.target_epsilon=1` works from the command line; said aloud.
     sigma = accounting.calibrate_noise_multiplier(dp.target_epsilon, q, total, delta,
                                                   dp.accountant)
-    print(f"noise multiplier calibrated to {sigma:.4f} for epsilon <= {dp.target_epsilon} "
-          f"over {total} updates" + (f" (dp.noise_multiplier={dp.noise_multiplier} ignored)"
-                                     if dp.noise_multiplier is not None else ""), flush=True)
+    say(f"noise multiplier calibrated to {sigma:.4f} for epsilon <= {dp.target_epsilon} "
+        f"over {total} updates" + (f" (dp.noise_multiplier={dp.noise_multiplier} ignored)"
+                                   if dp.noise_multiplier is not None else ""))
   warning = None
   if delta >= 1 / num_examples:
     # A mechanism that publishes a random row outright is (0, 1/N)-DP: delta >= 1/N allows it.
     warning = (f"delta={delta:g} is not below 1/N: the guarantee allows releasing a whole "
                f"row; unset dp.delta for the default {release.default_delta(num_examples):g}")
-    print(f"WARNING: {warning}", flush=True)
+    say(f"WARNING: {warning}")
   return PrivacyPlan(enabled=True, sampling_rate=q, steps_per_epoch=steps_per_epoch,
                      total_steps=total, l2_norm_clip=float(dp.l2_norm_clip),
                      noise_multiplier=float(sigma), delta=delta, accountant=dp.accountant,

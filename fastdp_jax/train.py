@@ -54,6 +54,7 @@ from fastdp_jax import release
 from fastdp_jax import sampling
 from fastdp_jax import schedule as schedule_lib
 from fastdp_jax import step as step_lib
+from fastdp_jax.metrics import say
 
 # Re-exported: the plan is part of the trainer's interface.
 PrivacyPlan = plan_lib.PrivacyPlan
@@ -167,6 +168,7 @@ class Trainer:
   dev: parallel.DeviceData
   apply_fn: Callable
   run: step_lib.TrainStep  # the compiled step
+  clipping: str  # the per-example clipping method it uses: 'ghost' or 'vmap'
   sampler: sampling.PoissonSampler
   local_shards: list[int]
   evaluate: Callable
@@ -279,8 +281,8 @@ def _restore(cfg, workdir, ckpt, mesh, state, run_state, keys):
   state = parallel.replicate(mesh, jax.device_get(state))
   saved = dataclasses.replace(saved, identity=run_state.identity,
                               overrides=saved.overrides + ((tuple(diffs),) if diffs else ()))
-  print(f"resumed from {ckpt.directory} at update {int(state.step)} "
-        f"(epsilon so far {saved.ledger.epsilon():.4f})", flush=True)
+  say(f"resumed from {ckpt.directory} at update {int(state.step)} "
+      f"(epsilon so far {saved.ledger.epsilon():.4f})")
   return state, saved, keys
 
 
@@ -293,8 +295,8 @@ def _stop_at(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
                              plan.total_steps - ledger.steps)
   stop = ledger.steps + more
   if stop < plan.total_steps:
-    print(f"privacy budget: dp.max_epsilon={cfg.dp.max_epsilon} allows {stop} of "
-          f"{plan.total_steps} updates", flush=True)
+    say(f"privacy budget: dp.max_epsilon={cfg.dp.max_epsilon} allows {stop} of "
+        f"{plan.total_steps} updates")
   return stop
 
 
@@ -303,14 +305,14 @@ def _announce(t: Trainer, num_params: int) -> None:
   logging.info("train rows %d, test rows %d, features %d, devices %d, params %d",
                t.dev.num_examples, len(t.test), t.train.features.shape[1], mesh.devices.size,
                num_params)
-  print(f"DP-SGD: q={plan.sampling_rate:.6g} sigma={plan.noise_multiplier:.4g} "
-        f"C={plan.l2_norm_clip} updates={plan.total_steps} ({plan.steps_per_epoch}/epoch) "
-        f"delta={plan.delta_total:.3g} accountant={plan.accountant} "
-        f"devices={mesh.devices.size} capacity/device={t.sampler.capacity} private={t.private}"
-        if plan.enabled else
-        f"non-private SGD: updates={plan.total_steps} devices={mesh.devices.size}", flush=True)
+  say(f"DP-SGD: q={plan.sampling_rate:.6g} sigma={plan.noise_multiplier:.4g} "
+      f"C={plan.l2_norm_clip} updates={plan.total_steps} ({plan.steps_per_epoch}/epoch) "
+      f"delta={plan.delta_total:.3g} accountant={plan.accountant} "
+      f"devices={mesh.devices.size} capacity/device={t.sampler.capacity} private={t.private}"
+      if plan.enabled else
+      f"non-private SGD: updates={plan.total_steps} devices={mesh.devices.size}")
   if t.privacy_note and plan.enabled:
-    print(f"WARNING: private: false: {t.privacy_note}", flush=True)
+    say(f"WARNING: private: false: {t.privacy_note}")
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, *,
@@ -338,7 +340,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
   loss_fn = models.example_loss(apply_fn)
   if warning := noise_warning(plan, models.count_params(params), cfg.batch_size,
                               cfg.dp.target_epsilon):
-    print(f"WARNING: {warning}", flush=True)
+    say(f"WARNING: {warning}")
   ckpt = checkpoint_lib.Checkpointer(workdir) if cfg.checkpoint.enabled else None
   if ckpt is not None:
     cleanup.callback(ckpt.close)
@@ -356,7 +358,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
                             steps_per_call=cfg.steps_per_call)
   clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
                                        microbatch_size=cfg.dp.microbatch_size)
-  logging.info("per-example clipping: %s", ghost.resolve_method(cfg.dp.clipping, model))
+  method = ghost.resolve_method(cfg.dp.clipping, model)
+  logging.info("per-example clipping: %s", method)
   attack_col = cfg.data.attack_column
   private, privacy_note = release.privacy_status(
       dp_enabled=plan.enabled, noise_fixed=keys.noise_fixed, sampling_fixed=keys.sampling_fixed)
@@ -365,6 +368,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       privacy_note=privacy_note, train=train, test=test, dev=dev, apply_fn=apply_fn,
       run=step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
                                      cfg.parallel.strategy),
+      clipping=method,
       sampler=sampling.PoissonSampler(
           dev.num_examples, cfg.batch_size, keys.sampling, shard_bounds=dev.bounds,
           capacity_multiple=cfg.dp.microbatch_size,
@@ -458,7 +462,7 @@ def train(t: Trainer) -> None:
       hook(t, metrics, k)
   table = t.prof.report()  # None unless profile_steps > 0
   if table:
-    print(table, flush=True)
+    say(table)
 
 
 # --- 3. finalize -------------------------------------------------------------------------------
@@ -516,8 +520,8 @@ def _write_outputs(t: Trainer, summary: dict[str, Any], host_params: Any) -> Non
 def finalize(t: Trainer) -> dict[str, Any]:
   """The summary of a trained run, with the privacy evaluation; writes the run's outputs."""
   if t.schedule.stop_at < t.plan.total_steps:
-    print(f"stopped: the next update would exceed dp.max_epsilon={t.cfg.dp.max_epsilon} "
-          f"(after {t.step} of {t.plan.total_steps} updates; checkpoint saved)", flush=True)
+    say(f"stopped: the next update would exceed dp.max_epsilon={t.cfg.dp.max_epsilon} "
+        f"(after {t.step} of {t.plan.total_steps} updates; checkpoint saved)")
   host_params = jax.device_get(t.state.params)
   summary = _summary(t)
   # Empirical privacy: membership inference; the canary audit when the data is an audit set.
@@ -531,15 +535,15 @@ def finalize(t: Trainer) -> dict[str, Any]:
     t.writer.print(line)
   _write_outputs(t, summary, host_params)
   if summary["below_majority_class"]:
-    print(f"WARNING: test accuracy {summary['test_accuracy']:.4f} is below the majority-class "
-          f"rate {t.majority:.4f}: the model did not learn", flush=True)
+    say(f"WARNING: test accuracy {summary['test_accuracy']:.4f} is below the majority-class "
+        f"rate {t.majority:.4f}: the model did not learn")
   if t.plan.enabled:
-    print(f"done: epsilon {summary['epsilon']:.4f} at delta {t.plan.delta_total:.3g}, "
-          f"private: {str(t.private).lower()}, test accuracy "
-          f"{summary['test_accuracy']:.4f} (majority class {t.majority:.4f})", flush=True)
+    say(f"done: epsilon {summary['epsilon']:.4f} at delta {t.plan.delta_total:.3g}, "
+        f"private: {str(t.private).lower()}, test accuracy "
+        f"{summary['test_accuracy']:.4f} (majority class {t.majority:.4f})")
   else:
-    print(f"done (non-private): test accuracy {summary['test_accuracy']:.4f} "
-          f"(majority class {t.majority:.4f})", flush=True)
+    say(f"done (non-private): test accuracy {summary['test_accuracy']:.4f} "
+        f"(majority class {t.majority:.4f})")
   return summary
 
 
