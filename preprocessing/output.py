@@ -70,12 +70,15 @@ def check_output(output: str, overwrite: bool) -> str:
   return out
 
 
-def make_staging(out: str) -> str:
-  """Creates ``.NAME.staging-XXXX/rejects/`` beside ``out``; returns the staging path."""
+def make_staging(out: str, subdirs: tuple[str, ...] = (REJECTS,)) -> str:
+  """Creates ``.NAME.staging-XXXX/`` (with ``subdirs``, default ``rejects/``) beside ``out``;
+  returns the staging path."""
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-  os.makedirs(os.path.join(staging, REJECTS))
+  os.makedirs(staging)
+  for sub in subdirs:
+    os.makedirs(os.path.join(staging, sub))
   return staging
 
 
