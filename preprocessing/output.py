@@ -76,7 +76,7 @@ def make_staging(out: str, subdirs: tuple[str, ...] = (REJECTS,)) -> str:
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-  os.makedirs(staging)
+  os.makedirs(staging, mode=0o700)  # the dataset is as private as the data (docs/privacy.md)
   for sub in subdirs:
     os.makedirs(os.path.join(staging, sub))
   return staging
