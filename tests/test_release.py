@@ -65,6 +65,7 @@ def test_default_run_is_private_and_releases_no_statistic_of_training_rows(tmp_p
   key_path = os.path.join(workdir, checkpoint.KEYS_FILE)
   assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
   assert stat.S_IMODE(os.stat(workdir).st_mode) == 0o700
+  assert stat.S_IMODE(os.stat(data).st_mode) == 0o700  # the dataset directory too
   needles = [keys.sampling.tobytes(), keys.noise.tobytes()]
   needles += [str(int(w)).encode() for w in np.concatenate([keys.sampling.astype(object),
                                                             keys.noise.astype(object)])]
