@@ -20,7 +20,7 @@ import pytest
 from fastdp_jax import data as data_lib
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
-from preprocessing import testing as T
+from tests import preprocessing_helpers as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULTON = os.path.join(ROOT, "..", "shared", "data", "FultonPUMS5full.csv")
