@@ -463,19 +463,26 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
                    conf: dict[str, str] | None = None):
   """A SparkSession whose Python workers run this interpreter and can import this project.
 
+  The environment that the driver's JVM and its Python workers need (``PYSPARK_PYTHON``, this
+  project on ``PYTHONPATH``, a ``JAVA_HOME`` from :mod:`preprocessing.java` when the machine's
+  Java will not do) is set only while the session starts, which is when pyspark copies
+  ``os.environ`` into the JVM it launches; this process's environment is left as it was.
+
   Args:
     master: e.g. ``'local[2]'``; default: the one spark-submit set, else ``local[*]``.
     app_name: the application name.
     conf: extra Spark settings.
   """
-  os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-  os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+  env = {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+         "PYSPARK_DRIVER_PYTHON": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable)}
   paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
   if REPO_ROOT not in paths:  # local-mode workers inherit it; on a cluster use --py-files
-    os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in paths if p])
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in paths if p])
   from pyspark.sql import SparkSession  # pylint: disable=g-import-not-at-top
   # Under spark-submit the JVM runs already; otherwise getOrCreate() starts it as a child.
   java_home = None if "PYSPARK_GATEWAY_PORT" in os.environ else java.spark_java_home()
+  if java_home is not None:
+    env["JAVA_HOME"] = java_home
   builder = SparkSession.builder.appName(app_name)
   if master:
     builder = builder.master(master)
@@ -487,28 +494,23 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
   settings.update(conf or {})
   for k, v in settings.items():
     builder = builder.config(k, v)
-  spark = _with_java_home(java_home, builder.getOrCreate)
+  spark = _with_env(env, builder.getOrCreate)
   spark.sparkContext.setLogLevel("ERROR")
   return spark
 
 
-def _with_java_home(java_home: str | None, start):
-  """Calls ``start()`` with ``JAVA_HOME=java_home`` for the JVM it launches, then restores it.
-
-  pyspark copies ``os.environ`` into the JVM's environment when it starts the JVM; only that
-  child sees the change (and the Python workers the JVM starts, which inherit it).
-  """
-  if java_home is None:
-    return start()
-  before = os.environ.get("JAVA_HOME")
-  os.environ["JAVA_HOME"] = java_home
+def _with_env(env: dict[str, str], start):
+  """Calls ``start()`` with ``env`` added to ``os.environ``, then restores it as it was."""
+  before = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
   try:
     return start()
   finally:
-    if before is None:
-      del os.environ["JAVA_HOME"]
-    else:
-      os.environ["JAVA_HOME"] = before
+    for k, v in before.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def main(argv: Sequence[str] | None = None) -> int:

