@@ -10,11 +10,14 @@ Workloads (as ``benchmarks/throughput.py`` and ``../shared/bench/peer_torch.py``
 Each topology runs in fresh processes: ``1x1`` (one process, one device), ``1x2`` (one
 process, 2 CPU devices) and ``2x1`` (two processes of one device each, started by
 :mod:`fastdp_jax.launch`, gloo all-reduce over loopback). Every process holds only its
-contiguous share of the rows; the step is the training step of :mod:`fastdp_jax.step`
-(per-example clipping, ``clipping`` method, one all-reduce per update with ``--strategy``,
-noise, SGD). After one compiling call, calls of ``steps_per_call`` updates are timed on
-pre-sampled batches (host sampling is the same on every topology and is left out). Prints
-one JSON line per measurement::
+contiguous share of the rows and builds the trainer itself (:func:`fastdp_jax.train.setup`
+on the rows in memory, as ``benchmarks/throughput.py``; keys fixed, hence ``"private":
+false``, which does not change the speed): per-example clipping (``clipping`` method), one
+all-reduce per update with ``--strategy``, noise, SGD. After one compiling call, ``calls``
+calls of ``steps_per_call`` updates of :meth:`~fastdp_jax.train.Trainer.train_call` are
+timed as the training loop makes them: each process samples its own devices' batches on the
+host (``host_sampling_ms_per_step``, included in ``step_ms``), transfers them, runs the step
+and fetches its metrics. Prints one JSON line per measurement::
 
   {"workload": "W1", "topology": "2x1", "processes": 2, "devices": 2, "examples_per_s": ...,
    "step_ms": ..., "speedup_vs_1x1": ..., "allreduce_bytes_per_step": ...}
@@ -26,6 +29,7 @@ Usage::
   python benchmarks/scaling.py                       # both workloads, all topologies (~3 min)
   python benchmarks/scaling.py --workloads W2 --topologies 1x1,1x2
   python benchmarks/scaling.py --model_only --step_ms W1=0.08,W2=0.9   # GPU step times
+  python benchmarks/scaling.py --rows 8192 --calls 2                  # a quick check
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ WORKLOADS = {  # features, hidden sizes, expected batch size, steps per call, ti
     "W1": (9, (50,), 256, 128, 30),
     "W2": (128, (1024, 1024), 1024, 2, 4),
 }
-W1_ROWS, W1_TRAIN_ROWS, W2_ROWS = 1_223_992, 979_193, 131_072
+W2_ROWS = 131_072  # W1: throughput.W1_ROWS, W1_TRAIN_ROWS
 TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes, devices per process
 
 # --- the communication model -------------------------------------------------------------
@@ -129,84 +133,69 @@ def predict_original(n: int) -> dict:
 
 # --- one measurement (run in each worker process) -----------------------------------------
 
-def _local_rows(workload: str, process: int, num_processes: int):
-  """This process's contiguous share of the workload's training rows (balanced)."""
+def _local_rows(workload: str, process: int, num_processes: int, rows: int = 0):
+  """This process's contiguous share of the workload's training rows (balanced; the first
+  ``rows`` of them when ``rows`` > 0), and every process's row count."""
   import numpy as np
-  if workload == "W1":
-    from fastdp_jax import schema
-    from preprocessing import synthesize
-    cols = synthesize.synthesize_capums(W1_ROWS, seed=0, na_fraction=0.0)
-    x = np.stack([cols[c] for c in schema.CAPUMS_FEATURES], axis=1)[:W1_TRAIN_ROWS]
-    y = cols[schema.CAPUMS_LABEL][:W1_TRAIN_ROWS]
-  else:
-    rng = np.random.default_rng(0)
-    d = WORKLOADS["W2"][0]
-    x = rng.standard_normal((W2_ROWS, d), dtype=np.float32)
-    w = rng.standard_normal(d).astype(np.float32) / np.sqrt(d)
-    y = (rng.random(W2_ROWS) < 1 / (1 + np.exp(-(x @ w)))).astype(np.float32)
+  from benchmarks import throughput
+  x, y = throughput.workload_data(workload, W2_ROWS)
+  if rows:
+    x, y = x[:rows], y[:rows]
   parts = np.array_split(np.arange(len(y)), num_processes)
-  rows = [len(p) for p in parts]
   mine = parts[process]
-  return (np.ascontiguousarray(x[mine], np.float32), np.asarray(y[mine], np.float32), rows)
+  return x[mine], y[mine], [len(p) for p in parts]
 
 
-def worker(workload: str, strategy: str, clipping_method: str) -> None:
+def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
+           calls: int = 0) -> None:
+  """One measurement in this process (or in each process of a launch): the trainer of
+  :func:`fastdp_jax.train.setup` on this process's rows, one compiling call, then ``calls``
+  timed calls of :meth:`~fastdp_jax.train.Trainer.train_call`."""
   from fastdp_jax import distributed
   distributed.initialize()  # from the launcher's environment; a single process otherwise
+  import contextlib
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from fastdp_jax import ghost
+  from benchmarks import throughput
   from fastdp_jax import models
-  from fastdp_jax import noise
-  from fastdp_jax import parallel
-  from fastdp_jax import sampling
-  from fastdp_jax import step as step_lib
 
-  d, hidden, batch, steps_per_call, calls = WORKLOADS[workload]
-  x, y, rows = _local_rows(workload, jax.process_index(), jax.process_count())
-  mesh = parallel.make_mesh()
-  dev = parallel.place_training_data(mesh, x, y, rows)
-  model = models.create_model(d, hidden, 0)
-  apply_fn, params = models.functional(model)
-  loss_fn = models.example_loss(apply_fn)
-  clip, sigma = 3.0, 0.9
-  key = distributed.broadcast_from_process_0(noise.noise_key(0)[0])
-  tx = optax.chain(noise.privatize(clip, sigma, batch, key), optax.sgd(0.01))
-  clipped = ghost.make_clipped_sum(clipping_method, model, loss_fn, clip)
-  run = step_lib.build_train_chunk(mesh, loss_fn, clipped, tx, clip, strategy)
-  sampler = sampling.PoissonSampler(dev.num_examples, batch, seed=0, shard_bounds=dev.bounds)
-  state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
-                                                  step=jnp.zeros((), jnp.int32)))
-  active = np.ones(steps_per_call, bool)
-  batches = [sampler.batches(i * steps_per_call, steps_per_call) for i in range(calls + 1)]
-  t0 = time.perf_counter()
-  state, m = run(state, dev.features, dev.labels, batches[0].indices, batches[0].mask, active)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t0
-  examples = 0
-  t0 = time.perf_counter()
-  for b in batches[1:]:
-    state, m = run(state, dev.features, dev.labels, b.indices, b.mask, active)
-    examples += int(b.mask.sum())
-  jax.block_until_ready(state)
-  elapsed = time.perf_counter() - t0
-  if jax.process_index() == 0:
-    print("RESULT " + json.dumps(dict(
-        workload=workload, processes=jax.process_count(), devices=jax.device_count(),
-        strategy=strategy, clipping=ghost.resolve_method(clipping_method, model),
-        examples_per_s=examples / elapsed, step_ms=1e3 * elapsed / (calls * steps_per_call),
-        updates=calls * steps_per_call, first_call_s=compile_s,
-        capacity_per_device=sampler.capacity, params=models.count_params(params),
-        allreduce_bytes_per_step=4 * models.count_params(params),
-        device=jax.devices()[0].device_kind)), flush=True)
+  _, _, batch, steps_per_call, default_calls = WORKLOADS[workload]
+  calls = calls or default_calls
+  x, y, process_rows = _local_rows(workload, jax.process_index(), jax.process_count(), rows)
+  updates = (calls + 1) * steps_per_call
+  with contextlib.ExitStack() as cleanup:
+    t = throughput.make_trainer(
+        workload, "dp", clipping_method, throughput.in_memory_data(workload, x, y, process_rows),
+        cleanup, steps_per_call=steps_per_call, strategy=strategy,
+        num_epochs=-(-updates // max(1, round(sum(process_rows) / batch))))
+    t0 = time.perf_counter()
+    throughput.timed_call(t, steps_per_call)
+    compile_s = time.perf_counter() - t0
+    sampling_s = t.prof.phases()["sampling"]["seconds"]
+    examples = 0.0
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      examples += throughput.timed_call(t, steps_per_call)
+    elapsed = time.perf_counter() - t0
+    sampling_s = t.prof.phases()["sampling"]["seconds"] - sampling_s
+    params = models.count_params(t.state.params)
+    if jax.process_index() == 0:
+      print("RESULT " + json.dumps(dict(
+          workload=workload, processes=jax.process_count(), devices=jax.device_count(),
+          strategy=strategy, clipping=throughput.clipping_name(t),
+          examples_per_s=examples / elapsed, step_ms=1e3 * elapsed / (calls * steps_per_call),
+          host_sampling_ms_per_step=1e3 * sampling_s / (calls * steps_per_call),
+          updates=calls * steps_per_call, first_call_s=compile_s,
+          capacity_per_device=t.sampler.capacity, params=params,
+          allreduce_bytes_per_step=4 * params, train_rows=t.dev.num_examples,
+          private=t.private, keys=throughput.KEYS,
+          device=jax.devices()[0].device_kind)), flush=True)
 
 
-def _measure(workload: str, topology: str, strategy: str, clipping_method: str) -> dict:
+def _measure(workload: str, topology: str, strategy: str, clipping_method: str,
+             rows: int = 0, calls: int = 0) -> dict:
   processes, devices = TOPOLOGIES[topology]
   worker_args = ["--worker", f"--workloads={workload}", f"--strategy={strategy}",
-                 f"--clipping={clipping_method}"]
+                 f"--clipping={clipping_method}", f"--rows={rows}", f"--calls={calls}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if processes == 1:
@@ -232,17 +221,21 @@ def main(argv=None) -> int:
   p.add_argument("--model_only", action="store_true", help="print only the model's lines")
   p.add_argument("--step_ms", default="", help="single-GPU step times for the model, e.g. "
                  "W1=0.08,W2=0.9 (default: the estimates in DEFAULT_STEP_S)")
+  p.add_argument("--rows", type=int, default=0,
+                 help="train on the first ROWS rows of each workload (default 0: all)")
+  p.add_argument("--calls", type=int, default=0,
+                 help="timed calls per measurement (default 0: the workload's, in WORKLOADS)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   workloads = args.workloads.split(",")
   if args.worker:
-    worker(workloads[0], args.strategy, args.clipping)
+    worker(workloads[0], args.strategy, args.clipping, args.rows, args.calls)
     return 0
   if not args.model_only:
     for wl in workloads:
       base = None
       for topo in args.topologies.split(","):
-        res = _measure(wl, topo, args.strategy, args.clipping)
+        res = _measure(wl, topo, args.strategy, args.clipping, args.rows, args.calls)
         base = res["examples_per_s"] if topo == "1x1" else base
         if base:
           res["speedup_vs_1x1"] = res["examples_per_s"] / base

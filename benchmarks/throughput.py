@@ -9,10 +9,12 @@ original algorithm):
 * **W2**: a wide MLP 128-1024-1024-1, BCE, expected batch 1024, on generated Gaussian
   features with a logistic label; an epoch is ``--w2-rows`` rows (default 131,072).
 
-Each measurement runs the training loop of :mod:`fastdp_jax.train` (host Poisson sampling,
-transfer of the sampled indices, compiled calls of ``steps_per_call`` updates with the rows
-on the device, metrics fetched after each call) for one epoch after a warm-up call that
-compiles, and prints one JSON line::
+Each measurement builds the trainer itself (:func:`fastdp_jax.train.setup` on the data in
+memory, keys fixed by ``dp.noise_seed`` / ``dp.sampling_seed``, hence ``"private": false``,
+which does not change the speed) and runs its compiled calls
+(:meth:`~fastdp_jax.train.Trainer.train_call`: host Poisson sampling, transfer of the sampled
+indices, ``steps_per_call`` updates with the rows on the device, metrics fetched and checked
+after each call) for one epoch after a warm-up call that compiles, and prints one JSON line::
 
   {"workload": "W1", "mode": "dp", "clipping": "ghost", "examples_per_s": ..., "epoch_s": ...,
    "peak_rss_mb": ..., "device": ..., ...}
@@ -38,12 +40,15 @@ Both workloads in both modes take about a minute on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +62,7 @@ WORKLOADS = {  # features, hidden sizes, expected batch size
 W1_ROWS, W1_TRAIN_ROWS = 1_223_992, 979_193
 
 
-def _data(workload: str, w2_rows: int):
+def workload_data(workload: str, w2_rows: int):
   """Training features and labels of a workload (generated, deterministic)."""
   import numpy as np
   if workload == "W1":
@@ -89,152 +94,140 @@ def _device() -> str:
   return f"{dev.platform}: {dev.device_kind} x{jax.device_count()}"
 
 
-class _Trainer:
-  """The set-up and inner loop of :func:`fastdp_jax.train.train_and_evaluate` for one mode."""
+KEYS = "fixed by dp.noise_seed=0 and dp.sampling_seed=0 (private: false; no effect on speed)"
 
-  def __init__(self, workload: str, mode: str, clipping: str, data, *, steps_per_call: int,
-               microbatch_size: int | None):
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from fastdp_jax import config as config_lib
-    from fastdp_jax import ghost
-    from fastdp_jax import models
-    from fastdp_jax import noise
-    from fastdp_jax import sampling
-    from fastdp_jax import step as step_lib
-    from fastdp_jax import train
+def in_memory_data(workload: str, x, y, process_rows=None):
+  """``(train, test, device data)`` for :func:`fastdp_jax.train.setup`: this process's rows
+  ``x``, ``y`` (``process_rows``: every process's row count) on ``parallel.make_mesh()``."""
+  from fastdp_jax import data as data_lib
+  from fastdp_jax import parallel
+  from fastdp_jax import schema
+  if workload == "W1":
+    names, label = tuple(schema.CAPUMS_FEATURES), schema.CAPUMS_LABEL
+  else:
+    names, label = tuple(f"x{i}" for i in range(x.shape[1])), "y"
+  dev = parallel.place_training_data(parallel.make_mesh(), x, y, process_rows)
+  split = functools.partial(data_lib.Split, feature_names=names, label_name=label,
+                            digest=f"generated {workload}, {dev.num_examples} rows")
+  # The benchmarks never evaluate; setup wants a test split (its majority-class rate).
+  return split(features=x, labels=y), split(features=x[:1024], labels=y[:1024]), dev
 
-    d, hidden, batch = WORKLOADS[workload]
-    mesh, dev = data
-    n = dev.num_examples
-    cfg = config_lib.base_config()  # configs/seq.py: sigma 0.9, C 3, SGD lr 0.01
-    cfg.data.path = "<generated in memory>"
-    cfg.batch_size, cfg.model.hidden_sizes = batch, hidden
-    cfg.num_epochs, cfg.steps_per_call = 1, steps_per_call
-    cfg.dp.enabled = mode == "dp"
-    cfg.dp.noise_multiplier = 0.9
-    cfg.dp.noise_seed = 0
-    cfg.dp.delta = 1e-7  # below 1/N for both workloads (no effect on the speed)
-    cfg.dp.clipping = clipping
-    config_lib.validate(cfg)
-    self.plan = plan = train.plan_privacy(cfg, n)
-    model = models.create_model(d, hidden, cfg.seed)
-    apply_fn, params = models.functional(model)
-    loss_fn = models.example_loss(apply_fn)
-    key, _ = noise.noise_key(cfg.dp.noise_seed)
-    tx = optax.chain(
-        noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier, batch, key),
-        train.make_optimizer(cfg))
-    self.method = ghost.resolve_method(clipping, model) if plan.enabled else "none"
-    if self.method != "vmap":
-      microbatch_size = None  # only the vmap path chunks the batch
-    self.microbatch_size = microbatch_size
-    # As train.py: the capacity is rounded up to a multiple of the vmap chunk size.
-    self.sampler = sampling.PoissonSampler(n, batch, cfg.seed, shard_bounds=dev.bounds,
-                                           capacity_multiple=microbatch_size)
-    clipped_sum = ghost.make_clipped_sum(clipping, model, loss_fn, plan.l2_norm_clip,
-                                         microbatch_size=microbatch_size)
-    self.run = step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
-                                          cfg.parallel.strategy)
-    self.state = jax.device_put(step_lib.State(params=params, opt_state=tx.init(params),
-                                               step=jnp.zeros((), jnp.int32)),
-                                NamedSharding(mesh, P()))
-    self.dev, self.chunk, self.batch = dev, steps_per_call, batch
-    self.model_name = f"MLP {d}-{'-'.join(map(str, hidden))}-1"
 
-  def call(self, step: int, k: int) -> float:
-    """One compiled call of ``k`` updates from ``step``, as the training loop makes it;
-    returns the number of examples it trained on."""
-    import jax
-    import numpy as np
-    batches = self.sampler.batches(step, k)
-    pad = ((0, self.chunk - k), (0, 0), (0, 0))
-    inputs = self.run.place(np.pad(batches.indices, pad), np.pad(batches.mask, pad),
-                            np.arange(self.chunk) < k)
-    self.state, m = self.run(self.state, self.dev.features, self.dev.labels, *inputs)
-    return float(jax.device_get(m)["count"][:k].sum())
+def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: contextlib.ExitStack,
+                 *, steps_per_call: int, num_epochs: int, microbatch_size: int | None = None,
+                 strategy: str = "shard_map"):
+  """:func:`fastdp_jax.train.setup` for one workload and mode, on ``data`` (from
+  :func:`in_memory_data`), in a temporary workdir (closed by ``cleanup``).
 
-  def warm_up(self) -> float:
-    """Compiles (first call, one update) and checks that a second call does not; returns
-    the first call's seconds."""
-    t0 = time.perf_counter()
-    self.call(0, 1)
-    seconds = time.perf_counter() - t0
-    self.call(0, 1)
-    return seconds
+  The config is ``configs/seq.py``'s (sigma 0.9, C 3, SGD lr 0.01) with the workload's model
+  and batch, no checkpoint, export or privacy evaluation, and fixed keys (:data:`KEYS`).
+  Set-up messages go to stderr: stdout carries only the JSON lines.
+  """
+  from fastdp_jax import config as config_lib
+  from fastdp_jax import train
+  _, hidden, batch = WORKLOADS[workload][:3]
+  cfg = config_lib.base_config()
+  cfg.data.path, cfg.data.attack_column = "<generated in memory>", ""
+  cfg.batch_size, cfg.model.hidden_sizes, cfg.steps_per_call = batch, hidden, steps_per_call
+  cfg.num_epochs = num_epochs  # the plan's length: the updates timed, warm-up included
+  cfg.dp.enabled, cfg.dp.clipping = mode == "dp", clipping
+  cfg.dp.noise_multiplier, cfg.dp.noise_seed, cfg.dp.sampling_seed = 0.9, 0, 0
+  cfg.dp.delta = 1e-7  # below 1/N for both workloads (no effect on the speed)
+  # Only the vmap path chunks the batch (the capacity is rounded up to the chunk size).
+  cfg.dp.microbatch_size = microbatch_size if mode == "dp" and clipping == "vmap" else None
+  cfg.parallel.strategy, cfg.log_every_steps = strategy, 0
+  cfg.checkpoint.enabled = cfg.export_model = False
+  cfg.privacy_eval.membership_rows = 0
+  config_lib.validate(cfg)
+  workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fastdp-bench-"))
+  with contextlib.redirect_stdout(sys.stderr):
+    t = train.setup(cfg, workdir, cleanup, data=data)
+  cleanup.callback(t.writer.close)
+  return t
 
-  def step_temp_mb(self) -> float | None:
-    """XLA's temporary buffers of the compiled call (best effort)."""
-    import numpy as np
-    try:
-      b = self.sampler.batches(0, 1)
-      lowered = self.run.lower(self.state, self.dev.features, self.dev.labels,
-                               np.repeat(b.indices, self.chunk, 0),
-                               np.repeat(b.mask, self.chunk, 0), np.ones(self.chunk, bool))
-      return round(lowered.compile().memory_analysis().temp_size_in_bytes / 2**20, 1)
-    except Exception:  # not every backend reports it
-      return None
 
-  def check_finite(self) -> None:
-    import jax
-    import numpy as np
-    leaves = jax.tree_util.tree_leaves(jax.device_get(self.state.params))
-    if not all(np.all(np.isfinite(leaf)) for leaf in leaves):
-      raise FloatingPointError("parameters became non-finite during the benchmark")
+def clipping_name(t) -> str:
+  return t.clipping if t.plan.enabled else "none"
 
-  def record(self, workload: str, mode: str, examples: float, seconds: float, steps: int,
-             compile_s: float, **extra) -> dict:
-    import jax
-    return dict(
-        workload=workload, mode=mode, clipping=self.method,
-        examples_per_s=round(examples / seconds),
-        epoch_s=round(seconds * self.plan.steps_per_epoch / steps, 4),
-        epoch_extrapolated=steps < self.plan.steps_per_epoch, **extra,
-        device=_device(), train_rows=self.dev.num_examples, batch_size=self.batch,
-        capacity=self.sampler.capacity, updates=steps,
-        updates_per_s=round(steps / seconds, 3), steps_per_call=self.chunk,
-        microbatch_size=self.microbatch_size, compile_s=round(compile_s, 2),
-        model=self.model_name, jax=jax.__version__)
+
+def timed_call(t, k: int) -> float:
+  """One compiled call of ``k`` updates (:meth:`Trainer.train_call`: sampling, transfer,
+  step, finiteness check, ledger); returns the number of examples it trained on."""
+  return float(t.train_call(k)["count"][:k].sum())
+
+
+def warm_up(t) -> float:
+  """Compiles (first call, one update) and runs a second call, which does not; returns the
+  first call's seconds."""
+  t0 = time.perf_counter()
+  timed_call(t, 1)
+  seconds = time.perf_counter() - t0
+  timed_call(t, 1)
+  return seconds
+
+
+def step_temp_mb(t) -> float | None:
+  """XLA's temporary buffers of the compiled call (best effort)."""
+  import numpy as np
+  try:
+    b, chunk = t.sampler.batches(0, 1), t.cfg.steps_per_call
+    lowered = t.run.lower(t.state, t.dev.features, t.dev.labels,
+                          np.repeat(b.indices, chunk, 0), np.repeat(b.mask, chunk, 0),
+                          np.ones(chunk, bool))
+    return round(lowered.compile().memory_analysis().temp_size_in_bytes / 2**20, 1)
+  except Exception:  # not every backend reports it
+    return None
+
+
+def record(t, workload: str, mode: str, examples: float, seconds: float, steps: int,
+           compile_s: float, **extra) -> dict:
+  import jax
+  d, hidden, batch = WORKLOADS[workload]
+  spe = t.plan.steps_per_epoch
+  return dict(
+      workload=workload, mode=mode, clipping=clipping_name(t),
+      examples_per_s=round(examples / seconds), epoch_s=round(seconds * spe / steps, 4),
+      epoch_extrapolated=steps < spe, **extra,
+      device=_device(), train_rows=t.dev.num_examples, batch_size=batch,
+      capacity=t.sampler.capacity, updates=steps, updates_per_s=round(steps / seconds, 3),
+      steps_per_call=t.cfg.steps_per_call, microbatch_size=t.cfg.dp.microbatch_size,
+      compile_s=round(compile_s, 2), model=f"MLP {d}-{'-'.join(map(str, hidden))}-1",
+      private=t.private, keys=KEYS, jax=jax.__version__)
 
 
 def _place(workload: str, w2_rows: int):
-  from fastdp_jax import parallel
-  x, y = _data(workload, w2_rows)
-  mesh = parallel.make_mesh()
-  return mesh, parallel.place_training_data(mesh, x, y)
+  return in_memory_data(workload, *workload_data(workload, w2_rows))
 
 
-def _epoch_steps(trainer: _Trainer, max_steps: int | None) -> int:
-  total = trainer.plan.steps_per_epoch
+def _epoch_steps(t, max_steps: int | None) -> int:
+  total = t.plan.steps_per_epoch
   return total if max_steps is None else min(max_steps, total)
 
 
 def measure(workload: str, mode: str, clipping: str, *, steps_per_call: int, w2_rows: int,
             max_steps: int | None, microbatch_size: int | None) -> dict:
   """Times one epoch of the training loop in this process; returns the JSON record."""
-  data = _place(workload, w2_rows)
-  trainer = _Trainer(workload, mode, clipping, data, steps_per_call=steps_per_call,
+  with contextlib.ExitStack() as cleanup:
+    # Two epochs in the plan: the two warm-up updates and the timed epoch.
+    t = make_trainer(workload, mode, clipping, _place(workload, w2_rows), cleanup,
+                     steps_per_call=steps_per_call, num_epochs=2,
                      microbatch_size=microbatch_size)
-  steps = _epoch_steps(trainer, max_steps)
-  rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  compile_s = trainer.warm_up()
-  temp = trainer.step_temp_mb()
-  examples, step = 0.0, 0
-  t0 = time.perf_counter()
-  while step < steps:
-    k = min(steps_per_call, steps - step)
-    examples += trainer.call(step, k)
-    step += k
-  seconds = time.perf_counter() - t0
-  trainer.check_finite()
-  return trainer.record(
-      workload, mode, examples, seconds, steps, compile_s,
-      peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      rss_before_training_mb=round(rss_before_mb, 1), step_temp_mb=temp)
+    steps = _epoch_steps(t, max_steps)
+    rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    compile_s = warm_up(t)
+    temp = step_temp_mb(t)
+    examples, step = 0.0, 0
+    t0 = time.perf_counter()
+    while step < steps:
+      k = min(steps_per_call, steps - step)
+      examples += timed_call(t, k)
+      step += k
+    seconds = time.perf_counter() - t0
+    return record(
+        t, workload, mode, examples, seconds, steps, compile_s,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        rss_before_training_mb=round(rss_before_mb, 1), step_temp_mb=temp)
 
 
 def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2_rows: int,
@@ -242,27 +235,26 @@ def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2
   """Both modes in ONE process over the same data, alternating their compiled calls over an
   epoch each, so that both see the same machine load; returns both records and the ratio.
   (``peak_rss_mb`` is the process's, shared by both: use separate processes for memory.)"""
-  data = _place(workload, w2_rows)
-  trainers = {mode: _Trainer(workload, mode, clipping, data, steps_per_call=steps_per_call,
-                             microbatch_size=microbatch_size)
-              for mode in ("nonprivate", "dp")}
-  compile_s = {mode: t.warm_up() for mode, t in trainers.items()}
-  steps = _epoch_steps(trainers["dp"], max_steps)
-  examples = dict.fromkeys(trainers, 0.0)
-  seconds = dict.fromkeys(trainers, 0.0)
-  step = 0
-  while step < steps:
-    k = min(steps_per_call, steps - step)
-    for mode, trainer in trainers.items():
-      t0 = time.perf_counter()
-      examples[mode] += trainer.call(step, k)
-      seconds[mode] += time.perf_counter() - t0
-    step += k
-  records = []
-  for mode, trainer in trainers.items():
-    trainer.check_finite()
-    records.append(trainer.record(workload, mode, examples[mode], seconds[mode], steps,
-                                  compile_s[mode], interleaved=True))
+  with contextlib.ExitStack() as cleanup:
+    data = _place(workload, w2_rows)
+    trainers = {mode: make_trainer(workload, mode, clipping, data, cleanup,
+                                   steps_per_call=steps_per_call, num_epochs=2,
+                                   microbatch_size=microbatch_size)
+                for mode in ("nonprivate", "dp")}
+    compile_s = {mode: warm_up(t) for mode, t in trainers.items()}
+    steps = _epoch_steps(trainers["dp"], max_steps)
+    examples = dict.fromkeys(trainers, 0.0)
+    seconds = dict.fromkeys(trainers, 0.0)
+    step = 0
+    while step < steps:
+      k = min(steps_per_call, steps - step)
+      for mode, t in trainers.items():
+        t0 = time.perf_counter()
+        examples[mode] += timed_call(t, k)
+        seconds[mode] += time.perf_counter() - t0
+      step += k
+    records = [record(t, workload, mode, examples[mode], seconds[mode], steps,
+                      compile_s[mode], interleaved=True) for mode, t in trainers.items()]
   dp, base = records[1], records[0]
   records.append(dict(ratio=True, interleaved=True, workload=workload, clipping=dp["clipping"],
                       dp_over_nonprivate_examples_per_s=round(
