@@ -58,7 +58,7 @@ test-multidevice: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests -m multidevice
 
 # Each deliberately broken copy of the training path (tests/mutation/mutants.py) must make a
-# privacy test fail; writes the table into docs/privacy.md. About 10 minutes on 2 cores.
+# privacy test fail; writes the table into docs/privacy.md. 6 to 10 minutes on 2 cores.
 mutation: $(STAMP)
 	$(PY) tests/mutation/run.py
 

@@ -442,7 +442,9 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
   * ``'dirac'`` (default): :func:`make_dirac_canaries`. The copy gets ``num_canaries`` more
     columns (``canary_0``, ...), zero in every real row of both splits, declared bounded by
     ``[0, scale]``; every shard is rewritten. The audit then has power: with the noise
-    removed it reports a lower bound far above any useful epsilon.
+    removed it reports a lower bound far above any useful epsilon. The copy holds
+    N (d + m) values (the trainer holds them as float32): to audit a large dataset, audit a
+    subset of it; the audit checks the implementation, not the data.
   * ``'gaussian'``: :func:`make_canaries`, in the data's own feature space (the shards are
     copied as they are). Weak on tabular data: a bound above 0 only for models that memorise.
 

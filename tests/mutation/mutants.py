@@ -129,11 +129,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="public_sampling_seed",
         file="fastdp_jax/train.py",
-        # The tail of the line (the configured seed) becomes a dead expression, so that the
-        # mutant applies whichever way the line reads the seed.
-        old="  skey, sfixed = sampling.sampling_key(",
-        new="  skey, sfixed = sampling.sampling_key(cfg.seed)[0], False; _public = (  # MUTANT\n      ",
-        breaks="the sampler is keyed by the public cfg.seed while the run says private"),
+        # Only the secret key is replaced: a set dp.sampling_seed still fixes the batches (a
+        # reproducibility run behaves as before), but a default run's "secret" sampling key
+        # is a function of the public cfg.seed, and the run still says private.
+        old="  skey, sfixed = sampling.sampling_key(cfg.dp.sampling_seed)\n",
+        new=("  skey, sfixed = sampling.sampling_key(cfg.dp.sampling_seed)\n"
+             "  if not sfixed:  # MUTANT: the secret sampling key derived from cfg.seed\n"
+             "    skey = sampling.sampling_key(cfg.seed)[0]\n"),
+        breaks="a default run's sampler is keyed by the public cfg.seed; it still says private"),
 )
 
 

@@ -59,8 +59,8 @@ EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 TIMEOUT_S = 1800  # per pytest invocation
 
 DOC = os.path.join("docs", "privacy.md")
-BEGIN = "<!-- mutation-table: begin (written by make mutation) -->"
-END = "<!-- mutation-table: end -->"
+BEGIN = "<!-- mutation-table:start -->"  # the table is rewritten between these two lines
+END = "<!-- mutation-table:end -->"
 SECTION = "## Mutation check"
 
 CAUGHT, SURVIVED, ERROR = "caught", "SURVIVED", "ERROR"
