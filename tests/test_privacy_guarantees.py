@@ -196,3 +196,18 @@ def test_update_divides_by_the_expected_not_the_realised_batch_size(tmp_path):
   assert bound < 0.5 * abs(len(idx) / batch - 1)  # the check can see a 3 % scaling
   assert abs(coef) < bound, f"the update is scaled by {1 + coef:.4f} (realised batch size?)"
   _check_gaussian(r, sigma * CLIP)
+
+
+def test_default_runs_draw_secret_batches(tmp_path):
+  # The batches of a default run come from a secret key, not from anything in the config:
+  # two runs of the same config (noise fixed, dp.sampling_seed unset) train on different
+  # batches, hence end with different parameters; a key derived from the config (e.g. from
+  # cfg.seed) would give the same batches twice and no amplification by subsampling.
+  n, batch = 400, 300
+  path = str(tmp_path / "data")
+  _dataset(path, n)
+  cfg = _config(path, batch_size=batch, sigma=0.5, **{"dp.sampling_seed": None})
+  out = [train.train_and_evaluate(cfg, str(tmp_path / w)) for w in ("a", "b")]
+  assert all(s["sampling"] == "os entropy" for s in out)
+  a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
+  assert not np.array_equal(a, b), "two default runs drew the same batches"
