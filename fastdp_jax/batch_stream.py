@@ -603,7 +603,7 @@ class BatchStream:
     return max(1, min(max_updates, shard.end_update - update, end - update))
 
   def read(self, first_update: int, num_updates: int, *,
-           device_slice: tuple[int, int] | None = None) -> Chunk:
+           device_slice: tuple[int, int] | None = None, out: Chunk | None = None) -> Chunk:
     """Reads updates ``[first_update, first_update + num_updates)`` now (no prefetching).
 
     Args:
@@ -611,10 +611,12 @@ class BatchStream:
       num_updates: k.
       device_slice: ``(lo, hi)``, the slots to read (default all): a process's devices'
         part (:func:`device_slots`). Slots at or past the capacity are padding.
+      out: arrays to read into (their first k rows), shaped as the result with at least k
+        rows; default new ones.
 
     Returns:
       ``(features [k, hi - lo, F] float32, labels [k, hi - lo] float32,
-      mask [k, hi - lo] bool)``.
+      mask [k, hi - lo] bool)`` (views of ``out`` when given).
 
     Raises:
       MissingUpdatesError: if an update is in no block.
@@ -623,9 +625,20 @@ class BatchStream:
     self._check_range(first_update, num_updates)
     lo, hi = self._slice(device_slice)
     width, real_hi = hi - lo, min(hi, self.capacity)
-    features = np.zeros((num_updates, width, self.num_features), np.float32)
-    labels = np.zeros((num_updates, width), np.float32)
-    mask = np.zeros((num_updates, width), bool)
+    if out is None:
+      features = np.zeros((num_updates, width, self.num_features), np.float32)
+      labels = np.zeros((num_updates, width), np.float32)
+      mask = np.zeros((num_updates, width), bool)
+    else:
+      features, labels, mask = (a[:num_updates] for a in out)
+      if (features.shape != (num_updates, width, self.num_features)
+          or labels.shape != mask.shape or mask.shape != (num_updates, width)):
+        raise ValueError(f"out arrays {[a.shape for a in out]} do not fit {num_updates} "
+                         f"updates of {width} slots")
+      pad = max(0, real_hi - lo)
+      features[:, pad:] = 0
+      labels[:, pad:] = 0
+      mask[:, pad:] = False
     t, end = first_update, first_update + num_updates
     while t < end:
       block, shard = self._locate(t)
@@ -683,10 +696,12 @@ class BatchStream:
 
 
 class Prefetcher:
-  """Reads pieces of consecutive updates on a background thread, at most ``prefetch`` ahead.
+  """Reads pieces of consecutive updates on a background thread into a fixed set of buffers.
 
-  Host memory is bounded by ``(prefetch + 2)`` pieces of at most ``read_bytes`` each (one
-  update at least) plus the chunk being taken: it depends on the capacity and the number of
+  The thread fills ``prefetch + 1`` preallocated buffers of ``read_updates`` updates (about
+  ``read_bytes`` each) in update order; :meth:`take` copies the updates asked for out of
+  them and hands a buffer back once it is consumed. Host memory is therefore those buffers
+  plus the chunk being taken: it depends on the capacity, the slot range and the number of
   features, never on N. Errors of the background thread are raised by :meth:`take` at the
   update where they occurred.
   """
@@ -700,78 +715,83 @@ class Prefetcher:
     self.position = first_update  # the next update take() returns
     self.end_update = end_update
     width = device_slice[1] - device_slice[0]
-    self.read_updates = max(1, int(read_bytes) // max(1, width * (4 * stream.num_features + 6)))
-    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    per_update = max(1, width * (4 * stream.num_features + 4 + 1))
+    self.read_updates = max(1, min(int(read_bytes) // per_update, end_update - first_update))
+    self.num_buffers = prefetch + 1
+    self._free: queue.Queue = queue.Queue()
+    for _ in range(self.num_buffers):
+      self._free.put((np.zeros((self.read_updates, width, stream.num_features), np.float32),
+                      np.zeros((self.read_updates, width), np.float32),
+                      np.zeros((self.read_updates, width), bool)))
+    self._filled: queue.Queue = queue.Queue()
     self._stop = threading.Event()
-    self._pending: Chunk | None = None
+    self._pending: tuple[Chunk, int] | None = None  # (buffer, updates in it)
     self._offset = 0
     self._thread = threading.Thread(target=self._run, name="fastdp-batch-prefetch",
                                     daemon=True)
     self._thread.start()
 
-  def _put(self, item: tuple) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
   def _run(self) -> None:
     t = self.position
     try:
-      while t < self.end_update and not self._stop.is_set():
+      while t < self.end_update:
+        buf = None
+        while buf is None:
+          if self._stop.is_set():
+            return
+          try:
+            buf = self._free.get(timeout=0.1)
+          except queue.Empty:
+            pass
         n = self._stream.piece_length(t, self.end_update, self.read_updates)
-        piece = self._stream.read(t, n, device_slice=self._slice)
-        if not self._put(("data", piece)):
-          return
+        self._stream.read(t, n, device_slice=self._slice, out=buf)
+        self._filled.put(("data", buf, n))
         t += n
     except BaseException as e:  # pylint: disable=broad-except
-      self._put(("error", e))
+      self._filled.put(("error", e, 0))
 
   def buffered_updates(self) -> int:
-    """Updates read ahead and not yet taken (bounded by ``prefetch`` pieces)."""
-    queued = sum(len(item[1][2]) for item in list(self._queue.queue) if item[0] == "data")
-    pending = 0 if self._pending is None else len(self._pending[2]) - self._offset
+    """Updates read ahead and not yet taken (at most ``num_buffers * read_updates``)."""
+    queued = sum(item[2] for item in list(self._filled.queue))
+    pending = 0 if self._pending is None else self._pending[1] - self._offset
     return queued + pending
 
   def take(self, k: int) -> Chunk:
-    """The next ``k`` updates: ``(features [k, w, F], labels [k, w], mask [k, w])``."""
+    """The next ``k`` updates: ``(features [k, w, F], labels [k, w], mask [k, w])``.
+
+    The arrays are new (the caller may keep them); the reader's buffers are reused.
+    """
+    if self._stop.is_set():
+      raise ValueError("take() on a closed reader")
     if k < 1 or self.position + k > self.end_update:
       raise ValueError(f"take({k}) at update {self.position}: the reader ends at "
                        f"{self.end_update}")
-    parts: list[Chunk] = []
-    need = k
-    while need:
+    width = self._slice[1] - self._slice[0]
+    out = (np.empty((k, width, self._stream.num_features), np.float32),
+           np.empty((k, width), np.float32), np.empty((k, width), bool))
+    done = 0
+    while done < k:
       if self._pending is None:
-        kind, body = self._queue.get()
+        kind, body, n = self._filled.get()
         if kind == "error":
           self.close()
           raise body
-        self._pending, self._offset = body, 0
-      f, l, m = self._pending
-      n = min(need, len(m) - self._offset)
-      s = slice(self._offset, self._offset + n)
-      parts.append((f[s], l[s], m[s]))
-      self._offset += n
-      need -= n
-      if self._offset == len(m):
+        self._pending, self._offset = (body, n), 0
+      buf, n = self._pending
+      c = min(k - done, n - self._offset)
+      for dst, src in zip(out, buf):
+        dst[done:done + c] = src[self._offset:self._offset + c]
+      self._offset += c
+      done += c
+      if self._offset == n:
+        self._free.put(buf)
         self._pending = None
     self.position += k
-    if len(parts) == 1:
-      return parts[0]
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            np.concatenate([p[2] for p in parts]))
+    return out
 
   def close(self) -> None:
     """Stops the background thread and drops what it read ahead."""
     self._stop.set()
-    while True:
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        break
     self._thread.join(timeout=30)
     self._pending = None
 

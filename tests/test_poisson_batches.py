@@ -214,18 +214,32 @@ def test_reader_prefetch_equals_direct_read_and_seeks_anywhere(seeded):
   assert not got[0][:, 3:].any() and not got[2][:, 3:].any()
 
 
-def test_prefetch_holds_a_bounded_number_of_updates(seeded):
+def test_prefetch_holds_a_fixed_number_of_buffers(seeded):
+  """Host memory: prefetch + 1 buffers of read_updates updates, whatever the run's length."""
   stream = bs.open_batches(seeded)
-  per_update = stream.capacity * (4 * stream.num_features + 6)
-  with stream.reader(0, prefetch=2, read_bytes=3 * per_update) as r:
-    assert r.read_updates == 3
-    for _ in range(600):  # wait until the reader blocks on its full queue
-      if r.buffered_updates() >= 6:
+  per_update = stream.capacity * (4 * stream.num_features + 5)
+  # Pieces stop at shard ends: 7 updates per piece = one shard of K = 7 per buffer.
+  with stream.reader(0, prefetch=2, read_bytes=K * per_update) as r:
+    assert (r.read_updates, r.num_buffers) == (K, 3)
+    for _ in range(600):  # wait until the reader has filled every buffer
+      if r.buffered_updates() >= 3 * K:
         break
       time.sleep(0.05)
-    assert r.buffered_updates() == 6  # 2 pieces of 3 updates; the run has 150
+    assert r.buffered_updates() == 3 * K  # 3 buffers of 7 updates; the run has 150
+    first = r.take(1)
+    assert r.buffered_updates() == 3 * K - 1  # no buffer free: nothing more is read
+    r.take(K - 1)  # frees the first buffer, which the reader refills
+    for _ in range(600):
+      if r.buffered_updates() >= 3 * K:
+        break
+      time.sleep(0.05)
+    assert r.buffered_updates() == 3 * K
+    again = r.take(3)
+  # Chunks are copies: the reused buffers do not change what was taken.
+  np.testing.assert_array_equal(first[0], stream.read(0, 1)[0])
+  np.testing.assert_array_equal(again[0], stream.read(K, 3)[0])
+  with pytest.raises(ValueError, match="closed reader"):
     r.take(1)
-    assert r.buffered_updates() <= 6 + 3 - 1
 
 
 def test_split_for_devices_gives_each_device_its_slot_range(seeded):
