@@ -7,15 +7,63 @@ updates is their self-composition. Nothing here re-implements RDP or PLD arithme
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from fastdp_jax import errors
+
 ACCOUNTANTS = ("pld", "rdp")
 # Smallest noise multiplier calibration searches; below it the PLD discretisation explodes and
 # DP-SGD gives no meaningful guarantee anyway.
 _MIN_SIGMA = 0.3
+# Below this sigma the PLD accountant's loss distribution grows without bound (one update at
+# sigma 0.05 takes 20 s, at 0.01 it does not finish; 1e-9 fails at once with "Maximum allowed
+# size exceeded"), and one update already costs epsilon in the tens.
+MIN_PLD_NOISE_MULTIPLIER = 0.1
+# Largest sigma calibration returns: beyond it the noise drowns any gradient of a batch of
+# realistic size, and PLD evaluations over the (many) updates that need it take minutes each.
+MAX_CALIBRATED_NOISE_MULTIPLIER = 100.0
+
+# Called after each accountant evaluation of a search: (sigma or number of updates tried,
+# its epsilon, or None while the library's search keeps it to itself).
+Progress = Callable[[float, "float | None"], None]
+
+
+class CalibrationError(errors.UserError):
+  """``dp.target_epsilon`` cannot be met with a noise multiplier in the sane range."""
+
+
+class AccountingError(errors.UserError):
+  """The accountant cannot compute epsilon for these parameters."""
+
+
+def progress_printer(what: str, unit: str = "sigma", every_s: float = 5.0,
+                     write: Callable[[str], None] | None = None) -> Progress:
+  """A :data:`Progress` callback writing ``what`` and the latest evaluation, at most once
+  every ``every_s`` seconds (so quick searches stay silent and slow ones are visible).
+
+  Args:
+    write: where the line goes (default: stdout; the trainer passes its process-0 printer).
+  """
+  start = last = time.monotonic()
+  count = 0
+
+  def report(value: float, epsilon: float | None) -> None:
+    nonlocal last, count
+    count += 1
+    now = time.monotonic()
+    if now - last >= every_s:
+      last = now
+      found = f" -> epsilon {epsilon:.4g}" if epsilon is not None else ""
+      line = f"{what}: {count} evaluations ({now - start:.0f} s), {unit} {value:.6g}{found}"
+      (write or (lambda text: print(text, flush=True)))(line)
+
+  return report
 
 
 def _check(sampling_rate: float, steps: int, delta: float, accountant: str) -> None:
@@ -72,21 +120,53 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
   if noise_multiplier <= 0:
     return float("inf")
   acc = make_accountant(accountant)
-  acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
-  return float(acc.get_epsilon(delta))
+  try:
+    acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
+    return float(acc.get_epsilon(delta))
+  except (ValueError, MemoryError, OverflowError) as e:  # PLD at a tiny sigma
+    raise AccountingError(
+        f"the {accountant.upper()} accountant cannot compute epsilon for sigma "
+        f"{noise_multiplier:g}, q {sampling_rate:.4g}, {steps} updates ({e}); a sigma this "
+        f"small gives no meaningful guarantee: use sigma >= {MIN_PLD_NOISE_MULTIPLIER}, the "
+        "rdp accountant, or no DP") from e
+
+
+def _rdp_epsilon(sigma: float, sampling_rate: float, steps: int, delta: float) -> float:
+  return compute_epsilon(sigma, sampling_rate, steps, delta, "rdp")
 
 
 def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
-             accountant: str) -> dp_accounting.ExplicitBracketInterval:
+             accountant: str, progress: Progress) -> dp_accounting.ExplicitBracketInterval:
   """An interval holding the calibrated sigma, found with cheap RDP evaluations.
 
   PLD evaluations at small sigma are slow (wide loss distributions), so the search for a
   bracket starts from the RDP calibration, which is fast and never below the PLD sigma.
+  Targets outside ``[_MIN_SIGMA, MAX_CALIBRATED_NOISE_MULTIPLIER]`` are refused first, with
+  two RDP evaluations (milliseconds), before any slow search.
   """
+  where = f"dp.target_epsilon={target_epsilon:g} over {steps} updates at q={sampling_rate:.4g}"
+  at_min = _rdp_epsilon(_MIN_SIGMA, sampling_rate, steps, delta)
+  if at_min <= target_epsilon:  # PLD <= RDP: the PLD sigma is below _MIN_SIGMA too
+    raise CalibrationError(
+        f"{where} is reached with a noise multiplier below {_MIN_SIGMA} (sigma {_MIN_SIGMA} "
+        f"already gives epsilon {at_min:.4g}): at such a target DP-SGD gives no meaningful "
+        "guarantee; set a smaller target, or dp.noise_multiplier yourself")
+  top = MAX_CALIBRATED_NOISE_MULTIPLIER
+  at_max = _rdp_epsilon(top, sampling_rate, steps, delta)
+  if at_max > target_epsilon:  # by RDP, an upper bound (a PLD evaluation here takes minutes)
+    raise CalibrationError(
+        f"{where} needs a noise multiplier above {top:g} (sigma {top:g} gives epsilon "
+        f"{at_max:.4g} by RDP): the noise would drown any gradient; use fewer updates "
+        "(num_epochs), a larger dp.target_epsilon, or set dp.noise_multiplier yourself")
   hi = float(dp_accounting.calibrate_dp_mechanism(
       rdp.RdpAccountant, lambda s: dp_event(s, sampling_rate, steps), target_epsilon, delta,
-      bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_SIGMA, 1.0)))
-  eps = lambda s: compute_epsilon(s, sampling_rate, steps, delta, accountant)
+      bracket_interval=dp_accounting.ExplicitBracketInterval(_MIN_SIGMA, top)))
+
+  def eps(s: float) -> float:
+    e = compute_epsilon(s, sampling_rate, steps, delta, accountant)
+    progress(s, e)
+    return e
+
   while eps(hi) > target_epsilon:
     hi *= 1.25
   lo = hi
@@ -95,26 +175,40 @@ def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: flo
     if eps(lo) > target_epsilon:
       break
   else:
-    raise ValueError(f"target epsilon {target_epsilon} needs a noise multiplier below "
-                     f"{_MIN_SIGMA}: DP-SGD gives no meaningful guarantee there")
+    raise CalibrationError(f"{where} needs a noise multiplier below {_MIN_SIGMA}: DP-SGD gives "
+                           "no meaningful guarantee there; set a smaller target")
   return dp_accounting.ExplicitBracketInterval(lo, hi)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int,
-                               delta: float, accountant: str = "pld") -> float:
+                               delta: float, accountant: str = "pld",
+                               progress: Progress | None = None) -> float:
   """The smallest noise multiplier (to the search tolerance) whose epsilon <= target.
 
   The returned sigma is checked: ``compute_epsilon(sigma, ...) <= target_epsilon``.
+
+  Args:
+    progress: called with ``(sigma, epsilon)`` after each evaluation of the accountant (each
+      can take seconds for PLD over many updates); see :func:`progress_printer`.
+
+  Raises:
+    CalibrationError: the target needs sigma below 0.3 or above
+      :data:`MAX_CALIBRATED_NOISE_MULTIPLIER` (said within milliseconds, before the search).
   """
   _check(sampling_rate, steps, delta, accountant)
-  if target_epsilon <= 0:
-    raise ValueError(f"{target_epsilon=} must be positive")
+  if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+    raise CalibrationError(f"{target_epsilon=} must be a positive finite number")
   if steps == 0:
     raise ValueError("cannot calibrate noise for zero steps")
-  bracket = _bracket(target_epsilon, sampling_rate, steps, delta, accountant)
+  report = progress or (lambda sigma, epsilon: None)
+  bracket = _bracket(target_epsilon, sampling_rate, steps, delta, accountant, report)
+
+  def event(s: float) -> dp_accounting.DpEvent:
+    report(s, None)  # Brent's evaluation at s starts (its epsilon stays inside the library)
+    return dp_event(s, sampling_rate, steps)
+
   sigma = float(dp_accounting.calibrate_dp_mechanism(
-      lambda: make_accountant(accountant),
-      lambda s: dp_event(s, sampling_rate, steps),
+      lambda: make_accountant(accountant), event,
       target_epsilon, delta, bracket_interval=bracket, tol=1e-5 * bracket.endpoint_2))
   # Brent's search brackets the root; step up until the target is met for certain.
   while compute_epsilon(sigma, sampling_rate, steps, delta, accountant) > target_epsilon:
@@ -246,17 +340,25 @@ class PrivacyLedger:
     return float(acc.get_epsilon(self.delta))
 
   def steps_within(self, max_epsilon: float | None, noise_multiplier: float,
-                   sampling_rate: float, max_steps: int) -> int:
+                   sampling_rate: float, max_steps: int,
+                   progress: Progress | None = None) -> int:
     """The most further updates at (sigma, q), up to ``max_steps``, within ``max_epsilon``.
 
     Uses ``dp_accounting.calibrate_dp_mechanism`` with ``discrete=True`` (the largest number
-    of steps within a budget) on the ledger's composition.
+    of steps within a budget) on the ledger's composition. ``progress`` is called with
+    ``(updates tried, epsilon or None)`` after each evaluation.
     """
     if max_epsilon is None or max_steps <= 0:
       return max(0, max_steps)
     if noise_multiplier <= 0:
       return 0
-    fits = lambda k: self.epsilon(k, noise_multiplier, sampling_rate) <= max_epsilon
+    report = progress or (lambda steps, epsilon: None)
+
+    def fits(k: int) -> bool:
+      e = self.epsilon(k, noise_multiplier, sampling_rate)
+      report(k, e)
+      return e <= max_epsilon
+
     if fits(max_steps):
       return max_steps
     if not fits(1):
@@ -272,8 +374,12 @@ class PrivacyLedger:
       event = lambda k: dp_accounting.ComposedDpEvent(
           past + [dp_event(noise_multiplier, sampling_rate, int(k))])
 
+    def reported(k):
+      report(int(k), None)
+      return event(k)
+
     k = int(dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(accountant), event, max_epsilon, self.delta,
+        lambda: make_accountant(accountant), reported, max_epsilon, self.delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(1, max_steps), discrete=True))
     # The calibration's accountant can differ from the ledger's (merged segments): settle on
     # the ledger's own answer around k.

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fastdp_jax import accounting
+from fastdp_jax import atomic
 from fastdp_jax import errors
 from fastdp_jax import release
 
@@ -103,8 +104,8 @@ def forget(workdir: str) -> None:
   path = os.path.join(workdir, KEYS_FILE)
   if os.path.exists(path):
     os.remove(path)
-  with open(os.path.join(workdir, KEYS_DELETED), "w") as f:
-    f.write("the keys and checkpoints of this run were deleted; it cannot be resumed\n")
+  atomic.write_text(os.path.join(workdir, KEYS_DELETED),
+                    "the keys and checkpoints of this run were deleted; it cannot be resumed\n")
 
 
 def check_not_forgotten(workdir: str) -> None:

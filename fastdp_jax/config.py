@@ -230,3 +230,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if dp.accountant not in accounting.ACCOUNTANTS:
     raise ConfigError(f"dp.accountant={dp.accountant!r} must be one of "
                       f"{accounting.ACCOUNTANTS}")
+  if (dp.target_epsilon is None and dp.accountant == "pld"
+      and dp.noise_multiplier < accounting.MIN_PLD_NOISE_MULTIPLIER):
+    raise ConfigError(
+        f"dp.noise_multiplier={dp.noise_multiplier:g} is below "
+        f"{accounting.MIN_PLD_NOISE_MULTIPLIER}: the PLD accountant cannot compute epsilon there"
+        " (its loss distribution grows without bound), and DP-SGD gives no meaningful "
+        "guarantee there; use a larger sigma, dp.accountant='rdp' (epsilon as large as it "
+        "is), or dp.enabled=False")

@@ -52,6 +52,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fastdp_jax import atomic
 from fastdp_jax import errors
 
 FORMAT_VERSION = 1
@@ -360,10 +361,7 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
   }
   if bounds is not None:
     body["feature_bounds"] = [list(b) for b in bounds]
-  tmp = os.path.join(directory, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(body, f, indent=1)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
+  atomic.write_json(os.path.join(directory, MANIFEST), body, mode=0o600)
   return manifest
 
 

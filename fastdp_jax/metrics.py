@@ -48,6 +48,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from fastdp_jax import atomic
 from fastdp_jax import release
 
 METRICS_FILE = "metrics.jsonl"
@@ -171,8 +172,8 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in history)
+    atomic.write_text(os.path.join(workdir, METRICS_FILE),
+                      "".join(json.dumps(r) + "\n" for r in history), mode=0o600)
     self._truncate_steps_file(self._start_step)
     if tensorboard:
       from tensorboardX import SummaryWriter  # local: only the writing process needs it
@@ -378,8 +379,7 @@ class MetricWriter:
     kept = []
     if last_step > 0 and os.path.isfile(path):
       kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    with open(path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept), mode=0o600)
 
 
 # steps.jsonl key -> TensorBoard tag of the per-update curves.

@@ -79,11 +79,22 @@ def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int,
   if dp.target_epsilon is not None:
     # The target wins over a sigma inherited from the config file, so that
     # `--config.dp.target_epsilon=1` works from the command line; said aloud.
-    sigma = accounting.calibrate_noise_multiplier(dp.target_epsilon, q, total, delta,
-                                                  dp.accountant)
+    sigma = accounting.calibrate_noise_multiplier(
+        dp.target_epsilon, q, total, delta, dp.accountant,
+        progress=accounting.progress_printer(
+            f"calibrating the noise multiplier to epsilon <= {dp.target_epsilon} over {total} "
+            "updates", write=say))
     say(f"noise multiplier calibrated to {sigma:.4f} for epsilon <= {dp.target_epsilon} "
         f"over {total} updates" + (f" (dp.noise_multiplier={dp.noise_multiplier} ignored)"
                                    if dp.noise_multiplier is not None else ""))
+  if dp.max_epsilon is not None:  # refused before any update, not after an empty run
+    first = accounting.compute_epsilon(float(sigma), q, 1, delta, dp.accountant)
+    if first > dp.max_epsilon:
+      raise errors.ConfigError(
+          f"dp.max_epsilon={dp.max_epsilon} is below what a single update costs: epsilon "
+          f"{first:.6g} (sigma {float(sigma):.4g}, q {q:.4g}, delta {delta:g}); no update fits."
+          f" Raise dp.max_epsilon above {first:.6g}, or make each update cheaper (a larger "
+          "dp.noise_multiplier or a smaller batch_size)")
   warning = None
   if delta >= 1 / num_examples:
     # A mechanism that publishes a random row outright is (0, 1/N)-DP: delta >= 1/N allows it.

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import jax
+
+from fastdp_jax import atomic
 
 PHASES = ("sampling", "data transfer", "step", "evaluation", "accounting")
 FIRST_STEP_CALL = "step, first call (compiles)"
@@ -164,8 +165,8 @@ class Profiler:
     if not self.enabled:
       return None
     os.makedirs(self.directory, exist_ok=True)
-    with open(os.path.join(self.directory, "phases.json"), "w") as f:
-      json.dump(dict(phases=self.phases(), trace_steps=[self.trace_start, self.trace_end],
-                     trace_written=self._traced), f, indent=1)
+    atomic.write_json(os.path.join(self.directory, "phases.json"),
+                      dict(phases=self.phases(), trace_steps=[self.trace_start, self.trace_end],
+                           trace_written=self._traced), mode=0o600)
     return (f"time per phase (trace of updates {self.trace_start}..{self.trace_end} in "
             f"{self.directory}):\n" + self.table())

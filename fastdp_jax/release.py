@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 import os
 
+from fastdp_jax import atomic
+
 # Output -> privacy status. "public": may be released; "private": as private as the data.
 OUTPUTS = {
-    "model/ (params.npz, model.json, MODEL_CARD.md)": "public: parameters, architecture, "
-    "feature names, privacy parameters, epsilon/delta, test metrics labelled as computed on "
-    "held-out private rows",
+    "model/ (params.npz, model.json, MODEL_CARD.md, MANIFEST.sha256)": "public: parameters, "
+    "architecture, feature names, privacy parameters, epsilon/delta, test metrics labelled as "
+    "computed on held-out private rows, the files' digests",
     "keys.json": "secret: the sampling and noise keys (owner-only); deleting it ends "
     "resumability",
     "checkpoints/": "private: parameters before the end, optimizer state, the ledger",
@@ -86,11 +88,5 @@ def make_private_dir(path: str) -> None:
 
 
 def write_private_file(path: str, text: str) -> None:
-  """Writes ``text`` atomically into an owner-only file (mode 0600)."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes ``text`` atomically into an owner-only file (mode 0600; :mod:`fastdp_jax.atomic`)."""
+  atomic.write_text(path, text, mode=0o600)

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fastdp_jax import atomic
 from fastdp_jax import metrics as metrics_lib
 from fastdp_jax import release
 
@@ -240,8 +241,7 @@ def write_report(workdirs: Sequence[str], output_dir: str | None = None,
   lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"
             for p in paths]
   path = os.path.join(output_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  atomic.write_text(path, "\n".join(lines) + "\n", mode=0o600)
   return path
 
 

@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from fastdp_jax import accounting
+from fastdp_jax import atomic
 from fastdp_jax import attack
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
@@ -60,6 +61,10 @@ from fastdp_jax.metrics import say
 PrivacyPlan = plan_lib.PrivacyPlan
 plan_privacy = plan_lib.plan_privacy
 noise_warning = plan_lib.noise_warning
+
+
+# What a full disk leaves (outputs are atomic, checkpoints renamed into place).
+_KEPT = "the last checkpoint and every complete output are intact (the same command resumes)"
 
 
 class NonFiniteParametersError(errors.UserError):
@@ -223,6 +228,12 @@ class Trainer:
     if self.ckpt is not None:  # the noise key stays out of the arrays: it is in keys.json
       state = dataclasses.replace(self.state,
                                   opt_state=noise.without_key(self.state.opt_state))
+      # A checkpoint that cannot fit is refused in one line before orbax starts writing (its
+      # threads print screens of tracebacks on a full disk): room for one more like the last.
+      atomic.ensure_free_space(
+          self.ckpt.directory, max(atomic.largest_entry_bytes(self.ckpt.directory),
+                                   2 * models.count_params(state) * 4 + (128 << 10)),
+          f"the checkpoint of update {self.step}", _KEPT)
       self.ckpt.save(self.step, state, self.run_state)
 
 
@@ -292,7 +303,11 @@ def _stop_at(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
   if not plan.enabled or cfg.dp.max_epsilon is None:
     return plan.total_steps
   more = ledger.steps_within(cfg.dp.max_epsilon, plan.noise_multiplier, plan.sampling_rate,
-                             plan.total_steps - ledger.steps)
+                             plan.total_steps - ledger.steps,
+                             progress=accounting.progress_printer(
+                                 f"privacy budget: finding the last update within "
+                                 f"dp.max_epsilon={cfg.dp.max_epsilon}", unit="updates",
+                                 write=say))
   stop = ledger.steps + more
   if stop < plan.total_steps:
     say(f"privacy budget: dp.max_epsilon={cfg.dp.max_epsilon} allows {stop} of "
@@ -504,14 +519,11 @@ def _write_outputs(t: Trainer, summary: dict[str, Any], host_params: Any) -> Non
   t.writer.close()
   if not t.is_writer:
     return
+  # Atomic, and summary.json last: a workdir with a summary holds complete outputs.
+  atomic.write_npz(os.path.join(t.workdir, "final_params.npz"),
+                   models.flatten_params(host_params), mode=0o600)
   release.write_private_file(os.path.join(t.workdir, "summary.json"),
                              json.dumps(summary, indent=1, default=float))
-  params_path = os.path.join(t.workdir, "final_params.npz")
-  tmp = params_path + ".tmp.npz"
-  # type: ignore: numpy's stub fears that a ** dict sets allow_pickle.
-  np.savez(tmp, **{k: np.asarray(v)  # type: ignore[arg-type]
-                  for k, v in models.flatten_params(host_params).items()})
-  os.replace(tmp, params_path)
   if not t.cfg.checkpoint.keep_keys and t.ckpt is not None:
     t.ckpt.close()
     checkpoint_lib.forget(t.workdir)
@@ -521,7 +533,8 @@ def finalize(t: Trainer) -> dict[str, Any]:
   """The summary of a trained run, with the privacy evaluation; writes the run's outputs."""
   if t.schedule.stop_at < t.plan.total_steps:
     say(f"stopped: the next update would exceed dp.max_epsilon={t.cfg.dp.max_epsilon} "
-        f"(after {t.step} of {t.plan.total_steps} updates; checkpoint saved)")
+        f"(after {t.step} of {t.plan.total_steps} updates"
+        f"{'; checkpoint saved' if t.ckpt is not None else ''})")
   host_params = jax.device_get(t.state.params)
   summary = _summary(t)
   # Empirical privacy: membership inference; the canary audit when the data is an audit set.
@@ -576,6 +589,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       lock = checkpoint_lib.WorkdirLock(workdir)
       lock.acquire()
       cleanup.callback(lock.release)
-    trainer = setup(cfg, workdir, cleanup)
-    train(trainer)
-    return finalize(trainer)
+    # A full disk is one line (exit 2): every output is atomic and checkpoints are renamed
+    # into place, so what was complete before stays complete.
+    with atomic.disk_full_is_user_error(f"the workdir {workdir}", _KEPT):
+      trainer = setup(cfg, workdir, cleanup)
+      train(trainer)
+      return finalize(trainer)

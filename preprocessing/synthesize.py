@@ -49,6 +49,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
 from fastdp_jax import schema
 from preprocessing import cleaning
@@ -366,13 +367,11 @@ def write_csv_file(path: str, rows: int, *, schema_name: str = "capums", seed: i
                    na_fraction: float | None = None, line_ending: str = "\n") -> int:
   """Generates and writes ``rows`` rows block by block (constant memory); returns bytes."""
   names = CAPUMS_COLUMNS if schema_name == "capums" else RAW_COLUMNS
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with atomic.replacing(path) as f:  # a full disk or a kill leaves no truncated CSV
     f.write(header_line(names, line_ending))
     for block in iter_blocks(rows, schema_name=schema_name, seed=seed, na_fraction=na_fraction):
       f.write(format_csv_rows(block, line_ending))
     size = f.tell()
-  os.replace(tmp, path)
   return size
 
 
