@@ -44,6 +44,9 @@ _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
 _LINE_CACHE_LIMIT = 1 << 16
+# The longest header either path accepts (bytes of UTF-8): the Spark job reads a local file's
+# first line up to this length, and a header longer than this is refused alike by both paths.
+MAX_HEADER_BYTES = 1 << 20
 
 
 def parse_number(token: str) -> float | None:
@@ -63,7 +66,15 @@ def normalize_token(token: str) -> str:
 
 
 def parse_header(line: str) -> tuple[str, ...]:
-  """Column names of a header line (quoted or not; a UTF-8 byte-order mark is ignored)."""
+  """Column names of a header line (quoted or not; a UTF-8 byte-order mark is ignored).
+
+  Raises:
+    SpecError: the line is longer than :data:`MAX_HEADER_BYTES` (the same limit, and the
+      same message, in the Spark job and the streaming path).
+  """
+  if len(line) > MAX_HEADER_BYTES // 4 and len(line.encode("utf-8")) > MAX_HEADER_BYTES:
+    raise features_lib.SpecError(f"it is longer than {MAX_HEADER_BYTES} bytes (1 MiB), the "
+                                 "longest header accepted; is it a header at all?")
   return tuple(normalize_token(t) for t in line.lstrip("\ufeff").split(","))
 
 

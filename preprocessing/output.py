@@ -10,15 +10,23 @@ Layout of an output directory (the shard format of :mod:`fastdp_jax.data`, plus 
 
 Producers write into a hidden staging directory beside ``OUT`` (``.OUT.staging-*``) and
 :func:`publish` renames it into place after the manifest is written, so a crashed producer
-never leaves a directory that looks complete.
+never leaves a directory that looks complete. A staging directory holds private rows: its name
+carries its job's host and process id, and the next job on the same output removes those of
+dead jobs on its host and names the others with the command that removes them
+(:func:`clean_stale`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import uuid
 from collections.abc import Iterable
 from typing import IO, Any
@@ -70,12 +78,63 @@ def check_output(output: str, overwrite: bool) -> str:
   return out
 
 
+def _host_tag() -> str:
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_tag() -> str:
+  """``HOST-PID``: who made a staging directory (the next job checks whether it is dead)."""
+  return f"{_host_tag()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True  # exists, not ours to signal
+  return True
+
+
+def clean_stale(out: str) -> list[str]:
+  """Finds what killed jobs left beside ``out`` (``.NAME.staging-*``, ``.NAME.old-*``).
+
+  Those made on this host by a process that no longer runs are removed; the others (another
+  host's, a live job's, or unnamed ones from versions before owner tags) are left and named
+  with the command that removes them.
+
+  Returns:
+    One line per directory found, saying what was done.
+  """
+  parent, name = os.path.split(os.path.abspath(out))
+  notes = []
+  for kind in ("staging", "old"):
+    prefix = f".{name}.{kind}-"
+    for path in sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))):
+      host, pid, *_ = os.path.basename(path)[len(prefix):].split("-") + ["", ""]
+      if pid == str(os.getpid()) and host == _host_tag():
+        continue  # ours (the streaming path's work directory)
+      if host == _host_tag() and pid.isdigit() and not _alive(int(pid)):
+        shutil.rmtree(path, ignore_errors=True)
+        notes.append(f"removed {path}, left by a killed job (pid {pid}) on {out}")
+      else:
+        why = (f"a running job (pid {pid})" if host == _host_tag() and pid.isdigit() else
+               "a job on another host or an older version")
+        notes.append(f"{path} holds private rows of {why}; if no job on {out} is running, "
+                     f"remove it: rm -rf {shlex.quote(path)}")
+  return notes
+
+
 def make_staging(out: str, subdirs: tuple[str, ...] = (REJECTS,)) -> str:
-  """Creates ``.NAME.staging-XXXX/`` (with ``subdirs``, default ``rejects/``) beside ``out``;
-  returns the staging path."""
+  """Creates ``.NAME.staging-HOST-PID-XXXX/`` (with ``subdirs``, default ``rejects/``) beside
+  ``out``; returns the staging path. Stale ones of killed jobs are cleaned first (said on
+  stderr, see :func:`clean_stale`)."""
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+  for note in clean_stale(out):
+    print(f"note: {note}", file=sys.stderr, flush=True)
+  staging = os.path.join(parent, f".{name}.staging-{_owner_tag()}-{uuid.uuid4().hex[:12]}")
   os.makedirs(staging, mode=0o700)  # the dataset is as private as the data (docs/privacy.md)
   for sub in subdirs:
     os.makedirs(os.path.join(staging, sub))
@@ -88,7 +147,7 @@ def publish(staging: str, out: str, overwrite: bool) -> None:
     if not overwrite:
       raise FileExistsError(f"output {out} appeared while the job ran; not replacing it")
     parent, name = os.path.split(out)
-    trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+    trash = os.path.join(parent, f".{name}.old-{_owner_tag()}-{uuid.uuid4().hex[:12]}")
     os.replace(out, trash)
     os.replace(staging, out)
     shutil.rmtree(trash, ignore_errors=True)

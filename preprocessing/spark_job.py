@@ -39,16 +39,18 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
 from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax import schema  # pylint: disable=g-import-not-at-top
@@ -238,8 +240,8 @@ def _first_lines(spark, input_path: str, files: list[str]) -> dict[str, str]:
   for uri in files:
     path = urllib.parse.unquote(output_lib.local_path(uri)) if uri.startswith("file:") else None
     if path and os.path.isfile(path) and not path.endswith(_COMPRESSED):
-      with open(path, "rb") as f:
-        head = f.readline(1 << 20)
+      with open(path, "rb") as f:  # one byte more than the limit: a longer header is refused
+        head = f.readline(cleaning.MAX_HEADER_BYTES + 1)
       # Like Hadoop's line reader: \n, \r\n and \r all end a line.
       out[uri] = head.split(b"\n")[0].split(b"\r")[0].decode("utf-8", "replace")
     else:
@@ -361,6 +363,26 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
   fmt = _detect_format(input_path, fmt)
   if fmt not in ("csv", "parquet"):
     raise PipelineError(f"{fmt=} must be csv, parquet or auto")
+  skipped = _skipped_inputs(input_path)
+  with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
+                                      restate=True):
+    _write(spark, input_path, out, spec, fmt, overwrite, split_seed, test_fraction,
+           max_rows_per_shard, partition_mb, input_bytes, skipped, t0)
+  return data_lib.read_manifest(out)
+
+
+def _skipped_inputs(input_path: str) -> list[str]:
+  """Files of a local input directory that Spark (like Hadoop) ignores: names ``_*``, ``.*``."""
+  p = output_lib.local_path(input_path)
+  if not (output_lib.is_local(input_path) and os.path.isdir(p)):
+    return []
+  return sorted(n for n in os.listdir(p) if n.startswith(("_", ".")))
+
+
+def _write(spark, input_path: str, out: str, spec: features_lib.FeatureSpec, fmt: str,
+           overwrite: bool, split_seed: int, test_fraction: float, max_rows_per_shard: int,
+           partition_mb: float | None, input_bytes: int, skipped: list[str],
+           t0: float) -> None:
   staging = output_lib.make_staging(out)
   old_partition_bytes = spark.conf.get("spark.sql.files.maxPartitionBytes")
   try:
@@ -376,6 +398,8 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
         "spark": {"version": spark.version, "master": spark.sparkContext.master,
                   "partitions": manifest["extra"].pop("partitions")},
         "seconds": round(time.perf_counter() - t0, 2)})
+    if skipped:
+      manifest["extra"]["skipped_inputs"] = skipped
     data_lib.write_manifest(staging, **manifest)
     output_lib.publish(staging, out, overwrite)
   except BaseException:
@@ -383,7 +407,6 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
     raise
   finally:
     spark.conf.set("spark.sql.files.maxPartitionBytes", old_partition_bytes)
-  return data_lib.read_manifest(out)
 
 
 def _collect(df, what: str) -> list:
@@ -391,6 +414,8 @@ def _collect(df, what: str) -> list:
     return df.collect()
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
+    if atomic.is_disk_full(e):  # an executor's shard on a full disk: run_job says so
+      raise
     for marker in ("RuntimeError: ", "PipelineError: ", "SpecError: "):
       if marker in text:
         detail = text.split(marker, 1)[1].splitlines()[0]
@@ -473,7 +498,7 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
     app_name: the application name.
     conf: extra Spark settings.
   """
-  env = {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+  env = {"PYSPARK_PYTHON": worker_python(conf, master),  # --conf spark.pyspark.python honoured
          "PYSPARK_DRIVER_PYTHON": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable)}
   paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
   if REPO_ROOT not in paths:  # local-mode workers inherit it; on a cluster use --py-files
@@ -497,6 +522,53 @@ def create_session(master: str | None = None, app_name: str = "fastdp-preprocess
   spark = _with_env(env, builder.getOrCreate)
   spark.sparkContext.setLogLevel("ERROR")
   return spark
+
+
+def worker_python(conf: Mapping[str, str] | None, master: str | None = None) -> str:
+  """The interpreter the Python workers run, checked when the master is local.
+
+  ``spark.pyspark.python`` (``--conf``) if set, else ``$PYSPARK_PYTHON``, else this
+  interpreter. pyspark itself takes the workers' interpreter from ``$PYSPARK_PYTHON`` only and
+  ignores the setting, so it is honoured here. ``spark.pyspark.driver.python`` cannot be: the
+  driver is this process.
+
+  Raises:
+    PipelineError: a driver interpreter other than this one, or (local master) a worker
+      interpreter that does not exist or cannot import what the tasks need.
+  """
+  conf = conf or {}
+  driver = conf.get("spark.pyspark.driver.python")
+  if driver and os.path.realpath(shutil.which(driver) or driver) != os.path.realpath(
+      sys.executable):
+    raise PipelineError(f"--conf spark.pyspark.driver.python={driver}: the driver is this "
+                        f"process ({sys.executable}); run the job with that interpreter instead")
+  python = conf.get("spark.pyspark.python")
+  if python is None:
+    return os.environ.get("PYSPARK_PYTHON", sys.executable)
+  if not ((master or "local").startswith("local") and "PYSPARK_GATEWAY_PORT" not in os.environ):
+    return python  # a cluster's executors: their machines, not checkable from here
+  found = shutil.which(python)
+  if found is None:
+    raise PipelineError(f"--conf spark.pyspark.python={python}: no such interpreter (leave it "
+                        f"unset to run this one, {sys.executable})")
+  probe = subprocess.run([found, "-c", "import h5py, numpy, pandas, pyarrow"],
+                         capture_output=True, text=True, timeout=300, check=False)
+  if probe.returncode:
+    why = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+    raise PipelineError(f"--conf spark.pyspark.python={python} cannot import h5py, numpy, "
+                        f"pandas and pyarrow, which the tasks need ({why}); leave it unset to "
+                        f"run this interpreter, {sys.executable}")
+  return python
+
+
+def _parse_conf(items: Sequence[str]) -> dict[str, str]:
+  conf = {}
+  for kv in items:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+      raise PipelineError(f"--conf {kv!r}: expected KEY=VALUE")
+    conf[key] = value
+  return conf
 
 
 def _with_env(env: dict[str, str], start):
@@ -540,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = features_lib.load_spec(args.spec)
     out = output_lib.check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
     _check_input(args.input, out)
-    conf = dict(kv.split("=", 1) for kv in args.conf)
+    conf = _parse_conf(args.conf)
+    worker_python(conf, args.master)  # refused before Spark starts (7-9 s)
     spark = create_session(args.master, conf=conf)
     t1 = time.perf_counter()
     m = run_job(spark, args.input, args.output, spec, fmt=args.format,
@@ -555,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" (see {os.path.join(args.output, output_lib.REJECTS)}/: "
            f"{m.extra['rejected_by_reason']})"
            if pv.rejected else "")
+        + (f"; skipped {len(m.extra['skipped_inputs'])} input files that Spark ignores (names "
+           f"starting with _ or .): {', '.join(m.extra['skipped_inputs'][:10])}"
+           + (", ..." if len(m.extra["skipped_inputs"]) > 10 else "")
+           if m.extra.get("skipped_inputs") else "")
         + f"; {time.perf_counter() - t0:.1f} s ({t1 - t0:.1f} s Spark start-up)")
   return 0
 

@@ -6,22 +6,31 @@
       --spec capums [--overwrite] [--keep-tsv cleaned.tsv]
 
 This is what ``hadoop jar hadoop-streaming.jar`` does with one map task and one reducer; the
-same mapper and reducer run under Hadoop unchanged (see ``mapper.py``).
+same mapper and reducer run under Hadoop unchanged (see ``mapper.py``). Input compressed with
+gzip or bzip2 is decompressed first (as Hadoop and Spark do); other compressions are refused.
+The reducer's output and ``sort``'s temporary files (private rows) live in a hidden work
+directory beside the output (``.NAME.staging-*``, removed at the end, and by the next run if
+the job was killed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
+from fastdp_jax import errors
 from fastdp_jax import schema
 from preprocessing import features as features_lib
+from preprocessing.mapreduce import mapper
 from preprocessing.mapreduce import to_shards
 from preprocessing import output as output_lib
 from preprocessing.output import PipelineError
@@ -29,29 +38,84 @@ from preprocessing.output import PipelineError
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str = "25%") -> None:
-  """Runs ``mapper < input_csv | LC_ALL=C sort | reducer > tsv``; raises on any failure."""
+# Compressions the streaming path reads, as Hadoop's and Spark's line readers do.
+_DECOMPRESS = {"gzip": "gzip", "bzip2": "bz2"}
+
+
+def input_compression(input_csv: str) -> str | None:
+  """``'gzip'``, ``'bzip2'`` (decompressed on the way in) or None.
+
+  Raises:
+    PipelineError: another compression ("compressed input is not supported by the streaming
+      path").
+  """
+  with open(input_csv, "rb") as f:
+    kind = mapper.compression_of(f.read(16))
+  if kind is None and input_csv.endswith(_COMPRESSED_SUFFIXES):
+    kind = input_csv.rsplit(".", 1)[1]
+  if kind is not None and kind not in _DECOMPRESS:
+    raise PipelineError(f"{input_csv} is {kind}-compressed: {mapper.UNSUPPORTED_COMPRESSION} "
+                        "(it reads plain, gzip and bzip2 CSV); decompress it first, or use "
+                        "the Spark job")
+  return kind
+
+
+_COMPRESSED_SUFFIXES = (".deflate", ".zst", ".lz4", ".snappy", ".xz", ".zip")
+
+
+def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str = "25%",
+                  work_dir: str | None = None) -> None:
+  """Runs ``mapper < input_csv | LC_ALL=C sort | reducer > tsv``; raises on any failure.
+
+  Args:
+    work_dir: where ``sort`` keeps its temporary files (default: the system's).
+  """
+  if os.path.isdir(input_csv):
+    raise PipelineError(f"input {input_csv} is a directory: the streaming path reads one CSV "
+                        "file (the Spark job reads directories)")
   if not os.path.isfile(input_csv):
     raise FileNotFoundError(f"input {input_csv} does not exist")
+  kind = input_compression(input_csv)
   env = dict(os.environ, LC_ALL="C")
   py = sys.executable
   with open(input_csv, "rb") as fin, open(tsv, "wb") as fout, \
-      tempfile.TemporaryFile() as err_m, tempfile.TemporaryFile() as err_s, \
-      tempfile.TemporaryFile() as err_r:
-    mapper = subprocess.Popen([py, os.path.join(_HERE, "mapper.py"), "--spec", spec_path],
-                              stdin=fin, stdout=subprocess.PIPE, stderr=err_m, env=env)
-    sorter = subprocess.Popen(["sort", "-S", sort_memory], stdin=mapper.stdout,
-                              stdout=subprocess.PIPE, stderr=err_s, env=env)
-    mapper.stdout.close()
-    reducer = subprocess.Popen([py, os.path.join(_HERE, "reducer.py")], stdin=sorter.stdout,
-                               stdout=fout, stderr=err_r, env=env)
-    sorter.stdout.close()
-    codes = (mapper.wait(), sorter.wait(), reducer.wait())
-    for name, code, err in zip(("mapper", "sort", "reducer"), codes, (err_m, err_s, err_r)):
+      tempfile.TemporaryFile() as err_d, tempfile.TemporaryFile() as err_m, \
+      tempfile.TemporaryFile() as err_s, tempfile.TemporaryFile() as err_r:
+    stages = []
+    source: Any = fin
+    if kind is not None:
+      module = _DECOMPRESS[kind]
+      stages.append(("decompress", subprocess.Popen(
+          [py, "-c", f"import {module}, shutil, sys; shutil.copyfileobj({module}.open("
+           "sys.stdin.buffer), sys.stdout.buffer)"],
+          stdin=fin, stdout=subprocess.PIPE, stderr=err_d, env=env), err_d))
+      source = stages[-1][1].stdout
+    stages.append(("mapper", subprocess.Popen(
+        [py, os.path.join(_HERE, "mapper.py"), "--spec", spec_path],
+        stdin=source, stdout=subprocess.PIPE, stderr=err_m, env=env), err_m))
+    sort_cmd = ["sort", "-S", sort_memory] + (["-T", work_dir] if work_dir else [])
+    stages.append(("sort", subprocess.Popen(sort_cmd, stdin=stages[-1][1].stdout,
+                                            stdout=subprocess.PIPE, stderr=err_s, env=env),
+                   err_s))
+    stages.append(("reducer", subprocess.Popen(
+        [py, os.path.join(_HERE, "reducer.py")], stdin=stages[-1][1].stdout, stdout=fout,
+        stderr=err_r, env=env), err_r))
+    for _, proc, _ in stages[:-1]:
+      proc.stdout.close()  # each stage's reader owns its pipe now
+    codes = [proc.wait() for _, proc, _ in stages]
+    failed = []
+    for (name, _, err), code in zip(stages, codes):
       if code:
         err.seek(0)
         text = err.read().decode(errors="replace").strip().splitlines()
-        raise PipelineError(f"{name} failed (exit {code}): {text[-1] if text else ''}")
+        failed.append((name, code, text[-1] if text else ""))
+    if any(atomic.is_disk_full(OSError(last)) for _, _, last in failed):
+      raise atomic.DiskFullError(atomic.disk_full_message(
+          f"the streaming path's work files in {work_dir or tempfile.gettempdir()}",
+          "no output was written"))
+    # A stage killed by SIGPIPE only lost its reader: the reader's failure is the news.
+    for name, code, last in sorted(failed, key=lambda f: f[1] == -13):
+      raise PipelineError(f"{name} failed (exit {code}): {last}")
 
 
 def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False,
@@ -60,18 +124,24 @@ def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False
               max_rows_per_shard: int = 250_000,
               keep_tsv: str | None = None) -> data_lib.Manifest:
   """The streaming path end to end; returns the manifest of ``output``."""
-  from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
-  output_lib.check_output(output, overwrite)  # before the (long) streaming run
+  out = output_lib.check_output(output, overwrite)  # before the (long) streaming run
   spec_path = spec if spec.endswith(".py") else os.path.join(  # a built-in spec's file
       os.path.dirname(os.path.abspath(features_lib.__file__)), "specs", f"{spec}.py")
   features_lib.load_spec(spec_path)
-  with tempfile.TemporaryDirectory() as tmp:
-    tsv = keep_tsv or os.path.join(tmp, "cleaned.tsv")
-    run_streaming(input_csv, tsv, spec_path)
-    with open(tsv, encoding="utf-8", newline="\n") as f:
-      return to_shards.convert(f, output, spec_path, overwrite=overwrite,
-                               split_seed=split_seed, test_fraction=test_fraction,
-                               max_rows_per_shard=max_rows_per_shard, source=input_csv)
+  # The cleaned rows are as private as the input: they stay beside the output (owner-only,
+  # named like a staging directory so that the next run removes them if this one is killed).
+  work = output_lib.make_staging(out, subdirs=())
+  try:
+    with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
+                                        restate=True):
+      tsv = keep_tsv or os.path.join(work, "cleaned.tsv")
+      run_streaming(input_csv, tsv, spec_path, work_dir=work)
+      with open(tsv, encoding="utf-8", newline="\n") as f:
+        return to_shards.convert(f, output, spec_path, overwrite=overwrite,
+                                 split_seed=split_seed, test_fraction=test_fraction,
+                                 max_rows_per_shard=max_rows_per_shard, source=input_csv)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     m = run_local(args.input, args.output, args.spec, overwrite=args.overwrite,
                   keep_tsv=args.keep_tsv)
-  except (PipelineError, features_lib.SpecError, FileNotFoundError, FileExistsError) as e:
+  except (errors.UserError, FileNotFoundError, FileExistsError) as e:  # one line, exit 2
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"{output_lib.describe(args.output, m)}; {time.perf_counter() - t0:.1f} s")

@@ -33,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the project importable
@@ -45,6 +46,22 @@ from preprocessing import features as features_lib  # pylint: disable=g-import-n
 
 BLOCK_LINES = 8192
 _HADOOP_ENV = ("mapreduce_task_id", "mapred_task_id")
+# Magic numbers of compressed files: the mapper reads text, so compressed bytes are refused
+# (Hadoop decompresses .gz and .bz2 input itself, as Spark does; the local runner too).
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+          (b"\x04\x22\x4d\x18", "lz4"), (b"PK\x03\x04", "zip"),
+          (b"\xff\x06\x00\x00sNaPpY", "snappy"))
+UNSUPPORTED_COMPRESSION = "compressed input is not supported by the streaming path"
+
+
+def compression_of(head: bytes) -> str | None:
+  """The compression format whose magic number starts ``head`` (>= 10 bytes), or None."""
+  if re.match(rb"BZh[1-9]1AY&SY", head):
+    return "bzip2"
+  for magic, name in _MAGIC:
+    if head.startswith(magic):
+      return name
+  return None
 
 
 def format_values(values: np.ndarray) -> list[str]:
@@ -141,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   spec = features_lib.load_spec(args.spec)
   columns = tuple(args.columns.split(",")) if args.columns else None
+  kind = compression_of(sys.stdin.buffer.peek(16)[:16])  # type: ignore[union-attr]
+  if kind:
+    file = os.environ.get("mapreduce_map_input_file", os.environ.get("map_input_file", "-"))
+    print(f"mapper: {file}: the input is {kind}-compressed; {UNSUPPORTED_COMPRESSION} "
+          "(decompress it first, or use the Spark job)", file=sys.stderr)
+    return 2
   # Universal newlines: \n, \r\n and \r end a line, as in Hadoop's and Spark's line readers;
   # undecodable bytes become U+FFFD as in Spark's text source.
   stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline=None)

@@ -23,7 +23,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
+from fastdp_jax import errors
 from fastdp_jax import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
@@ -94,6 +96,14 @@ def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | 
   if isinstance(spec, str):
     spec = features_lib.load_spec(spec)
   out = output_lib.check_output(output, overwrite)
+  with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
+                                      restate=True):
+    return _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_per_shard,
+                    source, t0)
+
+
+def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_per_shard,
+             source, t0) -> data_lib.Manifest:
   staging = output_lib.make_staging(out)
   k = len(spec.used_columns)
   try:
@@ -170,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = convert(_input_lines(args.input), args.output, args.spec, overwrite=args.overwrite,
                 split_seed=args.split_seed, test_fraction=args.test_fraction,
                 max_rows_per_shard=args.max_rows_per_shard, source=args.input)
-  except (PipelineError, features_lib.SpecError, FileNotFoundError, FileExistsError) as e:
+  except (errors.UserError, FileNotFoundError, FileExistsError) as e:  # one line, exit 2
     print(f"error: {e}", file=sys.stderr)
     return 2
   pv = m.provenance
