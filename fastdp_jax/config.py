@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict()
   c.data.path = "data/generated/capums"  # dataset directory (manifest.json) or original .h5.
+  c.data.batches = ""  # a directory of materialised Poisson batches of data.path
+  #                      (python -m preprocessing.poisson_batches): stream the updates from it
+  #                      in constant memory instead of holding the training rows.
   c.data.verify_checksums = True  # check every shard's sha256 against the manifest.
   c.data.public_num_examples = config_dict.placeholder(int)  # a PUBLIC training-set size
   #                            that fixes q and the number of updates (unset: N is public).

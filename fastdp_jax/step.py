@@ -83,7 +83,9 @@ def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
   """
 
   def fn(params, x, y, idx, mask):
-    batch = (x[idx], y[idx])
+    return on_batch(params, (x[idx], y[idx]), mask)
+
+  def on_batch(params, batch, mask):
     grads, stats = clipped_sum(params, batch, mask)
     losses = getattr(stats, "losses", None)
     if losses is None:  # ghost clipping returns them; vmap clipping does not.
@@ -98,6 +100,7 @@ def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
                  nonfinite=jnp.sum(stats.nonfinite).astype(jnp.float32))
     return grads, local
 
+  fn.on_batch = on_batch  # the same work on a batch given as arrays (streamed batches)
   return fn
 
 
@@ -143,6 +146,29 @@ def _auto_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
   return total_sum
 
 
+def _update_fn(tx: optax.GradientTransformation) -> Callable:
+  """``update(state, active, sums_fn) -> (state, metrics)``: one noised update, or none."""
+
+  def update(state, active, sums_fn):
+    def do(state):
+      grads, m = sums_fn(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      # Whether the noised parameters are finite: a function of the DP output only.
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                  for p in jax.tree_util.tree_leaves(params)]))
+      m = dict(m, params_finite=finite)
+      return State(params=params, opt_state=opt_state, step=state.step + 1), m
+
+    def skip(state):
+      zero = jnp.zeros((), jnp.float32)
+      return state, dict({k: zero for k in _METRICS}, params_finite=jnp.ones((), bool))
+
+    return jax.lax.cond(active, do, skip, state)
+
+  return update
+
+
 def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
                       clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
                       l2_norm_clip: float | None, strategy: str = "shard_map") -> TrainStep:
@@ -170,26 +196,12 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
   per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip)
   sharded_sum = (_shard_map_sum if strategy == "shard_map" else _auto_sum)(mesh, per_device)
+  update = _update_fn(tx)
 
   def one_step(carry, inputs):
     state, x, y = carry
     idx, mask, active = inputs
-
-    def do(state):
-      grads, m = sharded_sum(state.params, x, y, idx, mask)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      # Whether the noised parameters are finite: a function of the DP output only.
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                  for p in jax.tree_util.tree_leaves(params)]))
-      m = dict(m, params_finite=finite)
-      return State(params=params, opt_state=opt_state, step=state.step + 1), m
-
-    def skip(state):
-      zero = jnp.zeros((), jnp.float32)
-      return state, dict({k: zero for k in _METRICS}, params_finite=jnp.ones((), bool))
-
-    state, m = jax.lax.cond(active, do, skip, state)
+    state, m = update(state, active, lambda p: sharded_sum(p, x, y, idx, mask))
     return (state, x, y), m
 
   replicated = NamedSharding(mesh, P())
@@ -256,3 +268,81 @@ class TrainStep:
   def lower(self, state, x, y, indices, mask, active):
     """Lowers the jitted function for these arguments (to inspect the compiled step)."""
     return self.jitted.lower(state, x, y, *self.place(indices, mask, active))
+
+
+def _streamed_sum(mesh: jax.sharding.Mesh, on_batch: Callable, strategy: str) -> Callable:
+  """The per-update sum over devices of batches given as arrays [num_devices, capacity, ...]."""
+  if strategy == "shard_map":
+    def local_sum(params, x, y, mask):
+      return jax.lax.psum(on_batch(params, (x[0], y[0]), mask[0]), AXIS)
+
+    # check_vma=False for the reason given in _shard_map_sum.
+    return jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                         out_specs=(P(), P()), check_vma=False)
+  by_device, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+
+  def total_sum(params, x, y, mask):
+    x = jax.lax.with_sharding_constraint(x, by_device)
+    sums = jax.vmap(on_batch, in_axes=(None, 0, 0))(params, (x, y), mask)
+    packed = jax.vmap(lambda s: jax.flatten_util.ravel_pytree(s)[0])(sums)
+    packed = jax.lax.with_sharding_constraint(packed, by_device)
+    total = jax.lax.with_sharding_constraint(jnp.sum(packed, axis=0), replicated)
+    _, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda s: s[0], sums))
+    return unravel(total)
+
+  return total_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedStep:
+  """The compiled call on streamed batches: ``step(state, features, labels, mask, active)``.
+
+  ``features`` [steps, num_devices, capacity, F], ``labels`` and ``mask`` [steps,
+  num_devices, capacity]: each device's slots of each update (materialised Poisson batches,
+  :mod:`fastdp_jax.batch_stream`), sharded along axis 1; ``active`` [steps] replicated.
+  """
+
+  mesh: jax.sharding.Mesh
+  jitted: Callable
+
+  def place(self, features, labels, mask, active):
+    return (parallel.shard_along_devices(self.mesh, features),
+            parallel.shard_along_devices(self.mesh, labels),
+            parallel.shard_along_devices(self.mesh, mask),
+            parallel.replicate(self.mesh, np.asarray(active)))
+
+  def __call__(self, state, features, labels, mask, active):
+    if not isinstance(features, jax.Array):
+      features, labels, mask, active = self.place(features, labels, mask, active)
+    return self.jitted(state, features, labels, mask, active)
+
+
+def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
+                         clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
+                         l2_norm_clip: float | None, strategy: str = "shard_map"
+                         ) -> StreamedStep:
+  """Like :func:`build_train_chunk`, for batches read from disk instead of gathered on device.
+
+  The per-device work (clipping, metrics) and the update (one all-reduce, noise once, the
+  optimizer) are the same functions; only where each device's batch comes from differs.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
+  on_batch = _per_device(loss_fn, clipped_sum, l2_norm_clip).on_batch
+  summed = _streamed_sum(mesh, on_batch, strategy)
+  update = _update_fn(tx)
+
+  def one_step(state, inputs):
+    x, y, mask, active = inputs
+    return update(state, active, lambda p: summed(p, x, y, mask))
+
+  replicated = NamedSharding(mesh, P())
+  per_step = NamedSharding(mesh, P(None, AXIS))
+
+  @functools.partial(jax.jit, in_shardings=(replicated, per_step, per_step, per_step,
+                                            replicated),
+                     out_shardings=(replicated, replicated))
+  def jitted(state, x, y, mask, active):
+    return jax.lax.scan(one_step, state, (x, y, mask, active))
+
+  return StreamedStep(mesh=mesh, jitted=jitted)

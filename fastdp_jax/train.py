@@ -37,6 +37,7 @@ from absl import logging
 from fastdp_jax import accounting
 from fastdp_jax import atomic
 from fastdp_jax import attack
+from fastdp_jax import batch_stream
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import data as data_lib
@@ -168,13 +169,15 @@ class Trainer:
   keys: checkpoint_lib.RunKeys
   private: bool
   privacy_note: str | None
-  train: data_lib.Split  # this process's training rows
-  test: data_lib.Split
-  dev: parallel.DeviceData
+  train: data_lib.Split  # this process's training rows (a bounded sample when streaming)
+  test: data_lib.Split  # the test rows (a bounded sample when streaming)
+  dev: parallel.DeviceData | None  # the training rows on the devices (None when streaming)
+  num_examples: int  # N, the training rows of all processes
   apply_fn: Callable
-  run: step_lib.TrainStep  # the compiled step
+  run: step_lib.TrainStep | step_lib.StreamedStep  # the compiled step
   clipping: str  # the per-example clipping method it uses: 'ghost' or 'vmap'
-  sampler: sampling.PoissonSampler
+  sampler: sampling.PoissonSampler | None  # None when the batches are streamed
+  stream: batch_stream.BatchStream | None  # the materialised batches (data.batches)
   local_shards: list[int]
   evaluate: Callable
   ckpt: checkpoint_lib.Checkpointer | None
@@ -186,6 +189,8 @@ class Trainer:
   step: int
   attack_idx: int | None
   majority: float
+  cleanup: contextlib.ExitStack | None = None
+  _reader: batch_stream.Prefetcher | None = None
   t_start: float = dataclasses.field(default_factory=time.time)
   epoch_t0: float = dataclasses.field(default_factory=time.time)
 
@@ -197,19 +202,42 @@ class Trainer:
     """Epsilon of the updates so far (inf when DP is off)."""
     return self.run_state.ledger.epsilon() if self.plan.enabled else float("inf")
 
-  def train_call(self, k: int) -> dict[str, np.ndarray]:
-    """Runs ``k`` updates in one compiled call; returns their per-update metrics."""
-    chunk, prof, step = self.cfg.steps_per_call, self.prof, self.step
-    with prof.phase("sampling"):
-      batches = self.sampler.batches(step, k, shards=self.local_shards)
+  def _sampled_inputs(self, k: int) -> tuple:
+    chunk = self.cfg.steps_per_call
+    with self.prof.phase("sampling"):
+      batches = self.sampler.batches(self.step, k, shards=self.local_shards)
       pad = ((0, chunk - k), (0, 0), (0, 0))
       idx, msk = np.pad(batches.indices, pad), np.pad(batches.mask, pad)
       active = np.arange(chunk) < k
-    with prof.phase("data transfer"):
-      inputs = prof.sync(self.run.place(idx, msk, active))
+    with self.prof.phase("data transfer"):
+      inputs = self.prof.sync(self.run.place(idx, msk, active))
+    return (self.dev.features, self.dev.labels, *inputs)
+
+  def _streamed_inputs(self, k: int) -> tuple:
+    """This process's devices' slots of the next ``k`` materialised batches, placed."""
+    chunk, d = self.cfg.steps_per_call, int(self.mesh.devices.size)
+    lo, hi = self.local_shards[0], self.local_shards[-1] + 1
+    if self._reader is None:  # starts at the run's position (a resume seeks to it)
+      self._reader = self.stream.reader(self.step, self.schedule.stop_at, device_slice=(
+          batch_stream.device_slots(self.stream.capacity, d, (lo, hi))))
+      if self.cleanup is not None:
+        self.cleanup.callback(self._reader.close)
+    with self.prof.phase("data read"):
+      f, y, m = batch_stream.split_for_devices(*self._reader.take(k), hi - lo)
+      shape = (chunk, d) + f.shape[2:]
+      features = np.zeros(shape, np.float32)
+      labels, mask = np.zeros(shape[:3], np.float32), np.zeros(shape[:3], bool)
+      features[:k, lo:hi], labels[:k, lo:hi], mask[:k, lo:hi] = f, y, m
+    with self.prof.phase("data transfer"):
+      return self.prof.sync(self.run.place(features, labels, mask, np.arange(chunk) < k))
+
+  def train_call(self, k: int) -> dict[str, np.ndarray]:
+    """Runs ``k`` updates in one compiled call; returns their per-update metrics."""
+    prof, step = self.prof, self.step
+    inputs = self._streamed_inputs(k) if self.stream is not None else self._sampled_inputs(k)
     prof.before_call(step)
     with prof.phase("step"):
-      self.state, m = self.run(self.state, self.dev.features, self.dev.labels, *inputs)
+      self.state, m = self.run(self.state, *inputs)
       m = jax.device_get(m)
     prof.after_call(step + k, self.state)
     check_finite(m, step, k)
@@ -221,8 +249,18 @@ class Trainer:
     return m
 
   def test_metrics(self) -> tuple[float, float]:
-    return evaluate_split(self.evaluate, jax.device_get(self.state.params),
-                          self.test.features, self.test.labels, self.cfg.eval_batch_size)
+    """Mean loss and accuracy on the test split (streamed from disk with data.batches)."""
+    params = jax.device_get(self.state.params)
+    if self.stream is None:
+      return evaluate_split(self.evaluate, params, self.test.features, self.test.labels,
+                            self.cfg.eval_batch_size)
+    loss = correct = n = 0.0
+    for x, y in batch_stream.iter_split(self.cfg.data.path, "test",
+                                        chunk_rows=self.cfg.eval_batch_size):
+      chunk_loss, chunk_acc = evaluate_split(self.evaluate, params, x, y,
+                                             self.cfg.eval_batch_size)
+      loss, correct, n = loss + chunk_loss * len(y), correct + chunk_acc * len(y), n + len(y)
+    return loss / n, correct / n
 
   def save(self) -> None:
     if self.ckpt is not None:  # the noise key stays out of the arrays: it is in keys.json
@@ -252,6 +290,59 @@ def _load_data(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     raise data_lib.ShardError(f"{cfg.data.path}: train has {train.features.shape[1]} features,"
                               f" test {test.features.shape[1]}")
   return train, test, dev
+
+
+def _load_streamed(cfg: ml_collections.ConfigDict):
+  """Bounded samples of the training and test rows (attacks, membership inference) and N.
+
+  With ``data.batches`` the training rows are never all in memory: the updates stream from
+  the materialised batches, and evaluation streams the test shards.
+  """
+  manifest = data_lib.read_manifest(cfg.data.path)
+  n, n_test = manifest.rows("train"), manifest.rows("test")
+  sample = max(1, cfg.data.attack_rows, cfg.privacy_eval.membership_rows)
+  kw = dict(verify_checksum=cfg.data.verify_checksums, feature_bounds=cfg.data.feature_bounds)
+  lo, hi = data_lib.process_row_ranges(n, parallel.devices_per_process(parallel.make_mesh()))[
+      jax.process_index()]
+  train = data_lib.load_split(cfg.data.path, "train", rows=(lo, min(hi, lo + sample)), **kw)
+  test = data_lib.load_split(cfg.data.path, "test", rows=(0, min(n_test, sample)), **kw)
+  distributed.check_same_on_all_processes("config and data",
+                                          (cfg.to_json_best_effort(), train.digest))
+  return train, test, n
+
+
+def _open_stream(cfg: ml_collections.ConfigDict, plan: PrivacyPlan) -> batch_stream.BatchStream:
+  """The materialised batches of ``data.batches``, verified, and refused unless they are this
+  run's (dataset, batch size, epochs, q and the number of updates)."""
+  if cfg.dp.overflow_probability is not None:
+    raise errors.ConfigError("dp.overflow_probability is fixed by the batches' capacity with "
+                             "data.batches; unset it (or rewrite the batches)")
+  expected = dict(batch_stream.dataset_identity(cfg.data.path), batch_size=cfg.batch_size,
+                  epochs=cfg.num_epochs, sampling_rate=plan.sampling_rate,
+                  total_updates=plan.total_steps)
+  return batch_stream.open_batches(cfg.data.batches, expected=expected)
+
+
+def _streamed_keys(stream: batch_stream.BatchStream,
+                   keys: checkpoint_lib.RunKeys) -> checkpoint_lib.RunKeys:
+  """The run's keys with the batches' sampling key (its file may have been deleted)."""
+  try:
+    key, fixed = batch_stream.read_key(stream.path)
+  except (errors.UserError, OSError):
+    key, fixed = np.zeros(2, np.uint64), stream.sampling_fixed
+  return dataclasses.replace(keys, sampling=np.asarray(key, np.uint64),
+                             sampling_fixed=bool(fixed or stream.sampling_fixed))
+
+
+def _majority(cfg: ml_collections.ConfigDict, test: data_lib.Split, streamed: bool) -> float:
+  if not streamed:
+    rate = float(test.labels.mean())
+  else:
+    ones = total = 0.0
+    for _, y in batch_stream.iter_split(cfg.data.path, "test", chunk_rows=cfg.eval_batch_size):
+      ones, total = ones + float(y.sum()), total + len(y)
+    rate = ones / max(total, 1.0)
+  return max(rate, 1 - rate)
 
 
 def _resolve_keys(cfg: ml_collections.ConfigDict, workdir: str,
@@ -318,12 +409,13 @@ def _stop_at(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
 def _announce(t: Trainer, num_params: int) -> None:
   plan, mesh = t.plan, t.mesh
   logging.info("train rows %d, test rows %d, features %d, devices %d, params %d",
-               t.dev.num_examples, len(t.test), t.train.features.shape[1], mesh.devices.size,
+               t.num_examples, len(t.test), t.train.features.shape[1], mesh.devices.size,
                num_params)
   say(f"DP-SGD: q={plan.sampling_rate:.6g} sigma={plan.noise_multiplier:.4g} "
       f"C={plan.l2_norm_clip} updates={plan.total_steps} ({plan.steps_per_epoch}/epoch) "
       f"delta={plan.delta_total:.3g} accountant={plan.accountant} "
-      f"devices={mesh.devices.size} capacity/device={t.sampler.capacity} private={t.private}"
+      f"devices={mesh.devices.size} capacity/device="
+      f"{t.sampler.capacity if t.sampler else t.stream.capacity} private={t.private}"
       if plan.enabled else
       f"non-private SGD: updates={plan.total_steps} devices={mesh.devices.size}")
   if t.privacy_note and plan.enabled:
@@ -344,8 +436,19 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       ``parallel.make_mesh()``'s mesh.
   """
   mesh = parallel.make_mesh()
-  train, test, dev = _load_data(cfg, mesh) if data is None else data
-  plan = plan_lib.plan_privacy(cfg, dev.num_examples, num_devices=int(mesh.devices.size))
+  streamed = data is None and bool(cfg.data.batches)
+  if streamed:
+    (train, test, n), dev = _load_streamed(cfg), None
+  else:
+    train, test, dev = _load_data(cfg, mesh) if data is None else data
+    n = dev.num_examples
+  plan = plan_lib.plan_privacy(cfg, n, num_devices=int(mesh.devices.size))
+  stream = _open_stream(cfg, plan) if streamed else None
+  if stream is not None:  # one capacity per update (not per device): the job's union bound
+    plan = dataclasses.replace(
+        plan, overflow_probability=stream.overflow_probability,
+        overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps,
+                                               1))
   # cfg.seed initialises the model and nothing else: the batches and the noise come from
   # secret keys (OS entropy, unless dp.sampling_seed / dp.noise_seed fix them).
   model = models.create_model(train.features.shape[1], cfg.model.hidden_sizes, cfg.seed)
@@ -360,6 +463,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
   if ckpt is not None:
     cleanup.callback(ckpt.close)
   keys = _resolve_keys(cfg, workdir, ckpt)
+  if stream is not None:
+    keys = _streamed_keys(stream, keys)
   tx = optax.chain(noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier,
                                    cfg.batch_size, keys.noise), make_optimizer(cfg))
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
@@ -380,14 +485,16 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       dp_enabled=plan.enabled, noise_fixed=keys.noise_fixed, sampling_fixed=keys.sampling_fixed)
   t = Trainer(
       cfg=cfg, workdir=workdir, mesh=mesh, plan=plan, keys=keys, private=private,
-      privacy_note=privacy_note, train=train, test=test, dev=dev, apply_fn=apply_fn,
-      run=step_lib.build_train_chunk(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip,
-                                     cfg.parallel.strategy),
+      privacy_note=privacy_note, train=train, test=test, dev=dev, num_examples=n,
+      apply_fn=apply_fn,
+      run=(step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk)(
+          mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, cfg.parallel.strategy),
       clipping=method,
-      sampler=sampling.PoissonSampler(
-          dev.num_examples, cfg.batch_size, keys.sampling, shard_bounds=dev.bounds,
+      sampler=None if streamed else sampling.PoissonSampler(
+          n, cfg.batch_size, keys.sampling, shard_bounds=dev.bounds,
           capacity_multiple=cfg.dp.microbatch_size,
           overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate),
+      stream=stream, cleanup=cleanup,
       # This process computes only its own devices' batches (the others' never move).
       local_shards=[k for k, d in enumerate(mesh.devices.flat)
                     if d.process_index == jax.process_index()],
@@ -406,7 +513,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       prof=prof, state=state, run_state=run_state, step=step,
       attack_idx=(train.feature_names.index(attack_col)
                   if attack_col and attack_col in train.feature_names else None),
-      majority=float(max(test.labels.mean(), 1 - test.labels.mean())))
+      majority=_majority(cfg, test, streamed))
   if attack_col and t.attack_idx is None:
     logging.info("model-inversion attack skipped: no column %r in the data", attack_col)
   t.writer.write_hparams(json.loads(cfg.to_json_best_effort()))
@@ -496,7 +603,8 @@ def _summary(t: Trainer) -> dict[str, Any]:
       test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
       majority_class_rate=t.majority,
       below_majority_class=bool(final["test_accuracy"] < t.majority),
-      train_examples=t.dev.num_examples, test_examples=len(t.test),
+      train_examples=t.num_examples, test_examples=len(t.test),
+      batches=t.cfg.data.batches or None,
       **{release.ATTACK_ACCURACY: final.get(release.ATTACK_ACCURACY)},
       noise="fixed by dp.noise_seed" if t.keys.noise_fixed else "os entropy",
       sampling="fixed by dp.sampling_seed" if t.keys.sampling_fixed else "os entropy",

@@ -1,0 +1,129 @@
+"""Training from materialised Poisson batches (``data.batches``) equals training in memory.
+
+The Spark job (preprocessing.poisson_batches) evaluates the sampler's inclusion function row
+by row; with the same sampling key, the streamed run sees exactly the in-memory sampler's
+batches, so the two runs give the same parameters (up to float32 summation order over a
+different padding: 1e-5 relative) and the same epsilon. One SparkSession per module.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastdp_jax import batch_stream
+from fastdp_jax import train
+from tests import preprocessing_helpers as T
+from tests.conftest import ROOT, make_config, make_dataset
+
+_WHY_NOT = T.spark_available()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+
+BATCH, EPOCHS, SEED = 64, 2, 0  # configs/test.py's dp.sampling_seed is 0
+
+
+@pytest.fixture(scope="module")
+def spark():
+  yield from T.spark_session("test_streamed_training")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return make_dataset(str(tmp_path_factory.mktemp("d") / "data"), rows=2500, seed=21)
+
+
+@pytest.fixture(scope="module")
+def batches(spark, dataset, tmp_path_factory):
+  from preprocessing import poisson_batches as pb
+  out = str(tmp_path_factory.mktemp("b") / "batches")
+  pb.run_job(spark, pb.plan_job(dataset, out, batch_size=BATCH, epochs=EPOCHS,
+                                sampling_seed=SEED, updates_per_shard=16))
+  return out
+
+
+def _cfg(dataset, **overrides):
+  return make_config(dataset, **{"batch_size": BATCH, "num_epochs": EPOCHS,
+                                 "checkpoint.every_steps": 10, **overrides})
+
+
+def _params(workdir):
+  saved = np.load(os.path.join(workdir, "final_params.npz"))
+  return {k: saved[k] for k in saved.files}
+
+
+def test_streamed_training_equals_in_memory_training(dataset, batches, tmp_path):
+  memory = train.train_and_evaluate(_cfg(dataset), str(tmp_path / "memory"))
+  streamed = train.train_and_evaluate(_cfg(dataset, **{"data.batches": batches}),
+                                      str(tmp_path / "streamed"))
+  assert streamed["steps"] == memory["steps"] == EPOCHS * round(memory["train_examples"] / BATCH)
+  assert streamed["epsilon"] == memory["epsilon"]
+  assert streamed["sampling_rate"] == memory["sampling_rate"]
+  # Batches from --sampling-seed: a reproducibility run, said so.
+  assert streamed["private"] is False and streamed["batches"] == batches
+  a, b = _params(tmp_path / "memory"), _params(tmp_path / "streamed")
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 * np.abs(a[k]).max())
+  assert streamed["test_accuracy"] == pytest.approx(memory["test_accuracy"], abs=1e-3)
+
+
+def test_batches_for_another_run_are_refused_before_training(dataset, batches, tmp_path):
+  for overrides, what in (({"batch_size": 32}, "batch_size"), ({"num_epochs": 3}, "epochs")):
+    with pytest.raises(batch_stream.BatchMismatchError, match=what):
+      train.train_and_evaluate(_cfg(dataset, **{"data.batches": batches, **overrides}),
+                               str(tmp_path / what))
+    assert not (tmp_path / what / "metrics.jsonl").exists()
+  other = make_dataset(str(tmp_path / "other"), rows=2500, seed=22)
+  with pytest.raises(batch_stream.BatchMismatchError, match="dataset_digest"):
+    train.train_and_evaluate(_cfg(other, **{"data.batches": batches}), str(tmp_path / "o"))
+
+
+def test_a_corrupt_batch_shard_is_named_before_training(dataset, batches, tmp_path):
+  import shutil
+  copy = str(tmp_path / "copy")
+  shutil.copytree(batches, copy)
+  block = next(d for d in sorted(os.listdir(copy)) if d.startswith("epochs-"))
+  shard = sorted(f for f in os.listdir(os.path.join(copy, block)) if f.endswith(".h5"))[1]
+  path = os.path.join(copy, block, shard)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(batch_stream.BatchError, match=shard):
+    train.train_and_evaluate(_cfg(dataset, **{"data.batches": copy}), str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_sigkill_mid_stream_then_resume_equals_uninterrupted(dataset, batches, tmp_path):
+  cmd = [sys.executable, "-m", "fastdp_jax", "--config=configs/test.py",
+         f"--config.data.path={dataset}", f"--config.data.batches={batches}",
+         f"--config.batch_size={BATCH}", f"--config.num_epochs={EPOCHS}",
+         "--config.steps_per_call=1", "--config.checkpoint.every_steps=5"]
+  ref = subprocess.run(cmd + [f"--workdir={tmp_path / 'ref'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  steps = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
+  work = tmp_path / "killed"
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(cmd + [f"--workdir={work}"], cwd=ROOT, stdout=log,
+                          stderr=subprocess.STDOUT)
+  killed_after, deadline = None, time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    ckpt = work / "checkpoints"
+    saved = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if ckpt.is_dir() else []
+    if saved and 0 < saved[-1] < steps - 5:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      killed_after = saved[-1]
+      break
+    time.sleep(0.02)
+  assert killed_after is not None, "the run ended before it could be killed"
+  again = subprocess.run(cmd + [f"--workdir={work}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from" in again.stdout
+  a, b = _params(tmp_path / "ref"), _params(work)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k])  # same batches, same noise, same shapes
