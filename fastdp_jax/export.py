@@ -183,7 +183,9 @@ def _check_replaceable(directory: str) -> None:
     return
   if not os.path.isdir(directory) or os.path.islink(directory):
     raise ModelIntegrityError(f"refusing to replace {directory}: it is not a directory")
-  others = sorted(set(os.listdir(directory)) - set(_ALL_FILES))
+  # Temporary files of an interrupted export (this version's or the first one's) go too.
+  others = sorted(n for n in set(os.listdir(directory)) - set(_ALL_FILES)
+                  if not re.search(r"\.tmp(\.npz)?$|\.tmp-\d+-", n))
   if others:
     raise ModelIntegrityError(f"refusing to replace {directory}: it holds {others[:5]}, which "
                               "are not files of an exported model; choose another directory")
@@ -703,8 +705,8 @@ def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _read_key(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read().rstrip(b"\n")
+  with open(path, "rb") as f:  # every byte, a final newline included (as load_model gets it)
+    return f.read()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
