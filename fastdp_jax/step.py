@@ -82,8 +82,17 @@ def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
   indices. Nothing here reduces across devices.
   """
 
+  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
+
   def fn(params, x, y, idx, mask):
     return on_batch(params, (x[idx], y[idx]), mask)
+
+  return fn
+
+
+def _per_device_batch(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
+                      l2_norm_clip: float | None) -> Callable:
+  """One device's work on its batch: ``(params, (x, y), mask) -> (clipped sum, metrics)``."""
 
   def on_batch(params, batch, mask):
     grads, stats = clipped_sum(params, batch, mask)
@@ -100,8 +109,7 @@ def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
                  nonfinite=jnp.sum(stats.nonfinite).astype(jnp.float32))
     return grads, local
 
-  fn.on_batch = on_batch  # the same work on a batch given as arrays (streamed batches)
-  return fn
+  return on_batch
 
 
 def _shard_map_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
@@ -328,7 +336,7 @@ def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
-  on_batch = _per_device(loss_fn, clipped_sum, l2_norm_clip).on_batch
+  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
   summed = _streamed_sum(mesh, on_batch, strategy)
   update = _update_fn(tx)
 

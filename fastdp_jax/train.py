@@ -203,6 +203,7 @@ class Trainer:
     return self.run_state.ledger.epsilon() if self.plan.enabled else float("inf")
 
   def _sampled_inputs(self, k: int) -> tuple:
+    assert isinstance(self.run, step_lib.TrainStep) and self.sampler is not None
     chunk = self.cfg.steps_per_call
     with self.prof.phase("sampling"):
       batches = self.sampler.batches(self.step, k, shards=self.local_shards)
@@ -215,6 +216,7 @@ class Trainer:
 
   def _streamed_inputs(self, k: int) -> tuple:
     """This process's devices' slots of the next ``k`` materialised batches, placed."""
+    assert isinstance(self.run, step_lib.StreamedStep) and self.stream is not None
     chunk, d = self.cfg.steps_per_call, int(self.mesh.devices.size)
     lo, hi = self.local_shards[0], self.local_shards[-1] + 1
     if self._reader is None:  # starts at the run's position (a resume seeks to it)
