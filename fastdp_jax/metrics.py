@@ -399,9 +399,23 @@ def _is_number(value: Any) -> bool:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a ``.jsonl`` file (blank lines skipped)."""
+  """The records of a ``.jsonl`` file (blank lines skipped).
+
+  A last line without its newline that does not parse is dropped: an append cut short by a
+  kill or a full disk (the resumed run rewrites the file from its checkpoint).
+  """
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise
+  return records
 
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
