@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -107,17 +107,26 @@ def largest_entry_bytes(directory: str | os.PathLike) -> int:
              default=0)
 
 
-def ensure_free_space(directory: str | os.PathLike, need_bytes: int, what: str,
-                      kept: str) -> None:
+def ensure_free_space(directory: str | os.PathLike, need_bytes: int, what: str, kept: str,
+                      agree: Callable[[bool], bool] | None = None) -> None:
   """Raises :class:`DiskFullError` before writing ``what`` if ``directory``'s file system has
   less than ``need_bytes`` free (for writers such as orbax, whose threads print screens of
-  tracebacks on a full disk before the error reaches the caller)."""
+  tracebacks on a full disk before the error reaches the caller).
+
+  Args:
+    agree: turns this process's answer into the one every process acts on (process 0's, in a
+      multi-process run: they write one checkpoint together, so all stop or none).
+  """
   try:
     st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
   except OSError:
-    return  # nothing to measure: the write itself will say
-  free = st.f_bavail * st.f_frsize
-  if free < need_bytes:
+    free = None  # nothing to measure: the write itself will say
+  enough = free is None or free >= need_bytes
+  if agree is not None:
+    enough = agree(enough)
+  if not enough:
+    free = free or 0
     raise DiskFullError(disk_full_message(
         f"{what} in {directory} ({free >> 10} KiB free, about {need_bytes >> 10} KiB needed)",
         kept))

@@ -273,7 +273,8 @@ class Trainer:
       atomic.ensure_free_space(
           self.ckpt.directory, max(atomic.largest_entry_bytes(self.ckpt.directory),
                                    2 * models.count_params(state) * 4 + (128 << 10)),
-          f"the checkpoint of update {self.step}", _KEPT)
+          f"the checkpoint of update {self.step}", _KEPT,
+          agree=lambda ok: bool(distributed.broadcast_from_process_0(np.array(ok, np.uint8))))
       self.ckpt.save(self.step, state, self.run_state)
 
 
