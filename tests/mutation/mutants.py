@@ -108,22 +108,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="noise_per_device",
         file="fastdp_jax/step.py",
-        old=("    def do(state):\n"
-             "      grads, m = sharded_sum(state.params, x, y, idx, mask)\n"
-             "      updates, opt_state = tx.update(grads, state.opt_state, state.params)\n"),
-        new=("    def do(state):\n"
-             "      # MUTANT: every device noises and applies its own clipped sum before the\n"
-             "      # all-reduce, and the updates are summed: D devices sharing the key add D\n"
-             "      # times the noise (on one device, the same as adding it once).\n"
-             "      def local(params, opt_state, x, y, idx, mask):\n"
-             "        grads, m = per_device(params, x, y, idx[0], mask[0])\n"
-             "        updates, opt_state = tx.update(grads, opt_state, params)\n"
-             "        return jax.lax.psum(updates, AXIS), opt_state, jax.lax.psum(m, AXIS)\n"
+        old="    state, m = update(state, active, lambda p: sharded_sum(p, x, y, idx, mask))\n",
+        new=("    # MUTANT: every device noises its own clipped sum before the all-reduce, and the\n"
+             "    # noised sums are added: D devices sharing the key add D times the noise (on\n"
+             "    # one device, the same as adding it once).\n"
+             "    def local(params, opt_state, x, y, idx, mask):\n"
+             "      grads, m = per_device(params, x, y, idx[0], mask[0])\n"
+             "      updates, opt_state = tx.update(grads, opt_state, params)\n"
+             "      return jax.lax.psum(updates, AXIS), opt_state, jax.lax.psum(m, AXIS)\n"
              "\n"
-             "      updates, opt_state, m = jax.shard_map(\n"
-             "          local, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),\n"
-             "          out_specs=(P(), P(), P()), check_vma=False)(\n"
-             "              state.params, state.opt_state, x, y, idx, mask)\n"),
+             "    updates, opt_state, m = jax.shard_map(\n"
+             "        local, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),\n"
+             "        out_specs=(P(), P(), P()), check_vma=False)(\n"
+             "            state.params, state.opt_state, x, y, idx, mask)\n"
+             "    params = optax.apply_updates(state.params, updates)\n"
+             "    m = dict(m, params_finite=jnp.all(jnp.stack(\n"
+             "        [jnp.all(jnp.isfinite(q)) for q in jax.tree_util.tree_leaves(params)])))\n"
+             "    state = State(params=params, opt_state=opt_state, step=state.step + 1)\n"),
         breaks="noise is added on each of the D devices before the all-reduce, not once",
         multidevice=True),
     Mutant(
