@@ -517,7 +517,9 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
       feature_bounds=bounds or (-8.0 * scale, 8.0 * scale), feature_names=feature_names))
   np.savez(os.path.join(staging, CANARIES_FILE), features=canaries.features,
            labels=canaries.labels, included=canaries.included)
-  extra = dict(manifest.extra, canaries=CANARIES_FILE, canary_seed=int(seed),
+  extra = dict(manifest.extra, canaries=CANARIES_FILE,
+               canaries_sha256=data_lib.sha256_file(os.path.join(staging, CANARIES_FILE)),
+               canary_seed=int(seed),
                canary_kind=kind, canary_scale=float(scale), num_canaries=int(num_canaries),
                audit_of=os.path.abspath(source))
   kept = manifest.provenance.kept + int(keep.sum())
@@ -533,13 +535,38 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
 
 
 def load_canaries(data_path: str) -> Canaries | None:
-  """The canaries of an audit dataset, or None for an ordinary dataset (or a .h5 file)."""
+  """The canaries of an audit dataset, or None for an ordinary dataset (or a .h5 file).
+
+  The canary file is inside the trust boundary of the dataset directory, like a shard: a
+  plain file name in the directory (no ``..``, no absolute path, no symlink out), checked
+  against the sha256 the manifest records. The trainer loads it before the first update.
+
+  Raises:
+    data.ShardError: naming the file, if it is outside the directory, missing or altered.
+  """
   if not os.path.isdir(data_path):
     return None
-  name = data_lib.read_manifest(data_path).extra.get("canaries")
+  extra = data_lib.read_manifest(data_path).extra
+  name = extra.get("canaries")
   if not name:
     return None
-  with np.load(os.path.join(data_path, name)) as f:
+  where = f"{data_path}: canaries"
+  data_lib.check_file_name(name, where)
+  path = os.path.join(data_path, name)
+  real_dir, real = os.path.realpath(data_path), os.path.realpath(path)
+  if os.path.dirname(real) != real_dir:
+    raise data_lib.ShardError(f"{where}: {name!r} points outside the dataset directory")
+  if not os.path.isfile(path):
+    raise data_lib.ShardError(f"{where}: {name!r} is missing (the audit needs it; rebuild "
+                              "with python -m fastdp_jax.privacy_eval make-audit-dataset)")
+  want = extra.get("canaries_sha256")
+  if not want:
+    raise data_lib.ShardError(f"{where}: the manifest records no canaries_sha256; rebuild the "
+                              "audit dataset")
+  if data_lib.sha256_file(path) != want:
+    raise data_lib.ShardError(f"{where}: {name!r} does not match the manifest's sha256 "
+                              "(corrupt or replaced file)")
+  with np.load(path) as f:
     return Canaries(features=f["features"].astype(np.float32),
                     labels=f["labels"].astype(np.float32), included=f["included"].astype(bool))
 

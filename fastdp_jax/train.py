@@ -189,6 +189,7 @@ class Trainer:
   step: int
   attack_idx: int | None
   majority: float
+  canaries: privacy_eval.Canaries | None = None  # an audit dataset's (checked at set-up)
   cleanup: contextlib.ExitStack | None = None
   _reader: batch_stream.Prefetcher | None = None
   t_start: float = dataclasses.field(default_factory=time.time)
@@ -498,6 +499,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
           capacity_multiple=cfg.dp.microbatch_size,
           overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate),
       stream=stream, cleanup=cleanup,
+      # An audit dataset's canaries, checked (path, sha256) before the first update.
+      canaries=privacy_eval.load_canaries(cfg.data.path) if data is None else None,
       # This process computes only its own devices' batches (the others' never move).
       local_shards=[k for k, d in enumerate(mesh.devices.flat)
                     if d.process_index == jax.process_index()],
@@ -653,7 +656,7 @@ def finalize(t: Trainer) -> dict[str, Any]:
       privacy_eval.batched_losses(t.apply_fn, host_params, t.cfg.eval_batch_size),
       train=(t.train.features, t.train.labels), test=(t.test.features, t.test.labels),
       membership_rows=t.cfg.privacy_eval.membership_rows, seed=t.cfg.seed,
-      canaries=privacy_eval.load_canaries(t.cfg.data.path), delta=t.plan.delta,
+      canaries=t.canaries, delta=t.plan.delta,
       epsilon=summary["epsilon"], significance=t.cfg.privacy_eval.significance)
   for line in lines:
     t.writer.print(line)
