@@ -143,15 +143,22 @@ def _auto_sum(mesh: jax.sharding.Mesh, per_device: Callable) -> Callable:
     x = jax.lax.with_sharding_constraint(x.reshape((num_devices, -1) + x.shape[1:]), by_device)
     y = jax.lax.with_sharding_constraint(y.reshape(num_devices, -1), by_device)
     sums = jax.vmap(per_device, in_axes=(None, 0, 0, 0, 0))(params, x, y, idx, mask)
-    # One buffer per device, like DistributedDataParallel's bucket, so that the sum over the
-    # device axis is ONE all-reduce of num_params + 4 floats.
-    packed = jax.vmap(lambda s: jax.flatten_util.ravel_pytree(s)[0])(sums)
-    packed = jax.lax.with_sharding_constraint(packed, by_device)
-    total = jax.lax.with_sharding_constraint(jnp.sum(packed, axis=0), replicated)
-    _, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda s: s[0], sums))
-    return unravel(total)
+    return _sum_over_devices(sums, by_device, replicated)
 
   return total_sum
+
+
+def _sum_over_devices(sums: Any, by_device: NamedSharding, replicated: NamedSharding) -> Any:
+  """The sum over the leading (device) axis of per-device sums, as ONE all-reduce.
+
+  One buffer per device, like DistributedDataParallel's bucket, so that XLA sums
+  num_params + 4 floats in one collective.
+  """
+  packed = jax.vmap(lambda s: jax.flatten_util.ravel_pytree(s)[0])(sums)
+  packed = jax.lax.with_sharding_constraint(packed, by_device)
+  total = jax.lax.with_sharding_constraint(jnp.sum(packed, axis=0), replicated)
+  _, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda s: s[0], sums))
+  return unravel(total)
 
 
 def _update_fn(tx: optax.GradientTransformation) -> Callable:
@@ -292,11 +299,7 @@ def _streamed_sum(mesh: jax.sharding.Mesh, on_batch: Callable, strategy: str) ->
   def total_sum(params, x, y, mask):
     x = jax.lax.with_sharding_constraint(x, by_device)
     sums = jax.vmap(on_batch, in_axes=(None, 0, 0))(params, (x, y), mask)
-    packed = jax.vmap(lambda s: jax.flatten_util.ravel_pytree(s)[0])(sums)
-    packed = jax.lax.with_sharding_constraint(packed, by_device)
-    total = jax.lax.with_sharding_constraint(jnp.sum(packed, axis=0), replicated)
-    _, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda s: s[0], sums))
-    return unravel(total)
+    return _sum_over_devices(sums, by_device, replicated)
 
   return total_sum
 

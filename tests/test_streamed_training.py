@@ -56,10 +56,13 @@ def _params(workdir):
   return {k: saved[k] for k in saved.files}
 
 
-def test_streamed_training_equals_in_memory_training(dataset, batches, tmp_path):
-  memory = train.train_and_evaluate(_cfg(dataset), str(tmp_path / "memory"))
-  streamed = train.train_and_evaluate(_cfg(dataset, **{"data.batches": batches}),
-                                      str(tmp_path / "streamed"))
+@pytest.mark.parametrize("strategy", ["shard_map", "auto"])
+def test_streamed_training_equals_in_memory_training(dataset, batches, tmp_path, strategy):
+  memory = train.train_and_evaluate(_cfg(dataset, **{"parallel.strategy": strategy}),
+                                    str(tmp_path / "memory"))
+  streamed = train.train_and_evaluate(
+      _cfg(dataset, **{"data.batches": batches, "parallel.strategy": strategy}),
+      str(tmp_path / "streamed"))
   assert streamed["steps"] == memory["steps"] == EPOCHS * round(memory["train_examples"] / BATCH)
   assert streamed["epsilon"] == memory["epsilon"]
   assert streamed["sampling_rate"] == memory["sampling_rate"]
