@@ -165,7 +165,20 @@ def capacity_for(num_examples: int, sampling_rate: float,
   """Smallest c with P(Binomial(num_examples, sampling_rate) > c) <= overflow_probability."""
   if num_examples <= 0:
     return 1
-  c = stats.binom.isf(overflow_probability, num_examples, sampling_rate)
+  if overflow_probability >= 1e-15:
+    c = stats.binom.isf(overflow_probability, num_examples, sampling_rate)
+  else:
+    # scipy's isf loses its precision below about 1e-16 (it returns N): bisect on the log of
+    # the survival function instead, P(B > c) <= p, which is monotone in c.
+    target = np.log(overflow_probability)
+    lo, hi = int(num_examples * sampling_rate), num_examples
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if stats.binom.logsf(mid, num_examples, sampling_rate) <= target:
+        hi = mid
+      else:
+        lo = mid + 1
+    c = lo
   return int(max(1, min(num_examples, np.ceil(c))))
 
 

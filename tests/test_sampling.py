@@ -197,3 +197,12 @@ def test_the_vectorised_inclusion_function_is_the_samplers():
   rows, updates = sampling.inclusions(key, np.arange(n), batch / n, end=steps, start=100)
   for t in range(100, steps):
     np.testing.assert_array_equal(np.sort(rows[updates == t]), s.global_indices(t))
+
+
+@pytest.mark.parametrize("p", [1e-10, 1e-14, 2e-17, 1e-30])
+def test_capacity_holds_for_tiny_overflow_probabilities(p):
+  # Large N and long runs ask for p far below 1e-16, where scipy's isf returns N.
+  n, q = 12_673_878, 256 / 12_673_878
+  cap = sampling.capacity_for(n, q, p)
+  assert stats.binom.logsf(cap, n, q) <= np.log(p) < stats.binom.logsf(cap - 1, n, q)
+  assert cap < 3 * 256
