@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -40,17 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _env() -> dict:
-  return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-          "python": platform.python_version(), "machine": platform.machine()}
-
-
-def _emit(record: dict, out: str | None) -> None:
-  line = json.dumps(record)
-  print(line, flush=True)
-  if out:
-    with open(out, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
+from _jsonl import emit as _emit  # noqa: E402  (benchmarks/ is the script's directory)
+from _jsonl import env as _env  # noqa: E402
 
 
 def _run(cmd: list[str]) -> tuple[float, str]:

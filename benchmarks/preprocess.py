@@ -17,9 +17,7 @@ other processes on a small machine change the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,17 +31,8 @@ from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top,w
 from preprocessing import synthesize  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _env() -> dict:
-  return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-          "python": platform.python_version(), "machine": platform.machine()}
-
-
-def _emit(record: dict, out: str | None) -> None:
-  line = json.dumps(record)
-  print(line, flush=True)
-  if out:
-    with open(out, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
+from _jsonl import emit as _emit  # noqa: E402  (benchmarks/ is the script's directory)
+from _jsonl import env as _env  # noqa: E402
 
 
 def _run(cmd: list[str]) -> float:
