@@ -426,6 +426,123 @@ def _announce(t: Trainer, num_params: int) -> None:
     say(f"WARNING: private: false: {t.privacy_note}")
 
 
+def _read_inputs(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 data: tuple[data_lib.Split, data_lib.Split, parallel.DeviceData] | None,
+                 streamed: bool):
+  """``(train, test, device data or None, N)``: given, read from ``data.path``, or (when the
+  batches are streamed) bounded samples of it."""
+  if streamed:
+    train, test, n = _load_streamed(cfg)
+    return train, test, None, n
+  train, test, dev = _load_data(cfg, mesh) if data is None else data
+  return train, test, dev, dev.num_examples
+
+
+def _plan_run(cfg: ml_collections.ConfigDict, n: int, mesh: jax.sharding.Mesh,
+              streamed: bool) -> tuple[PrivacyPlan, batch_stream.BatchStream | None]:
+  """The privacy plan and, with ``data.batches``, the verified batches it is checked against."""
+  plan = plan_lib.plan_privacy(cfg, n, num_devices=int(mesh.devices.size))
+  if not streamed:
+    return plan, None
+  stream = _open_stream(cfg, plan)
+  # One capacity per update (not per device): the job's union bound.
+  plan = dataclasses.replace(
+      plan, overflow_probability=stream.overflow_probability,
+      overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps, 1))
+  return plan, stream
+
+
+def _build_model(cfg: ml_collections.ConfigDict, plan: PrivacyPlan, num_features: int):
+  """``(model, apply_fn, params, loss_fn)``; warns when the noise swamps the signal."""
+  # cfg.seed initialises the model and nothing else: the batches and the noise come from
+  # secret keys (OS entropy, unless dp.sampling_seed / dp.noise_seed fix them).
+  model = models.create_model(num_features, cfg.model.hidden_sizes, cfg.seed)
+  if plan.enabled:
+    models.check_dp_compatible(model)
+  apply_fn, params = models.functional(model)
+  if warning := noise_warning(plan, models.count_params(params), cfg.batch_size,
+                              cfg.dp.target_epsilon):
+    say(f"WARNING: {warning}")
+  return model, apply_fn, params, models.example_loss(apply_fn)
+
+
+def _open_checkpointer(cfg: ml_collections.ConfigDict, workdir: str,
+                       cleanup: contextlib.ExitStack) -> checkpoint_lib.Checkpointer | None:
+  if not cfg.checkpoint.enabled:
+    return None
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  cleanup.callback(ckpt.close)
+  return ckpt
+
+
+def _initial_state(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, plan: PrivacyPlan,
+                   train: data_lib.Split, params, keys: checkpoint_lib.RunKeys):
+  """``(tx, state, run_state)`` before any update: the noised optimizer, the replicated
+  parameters and optimizer state, an empty ledger."""
+  tx = optax.chain(noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier,
+                                   cfg.batch_size, keys.noise), make_optimizer(cfg))
+  state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
+                                                  step=jnp.zeros((), jnp.int32)))
+  run_state = checkpoint_lib.RunState(identity=run_identity(cfg, plan, train),
+                                      ledger=accounting.PrivacyLedger(plan.delta,
+                                                                      plan.accountant))
+  return tx, state, run_state
+
+
+def _compile(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, plan: PrivacyPlan,
+             model, loss_fn: Callable, tx: optax.GradientTransformation, streamed: bool
+             ) -> tuple[step_lib.TrainStep | step_lib.StreamedStep, str]:
+  """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap')."""
+  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
+                                       microbatch_size=cfg.dp.microbatch_size)
+  method = ghost.resolve_method(cfg.dp.clipping, model)
+  logging.info("per-example clipping: %s", method)
+  build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk
+  return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, cfg.parallel.strategy), method
+
+
+def _make_sampler(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
+                  keys: checkpoint_lib.RunKeys,
+                  dev: parallel.DeviceData | None) -> sampling.PoissonSampler | None:
+  """The in-memory Poisson sampler (None when the batches are streamed)."""
+  if dev is None:
+    return None
+  return sampling.PoissonSampler(
+      dev.num_examples, cfg.batch_size, keys.sampling, shard_bounds=dev.bounds,
+      capacity_multiple=cfg.dp.microbatch_size,
+      overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate)
+
+
+def _make_schedule(cfg: ml_collections.ConfigDict, plan: PrivacyPlan, stop_at: int,
+                   ckpt: checkpoint_lib.Checkpointer | None,
+                   prof: profiling.Profiler) -> schedule_lib.Schedule:
+  return schedule_lib.Schedule(
+      steps_per_epoch=plan.steps_per_epoch, stop_at=stop_at,
+      steps_per_call=cfg.steps_per_call, log_every=cfg.log_every_steps,
+      checkpoint_every=cfg.checkpoint.every_steps if ckpt is not None else 0,
+      profile_window=(prof.trace_start, prof.trace_end) if prof.enabled else None)
+
+
+def _make_writer(cfg: ml_collections.ConfigDict, workdir: str, stop_at: int,
+                 run_state: checkpoint_lib.RunState, step: int) -> metrics_lib.MetricWriter:
+  """Console, metrics.jsonl (rewritten from the checkpoint's records, so a resumed run has no
+  duplicates), steps.jsonl and TensorBoard; only process 0 writes."""
+  return metrics_lib.MetricWriter(
+      workdir, total_steps=stop_at, num_epochs=cfg.num_epochs,
+      log_every_steps=cfg.log_every_steps, enabled=jax.process_index() == 0,
+      history=list(run_state.history), start_step=step)
+
+
+def _attack_index(cfg: ml_collections.ConfigDict, train: data_lib.Split) -> int | None:
+  """The model-inversion attack's column (None, logged, when the data has no such column)."""
+  col = cfg.data.attack_column
+  if col and col in train.feature_names:
+    return train.feature_names.index(col)
+  if col:
+    logging.info("model-inversion attack skipped: no column %r in the data", col)
+  return None
+
+
 def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, *,
           data: tuple[data_lib.Split, data_lib.Split, parallel.DeviceData] | None = None
           ) -> Trainer:
@@ -441,63 +558,26 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
   """
   mesh = parallel.make_mesh()
   streamed = data is None and bool(cfg.data.batches)
-  if streamed:
-    (train, test, n), dev = _load_streamed(cfg), None
-  else:
-    train, test, dev = _load_data(cfg, mesh) if data is None else data
-    n = dev.num_examples
-  plan = plan_lib.plan_privacy(cfg, n, num_devices=int(mesh.devices.size))
-  stream = _open_stream(cfg, plan) if streamed else None
-  if stream is not None:  # one capacity per update (not per device): the job's union bound
-    plan = dataclasses.replace(
-        plan, overflow_probability=stream.overflow_probability,
-        overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps,
-                                               1))
-  # cfg.seed initialises the model and nothing else: the batches and the noise come from
-  # secret keys (OS entropy, unless dp.sampling_seed / dp.noise_seed fix them).
-  model = models.create_model(train.features.shape[1], cfg.model.hidden_sizes, cfg.seed)
-  if plan.enabled:
-    models.check_dp_compatible(model)
-  apply_fn, params = models.functional(model)
-  loss_fn = models.example_loss(apply_fn)
-  if warning := noise_warning(plan, models.count_params(params), cfg.batch_size,
-                              cfg.dp.target_epsilon):
-    say(f"WARNING: {warning}")
-  ckpt = checkpoint_lib.Checkpointer(workdir) if cfg.checkpoint.enabled else None
-  if ckpt is not None:
-    cleanup.callback(ckpt.close)
+  train, test, dev, n = _read_inputs(cfg, mesh, data, streamed)
+  plan, stream = _plan_run(cfg, n, mesh, streamed)
+  model, apply_fn, params, loss_fn = _build_model(cfg, plan, train.features.shape[1])
+  # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
+  ckpt = _open_checkpointer(cfg, workdir, cleanup)
   keys = _resolve_keys(cfg, workdir, ckpt)
   if stream is not None:
     keys = _streamed_keys(stream, keys)
-  tx = optax.chain(noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier,
-                                   cfg.batch_size, keys.noise), make_optimizer(cfg))
-  state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
-                                                  step=jnp.zeros((), jnp.int32)))
-  run_state = checkpoint_lib.RunState(identity=run_identity(cfg, plan, train),
-                                      ledger=accounting.PrivacyLedger(plan.delta,
-                                                                      plan.accountant))
+  tx, state, run_state = _initial_state(cfg, mesh, plan, train, params, keys)
   state, run_state, keys = _restore(cfg, workdir, ckpt, mesh, state, run_state, keys)
   step, stop_at = int(state.step), _stop_at(cfg, plan, run_state.ledger)
   prof = profiling.Profiler(workdir, cfg.profile_steps, first_step=step, last_step=stop_at,
                             steps_per_call=cfg.steps_per_call)
-  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
-                                       microbatch_size=cfg.dp.microbatch_size)
-  method = ghost.resolve_method(cfg.dp.clipping, model)
-  logging.info("per-example clipping: %s", method)
-  attack_col = cfg.data.attack_column
+  run, method = _compile(cfg, mesh, plan, model, loss_fn, tx, streamed)
   private, privacy_note = release.privacy_status(
       dp_enabled=plan.enabled, noise_fixed=keys.noise_fixed, sampling_fixed=keys.sampling_fixed)
   t = Trainer(
       cfg=cfg, workdir=workdir, mesh=mesh, plan=plan, keys=keys, private=private,
       privacy_note=privacy_note, train=train, test=test, dev=dev, num_examples=n,
-      apply_fn=apply_fn,
-      run=(step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk)(
-          mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, cfg.parallel.strategy),
-      clipping=method,
-      sampler=None if streamed else sampling.PoissonSampler(
-          n, cfg.batch_size, keys.sampling, shard_bounds=dev.bounds,
-          capacity_multiple=cfg.dp.microbatch_size,
-          overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate),
+      apply_fn=apply_fn, run=run, clipping=method, sampler=_make_sampler(cfg, plan, keys, dev),
       stream=stream, cleanup=cleanup,
       # An audit dataset's canaries, checked (path, sha256) before the first update.
       canaries=privacy_eval.load_canaries(cfg.data.path) if data is None else None,
@@ -505,23 +585,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       local_shards=[k for k, d in enumerate(mesh.devices.flat)
                     if d.process_index == jax.process_index()],
       evaluate=build_eval(apply_fn), ckpt=ckpt,
-      schedule=schedule_lib.Schedule(
-          steps_per_epoch=plan.steps_per_epoch, stop_at=stop_at,
-          steps_per_call=cfg.steps_per_call, log_every=cfg.log_every_steps,
-          checkpoint_every=cfg.checkpoint.every_steps if ckpt is not None else 0,
-          profile_window=(prof.trace_start, prof.trace_end) if prof.enabled else None),
-      # Console, metrics.jsonl (rewritten from the checkpoint's records, so a resumed run has
-      # no duplicates), steps.jsonl and TensorBoard; only process 0 writes.
-      writer=metrics_lib.MetricWriter(
-          workdir, total_steps=stop_at, num_epochs=cfg.num_epochs,
-          log_every_steps=cfg.log_every_steps, enabled=jax.process_index() == 0,
-          history=list(run_state.history), start_step=step),
+      schedule=_make_schedule(cfg, plan, stop_at, ckpt, prof),
+      writer=_make_writer(cfg, workdir, stop_at, run_state, step),
       prof=prof, state=state, run_state=run_state, step=step,
-      attack_idx=(train.feature_names.index(attack_col)
-                  if attack_col and attack_col in train.feature_names else None),
-      majority=_majority(cfg, test, streamed))
-  if attack_col and t.attack_idx is None:
-    logging.info("model-inversion attack skipped: no column %r in the data", attack_col)
+      attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed))
   t.writer.write_hparams(json.loads(cfg.to_json_best_effort()))
   _announce(t, models.count_params(params))
   return t

@@ -172,6 +172,88 @@ def derive_run(manifest: data_lib.Manifest, *, batch_size: int, epochs: int,
       sampling_fixed=bool(sampling_fixed), key_commitment=bs.key_commitment(key))
 
 
+def _epoch_range(epochs: int, first_epoch: int | None,
+                 num_epochs_block: int | None) -> tuple[int, int]:
+  """``(first, count)``: the block's epochs, checked to lie inside the run's."""
+  first = 0 if first_epoch is None else int(first_epoch)
+  count = epochs - first if num_epochs_block is None else _positive_int(num_epochs_block,
+                                                                         "--num-epochs-block")
+  if not 0 <= first < epochs or first + count > epochs or count < 1:
+    raise PipelineError(f"epochs [{first}, {first + count}) (--first-epoch, --num-epochs-block)"
+                        f" must lie inside the run's {epochs} epochs")
+  return first, count
+
+
+def _local_paths(dataset: str, output: str) -> tuple[str, str]:
+  """``(dataset, output)`` as absolute local paths that do not contain each other."""
+  if not output_lib.is_local(output):
+    raise PipelineError(f"--output {output}: shards are written with h5py, so the output must "
+                        "be a path on a (shared) POSIX file system, not a URI")
+  dataset = os.path.abspath(output_lib.local_path(dataset))
+  out = os.path.abspath(output_lib.local_path(output))
+  if os.path.commonpath([out, dataset]) in (out, dataset):
+    raise PipelineError(f"--output {out} and --dataset {dataset} must not contain each other")
+  return dataset, out
+
+
+def _is_append(out: str, blocked: bool, overwrite: bool) -> bool:
+  """Whether the job adds a block to an existing batch directory; refuses to replace anything
+  else (or anything at all without ``overwrite``)."""
+  exists = os.path.lexists(out)
+  is_batches = os.path.isfile(os.path.join(out, bs.RUN_MANIFEST))
+  append = blocked and exists and is_batches
+  if exists and not append:
+    if not overwrite:
+      raise FileExistsError(f"output {out} exists; pass --overwrite to replace it"
+                            + ("" if is_batches or not blocked else
+                               " (it is not a batch directory, so no block can be added)"))
+    if not os.path.isdir(out) or (os.listdir(out) and not is_batches):
+      raise PipelineError(f"refusing to replace {out}: it is not a batch directory (no "
+                          f"{bs.RUN_MANIFEST}); remove it yourself or choose another --output")
+  return append
+
+
+def _existing_run(out: str, manifest: data_lib.Manifest, *, batch_size: int, epochs: int,
+                  sampling_seed: int | None, overflow_probability: float | None
+                  ) -> tuple[bs.RunInfo, np.ndarray]:
+  """``(run, key)`` of the batch directory ``out``, refused unless this job's run is its run."""
+  existing = bs.read_run(out)
+  key, fixed = bs.read_key(out)
+  if sampling_seed is not None and bs.key_commitment(
+      sampling.sampling_key(sampling_seed)[0]) != existing.key_commitment:
+    raise bs.BatchMismatchError(f"{out}: --sampling-seed {sampling_seed} is not the seed of "
+                                "this directory's key; omit it to use the directory's key")
+  wanted = derive_run(manifest, batch_size=batch_size, epochs=epochs,
+                      overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
+  # The directory's overflow probability holds unless one was asked for explicitly.
+  if overflow_probability is None:
+    wanted = dataclasses.replace(wanted, overflow_probability=existing.overflow_probability,
+                                 capacity=existing.capacity)
+  diffs = [f"{f.name}={getattr(existing, f.name)!r} (asked {getattr(wanted, f.name)!r})"
+           for f in dataclasses.fields(bs.RunInfo) if f.name != "digest"
+           and getattr(existing, f.name) != getattr(wanted, f.name)]
+  if diffs:
+    raise bs.BatchMismatchError(f"{out} was made for another run: " + "; ".join(diffs)
+                                + "; write this run's batches to another --output")
+  return existing, key
+
+
+def _check_new_block(out: str, first: int, count: int, overwrite: bool) -> None:
+  """Refuses a block whose epochs overlap another block of ``out``, or that exists."""
+  name = bs.block_name(first, first + count)
+  for other in os.listdir(out):
+    epochs_of = bs.parse_block_name(other)
+    if epochs_of is None or other == name:
+      continue
+    a, b = epochs_of
+    if a < first + count and first < b:
+      raise PipelineError(f"epochs [{first}, {first + count}) overlap block {other} of {out}"
+                          "; delete it first or choose other epochs")
+  if os.path.lexists(os.path.join(out, name)) and not overwrite:
+    raise FileExistsError(f"block {os.path.join(out, name)} exists; pass --overwrite to "
+                          "replace it")
+
+
 def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
              sampling_seed: int | None = None, first_epoch: int | None = None,
              num_epochs_block: int | None = None, updates_per_shard: int | None = None,
@@ -191,63 +273,15 @@ def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
                                     or not isinstance(sampling_seed, (int, np.integer))):
     raise PipelineError(f"--sampling-seed={sampling_seed!r} must be an integer")
   blocked = first_epoch is not None or num_epochs_block is not None
-  first = 0 if first_epoch is None else int(first_epoch)
-  count = epochs - first if num_epochs_block is None else _positive_int(num_epochs_block,
-                                                                         "--num-epochs-block")
-  if not 0 <= first < epochs or first + count > epochs or count < 1:
-    raise PipelineError(f"epochs [{first}, {first + count}) (--first-epoch, --num-epochs-block)"
-                        f" must lie inside the run's {epochs} epochs")
-  if not output_lib.is_local(output):
-    raise PipelineError(f"--output {output}: shards are written with h5py, so the output must "
-                        "be a path on a (shared) POSIX file system, not a URI")
-  dataset = os.path.abspath(output_lib.local_path(dataset))
-  out = os.path.abspath(output_lib.local_path(output))
-  if os.path.commonpath([out, dataset]) in (out, dataset):
-    raise PipelineError(f"--output {out} and --dataset {dataset} must not contain each other")
+  first, count = _epoch_range(epochs, first_epoch, num_epochs_block)
+  dataset, out = _local_paths(dataset, output)
   manifest = _train_manifest(dataset)
-  exists = os.path.lexists(out)
-  is_batches = os.path.isfile(os.path.join(out, bs.RUN_MANIFEST))
-  append = blocked and exists and is_batches
-  if exists and not append:
-    if not overwrite:
-      raise FileExistsError(f"output {out} exists; pass --overwrite to replace it"
-                            + ("" if is_batches or not blocked else
-                               " (it is not a batch directory, so no block can be added)"))
-    if not os.path.isdir(out) or (os.listdir(out) and not is_batches):
-      raise PipelineError(f"refusing to replace {out}: it is not a batch directory (no "
-                          f"{bs.RUN_MANIFEST}); remove it yourself or choose another --output")
+  append = _is_append(out, blocked, overwrite)
   if append:
-    existing = bs.read_run(out)
-    key, fixed = bs.read_key(out)
-    if sampling_seed is not None and bs.key_commitment(
-        sampling.sampling_key(sampling_seed)[0]) != existing.key_commitment:
-      raise bs.BatchMismatchError(f"{out}: --sampling-seed {sampling_seed} is not the seed of "
-                                  "this directory's key; omit it to use the directory's key")
-    wanted = derive_run(manifest, batch_size=batch_size, epochs=epochs,
-                        overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
-    # The directory's overflow probability holds unless one was asked for explicitly.
-    if overflow_probability is None:
-      wanted = dataclasses.replace(wanted, overflow_probability=existing.overflow_probability,
-                                   capacity=existing.capacity)
-    diffs = [f"{f.name}={getattr(existing, f.name)!r} (asked {getattr(wanted, f.name)!r})"
-             for f in dataclasses.fields(bs.RunInfo) if f.name != "digest"
-             and getattr(existing, f.name) != getattr(wanted, f.name)]
-    if diffs:
-      raise bs.BatchMismatchError(f"{out} was made for another run: " + "; ".join(diffs)
-                                  + "; write this run's batches to another --output")
-    run = existing
-    name = bs.block_name(first, first + count)
-    for other in os.listdir(out):
-      epochs_of = bs.parse_block_name(other)
-      if epochs_of is None or other == name:
-        continue
-      a, b = epochs_of
-      if a < first + count and first < b:
-        raise PipelineError(f"epochs [{first}, {first + count}) overlap block {other} of {out}"
-                            "; delete it first or choose other epochs")
-    if os.path.lexists(os.path.join(out, name)) and not overwrite:
-      raise FileExistsError(f"block {os.path.join(out, name)} exists; pass --overwrite to "
-                            "replace it")
+    run, key = _existing_run(out, manifest, batch_size=batch_size, epochs=epochs,
+                             sampling_seed=sampling_seed,
+                             overflow_probability=overflow_probability)
+    _check_new_block(out, first, count, overwrite)
   else:
     key, fixed = sampling.sampling_key(sampling_seed)
     run = derive_run(manifest, batch_size=batch_size, epochs=epochs,
