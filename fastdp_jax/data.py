@@ -18,8 +18,10 @@ The dataset directory is a trust boundary. Shards are plain file names inside th
 (no ``..``, no absolute paths, no symlink leading outside), each listed once (a shard listed
 twice would count its people twice), with a known split. Values are checked where they enter:
 :func:`write_shard` refuses non-numeric or boolean features, wrong shapes, non-finite values,
-values outside the declared bounds and labels outside {0, 1}, naming the column; the loader
-checks the same again on every row before training.
+values outside the declared bounds and labels outside the task's, naming the column; the loader
+checks the same again on every row before training. The manifest's ``task`` says what the
+labels are (binary 0/1, a multiclass class index, a regression value inside public bounds;
+absent: binary) and ``embeddings`` which integer-id columns the model embeds.
 
 Every producer (the built-in generator, the Spark job, the streaming converter) writes through
 :func:`write_shard` and :func:`write_manifest` (or the :class:`DatasetWriter` that wraps
@@ -58,7 +60,9 @@ from fastdp_jax import errors
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
-LABELS = (0, 1)  # the task's label set (binary classification)
+LABELS = (0, 1)  # the label set of a binary task
+TASK_KINDS = ("binary", "multiclass", "regression")
+MAX_VOCAB = 1 << 24  # ids up to this are exact in float32 (they travel as features)
 _HASH_CHUNK = 1 << 20
 _NUMERIC_KINDS = "iuf"  # signed, unsigned, float; not bool, complex, strings or objects
 _READ_ROWS = 1 << 18  # rows per HDF5 read when validating a large shard
@@ -74,6 +78,138 @@ HOW_TO_DECLARE_BOUNDS = (
 
 class ShardError(errors.UserError):
   """A data set on disk does not match its manifest or its contract; names the shard."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the labels are: the learning task, declared by the feature spec (public).
+
+  Attributes:
+    kind: ``'binary'`` (labels 0/1), ``'multiclass'`` (labels the class index 0..K-1 of
+      ``classes``) or ``'regression'`` (float labels inside ``bounds``, already transformed
+      and clipped by the spec).
+    classes: the K >= 2 public class names of a multiclass task (empty otherwise).
+    bounds: the public ``(lo, hi)`` of a regression task's labels (None otherwise).
+  """
+
+  kind: str
+  classes: tuple[str, ...] = ()
+  bounds: tuple[float, float] | None = None
+
+  def __post_init__(self):
+    if self.kind not in TASK_KINDS:
+      raise errors.UserError(f"task kind {self.kind!r} must be one of {TASK_KINDS}")
+    object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+    if self.kind == "multiclass":
+      if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+        raise errors.UserError(f"a multiclass task needs 2 or more distinct class names, got "
+                               f"{list(self.classes)}")
+    elif self.classes:
+      raise errors.UserError(f"a {self.kind} task has no class list (got "
+                             f"{list(self.classes)})")
+    if self.kind == "regression":
+      try:
+        lo, hi = (float(v) for v in self.bounds)  # type: ignore[union-attr]
+      except (TypeError, ValueError):
+        raise errors.UserError(f"a regression task needs public label bounds (lo, hi), got "
+                               f"{self.bounds!r}") from None
+      if not (np.isfinite([lo, hi]).all() and lo < hi):
+        raise errors.UserError(f"regression label bounds {self.bounds!r} must be finite with"
+                               " lo < hi")
+      object.__setattr__(self, "bounds", (lo, hi))
+    elif self.bounds is not None:
+      raise errors.UserError(f"a {self.kind} task has no label bounds (got {self.bounds!r})")
+
+  @property
+  def num_outputs(self) -> int:
+    """Width of the model's output layer: K for multiclass, else 1."""
+    return len(self.classes) if self.kind == "multiclass" else 1
+
+  def to_json(self) -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": self.kind}
+    if self.classes:
+      body["classes"] = list(self.classes)
+    if self.bounds is not None:
+      body["bounds"] = list(self.bounds)
+    return body
+
+  @classmethod
+  def from_json(cls, body: Any) -> Task:
+    if not isinstance(body, dict) or set(body) - {"kind", "classes", "bounds"}:
+      raise errors.UserError(f"task {body!r} must be an object with kind, and classes or "
+                             "bounds")
+    return cls(body.get("kind"), tuple(body.get("classes", ())),
+               None if body.get("bounds") is None else tuple(body["bounds"]))
+
+
+BINARY = Task("binary")
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+  """A feature column holding an integer id 0..vocab_size-1 that the model embeds.
+
+  The id travels as one float32 feature (exact up to 2**24); its feature bound is
+  ``(0, vocab_size - 1)`` and non-integer ids are refused like out-of-bounds values.
+
+  Attributes:
+    feature: the column's name (one of the manifest's feature names).
+    vocab_size: the size of the PUBLIC vocabulary (never counted from the data).
+  """
+
+  feature: str
+  vocab_size: int
+
+  def __post_init__(self):
+    if not isinstance(self.feature, str) or not self.feature:
+      raise errors.UserError(f"embedding feature {self.feature!r} must be a column name")
+    if (isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, (int, np.integer))
+        or not 1 <= self.vocab_size <= MAX_VOCAB):
+      raise errors.UserError(f"embedding {self.feature!r}: vocab_size={self.vocab_size!r} must "
+                             f"be an integer in [1, {MAX_VOCAB}]")
+    object.__setattr__(self, "vocab_size", int(self.vocab_size))
+
+  def to_json(self) -> dict[str, Any]:
+    return {"feature": self.feature, "vocab_size": self.vocab_size}
+
+  @classmethod
+  def from_json(cls, body: Any) -> Embedding:
+    if not isinstance(body, dict) or set(body) != {"feature", "vocab_size"}:
+      raise errors.UserError(f"embedding {body!r} must be an object with feature and "
+                             "vocab_size")
+    return cls(body["feature"], body["vocab_size"])
+
+
+def embedding_columns(embeddings: Sequence[Embedding],
+                      feature_names: Sequence[str]) -> tuple[int, ...]:
+  """The column index of each embedding's feature; refuses unknown or repeated columns.
+
+  Raises:
+    UserError: naming the embedding.
+  """
+  names = list(feature_names)
+  out = []
+  for e in embeddings:
+    if e.feature not in names:
+      raise errors.UserError(f"embedding feature {e.feature!r} is not one of the feature "
+                             f"columns {names}")
+    out.append(names.index(e.feature))
+  if len(set(out)) != len(out):
+    raise errors.UserError(f"embeddings {[e.feature for e in embeddings]} name a column twice")
+  return tuple(out)
+
+
+def check_embedding_bounds(embeddings: Sequence[Embedding], feature_names: Sequence[str],
+                           bounds: Bounds | None, where: str) -> None:
+  """An embedding column's declared bounds must be ``(0, vocab_size - 1)``."""
+  cols = embedding_columns(embeddings, feature_names)
+  if bounds is None:
+    return
+  for e, j in zip(embeddings, cols):
+    if tuple(bounds[j]) != (0.0, float(e.vocab_size - 1)):
+      raise ShardError(f"{where}: embedding column {e.feature!r} has feature bounds "
+                       f"{list(bounds[j])}; an embedding column's bounds are "
+                       f"[0, vocab_size - 1] = [0, {e.vocab_size - 1}]")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +254,8 @@ class Manifest:
   Attributes:
     feature_bounds: each feature's public ``(lo, hi)``; None for a manifest written before
       bounds were recorded (the config must then declare them).
+    task: what the labels are (a manifest without one is binary).
+    embeddings: the integer-id columns the model embeds (none in an older manifest).
   """
 
   format_version: int
@@ -127,6 +265,8 @@ class Manifest:
   provenance: Provenance
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
   feature_bounds: Bounds | None = None
+  task: Task = BINARY
+  embeddings: tuple[Embedding, ...] = ()
 
   @property
   def num_features(self) -> int:
@@ -140,9 +280,14 @@ class Manifest:
 
   def digest(self) -> str:
     """A hash identifying the data (the shards' checksums, names and widths)."""
-    body = json.dumps({"features": self.feature_names, "label": self.label_name,
-                       "shards": [dataclasses.asdict(s) for s in self.shards]},
-                      sort_keys=True)
+    ident: dict[str, Any] = {"features": self.feature_names, "label": self.label_name,
+                             "shards": [dataclasses.asdict(s) for s in self.shards]}
+    # Only when not the defaults: a binary dataset keeps the digest it had before tasks.
+    if self.task != BINARY:
+      ident["task"] = self.task.to_json()
+    if self.embeddings:
+      ident["embeddings"] = [e.to_json() for e in self.embeddings]
+    body = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -189,11 +334,14 @@ def _column(names: Sequence[str] | None, j: int) -> str:
 
 
 def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | None,
-                 feature_names: Sequence[str] | None, where: str, first_row: int = 0) -> None:
-  """The one value check of the writer and the loader: finite, inside bounds, 0/1 labels.
+                 feature_names: Sequence[str] | None, where: str, first_row: int = 0,
+                 task: Task = BINARY, embeddings: Sequence[Embedding] = ()) -> None:
+  """The one value check of the writer and the loader: finite, inside bounds, valid labels.
 
   Values are compared in float32, the precision the trainer uses, against the bounds rounded
   to float32 (rounding is monotone, so a float64 value inside its bounds stays inside).
+  Labels are checked per task: binary 0/1, multiclass an integer class index 0..K-1,
+  regression finite and inside the task's bounds; embedding ids must be integers.
 
   Args:
     features: [n, d] numeric.
@@ -202,6 +350,9 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
     feature_names: the d column names, for the message.
     where: what the rows are, e.g. ``'shard train-00000.h5'``.
     first_row: row number of ``features[0]`` in ``where`` (for the message).
+    task: the labels' task (default binary).
+    embeddings: the embedding columns (their ids must be integers; their range is their
+      bounds). Requires ``feature_names``.
 
   Raises:
     ShardError: naming ``where``, the column and the first offending row (never the value:
@@ -225,10 +376,31 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
       raise ShardError(f"{where}: column {_column(feature_names, j)} has {int(bad.sum())} "
                        f"value(s) outside its declared bounds [{lo:g}, {hi:g}], first at row "
                        f"{first_row + int(np.argmax(bad))}")
+  if embeddings:
+    for e, j in zip(embeddings, embedding_columns(embeddings, feature_names or ())):
+      col = x[:, j]
+      bad = (col != np.round(col)) | (col < 0) | (col > e.vocab_size - 1)
+      if bad.any():
+        raise ShardError(f"{where}: embedding column {e.feature!r} has {int(bad.sum())} "
+                         f"id(s) that are not integers in [0, {e.vocab_size - 1}], first at "
+                         f"row {first_row + int(np.argmax(bad))}")
   y = np.asarray(labels)
-  bad = ~np.isin(y, LABELS)
+  if task.kind == "binary":
+    bad, what = ~np.isin(y, LABELS), "outside {0, 1}"
+  elif task.kind == "multiclass":
+    k = len(task.classes)
+    yf = y.astype(np.float64)
+    bad = ~np.isfinite(yf) | (yf != np.round(yf)) | (yf < 0) | (yf > k - 1)
+    what = f"that are not a class index 0..{k - 1} of {k} classes"
+  else:
+    assert task.bounds is not None
+    lo, hi = np.asarray(task.bounds, np.float64).astype(np.float32)
+    yf = y.astype(np.float32)
+    bad = ~np.isfinite(yf) | (yf < lo) | (yf > hi)
+    what = f"non-finite or outside the regression bounds [{task.bounds[0]:g}, " \
+           f"{task.bounds[1]:g}]"
   if bad.any():
-    raise ShardError(f"{where}: {int(bad.sum())} label(s) outside {{0, 1}}, first at row "
+    raise ShardError(f"{where}: {int(bad.sum())} label(s) {what}, first at row "
                      f"{first_row + int(np.argmax(bad))}")
 
 
@@ -269,9 +441,17 @@ def _compact(features: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ writing
 
+def label_dtype(task: Task) -> np.dtype:
+  """How a task's labels are stored: uint8 (binary, up to 256 classes), uint16, float32."""
+  if task.kind == "regression":
+    return np.dtype(np.float32)
+  return np.dtype(np.uint8 if len(task.classes) <= 256 else np.uint16)
+
+
 def write_shard(directory: str | os.PathLike, file: str, split: str, features: np.ndarray,
                 labels: np.ndarray, *, feature_bounds: Any,
-                feature_names: Sequence[str] | None = None) -> ShardInfo:
+                feature_names: Sequence[str] | None = None, task: Task = BINARY,
+                embeddings: Sequence[Embedding] = ()) -> ShardInfo:
   """Writes one shard file, after checking its values, and returns its manifest entry.
 
   Args:
@@ -280,18 +460,22 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
     split: ``'train'`` or ``'test'``.
     features: [n, d] integer or float array; 0/1 data is stored as uint8, other data as
       float32.
-    labels: [n] array of 0/1 labels (stored as uint8).
+    labels: [n] labels of ``task``: 0/1 or class indices (stored as uint8, uint16 above
+      256 classes) or regression values (float32).
     feature_bounds: the features' public bounds (see :func:`normalize_bounds`), the same that
       go into the manifest; None only for data whose bounds are declared elsewhere (the
       config): then only finiteness and labels are checked.
-    feature_names: the d column names, for error messages.
+    feature_names: the d column names, for error messages (required with embeddings).
+    task: what the labels are (default binary).
+    embeddings: the integer-id columns (their bounds must be ``(0, vocab_size - 1)``).
 
   Returns:
     The :class:`ShardInfo` to put in the manifest.
 
   Raises:
     ShardError: naming the shard and column, for a non-numeric or boolean dtype, a wrong
-      shape, a non-finite value, a value outside the bounds, or a label outside {0, 1}.
+      shape, a non-finite value, a value outside the bounds, a non-integer embedding id or a
+      label outside the task's labels.
   """
   if split not in SPLITS:
     raise ShardError(f"shard {file}: {split=} must be one of {SPLITS}")
@@ -303,12 +487,17 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
                 len(feature_names), where=where)
   bounds = (None if feature_bounds is None else
             normalize_bounds(feature_bounds, features.shape[1], what=f"{where}: feature_bounds"))
+  if embeddings:
+    if feature_names is None:
+      raise ShardError(f"{where}: embeddings need the feature names")
+    check_embedding_bounds(embeddings, feature_names, bounds, where)
   stored = _compact(features)
-  check_values(stored, labels, bounds=bounds, feature_names=feature_names, where=where)
+  check_values(stored, labels, bounds=bounds, feature_names=feature_names, where=where,
+               task=task, embeddings=embeddings)
   path = os.path.join(directory, file)
   with h5py.File(path, "w") as f:
     f.create_dataset("features", data=stored)
-    f.create_dataset("labels", data=labels.astype(np.uint8))
+    f.create_dataset("labels", data=labels.astype(label_dtype(task)))
   return ShardInfo(file=file, split=split, rows=int(features.shape[0]),
                    num_features=int(features.shape[1]), sha256=sha256_file(path))
 
@@ -338,18 +527,24 @@ def _check_shard_list(shards: Sequence[ShardInfo], num_features: int, where: str
 
 def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str],
                    label_name: str, shards: Sequence[ShardInfo], provenance: Provenance,
-                   feature_bounds: Any, extra: dict[str, Any] | None = None) -> Manifest:
+                   feature_bounds: Any, extra: dict[str, Any] | None = None,
+                   task: Task = BINARY, embeddings: Sequence[Embedding] = ()) -> Manifest:
   """Writes ``manifest.json`` last, atomically (temporary file + rename).
 
   Args:
     feature_bounds: the features' public bounds (see :func:`normalize_bounds`), recorded for
       the loader; None writes a manifest without bounds (the config must then declare them).
+    task: what the labels are, recorded as ``"task"`` (default binary).
+    embeddings: the integer-id columns, recorded as ``"embeddings"``.
   """
   bounds = (None if feature_bounds is None else
             normalize_bounds(feature_bounds, len(feature_names), what="feature_bounds"))
+  embeddings = tuple(embeddings)
+  check_embedding_bounds(embeddings, feature_names, bounds, f"{directory}")
   manifest = Manifest(format_version=FORMAT_VERSION, feature_names=tuple(feature_names),
                       label_name=label_name, shards=tuple(sorted(shards, key=lambda s: s.file)),
-                      provenance=provenance, extra=dict(extra or {}), feature_bounds=bounds)
+                      provenance=provenance, extra=dict(extra or {}), feature_bounds=bounds,
+                      task=task, embeddings=embeddings)
   _check_shard_list(manifest.shards, manifest.num_features, f"{directory}")
   body = {
       "format_version": manifest.format_version,
@@ -358,7 +553,10 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
       "shards": [dataclasses.asdict(s) for s in manifest.shards],
       "provenance": dataclasses.asdict(manifest.provenance),
       "extra": manifest.extra,
+      "task": task.to_json(),
   }
+  if embeddings:
+    body["embeddings"] = [e.to_json() for e in embeddings]
   if bounds is not None:
     body["feature_bounds"] = [list(b) for b in bounds]
   atomic.write_json(os.path.join(directory, MANIFEST), body, mode=0o600)
@@ -389,14 +587,22 @@ class DatasetWriter:
     max_rows_per_shard: shard size bound.
     overwrite: replace an existing directory.
     extra: producer-specific manifest entries.
+    task: what the labels are (default binary: 0/1).
+    embeddings: integer-id feature columns the model embeds (their bounds must be
+      ``(0, vocab_size - 1)``).
   """
 
   def __init__(self, directory: str | os.PathLike, *, feature_names: Sequence[str],
                label_name: str, feature_bounds: Any, max_rows_per_shard: int = 500_000,
-               overwrite: bool = False, extra: dict[str, Any] | None = None):
+               overwrite: bool = False, extra: dict[str, Any] | None = None,
+               task: Task = BINARY, embeddings: Sequence[Embedding] = ()):
     self.feature_names = list(feature_names)
     self.feature_bounds = normalize_bounds(feature_bounds, len(self.feature_names),
                                            what="feature_bounds")
+    self.task = task
+    self.embeddings = tuple(embeddings)
+    check_embedding_bounds(self.embeddings, self.feature_names, self.feature_bounds,
+                           f"{directory}")
     self.directory = os.path.abspath(directory)
     if os.path.exists(self.directory) and not overwrite:
       raise FileExistsError(f"output {self.directory} exists; pass overwrite to replace it")
@@ -427,7 +633,8 @@ class DatasetWriter:
                                       features[lo:lo + self.max_rows_per_shard],
                                       labels[lo:lo + self.max_rows_per_shard],
                                       feature_bounds=self.feature_bounds,
-                                      feature_names=self.feature_names))
+                                      feature_names=self.feature_names, task=self.task,
+                                      embeddings=self.embeddings))
 
   def set_provenance(self, provenance: Provenance) -> None:
     self._provenance = provenance
@@ -440,7 +647,7 @@ class DatasetWriter:
     manifest = write_manifest(self.staging, feature_names=self.feature_names,
                               label_name=self.label_name, shards=self._shards,
                               provenance=prov, feature_bounds=self.feature_bounds,
-                              extra=self.extra)
+                              extra=self.extra, task=self.task, embeddings=self.embeddings)
     if os.path.exists(self.directory):
       shutil.rmtree(self.directory)
     os.replace(self.staging, self.directory)
@@ -485,16 +692,23 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                         provenance=Provenance(**body["provenance"]),
                         extra=body.get("extra", {}))
     declared = body.get("feature_bounds")
+    # A manifest written before tasks and embeddings: binary, no embeddings.
+    task_body, emb_body = body.get("task"), body.get("embeddings", [])
   except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
     raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
   _check_shard_list(manifest.shards, manifest.num_features, path)
-  if declared is None:  # written before bounds were recorded
-    return manifest
   try:
-    bounds = normalize_bounds(declared, manifest.num_features, what="feature_bounds")
+    task = BINARY if task_body is None else Task.from_json(task_body)
+    if not isinstance(emb_body, list):
+      raise errors.UserError(f"embeddings {emb_body!r} must be a list")
+    embeddings = tuple(Embedding.from_json(e) for e in emb_body)
+    embedding_columns(embeddings, manifest.feature_names)
+    bounds = (None if declared is None else  # None: written before bounds were recorded
+              normalize_bounds(declared, manifest.num_features, what="feature_bounds"))
+    check_embedding_bounds(embeddings, manifest.feature_names, bounds, path)
   except errors.UserError as e:
     raise ShardError(f"{path}: malformed manifest ({e})") from e
-  return dataclasses.replace(manifest, feature_bounds=bounds)
+  return dataclasses.replace(manifest, feature_bounds=bounds, task=task, embeddings=embeddings)
 
 
 def shard_path(directory: str | os.PathLike, info: ShardInfo) -> str:
@@ -616,11 +830,14 @@ class Split:
 
   Attributes:
     features: [n, d] float32.
-    labels: [n] float32 in {0, 1}.
+    labels: [n] float32: 0/1 (binary), the class index (multiclass) or the value
+      (regression).
     feature_names: the d column names.
     label_name: the label column's name.
     digest: identifies the whole data set (manifest digest or file checksum).
     feature_bounds: the d public ``(lo, hi)`` bounds every row was checked against.
+    task: what the labels are.
+    embeddings: the integer-id columns the model embeds.
   """
 
   features: np.ndarray
@@ -629,6 +846,8 @@ class Split:
   label_name: str
   digest: str
   feature_bounds: Bounds | None = None
+  task: Task = BINARY
+  embeddings: tuple[Embedding, ...] = ()
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -741,12 +960,14 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
   for info, lo, hi in _slices(shards, start, stop):
     x, y = read_shard(path, info, start=lo, stop=hi, verify_checksum=verify_checksum)
     check_values(x, y, bounds=bounds, feature_names=manifest.feature_names,
-                 where=f"shard {info.file}", first_row=lo)
+                 where=f"shard {info.file}", first_row=lo, task=manifest.task,
+                 embeddings=manifest.embeddings)
     xs.append(x)
     ys.append(y)
   return Split(features=np.concatenate(xs), labels=np.concatenate(ys),
                feature_names=manifest.feature_names, label_name=manifest.label_name,
-               digest=manifest.digest(), feature_bounds=bounds)
+               digest=manifest.digest(), feature_bounds=bounds, task=manifest.task,
+               embeddings=manifest.embeddings)
 
 
 def process_row_ranges(num_rows: int, device_counts: Sequence[int]) -> list[tuple[int, int]]:
