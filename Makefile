@@ -12,7 +12,7 @@ DEMO_DATA := data/generated/capums
 DEMO_CSV := data/generated/CaPUMS5full.csv
 LINT_PATHS := fastdp_jax preprocessing main.py
 
-.PHONY: install demo data lint test test-main test-multidevice mutation clean
+.PHONY: install demo data lint test test-main test-multidevice mutation clean peer-venv bench
 
 install: $(STAMP)
 
@@ -61,6 +61,15 @@ test-multidevice: $(STAMP)
 # privacy test fail; writes the table into docs/privacy.md. 6 to 10 minutes on 2 cores.
 mutation: $(STAMP)
 	$(PY) tests/mutation/run.py
+
+# The peers' venv for the throughput benchmark (torch CPU, opacus, jax_privacy 2.0 on our JAX
+# pins), outside the project's dependencies; then the interleaved benchmark of everyone.
+PEER_VENV ?= /work/peer-venv
+peer-venv:
+	bash benchmarks/peer_venv.sh $(PEER_VENV)
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --peers --peer-python $(PEER_VENV)/bin/python
 
 clean:
 	rm -rf runs data/generated
