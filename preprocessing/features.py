@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -350,9 +351,21 @@ def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
                      description=str(cfg.get("description", "")))
 
 
+# The number grammar of every input cell (cleaning parses cells with it); here, below cleaning,
+# so that the spec's own checks need no import of cleaning (no cycle).
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
+
+
+def parse_number(token: str) -> float | None:
+  """The value of a decimal literal, or None (for ``nan``, ``inf``, ``1_0``, ``0x1``, ``''``)."""
+  if not _NUMBER.match(token):
+    return None
+  v = float(token)
+  return v if math.isfinite(v) else None
+
+
 def _looks_numeric(token: str) -> bool:
-  from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
-  return cleaning.parse_number(token) is not None
+  return parse_number(token) is not None
 
 
 def builtin_specs() -> list[str]:
