@@ -1,4 +1,5 @@
-"""Ghost-norm clipping: exact per-example clipping of dense layers at non-private cost.
+"""Ghost-norm clipping: exact per-example clipping of dense and embedding layers at
+non-private cost.
 
 For a dense layer ``z = a @ W + b`` the gradient of example i's loss is
 ``dW_i = outer(a_i, g_i)`` and ``db_i = g_i``, where ``a_i`` [in] is the layer's input and
@@ -6,11 +7,18 @@ For a dense layer ``z = a @ W + b`` the gradient of example i's loss is
 
   ||dW_i||^2 + ||db_i||^2 = (||a_i||^2 + 1) * ||g_i||^2,
 
-so every example's full gradient norm comes from activations and output gradients alone,
+for any output width (one logit, K class logits), so every example's full gradient norm
+comes from activations and output gradients alone,
 without materialising a per-example gradient (Goodfellow 2015; Li et al. 2022 "ghost
 clipping"). The output gradients of all layers come from ONE backward pass: a zero "tap" is
 added to every pre-activation and the summed loss is differentiated with respect to the taps;
 row i of a tap's gradient is ``g_i`` because example i's loss depends on its own row only.
+
+An embedding table ``E [vocab, dim]`` looked up once per example (``e_i = E[id_i]``, one
+lookup per embedding column; two columns use two tables) has the per-example gradient
+``dE_i = onehot(id_i) outer g_i`` with ``g_i = d loss_i / d e_i`` [dim], hence
+``||dE_i||^2 = ||g_i||^2``; a tap added to the looked-up rows gives ``g_i`` in the same
+backward pass, and the clipped sum is the scatter-add ``sum_i c_i g_i`` into row ``id_i``.
 
 The clipped sum then needs no second backward pass: with ``c_i = min(1, C / norm_i)``,
 
@@ -58,16 +66,17 @@ METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not impor
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
 # fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).
 ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
-# (logits [batch], labels [batch]) -> [batch] per-example losses.
+# (outputs [batch] or [batch, K], labels [batch]) -> [batch] per-example losses.
 ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def unsupported_layers(model: nnx.Module) -> list[str]:
   """Why ghost clipping cannot handle ``model``; an empty list when it can.
 
-  Ghost clipping here knows the forward pass of :class:`fastdp_jax.models.MLP` (dense layers
-  with ReLU in between), and the per-example norm identity of dense layers only; any other
-  parametrised layer (a convolution, a normalisation with a scale) is reported by its path.
+  Ghost clipping here knows the forward pass of :class:`fastdp_jax.models.MLP` (embedding
+  lookups, dense layers with ReLU in between), and the per-example norm identities of dense
+  and embedding layers only; any other parametrised layer (a convolution, a normalisation
+  with a scale) is reported by its path.
 
   Args:
     model: an NNX module.
@@ -81,13 +90,13 @@ def unsupported_layers(model: nnx.Module) -> list[str]:
     problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
                     " architecture whose forward pass ghost clipping replicates")
   for path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Module) or isinstance(node, nnx.Linear):
+    if not isinstance(node, nnx.Module) or isinstance(node, (nnx.Linear, nnx.Embed)):
       continue
     own = [name for name, value in vars(node).items() if isinstance(value, nnx.Param)]
     if own:
       where = ".".join(map(str, path)) or "<root>"
       problems.append(f"layer {where} ({type(node).__name__}) has parameters {own} and is not"
-                      " a dense layer (nnx.Linear)")
+                      " a dense layer (nnx.Linear) or an embedding (nnx.Embed)")
   return problems
 
 
@@ -114,21 +123,38 @@ def _dense_layers(params: models.Params) -> list[dict[str, jax.Array]]:
   return [layers[k] for k in sorted(layers, key=int)]
 
 
+def _tables(params: models.Params) -> list[dict[str, jax.Array]]:
+  """The MLP's embedding tables in order (``{'tables': {0: {'embedding': ...}}}``)."""
+  tables = params.get("tables") or {}
+  return [tables[k] for k in sorted(tables, key=int)]
+
+
+def _id_columns(params: models.Params, x: jax.Array, graphdef: Any) -> list[jax.Array]:
+  """Each table's ids [batch] int32, from the model's own id columns."""
+  if graphdef is None:
+    raise ValueError("ghost clipping of a model with embeddings needs its graphdef")
+  model = nnx.merge(graphdef, nnx.State(params))
+  return [x[:, j].astype(jnp.int32) for j in model.id_columns]
+
+
 def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
   """``v`` with the rows where ``keep`` is False set to exactly 0 (also NaN/inf rows)."""
   return jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
 
 
 def ghost_clipped_sum(l2_norm_clip: float,
-                      loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy
-                      ) -> ClippedSumFn:
+                      loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy,
+                      graphdef: Any = None) -> ClippedSumFn:
   """Ghost-norm clipping of an MLP as a ``ClippedSumFn(params, (x, y), mask)``.
 
   Args:
     l2_norm_clip: C > 0; every example's gradient is scaled to norm at most C.
-    loss: per-example loss of the logits, ``loss(logits [batch], labels [batch]) ->
-      [batch]`` (BCE with logits, as :func:`fastdp_jax.models.example_loss`). Example i's
-      loss must depend on row i only.
+    loss: per-example loss of the outputs, ``loss(outputs [batch] or [batch, K], labels
+      [batch]) -> [batch]`` (default BCE with logits; a task's is
+      :meth:`fastdp_jax.models.TaskHead.losses`, as :func:`fastdp_jax.models.example_loss`).
+      Example i's loss must depend on row i only.
+    graphdef: the MLP's graph definition (``nnx.split(model, nnx.Param)[0]``); required for
+      a model with embeddings, else read off the parameter shapes.
 
   Returns:
     ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
@@ -142,22 +168,31 @@ def ghost_clipped_sum(l2_norm_clip: float,
     x, y = batch
     mask = jnp.asarray(mask).astype(bool)
     layers = _dense_layers(params)
+    tables = _tables(params)
     taps = [jnp.zeros((x.shape[0], layer["kernel"].shape[1]), layer["kernel"].dtype)
             for layer in layers]
+    table_taps = [jnp.zeros((x.shape[0], t["embedding"].shape[1]), t["embedding"].dtype)
+                  for t in tables]
 
-    def summed_loss(taps):
-      logits, inputs = models.mlp_forward(params, x, taps)  # the model's own forward pass
-      losses = loss(logits, y)
+    def summed_loss(all_taps):
+      taps, table_taps = all_taps
+      outputs, inputs = models.mlp_forward(  # the model's own forward pass
+          params, x, taps, graphdef=graphdef, table_taps=table_taps or None)
+      losses = loss(outputs, y)
       return jnp.sum(losses), (inputs, losses)
 
     # One backward pass, to the taps only: out_grads[l] [batch, out_l] holds each example's
-    # gradient with respect to layer l's pre-activation.
-    out_grads, (inputs, losses) = jax.grad(summed_loss, has_aux=True)(taps)
+    # gradient with respect to layer l's pre-activation, row_grads[k] [batch, dim_k] with
+    # respect to table k's looked-up row.
+    (out_grads, row_grads), (inputs, losses) = jax.grad(summed_loss, has_aux=True)(
+        (taps, table_taps))
     sq = jnp.zeros((x.shape[0],), jnp.float32)
     for layer, a, g in zip(layers, inputs, out_grads):
       a_sq = jnp.sum(jnp.square(a), axis=1)
       g_sq = jnp.sum(jnp.square(g), axis=1)
       sq = sq + (a_sq + (1.0 if "bias" in layer else 0.0)) * g_sq
+    for g in row_grads:  # one lookup per example and table: ||onehot outer g||^2 = ||g||^2
+      sq = sq + jnp.sum(jnp.square(g), axis=1)
     norms = jnp.sqrt(sq)
     nonfinite = ~jnp.isfinite(norms)
     keep = mask & ~nonfinite
@@ -171,6 +206,13 @@ def ghost_clipped_sum(l2_norm_clip: float,
       if "bias" in layer:
         entry["bias"] = jnp.sum(scaled, axis=0)
       grads["layers"][k] = entry
+    if tables:
+      ids = _id_columns(params, x, graphdef)
+      grads["tables"] = {}
+      for k, t, g, col in zip(sorted(params["tables"], key=int), tables, row_grads, ids):
+        scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+        # Padding rows add exact zeros wherever their (arbitrary) id points.
+        grads["tables"][k] = {"embedding": jnp.zeros_like(t["embedding"]).at[col].add(scaled)}
     # The losses come with the forward pass: the step reports them without another one.
     return grads, clipping.ClipStats(norms=jnp.where(keep, norms, 0.0),
                                      nonfinite=nonfinite & mask, losses=losses)
@@ -180,7 +222,8 @@ def ghost_clipped_sum(l2_norm_clip: float,
 
 def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
                      l2_norm_clip: float | None, *,
-                     microbatch_size: int | None = None) -> ClippedSumFn:
+                     microbatch_size: int | None = None,
+                     head: models.TaskHead = models.BINARY) -> ClippedSumFn:
   """The ``dp.clipping`` dispatch: a per-device ``ClippedSumFn`` for the training step.
 
   Args:
@@ -188,12 +231,13 @@ def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
       ``'ghost'`` or ``'vmap'``.
     model: the NNX model (inspected, not called).
     loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
-      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss`'s BCE for the
-      ghost path, which computes the same loss on the whole batch).
+      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss` with
+      ``head`` for the ghost path, which computes the same loss on the whole batch).
     l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
       by one backward pass, whatever the method.
     microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
       of the activations).
+    head: the task (its per-example loss is the ghost path's).
 
   Returns:
     ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
@@ -204,4 +248,5 @@ def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
       return clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
                                                   microbatch_size=microbatch_size)
     return fn
-  return ghost_clipped_sum(l2_norm_clip)
+  graphdef, _ = nnx.split(model, nnx.Param)
+  return ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef)

@@ -215,3 +215,130 @@ def test_training_steps_with_ghost_equal_vmap():
     np.testing.assert_array_equal(results["ghost"][1][key], results["vmap"][1][key])
   np.testing.assert_allclose(results["ghost"][1]["loss_sum"], results["vmap"][1]["loss_sum"],
                              rtol=1e-5)
+
+
+# --- every task, and embedding layers ----------------------------------------------------------
+# Tolerance for the tests below, derived: both methods compute the same float32 products and
+# sums, in a different order (per-example gradients then a sum, against a^T @ (c g) and a
+# scatter-add). A sum of n float32 terms in two orders differs by at most about
+# 2 n eps sum|terms| (eps = 2**-24 ~ 6e-8); with n <= 64 examples per batch that is
+# 64 * 2 * 6e-8 ~ 8e-6 of the leaf's scale when the terms do not cancel, so RTOL = 1e-5
+# relative to the leaf's largest entry (and its norm) is the bound, not a guess; norms are one
+# sqrt of a sum of a few dozen squares: the same bound.
+HEADS = {
+    "multiclass": models.TaskHead("multiclass", num_classes=4),
+    "regression": models.TaskHead("regression", bounds=(-3.0, 5.0)),
+    "huber": models.TaskHead("regression", bounds=(0.0, 10.0), huber_delta=0.2),
+    "binary": models.BINARY,
+}
+
+
+def _task_model(d, hidden, seed, head, embeddings=()):
+  model = models.create_model(d, hidden, seed, num_outputs=head.num_outputs,
+                              embeddings=embeddings)
+  apply_fn, params = models.functional(model)
+  return model, apply_fn, params, models.example_loss(apply_fn, head)
+
+
+def _task_batch(rng, n, d, head, embeddings=(), scale=2.0):
+  x = rng.normal(size=(n, d)).astype(np.float32) * scale
+  for e in embeddings:
+    x[:, e.index] = rng.integers(0, e.vocab_size, n)
+  if head.kind == "multiclass":
+    y = rng.integers(0, head.num_classes, n).astype(np.float32)
+  elif head.kind == "regression":
+    y = rng.uniform(*head.bounds, n).astype(np.float32)
+  else:
+    y = (rng.random(n) < 0.5).astype(np.float32)
+  return x, y
+
+
+def _ghost_and_vmap(model, loss_fn, head, params, batch, clip, mask):
+  want, want_stats = jax.jit(lambda p: clipping.clipped_grad_sum_with_stats(
+      loss_fn, p, batch, clip, mask))(params)
+  fn = ghost.make_clipped_sum("ghost", model, loss_fn, clip, head=head)
+  got, got_stats = jax.jit(fn)(params, batch, mask)
+  return (got, got_stats), (want, want_stats)
+
+
+EMB_A = (models.EmbeddingInput(index=1, vocab_size=5, dim=3),)
+# Two tables, the id columns not adjacent, a vocabulary smaller than the batch (ids repeat
+# across examples) and the same id values in both columns (different tables).
+EMB_B = (models.EmbeddingInput(index=0, vocab_size=3, dim=4),
+         models.EmbeddingInput(index=4, vocab_size=3, dim=2))
+
+
+@pytest.mark.parametrize("task,d,hidden,embeddings,n,clip", [
+    ("multiclass", 9, (16,), (), 48, 0.5),
+    ("multiclass", 6, (), (), 33, 1e3),      # softmax regression, nothing clipped
+    ("multiclass", 7, (8, 5), EMB_B, 40, 0.3),
+    ("regression", 9, (16,), (), 48, 0.5),
+    ("regression", 5, (), EMB_A, 30, 0.2),   # linear regression with an embedding
+    ("huber", 8, (12,), EMB_B, 64, 1.0),
+    ("binary", 6, (10,), EMB_A, 40, 0.4),
+    ("binary", 6, (), EMB_B, 40, 1e-4),      # logistic regression, everything clipped
+])
+def test_ghost_equals_vmap_for_every_task_and_embeddings(task, d, hidden, embeddings, n, clip):
+  head = HEADS[task]
+  rng = np.random.default_rng([d, n, len(task)])  # fixed: no str hash (randomised per run)
+  model, _, params, loss_fn = _task_model(d, hidden, n, head, embeddings)
+  x, y = _task_batch(rng, n, d, head, embeddings)
+  mask = rng.random(n) < 0.75
+  (got, got_stats), (want, want_stats) = _ghost_and_vmap(model, loss_fn, head, params, (x, y),
+                                                         clip, mask)
+  _assert_trees_close(got, want)
+  np.testing.assert_allclose(got_stats.norms, want_stats.norms, rtol=RTOL, atol=1e-7)
+  assert not np.any(np.asarray(got_stats.norms)[~mask])
+  want_losses = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)))(params, (x, y))
+  np.testing.assert_allclose(got_stats.losses, want_losses, rtol=RTOL, atol=1e-6)
+  if embeddings:  # the premise: the tables do receive gradient, from several examples a row
+    assert all(np.abs(np.asarray(t["embedding"])).max() > 0 for t in got["tables"].values())
+
+
+def test_embedding_norm_is_the_row_gradient_norm():
+  """Example i's table gradient is onehot(id_i) outer g_i: its norm is ||g_i||, alone."""
+  head = HEADS["multiclass"]
+  model, apply_fn, params, loss_fn = _task_model(4, (), 0, head, EMB_A)
+  x, y = _task_batch(np.random.default_rng(3), 6, 4, head, EMB_A)
+  per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, (x, y))
+  table = np.asarray(per_example["tables"][0]["embedding"])  # [n, vocab, dim]
+  ids = x[:, 1].astype(int)
+  for i in range(6):
+    others = np.delete(table[i], ids[i], axis=0)
+    assert not others.any()  # only the looked-up row is non-zero
+  # The tables' share of each example's squared norm, computed as ghost does it: ||g_i||^2
+  # where g_i is the loss gradient with respect to the looked-up row.
+  graphdef, _ = nnx.split(model, nnx.Param)
+
+  def loss_of_rows(tap, i):
+    out, _ = models.mlp_forward(params, x[i:i + 1], graphdef=graphdef, table_taps=[tap])
+    return head.losses(out, y[i:i + 1])[0]
+
+  for i in range(6):
+    g = jax.grad(loss_of_rows)(jnp.zeros((1, 3)), i)
+    np.testing.assert_allclose(np.sum(table[i] ** 2), np.sum(np.asarray(g) ** 2), rtol=RTOL)
+
+
+def test_ghost_with_embeddings_padding_and_non_finite_rows_contribute_exactly_zero():
+  head = HEADS["multiclass"]
+  model, _, params, loss_fn = _task_model(7, (8,), 4, head, EMB_B)
+  x, y = _task_batch(np.random.default_rng(4), 16, 7, head, EMB_B)
+  mask = np.ones(16, bool)
+  mask[[3, 8]] = False
+  x[5, 2] = np.nan  # a real row with a non-finite dense feature: zeroed and counted
+  (got, got_stats), (want, want_stats) = _ghost_and_vmap(model, loss_fn, head, params,
+                                                         (x, y), 0.5, mask)
+  _assert_trees_close(got, want)
+  assert set(np.flatnonzero(got_stats.nonfinite)) == {5}
+  clean = mask.copy()
+  clean[5] = False
+  fn = jax.jit(ghost.make_clipped_sum("ghost", model, loss_fn, 0.5, head=head))
+  ref, _ = fn(params, (np.where(clean[:, None], x, 0), y), clean)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dispatch_accepts_embeddings_and_wide_heads():
+  model, _, _, _ = _task_model(7, (8,), 0, HEADS["multiclass"], EMB_B)
+  assert ghost.unsupported_layers(model) == []
+  assert ghost.resolve_method("auto", model) == "ghost"

@@ -64,3 +64,38 @@ def test_ghost_equals_vmap_on_eight_devices_and_on_one(strategy):
     np.testing.assert_array_equal(m["count"], m8["count"])
     np.testing.assert_array_equal(m["nonfinite"], m8["nonfinite"])
   assert m8["nonfinite"].sum() == 1
+
+
+def _run_task(devices, method, head, embeddings):
+  """Like _run, for a task head wider than one unit and embedding tables."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(N, D)).astype(np.float32)
+  for e in embeddings:
+    x[:, e.index] = rng.integers(0, e.vocab_size, N)
+  y = (rng.integers(0, head.num_classes, N) if head.kind == "multiclass"
+       else rng.uniform(*head.bounds, N)).astype(np.float32)
+  model = models.create_model(D, HIDDEN, 0, num_outputs=head.num_outputs,
+                              embeddings=embeddings)
+  apply_fn, params = models.functional(model)
+  loss_fn = models.example_loss(apply_fn, head)
+  mesh = parallel.make_mesh(devices)
+  dev = parallel.place_training_data(mesh, x, y)
+  b = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds).batches(0, STEPS)
+  tx = optax.chain(noise.privatize(CLIP, 0.7, BATCH, noise.noise_key(6)[0]), optax.sgd(0.5))
+  run = step_lib.build_train_chunk(
+      mesh, loss_fn, ghost.make_clipped_sum(method, model, loss_fn, CLIP, head=head), tx, CLIP)
+  state = step_lib.State(params=params, opt_state=tx.init(params),
+                         step=jnp.zeros((), jnp.int32))
+  state, m = run(state, dev.features, dev.labels, b.indices, b.mask, np.ones(STEPS, bool))
+  return jax.tree_util.tree_map(jnp.subtract, jax.device_get(state.params), params)
+
+
+@pytest.mark.parametrize("head", [models.TaskHead("multiclass", num_classes=4),
+                                  models.TaskHead("regression", bounds=(0.0, 2.0))])
+def test_ghost_with_embeddings_and_wide_heads_on_eight_devices_equals_one(head):
+  embeddings = (models.EmbeddingInput(index=0, vocab_size=11, dim=4),
+                models.EmbeddingInput(index=5, vocab_size=3, dim=2))
+  ghost8 = _run_task(jax.devices(), "ghost", head, embeddings)
+  # Same tolerance as _close's callers above: float32 sums of the same terms in another order.
+  _close(ghost8, _run_task(jax.devices(), "vmap", head, embeddings))
+  _close(ghost8, _run_task(jax.devices()[:1], "ghost", head, embeddings))
