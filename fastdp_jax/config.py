@@ -23,6 +23,7 @@ from fastdp_jax.errors import ConfigError
 CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
+TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.TASK_KINDS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,13 +43,22 @@ def base_config() -> ml_collections.ConfigDict:
   #   outside them is refused before the first update. A manifest's own bounds take precedence.
   c.data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
   c.data.attack_rows = 10_000  # training rows attacked (the original's figure).
+  c.data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of the
+  #                    row number, fastdp_jax.schema.is_test_row with VALIDATION_SEED) is held
+  #                    out of training and evaluated each epoch; its metrics are private.
 
   c.num_epochs = 10  # an epoch is round(N / batch_size) updates.
   c.batch_size = 256  # EXPECTED batch size; the sampling rate is q = batch_size / N.
   c.seed = 0  # model initialisation (batches: dp.sampling_seed; noise: dp.noise_seed).
 
   c.model = ml_collections.ConfigDict()
-  c.model.hidden_sizes = (50,)  # the original 9-50-1 MLP.
+  c.model.hidden_sizes = (50,)  # the original 9-50-1 MLP; () is logistic regression.
+  c.model.task = config_dict.placeholder(str)  # unset: the manifest's task; set, it must be
+  #                                            the manifest's ('binary' | 'multiclass' |
+  #                                            'regression').
+  c.model.embedding_dim = 8  # width of each embedding table (the manifest's id columns).
+  c.model.huber_delta = config_dict.placeholder(float)  # regression: Huber loss with this
+  #                     delta in units of half the label range (unset: squared loss).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # 'sgd' | 'adam'.
@@ -189,6 +199,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
   if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
     raise ConfigError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
+  if cfg.model.task is not None and cfg.model.task not in TASKS:
+    raise ConfigError(f"model.task={cfg.model.task!r} must be one of {TASKS} (or unset: the "
+                      "manifest's task)")
+  if isinstance(cfg.model.embedding_dim, bool) or not isinstance(cfg.model.embedding_dim, int) \
+      or cfg.model.embedding_dim <= 0:
+    raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim!r} must be a positive "
+                      "integer")
+  if cfg.model.huber_delta is not None:
+    _check_positive_finite("model.huber_delta", cfg.model.huber_delta)
+  vf = cfg.data.validation_fraction
+  if not (_is_number(vf) and 0 <= vf < 1):
+    raise ConfigError(f"data.validation_fraction={vf!r} must be in [0, 1)")
   if cfg.optimizer.name not in OPTIMIZERS:
     raise ConfigError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
   _check_positive_finite("optimizer.learning_rate", cfg.optimizer.learning_rate)
