@@ -5,7 +5,13 @@ preprocessing outputs): write a temporary file beside the target (same directory
 rename stays on one file system), flush and ``fsync`` it, rename it over the target
 (``os.replace``, atomic on POSIX), then ``fsync`` the directory so the rename itself survives
 a power cut. A crash or a full disk at any point leaves the previous complete file (or none),
-never a truncated one.
+never a truncated one. Writers that open files by name (h5py) use :func:`replacing_path`.
+
+Directories the same way: an output directory (a dataset, a batch directory, the exported
+model) is written into a hidden staging directory beside it (:func:`make_staging`,
+``.NAME.staging-HOST-PID-*``) and renamed into place when complete (:func:`publish`). What a
+killed writer leaves (staging directories, replaced outputs being deleted, temporary files) is
+removed by the next writer of the same output on the same host (:func:`clean_stale`).
 
 A full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``) is the user's to fix: it becomes
 :class:`DiskFullError`, a :class:`fastdp_jax.errors.UserError` (one line, exit status 2) that
@@ -23,9 +29,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
@@ -151,28 +161,190 @@ def _temp_name(path: str) -> str:
   return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def remove_stale(path: str | os.PathLike, tag: str = "tmp") -> None:
-  """Removes ``.NAME.TAG-PID-*`` siblings of ``path`` left by killed writers (dead PIDs).
+def host_tag() -> str:
+  """This host's tag in staging names (a hash of its name: private outputs name no host)."""
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
-  Temporary files (``tmp``) and staging directories (``staging``, ``old``) carry the writer's
-  process id; those of processes that are still alive are left alone.
+
+def owner_tag() -> str:
+  """``HOST-PID``: who made a staging directory (the next writer checks whether it is dead)."""
+  return f"{host_tag()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True  # exists, not ours to signal
+  return True
+
+
+def _owner(rest: str) -> tuple[str | None, int | None]:
+  """``(host tag, pid)`` of a sibling's name after ``.NAME.KIND-``; None where unknown.
+
+  Staging directories are named ``HOST-PID-RANDOM``; temporary files ``PID-RANDOM`` (this
+  host's, like staging directories of earlier versions).
   """
-  directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-  prefix = f".{name}.{tag}-"
-  for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
-    pid = os.path.basename(stale)[len(prefix):].split("-")[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-      continue
-    try:
-      os.kill(int(pid), 0)
-    except ProcessLookupError:
-      if os.path.isdir(stale) and not os.path.islink(stale):
-        shutil.rmtree(stale, ignore_errors=True)
+  parts = rest.split("-")
+  if len(parts) >= 2 and len(parts[0]) == 8 and parts[1].isdigit() and all(
+      c in "0123456789abcdef" for c in parts[0]):
+    return parts[0], int(parts[1])
+  if parts[0].isdigit() and len(parts) >= 2:
+    return host_tag(), int(parts[0])
+  return None, None
+
+
+def clean_stale(path: str | os.PathLike, kinds: tuple[str, ...] = ("staging", "old")
+                ) -> list[str]:
+  """Removes what killed writers left beside ``path``: ``.NAME.KIND-OWNER-*`` siblings.
+
+  Kinds: ``staging`` (an output being written), ``old`` (a replaced output being deleted),
+  ``tmp`` (a file being written). Those made on this host by a process that no longer runs are
+  removed; the others (another host's, a live writer's, or ones without an owner) are left and
+  named with the command that removes them. This process's own are left alone.
+
+  Returns:
+    One line per sibling found and not ours, saying what was done.
+  """
+  parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+  notes = []
+  for kind in kinds:
+    prefix = f".{name}.{kind}-"
+    for stale in sorted(glob.glob(os.path.join(glob.escape(parent),
+                                               glob.escape(prefix) + "*"))):
+      host, pid = _owner(os.path.basename(stale)[len(prefix):])
+      if host == host_tag() and pid == os.getpid():
+        continue  # ours (the streaming path's work directory, a file being written)
+      if host == host_tag() and pid is not None and not _alive(pid):
+        _remove(stale)
+        notes.append(f"removed {stale}, left by a killed job (pid {pid}) on {path}")
       else:
-        with contextlib.suppress(OSError):
-          os.remove(stale)
-    except OSError:
-      pass  # alive (or not ours to ask): leave it
+        why = (f"a running job (pid {pid})" if host == host_tag() and pid is not None else
+               "a job on another host or an older version")
+        notes.append(f"{stale} holds private data of {why}; if no job on {path} is running, "
+                     f"remove it: rm -rf {shlex.quote(stale)}")
+  return notes
+
+
+def remove_stale(path: str | os.PathLike, tag: str = "tmp") -> None:
+  """:func:`clean_stale` for one kind, silently (temporary files of killed writers)."""
+  clean_stale(path, (tag,))
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+def _say_on_stderr(note: str) -> None:
+  print(f"note: {note}", file=sys.stderr, flush=True)
+
+
+def make_staging(path: str | os.PathLike, subdirs: tuple[str, ...] = (), mode: int = 0o700,
+                 report: Callable[[str], None] | None = _say_on_stderr) -> str:
+  """Creates the hidden staging directory ``.NAME.staging-HOST-PID-RANDOM/`` beside ``path``.
+
+  An output directory is written there and :func:`publish` renames it into place, so a crash
+  never leaves a directory that looks complete. What killed writers left beside ``path`` is
+  cleaned first (:func:`clean_stale`; each note goes to ``report``, stderr by default).
+
+  Args:
+    path: the output directory the staging directory becomes.
+    subdirs: subdirectories to create inside.
+    mode: the directory's mode (0700 by default: outputs are as private as the data; the
+      umask applies).
+    report: receives one line per stale sibling found (None: silent).
+
+  Returns:
+    The staging directory's path.
+  """
+  parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+  os.makedirs(parent, exist_ok=True)
+  for note in clean_stale(path):
+    if report is not None:
+      report(note)
+  staging = os.path.join(parent, f".{name}.staging-{owner_tag()}-{uuid.uuid4().hex[:12]}")
+  os.makedirs(staging, mode=mode)
+  for sub in subdirs:
+    os.makedirs(os.path.join(staging, sub))
+  return staging
+
+
+def publish(staging: str, path: str | os.PathLike, overwrite: bool = True) -> None:
+  """Renames the finished ``staging`` directory to ``path``, replacing what is there if
+  ``overwrite`` (moved aside as ``.NAME.old-*`` first, then deleted), and makes it durable.
+
+  Raises:
+    FileExistsError: ``path`` exists (it appeared while the job ran) and not ``overwrite``.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(path)
+  if os.path.lexists(path):
+    if not overwrite:
+      raise FileExistsError(f"output {path} appeared while the job ran; not replacing it")
+    old = os.path.join(parent, f".{name}.old-{owner_tag()}-{uuid.uuid4().hex[:12]}")
+    os.replace(path, old)
+    os.replace(staging, path)
+    _remove(old)
+  else:
+    os.replace(staging, path)
+  fsync_directory(parent)
+
+
+def _fsync_file(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)  # fsync through a read-only descriptor is enough on POSIX
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing_path(path: str | os.PathLike, mode: int = 0o644, *,
+                   disk_full_error: bool = True, stale: bool = True) -> Iterator[str]:
+  """A temporary path beside ``path`` whose file replaces ``path`` atomically when the block
+  ends (for writers that open a file by name: h5py, a CSV copier).
+
+  The file written there is fsynced, given exactly ``mode``, renamed over ``path`` and the
+  rename made durable. If the block raises, ``path`` is left as it was and the temporary file
+  removed.
+
+  Args:
+    path: the file to replace.
+    mode: its mode (0600 for private files).
+    disk_full_error: a full disk raises :class:`DiskFullError`; False keeps the
+      ``OSError`` (for callers that report its errno themselves).
+    stale: also remove the temporary files of killed writers of ``path`` (False in a fresh
+      staging directory, which is removed whole).
+
+  Raises:
+    DiskFullError: the disk or quota filled up (``path`` is left as it was).
+  """
+  path = os.fspath(path)
+  tmp = _temp_name(path)
+  try:
+    try:
+      yield tmp
+      _fsync_file(tmp)
+      os.chmod(tmp, mode & 0o777)  # exactly ``mode``, whatever the umask
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      raise
+  except OSError as e:
+    if disk_full_error and is_disk_full(e):
+      raise DiskFullError(disk_full_message(
+          path, f"the previous {os.path.basename(path)} (if any) is intact")) from e
+    raise
+  fsync_directory(os.path.dirname(os.path.abspath(path)))
+  if stale:
+    remove_stale(path)
 
 
 @contextlib.contextmanager
@@ -185,30 +357,10 @@ def replacing(path: str | os.PathLike, mode: int = 0o644) -> Iterator[IO[bytes]]
   Raises:
     DiskFullError: the disk or quota filled up (``path`` is left as it was).
   """
-  path = os.fspath(path)
-  tmp = _temp_name(path)
-  try:
+  with replacing_path(path, mode) as tmp:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o777)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    except BaseException:
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
-      raise
-    os.chmod(tmp, mode & 0o777)  # exactly ``mode``, whatever the umask
-    os.replace(tmp, path)
-  except OSError as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    if is_disk_full(e):
-      raise DiskFullError(disk_full_message(
-          path, f"the previous {os.path.basename(path)} (if any) is intact")) from e
-    raise
-  fsync_directory(os.path.dirname(os.path.abspath(path)))
-  remove_stale(path)
+    with os.fdopen(fd, "wb") as f:
+      yield f
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:

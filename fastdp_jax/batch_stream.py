@@ -49,6 +49,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
 from fastdp_jax import errors
 from fastdp_jax import release
@@ -279,13 +280,8 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def write_json(path: str, body: dict[str, Any]) -> None:
-  """Writes a manifest atomically (temporary file, fsync, rename)."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(body, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes a manifest atomically (owner-only: a batch directory is as private as the data)."""
+  atomic.write_json(path, body, mode=0o600)
 
 
 def read_run(path: str | os.PathLike) -> RunInfo:
@@ -375,22 +371,19 @@ def write_shard(directory: str, first_update: int, features: np.ndarray, labels:
     raise ValueError(f"features {features.shape}, labels {labels.shape} and mask {mask.shape}"
                      " must share [updates, capacity]")
   name = shard_name(first_update)
-  path = os.path.join(directory, name)
-  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
   try:
-    with h5py.File(tmp, "w") as f:
-      f.attrs["first_update"] = np.int64(first_update)
-      f.create_dataset("features", data=np.asarray(features, np.float32))
-      f.create_dataset("labels", data=np.asarray(labels, np.uint8))
-      f.create_dataset("mask", data=np.asarray(mask, bool))
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    digest = data_lib.sha256_file(tmp)
-    size = os.path.getsize(tmp)
-    os.replace(tmp, path)
+    # The errno stays an OSError (the job reports it); a fresh staging directory holds no
+    # killed writer's temporary files.
+    with atomic.replacing_path(os.path.join(directory, name), 0o600, disk_full_error=False,
+                               stale=False) as tmp:
+      with h5py.File(tmp, "w") as f:
+        f.attrs["first_update"] = np.int64(first_update)
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        f.create_dataset("labels", data=np.asarray(labels, np.uint8))
+        f.create_dataset("mask", data=np.asarray(mask, bool))
+      digest = data_lib.sha256_file(tmp)
+      size = os.path.getsize(tmp)
   except BaseException as e:
-    if os.path.lexists(tmp):
-      os.remove(tmp)
     # h5py reports a write that fails while the file is closed (the disk filled) as a
     # RuntimeError carrying the errno: make it the OSError it is.
     found = re.search(r"errno = (\d+)", str(e)) if isinstance(e, RuntimeError) else None

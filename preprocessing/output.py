@@ -13,26 +13,20 @@ Producers write into a hidden staging directory beside ``OUT`` (``.OUT.staging-*
 never leaves a directory that looks complete. A staging directory holds private rows: its name
 carries its job's host and process id, and the next job on the same output removes those of
 dead jobs on its host and names the others with the command that removes them
-(:func:`clean_stale`).
+(:func:`fastdp_jax.atomic.clean_stale`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
 import json
 import os
-import shlex
-import shutil
-import socket
-import sys
-import uuid
 from collections.abc import Iterable
 from typing import IO, Any
 
 import numpy as np
 
+from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
 from fastdp_jax import errors
 from fastdp_jax import schema
@@ -78,81 +72,15 @@ def check_output(output: str, overwrite: bool) -> str:
   return out
 
 
-def _host_tag() -> str:
-  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _owner_tag() -> str:
-  """``HOST-PID``: who made a staging directory (the next job checks whether it is dead)."""
-  return f"{_host_tag()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except OSError:
-    return True  # exists, not ours to signal
-  return True
-
-
-def clean_stale(out: str) -> list[str]:
-  """Finds what killed jobs left beside ``out`` (``.NAME.staging-*``, ``.NAME.old-*``).
-
-  Those made on this host by a process that no longer runs are removed; the others (another
-  host's, a live job's, or unnamed ones from versions before owner tags) are left and named
-  with the command that removes them.
-
-  Returns:
-    One line per directory found, saying what was done.
-  """
-  parent, name = os.path.split(os.path.abspath(out))
-  notes = []
-  for kind in ("staging", "old"):
-    prefix = f".{name}.{kind}-"
-    for path in sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))):
-      host, pid, *_ = os.path.basename(path)[len(prefix):].split("-") + ["", ""]
-      if pid == str(os.getpid()) and host == _host_tag():
-        continue  # ours (the streaming path's work directory)
-      if host == _host_tag() and pid.isdigit() and not _alive(int(pid)):
-        shutil.rmtree(path, ignore_errors=True)
-        notes.append(f"removed {path}, left by a killed job (pid {pid}) on {out}")
-      else:
-        why = (f"a running job (pid {pid})" if host == _host_tag() and pid.isdigit() else
-               "a job on another host or an older version")
-        notes.append(f"{path} holds private rows of {why}; if no job on {out} is running, "
-                     f"remove it: rm -rf {shlex.quote(path)}")
-  return notes
-
-
 def make_staging(out: str, subdirs: tuple[str, ...] = (REJECTS,)) -> str:
-  """Creates ``.NAME.staging-HOST-PID-XXXX/`` (with ``subdirs``, default ``rejects/``) beside
-  ``out``; returns the staging path. Stale ones of killed jobs are cleaned first (said on
-  stderr, see :func:`clean_stale`)."""
-  parent, name = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  for note in clean_stale(out):
-    print(f"note: {note}", file=sys.stderr, flush=True)
-  staging = os.path.join(parent, f".{name}.staging-{_owner_tag()}-{uuid.uuid4().hex[:12]}")
-  os.makedirs(staging, mode=0o700)  # the dataset is as private as the data (docs/privacy.md)
-  for sub in subdirs:
-    os.makedirs(os.path.join(staging, sub))
-  return staging
+  """:func:`fastdp_jax.atomic.make_staging` with a dataset's ``rejects/`` (by default): the
+  hidden ``.NAME.staging-HOST-PID-*`` directory beside ``out``, after cleaning what killed
+  jobs left there (said on stderr)."""
+  return atomic.make_staging(out, subdirs)
 
 
-def publish(staging: str, out: str, overwrite: bool) -> None:
-  """Moves the finished staging directory into place (replacing an old dataset if asked)."""
-  if os.path.lexists(out):
-    if not overwrite:
-      raise FileExistsError(f"output {out} appeared while the job ran; not replacing it")
-    parent, name = os.path.split(out)
-    trash = os.path.join(parent, f".{name}.old-{_owner_tag()}-{uuid.uuid4().hex[:12]}")
-    os.replace(out, trash)
-    os.replace(staging, out)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.replace(staging, out)
+# Moves the finished staging directory into place (replacing an old dataset if asked).
+publish = atomic.publish
 
 
 class ShardSink:
@@ -174,7 +102,7 @@ class ShardSink:
     self.stats: dict[str, Any] = {
         "rows_read": 0, "kept": 0, "dropped_na": 0, "rejected": 0, "header_lines": 0,
         "na_by_column": [0] * len(spec.used_columns), "rejects_by_reason": {},
-        "lines_by_split": {}}
+        "lines_by_split": {}, "adjusted": {}}
     self._key: Any = None
     self._ids: list[np.ndarray] = []
     self._values: list[np.ndarray] = []
@@ -211,6 +139,8 @@ class ShardSink:
     s["na_by_column"] = [a + int(b) for a, b in zip(s["na_by_column"], result.na_by_column)]
     for _, reason, _ in result.rejects:
       s["rejects_by_reason"][reason] = s["rejects_by_reason"].get(reason, 0) + 1
+    for k, v in self.spec.adjustments(result.values).items():  # clipped / mapped, counted
+      s["adjusted"][k] = s["adjusted"].get(k, 0) + v
     if len(result.kept):
       self._ids.append(np.asarray(row_ids)[result.kept])
       self._values.append(result.values)
@@ -249,7 +179,8 @@ class ShardSink:
         info = data_lib.write_shard(self.staging, name, split, sx[lo:lo + self.max_rows],
                                     sy[lo:lo + self.max_rows],
                                     feature_bounds=self.spec.feature_bounds,
-                                    feature_names=self.spec.feature_names)
+                                    feature_names=self.spec.feature_names,
+                                    task=self.spec.task, embeddings=self.spec.embeddings)
         self.shards.append(dataclasses.asdict(info))
       if full < n:  # keep the partial shard's rows for later
         keep_ids.append(sid[full:])
@@ -293,9 +224,12 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
                                          [[0] * len(spec.used_columns)], axis=0)]
   by_reason: dict[str, int] = {}
   lines_by_split: dict[str, int] = {}
+  adjusted: dict[str, int] = {}
   for s in stats:
     for k, v in s["rejects_by_reason"].items():
       by_reason[k] = by_reason.get(k, 0) + v
+    for k, v in s.get("adjusted", {}).items():
+      adjusted[k] = adjusted.get(k, 0) + v
     for k, v in s["lines_by_split"].items():
       lines_by_split[k] = lines_by_split.get(k, 0) + v
   provenance = data_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
@@ -326,10 +260,12 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
       "dropped_na_by_column": dict(zip(spec.used_columns, na_by_column)),
       "rejected_by_reason": dict(sorted(by_reason.items())),
       "rejects_dir": REJECTS,
+      # Kept rows that encoding changed, as the spec declares (clipped, mapped to unknown).
+      "adjusted_by_column": dict(sorted(adjusted.items())),
   })
   return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
           "provenance": provenance, "feature_bounds": spec.feature_bounds, "extra": extra,
-          "_lines_by_split": lines_by_split}
+          "task": spec.task, "embeddings": spec.embeddings, "_lines_by_split": lines_by_split}
 
 
 def describe(output: str, manifest: data_lib.Manifest) -> str:

@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/poi
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
 from fastdp_jax import batch_stream as bs  # pylint: disable=g-import-not-at-top
 from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
@@ -541,10 +542,10 @@ def run_job(spark, plan: JobPlan) -> tuple[bs.RunInfo, bs.BlockInfo]:
   t0 = time.perf_counter()
   out = plan.output
   if plan.append:
-    staging = output_lib.make_staging(os.path.join(out, plan.block), subdirs=())
+    staging = atomic.make_staging(os.path.join(out, plan.block))
     block_dir, target = staging, os.path.join(out, plan.block)
   else:
-    staging = output_lib.make_staging(out, subdirs=())
+    staging = atomic.make_staging(out)
     block_dir, target = os.path.join(staging, plan.block), out
   try:
     if not plan.append:
@@ -562,7 +563,7 @@ def run_job(spark, plan: JobPlan) -> tuple[bs.RunInfo, bs.BlockInfo]:
                "spark": {"version": spark.version, "master": spark.sparkContext.master,
                          **extra}, "seconds": round(time.perf_counter() - t0, 2)})
     bs.write_json(os.path.join(block_dir, bs.BLOCK_MANIFEST), block.to_json())
-    output_lib.publish(staging, target, plan.overwrite)
+    atomic.publish(staging, target, plan.overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

@@ -358,7 +358,7 @@ def format_csv_rows(columns: dict[str, np.ndarray], line_ending: str = "\n") -> 
 
 def write_csv(columns: dict[str, np.ndarray], path: str, line_ending: str = "\n") -> None:
   """Writes columns as CSV with a quoted header and ``NA`` for NaN (R write.csv style)."""
-  with open(path, "wb") as f:
+  with atomic.replacing(path) as f:
     f.write(header_line(list(columns), line_ending))
     f.write(format_csv_rows(columns, line_ending))
 
@@ -554,12 +554,10 @@ def main(argv: list[str] | None = None) -> int:
       print(f"wrote {args.rows} rows ({size / 1e6:.1f} MB, schema {args.schema}) to "
             f"{args.output} in {time.perf_counter() - t0:.1f} s")
       if args.malformed:
-        injected = inject_malformed(args.output, args.output + ".tmp", args.malformed,
-                                    seed=args.seed)
-        os.replace(args.output + ".tmp", args.output)
-        with open(args.output + ".injected.jsonl", "w") as f:
-          for x in injected:
-            f.write(json.dumps(dataclasses.asdict(x)) + "\n")
+        with atomic.replacing_path(args.output) as tmp:
+          injected = inject_malformed(args.output, tmp, args.malformed, seed=args.seed)
+        atomic.write_text(args.output + ".injected.jsonl", "".join(
+            json.dumps(dataclasses.asdict(x)) + "\n" for x in injected))
         print(f"inserted {len(injected)} malformed lines (list: "
               f"{args.output}.injected.jsonl)")
     if args.output_shards:

@@ -36,7 +36,7 @@ def test_round_trip_and_manifest(tmp_path):
   np.testing.assert_array_equal(tr.labels, y[:200].astype(np.float32))
   assert tr.feature_names == tuple("abcd") and tr.label_name == "y"
   assert m.feature_bounds == tr.feature_bounds == ((-10.0, 10.0),) * 4
-  assert not any(n.startswith(".staging") for n in os.listdir(tmp_path))
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left
 
 
 def test_binary_features_are_stored_compactly(tmp_path):
@@ -61,7 +61,7 @@ def test_existing_output_is_refused_and_failed_writer_leaves_nothing(tmp_path):
       w.add("train", np.zeros((5, 1)), np.zeros(5))
       raise RuntimeError("producer crashed")
   assert not os.path.exists(new)
-  assert not any(n.startswith(".staging") for n in os.listdir(tmp_path))
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -295,3 +295,47 @@ def test_a_row_range_verifies_the_shards_it_touches(tmp_path):
   assert len(data_lib.load_split(out, "train", rows=(0, 2000))) == 2000
   with pytest.raises(data_lib.ShardError, match="train-00002.h5.*sha256"):
     data_lib.load_split(out, "train", rows=(1999, 2001))
+
+
+def test_a_killed_writers_staging_directory_is_removed_by_the_next_writer(tmp_path, capsys):
+  # The DatasetWriter's staging directory holds private rows: it is named after its writer
+  # (.NAME.staging-HOST-PID-*), so the next writer of the same output removes a dead one's.
+  import signal
+  import subprocess
+  import sys
+  out = tmp_path / "d"
+  code = ("import sys, numpy as np\n"
+          "from fastdp_jax import data\n"
+          f"w = data.DatasetWriter({str(out)!r}, feature_names=['a'], label_name='y',"
+          " feature_bounds=(0, 1))\n"
+          "w.add('train', np.ones((5, 1)), np.ones(5))\n"
+          "print('ready', flush=True)\n"
+          "sys.stdin.read()\n")
+  child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert child.stdout.readline().strip() == "ready"
+    [left] = [n for n in os.listdir(tmp_path) if n.startswith(".d.staging-")]
+    assert f"-{child.pid}-" in left and os.listdir(tmp_path / left) == ["train-00000.h5"]
+    os.kill(child.pid, signal.SIGKILL)
+  finally:
+    child.wait()
+  with data_lib.DatasetWriter(str(out), feature_names=["a"], label_name="y",
+                              feature_bounds=(0, 1)) as w:
+    w.add("train", np.zeros((3, 1)), np.zeros(3))
+  assert os.listdir(tmp_path) == ["d"]
+  assert f"removed {tmp_path / left}, left by a killed job (pid {child.pid})" in (
+      capsys.readouterr().err)
+  assert data_lib.read_manifest(str(out)).rows("train") == 3
+
+
+def test_overwrite_replaces_a_dataset_whole(tmp_path):
+  out = make_dataset(str(tmp_path / "d"), rows=500, seed=1)
+  with data_lib.DatasetWriter(out, feature_names=["a"], label_name="y", feature_bounds=(0, 1),
+                              overwrite=True) as w:
+    w.add("train", np.ones((4, 1)), np.ones(4))
+  m = data_lib.read_manifest(out)
+  assert m.feature_names == ("a",) and m.rows("train") == 4 and m.rows("test") == 0
+  assert sorted(os.listdir(out)) == ["manifest.json", "train-00000.h5"]  # no old shard kept
+  assert os.listdir(tmp_path) == ["d"]  # nor the old directory

@@ -20,7 +20,6 @@ import pytest
 from fastdp_jax import atomic
 from fastdp_jax import data as data_lib
 from fastdp_jax import schema
-from preprocessing import output as output_lib
 from preprocessing import synthesize as S
 from preprocessing.mapreduce import local
 from preprocessing.output import PipelineError
@@ -220,7 +219,7 @@ def _dead_pid() -> int:
 
 def test_staging_directories_of_killed_jobs_are_removed_or_reported(spark, tmp_path, capsys):
   out = tmp_path / "out"
-  host = output_lib._host_tag()  # pylint: disable=protected-access
+  host = atomic.host_tag()
   dead = tmp_path / f".out.staging-{host}-{_dead_pid()}-0123456789ab"
   old_format = tmp_path / ".out.staging-0123456789ab"  # no owner: maybe another host's
   trash = tmp_path / f".out.old-{host}-{_dead_pid()}-0123456789ab"
