@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -136,14 +135,12 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
   directory = os.path.abspath(directory)
   _check_replaceable(directory)
   summary = dict(summary or {})
-  parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  atomic.remove_stale(directory, "staging")
-  staging = os.path.join(parent, f".{name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  name = os.path.basename(directory)
   with atomic.disk_full_is_user_error(directory, f"the previous {name}/ (if any) is intact",
                                       restate=True):
+    # The model is public: the staging directory gets the default mode, not owner-only.
+    staging = atomic.make_staging(directory, mode=0o777, report=None)
     try:
-      os.makedirs(staging)
       params_path = os.path.join(staging, PARAMS_FILE)
       atomic.write_npz(params_path, flat)
       spec = dict(
@@ -170,7 +167,7 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
       if signing_key is not None:
         atomic.write_text(os.path.join(staging, SIGNATURE_FILE),
                           _signature_line(_check_key(signing_key), manifest))
-      _swap_into_place(staging, directory)
+      atomic.publish(staging, directory)
     except BaseException:
       shutil.rmtree(staging, ignore_errors=True)
       raise
@@ -189,19 +186,6 @@ def _check_replaceable(directory: str) -> None:
   if others:
     raise ModelIntegrityError(f"refusing to replace {directory}: it holds {others[:5]}, which "
                               "are not files of an exported model; choose another directory")
-
-
-def _swap_into_place(staging: str, directory: str) -> None:
-  parent, name = os.path.split(directory)
-  if not os.path.lexists(directory):
-    os.replace(staging, directory)
-  else:
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
-  atomic.fsync_directory(parent)
-  atomic.remove_stale(directory, "old")
 
 
 def _privacy_of(summary: Mapping[str, Any]) -> dict[str, Any]:
