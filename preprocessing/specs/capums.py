@@ -13,12 +13,12 @@ Commands::
 
 import ml_collections
 
-# The 12 columns of CaPUMS5full.csv, in file order (fastdp_jax.schema.CAPUMS_COLUMNS).
-INPUT_COLUMNS = ("sex", "married", "black", "asian", "collegedegree", "employed",
-                 "militaryservice", "uscitizen", "disability", "englishability",
-                 "blackfemale", "targetted")
-FEATURES = ("sex", "married", "black", "asian", "collegedegree", "militaryservice",
-            "uscitizen", "disability", "englishability")
+from fastdp_jax import schema
+
+# One column list for the project: the 12 columns of CaPUMS5full.csv in file order, and the 9
+# features (every column but the label and the two derived ones) in output order.
+INPUT_COLUMNS = schema.CAPUMS_COLUMNS
+FEATURES = schema.CAPUMS_FEATURES
 
 
 def get_config():
@@ -30,6 +30,6 @@ def get_config():
   config.columns = ml_collections.ConfigDict()
   for name in FEATURES:  # every feature is 0/1
     config.columns[name] = ml_collections.ConfigDict({"kind": "binary"})
-  config.label = "employed"  # 1 = employed
+  config.label = schema.CAPUMS_LABEL  # employed: 1 = employed
   config.na_tokens = ("NA", "")  # R's write.csv writes NA; other tools an empty cell
   return config
