@@ -3,7 +3,11 @@
 The sum has L2 sensitivity C with respect to adding or removing one example, which is what the
 Gaussian noise in :mod:`fastdp_jax.noise` is calibrated to. Padding rows (``mask == 0``)
 contribute exactly zero, and a per-example gradient that is not finite is zeroed (and counted)
-rather than propagated into the update.
+rather than propagated into the update: a run never stops because of one row.
+
+The per-example gradients, their clipping and the sum are ``jax_privacy.clipping.clipped_grad``
+(the field's implementation of this primitive); this module adds the whole-example zeroing of
+non-finite gradients, the statistics of :class:`ClipStats` and a fixed-length microbatch loop.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax_privacy import clipping as jp_clipping
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]  # (params, one example) -> scalar loss
@@ -34,26 +40,28 @@ class ClipStats(NamedTuple):
   losses: jax.Array | None = None
 
 
-def _per_example_norms(grads: PyTree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(grads)
-  sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves)
-  return jnp.sqrt(sq)
+def _zero_if_nonfinite(grad: PyTree) -> PyTree:
+  """One example's gradient, or zeros where its norm is not finite (a NaN or inf anywhere in
+  it, or squares that overflow)."""
+  # jax_privacy's nan_safe zeroes the non-finite COORDINATES and keeps (and clips) the rest of
+  # such a gradient; we drop the whole example, as before, so that a broken row moves nothing.
+  # The same expression as the norm clipped_grad reports (return_grad_norms), which XLA can
+  # share.
+  finite = jnp.isfinite(optax.tree.norm(grad))
+  return jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grad)
 
 
 def _clip_and_sum_chunk(loss_fn: LossFn, params: PyTree, batch: PyTree, l2_norm_clip: float,
                         mask: jax.Array) -> tuple[PyTree, ClipStats]:
-  grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
-  norms = _per_example_norms(grads)
-  nonfinite = ~jnp.isfinite(norms)
-  # min(1, C / norm); a zero norm gets factor 1 (its gradient is zero anyway).
-  factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))
-  factor = jnp.where(nonfinite | ~mask, 0.0, factor)
-  # where(), not multiplication: 0 * inf would be NaN.
-  summed = jax.tree_util.tree_map(
-      lambda g: jnp.sum(jnp.where(
-          (factor > 0).reshape((-1,) + (1,) * (g.ndim - 1)),
-          g * factor.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), 0), axis=0), grads)
-  return summed, ClipStats(norms=jnp.where(mask & ~nonfinite, norms, 0.0),
+  clipped_sum = jp_clipping.clipped_grad(
+      loss_fn, l2_clip_norm=l2_norm_clip,
+      batch_argnums=1, keep_batch_dim=False,  # loss_fn takes ONE example, no batch axis
+      return_grad_norms=True, pre_clipping_transform=_zero_if_nonfinite)
+  summed, aux = clipped_sum(params, batch, is_padding_example=~mask)
+  # clipped_grad reports the norm of each gradient before the transform and clipping; a
+  # non-finite norm is the row that _zero_if_nonfinite zeroed: the count comes from it.
+  nonfinite = ~jnp.isfinite(aux.grad_norms)
+  return summed, ClipStats(norms=jnp.where(mask & ~nonfinite, aux.grad_norms, 0.0),
                            nonfinite=nonfinite & mask)
 
 
@@ -98,6 +106,10 @@ def clipped_grad_sum_with_stats(loss_fn: LossFn, params: PyTree, batch: PyTree,
     raise ValueError(f"{l2_norm_clip=} must be positive")
   if microbatch_size is None or microbatch_size >= n:
     return _clip_and_sum_chunk(loss_fn, params, batch, l2_norm_clip, mask)
+  # Our own loop rather than clipped_grad's microbatch_size: that one stops after the last
+  # microbatch holding a real row (its trip count, hence the step's duration, would follow
+  # the realised Poisson batch size) and interleaves rows across microbatches; this scan has a
+  # fixed trip count and sums the chunks in order.
   if n % microbatch_size:
     raise ValueError(f"{microbatch_size=} must divide the batch size {n}")
   chunks = n // microbatch_size

@@ -38,6 +38,7 @@ class Mutant:
 
 
 _CLIP_FACTOR = "factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))"
+_VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -52,11 +53,11 @@ MUTANTS: tuple[Mutant, ...] = (
         old=_CLIP_FACTOR,
         new=_CLIP_FACTOR.replace("l2_norm_clip /", "10 * l2_norm_clip /") + "  # MUTANT",
         breaks="ghost clipping (dp.clipping 'auto' for the MLP) clips at 10 C; noise for C"),
-    Mutant(
+    Mutant(  # the vmap path clips inside jax_privacy.clipped_grad: mutate our call of it
         name="clip_10c_vmap",
         file="fastdp_jax/clipping.py",
-        old=_CLIP_FACTOR,
-        new=_CLIP_FACTOR.replace("l2_norm_clip /", "10 * l2_norm_clip /") + "  # MUTANT",
+        old=_VMAP_CLIP_ARG,
+        new=_VMAP_CLIP_ARG.replace("=l2_norm_clip", "=10 * l2_norm_clip") + "  # MUTANT",
         breaks="vmap clipping clips at 10 C; noise for C"),
     Mutant(
         name="no_clipping_ghost",
@@ -67,8 +68,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="no_clipping_vmap",
         file="fastdp_jax/clipping.py",
-        old=_CLIP_FACTOR,
-        new="factor = jnp.ones_like(norms)  # MUTANT: no clipping",
+        old=_VMAP_CLIP_ARG,
+        new=_VMAP_CLIP_ARG.replace("=l2_norm_clip", "=jnp.inf") + "  # MUTANT: no clipping",
         breaks="vmap path: per-example gradients are not clipped at all"),
     Mutant(
         name="realised_batch",
