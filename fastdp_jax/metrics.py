@@ -79,8 +79,10 @@ def format_epoch_line(record: Mapping[str, Any], num_epochs: int) -> str:
   # '*': computed on training rows without noise (not covered by the guarantee).
   line = (f"epoch {record['epoch']}/{num_epochs}  "
           f"train_loss* {record[release.TRAIN_LOSS]:.4f}  "
-          f"test_loss {record['test_loss']:.4f}  test_acc {record['test_accuracy']:.4f}  "
-          f"epsilon {record['epsilon']:.4f}")
+          f"test_loss {record['test_loss']:.4f}  "
+          + (f"test_acc {record['test_accuracy']:.4f}  " if "test_accuracy" in record else
+             f"test_rmse {record.get('test_rmse', float('nan')):.4f}  ")  # regression
+          + f"epsilon {record['epsilon']:.4f}")
   if record.get(release.ATTACK_ACCURACY) is not None:
     line += f"  attack_acc* {record[release.ATTACK_ACCURACY]:.4f}"
   return line + f"  time {record.get('epoch_time_s', 0.0):.1f}s"

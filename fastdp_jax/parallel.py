@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -141,7 +141,9 @@ def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray,
 
 
 def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: bool = True,
-                       feature_bounds: Any = None) -> tuple[data_lib.Split, DeviceData]:
+                       feature_bounds: Any = None,
+                       exclude: Callable[[np.ndarray], np.ndarray] | None = None
+                       ) -> tuple[data_lib.Split, DeviceData]:
   """Reads this process's rows of the training split and places them on its devices.
 
   Process p reads only its range of global rows (:func:`fastdp_jax.data.process_row_ranges`,
@@ -157,6 +159,8 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
     path: a dataset directory or an original-layout ``.h5`` file.
     verify_checksum: check the sha256 of every shard this process reads.
     feature_bounds: ``data.feature_bounds``, for data that declares no bounds.
+    exclude: ``exclude(global row ids [n]) -> [n] bool``: rows held out of training (the
+      validation split); a function of the row number only, so every process agrees on N.
 
   Returns:
     ``(local, device_data)``: this process's rows as a :class:`fastdp_jax.data.Split`
@@ -189,6 +193,11 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
   _agree_on_failure(failure)
   assert local is not None and ranges is not None
   process_rows = [hi - lo for lo, hi in ranges]
+  if exclude is not None:  # each process drops its own held-out rows; N counts the rest
+    keep = ~np.asarray(exclude(np.arange(*ranges[me])), bool)
+    local = dataclasses.replace(local, features=local.features[keep], labels=local.labels[keep])
+    process_rows = [int(np.count_nonzero(~np.asarray(exclude(np.arange(lo, hi)), bool)))
+                    for lo, hi in ranges]
   if nproc > 1:
     logging.info("process %d holds training rows %d:%d of %d", me, ranges[me][0],
                  ranges[me][1], sum(process_rows))
