@@ -4,7 +4,8 @@ The directory holds everything needed to use the model without the training code
 
     model/
       params.npz            # parameters by path ('layers/0/kernel', ...), float32
-      model.json            # architecture, feature spec, label, threshold, privacy, metrics
+      model.json            # architecture ("model": task, embeddings), the feature spec (the
+                            # public encoding of raw rows), label, threshold, privacy, metrics
       MODEL_CARD.md         # for people: what it is, how private, how good, how to load it
       MANIFEST.sha256       # the sha256 of each file above (``sha256sum -c`` reads it)
       MANIFEST.sha256.hmac  # optional: HMAC-SHA256 of the manifest with a user's secret key
@@ -28,8 +29,17 @@ row count and no data digest is written.
 Example::
 
   predictor = fastdp_jax.load_model('runs/demo/model')
-  p_employed = predictor(features)             # [n, d] array, or {feature name: [n] column}
+  p_employed = predictor(features)             # [n, d] array of ENCODED features
   labels = predictor.predict(features)         # 0/1 at the exported threshold
+  result = predictor.predict_rows(rows)        # RAW rows: list of dicts, {column: values},
+                                               # a pandas DataFrame, or a CSV file's path
+  result.outputs, result.rows, result.errors   # good rows' outputs; a RowError per bad row
+
+A model trained on a Spark-job dataset carries its feature spec, so raw rows are encoded by
+the same code as the job (``preprocessing.features`` and ``preprocessing.cleaning``); a row
+with a missing column value, an unknown category or vocabulary code, a wrong type, a NaN or
+an out-of-domain value gets an error naming its row, column and reason, never a number.
+``python -m fastdp_jax.predict`` does this for CSV files.
 
   python -m fastdp_jax.export verify runs/demo/model [--key-file KEY] [--digest HEX]
   python -m fastdp_jax.export sign runs/demo/model --key-file KEY
@@ -60,7 +70,11 @@ from fastdp_jax import errors
 from fastdp_jax import release
 
 FORMAT = "fastdp_jax.model"
-FORMAT_VERSION = 2  # 2: MANIFEST.sha256 covers every file (1 had the parameters' digest only)
+# 2: MANIFEST.sha256 covers every file (1 had the parameters' digest only); 3: "model" (task,
+# embeddings) and "feature_spec" (raw-row encoding). Version 2 exports still load (binary).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+TASKS = ("binary", "multiclass", "regression")
 MODEL_DIR = "model"
 PARAMS_FILE = "params.npz"
 SPEC_FILE = "model.json"
@@ -74,6 +88,7 @@ _ALL_FILES = (*COVERED_FILES, MANIFEST_FILE, SIGNATURE_FILE)
 _MAX_MANIFEST_BYTES = 4096
 _MAX_TEXT_BYTES = 8 << 20
 _MAX_LAYERS = 256
+_MAX_EMBEDDING_DIM = 4096
 _MIN_KEY_BYTES = 16
 _EPSILON_RTOL = 1e-2  # q is exported to 3 significant digits: epsilon moves by < 0.1 %
 _MANIFEST_LINE = re.compile(r"^([0-9a-f]{64})  ([A-Za-z0-9_.\-]+)$")
@@ -101,7 +116,9 @@ def _versions() -> dict[str, str]:
 
 def export_model(directory: str, *, params: Any, feature_names: Sequence[str], label_name: str,
                  hidden_sizes: Sequence[int], summary: Mapping[str, Any] | None = None,
-                 threshold: float = 0.5, signing_key: bytes | None = None) -> str:
+                 threshold: float = 0.5, signing_key: bytes | None = None,
+                 model: Mapping[str, Any] | None = None,
+                 feature_spec: Mapping[str, Any] | None = None) -> str:
   """Writes an exported model into ``directory`` (created; an old export is replaced).
 
   The directory appears whole: its files are written into a hidden staging directory beside
@@ -118,6 +135,12 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
     threshold: the decision threshold on the probability for :meth:`Predictor.predict`.
     signing_key: also sign the manifest (HMAC-SHA256, ``MANIFEST.sha256.hmac``) with this
       secret key (at least 16 bytes); :func:`load_model` with the same key checks it.
+    model: the ``"model"`` dict (:func:`fastdp_jax.models.model_spec`: hidden_sizes, task,
+      classes, bounds, embeddings). Default: taken from ``feature_spec`` (its task and
+      embedding columns, each table's width read off ``params``), else a binary MLP.
+    feature_spec: the dataset's feature spec in canonical form (the manifest's
+      ``extra["spec"]``, :meth:`preprocessing.features.FeatureSpec.to_dict`): the public
+      encoding that lets the predictor take raw rows. None: encoded features only.
 
   Returns:
     ``directory``.
@@ -132,6 +155,7 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
     raise ValueError(f"feature names {names} must be distinct and non-empty")
   if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
     raise ValueError(f"{threshold=} must be a number in [0, 1]")
+  model_dict = _model_dict(model, hidden_sizes, flat, feature_spec, names)
   directory = os.path.abspath(directory)
   _check_replaceable(directory)
   summary = dict(summary or {})
@@ -148,9 +172,11 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
           created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           architecture=dict(type="MLP", num_features=len(names),
                             hidden_sizes=[int(h) for h in hidden_sizes], activation="relu",
-                            output="logit of P(label = 1)"),
+                            output=_OUTPUTS[model_dict["task"]]),
+          model=model_dict,
+          feature_spec=None if feature_spec is None else dict(feature_spec),
           features=[dict(name=n, index=i, dtype="float32") for i, n in enumerate(names)],
-          label=dict(name=label_name, positive_class=1),
+          label=_label_of(label_name, model_dict),
           threshold=float(threshold),
           params_sha256=data_lib.sha256_file(params_path),
           num_params=int(sum(v.size for v in flat.values())),
@@ -186,6 +212,60 @@ def _check_replaceable(directory: str) -> None:
   if others:
     raise ModelIntegrityError(f"refusing to replace {directory}: it holds {others[:5]}, which "
                               "are not files of an exported model; choose another directory")
+
+
+_OUTPUTS = {"binary": "logit of P(label = 1)",
+            "multiclass": "logits of the K classes (softmax: their probabilities)",
+            "regression": "the label scaled to [-1, 1] over the task's bounds"}
+
+
+def _model_dict(model: Mapping[str, Any] | None, hidden_sizes: Sequence[int],
+                flat: Mapping[str, np.ndarray], feature_spec: Mapping[str, Any] | None,
+                names: Sequence[str]) -> dict[str, Any]:
+  """The ``"model"`` dict: as given, else from the feature spec and the parameters' shapes."""
+  if model is not None:
+    given = json.loads(json.dumps(dict(model), default=float))
+    if [int(h) for h in given.get("hidden_sizes", ())] != [int(h) for h in hidden_sizes]:
+      raise ValueError(f"model hidden_sizes {given.get('hidden_sizes')} != "
+                       f"{list(hidden_sizes)}")
+    return given
+  out: dict[str, Any] = {"hidden_sizes": [int(h) for h in hidden_sizes], "task": "binary",
+                         "classes": [], "bounds": None, "embeddings": []}
+  if feature_spec is None:
+    return out
+  from preprocessing import features as features_lib  # local: only specs need it
+  spec = features_lib.spec_from_dict(feature_spec)
+  task = spec.task
+  out.update(task=task.kind, classes=list(task.classes),
+             bounds=None if task.bounds is None else list(task.bounds))
+  for k, e in enumerate(spec.embeddings):
+    table = flat.get(f"tables/{k}/embedding")
+    if table is None or table.ndim != 2:
+      raise ValueError(f"params have no embedding table tables/{k}/embedding for "
+                       f"{e.feature!r}; pass model=")
+    out["embeddings"].append({"feature": e.feature, "index": list(names).index(e.feature),
+                              "vocab_size": e.vocab_size, "dim": int(table.shape[1])})
+  return out
+
+
+def _label_of(label_name: str, model: Mapping[str, Any]) -> dict[str, Any]:
+  if model["task"] == "binary":
+    return dict(name=label_name, task="binary", positive_class=1)
+  if model["task"] == "multiclass":
+    return dict(name=label_name, task="multiclass", classes=list(model["classes"]))
+  return dict(name=label_name, task="regression", bounds=list(model["bounds"]))
+
+
+def dataset_feature_spec(path: Any) -> dict[str, Any] | None:
+  """The feature spec a dataset directory's manifest records (Spark job, streaming path).
+
+  None for data without one (``DatasetWriter`` datasets, the original's ``.h5`` files).
+  """
+  if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(
+      os.path.join(path, data_lib.MANIFEST)):
+    return None
+  spec = data_lib.read_manifest(path).extra.get("spec")
+  return dict(spec) if isinstance(spec, dict) else None
 
 
 def _privacy_of(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -244,6 +324,7 @@ def model_card(spec: Mapping[str, Any]) -> str:
       "(pass an array of shape [n, d] in this order, or a mapping from name to column):", "",
       "| # | feature |", "|---|---|",
       *[f"| {f['index']} | `{f['name']}` |" for f in spec["features"]], "",
+      *_raw_input_lines(spec.get("feature_spec")),
       "## Privacy", "",
   ]
   if priv.get("dp_enabled"):
@@ -291,21 +372,101 @@ def model_card(spec: Mapping[str, Any]) -> str:
       "predictor = fastdp_jax.load_model('PATH/TO/model')",
       "probabilities = predictor(features)   # [n, d] float array or {name: column}",
       "labels = predictor.predict(features)",
-      "```", ""]
+      *(["result = predictor.predict_rows('raw.csv')  # raw rows; bad rows in result.errors"]
+        if spec.get("feature_spec") else []),
+      "```", "",
+      *(["From the command line: `python -m fastdp_jax.predict --model PATH/TO/model "
+         "--input raw.csv --output predictions.csv --errors errors.csv`.", ""]
+        if spec.get("feature_spec") else [])]
   return "\n".join(lines)
+
+
+def _raw_input_lines(feature_spec: Mapping[str, Any] | None) -> list[str]:
+  """The card's account of the public encoding of raw rows (when the model carries one)."""
+  if not feature_spec:
+    return []
+  rows = []
+  for f in feature_spec["features"]:
+    kind = f["kind"]
+    if kind == "binary":
+      how = "0 or 1"
+    elif kind == "categorical":
+      how = f"one of {len(f['categories'])} public categories, one-hot"
+    elif kind == "numeric":
+      how = (f"number{' in ' + str(f['domain']) if f.get('domain') else ''}, clipped to "
+             f"{f['bounds']}, {f['transform']}, scaled to [0, 1]")
+    else:
+      vocab = (f"codes {f['range'][0]}..{f['range'][1]}" if "range" in f
+               else f"{len(f['codes'])} public codes")
+      how = f"embedding id of {vocab} (unknown code: {f['unknown']})"
+    rows.append(f"| `{f['name']}` | {kind} | {how} |")
+  return ["Raw rows (`predict_rows`, `python -m fastdp_jax.predict`) are encoded by the "
+          f"feature spec `{feature_spec.get('name')}` (public: no statistic of the data), "
+          "columns by name in any order; a row with a missing value, an unknown category or "
+          "code, a non-number or a value outside the domain is reported, not predicted:", "",
+          "| column | kind | encoding |", "|---|---|---|", *rows, ""]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+  """Why one raw row could not be predicted.
+
+  Attributes:
+    row: the row's 0-based position in the input (data rows; a CSV's header is not a row).
+    column: the column at fault ('' for a structural problem: blank line, wrong arity).
+    reason: a code of :mod:`preprocessing.cleaning` (``non_numeric``, ``out_of_domain``,
+      ``wrong_arity``, ...) or ``missing`` (no value: absent, None, NaN or an NA token).
+    detail: the message, naming the column and the value.
+    line: the 1-based line in the CSV file (None for other inputs).
+  """
+
+  row: int
+  column: str
+  reason: str
+  detail: str
+  line: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPredictions:
+  """The outcome of predicting raw rows: every row is in ``rows`` or in ``errors``.
+
+  Attributes:
+    rows: [m] int64 positions (0-based) of the rows that were predicted.
+    outputs: the model's outputs for them: probabilities [m] (binary), [m, K] (multiclass),
+      or values [m] (regression).
+    predictions: [m] 0/1 at the threshold (binary), the class index (multiclass) or the value
+      (regression).
+    errors: one :class:`RowError` per row that was not predicted, by row.
+    num_rows: how many rows the input held.
+  """
+
+  rows: np.ndarray
+  outputs: np.ndarray
+  predictions: np.ndarray
+  errors: list[RowError]
+  num_rows: int
+
+
+class RowInputError(errors.UserError):
+  """Raw rows that cannot all be predicted; the message lists the first bad rows."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-  """A loaded model: ``predictor(features) -> P(label = 1)``.
+  """A loaded model: ``predictor(features) -> P(label = 1)`` (binary), class probabilities
+  (multiclass) or values (regression).
 
   Attributes:
-    feature_names: the inputs, in order.
+    feature_names: the encoded inputs, in order.
     label_name: what is predicted.
-    threshold: the decision threshold of :meth:`predict`.
+    threshold: the decision threshold of :meth:`predict` (binary).
     digest: sha256 of ``MANIFEST.sha256``: one value covering every file of the model.
     signed: whether a signature was checked against a key.
     spec: the full ``model.json`` contents (privacy, metrics, config).
+    model: the ``"model"`` dict (task, classes, bounds, embeddings, hidden sizes).
+    feature_spec: the public encoding of raw rows (None for a model trained on data without
+      a feature spec: it takes encoded features only).
   """
 
   feature_names: tuple[str, ...]
@@ -316,10 +477,30 @@ class Predictor:
   spec: dict[str, Any] = dataclasses.field(repr=False)
   _apply: Any = dataclasses.field(repr=False)
   _params: Any = dataclasses.field(repr=False)
+  model: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+  feature_spec: Any = dataclasses.field(repr=False, default=None)
+  _flat: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def task(self) -> str:
+    return self.model.get("task", "binary")
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    return tuple(self.model.get("classes") or ())
+
+  @property
+  def raw_columns(self) -> tuple[str, ...]:
+    """The raw input columns :meth:`predict_rows` needs (empty without a feature spec)."""
+    return () if self.feature_spec is None else self.feature_spec.used_columns[:-1]
 
   def features_array(self, features: Any) -> np.ndarray:
-    """Features as a [n, d] float32 array, from an array or a mapping name -> column."""
+    """ENCODED features as a [n, d] float32 array, from an array or a mapping name -> column."""
+    if _is_row_list(features):
+      return self._raise_on_errors(self.encode_rows(features))[0]
     if hasattr(features, "keys") and not isinstance(features, np.ndarray):
+      if self.feature_spec is not None:
+        return self._raise_on_errors(self.encode_rows(features))[0]
       missing = [n for n in self.feature_names if n not in features.keys()]
       if missing:
         raise KeyError(f"features lack columns {missing}; the model needs "
@@ -335,17 +516,164 @@ class Predictor:
     return x
 
   def logits(self, features: Any) -> np.ndarray:
-    """[n] logits."""
+    """The network's raw outputs: [n] (binary, regression) or [n, K] (multiclass)."""
     return np.asarray(self._apply(self._params, self.features_array(features)))
 
   def __call__(self, features: Any) -> np.ndarray:
-    """[n] probabilities P(label = 1)."""
-    from scipy import special
-    return special.expit(self.logits(features).astype(np.float64)).astype(np.float32)
+    """Probabilities [n] (binary: P(label = 1)), [n, K] (multiclass) or values [n].
+
+    ``features``: a [n, d] array of encoded features; or, for a model with a feature spec,
+    raw rows (a mapping column -> values, a list of dicts, a pandas DataFrame), which must
+    all be valid (else :class:`RowInputError`; :meth:`predict_rows` reports them per row).
+    """
+    x = self.features_array(features)
+    from fastdp_jax import models  # local: JAX only when predicting
+    return np.asarray(models.apply_exported(self._flat, x, self.model))
+
+  def _decide(self, outputs: np.ndarray) -> np.ndarray:
+    if self.task == "binary":
+      return (outputs >= self.threshold).astype(np.int32)
+    if self.task == "multiclass":
+      return np.argmax(outputs, axis=-1).astype(np.int32)
+    return outputs
 
   def predict(self, features: Any) -> np.ndarray:
-    """[n] int labels: 1 where the probability is at least ``threshold``."""
-    return (self(features) >= self.threshold).astype(np.int32)
+    """[n] labels: 0/1 at ``threshold`` (binary), class indices (multiclass), values."""
+    return self._decide(self(features))
+
+  def encode_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, list[RowError], int]:
+    """Raw rows -> ``(features [m, d], positions [m], errors, n)`` with the Spark job's code.
+
+    Args:
+      rows: a mapping column -> [n] values, a list of dicts (one per row), a pandas
+        DataFrame, or a CSV file's path (``str`` or ``os.PathLike``; header first).
+
+    Raises:
+      RowInputError: the model has no feature spec, or the input lacks a column the model
+        needs (every row would fail: the message names the columns).
+    """
+    spec = self._need_spec()
+    if isinstance(rows, (str, os.PathLike)):
+      results = list(_csv_blocks(spec, os.fspath(rows)))
+      xs = [r[0] for r in results] or [np.zeros((0, spec.num_features), np.float32)]
+      return (np.concatenate(xs), np.concatenate([r[1] for r in results] or [np.zeros(0, int)]),
+              [e for r in results for e in r[2]], sum(r[3] for r in results))
+    return _encode_columns(spec, _as_columns(rows, spec))
+
+  def predict_rows(self, rows: Any) -> RowPredictions:
+    """Predicts raw rows (see :meth:`encode_rows`); bad rows are reported, never predicted."""
+    x, kept, errs, n = self.encode_rows(rows)
+    return self._predictions(x, kept, errs, n)
+
+  def predict_csv_blocks(self, path: str, block_rows: int = 1 << 16):
+    """Yields :class:`RowPredictions` for consecutive blocks of a CSV file's rows."""
+    for x, kept, errs, n in _csv_blocks(self._need_spec(), os.fspath(path), block_rows):
+      yield self._predictions(x, kept, errs, n)
+
+  def _predictions(self, x, kept, errs, n) -> RowPredictions:
+    k = len(self.classes) if self.task == "multiclass" else 0
+    outputs = (self(x) if len(x) else np.zeros((0, k) if k else (0,), np.float32))
+    return RowPredictions(rows=np.asarray(kept, np.int64), outputs=outputs,
+                          predictions=self._decide(outputs), errors=errs, num_rows=n)
+
+  def _need_spec(self):
+    if self.feature_spec is None:
+      raise RowInputError(f"this model has no feature spec (its data had none), so it takes "
+                          f"encoded features only: a [n, {len(self.feature_names)}] array in "
+                          f"the order {list(self.feature_names)[:8]}...")
+    return self.feature_spec
+
+  @staticmethod
+  def _raise_on_errors(encoded):
+    x, _, errs, _ = encoded
+    if errs:
+      shown = "; ".join(f"row {e.row}: {e.detail}" for e in errs[:5])
+      raise RowInputError(f"{len(errs)} row(s) cannot be predicted: {shown}"
+                          + ("; ..." if len(errs) > 5 else "")
+                          + " (predict_rows reports every row)")
+    return x, encoded[1]
+
+
+def _is_row_list(rows: Any) -> bool:
+  return (isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)) and len(rows) > 0
+          and all(isinstance(r, Mapping) for r in rows))
+
+
+def _as_columns(rows: Any, spec) -> dict[str, Any]:
+  """Raw rows as {column: [n] values}; a missing column is a :class:`RowInputError`."""
+  needed = spec.used_columns[:-1]
+  if type(rows).__module__.startswith("pandas") and hasattr(rows, "columns"):
+    have = [str(c) for c in rows.columns]
+    columns = {str(c): rows[c].to_numpy() for c in rows.columns if str(c) in needed}
+  elif isinstance(rows, Mapping):
+    have = [str(c) for c in rows]
+    columns = {c: rows[c] for c in needed if c in rows}
+  elif _is_row_list(rows):
+    have = sorted({str(c) for r in rows for c in r})
+    columns = {c: np.array([r.get(c) for r in rows], dtype=object) for c in needed
+               if c in have}
+  else:
+    raise RowInputError(f"raw rows of type {type(rows).__name__}: expected a list of dicts, "
+                        "a mapping column -> values, a pandas DataFrame or a CSV path")
+  try:
+    spec.column_indices(have, with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"the input cannot be predicted: {e}") from e
+  return columns
+
+
+def _errors_of(spec, result, positions: np.ndarray, lines: np.ndarray | None) -> list[RowError]:
+  """A :class:`RowError` per rejected or NA row of a cleaning result, by row."""
+  names = spec.used_columns[:-1]
+  out = []
+  for i, reason, detail in result.rejects:
+    out.append(RowError(row=int(positions[i]), column=result.reject_columns.get(i, ""),
+                        reason=reason, detail=detail,
+                        line=None if lines is None else int(lines[i])))
+  for i, cells in zip(result.dropped_na.tolist(), result.na_cells):
+    cols = [names[j] for j in np.flatnonzero(cells)]
+    out.append(RowError(row=int(positions[i]), column=cols[0], reason="missing",
+                        detail=f"column(s) {cols}: no value (absent, None, NaN or an NA token)",
+                        line=None if lines is None else int(lines[i])))
+  return sorted(out, key=lambda e: e.row)
+
+
+def _encode_columns(spec, columns: Mapping[str, Any]):
+  from preprocessing import cleaning  # local: only raw rows need it
+  try:
+    result = cleaning.clean_columns(spec, columns, with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"the input cannot be predicted: {e}") from e
+  n = len(next(iter(columns.values()))) if columns else 0
+  positions = np.arange(n, dtype=np.int64)
+  x = spec.encode_features(result.values).astype(np.float32)
+  return x, result.kept, _errors_of(spec, result, positions, None), n
+
+
+def _csv_blocks(spec, path: str, block_rows: int = 1 << 16):
+  """``(features, positions, errors, rows)`` per block of a CSV file's data lines."""
+  from preprocessing import cleaning  # local: only raw rows need it
+  with open(path, encoding="utf-8", errors="replace", newline=None) as f:
+    header_line = f.readline(cleaning.MAX_HEADER_BYTES + 1)
+    if not header_line:
+      raise RowInputError(f"{path}: empty file (expected a header naming the columns "
+                          f"{list(spec.used_columns[:-1])})")
+    try:
+      cleaner = cleaning.LineCleaner(spec, cleaning.parse_header(header_line.rstrip("\n")),
+                                     with_label=False)
+    except errors.UserError as e:
+      raise RowInputError(f"{path}: the first line is taken as the header: {e}") from e
+    row = 0
+    while True:
+      lines = [line.rstrip("\n") for _, line in zip(range(block_rows), f)]
+      if not lines:
+        return
+      result = cleaner.clean(lines)
+      positions = np.arange(row, row + len(lines), dtype=np.int64)
+      x = spec.encode_features(result.values).astype(np.float32)
+      yield (x, positions[result.kept], _errors_of(spec, result, positions, positions + 2),
+             len(lines))
+      row += len(lines)
 
 
 def load_model(path: str, *, key: bytes | str | None = None, expected_digest: str | None = None,
@@ -376,9 +704,32 @@ def load_model(path: str, *, key: bytes | str | None = None, expected_digest: st
   if spec["params_sha256"] != digests[PARAMS_FILE]:
     raise ModelIntegrityError(f"{spec_path}: params_sha256 differs from {MANIFEST_FILE}'s "
                               f"digest of {PARAMS_FILE}")
-  arch = spec["architecture"]
-  expected = _expected_shapes(arch["num_features"], arch["hidden_sizes"])
+  arch, model = spec["architecture"], model_of(spec)
   params_path = os.path.join(path, PARAMS_FILE)
+  loaded = _load_params(params_path, expected_shapes(arch["num_features"], model))
+  import jax  # local: only loading needs JAX
+  from fastdp_jax import models
+  emb = tuple(models.EmbeddingInput(index=e["index"], vocab_size=e["vocab_size"],
+                                    dim=e["dim"]) for e in model["embeddings"])
+  outputs = len(model["classes"]) if model["task"] == "multiclass" else 1
+  net = models.create_model(arch["num_features"], arch["hidden_sizes"], seed=0,
+                            num_outputs=outputs, embeddings=emb)
+  apply_fn, template = models.functional(net)
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves_with_paths]
+  params = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(loaded[n]) for n in names])
+  feature_spec = None
+  if spec.get("feature_spec") is not None:
+    from preprocessing import features as features_lib  # local: only specs need it
+    feature_spec = features_lib.spec_from_dict(spec["feature_spec"], source=spec_path)
+  return Predictor(feature_names=tuple(f["name"] for f in spec["features"]),
+                   label_name=spec["label"]["name"], threshold=float(spec["threshold"]),
+                   digest=digest, signed=signed, spec=spec, _apply=jax.jit(apply_fn),
+                   _params=params, model=model, feature_spec=feature_spec, _flat=loaded)
+
+
+def _load_params(params_path: str, expected: Mapping[str, tuple]) -> dict[str, np.ndarray]:
+  """The arrays of ``params.npz`` once their headers match ``expected`` (bounded allocation)."""
   found = _npz_shapes(params_path)  # headers only: nothing allocated yet
   if set(found) != set(expected):
     raise ModelIntegrityError(f"{params_path}: arrays {sorted(found)} do not match the "
@@ -389,22 +740,12 @@ def load_model(path: str, *, key: bytes | str | None = None, expected_digest: st
                                 f"architecture in {SPEC_FILE} needs {shape}")
   # The architecture now matches arrays the file really holds: allocating it is bounded by
   # the file's size.
-  import jax  # local: only loading needs JAX
-  from fastdp_jax import models
   with np.load(params_path, allow_pickle=False) as saved:
     loaded = {k: saved[k] for k in saved.files}
   for name, value in loaded.items():
     if not np.all(np.isfinite(value)):
       raise ModelIntegrityError(f"{params_path}: {name} holds non-finite values")
-  model = models.create_model(arch["num_features"], arch["hidden_sizes"], seed=0)
-  apply_fn, template = models.functional(model)
-  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves_with_paths]
-  params = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(loaded[n]) for n in names])
-  return Predictor(feature_names=tuple(f["name"] for f in spec["features"]),
-                   label_name=spec["label"]["name"], threshold=float(spec["threshold"]),
-                   digest=digest, signed=signed, spec=spec, _apply=jax.jit(apply_fn),
-                   _params=params)
+  return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,9 +903,9 @@ def _check_spec(spec: Mapping[str, Any], where: str, check_epsilon: bool = False
   def bad(field: str, why: str) -> ModelIntegrityError:
     return ModelIntegrityError(f"{where}: {field}{'' if why.startswith('=') else ' '}{why}")
 
-  if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
+  if spec.get("format") != FORMAT or spec.get("format_version") not in READABLE_VERSIONS:
     raise bad("format", f"is {spec.get('format')!r} version {spec.get('format_version')!r}; "
-              f"expected {FORMAT!r} {FORMAT_VERSION}")
+              f"expected {FORMAT!r} {' or '.join(map(str, READABLE_VERSIONS))}")
   arch = spec.get("architecture")
   if not isinstance(arch, dict) or arch.get("type") != "MLP" or arch.get("activation") != "relu":
     raise bad("architecture", "must be an MLP with relu activations")
@@ -575,7 +916,9 @@ def _check_spec(spec: Mapping[str, Any], where: str, check_epsilon: bool = False
           and all(_is_int(h) and h >= 1 for h in hidden)):
     raise bad("architecture.hidden_sizes", f"={str(hidden)[:80]} must be at most "
               f"{_MAX_LAYERS} positive integers")
-  count = sum(math.prod(s) for s in _expected_shapes(d, hidden).values())
+  model = model_of(spec)
+  _check_model(model, hidden, spec.get("features"), bad)
+  count = sum(math.prod(s) for s in expected_shapes(d, model).values())
   if spec.get("num_params") != count:
     raise bad("num_params", f"={spec.get('num_params')!r} but the architecture has {count}")
   features = spec.get("features")
@@ -590,9 +933,13 @@ def _check_spec(spec: Mapping[str, Any], where: str, check_epsilon: bool = False
   if len(set(names)) != len(names):
     raise bad("features", "repeat a name")
   label = spec.get("label")
-  if not (isinstance(label, dict) and isinstance(label.get("name"), str) and label["name"]
-          and label.get("positive_class") == 1):
-    raise bad("label", "must be {name: a non-empty string, positive_class: 1}")
+  if not (isinstance(label, dict) and isinstance(label.get("name"), str) and label["name"]):
+    raise bad("label", "must be {name: a non-empty string, ...}")
+  if label.get("task", "binary") != model["task"]:
+    raise bad("label.task", f"={label.get('task')!r} is not the model's task")
+  if model["task"] == "binary" and label.get("positive_class") != 1:
+    raise bad("label.positive_class", "must be 1 for a binary task")
+  _check_feature_spec(spec.get("feature_spec"), names, label["name"], model, bad)
   t = spec.get("threshold")
   if not (_is_real(t) and 0 <= t <= 1):  # NaN fails both comparisons
     raise bad("threshold", f"={t!r} must be a number in [0, 1]")
@@ -600,6 +947,88 @@ def _check_spec(spec: Mapping[str, Any], where: str, check_epsilon: bool = False
           and re.fullmatch(r"[0-9a-f]{64}", spec["params_sha256"])):
     raise bad("params_sha256", "must be a sha256 hex digest")
   _check_privacy(spec.get("privacy"), bad, check_epsilon)
+
+
+def model_of(spec: Mapping[str, Any]) -> dict[str, Any]:
+  """The ``"model"`` dict of a ``model.json`` (a version 2 export: its binary MLP)."""
+  if spec.get("format_version") == 2 or "model" not in spec:
+    arch = spec.get("architecture") or {}
+    return {"hidden_sizes": arch.get("hidden_sizes"), "task": "binary", "classes": [],
+            "bounds": None, "embeddings": []}
+  model = spec["model"]
+  return model if isinstance(model, dict) else {"invalid": model}
+
+
+def expected_shapes(num_features: int, model: Mapping[str, Any]) -> dict[str, tuple]:
+  """Parameter names and shapes of a (checked) model dict; nothing is allocated."""
+  if model["task"] == "binary" and not model["embeddings"]:
+    return _expected_shapes(num_features, model["hidden_sizes"])
+  from fastdp_jax import models  # local: JAX only when the model needs it
+  return models.param_shapes(num_features, model)
+
+
+def _check_model(model: Mapping[str, Any], hidden: Any, features: Any, bad) -> None:
+  """The ``"model"`` dict: the architecture's widths, a known task, sane embeddings."""
+  if set(model) != {"hidden_sizes", "task", "classes", "bounds", "embeddings"}:
+    raise bad("model", "must hold hidden_sizes, task, classes, bounds and embeddings")
+  if model["hidden_sizes"] != hidden:
+    raise bad("model.hidden_sizes", f"={model['hidden_sizes']!r} differs from the "
+              "architecture's")
+  task, classes, bounds = model["task"], model["classes"], model["bounds"]
+  if task not in TASKS:
+    raise bad("model.task", f"={task!r} must be one of {TASKS}")
+  if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
+          and len(set(classes)) == len(classes)
+          and (len(classes) >= 2 if task == "multiclass" else not classes)):
+    raise bad("model.classes", "must be 2 or more distinct names for a multiclass task, else "
+              "empty")
+  if (task == "regression") != (bounds is not None) or (bounds is not None and not (
+      isinstance(bounds, list) and len(bounds) == 2 and all(_is_real(b) for b in bounds)
+      and math.isfinite(bounds[0]) and math.isfinite(bounds[1]) and bounds[0] < bounds[1])):
+    raise bad("model.bounds", f"={bounds!r} must be finite (lo, hi) for a regression task "
+              "only")
+  embeddings = model["embeddings"]
+  if not (isinstance(embeddings, list) and isinstance(features, list)
+          and len(embeddings) <= len(features)):
+    raise bad("model.embeddings", "must be a list (at most one per feature)")
+  seen = set()
+  for k, e in enumerate(embeddings):
+    ok = (isinstance(e, dict) and set(e) == {"feature", "index", "vocab_size", "dim"}
+          and _is_int(e["index"]) and 0 <= e["index"] < len(features)
+          and e["index"] not in seen and isinstance(features[e["index"]], dict)
+          and features[e["index"]].get("name") == e["feature"]
+          and _is_int(e["vocab_size"]) and 1 <= e["vocab_size"] <= data_lib.MAX_VOCAB
+          and _is_int(e["dim"]) and 1 <= e["dim"] <= _MAX_EMBEDDING_DIM)
+    if not ok:
+      raise bad(f"model.embeddings[{k}]", "must be {feature: the name of features[index], "
+                f"index, vocab_size in [1, {data_lib.MAX_VOCAB}], dim in [1, "
+                f"{_MAX_EMBEDDING_DIM}]}} (each column once)")
+    seen.add(e["index"])
+
+
+def _check_feature_spec(body: Any, names: Sequence[str], label: str,
+                        model: Mapping[str, Any], bad) -> None:
+  """The raw-row encoding agrees with the model's inputs, label, task and embeddings."""
+  if body is None:
+    return
+  from preprocessing import features as features_lib  # local: only specs need it
+  try:
+    spec = features_lib.spec_from_dict(body)
+  except errors.UserError as e:
+    raise bad("feature_spec", f"is not a valid feature spec ({e})") from e
+  if list(spec.feature_names) != list(names):
+    raise bad("feature_spec", f"encodes the features {list(spec.feature_names)[:8]}..., not "
+              "the model's features")
+  if spec.label != label:
+    raise bad("feature_spec.label", f"={spec.label!r} is not the model's label {label!r}")
+  task = spec.task
+  if (task.kind != model["task"] or list(task.classes) != list(model["classes"])
+      or (task.bounds is not None and not np.allclose(task.bounds, model["bounds"],
+                                                      rtol=1e-12, atol=0))):
+    raise bad("feature_spec.task", f"={task.to_json()} is not the model's task")
+  declared = [(e.feature, e.vocab_size) for e in spec.embeddings]
+  if declared != [(e["feature"], e["vocab_size"]) for e in model["embeddings"]]:
+    raise bad("feature_spec", f"declares the embeddings {declared}, not the model's")
 
 
 def _check_privacy(priv: Any, bad, check_epsilon: bool) -> None:

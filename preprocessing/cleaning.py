@@ -15,13 +15,20 @@ a row. Each row ends in exactly one of three outcomes:
   ``wrong_arity``      not as many comma-separated fields as the header
   ``non_numeric``      a used column's token is not a number (``abc``, ``nan``, ``inf``, ...)
   ``out_of_domain``    a number outside the column's domain (binary not 0/1, a category not in
-                       the public list, a numeric value outside its hard ``domain``)
+                       the public list, a numeric value outside its hard ``domain``, an
+                       embedding code outside its vocabulary unless ``unknown='extra_id'``, a
+                       multiclass label code in no class)
+  ``out_of_bounds``    a regression label outside its public bounds, when the spec says
+                       ``out_of_bounds='reject'`` (with ``'clip'`` it is clipped and counted)
   ===================  =======================================================================
 
 Structural problems are checked first (blank, header, arity), then the tokens from left to
-right (``non_numeric``), then the values from left to right (``out_of_domain``); a row with
-a malformed token and an ``NA`` is rejected, not dropped. Columns the spec does not use are
-neither parsed nor checked.
+right (``non_numeric``), then the values from left to right (``out_of_domain``, then a
+regression label's ``out_of_bounds``); a row with a malformed token and an ``NA`` is rejected,
+not dropped. Columns the spec does not use are neither parsed nor checked; columns are found by
+name, in any order.
+
+A predictor cleans raw rows with the same functions, without the label (``with_label=False``).
 
 Tokens may carry surrounding spaces and one pair of double quotes (``"1"``); numbers are
 decimal literals (``1``, ``-3.5``, ``1e3``), never ``nan``, ``inf``, ``1_000`` or hex.
@@ -37,7 +44,8 @@ import numpy as np
 
 from preprocessing import features as features_lib
 
-REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain")
+REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain",
+           "out_of_bounds")
 _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
@@ -99,6 +107,8 @@ class CleanResult:
     dropped_na: [a] int64 indices of rows dropped for a missing value.
     na_cells: [a, k] bool, which used columns are missing in each dropped row.
     rejects: ``(index, reason, detail)`` for each malformed row, by index.
+    reject_columns: index -> the column that rejected the row (absent for structural
+      reasons: blank line, header, arity).
   """
 
   kept: np.ndarray
@@ -106,6 +116,7 @@ class CleanResult:
   dropped_na: np.ndarray
   na_cells: np.ndarray
   rejects: list[tuple[int, str, str]]
+  reject_columns: dict[int, str] = dataclasses.field(default_factory=dict)
 
   @property
   def na_by_column(self) -> np.ndarray:
@@ -114,7 +125,9 @@ class CleanResult:
 
 
 def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: np.ndarray,
-                    rejects: list[tuple[int, str, str]]) -> CleanResult:
+                    rejects: list[tuple[int, str, str]],
+                    reject_columns: Mapping[int, str] | None = None,
+                    with_label: bool = True) -> CleanResult:
   """Stage 2: checks parsed values against the columns' domains, then looks for NA.
 
   Args:
@@ -122,38 +135,43 @@ def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: n
     values: [m, k] float64 values of the used columns, NaN for a missing cell.
     index: [m] the rows' indices in the block.
     rejects: rows already rejected by stage 1 (tokens); extended and sorted here.
+    reject_columns: the column of each stage-1 reject that has one.
+    with_label: the values end with the label (producers); a predictor's do not.
 
   Returns:
     The block's :class:`CleanResult`.
   """
-  values = np.asarray(values, np.float64).reshape(len(index), len(spec.used_columns))
+  cols = spec.input_specs(with_label)
+  values = np.asarray(values, np.float64).reshape(len(index), len(cols))
   index = np.asarray(index, np.int64)
   present = ~np.isnan(values)
   bad = np.zeros(len(index), bool)
   rejects = list(rejects)
-  for j, col in enumerate(spec.used_specs):
-    v = values[:, j]
-    if col.kind == "binary":
-      ok = (v == 0) | (v == 1)
-    elif col.kind == "categorical":
-      ok = np.isin(v, np.asarray(col.categories))
-    elif col.domain is not None:
-      ok = (v >= col.domain[0]) & (v <= col.domain[1])
-    else:
-      ok = np.isfinite(v)
-    viol = np.flatnonzero(present[:, j] & ~ok & ~bad)
+  where = dict(reject_columns or {})
+
+  def reject(rows: np.ndarray, reason: str, col: features_lib.ColumnSpec, what: str) -> None:
+    bad[rows] = True
+    for r in rows.tolist():
+      rejects.append((int(index[r]), reason, f"column {col.name!r}: "
+                      f"{features_lib.format_number(values[r, j])} is not {what}"))
+      where[int(index[r])] = col.name
+
+  for j, col in enumerate(cols):
+    viol = np.flatnonzero(present[:, j] & ~col.accepts(values[:, j]) & ~bad)
     if viol.size:
-      bad[viol] = True
-      what = col.domain_text()
-      rejects.extend((int(index[r]), "out_of_domain",
-                      f"column {col.name!r}: {features_lib.format_number(v[r])} is not {what}")
-                     for r in viol)
+      reject(viol, "out_of_domain", col, col.domain_text())
+  target = spec.target
+  if with_label and target.kind == "regression" and target.out_of_bounds == "reject":
+    j = len(cols) - 1
+    viol = np.flatnonzero(present[:, j] & target.outside_bounds(values[:, j]) & ~bad)
+    if viol.size:
+      lo, hi = (features_lib.format_number(b) for b in target.bounds or ())
+      reject(viol, "out_of_bounds", cols[j], f"inside the label's bounds [{lo}, {hi}]")
   na_rows = ~bad & ~present.all(axis=1)
   keep = ~bad & ~na_rows
   rejects.sort(key=lambda r: r[0])
   return CleanResult(kept=index[keep], values=values[keep], dropped_na=index[na_rows],
-                     na_cells=~present[na_rows],
-                     rejects=rejects)
+                     na_cells=~present[na_rows], rejects=rejects, reject_columns=where)
 
 
 class LineCleaner:
@@ -166,16 +184,19 @@ class LineCleaner:
     x, y = spec.encode(result.values)
   """
 
-  def __init__(self, spec: features_lib.FeatureSpec, header: Sequence[str]):
+  def __init__(self, spec: features_lib.FeatureSpec, header: Sequence[str],
+               with_label: bool = True):
     self.spec = spec
     self.header = tuple(header)
-    self.indices = spec.column_indices(self.header)
+    self.with_label = with_label
+    self.indices = spec.column_indices(self.header, with_label)
+    self.columns = spec.input_specs(with_label)
     self.num_fields = len(self.header)
     self._na = frozenset(spec.na_tokens)
     self._getters = []
-    for idx, col in zip(self.indices, spec.used_specs):
+    for idx, col in zip(self.indices, self.columns):
       lut: dict[str, float]
-      if col.kind == "numeric":
+      if col.kind in ("numeric", "embedding"):
         lut = _NumericLUT()
       else:
         valid = (0.0, 1.0) if col.kind == "binary" else col.categories
@@ -189,23 +210,24 @@ class LineCleaner:
   def is_header(self, line: str) -> bool:
     return parse_header(line) == self.header
 
-  def _tokens(self, line: str, parts: list[str]) -> list[float] | tuple[str, str]:
-    """Stage 1, careful path: the used columns' values, or ``(reason, detail)``."""
+  def _tokens(self, line: str, parts: list[str]) -> list[float] | tuple[str, str, str]:
+    """Stage 1, careful path: the used columns' values, or ``(reason, detail, column)``."""
     if not line.strip():
-      return ("blank_line", "empty line")
+      return ("blank_line", "empty line", "")
     if len(parts) != self.num_fields:
-      return ("wrong_arity", f"{len(parts)} fields, expected {self.num_fields}")
+      return ("wrong_arity", f"{len(parts)} fields, expected {self.num_fields}", "")
     if self.is_header(line):
-      return ("repeated_header", "the header line again")
+      return ("repeated_header", "the header line again", "")
     out = []
-    for idx, col in zip(self.indices, self.spec.used_specs):
+    for idx, col in zip(self.indices, self.columns):
       token = normalize_token(parts[idx])
       if token in self._na:
         out.append(_NAN)
         continue
       v = parse_number(token)
       if v is None:
-        return ("non_numeric", f"column {col.name!r}: {_show(parts[idx])} is not a number")
+        return ("non_numeric", f"column {col.name!r}: {_show(parts[idx])} is not a number",
+                col.name)
       out.append(v)
     return out
 
@@ -218,6 +240,7 @@ class LineCleaner:
     flat: list[float] = []
     ok: list[int] = []
     rejects: list[tuple[int, str, str]] = []
+    where: dict[int, str] = {}
     for i, line in enumerate(lines):
       hit = cache.get(line)
       if hit is not None:  # tokens are a pure function of the line: reuse them
@@ -238,60 +261,80 @@ class LineCleaner:
       r = self._tokens(line, parts)
       if isinstance(r, tuple):
         rejects.append((i, r[0], r[1]))
+        if r[2]:
+          where[i] = r[2]
       else:
         flat.extend(r)
         ok.append(i)
     values = np.array(flat, np.float64).reshape(len(ok), k)
-    return classify_values(self.spec, values, np.array(ok, np.int64), rejects)
+    return classify_values(self.spec, values, np.array(ok, np.int64), rejects, where,
+                           self.with_label)
 
 
-def clean_columns(spec: features_lib.FeatureSpec,
-                  columns: Mapping[str, Sequence | np.ndarray]) -> CleanResult:
-  """Cleans rows given column-wise (Parquet batches, the generator's arrays).
+def clean_columns(spec: features_lib.FeatureSpec, columns: Mapping[str, Sequence | np.ndarray],
+                  with_label: bool = True) -> CleanResult:
+  """Cleans rows given column-wise (Parquet batches, the generator's arrays, a predictor's rows).
 
   Numeric arrays are taken as they are (NaN and None mean missing); object arrays hold
-  tokens (str) or numbers and go through the same token rules as CSV cells.
+  tokens (str) or numbers and go through the same token rules as CSV cells (a bool or any
+  other type is ``non_numeric``).
 
   Args:
     spec: the feature spec.
-    columns: at least the used columns, each [n].
+    columns: at least the used columns, each [n]; others are ignored.
+    with_label: read the label too (producers); a predictor reads the features only.
 
   Returns:
     The :class:`CleanResult`, indices being row positions.
   """
-  missing = [c for c in spec.used_columns if c not in columns]
+  names = [c.name for c in spec.input_specs(with_label)]
+  missing = [c for c in names if c not in columns]
   if missing:
     raise features_lib.SpecError(f"columns {missing} that spec {spec.name!r} uses are absent "
                                  f"(have {sorted(columns)})")
-  n = len(columns[spec.used_columns[0]])
-  values = np.empty((n, len(spec.used_columns)), np.float64)
-  bad: dict[int, tuple[str, str]] = {}
-  na = frozenset(spec.na_tokens)
-  for j, name in enumerate(spec.used_columns):
-    col = columns[name]
-    arr = np.asarray(col)
-    if arr.dtype.kind in "biuf":
-      values[:, j] = arr.astype(np.float64)
-      for i in np.flatnonzero(np.isinf(values[:, j])).tolist():
-        bad.setdefault(i, ("non_numeric", f"column {name!r}: {values[i, j]!r} is not a "
-                                          "finite number"))
-      continue
-    for i, cell in enumerate(arr.tolist()):
-      if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-        values[i, j] = _NAN
-      elif isinstance(cell, (int, float)) and not isinstance(cell, bool):
-        values[i, j] = float(cell)
-        if math.isinf(values[i, j]):
-          bad.setdefault(i, ("non_numeric", f"column {name!r}: {cell!r} is not a finite "
-                                            "number"))
-      else:
-        token = normalize_token(str(cell))
-        v = _NAN if token in na else parse_number(token)
-        if v is None:
-          if i not in bad:
-            bad[i] = ("non_numeric", f"column {name!r}: {_show(str(cell))} is not a number")
-          v = _NAN
-        values[i, j] = v
-  rejects = sorted((i, r, d) for i, (r, d) in bad.items())
+  n = len(columns[names[0]])
+  values = np.empty((n, len(names)), np.float64)
+  bad: dict[int, tuple[str, str, str]] = {}
+  for j, name in enumerate(names):
+    if len(columns[name]) != n:
+      raise features_lib.SpecError(f"column {name!r} has {len(columns[name])} values, column "
+                                   f"{names[0]!r} {n}")
+    values[:, j] = _column_values(name, columns[name], frozenset(spec.na_tokens), bad)
+  rejects = sorted((i, r, d) for i, (r, d, _) in bad.items())
   good = np.setdiff1d(np.arange(n), np.array(sorted(bad), np.int64))
-  return classify_values(spec, values[good], good, rejects)
+  return classify_values(spec, values[good], good, rejects,
+                         {i: c for i, (_, _, c) in bad.items()}, with_label)
+
+
+def _column_values(name: str, col: Sequence | np.ndarray, na: frozenset[str],
+                   bad: dict[int, tuple[str, str, str]]) -> np.ndarray:
+  """One column's cells -> [n] float64 (NaN = missing); malformed cells go into ``bad``."""
+  arr = np.asarray(col)
+  if arr.dtype.kind in "biuf":
+    values = arr.astype(np.float64)
+    for i in np.flatnonzero(np.isinf(values)).tolist():
+      bad.setdefault(i, ("non_numeric", f"column {name!r}: {values[i]!r} is not a finite "
+                                        "number", name))
+    return values
+  values = np.empty(len(arr), np.float64)
+  for i, cell in enumerate(arr.tolist()):
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+      values[i] = _NAN
+    elif isinstance(cell, (int, float)) and not isinstance(cell, bool):
+      values[i] = float(cell)
+      if math.isinf(values[i]):
+        bad.setdefault(i, ("non_numeric", f"column {name!r}: {cell!r} is not a finite number",
+                           name))
+    elif isinstance(cell, bool):  # True is an int to Python, not a number to a spec
+      bad.setdefault(i, ("non_numeric", f"column {name!r}: {cell!r} (a bool) is not a number",
+                         name))
+      values[i] = _NAN
+    else:  # text, or a type whose text is a number (a Parquet decimal)
+      token = normalize_token(str(cell))
+      v = _NAN if token in na else parse_number(token)
+      if v is None:
+        bad.setdefault(i, ("non_numeric", f"column {name!r}: {_show(str(cell))} is not a "
+                                          "number", name))
+        v = _NAN
+      values[i] = v
+  return values

@@ -9,9 +9,13 @@ Runs on a laptop (Spark local mode, the default) and unchanged on a cluster::
 
 What it does, and what it guarantees:
 
+0. **Header check** (before Spark starts, whenever the input is local): each file's header
+   (CSV: its first line; Parquet: its schema) must hold every column the spec uses, by name
+   and in any order; a missing column is one line naming it. Other columns are ignored and
+   listed in the manifest (``extra["ignored_columns"]``).
 1. **Plan** (one cheap JVM-only pass): counts the lines of every input split (file, byte
    offset) and reads each file's first line, its header. Headers are checked against the spec
-   before any Python runs; from the counts every line gets its line number and every data row
+   before any Python runs (again: a remote input is first seen here); from the counts every line gets its line number and every data row
    its row id (0-based index of the data row over the files in path order). Neither depends
    on how the input is partitioned or how many executors there are.
 2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
@@ -34,8 +38,10 @@ The output (shards, rejects, counts) is as private as the input.
 from __future__ import annotations
 
 import argparse
+import bz2
 import dataclasses
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -44,6 +50,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -210,6 +217,69 @@ def _check_input(input_path: str, output: str) -> int:
   return size
 
 
+def _local_data_files(input_path: str) -> list[str]:
+  """The data files of a local input (what Spark reads: no ``_*`` or ``.*`` names)."""
+  out = []
+  for f in _local_input_files(input_path):
+    if os.path.isdir(f):
+      for root, dirs, names in os.walk(f):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+        out += [os.path.join(root, n) for n in sorted(names) if not n.startswith(("_", "."))]
+    elif not os.path.basename(f).startswith(("_", ".")):
+      out.append(f)
+  return out
+
+
+def _local_header(path: str, fmt: str) -> tuple[str, ...] | None:
+  """The column names of a local file (CSV first line, Parquet schema); None if unreadable."""
+  if fmt == "parquet":
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    try:
+      return tuple(pq.read_schema(path).names)
+    except Exception:  # pylint: disable=broad-except
+      return None  # Spark reports what is wrong with the file
+  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  if opener is open and path.endswith(_COMPRESSED):
+    return None  # a compression Spark reads and Python does not: Spark checks the header
+  try:
+    with opener(path, "rb") as f:
+      head = f.readline(cleaning.MAX_HEADER_BYTES + 1)
+  except OSError:
+    return None
+  if not head:
+    return None  # an empty file: the plan says so
+  return cleaning.parse_header(head.split(b"\n")[0].split(b"\r")[0].decode("utf-8", "replace"))
+
+
+def check_header(input_path: str, spec: features_lib.FeatureSpec,
+                 fmt: str = "auto") -> tuple[str, ...] | None:
+  """Checks every local input file's columns against the spec, before Spark starts.
+
+  Columns are matched by name, in any order; columns the spec does not use are allowed.
+
+  Returns:
+    The first file's columns, or None when the input is not local (Spark reads it).
+
+  Raises:
+    PipelineError: one line naming the file and the columns it lacks (or repeats).
+  """
+  if not output_lib.is_local(input_path):
+    return None
+  fmt = _detect_format(input_path, fmt)
+  first = None
+  for path in _local_data_files(input_path):
+    cols = _local_header(path, fmt)
+    if cols is None:
+      continue
+    try:
+      spec.column_indices(cols)
+    except features_lib.SpecError as e:
+      what = "the Parquet schema" if fmt == "parquet" else "the first line is taken as the header"
+      raise PipelineError(f"{path}: {what}: {e}") from e
+    first = cols if first is None else first
+  return first
+
+
 def _detect_format(input_path: str, fmt: str) -> str:
   if fmt != "auto":
     return fmt
@@ -363,6 +433,7 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
   fmt = _detect_format(input_path, fmt)
   if fmt not in ("csv", "parquet"):
     raise PipelineError(f"{fmt=} must be csv, parquet or auto")
+  check_header(input_path, spec, fmt)  # a missing column: one line, before any Spark work
   skipped = _skipped_inputs(input_path)
   with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
                                       restate=True):
@@ -400,7 +471,7 @@ def _write(spark, input_path: str, out: str, spec: features_lib.FeatureSpec, fmt
         "seconds": round(time.perf_counter() - t0, 2)})
     if skipped:
       manifest["extra"]["skipped_inputs"] = skipped
-    data_lib.write_manifest(staging, **manifest)
+    data_lib.write_manifest(staging, **manifest)  # with the spec's task and embeddings
     output_lib.publish(staging, out, overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -444,6 +515,7 @@ def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_ro
   if lines != body["provenance"].rows_read + body["extra"]["header_lines"]:
     raise PipelineError(f"internal error: {lines} lines != rows read + headers")
   body["extra"]["lines"] = lines
+  body["extra"]["ignored_columns"] = spec.ignored_columns(header)
   return body
 
 
@@ -454,13 +526,10 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
     columns = tuple(df.columns)
   except Exception as e:  # pylint: disable=broad-except
     raise _read_error(e, input_path) from e
-  missing = [c for c in spec.used_columns if c not in columns]
-  if missing:
-    raise PipelineError(f"{input_path}: Parquet columns {list(columns)} lack {missing} that "
-                        f"spec {spec.name!r} uses")
-  if spec.input_columns and set(columns) != set(spec.input_columns):
-    raise PipelineError(f"{input_path}: Parquet columns {sorted(columns)} are not the spec's "
-                        f"input_columns {sorted(spec.input_columns)}")
+  try:
+    spec.column_indices(columns)  # by name; other columns are ignored
+  except features_lib.SpecError as e:
+    raise PipelineError(f"{input_path}: the Parquet schema: {e}") from e
   meta = df.select(*[F.col(f"`{c}`") for c in spec.used_columns],
                    F.xxhash64(F.col("_metadata.file_path")).alias("__key"),
                    F.col("_metadata.row_index").alias("__row_index"),
@@ -479,6 +548,7 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
                       {"partitions": meta.rdd.getNumPartitions(),
                        "files": [r["__file"] for r in counts]})
   body.pop("_lines_by_split")
+  body["extra"]["ignored_columns"] = spec.ignored_columns(columns)
   if body["provenance"].rows_read != base:
     raise PipelineError(f"planned {base} rows, the tasks read {body['provenance'].rows_read}")
   return body
@@ -612,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = features_lib.load_spec(args.spec)
     out = output_lib.check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
     _check_input(args.input, out)
+    check_header(args.input, spec, args.format)  # a missing column: refused before Spark starts
     conf = _parse_conf(args.conf)
     worker_python(conf, args.master)  # refused before Spark starts (7-9 s)
     spark = create_session(args.master, conf=conf)

@@ -168,7 +168,7 @@ def test_mapper_rejects_a_bad_header_and_needs_columns_without_input_columns(tmp
     assert mapper.run(io.StringIO("17\t1,0\n"), out, spec, ("a", "y"), environ=env) == 0
   finally:
     sys.stderr = sys_stderr
-  assert "lacks the column(s) ['a']" in err.getvalue()
+  assert "missing ['a']" in err.getvalue()
   assert "--columns" in err.getvalue()
   assert out.getvalue() == "f.csv\t000000000000017\tK\t1,0\n"
 

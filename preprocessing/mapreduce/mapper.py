@@ -21,7 +21,8 @@ Output, one line per input line: ``FILE<TAB>POSITION<TAB>STATUS<TAB>PAYLOAD`` wh
 input file (``-`` for stdin), POSITION its 0-based line index (stdin) or byte offset (Hadoop)
 zero-padded to 15 digits, so that a byte-wise sort restores the input order, and STATUS/PAYLOAD:
 
-* ``H`` header line (empty payload);
+* ``H`` header line; payload: the header's columns that the spec does not use (ignored),
+  comma-separated (columns are found by name, in any order);
 * ``K`` kept: the used columns' values (features then label), comma-separated;
 * ``N`` dropped for NA: the positions (in the spec's used columns) of the missing cells;
 * ``R`` rejected: a JSON object with ``reason``, ``detail`` and the line's ``text``.
@@ -136,7 +137,7 @@ def run(stdin, stdout, spec: features_lib.FeatureSpec, columns: tuple[str, ...] 
       if cleaner is None or cleaner.header != found:
         flush()
         cleaner = cleaning.LineCleaner(spec, found)
-      stdout.write(f"{file}\t{pos:015d}\tH\t\n")
+      stdout.write(f"{file}\t{pos:015d}\tH\t{','.join(spec.ignored_columns(found))}\n")
       continue
     if cleaner is None:
       print("mapper: this split does not start its file, so the header is unknown: give "

@@ -10,7 +10,7 @@ Spark job, so that both put every row in the same split.
 
 Output, one line per record (the converter ``preprocessing.mapreduce.to_shards`` reads it)::
 
-  H<TAB>FILE<TAB>LINE            a header line
+  H<TAB>FILE<TAB>LINE[<TAB>COLS]  a header line (COLS: its columns the spec ignores)
   K<TAB>ROW<TAB>v1,v2,...        kept: values of the used columns (features then label)
   N<TAB>ROW<TAB>j1,j2,...        dropped for NA in used columns j1, j2, ...
   R<TAB>ROW<TAB>{json}           rejected: file, line, row, reason, detail, text
@@ -49,7 +49,7 @@ def run(stdin, stdout) -> int:
       file, line = f, 0
     line += 1
     if status == "H":
-      write(f"H\t{f}\t{line}\n")
+      write(f"H\t{f}\t{line}" + (f"\t{payload}" if payload else "") + "\n")
       continue
     if status == "R":
       rec = json.loads(payload)

@@ -110,6 +110,7 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
     sink = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
                                 test_fraction=test_fraction, max_rows=max_rows_per_shard)
     expected_row, records, headers = 0, 0, 0
+    ignored: list[str] = []  # header columns the spec does not use, in order of appearance
     block = _Block(k)
 
     def flush(block):
@@ -124,6 +125,8 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
       if status == "H":
         headers += 1
         sink.header(0)
+        cols = b.split("\t", 1)[1].split(",") if "\t" in b else []
+        ignored += [c for c in cols if c and c not in ignored]
         continue
       row = int(a)
       if row != expected_row:
@@ -155,6 +158,7 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
                                 {"producer": "preprocessing.mapreduce", "input": source})
     body.pop("_lines_by_split")
     body["extra"]["lines"] = body["provenance"].rows_read + headers
+    body["extra"]["ignored_columns"] = ignored
     body["extra"]["seconds"] = round(time.perf_counter() - t0, 2)
     data_lib.write_manifest(staging, **body)
     output_lib.publish(staging, out, overwrite)

@@ -34,7 +34,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.name = "pums_raw"  # recorded in the manifest
   config.description = "raw PUMS person schema: binaries, one-hot education, age, log income"
-  config.input_columns = INPUT_COLUMNS  # the header must be exactly this
+  config.input_columns = INPUT_COLUMNS  # the usual header (columns are matched by name)
   config.features = BINARY + ("educ", "age", "income")  # output order
   config.columns = ml_collections.ConfigDict()
   for name in BINARY:

@@ -114,6 +114,7 @@ def test_an_inconsistent_model_is_refused_even_with_a_resealed_manifest(model_di
 def test_a_huge_architecture_is_refused_before_any_allocation(model_dir, monkeypatch):
   def hidden(spec):
     spec["architecture"]["hidden_sizes"] = [10_000]
+    spec["model"]["hidden_sizes"] = [10_000]  # consistent, so only the arrays refuse it
     spec["num_params"] = len(NAMES) * 10_000 + 10_000 + 10_000 + 1
   _edit_spec(model_dir, hidden, reseal=True)
   created = []
