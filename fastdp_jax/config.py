@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.eval_batch_size = 65_536  # evaluation chunk size.
-  c.log_every_steps = 5000  # TensorBoard/steps.jsonl point (test eval + epsilon) every N
+  c.log_every_steps = 5000  # an eval record (test metrics + epsilon, metrics.jsonl) every N
   #                           updates, besides every epoch end (0: epoch ends only); each
   #                           point costs a test-set pass and ~0.2 s of PLD accounting.
   c.export_model = True  # write WORKDIR/model/ (parameters, feature spec, MODEL_CARD.md).

@@ -27,11 +27,16 @@ OUTPUTS = {
     "keys.json": "secret: the sampling and noise keys (owner-only); deleting it ends "
     "resumability",
     "checkpoints/": "private: parameters before the end, optimizer state, the ledger",
-    "metrics.jsonl, steps.jsonl, TensorBoard events": "private: nonprivate_* training-row "
-    "diagnostics; test metrics",
-    "summary.json, final_params.npz, report/": "private: N, data digest, diagnostics",
+    "metrics.jsonl (eval, epoch and summary records), TensorBoard events": "private: "
+    "nonprivate_* training-row diagnostics; test metrics",
+    "summary.json, final_params.npz, report/, profile/": "private: N, data digest, "
+    "diagnostics, timings",
+    ".lock, KEYS_DELETED": "private: the process id holding the workdir; the mark that the "
+    "keys were deleted",
     "console and log lines": "private: same as metrics.jsonl",
     "dataset directories (manifest.json, shards, rejects/)": "private: the data itself",
+    "batch directories (preprocessing.poisson_batches)": "private: the rows of every update "
+    "and, in private/, the sampling key",
     "Spark staging directories (.NAME.staging-*)": "private: rows being written",
 }
 

@@ -4,9 +4,9 @@ Usage::
 
   python -m fastdp_jax.report WORKDIR [WORKDIR ...] [--output DIR]
 
-Reads each workdir's ``summary.json``, ``metrics.jsonl`` (per epoch) and ``steps.jsonl``
-(every ``log_every_steps`` updates, when present) and writes into ``DIR`` (default:
-``WORKDIR/report`` for one run, ``<common parent>/report`` for several):
+Reads each workdir's ``summary.json`` and ``metrics.jsonl`` (its ``eval`` records: every
+``log_every_steps`` updates and every epoch end; its ``epoch`` records) and writes into ``DIR``
+(default: ``WORKDIR/report`` for one run, ``<common parent>/report`` for several):
 
 * ``loss.png``: training loss (solid) and test loss (dashed) against updates;
 * ``accuracy.png``: test accuracy against updates, with the majority-class rate;
@@ -44,21 +44,22 @@ class Run:
     name: the label in legends and the table.
     workdir: its path.
     summary: ``summary.json`` ({} if the run did not finish).
-    epochs: ``metrics.jsonl`` records.
-    points: ``steps.jsonl`` records ([] if absent).
+    epochs: ``metrics.jsonl``'s ``epoch`` records.
+    evals: its ``eval`` records (a superset of the epoch ends' steps).
   """
 
   name: str
   workdir: str
   summary: dict[str, Any]
   epochs: list[dict[str, Any]]
-  points: list[dict[str, Any]]
+  evals: list[dict[str, Any]]
 
   def series(self, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of ``key``: the finer ``steps.jsonl`` points when they have more."""
-    points = [(r["step"], r[key]) for r in self.points if _finite(r.get(key))]
-    epochs = [(r["step"], r[key]) for r in self.epochs if _finite(r.get(key))]
-    pairs = points if len(points) >= len(epochs) else epochs
+    """(steps, finite values) of ``key``: from the eval records, from the epoch records for a
+    key only those have (the model-inversion accuracy, the epoch time)."""
+    pairs = [(r["step"], r[key]) for r in self.evals if _finite(r.get(key))]
+    if not pairs:
+      pairs = [(r["step"], r[key]) for r in self.epochs if _finite(r.get(key))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -77,10 +78,11 @@ def load_run(workdir: str, name: str | None = None) -> Run:
   if os.path.isfile(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
-  steps_path = os.path.join(workdir, metrics_lib.STEPS_FILE)
-  points = metrics_lib.read_jsonl(steps_path) if os.path.isfile(steps_path) else []
+  records = metrics_lib.read_jsonl(metrics_path)
   return Run(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
-             summary=summary, epochs=metrics_lib.read_jsonl(metrics_path), points=points)
+             summary=summary,
+             epochs=[r for r in records if r.get("kind") == metrics_lib.EPOCH],
+             evals=[r for r in records if r.get("kind") == metrics_lib.EVAL])
 
 
 def _names(workdirs: Sequence[str]) -> list[str]:
@@ -202,7 +204,7 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
   fig, ax = plt.subplots(figsize=(7, 4.5))
   log_x = True
   for r in runs:
-    pairs = [(p.get("epsilon"), p.get("test_accuracy")) for p in (r.points or r.epochs)]
+    pairs = [(p.get("epsilon"), p.get("test_accuracy")) for p in r.evals]
     pairs = [(e, a) for e, a in pairs if _finite(e) and _finite(a)]
     if pairs:
       xs, ys = zip(*pairs)

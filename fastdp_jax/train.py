@@ -5,7 +5,7 @@ A run in three sections, each readable on its own:
 1. :func:`setup` validates nothing twice and returns a :class:`Trainer`: the data on the
    device mesh, the privacy plan (:mod:`fastdp_jax.plan`), the model, the secret keys, the
    sampler, the compiled step, the checkpoint and the run state it resumes from, the
-   schedule of events (:mod:`fastdp_jax.schedule`), the metric writer and the profiler.
+   schedule of events (:mod:`fastdp_jax.schedule`), the metric sinks and the profiler.
 2. :func:`train` asks the schedule for each compiled call's length, runs the call
    (:meth:`Trainer.train_call`), then calls the hooks: progress, logging points, periodic
    checkpoints, epoch ends.
@@ -182,7 +182,7 @@ class Trainer:
   evaluate: Callable
   ckpt: checkpoint_lib.Checkpointer | None
   schedule: schedule_lib.Schedule
-  writer: metrics_lib.MetricWriter
+  writer: metrics_lib.MultiSink
   prof: profiling.Profiler
   state: step_lib.State
   run_state: checkpoint_lib.RunState
@@ -524,13 +524,16 @@ def _make_schedule(cfg: ml_collections.ConfigDict, plan: PrivacyPlan, stop_at: i
 
 
 def _make_writer(cfg: ml_collections.ConfigDict, workdir: str, stop_at: int,
-                 run_state: checkpoint_lib.RunState, step: int) -> metrics_lib.MetricWriter:
-  """Console, metrics.jsonl (rewritten from the checkpoint's records, so a resumed run has no
-  duplicates), steps.jsonl and TensorBoard; only process 0 writes."""
-  return metrics_lib.MetricWriter(
-      workdir, total_steps=stop_at, num_epochs=cfg.num_epochs,
-      log_every_steps=cfg.log_every_steps, enabled=jax.process_index() == 0,
-      history=list(run_state.history), start_step=step)
+                 run_state: checkpoint_lib.RunState, step: int,
+                 cleanup: contextlib.ExitStack) -> metrics_lib.MultiSink:
+  """Console, metrics.jsonl (cut back to the checkpoint, so a resumed run has no duplicates)
+  and TensorBoard on process 0; nothing on the others. Closed by ``cleanup`` (a progress bar
+  is cleared even when the run fails)."""
+  writer = metrics_lib.make_sinks(
+      workdir, process_index=jax.process_index(), total_steps=stop_at,
+      num_epochs=cfg.num_epochs, history=run_state.history, start_step=step)
+  cleanup.callback(writer.close)
+  return writer
 
 
 def _attack_index(cfg: ml_collections.ConfigDict, train: data_lib.Split) -> int | None:
@@ -586,24 +589,25 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
                     if d.process_index == jax.process_index()],
       evaluate=build_eval(apply_fn), ckpt=ckpt,
       schedule=_make_schedule(cfg, plan, stop_at, ckpt, prof),
-      writer=_make_writer(cfg, workdir, stop_at, run_state, step),
+      writer=_make_writer(cfg, workdir, stop_at, run_state, step, cleanup),
       prof=prof, state=state, run_state=run_state, step=step,
       attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed))
-  t.writer.write_hparams(json.loads(cfg.to_json_best_effort()))
+  t.writer.write(metrics_lib.CONFIG, step, json.loads(cfg.to_json_best_effort()))
   _announce(t, models.count_params(params))
   return t
 
 
 # --- 2. the loop -------------------------------------------------------------------------------
 def _progress(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
-  t.writer.write_train_steps(t.step - k, m, k)
+  t.writer.write(metrics_lib.PROGRESS, t.step, metrics_lib.call_totals(m, k))
 
 
 def _log_point(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
   del m, k
   if t.schedule.is_log_point(t.step):
     loss, acc = t.test_metrics()
-    t.writer.write_point(t.step, dict(test_loss=loss, test_accuracy=acc, epsilon=t.epsilon()))
+    t.writer.write(metrics_lib.EVAL, t.step,
+                   dict(test_loss=loss, test_accuracy=acc, epsilon=t.epsilon()))
 
 
 def _periodic_checkpoint(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
@@ -638,8 +642,9 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
         t.cfg.data.attack_rows, seed=t.cfg.seed)
   t.run_state = dataclasses.replace(t.run_state, history=t.run_state.history + (record,),
                                     partial=checkpoint_lib.zero_partial())
-  t.writer.write_point(t.step, dict(test_loss=test_loss, test_accuracy=test_acc, epsilon=eps))
-  t.writer.write_epoch(record)
+  t.writer.write(metrics_lib.EVAL, t.step,
+                 dict(test_loss=test_loss, test_accuracy=test_acc, epsilon=eps))
+  t.writer.write(metrics_lib.EPOCH, t.step, record)
   t.save()
   t.epoch_t0 = time.time()
 
@@ -696,7 +701,7 @@ def _write_outputs(t: Trainer, summary: dict[str, Any], host_params: Any) -> Non
         os.path.join(t.workdir, export_lib.MODEL_DIR), params=host_params,
         feature_names=t.train.feature_names, label_name=t.train.label_name,
         hidden_sizes=t.cfg.model.hidden_sizes, summary=summary)
-  t.writer.write_summary(summary)
+  t.writer.write(metrics_lib.SUMMARY, t.step, summary)
   t.writer.close()
   if not t.is_writer:
     return
@@ -726,7 +731,7 @@ def finalize(t: Trainer) -> dict[str, Any]:
       canaries=t.canaries, delta=t.plan.delta,
       epsilon=summary["epsilon"], significance=t.cfg.privacy_eval.significance)
   for line in lines:
-    t.writer.print(line)
+    say(line)
   _write_outputs(t, summary, host_params)
   if summary["below_majority_class"]:
     say(f"WARNING: test accuracy {summary['test_accuracy']:.4f} is below the majority-class "

@@ -1,4 +1,5 @@
-"""MetricWriter: console lines, progress bar, metrics.jsonl / steps.jsonl, TensorBoard events."""
+"""The metric sinks: console lines and progress bar, the one metrics.jsonl, TensorBoard events,
+and nothing at all on processes other than 0."""
 
 import io
 import json
@@ -10,12 +11,39 @@ import struct
 import numpy as np
 import pytest
 
+from fastdp_jax import atomic
 from fastdp_jax import metrics
+from fastdp_jax import schedule
+from tests.tensorboard_events import read_scalars
 
 
 class _Tty(io.StringIO):
   def isatty(self):
     return True
+
+
+def _screen(text):
+  """What a terminal shows after ``text``: the few controls rich's progress bar uses (carriage
+  return, newline, erase line, cursor up, colours and cursor visibility ignored)."""
+  rows, row, col = [[]], 0, 0
+  for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]", text):
+    if token == "\r":
+      col = 0
+    elif token == "\n":
+      row, col = row + 1, 0
+      rows += [[] for _ in range(row + 1 - len(rows))]
+    elif token == "\x1b[2K":
+      rows[row] = []
+    elif token == "\x1b[1A":
+      row = max(row - 1, 0)
+    elif token.startswith("\x1b"):
+      assert token[-1] in "mhl", f"an unexpected control {token!r}"  # colours, cursor
+    else:
+      line = rows[row]
+      line += [" "] * (col + 1 - len(line))
+      line[col] = token
+      col += 1
+  return ["".join(r).rstrip() for r in rows if "".join(r).strip()]
 
 
 def _chunk(losses, counts, clipped=None):
@@ -26,45 +54,50 @@ def _chunk(losses, counts, clipped=None):
               nonfinite=np.zeros_like(counts))
 
 
+def _progress(w, step, chunk, k):
+  """What the trainer's progress hook writes after a call of ``k`` updates ending at ``step``."""
+  return w.write(metrics.PROGRESS, step, metrics.call_totals(chunk, k))
+
+
 def _record(epoch, step, acc, eps):
   return dict(epoch=epoch, step=step, nonprivate_train_loss=0.5, test_loss=0.6,
               test_accuracy=acc, epsilon=eps, nonprivate_clipped_fraction=0.1,
               nonprivate_nonfinite_examples=0, epoch_time_s=1.0)
 
 
-def test_schedule_puts_points_on_exact_multiples():
-  w = metrics.MetricWriter("unused", total_steps=100, num_epochs=1, log_every_steps=30,
-                           enabled=False)
-  assert [w.steps_to_next_log(s) for s in (0, 29, 30, 31, 89)] == [30, 1, 30, 29, 1]
-  assert [s for s in range(101) if w.log_due(s)] == [30, 60, 90]
-  off = metrics.MetricWriter("unused", total_steps=100, num_epochs=1, log_every_steps=0,
-                             enabled=False)
-  assert off.steps_to_next_log(40) == 60 and not any(off.log_due(s) for s in range(101))
+def test_logging_points_fall_on_exact_multiples():
+  # The schedule (not the sinks) cuts calls so that logging points land exactly on multiples.
+  s = schedule.Schedule(steps_per_epoch=100, stop_at=100, steps_per_call=1000, log_every=30)
+  assert [s.call_length(x) for x in (0, 29, 30, 31, 89)] == [30, 1, 30, 29, 1]
+  assert [x for x in range(101) if s.is_log_point(x)] == [30, 60, 90]
+  off = schedule.Schedule(steps_per_epoch=100, stop_at=100, steps_per_call=1000)
+  assert off.call_length(40) == 60 and not any(off.is_log_point(x) for x in range(101))
 
 
-def test_plain_output_files_and_tensorboard(tmp_path):
+def test_plain_lines_one_jsonl_with_kinds_and_tensorboard(tmp_path):
   out = io.StringIO()
-  w = metrics.MetricWriter(str(tmp_path), total_steps=20, num_epochs=2, log_every_steps=5,
-                           stream=out, plain_interval_s=0.0)
-  w.write_hparams({"dp": {"noise_multiplier": 1.1, "enabled": True}, "model": {"sizes": (8,)}})
-  # Updates 0-4 have losses 1..5 on batches of 2, 4, ...: the point's loss is their weighted mean.
-  w.write_train_steps(0, _chunk([1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 99], [1, 0, 0, 0, 1, 0]),
-                      num_steps=5)
-  p = w.write_point(5, dict(test_loss=0.7, test_accuracy=0.61, epsilon=0.3))
+  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=20, num_epochs=2,
+                         stream=out, plain_interval_s=0.0)
+  w.write(metrics.CONFIG, 0, {"dp": {"noise_multiplier": 1.1, "enabled": True},
+                              "model": {"sizes": (8,)}})
+  # Updates 0-4 have losses 1..5 on batches of 2, 4, ...: the point's loss is their weighted
+  # mean; the sixth entry is past the call's length (padding of the compiled call).
+  _progress(w, 5, _chunk([1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 99], [1, 0, 0, 0, 1, 0]), 5)
+  p = w.write(metrics.EVAL, 5, dict(test_loss=0.7, test_accuracy=0.61, epsilon=0.3))
   assert p["nonprivate_train_loss"] == pytest.approx((2 + 8 + 18 + 32 + 50) / 30)
   assert p["nonprivate_clipped_fraction"] == pytest.approx(2 / 30)
-  w.write_train_steps(5, _chunk([1.0] * 5, [3] * 5), num_steps=5)
-  w.write_point(10, dict(test_loss=0.65, test_accuracy=0.63, epsilon=0.4))
-  w.write_epoch(_record(1, 10, 0.63, 0.4))
-  w.write_train_steps(10, _chunk([0.5] * 10, [3] * 10), num_steps=10)
-  w.write_point(20, dict(test_loss=0.6, test_accuracy=0.64, epsilon=0.5))
-  w.write_epoch(dict(_record(2, 20, 0.64, 0.5), nonprivate_attack_accuracy=0.55))
-  w.write_summary(dict(epsilon=0.5, test_accuracy=0.64, steps=20, dp_enabled=True,
-                       config={"x": 1}))
+  _progress(w, 10, _chunk([1.0] * 5, [3] * 5), 5)
+  w.write(metrics.EVAL, 10, dict(test_loss=0.65, test_accuracy=0.63, epsilon=0.4))
+  w.write(metrics.EPOCH, 10, _record(1, 10, 0.63, 0.4))
+  _progress(w, 20, _chunk([0.5] * 10, [3] * 10), 10)
+  w.write(metrics.EVAL, 20, dict(test_loss=0.6, test_accuracy=0.64, epsilon=0.5))
+  w.write(metrics.EPOCH, 20, dict(_record(2, 20, 0.64, 0.5), nonprivate_attack_accuracy=0.55))
+  w.write(metrics.SUMMARY, 20, dict(epsilon=0.5, test_accuracy=0.64, steps=20,
+                                    dp_enabled=True, config={"x": 1}))
   w.close()
 
   text = out.getvalue()
-  assert "\r" not in text  # no progress bar when the stream is not a terminal
+  assert "\r" not in text and "\x1b" not in text  # no progress bar when not a terminal
   lines = text.splitlines()
   epoch_lines = [l for l in lines if l.startswith("epoch ")]
   assert epoch_lines == [
@@ -73,19 +106,33 @@ def test_plain_output_files_and_tensorboard(tmp_path):
       "epoch 2/2  train_loss* 0.5000  test_loss 0.6000  test_acc 0.6400  epsilon 0.5000  "
       "attack_acc* 0.5500  time 1.0s"]
   progress = [l for l in lines if l.startswith("step ")]
-  assert progress and all("ETA" in l for l in progress)
+  # One plain line per call but the last (the epoch line says it), the training loss starred.
+  assert [l.split("  ")[0] for l in progress] == ["step 5/20 (25%)", "step 10/20 (50%)"]
+  assert all("ETA" in l and "loss* " in l for l in progress)
+  assert len(lines) == len(epoch_lines) + len(progress)
 
-  recs = metrics.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [r["epoch"] for r in recs] == [1, 2] and recs[1]["nonprivate_attack_accuracy"] == 0.55
-  points = metrics.read_jsonl(tmp_path / "steps.jsonl")
-  assert [p["step"] for p in points] == [5, 10, 20]
-  assert points[1]["nonprivate_train_loss"] == pytest.approx(1.0)
+  # One file; the kinds in the order written; progress and config stay out of it.
+  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["kind"], r["step"]) for r in records] == [
+      ("eval", 5), ("eval", 10), ("epoch", 10), ("eval", 20), ("epoch", 20), ("summary", 20)]
+  assert not (tmp_path / "steps.jsonl").exists()
+  epochs = metrics.read_jsonl(tmp_path / "metrics.jsonl", metrics.EPOCH)
+  assert [r["epoch"] for r in epochs] == [1, 2] and epochs[1]["nonprivate_attack_accuracy"] == 0.55
+  evals = metrics.read_jsonl(tmp_path / "metrics.jsonl", metrics.EVAL)
+  assert evals[0] == dict(kind="eval", step=5, **p)  # the record the sinks got, time_s too
+  assert p["time_s"] >= 0 and list(p)[:1] == ["time_s"]
+  assert evals[1]["nonprivate_train_loss"] == pytest.approx(1.0)
+  # The summary record: its finite numbers (no bool, no config).
+  assert records[-1] == dict(kind="summary", step=20, epsilon=0.5, test_accuracy=0.64,
+                             steps=20)
 
-  scalars = metrics.read_scalars(str(tmp_path))
+  scalars = read_scalars(tmp_path)
   assert scalars["test/accuracy"] == [(5, pytest.approx(0.61)), (10, pytest.approx(0.63)),
                                       (20, pytest.approx(0.64))]
   assert [s for s, _ in scalars["privacy/epsilon"]] == [5, 10, 20]
-  assert scalars["nonprivate/train_loss"][0][1] == pytest.approx(p["nonprivate_train_loss"], rel=1e-6)
+  # float32 in the event file: 1e-6 relative is above its rounding (2^-24 ~ 6e-8).
+  assert scalars["nonprivate/train_loss"][0][1] == pytest.approx(p["nonprivate_train_loss"],
+                                                                 rel=1e-6)
   assert scalars["epoch/test_accuracy"] == [(1, pytest.approx(0.63)), (2, pytest.approx(0.64))]
   assert scalars["final/epsilon"] == [(20, pytest.approx(0.5))]
   assert not any(t.startswith("final/config") for t in scalars)
@@ -95,37 +142,80 @@ def test_plain_output_files_and_tensorboard(tmp_path):
   assert b"_hparams_/session_start_info" in raw and b"dp.noise_multiplier" in raw
 
 
-def test_progress_bar_on_a_terminal(tmp_path):
+def test_tensorboard_tags(tmp_path):
+  tb = metrics.TensorBoardSink(str(tmp_path))
+  eval_record = dict(time_s=3.0, nonprivate_train_loss=0.7, nonprivate_clipped_fraction=0.25,
+                     test_loss=0.6, test_accuracy=0.75, epsilon=1.5)
+  tb.write(metrics.EVAL, 7, eval_record)
+  tb.write(metrics.EVAL, 9, dict(eval_record, epsilon=float("inf")))  # non-private: no curve
+  tb.write(metrics.EPOCH, 9, _record(3, 9, 0.75, 1.5))
+  tb.write(metrics.PROGRESS, 9, dict(loss_sum=1.0, count=2.0, clipped=0.0))  # not a curve
+  tb.close()
+  tb.close()  # idempotent
+  scalars = read_scalars(tmp_path)
+  per_update = {t: v for t, v in scalars.items() if not t.startswith("epoch/")}
+  # The training-row diagnostics under nonprivate/, the rest under test/ and privacy/.
+  assert per_update == {
+      "nonprivate/train_loss": [(7, pytest.approx(0.7)), (9, pytest.approx(0.7))],
+      "nonprivate/clipped_fraction": [(7, 0.25), (9, 0.25)],
+      "test/loss": [(7, pytest.approx(0.6)), (9, pytest.approx(0.6))],
+      "test/accuracy": [(7, 0.75), (9, 0.75)],
+      "privacy/epsilon": [(7, 1.5)]}
+  assert set(metrics.TENSORBOARD_TAGS.values()) == set(per_update)
+  # Epoch curves: every number of the record but epoch and step, against the epoch.
+  assert sorted(t for t in scalars if t.startswith("epoch/")) == sorted(
+      f"epoch/{k}" for k in _record(3, 9, 0.75, 1.5) if k not in ("epoch", "step"))
+  assert all(s == 3 for t, v in scalars.items() if t.startswith("epoch/") for s, _ in v)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "160")  # room for the whole bar and its text on one line
   tty = _Tty()
-  w = metrics.MetricWriter(str(tmp_path), total_steps=8, num_epochs=2, stream=tty,
-                           tensorboard=False)
-  w.write_train_steps(0, _chunk([0.9] * 4, [2] * 4), num_steps=4)
-  w.write_epoch(_record(1, 4, 0.6, 0.2))
-  w.write_train_steps(4, _chunk([0.7] * 4, [2] * 4), num_steps=4)
-  w.write_epoch(_record(2, 8, 0.6, 0.3))
+  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=8, num_epochs=2,
+                         stream=tty, tensorboard=False)
+  _progress(w, 4, _chunk([0.9] * 4, [2] * 4), 4)
+  w.write(metrics.EPOCH, 4, _record(1, 4, 0.6, 0.2))
+  metrics.say("a line from elsewhere in the trainer")  # above the bar as well
+  _progress(w, 8, _chunk([0.7] * 4, [2] * 4), 4)
+  w.write(metrics.EPOCH, 8, _record(2, 8, 0.6, 0.3))
   w.close()
   text = tty.getvalue()
-  assert "\r[" in text and "ETA" in text and "step 8/8 (100%)" in text
-  assert "#" * 24 in text  # a full bar at the end
-  # Epoch lines start on a cleared line and are never glued to the bar.
-  assert "\r\x1b[Kepoch 1/2  train_loss*" in text
-  # Finished: the bar is cleared and not redrawn after the last line.
-  assert text.endswith("\r\x1b[Kepoch 2/2  train_loss* 0.5000  test_loss 0.6000  "
-                       "test_acc 0.6000  epsilon 0.3000  time 1.0s\n")
-  assert not (tmp_path / "events").exists() and not any(
-      f.startswith("events.out") for f in os.listdir(tmp_path))
+  assert "ETA" in text and "step 8/8 (100%)" in text and "loss* 0.7000" in text
+  assert "━" * 24 in text  # rich's full bar at the end (24 cells)
+  # Lines start on an erased line (never glued to the bar); at the end the bar is gone and
+  # the screen holds exactly the lines printed, in order.
+  assert "\r\x1b[2Kepoch 1/2  train_loss*" in text
+  assert _screen(text) == [
+      metrics.format_epoch_line(_record(1, 4, 0.6, 0.2), 2),
+      "a line from elsewhere in the trainer",
+      metrics.format_epoch_line(_record(2, 8, 0.6, 0.3), 2)]
+  assert not any(f.startswith("events.out") for f in os.listdir(tmp_path))
+  w.close()  # idempotent (the trainer's clean-up closes again)
 
 
-def test_only_the_writing_process_writes(tmp_path):
+def test_other_processes_write_and_print_nothing(tmp_path, capsys):
   out = io.StringIO()
-  w = metrics.MetricWriter(str(tmp_path / "w"), total_steps=4, num_epochs=1, stream=out,
-                           log_every_steps=2, enabled=False)
-  w.write_train_steps(0, _chunk([1.0] * 2, [1] * 2), num_steps=2)
-  assert w.write_point(2, dict(epsilon=0.1))["nonprivate_train_loss"] == 1.0  # same bookkeeping
-  w.write_epoch(_record(1, 4, 0.5, 0.1))
-  w.print("hello")
+  w = metrics.make_sinks(str(tmp_path / "w"), process_index=1, total_steps=4, num_epochs=1,
+                         stream=out, progress_bar=True)
+  assert [type(s) for s in w.sinks] == [metrics.NullSink]
+  w.write(metrics.CONFIG, 0, {"a": 1})
+  _progress(w, 2, _chunk([1.0] * 2, [1] * 2), 2)
+  # The same bookkeeping as process 0's (the record is built), nothing shown or written.
+  assert w.write(metrics.EVAL, 2, dict(epsilon=0.1))["nonprivate_train_loss"] == 1.0
+  w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
+  w.write(metrics.SUMMARY, 4, dict(epsilon=0.1))
+  w.flush()
   w.close()
-  assert out.getvalue() == "" and not (tmp_path / "w").exists()
+  assert out.getvalue() == "" and capsys.readouterr().out == ""
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_record_of_an_unknown_kind_is_refused(tmp_path):
+  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=4, num_epochs=1,
+                         stream=io.StringIO(), tensorboard=False)
+  with pytest.raises(ValueError, match="'point' is not a record kind"):
+    w.write("point", 1, {})
+  w.close()
 
 
 def test_eta_leaves_out_compilation_and_the_first_evaluation(tmp_path, monkeypatch):
@@ -135,21 +225,21 @@ def test_eta_leaves_out_compilation_and_the_first_evaluation(tmp_path, monkeypat
   clock = [0.0]
   monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
   out = io.StringIO()
-  w = metrics.MetricWriter(str(tmp_path), total_steps=1000, num_epochs=2, stream=out,
-                           tensorboard=False, plain_interval_s=0.0)
+  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=1000, num_epochs=2,
+                         stream=out, tensorboard=False, plain_interval_s=0.0)
   eta = {}
 
   def call(step, seconds):
     clock[0] += seconds
-    w.write_train_steps(step, _chunk([0.5] * 10, [2] * 10), num_steps=10)
+    _progress(w, step + 10, _chunk([0.5] * 10, [2] * 10), 10)
     eta[step + 10] = re.findall(r"ETA (\S+)", out.getvalue())[-1]
 
   call(0, 100.0)
   for step in range(10, 500, 10):
     call(step, 1.0)
   clock[0] += 30.0
-  w.write_point(500, dict(epsilon=0.5))
-  w.write_epoch(_record(1, 500, 0.6, 0.5))
+  w.write(metrics.EVAL, 500, dict(epsilon=0.5))
+  w.write(metrics.EPOCH, 500, _record(1, 500, 0.6, 0.5))
   for step in range(500, 600, 10):
     call(step, 1.0)
   w.close()
@@ -172,33 +262,82 @@ def test_other_processes_log_their_epoch_lines_only_at_verbosity_1(tmp_path):
   logger, catch = absl_logging.get_absl_logger(), Catch()
   logger.addHandler(catch)
   verbosity = absl_logging.get_verbosity()
-  w = metrics.MetricWriter(str(tmp_path / "w"), total_steps=4, num_epochs=1, enabled=False)
+  w = metrics.make_sinks(str(tmp_path / "w"), process_index=2, total_steps=4, num_epochs=1)
   try:
     absl_logging.set_verbosity(absl_logging.INFO)
-    w.write_epoch(_record(1, 4, 0.5, 0.1))
+    w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
     assert not [m for m in seen if "epoch 1/1" in m]
     absl_logging.set_verbosity(1)
-    w.write_epoch(_record(1, 4, 0.5, 0.1))
+    w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
     assert [m for m in seen if "epoch 1/1" in m] == [
-        "process 0: " + metrics.format_epoch_line(_record(1, 4, 0.5, 0.1), 1)]
+        "process 2: " + metrics.format_epoch_line(_record(1, 4, 0.5, 0.1), 1)]
   finally:
     absl_logging.set_verbosity(verbosity)
     logger.removeHandler(catch)
 
 
-def test_resume_rewrites_epochs_and_cuts_points(tmp_path):
-  with open(tmp_path / "steps.jsonl", "w") as f:
+def _old_run(path):
+  """metrics.jsonl of a run killed after update 20 whose last checkpoint is at update 15."""
+  with open(path / "metrics.jsonl", "w") as f:
     for s in (5, 10, 15, 20):
-      f.write(json.dumps(dict(step=s, epsilon=s / 10)) + "\n")
-  with open(tmp_path / "metrics.jsonl", "w") as f:
-    f.write(json.dumps(_record(1, 10, 0.6, 0.1)) + "\n")
-    f.write(json.dumps(_record(2, 20, 0.6, 0.2)) + "\n")  # done after the checkpoint: redone
-  w = metrics.MetricWriter(str(tmp_path), total_steps=40, num_epochs=4, log_every_steps=5,
-                           history=[_record(1, 10, 0.6, 0.1)], start_step=15,
-                           stream=io.StringIO(), tensorboard=False)
+      f.write(json.dumps(dict(kind="eval", step=s, epsilon=s / 10)) + "\n")
+      if s % 10 == 0:
+        f.write(json.dumps(dict(kind="epoch", **_record(s // 10, s, 0.6, s / 10))) + "\n")
+    f.write(json.dumps(dict(kind="summary", step=20, epsilon=2.0)) + "\n")
+    f.write('{"kind": "eval", "step": 25, "eps')  # an append cut short by the kill
+
+
+def test_resume_keeps_the_records_up_to_the_checkpoint(tmp_path):
+  _old_run(tmp_path)
+  # The checkpoint's history has epoch 1 only: epoch 2 (update 20) is redone, so are the
+  # eval records after update 15; a summary of an earlier end goes too.
+  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                         history=[_record(1, 10, 0.6, 0.1)], start_step=15,
+                         stream=io.StringIO(), tensorboard=False)
+  expected = [("eval", 5), ("eval", 10), ("epoch", 10), ("eval", 15)]
+  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["kind"], r["step"]) for r in records] == expected
+  assert records[2] == dict(kind="epoch", **_record(1, 10, 0.6, 0.1))
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert f.read().endswith("}\n")  # whole lines only: the next append starts a line
+  # The resumed run appends after them.
+  w.write(metrics.EVAL, 20, dict(epsilon=2.0))
+  w.write(metrics.EPOCH, 20, _record(2, 20, 0.6, 2.0))
   w.close()
-  assert [r["epoch"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1]
-  assert [r["step"] for r in metrics.read_jsonl(tmp_path / "steps.jsonl")] == [5, 10, 15]
+  assert [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == (
+      expected + [("eval", 20), ("epoch", 20)])
+  # The checkpoint's epoch records are what counts, even when the file lost them.
+  os.remove(tmp_path / "metrics.jsonl")
+  metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                     history=[_record(1, 10, 0.6, 0.1)], start_step=15,
+                     stream=io.StringIO(), tensorboard=False).close()
+  assert [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [
+      ("epoch", 10)]
+
+
+def test_resume_cut_is_atomic(tmp_path, monkeypatch):
+  # A failure while the cut file is written (a full disk) leaves the previous file whole.
+  _old_run(tmp_path)
+  before = (tmp_path / "metrics.jsonl").read_bytes()
+
+  def fail(src, dst):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(atomic.os, "replace", fail)
+  with pytest.raises(atomic.DiskFullError, match="previous metrics.jsonl .* is intact"):
+    metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                       history=[_record(1, 10, 0.6, 0.1)], start_step=15,
+                       stream=io.StringIO(), tensorboard=False)
+  assert (tmp_path / "metrics.jsonl").read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_a_fresh_run_starts_an_empty_file(tmp_path):
+  _old_run(tmp_path)  # a workdir without a checkpoint: nothing of the old file is kept
+  metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                     stream=io.StringIO(), tensorboard=False).close()
+  assert (tmp_path / "metrics.jsonl").read_text() == ""
+  assert oct(os.stat(tmp_path / "metrics.jsonl").st_mode & 0o777) == "0o600"
 
 
 def test_read_scalars_reads_tfrecord_framing(tmp_path):
@@ -206,7 +345,7 @@ def test_read_scalars_reads_tfrecord_framing(tmp_path):
   with SummaryWriter(logdir=str(tmp_path)) as tb:
     for step in range(3):
       tb.add_scalar("a/b", step * 1.5, step)
-  assert metrics.read_scalars(str(tmp_path)) == {"a/b": [(0, 0.0), (1, 1.5), (2, 3.0)]}
+  assert read_scalars(tmp_path) == {"a/b": [(0, 0.0), (1, 1.5), (2, 3.0)]}
   # The framing the reader relies on: 8-byte length, 4-byte crc, payload, 4-byte crc.
   path = next(p for p in tmp_path.iterdir() if p.name.startswith("events"))
   data = path.read_bytes()
@@ -227,10 +366,16 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
   work = str(tmp_path / "w")
   per_epoch = summary["steps"] // cfg.num_epochs
-  epochs = metrics.read_jsonl(os.path.join(work, "metrics.jsonl"))
-  points = metrics.read_jsonl(os.path.join(work, "steps.jsonl"))
+  path = os.path.join(work, "metrics.jsonl")
+  records = metrics.read_jsonl(path)
+  epochs, points = metrics.read_jsonl(path, "epoch"), metrics.read_jsonl(path, "eval")
+  assert {r["kind"] for r in records} == {"eval", "epoch", "summary"}
+  assert records[-1]["kind"] == "summary" and records[-1]["steps"] == summary["steps"]
+  assert records[-1]["test_accuracy"] == summary["test_accuracy"]
+  assert not os.path.exists(os.path.join(work, "steps.jsonl"))
   expected = sorted(set(range(25, summary["steps"] + 1, 25)) | {per_epoch, 2 * per_epoch})
   assert [p["step"] for p in points] == expected  # exact multiples of N, plus epoch ends
+  assert [r["epoch"] for r in epochs] == [1, 2]
   # Mid-epoch epsilon is the accountant's; epoch-end points repeat the epoch records.
   mid = [p for p in points if p["step"] % per_epoch]
   assert mid[0]["epsilon"] == accounting.compute_epsilon(
@@ -243,8 +388,9 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
     assert by_step[r["step"]]["test_accuracy"] == r["test_accuracy"]
     assert by_step[r["step"]]["epsilon"] == r["epsilon"]
   assert all(np.isfinite(p["nonprivate_train_loss"]) and 0 <= p["nonprivate_clipped_fraction"] <= 1 for p in points)
-  scalars = metrics.read_scalars(work)
+  scalars = read_scalars(work)
   assert [s for s, _ in scalars["test/accuracy"]] == expected
+  # float32 in the event file: 1e-6 relative is above its rounding (2^-24 ~ 6e-8).
   assert [v for _, v in scalars["privacy/epsilon"]] == pytest.approx(eps, rel=1e-6)
   assert [v for _, v in scalars["epoch/test_accuracy"]] == pytest.approx(
       [r["test_accuracy"] for r in epochs], rel=1e-6)

@@ -7,7 +7,9 @@ import sys
 import nbformat
 from nbclient import NotebookClient
 
+from fastdp_jax import metrics
 from tests.conftest import ROOT
+from tests.tensorboard_events import read_scalars
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
@@ -47,6 +49,12 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   assert loaded == reported
   assert "consistent: True" in text
   assert "privacy/epsilon" in text and "test/accuracy" in text
+  # The one metrics.jsonl by kind, and the event files hold the curves of its eval records.
+  assert "record kinds: ['epoch', 'eval', 'summary']" in text
+  evals = metrics.read_jsonl(tmp_path / "run" / metrics.METRICS_FILE, metrics.EVAL)
+  scalars = read_scalars(tmp_path / "run")
+  assert [s for s, _ in scalars["privacy/epsilon"]] == [r["step"] for r in evals]
+  assert [s for s, _ in scalars["test/accuracy"]] == [r["step"] for r in evals]
   assert os.path.isfile(tmp_path / "run" / "report" / "accuracy_vs_epsilon.png")
   assert os.path.isfile(tmp_path / "run" / "model" / "MODEL_CARD.md")
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs

@@ -80,6 +80,13 @@ def test_default_run_is_private_and_releases_no_statistic_of_training_rows(tmp_p
       assert needle not in blob, (path, needle)
   assert scanned > 5  # checkpoints, metrics, summary, TensorBoard, model
 
+  # Every output of the run has its entry (and status) in release.OUTPUTS.
+  named = " ".join(release.OUTPUTS)
+  for entry in os.listdir(workdir):
+    name = "TensorBoard events" if entry.startswith("events.out.tfevents.") else entry
+    assert name in named or f"{name}/" in named, entry
+  assert "steps.jsonl" not in named and named.count("metrics.jsonl") == 1  # one metrics file
+
 
 def test_forget_drops_keys_and_checkpoints_and_refuses_a_retrain(tmp_path):
   data = make_dataset(str(tmp_path / "data"), rows=1500, seed=12)

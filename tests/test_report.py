@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from fastdp_jax import report
@@ -15,15 +14,18 @@ from tests.conftest import ROOT
 def _workdir(path, *, dp, accs, eps, mia_auc=None):
   os.makedirs(path)
   steps = [10 * (i + 1) for i in range(len(accs))]
-  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:  # as the trainer writes it
     for i, (s, a, e) in enumerate(zip(steps, accs, eps)):
-      f.write(json.dumps(dict(epoch=i + 1, step=s, train_loss=0.7 - 0.01 * i, test_loss=0.69,
-                              test_accuracy=a, epsilon=e, attack_accuracy=0.6)) + "\n")
-  with open(os.path.join(path, "steps.jsonl"), "w") as f:
-    for s, a, e in zip(steps, accs, eps):  # a finer point between epoch ends
-      f.write(json.dumps(dict(step=s - 5, train_loss=0.71, test_accuracy=a - 0.01,
-                              epsilon=e / 2)) + "\n")
-      f.write(json.dumps(dict(step=s, train_loss=0.7, test_accuracy=a, epsilon=e)) + "\n")
+      # A finer eval point between epoch ends, the epoch end's eval record, its epoch record.
+      f.write(json.dumps(dict(kind="eval", step=s - 5, nonprivate_train_loss=0.71,
+                              test_accuracy=a - 0.01, epsilon=e / 2)) + "\n")
+      f.write(json.dumps(dict(kind="eval", step=s, nonprivate_train_loss=0.7,
+                              test_accuracy=a, epsilon=e)) + "\n")
+      f.write(json.dumps(dict(kind="epoch", epoch=i + 1, step=s,
+                              nonprivate_train_loss=0.7 - 0.01 * i, test_loss=0.69,
+                              test_accuracy=a, epsilon=e, nonprivate_attack_accuracy=0.6,
+                              epoch_time_s=2.0 + i)) + "\n")
+    f.write(json.dumps(dict(kind="summary", step=steps[-1], epsilon=eps[-1])) + "\n")
   summary = dict(dp_enabled=dp, noise_multiplier=0.9 if dp else 0.0,
                  l2_norm_clip=3.0 if dp else None, sampling_rate=0.01, steps=steps[-1],
                  epsilon=eps[-1], delta=1e-5 if dp else None, test_accuracy=accs[-1],
@@ -73,12 +75,34 @@ def test_report_writes_four_plots_and_a_table(runs, tmp_path):
     assert f"({name})" in text
 
 
-def test_series_prefer_the_finer_points(runs):
+def test_series_come_from_the_records_by_kind(runs):
   run = report.load_run(runs[0])
-  steps, accs = run.series("test_accuracy")
+  assert [r["step"] for r in run.evals] == [5, 10, 15, 20, 25, 30]
+  assert [r["epoch"] for r in run.epochs] == [1, 2, 3]
+  steps, accs = run.series("test_accuracy")  # the finer eval points
   assert steps == [5, 10, 15, 20, 25, 30] and accs[1] == 0.65
+  # A key only the epoch records have comes from them.
+  assert run.series("epoch_time_s") == ([10, 20, 30], [2.0, 3.0, 4.0])
   public = report.load_run(runs[1])
   assert public.series("epsilon") == ([], [])  # inf is not plotted
+
+
+def test_training_loss_is_plotted_only_when_asked(runs, tmp_path, monkeypatch):
+  # The training loss is a training-row statistic without noise: out of the plots by default.
+  from matplotlib import axes
+  drawn = []
+  real_plot = axes.Axes.plot
+
+  def plot(self, *args, **kwargs):
+    drawn.append(kwargs.get("label"))
+    return real_plot(self, *args, **kwargs)
+
+  monkeypatch.setattr(axes.Axes, "plot", plot)
+  report.write_report([runs[0]], str(tmp_path / "default"))
+  assert "dp test" in drawn and "dp train" not in drawn
+  drawn.clear()
+  report.write_report([runs[0]], str(tmp_path / "all"), include_nonprivate=True)
+  assert "dp test" in drawn and "dp train" in drawn
 
 
 def test_names_stay_unique():

@@ -182,9 +182,9 @@ def test_a_real_full_disk_during_export_keeps_the_previous_model(tmp_path):
 def test_an_append_cut_short_by_a_full_disk_does_not_stop_the_resume(dataset, tmp_path):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(make_config(dataset, num_epochs=1), workdir)
-  steps_file = os.path.join(workdir, "steps.jsonl")
+  steps_file = os.path.join(workdir, "metrics.jsonl")
   with open(steps_file, "a") as f:
-    f.write('{"step": 77, "time_s": 1.')  # the disk filled up mid-line
+    f.write('{"kind": "eval", "step": 77, "time_s": 1.')  # the disk filled up mid-line
   summary = train.train_and_evaluate(make_config(dataset, num_epochs=2), workdir)
   with open(steps_file) as f:
     records = [json.loads(line) for line in f]  # every line whole again

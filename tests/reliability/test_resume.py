@@ -70,5 +70,9 @@ def test_sigkill_during_epoch_3_then_resume_equals_uninterrupted(dataset, tmp_pa
   assert sb["epsilon"] == sa["epsilon"] and sb["steps"] == sa["steps"]
   ma = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
   mb = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  # The eval records too: the ones after the checkpoint were cut and written again, once.
+  assert [r["step"] for r in mb if r["kind"] == "eval"] == [
+      r["step"] for r in ma if r["kind"] == "eval"]
+  ma, mb = ([r for r in m if r["kind"] == "epoch"] for m in (ma, mb))
   assert [r["epoch"] for r in mb] == [1, 2, 3]  # no duplicated or lost epochs
   assert mb[-1]["test_accuracy"] == pytest.approx(ma[-1]["test_accuracy"], abs=1e-6)
