@@ -280,7 +280,9 @@ def _privacy_of(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def _metrics_of(summary: Mapping[str, Any]) -> dict[str, Any]:
   # Held-out test rows only; the training-row diagnostics (nonprivate_*) stay in the workdir.
-  keys = ("test_accuracy", "test_loss", "majority_class_rate", "below_majority_class")
+  keys = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1", "test_rmse",
+          "test_mae", "majority_class_rate", "below_majority_class", "baseline_rmse",
+          "baseline_mae", "below_baseline")
   out = {k: summary[k] for k in keys if k in summary}
   if out:
     out["note"] = ("computed on held-out private test rows; not covered by the privacy "
@@ -296,6 +298,25 @@ def _fmt(value: Any, digits: int = 4) -> str:
   if isinstance(value, float):
     return f"{value:.{digits}g}" if np.isfinite(value) else str(value)
   return str(value)
+
+
+# The card's evaluation rows per task (the summary keys of fastdp_jax.train._task_summary).
+_CARD_METRICS = {
+    "binary": (("test accuracy", "test_accuracy"), ("test AUC", "test_auc"),
+               ("majority-class rate", "majority_class_rate"), ("test loss (BCE)", "test_loss")),
+    "multiclass": (("test accuracy", "test_accuracy"), ("test macro-F1", "test_macro_f1"),
+                   ("majority-class rate", "majority_class_rate"),
+                   ("test loss (cross-entropy)", "test_loss")),
+    "regression": (("test RMSE", "test_rmse"), ("test MAE", "test_mae"),
+                   ("baseline RMSE (predicting the test rows' mean)", "baseline_rmse"),
+                   ("baseline MAE (the same)", "baseline_mae"),
+                   ("test loss (squared or Huber, in half-ranges of the label bounds)",
+                    "test_loss")),
+}
+
+
+_TASK_WORDS = {"binary": "Binary classification", "multiclass": "Multi-class classification",
+               "regression": "Regression"}
 
 
 def model_card(spec: Mapping[str, Any]) -> str:
@@ -353,15 +374,15 @@ def model_card(spec: Mapping[str, Any]) -> str:
             "Computed on held-out private test rows, released without noise: not covered by "
             "the privacy guarantee above.", "",
             "| metric | value |", "|---|---|",
-            f"| test accuracy | {_fmt(met.get('test_accuracy'))} |",
-            f"| majority-class rate | {_fmt(met.get('majority_class_rate'))} |",
-            f"| test loss (BCE) | {_fmt(met.get('test_loss'))} |"]
+            *(f"| {name} | {_fmt(met.get(key))} |"
+              for name, key in _CARD_METRICS[met.get("task", "binary")])]
   lines += [
       "", "Attacks on training rows (model inversion, membership inference) and the training "
       "loss are statistics of the training data that no accountant covers: they stay in the "
       "private workdir and are not part of this export.", "",
       "## Intended use and limits", "",
-      "- Binary classification of rows with exactly the features above; inputs outside the "
+      f"- {_TASK_WORDS[met.get('task', 'binary')]} of rows with exactly the features above; "
+      "inputs outside the "
       "training distribution (e.g. values other than those seen in training) give "
       "unreliable predictions.",
       "- Trained on synthetic or census-style data; the accuracy above is for its test split.",

@@ -79,21 +79,38 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.adam(o.learning_rate)
 
 
-def build_eval(apply_fn: Callable) -> Callable:
+def build_eval(apply_fn: Callable, head: models.TaskHead = models.BINARY) -> Callable:
+  """Jitted ``evaluate(params, x, y, mask) -> (loss_sum, correct, predictions)`` of a chunk.
+
+  ``predictions`` are :meth:`fastdp_jax.models.TaskHead.predict`'s (what an exported model
+  returns); ``correct`` counts right classes (binary: logit > 0, as the trainer always did;
+  multiclass: the arg-max; 0 for regression).
+  """
   @jax.jit
   def evaluate(params, x, y, mask):
-    logits = apply_fn(params, x)
-    losses = optax.sigmoid_binary_cross_entropy(logits, y)
-    correct = (logits > 0) == (y > 0.5)
-    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct & mask)
+    outputs = apply_fn(params, x)
+    losses = head.losses(outputs, y)
+    if head.kind == "binary":
+      correct = (outputs > 0) == (y > 0.5)
+    elif head.kind == "multiclass":
+      correct = jnp.argmax(outputs, axis=-1) == y.astype(jnp.int32)
+    else:
+      correct = jnp.zeros(y.shape, bool)
+    return (jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct & mask),
+            head.predict(outputs))
   return evaluate
 
 
 def evaluate_split(evaluate: Callable, params, x: np.ndarray, y: np.ndarray,
-                   chunk: int) -> tuple[float, float]:
-  """Mean loss and accuracy over a split, in fixed-size padded chunks (one compilation)."""
+                   chunk: int) -> tuple[float, float, np.ndarray]:
+  """Mean loss, accuracy and every row's prediction over a split, in fixed-size padded
+  chunks (one compilation).
+
+  Returns:
+    ``(mean loss, accuracy, predictions [n] or [n, K])`` (accuracy 0 for regression).
+  """
   chunk = min(chunk, len(y))
-  loss, correct = 0.0, 0
+  loss, correct, preds = 0.0, 0, []
   for lo in range(0, len(y), chunk):
     xb, yb = x[lo:lo + chunk], y[lo:lo + chunk]
     n = len(yb)
@@ -101,10 +118,65 @@ def evaluate_split(evaluate: Callable, params, x: np.ndarray, y: np.ndarray,
     if n < chunk:
       xb = np.concatenate([xb, np.zeros((chunk - n, x.shape[1]), x.dtype)])
       yb = np.concatenate([yb, np.zeros((chunk - n,), y.dtype)])
-    l, c = evaluate(params, xb, yb, mask)
+    l, c, p = evaluate(params, xb, yb, mask)
     loss += float(l)
     correct += int(c)
-  return loss / len(y), correct / len(y)
+    preds.append(np.asarray(p)[:n])
+  return loss / len(y), correct / len(y), np.concatenate(preds)
+
+
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve: P(score of a random positive > a random negative), ties 1/2.
+
+  The Mann-Whitney statistic from average ranks (tied scores share their mean rank); NaN when
+  one class is absent.
+  """
+  scores, pos = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+  n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+  # Average rank (1-based) of each group of equal scores.
+  ends = np.cumsum(counts)
+  ranks = np.empty(len(scores))
+  ranks[order] = (ends - (counts - 1) / 2)[inverse]
+  return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
+  """Unweighted mean of the per-class F1 = 2 TP / (2 TP + FP + FN) over the classes that
+  occur in the labels or the predictions (scikit-learn's ``f1_score(average='macro')``)."""
+  predicted, labels = np.asarray(predicted, np.int64), np.asarray(labels, np.int64)
+  f1 = []
+  for c in np.union1d(predicted, labels):
+    tp = int(np.sum((predicted == c) & (labels == c)))
+    fp = int(np.sum((predicted == c) & (labels != c)))
+    fn = int(np.sum((predicted != c) & (labels == c)))
+    f1.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1)) if f1 else float("nan")
+
+
+def split_metrics(head: models.TaskHead, prefix: str, loss: float, accuracy: float,
+                  predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """The task's metrics of one split, named ``{prefix}_loss``, ``{prefix}_accuracy``, ...
+
+  binary: loss (BCE), accuracy, AUC; multiclass: loss (cross-entropy), accuracy, macro-F1;
+  regression: loss (squared or Huber, in units of half the public label range), RMSE and
+  MAE in the label's units.
+  """
+  out = {f"{prefix}_loss": loss}
+  if head.kind == "binary":
+    out[f"{prefix}_accuracy"] = accuracy
+    out[f"{prefix}_auc"] = binary_auc(predictions, labels)
+  elif head.kind == "multiclass":
+    out[f"{prefix}_accuracy"] = accuracy
+    out[f"{prefix}_macro_f1"] = macro_f1(np.argmax(predictions, axis=-1), labels)
+  else:
+    err = np.asarray(predictions, np.float64) - np.asarray(labels, np.float64)
+    out[f"{prefix}_rmse"] = float(np.sqrt(np.mean(err ** 2)))
+    out[f"{prefix}_mae"] = float(np.mean(np.abs(err)))
+  return out
 
 
 def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
@@ -130,7 +202,13 @@ def run_identity(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,
               model_hidden_sizes=list(cfg.model.hidden_sizes),
               num_features=int(train.features.shape[1]), data_digest=train.digest,
               seed=cfg.seed, sampling_seed=cfg.dp.sampling_seed,
-              noise_seed=cfg.dp.noise_seed, optimizer=cfg.optimizer.to_dict())
+              noise_seed=cfg.dp.noise_seed, optimizer=cfg.optimizer.to_dict(),
+              # Only when they matter: a binary run's identity is what it was before tasks.
+              **({"model_embedding_dim": cfg.model.embedding_dim} if train.embeddings else {}),
+              **({"model_huber_delta": cfg.model.huber_delta}
+                 if train.task.kind == "regression" else {}),
+              **({"validation_fraction": cfg.data.validation_fraction}
+                 if cfg.data.validation_fraction else {}))
 
 
 def draw_keys(cfg: ml_collections.ConfigDict) -> checkpoint_lib.RunKeys:
@@ -188,7 +266,9 @@ class Trainer:
   run_state: checkpoint_lib.RunState
   step: int
   attack_idx: int | None
-  majority: float
+  majority: dict[str, float]  # the task's baseline on the test rows (test metrics)
+  head: models.TaskHead = models.BINARY  # the task, from the manifest
+  validation: data_lib.Split | None = None  # held out of training (data.validation_fraction)
   canaries: privacy_eval.Canaries | None = None  # an audit dataset's (checked at set-up)
   cleanup: contextlib.ExitStack | None = None
   _reader: batch_stream.Prefetcher | None = None
@@ -251,19 +331,35 @@ class Trainer:
     self.step = step + k
     return m
 
-  def test_metrics(self) -> tuple[float, float]:
-    """Mean loss and accuracy on the test split (streamed from disk with data.batches)."""
+  def test_metrics(self) -> dict[str, float]:
+    """The task's metrics on the test split (streamed from disk with data.batches):
+    ``test_loss`` and ``test_accuracy``/``test_auc``, ``test_macro_f1`` or ``test_rmse``/
+    ``test_mae`` (:func:`split_metrics`)."""
     params = jax.device_get(self.state.params)
     if self.stream is None:
-      return evaluate_split(self.evaluate, params, self.test.features, self.test.labels,
-                            self.cfg.eval_batch_size)
+      return split_metrics(self.head, "test", *evaluate_split(
+          self.evaluate, params, self.test.features, self.test.labels,
+          self.cfg.eval_batch_size), self.test.labels)
     loss = correct = n = 0.0
+    preds, labels = [], []
     for x, y in batch_stream.iter_split(self.cfg.data.path, "test",
                                         chunk_rows=self.cfg.eval_batch_size):
-      chunk_loss, chunk_acc = evaluate_split(self.evaluate, params, x, y,
-                                             self.cfg.eval_batch_size)
+      chunk_loss, chunk_acc, p = evaluate_split(self.evaluate, params, x, y,
+                                                self.cfg.eval_batch_size)
       loss, correct, n = loss + chunk_loss * len(y), correct + chunk_acc * len(y), n + len(y)
-    return loss / n, correct / n
+      preds.append(p)
+      labels.append(y)
+    return split_metrics(self.head, "test", loss / n, correct / n, np.concatenate(preds),
+                         np.concatenate(labels))
+
+  def validation_metrics(self) -> dict[str, float]:
+    """The task's metrics on the validation rows (``validation_*``; empty without them)."""
+    if self.validation is None or not len(self.validation):
+      return {}
+    v = self.validation
+    return split_metrics(self.head, "validation", *evaluate_split(
+        self.evaluate, jax.device_get(self.state.params), v.features, v.labels,
+        self.cfg.eval_batch_size), v.labels)
 
   def save(self) -> None:
     if self.ckpt is not None:  # the noise key stays out of the arrays: it is in keys.json
@@ -285,7 +381,8 @@ def _load_data(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   # devices of the global mesh; N is the global row count.
   train, dev = parallel.load_training_data(mesh, cfg.data.path,
                                            verify_checksum=cfg.data.verify_checksums,
-                                           feature_bounds=cfg.data.feature_bounds)
+                                           feature_bounds=cfg.data.feature_bounds,
+                                           exclude=validation_rows(cfg))
   distributed.check_same_on_all_processes("config and data",
                                           (cfg.to_json_best_effort(), train.digest))
   test = data_lib.load_split(cfg.data.path, "test", verify_checksum=cfg.data.verify_checksums,
@@ -294,6 +391,74 @@ def _load_data(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     raise data_lib.ShardError(f"{cfg.data.path}: train has {train.features.shape[1]} features,"
                               f" test {test.features.shape[1]}")
   return train, test, dev
+
+
+VALIDATION_SEED = 70  # the train/test split's hash rule (schema.is_test_row) with another seed
+
+
+def validation_rows(cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
+  """``rows(ids) -> bool``: which global training rows are validation rows (None: none).
+
+  The same hash rule as the train/test split (:func:`fastdp_jax.schema.is_test_row`) with
+  :data:`VALIDATION_SEED`: a function of the row number only, identical on every process.
+  """
+  fraction = float(cfg.data.validation_fraction)
+  if not fraction:
+    return None
+  from fastdp_jax import schema  # local: the split rule, nothing else
+  return lambda ids: schema.is_test_row(ids, seed=VALIDATION_SEED, test_fraction=fraction)
+
+
+def _load_validation(cfg: ml_collections.ConfigDict,
+                     given: bool) -> data_lib.Split | None:
+  """The validation rows (every process reads all of them, a chunk at a time), or None.
+
+  Raises:
+    ConfigError: with ``data.batches`` (materialised batches are drawn from every training
+      row) or with data given in memory.
+  """
+  rule = validation_rows(cfg)
+  if rule is None:
+    return None
+  if cfg.data.batches or given:
+    raise errors.ConfigError("data.validation_fraction needs the training rows read from "
+                             "data.path (not data.batches or data given in memory); unset it")
+  if not os.path.isdir(cfg.data.path):
+    full = data_lib.load_split(cfg.data.path, "train", feature_bounds=cfg.data.feature_bounds)
+    keep = rule(np.arange(len(full)))
+    return dataclasses.replace(full, features=full.features[keep], labels=full.labels[keep])
+  total = data_lib.read_manifest(cfg.data.path).rows("train")
+  parts = []
+  for lo in range(0, total, 1 << 20):  # bounded memory: one chunk and the validation rows
+    hi = min(total, lo + (1 << 20))
+    chunk = data_lib.load_split(cfg.data.path, "train", rows=(lo, hi),
+                                verify_checksum=False,  # the training load verified them
+                                feature_bounds=cfg.data.feature_bounds)
+    keep = rule(np.arange(lo, hi))
+    parts.append(dataclasses.replace(chunk, features=chunk.features[keep],
+                                     labels=chunk.labels[keep]))
+  if not parts:
+    return None
+  return dataclasses.replace(parts[0], features=np.concatenate([p.features for p in parts]),
+                             labels=np.concatenate([p.labels for p in parts]))
+
+
+def _task_of(cfg: ml_collections.ConfigDict, train: data_lib.Split
+             ) -> tuple[models.TaskHead, tuple[models.EmbeddingInput, ...]]:
+  """The model's task head and embedding inputs, from the manifest (via the split).
+
+  Raises:
+    ConfigError: ``model.task`` contradicts the manifest's task.
+  """
+  task = train.task
+  if cfg.model.task is not None and cfg.model.task != task.kind:
+    raise errors.ConfigError(f"model.task={cfg.model.task!r} contradicts the dataset's task "
+                             f"{task.kind!r} (its manifest.json); unset model.task")
+  head = models.TaskHead(kind=task.kind, num_classes=len(task.classes), bounds=task.bounds,
+                         huber_delta=cfg.model.huber_delta if task.kind == "regression"
+                         else None)
+  return head, models.embedding_inputs(train.feature_names, train.embeddings,
+                                       cfg.model.embedding_dim)
 
 
 def _load_streamed(cfg: ml_collections.ConfigDict):
@@ -338,15 +503,35 @@ def _streamed_keys(stream: batch_stream.BatchStream,
                              sampling_fixed=bool(fixed or stream.sampling_fixed))
 
 
-def _majority(cfg: ml_collections.ConfigDict, test: data_lib.Split, streamed: bool) -> float:
-  if not streamed:
-    rate = float(test.labels.mean())
-  else:
-    ones = total = 0.0
-    for _, y in batch_stream.iter_split(cfg.data.path, "test", chunk_rows=cfg.eval_batch_size):
-      ones, total = ones + float(y.sum()), total + len(y)
-    rate = ones / max(total, 1.0)
-  return max(rate, 1 - rate)
+def _majority(cfg: ml_collections.ConfigDict, test: data_lib.Split, streamed: bool,
+              head: models.TaskHead = models.BINARY) -> dict[str, float]:
+  """The task's constant baseline, computed on the TEST rows (a test metric, like accuracy).
+
+  binary and multiclass: ``majority_class_rate`` (the test rows' most frequent class);
+  regression: ``baseline_rmse`` and ``baseline_mae`` of predicting the test rows' mean.
+  A baseline from the training rows would be an unaccounted statistic of them.
+  """
+  chunks = ([test.labels] if not streamed else
+            [y for _, y in batch_stream.iter_split(cfg.data.path, "test",
+                                                   chunk_rows=cfg.eval_batch_size)])
+  if head.kind == "binary":
+    if not streamed:
+      rate = float(test.labels.mean())
+    else:
+      ones = total = 0.0
+      for y in chunks:
+        ones, total = ones + float(y.sum()), total + len(y)
+      rate = ones / max(total, 1.0)
+    return {"majority_class_rate": max(rate, 1 - rate)}
+  total = max(sum(len(y) for y in chunks), 1)
+  if head.kind == "multiclass":
+    counts = sum(np.bincount(np.asarray(y, np.int64), minlength=head.num_classes)
+                 for y in chunks)
+    return {"majority_class_rate": float(np.max(counts)) / total}
+  mean = sum(float(np.sum(y, dtype=np.float64)) for y in chunks) / total
+  sq = sum(float(np.sum((np.asarray(y, np.float64) - mean) ** 2)) for y in chunks)
+  ab = sum(float(np.sum(np.abs(np.asarray(y, np.float64) - mean))) for y in chunks)
+  return {"baseline_rmse": float(np.sqrt(sq / total)), "baseline_mae": ab / total}
 
 
 def _resolve_keys(cfg: ml_collections.ConfigDict, workdir: str,
@@ -452,18 +637,21 @@ def _plan_run(cfg: ml_collections.ConfigDict, n: int, mesh: jax.sharding.Mesh,
   return plan, stream
 
 
-def _build_model(cfg: ml_collections.ConfigDict, plan: PrivacyPlan, num_features: int):
+def _build_model(cfg: ml_collections.ConfigDict, plan: PrivacyPlan, num_features: int,
+                 head: models.TaskHead = models.BINARY,
+                 embeddings: tuple[models.EmbeddingInput, ...] = ()):
   """``(model, apply_fn, params, loss_fn)``; warns when the noise swamps the signal."""
   # cfg.seed initialises the model and nothing else: the batches and the noise come from
   # secret keys (OS entropy, unless dp.sampling_seed / dp.noise_seed fix them).
-  model = models.create_model(num_features, cfg.model.hidden_sizes, cfg.seed)
+  model = models.create_model(num_features, cfg.model.hidden_sizes, cfg.seed,
+                              num_outputs=head.num_outputs, embeddings=embeddings)
   if plan.enabled:
     models.check_dp_compatible(model)
   apply_fn, params = models.functional(model)
   if warning := noise_warning(plan, models.count_params(params), cfg.batch_size,
                               cfg.dp.target_epsilon):
     say(f"WARNING: {warning}")
-  return model, apply_fn, params, models.example_loss(apply_fn)
+  return model, apply_fn, params, models.example_loss(apply_fn, head)
 
 
 def _open_checkpointer(cfg: ml_collections.ConfigDict, workdir: str,
@@ -490,11 +678,12 @@ def _initial_state(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, plan
 
 
 def _compile(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, plan: PrivacyPlan,
-             model, loss_fn: Callable, tx: optax.GradientTransformation, streamed: bool
+             model, loss_fn: Callable, tx: optax.GradientTransformation, streamed: bool,
+             head: models.TaskHead = models.BINARY
              ) -> tuple[step_lib.TrainStep | step_lib.StreamedStep, str]:
   """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap')."""
   clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, plan.l2_norm_clip,
-                                       microbatch_size=cfg.dp.microbatch_size)
+                                       microbatch_size=cfg.dp.microbatch_size, head=head)
   method = ghost.resolve_method(cfg.dp.clipping, model)
   logging.info("per-example clipping: %s", method)
   build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk
@@ -561,9 +750,12 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
   """
   mesh = parallel.make_mesh()
   streamed = data is None and bool(cfg.data.batches)
+  validation = _load_validation(cfg, given=data is not None)
   train, test, dev, n = _read_inputs(cfg, mesh, data, streamed)
   plan, stream = _plan_run(cfg, n, mesh, streamed)
-  model, apply_fn, params, loss_fn = _build_model(cfg, plan, train.features.shape[1])
+  head, embeddings = _task_of(cfg, train)
+  model, apply_fn, params, loss_fn = _build_model(cfg, plan, train.features.shape[1], head,
+                                                  embeddings)
   # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
   ckpt = _open_checkpointer(cfg, workdir, cleanup)
   keys = _resolve_keys(cfg, workdir, ckpt)
@@ -574,7 +766,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
   step, stop_at = int(state.step), _stop_at(cfg, plan, run_state.ledger)
   prof = profiling.Profiler(workdir, cfg.profile_steps, first_step=step, last_step=stop_at,
                             steps_per_call=cfg.steps_per_call)
-  run, method = _compile(cfg, mesh, plan, model, loss_fn, tx, streamed)
+  run, method = _compile(cfg, mesh, plan, model, loss_fn, tx, streamed, head)
   private, privacy_note = release.privacy_status(
       dp_enabled=plan.enabled, noise_fixed=keys.noise_fixed, sampling_fixed=keys.sampling_fixed)
   t = Trainer(
@@ -587,11 +779,11 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       # This process computes only its own devices' batches (the others' never move).
       local_shards=[k for k, d in enumerate(mesh.devices.flat)
                     if d.process_index == jax.process_index()],
-      evaluate=build_eval(apply_fn), ckpt=ckpt,
+      evaluate=build_eval(apply_fn, head), ckpt=ckpt, head=head, validation=validation,
       schedule=_make_schedule(cfg, plan, stop_at, ckpt, prof),
       writer=_make_writer(cfg, workdir, stop_at, run_state, step, cleanup),
       prof=prof, state=state, run_state=run_state, step=step,
-      attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed))
+      attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed, head))
   t.writer.write(metrics_lib.CONFIG, step, json.loads(cfg.to_json_best_effort()))
   _announce(t, models.count_params(params))
   return t
@@ -605,9 +797,7 @@ def _progress(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
 def _log_point(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
   del m, k
   if t.schedule.is_log_point(t.step):
-    loss, acc = t.test_metrics()
-    t.writer.write(metrics_lib.EVAL, t.step,
-                   dict(test_loss=loss, test_accuracy=acc, epsilon=t.epsilon()))
+    t.writer.write(metrics_lib.EVAL, t.step, dict(t.test_metrics(), epsilon=t.epsilon()))
 
 
 def _periodic_checkpoint(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
@@ -623,18 +813,18 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
   epoch_time = time.time() - t.epoch_t0
   host_params = jax.device_get(t.state.params)
   with t.prof.phase("evaluation"):
-    test_loss, test_acc = t.test_metrics()
+    test = t.test_metrics()
+    validation = t.validation_metrics()  # private rows held out of training
   with t.prof.phase("accounting"):
     eps = t.epsilon()
   part = t.run_state.partial
   count = max(part["count"], 1)
   record = {"epoch": (t.step - 1) // t.plan.steps_per_epoch + 1, "step": t.step,
-            "test_loss": test_loss, "test_accuracy": test_acc, "epsilon": eps,
-            "epoch_time_s": epoch_time,
+            **test, "epsilon": eps, **validation, "epoch_time_s": epoch_time,
             release.TRAIN_LOSS: part["loss_sum"] / count,
             release.CLIPPED_FRACTION: part["clipped"] / count,
             release.NONFINITE_EXAMPLES: int(part["nonfinite"])}
-  if t.attack_idx is not None:
+  if t.attack_idx is not None and t.head.kind == "binary":  # the attack inverts P(y = 1)
     def predict_proba(x: np.ndarray) -> np.ndarray:
       return np.asarray(jax.nn.sigmoid(t.apply_fn(host_params, jnp.asarray(x))))
     record[release.ATTACK_ACCURACY] = attack.model_inversion_accuracy(
@@ -642,8 +832,7 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
         t.cfg.data.attack_rows, seed=t.cfg.seed)
   t.run_state = dataclasses.replace(t.run_state, history=t.run_state.history + (record,),
                                     partial=checkpoint_lib.zero_partial())
-  t.writer.write(metrics_lib.EVAL, t.step,
-                 dict(test_loss=test_loss, test_accuracy=test_acc, epsilon=eps))
+  t.writer.write(metrics_lib.EVAL, t.step, dict(test, epsilon=eps))
   t.writer.write(metrics_lib.EPOCH, t.step, record)
   t.save()
   t.epoch_t0 = time.time()
@@ -678,9 +867,7 @@ def _summary(t: Trainer) -> dict[str, Any]:
       delta_warning=plan.delta_warning, noise_multiplier=plan.noise_multiplier,
       l2_norm_clip=plan.l2_norm_clip, sampling_rate=plan.sampling_rate, steps=t.step,
       accountant=plan.accountant, ledger_composition=ledger.composition, dp_enabled=dp_on,
-      test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
-      majority_class_rate=t.majority,
-      below_majority_class=bool(final["test_accuracy"] < t.majority),
+      **_task_summary(t, final),
       train_examples=t.num_examples, test_examples=len(t.test),
       batches=t.cfg.data.batches or None,
       **{release.ATTACK_ACCURACY: final.get(release.ATTACK_ACCURACY)},
@@ -695,12 +882,66 @@ def _summary(t: Trainer) -> dict[str, Any]:
       config=json.loads(t.cfg.to_json_best_effort()))
 
 
+def _task_summary(t: Trainer, final: dict[str, Any]) -> dict[str, Any]:
+  """The task, its test metrics and baseline, and the validation metrics of the last epoch.
+
+  Keys: ``task``; ``test_loss`` and binary ``test_accuracy``, ``test_auc``; multiclass
+  ``test_accuracy``, ``test_macro_f1``; regression ``test_rmse``, ``test_mae``; the baseline
+  (``majority_class_rate`` and ``below_majority_class``, or ``baseline_rmse``,
+  ``baseline_mae`` and ``below_baseline``); ``validation_*`` and ``validation_examples`` when
+  there is a validation split. Every one is computed on held-out private rows, without noise.
+  """
+  out: dict[str, Any] = {"task": t.head.kind}
+  out.update({k: v for k, v in final.items() if k.startswith(("test_", "validation_"))})
+  out.update(t.majority)
+  if t.head.kind == "regression":
+    out["below_baseline"] = bool(final["test_rmse"] > t.majority["baseline_rmse"])
+  else:
+    out["below_majority_class"] = bool(final["test_accuracy"] < t.majority["majority_class_rate"])
+  if t.head.kind == "multiclass":
+    out["classes"] = list(t.train.task.classes)
+  if t.head.kind == "regression":
+    out["label_bounds"] = list(t.head.bounds or ())
+  if t.validation is not None:
+    out["validation_examples"] = len(t.validation)
+  return out
+
+
+def _result_line(summary: dict[str, Any]) -> str:
+  """``test accuracy 0.8123 (majority class 0.6280)`` or ``test RMSE ... (baseline ...)``."""
+  if summary["task"] == "regression":
+    return (f"test RMSE {summary['test_rmse']:.4f}, MAE {summary['test_mae']:.4f} (predicting "
+            f"the test mean: RMSE {summary['baseline_rmse']:.4f})")
+  extra = (f", macro-F1 {summary['test_macro_f1']:.4f}" if summary["task"] == "multiclass"
+           else "")
+  return (f"test accuracy {summary['test_accuracy']:.4f}{extra} (majority class "
+          f"{summary['majority_class_rate']:.4f})")
+
+
+def _example_losses(t: Trainer, host_params: Any) -> Callable:
+  """Per-example losses of the trained model (membership inference and canary audit)."""
+  if t.head.kind == "binary":
+    return privacy_eval.batched_losses(t.apply_fn, host_params, t.cfg.eval_batch_size)
+  losses = jax.jit(lambda p, x, y: t.head.losses(t.apply_fn(p, x), y))
+
+  def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    step = t.cfg.eval_batch_size
+    return np.concatenate([np.asarray(losses(host_params, x[i:i + step], y[i:i + step]))
+                           for i in range(0, len(y), step)] or [np.zeros(0, np.float32)])
+
+  return fn
+
+
 def _write_outputs(t: Trainer, summary: dict[str, Any], host_params: Any) -> None:
   if t.is_writer and t.cfg.export_model:
     summary["model_dir"] = export_lib.export_model(
         os.path.join(t.workdir, export_lib.MODEL_DIR), params=host_params,
         feature_names=t.train.feature_names, label_name=t.train.label_name,
-        hidden_sizes=t.cfg.model.hidden_sizes, summary=summary)
+        hidden_sizes=t.cfg.model.hidden_sizes, summary=summary,
+        model=models.model_spec(hidden_sizes=t.cfg.model.hidden_sizes, head=t.head,
+                                classes=t.train.task.classes,
+                                feature_names=t.train.feature_names,
+                                embeddings=_task_of(t.cfg, t.train)[1]))
   t.writer.write(metrics_lib.SUMMARY, t.step, summary)
   t.writer.close()
   if not t.is_writer:
@@ -725,7 +966,7 @@ def finalize(t: Trainer) -> dict[str, Any]:
   summary = _summary(t)
   # Empirical privacy: membership inference; the canary audit when the data is an audit set.
   summary["privacy_eval"], lines = privacy_eval.evaluate_privacy(
-      privacy_eval.batched_losses(t.apply_fn, host_params, t.cfg.eval_batch_size),
+      _example_losses(t, host_params),
       train=(t.train.features, t.train.labels), test=(t.test.features, t.test.labels),
       membership_rows=t.cfg.privacy_eval.membership_rows, seed=t.cfg.seed,
       canaries=t.canaries, delta=t.plan.delta,
@@ -733,16 +974,14 @@ def finalize(t: Trainer) -> dict[str, Any]:
   for line in lines:
     say(line)
   _write_outputs(t, summary, host_params)
-  if summary["below_majority_class"]:
-    say(f"WARNING: test accuracy {summary['test_accuracy']:.4f} is below the majority-class "
-        f"rate {t.majority:.4f}: the model did not learn")
+  if summary.get("below_majority_class") or summary.get("below_baseline"):
+    say(f"WARNING: {_result_line(summary)}: below the constant baseline; the model did not "
+        "learn")
   if t.plan.enabled:
     say(f"done: epsilon {summary['epsilon']:.4f} at delta {t.plan.delta_total:.3g}, "
-        f"private: {str(t.private).lower()}, test accuracy "
-        f"{summary['test_accuracy']:.4f} (majority class {t.majority:.4f})")
+        f"private: {str(t.private).lower()}, {_result_line(summary)}")
   else:
-    say(f"done (non-private): test accuracy {summary['test_accuracy']:.4f} "
-        f"(majority class {t.majority:.4f})")
+    say(f"done (non-private): {_result_line(summary)}")
   return summary
 
 
