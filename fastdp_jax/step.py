@@ -61,15 +61,6 @@ class State:
   step: jax.Array
 
 
-def vmap_clipped_sum(loss_fn: clipping.LossFn, l2_norm_clip: float | None,
-                     microbatch_size: int | None = None) -> ClippedSumFn:
-  """The ``vmap`` per-example clipping method as a :data:`ClippedSumFn`."""
-  def fn(params, batch, mask):
-    return clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
-                                                microbatch_size=microbatch_size)
-  return fn
-
-
 # STRATEGIES is defined in fastdp_jax.config (imported above), which must not import JAX.
 _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 

@@ -20,6 +20,7 @@ import pytest
 from fastdp_jax import clipping
 from fastdp_jax import data as data_lib
 from fastdp_jax import distributed
+from fastdp_jax import ghost
 from fastdp_jax import launch
 from fastdp_jax import models
 from fastdp_jax import noise
@@ -376,9 +377,10 @@ def _run_steps(devices, strategy, clip_kind):
   y = (rng.random(N) < 0.6).astype(np.float32)
   mesh = parallel.make_mesh(devices)
   dev = parallel.place_training_data(mesh, x, y)
-  apply_fn, params = models.functional(models.create_model(D, HIDDEN, 0))
+  model = models.create_model(D, HIDDEN, 0)
+  apply_fn, params = models.functional(model)
   loss_fn = models.example_loss(apply_fn)
-  clipped = (step_lib.vmap_clipped_sum(loss_fn, CLIP) if clip_kind == "vmap"
+  clipped = (ghost.make_clipped_sum("vmap", model, loss_fn, CLIP) if clip_kind == "vmap"
              else _tap_clipped_sum(loss_fn, CLIP))
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]),
                    optax.sgd(0.5, momentum=0.9))
@@ -431,11 +433,13 @@ def test_compiled_step_has_exactly_one_all_reduce_of_the_gradient(strategy):
   y = (rng.random(N) < 0.6).astype(np.float32)
   mesh = parallel.make_mesh()
   dev = parallel.place_training_data(mesh, x, y)
-  apply_fn, params = models.functional(models.create_model(D, HIDDEN, 0))
+  model = models.create_model(D, HIDDEN, 0)
+  apply_fn, params = models.functional(model)
   loss_fn = models.example_loss(apply_fn)
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]), optax.sgd(0.1))
   sampler = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds)
-  run = step_lib.build_train_chunk(mesh, loss_fn, step_lib.vmap_clipped_sum(loss_fn, CLIP),
+  run = step_lib.build_train_chunk(mesh, loss_fn,
+                                   ghost.make_clipped_sum("vmap", model, loss_fn, CLIP),
                                    tx, CLIP, strategy)
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
                                                   step=jnp.zeros((), jnp.int32)))
