@@ -202,3 +202,30 @@ def test_mapper_values_read_back_exactly():
   back = np.array([[float(t) for t in s.split(",")] for s in texts])
   np.testing.assert_array_equal(back, values)
   assert [s.split(",")[6] for s in texts] == ["3", "-4"]  # integers print as integers
+
+
+def test_columns_by_name_in_any_order_with_an_extra_column(data, tmp_path):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  frame = pd.read_csv(data["clean"], keep_default_na=False, dtype=str)
+  shuffled = frame[list(reversed(frame.columns))]
+  shuffled.insert(2, "notes", "x")
+  path = str(tmp_path / "shuffled.csv")
+  shuffled.to_csv(path, index=False)
+  outputs = {}
+  for name, csv in (("canonical", data["clean"]), ("shuffled", path)):
+    tsv = str(tmp_path / f"{name}.tsv")
+    r = shell_pipeline(csv, tsv)
+    assert r.returncode == 0, r.stderr
+    outputs[name] = str(tmp_path / name)
+    assert to_shards.main(["--input", tsv, "--output", outputs[name], "--spec", "capums"]) == 0
+  assert_same_splits(outputs["canonical"], outputs["shuffled"])
+  # Unused columns are listed in the manifest, in header order.
+  assert data_lib.read_manifest(outputs["canonical"]).extra["ignored_columns"] == [
+      "blackfemale", "targetted"]
+  assert data_lib.read_manifest(outputs["shuffled"]).extra["ignored_columns"] == [
+      "targetted", "blackfemale", "notes"]
+  # A missing used column is refused by the mapper, naming it.
+  short = str(tmp_path / "short.csv")
+  frame.drop(columns=["married"]).to_csv(short, index=False)
+  r = shell_pipeline(short, str(tmp_path / "short.tsv"))
+  assert r.returncode != 0 and "missing ['married']" in r.stderr

@@ -267,3 +267,120 @@ def test_gzip_input_and_a_path_with_spaces(spark, tmp_path):
   assert a.provenance.rows_read == 20_040
   assert_same_splits(str(tmp_path / "gz"), str(tmp_path / "odd"))
   assert [r["line"] for r in T.read_rejects(str(tmp_path / "gz"))] == [i.line for i in injected]
+
+
+# --- Columns by name; label kinds and embeddings ---------------------------------------------
+
+
+def _reordered(cols: dict, path: str, extra: bool = True) -> list[str]:
+  """Writes ``cols`` as a CSV in reversed column order with an extra unused column."""
+  frame = pd.DataFrame(cols)[list(reversed(list(cols)))]
+  if extra:
+    frame.insert(3, "notes", np.arange(len(frame)) % 7)
+  frame.to_csv(path, index=False, na_rep="NA")
+  return list(frame.columns)
+
+
+def test_columns_in_another_order_with_an_extra_column_give_the_same_shards(spark, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  cols = S.synthesize_raw(5_000, seed=8, na_fraction=0.002)
+  canonical, shuffled = str(tmp_path / "canonical.csv"), str(tmp_path / "shuffled.csv")
+  S.write_csv(cols, canonical)
+  header = _reordered(cols, shuffled)
+  a = spark_job.run_job(spark, canonical, str(tmp_path / "a"), "pums_raw")
+  b = spark_job.run_job(spark, shuffled, str(tmp_path / "b"), "pums_raw")
+  assert_same_splits(str(tmp_path / "a"), str(tmp_path / "b"))
+  assert a.provenance == b.provenance
+  # The columns the spec does not use are listed, in header order.
+  assert a.extra["ignored_columns"] == ["state", "puma", "fips"]
+  assert b.extra["ignored_columns"] == [c for c in header if c in ("state", "puma", "fips",
+                                                                   "notes")]
+  assert "notes" in b.extra["ignored_columns"]
+  # Parquet: the same rule (another order, an extra column).
+  os.makedirs(tmp_path / "pq")
+  pd.read_csv(shuffled).to_parquet(tmp_path / "pq" / "part-0.parquet")
+  c = spark_job.run_job(spark, str(tmp_path / "pq"), str(tmp_path / "c"), "pums_raw")
+  assert_same_splits(str(tmp_path / "a"), str(tmp_path / "c"))
+  assert "notes" in c.extra["ignored_columns"]
+
+
+def test_a_missing_column_is_refused_before_spark_starts(tmp_path, monkeypatch, capsys):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  cols = S.synthesize_raw(100, seed=1)
+  del cols["age"], cols["income"]
+  path = str(tmp_path / "short.csv")
+  _reordered(cols, path)
+  started = []
+  monkeypatch.setattr(spark_job, "create_session", lambda *a, **k: started.append(a))
+  code = spark_job.main(["--input", path, "--output", str(tmp_path / "out"), "--spec",
+                         "pums_raw"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and started == [] and not (tmp_path / "out").exists()
+  assert err.count("\n") == 0 and err.startswith("error: ")
+  assert "missing ['age', 'income']" in err and path in err
+  # The refusal comes from the local header check, which needs no Spark at all.
+  with pytest.raises(spark_job.PipelineError, match=r"missing \['age', 'income'\]"):
+    spark_job.check_header(path, features_lib.load_spec("pums_raw"))
+  # Parquet's schema is read locally too.
+  pd.DataFrame(cols).to_parquet(tmp_path / "short.parquet")
+  with pytest.raises(spark_job.PipelineError, match=r"Parquet schema.*missing \['age'"):
+    spark_job.check_header(str(tmp_path / "short.parquet"), features_lib.load_spec("pums_raw"))
+
+
+def _label_spec(task: dict, embedding: dict | None = None) -> features_lib.FeatureSpec:
+  columns = {"a": {"kind": "binary"}}
+  features = ["a"]
+  if embedding is not None:
+    columns["code"] = embedding
+    features.append("code")
+  return features_lib.spec_from_config({"name": "t", "features": features, "columns": columns,
+                                        "label": "y", "task": task})
+
+
+def _write_rows(path, header, rows):
+  with open(path, "w") as f:
+    f.write(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+
+
+def test_label_kinds_and_embeddings_reject_or_clip_and_count(spark, tmp_path):
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  rows = [(i % 2, code, y) for i, (code, y) in enumerate(
+      [(101, 1), (102, 5), (150, 2), (999, 3), (101, 7), (103, 4), (101, 6), (102, 2)])]
+  csv = str(tmp_path / "rows.csv")
+  _write_rows(csv, ("a", "code", "y"), rows)
+  vocab = {"kind": "embedding", "range": (101, 150)}
+  # Multiclass: codes 1..6 in three public buckets; the code 7 is in none: rejected.
+  multi = _label_spec({"kind": "multiclass", "classes": (("low", (1, 2)), ("mid", (3, 4)),
+                                                        ("high", (5, 6)))}, vocab)
+  m = spark_job.run_job(spark, csv, str(tmp_path / "multi"), multi, test_fraction=0.5)
+  rejects = T.read_rejects(str(tmp_path / "multi"))
+  assert [(r["line"], r["reason"]) for r in rejects] == [(5, "out_of_domain"),
+                                                          (6, "out_of_domain")]
+  assert "'code': 999 is not an integer code in [101, 150]" in rejects[0]["detail"]
+  assert "'y': 7 is not one of 1,2,3,4,5,6" in rejects[1]["detail"]
+  assert m.task == data_lib.Task("multiclass", classes=("low", "mid", "high"))
+  assert m.embeddings == (data_lib.Embedding("code", 50),)
+  both = {s: data_lib.load_split(str(tmp_path / "multi"), s) for s in data_lib.SPLITS}
+  got = sorted(zip(*(np.concatenate([both[s].features[:, 1] for s in both]),
+                     np.concatenate([both[s].labels for s in both]))))
+  assert got == sorted([(0.0, 0.0), (1.0, 2.0), (49.0, 0.0), (2.0, 1.0), (0.0, 2.0),
+                        (1.0, 0.0)])
+  # Regression, clipped: 7 and 1 leave [2, 6]; both are clipped and counted, none rejected.
+  clip = _label_spec({"kind": "regression", "bounds": (2, 6), "transform": "log1p",
+                      "out_of_bounds": "clip"}, dict(vocab, unknown="extra_id"))
+  m = spark_job.run_job(spark, csv, str(tmp_path / "clip"), clip, test_fraction=0.5)
+  assert m.provenance.rejected == 0 and m.provenance.kept == len(rows)
+  assert m.extra["adjusted_by_column"] == {"label_clipped:y": 2, "unknown_id:code": 1}
+  assert m.task.bounds == pytest.approx((np.log1p(2), np.log1p(6)), rel=1e-15)
+  assert m.embeddings == (data_lib.Embedding("code", 51),)  # the extra id 50 for 999
+  labels = np.concatenate([data_lib.load_split(str(tmp_path / "clip"), s).labels
+                           for s in data_lib.SPLITS])
+  assert sorted(labels.tolist()) == sorted(np.float32(np.log1p(np.clip(
+      [r[2] for r in rows], 2, 6))).tolist())
+  # Regression, rejected: the same two rows are rejected as out_of_bounds.
+  reject = _label_spec({"kind": "regression", "bounds": (2, 6), "out_of_bounds": "reject"})
+  spark_job.run_job(spark, csv, str(tmp_path / "reject"), reject, test_fraction=0.5)
+  rejects = T.read_rejects(str(tmp_path / "reject"))
+  assert [(r["line"], r["reason"]) for r in rejects] == [(2, "out_of_bounds"),
+                                                          (6, "out_of_bounds")]
+  assert "inside the label's bounds [2, 6]" in rejects[0]["detail"]

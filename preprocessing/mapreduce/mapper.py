@@ -9,7 +9,8 @@ Locally (one input stream; its first line is the header)::
 Under Hadoop (``-D stream.map.input.ignoreKey=false``, so each input record is
 ``BYTE_OFFSET<TAB>LINE``; the header is the line at offset 0 of each file, and a split that
 does not start a file learns the column order from the spec's ``input_columns`` or
-``--columns``)::
+``--columns``: pass ``--columns`` with the file's header when its columns are in another order
+than ``input_columns`` or include others, since such a split never sees the header)::
 
   hadoop jar hadoop-streaming.jar -D stream.map.input.ignoreKey=false \
     -D stream.num.map.output.key.fields=2 -D mapreduce.job.reduces=1 \
