@@ -233,6 +233,49 @@ def test_single_process_start_checks_nothing(tmp_path):
   assert not (tmp_path / "never-created").exists()
 
 
+# Two processes on loopback, each checking a value with check_same_on_all_processes (a
+# multihost_utils.assert_equal underneath) and printing the one line a user would get.
+_AGREEMENT_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from fastdp_jax import distributed
+    rank, port, value = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    distributed.initialize(f"127.0.0.1:{{port}}", 2, rank, initialization_timeout_s=60)
+    try:
+      distributed.check_same_on_all_processes("the data digest", value)
+      print("same", flush=True)
+    except distributed.ProcessMismatchError as e:
+      print(f"error: {{e}}", flush=True)
+    distributed.check_same_on_all_processes("a second check", "agreed")  # still in step
+    print("done", flush=True)
+    """)
+
+
+@pytest.mark.parametrize("values,expected", [
+    (("abc", "abc"), "same"),
+    (("abc", "abd"), "error: the data digest differs between processes (processes [1] differ "
+                     "from process 0); start every process with the same config and data"),
+])
+def test_processes_agree_or_every_one_names_who_differs(tmp_path, values, expected):
+  script = tmp_path / "worker.py"
+  script.write_text(_AGREEMENT_WORKER.format(root=ROOT))
+  port = str(launch.free_port())
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, str(script), str(r), port, values[r]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for r in (0, 1)]
+  try:
+    outs = [p.communicate(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    ours = [line for line in out.splitlines() if not line.startswith("[Gloo]")]  # gloo's own
+    assert ours == [expected, "done"], (out, err[-3000:])
+
+
 # ---------------------------------------------------------------- the launcher
 
 def test_launcher_runs_the_trainer_module():
