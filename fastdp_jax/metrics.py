@@ -27,7 +27,8 @@ Only process 0 writes and prints: :func:`make_sinks` gives every other process a
 TensorBoard event files go straight into the workdir (``tensorboard --logdir runs/`` shows
 every run), written by ``tensorboardX`` (no TensorFlow). Scalar tags: ``nonprivate/train_loss``,
 ``nonprivate/clipped_fraction`` (training-row diagnostics without noise, see
-:mod:`fastdp_jax.release`), ``test/loss``, ``test/accuracy``, ``privacy/epsilon`` (x-axis:
+:mod:`fastdp_jax.release`), ``test/loss``, ``test/accuracy`` (every ``test_*`` number of
+the eval records as ``test/*``), ``privacy/epsilon`` (x-axis:
 optimizer updates), every epoch record's number under ``epoch/`` (x-axis: the epoch), and
 ``final/*``.
 """
@@ -370,9 +371,12 @@ class TensorBoardSink:
     if self._tb is None:
       return
     if kind == EVAL:
-      for key, tag in TENSORBOARD_TAGS.items():
-        if _is_number(scalars.get(key)):
-          self._tb.add_scalar(tag, float(scalars[key]), int(step))
+      for key, value in scalars.items():
+        # Other tasks' test metrics (test_rmse, test_macro_f1, ...) under test/ as well.
+        tag = TENSORBOARD_TAGS.get(key) or (f"test/{key[5:]}" if key.startswith("test_")
+                                            else None)
+        if tag is not None and _is_number(value):
+          self._tb.add_scalar(tag, float(value), int(step))
     elif kind == EPOCH:
       for key, value in scalars.items():
         if key not in ("epoch", "step") and _is_number(value):

@@ -148,6 +148,7 @@ def test_tensorboard_tags(tmp_path):
                      test_loss=0.6, test_accuracy=0.75, epsilon=1.5)
   tb.write(metrics.EVAL, 7, eval_record)
   tb.write(metrics.EVAL, 9, dict(eval_record, epsilon=float("inf")))  # non-private: no curve
+  tb.write(metrics.EVAL, 11, dict(time_s=4.0, test_loss=0.5, test_rmse=0.25))  # regression
   tb.write(metrics.EPOCH, 9, _record(3, 9, 0.75, 1.5))
   tb.write(metrics.PROGRESS, 9, dict(loss_sum=1.0, count=2.0, clipped=0.0))  # not a curve
   tb.close()
@@ -158,10 +159,11 @@ def test_tensorboard_tags(tmp_path):
   assert per_update == {
       "nonprivate/train_loss": [(7, pytest.approx(0.7)), (9, pytest.approx(0.7))],
       "nonprivate/clipped_fraction": [(7, 0.25), (9, 0.25)],
-      "test/loss": [(7, pytest.approx(0.6)), (9, pytest.approx(0.6))],
+      "test/loss": [(7, pytest.approx(0.6)), (9, pytest.approx(0.6)), (11, 0.5)],
       "test/accuracy": [(7, 0.75), (9, 0.75)],
+      "test/rmse": [(11, 0.25)],
       "privacy/epsilon": [(7, 1.5)]}
-  assert set(metrics.TENSORBOARD_TAGS.values()) == set(per_update)
+  assert set(metrics.TENSORBOARD_TAGS.values()) | {"test/rmse"} == set(per_update)
   # Epoch curves: every number of the record but epoch and step, against the epoch.
   assert sorted(t for t in scalars if t.startswith("epoch/")) == sorted(
       f"epoch/{k}" for k in _record(3, 9, 0.75, 1.5) if k not in ("epoch", "step"))
