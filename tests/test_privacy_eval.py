@@ -5,28 +5,127 @@ import os
 
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 from fastdp_jax import accounting
 from fastdp_jax import data as data_lib
 from fastdp_jax import privacy_eval as pe
 
 
+# ---------------------------------------------------------------- the previous statistics
+# fastdp_jax.privacy_eval now takes these from jax_privacy.auditing. This is the code it
+# replaced, kept here as the reference the new numbers are checked against.
+def _old_roc_points(pos, neg):
+  pos, neg = np.sort(pos), np.sort(neg)
+  thresholds = np.concatenate([np.unique(np.concatenate([pos, neg])), [np.inf]])
+  tpr = 1 - np.searchsorted(pos, thresholds, side="left") / pos.size
+  fpr = 1 - np.searchsorted(neg, thresholds, side="left") / neg.size
+  return tpr, fpr
+
+
+def _old_roc_auc(pos, neg):  # Mann-Whitney U / pairs: the area under the empirical ROC
+  ranks = stats.rankdata(np.concatenate([pos, neg]))
+  return (ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+
+
+def _old_tpr_at_fpr(pos, neg, fpr):  # one fixed threshold
+  tprs, fprs = _old_roc_points(pos, neg)
+  return tprs[fprs <= fpr].max()
+
+
+def _old_one_run_p_value(m, r, v, epsilon, delta):
+  q = special.expit(epsilon)
+  beta = stats.binom.sf(v - 1, r, q)
+  if delta == 0 or v == 0:
+    return float(min(beta, 1.0))
+  i = np.arange(1, v + 1)
+  alpha = float(np.max((stats.binom.sf(v - i - 1, r, q) - beta) / i))
+  return float(min(beta + alpha * delta * 2 * m, 1.0))
+
+
+def _old_epsilon_lower_bound(m, r, v, *, delta, significance=0.05):
+  gap = lambda eps: significance - _old_one_run_p_value(m, r, v, eps, delta)
+  if gap(0.0) <= 0:
+    return 0.0
+  lo, hi = 0.0, 1.0
+  while gap(hi) > 0:
+    lo, hi = hi, 2 * hi
+    if hi > 1e3:
+      return lo
+  return float(optimize.brentq(gap, lo, hi, xtol=1e-6))
+
+
+def _old_audit_scores(scores, included, *, delta, significance=0.05):
+  m = scores.size
+  order = np.lexsort((np.random.default_rng(m).random(m), scores))
+  budgets = pe.guess_budgets(m)
+  best = (0.0, 0, 0)
+  for k_in, k_out in budgets:
+    v = int(included[order[m - k_in:]].sum() + (~included[order[:k_out]]).sum())
+    eps = _old_epsilon_lower_bound(m, k_in + k_out, v, delta=delta,
+                                   significance=significance / len(budgets))
+    if eps > best[0] or best[1] == 0:
+      best = (eps, k_in + k_out, v)
+  return best
+
+
+# Both bounds come from scipy.optimize.brentq with xtol=1e-6 on the same p-value, started
+# from different brackets: each lands within xtol + 4 eps |x| of the root (brentq's stopping
+# rule; eps = 2**-52), so they differ by at most twice that.
+def _brentq_tolerance(x):
+  return 2 * (1e-6 + 4 * np.finfo(float).eps * abs(x))
+
+
+def _upper_hull_roc(pos, neg):
+  """An independent computation of the randomised-threshold ROC: the upper concave hull of
+  the empirical ROC points (Andrew's monotone chain), as (fpr, tpr) vertices."""
+  tpr, fpr = _old_roc_points(pos, neg)
+  pts = sorted(set(zip(fpr.tolist(), tpr.tolist())))
+  hull = []
+  for p in pts:
+    while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                              - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) >= 0:
+      hull.pop()
+    hull.append(p)
+  return np.array(hull)
+
+
 # ---------------------------------------------------------------- statistics
-def test_auc_and_tpr_match_brute_force_with_ties():
+def test_membership_statistics_are_the_randomised_threshold_roc_with_ties():
   rng = np.random.default_rng(0)
   pos = rng.integers(0, 6, 40).astype(float)  # many ties
   neg = rng.integers(0, 5, 50).astype(float)
-  pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
-  assert pe.roc_auc(pos, neg) == pytest.approx(pairs, abs=1e-12)
-  for fpr in (0.0, 0.01, 0.1, 0.5, 1.0):
-    best = max((pos >= t).mean() for t in np.concatenate([pos, neg, [np.inf]])
-               if (neg >= t).mean() <= fpr)
-    assert pe.tpr_at_fpr(pos, neg, fpr) == pytest.approx(best)
   res = pe.loss_threshold_attack(-pos, -neg)  # losses: lower = member
-  assert res.auc == pytest.approx(pairs) and res.num_members == 40
-  assert res.advantage == pytest.approx(max(
-      (pos >= t).mean() - (neg >= t).mean() for t in np.concatenate([pos, neg])))
+  assert res.num_members == 40 and res.num_nonmembers == 50
+  hull = _upper_hull_roc(pos, neg)
+  # The area and the TPR at an FPR of the hull, by the trapezoid rule and interpolation on
+  # a handful of vertices: float64 sums of a few terms of size <= 1, so 1e-12 is generous.
+  area = float(np.sum((hull[1:, 0] - hull[:-1, 0]) * (hull[1:, 1] + hull[:-1, 1]) / 2))
+  assert res.auc == pytest.approx(area, abs=1e-12)
+  for fpr in (0.0, 0.01, 0.1, 0.5, 1.0):
+    r = pe.loss_threshold_attack(-pos, -neg, low_fpr=fpr)
+    assert r.tpr_at_low_fpr == pytest.approx(np.interp(fpr, hull[:, 0], hull[:, 1]), abs=1e-12)
+    # A randomised threshold does at least as well as the best fixed one (the old figure).
+    assert r.tpr_at_low_fpr >= _old_tpr_at_fpr(pos, neg, fpr) - 1e-12
+  # ... so the AUC is at least the Mann-Whitney AUC of the empirical ROC (the old figure),
+  # and the advantage is the same: a linear objective peaks at a vertex of the hull.
+  assert res.auc >= _old_roc_auc(pos, neg)
+  tprs, fprs = _old_roc_points(pos, neg)
+  assert res.advantage == pytest.approx(float(np.max(tprs - fprs)), abs=1e-12)
+
+
+def test_membership_statistics_equal_the_old_ones_where_the_roc_is_concave():
+  # Scores whose empirical ROC is already concave (every member above every non-member but
+  # one block of ties): the hull is the ROC itself, so the AUC is the old one, and so is the
+  # TPR at the ROC's own vertices (FPR 0 and 0.2); between them the randomised threshold
+  # interpolates (the old figure stays at the last vertex).
+  pos = np.array([5.0, 4.0, 3.0, 2.0])
+  neg = np.array([2.0, 1.0, 0.0, -1.0, -2.0])
+  res = pe.loss_threshold_attack(-pos, -neg)
+  assert res.auc == pytest.approx(_old_roc_auc(pos, neg), abs=1e-12)
+  for fpr in (0.0, 0.2):
+    r = pe.loss_threshold_attack(-pos, -neg, low_fpr=fpr)
+    assert r.tpr_at_low_fpr == pytest.approx(_old_tpr_at_fpr(pos, neg, fpr), abs=1e-12)
 
 
 def test_identical_distributions_give_chance_and_separated_ones_give_one():
@@ -37,18 +136,34 @@ def test_identical_distributions_give_chance_and_separated_ones_give_one():
   assert apart.auc == 1.0 and apart.tpr_at_low_fpr == 1.0
 
 
-def test_p_value_is_the_binomial_tail_and_grows_with_delta_and_epsilon():
+def test_one_run_p_value_and_bound_are_the_old_ones():
+  from jax_privacy import auditing
+  for m, r, v in ((100, 50, 40), (1000, 500, 500), (1000, 100, 93), (100, 50, 25), (10, 4, 0)):
+    for eps in (0.0, 0.5, 1.0, 2.0, 4.0):
+      for delta in (0.0, 1e-5, 1e-3):
+        # The same formula, operation for operation: the same float.
+        assert auditing._one_run_p_value(m, r, v, eps, delta) == _old_one_run_p_value(
+            m, r, v, eps, delta)
+    for delta in (1e-5, 1e-3):
+      new = auditing._epsilon_one_run(0.0, m, r, v, 0.05, delta)
+      old = _old_epsilon_lower_bound(m, r, v, delta=delta)
+      assert abs(new - old) <= _brentq_tolerance(old), (m, r, v, new, old)
+  assert _old_epsilon_lower_bound(100, 50, 25, delta=1e-5) == 0.0  # chance: nothing shown
   q = special.expit(1.0)
-  assert pe.one_run_p_value(100, 50, 40, 1.0, 0.0) == pytest.approx(stats.binom.sf(39, 50, q))
-  with_delta = pe.one_run_p_value(100, 50, 40, 1.0, 1e-3)
-  assert with_delta > pe.one_run_p_value(100, 50, 40, 1.0, 0.0)
-  ps = [pe.one_run_p_value(100, 50, 40, e, 1e-5) for e in (0.0, 0.5, 1.0, 2.0, 4.0)]
-  assert ps == sorted(ps)
-  eps = pe.epsilon_lower_bound(100, 50, 40, delta=1e-5, significance=0.05)
-  assert pe.one_run_p_value(100, 50, 40, eps, 1e-5) == pytest.approx(0.05, abs=1e-4)
-  assert pe.epsilon_lower_bound(100, 50, 25, delta=1e-5) == 0.0  # chance: nothing shown
-  with pytest.raises(ValueError):
-    pe.one_run_p_value(10, 20, 5, 1.0, 0.0)
+  assert auditing._one_run_p_value(100, 50, 40, 1.0, 0.0) == pytest.approx(
+      stats.binom.sf(39, 50, q))
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 1.0, 3.0])
+def test_audit_gives_the_old_bound_on_the_same_scores(mu):
+  rng = np.random.default_rng(11)
+  included = rng.random(1000) < 0.5
+  scores = mu * included + rng.standard_normal(1000)
+  res = pe.audit_scores(scores, included, delta=1e-5)
+  eps, r, v = _old_audit_scores(scores, included, delta=1e-5)
+  assert abs(res.epsilon_lower_bound - eps) <= _brentq_tolerance(eps), (res, eps)
+  assert (res.num_guesses, res.num_correct) == (r, v)
+  assert res.epsilon_lower_bound_fdp >= 0
 
 
 def _gaussian_epsilon(mu, delta):
@@ -56,35 +171,66 @@ def _gaussian_epsilon(mu, delta):
   return accounting.compute_epsilon(1 / mu, 1.0, 1, delta)
 
 
-@pytest.mark.parametrize("mechanism", ["randomized_response", "gaussian"])
-def test_audit_bound_exceeds_the_true_epsilon_at_most_at_the_significance(mechanism):
-  # Canaries whose scores come from an exactly (eps, delta)-DP mechanism, each canary's score
-  # depending only on its own inclusion bit: the theorem's setting. Over many independent
-  # runs the bound may exceed the true epsilon in at most a `significance` fraction of them.
+# Trials whose f-DP bound is computed too (it costs about 0.2 to 0.5 s a trial).
+FDP_TRIALS = {"randomized_response": 40, "gaussian": 100}
+
+
+@pytest.fixture(scope="module")
+def repeated_audits():
+  """The bounds over 200 independent runs of two exactly (eps, delta)-DP mechanisms, each
+  canary's score depending only on its own inclusion bit: the theorems' setting. The f-DP
+  bound is computed in the first FDP_TRIALS of them (NaN in the others)."""
   rng = np.random.default_rng(2024)
   m, trials, delta = 1000, 200, 1e-5
-  if mechanism == "randomized_response":
-    true_eps = 1.0
-  else:
-    mu = 1.0
-    true_eps = _gaussian_epsilon(mu, delta)
-  bounds = []
-  for _ in range(trials):
-    included = rng.random(m) < 0.5
-    s = np.where(included, 1.0, -1.0)
-    if mechanism == "randomized_response":
-      keep = rng.random(m) < special.expit(true_eps)
-      scores = np.where(keep, s, -s) + 1e-3 * rng.standard_normal(m)
-    else:
-      scores = mu * (s + 1) / 2 + rng.standard_normal(m)
-    bounds.append(pe.audit_scores(scores, included, delta=delta).epsilon_lower_bound)
-  bounds = np.array(bounds)
-  exceed = int((bounds > true_eps).sum())
+  out = {}
+  for mechanism in ("randomized_response", "gaussian"):
+    true_eps = 1.0 if mechanism == "randomized_response" else _gaussian_epsilon(1.0, delta)
+    bounds = []
+    for t in range(trials):
+      included = rng.random(m) < 0.5
+      s = np.where(included, 1.0, -1.0)
+      if mechanism == "randomized_response":
+        keep = rng.random(m) < special.expit(true_eps)
+        scores = np.where(keep, s, -s) + 1e-3 * rng.standard_normal(m)
+      else:  # mu-GDP with mu = 1
+        scores = (s + 1) / 2 + rng.standard_normal(m)
+      res = pe.audit_scores(scores, included, delta=delta, fdp=t < FDP_TRIALS[mechanism])
+      fdp = np.nan if res.epsilon_lower_bound_fdp is None else res.epsilon_lower_bound_fdp
+      bounds.append((res.epsilon_lower_bound, fdp))
+    out[mechanism] = true_eps, np.array(bounds)
+  return out
+
+
+@pytest.mark.parametrize("mechanism", ["randomized_response", "gaussian"])
+def test_audit_bound_exceeds_the_true_epsilon_at_most_at_the_significance(repeated_audits,
+                                                                         mechanism):
+  # Over many independent runs the bound may exceed the true epsilon in at most a
+  # `significance` fraction of them.
+  true_eps, bounds = repeated_audits[mechanism]
+  exceed = int((bounds[:, 0] > true_eps).sum())
   # Binomial(200, 0.05) exceeds 20 with probability about 0.1 %.
-  assert exceed <= 20, (exceed, true_eps, bounds.max())
+  assert exceed <= 20, (exceed, true_eps, bounds[:, 0].max())
   # ...and the audit has power: it usually shows a good part of the true epsilon (the
   # one-run bound is known to be loose for Gaussian noise at small delta: about a third).
-  assert np.median(bounds) > 0.3 * true_eps, (np.median(bounds), true_eps)
+  assert np.median(bounds[:, 0]) > 0.3 * true_eps, (np.median(bounds[:, 0]), true_eps)
+
+
+def test_fdp_bound_holds_for_a_gaussian_mechanism_and_is_tighter(repeated_audits):
+  true_eps, bounds = repeated_audits["gaussian"]
+  both = bounds[:FDP_TRIALS["gaussian"]]
+  exceed = int((both[:, 1] > true_eps).sum())
+  # Binomial(100, 0.05) exceeds 12 with probability about 0.15 %.
+  assert exceed <= 12, (exceed, true_eps, both[:, 1].max())
+  assert np.median(both[:, 1]) > np.median(both[:, 0])  # what it is for
+
+
+def test_fdp_bound_is_no_epsilon_bound_for_a_non_gaussian_mechanism(repeated_audits):
+  """Why the accountant is compared with the first bound only: the f-DP bound tests a
+  Gaussian trade-off curve, and randomised response at eps = 1 is (1, 0)-DP but not the
+  Gaussian with that (eps, delta): its f-DP bound exceeds 1 far more often than 5 %."""
+  true_eps, bounds = repeated_audits["randomized_response"]
+  fdp = bounds[:FDP_TRIALS["randomized_response"], 1]
+  assert (fdp > true_eps).mean() > 0.25, np.median(fdp)
 
 
 def test_positive_guesses_keep_the_power_when_included_canaries_go_unsampled():
@@ -103,8 +249,13 @@ def test_positive_guesses_keep_the_power_when_included_canaries_go_unsampled():
   assert included[np.argsort(scores)[:k]].any()  # the premise: some "out" guesses are wrong
   res = pe.audit_scores(scores, included, delta=delta)
   assert res.num_guesses == res.num_correct == k, res
-  assert res.epsilon_lower_bound == pytest.approx(pe.epsilon_lower_bound(
-      m, k, k, delta=delta, significance=0.05 / len(budgets)))
+  want = _old_epsilon_lower_bound(m, k, k, delta=delta, significance=0.05 / len(budgets))
+  assert abs(res.epsilon_lower_bound - want) <= _brentq_tolerance(want)
+
+
+def test_audit_refuses_canaries_all_on_one_side():
+  with pytest.raises(ValueError, match="included and excluded"):
+    pe.audit_scores(np.arange(5.0), np.ones(5, bool), delta=1e-5)
 
 
 def test_canaries_are_deterministic_and_half_included():
