@@ -116,3 +116,85 @@ def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
     np.testing.assert_array_equal(final[k], exported[k])
   assert predictor.spec["privacy"]["epsilon"] == summary["epsilon"]
   assert predictor.spec["privacy"]["private"] is summary["private"] is False
+
+
+# --- The feature spec in the export: raw rows, tasks, embeddings -----------------------------
+
+RAW_SPEC = {
+    "name": "t", "features": ("flag", "size", "region"), "label": "level",
+    "columns": {"flag": {"kind": "binary"},
+                "size": {"kind": "numeric", "bounds": (0, 100), "domain": (0, 1000)},
+                "region": {"kind": "embedding", "codes": (11, 22, 33), "unknown": "extra_id"}},
+    "task": {"kind": "multiclass", "classes": (("low", (1,)), ("mid", (2,)), ("high", (3,)))},
+}
+
+
+def _export_raw(tmp_path):
+  from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+  spec = features_lib.spec_from_config(RAW_SPEC)
+  names = spec.feature_names
+  emb = models.embedding_inputs(names, spec.embeddings, 3)
+  net = models.create_model(len(names), (6,), seed=1, num_outputs=3, embeddings=emb)
+  _, params = models.functional(net)
+  path = export.export_model(str(tmp_path / "model"), params=params, feature_names=names,
+                             label_name="level", hidden_sizes=(6,),
+                             feature_spec=spec.to_dict())
+  return spec, path, params
+
+
+def test_raw_rows_are_encoded_by_the_exported_spec(tmp_path):
+  spec, path, params = _export_raw(tmp_path)
+  predictor = fastdp_jax.load_model(path)
+  # The model dict was derived from the spec and the parameters' shapes.
+  assert predictor.model["task"] == "multiclass" and predictor.classes == ("low", "mid", "high")
+  assert predictor.model["embeddings"] == [{"feature": "region", "index": 2, "vocab_size": 4,
+                                            "dim": 3}]
+  rows = [{"flag": 1, "size": 250, "region": 22}, {"flag": 0, "size": -3, "region": 11},
+          {"flag": 1, "size": 5.5, "region": 44}, {"flag": 1, "size": 5, "region": "22x"}]
+  result = predictor.predict_rows(rows)
+  np.testing.assert_array_equal(result.rows, [0, 2])  # size -3 is outside the domain
+  assert [(e.row, e.column, e.reason) for e in result.errors] == [
+      (1, "size", "out_of_domain"), (3, "region", "non_numeric")]
+  # Encoded by hand: size clipped to [0, 100] and scaled; 44 is unknown: the extra id 3.
+  x = np.array([[1, 1.0, 1], [1, 0.055, 3]], np.float32)
+  np.testing.assert_array_equal(spec.encode_features(np.array([[1, 250, 22], [1, 5.5, 44]])), x)
+  expected = models.apply_exported(models.flatten_params(params), x, predictor.model)
+  np.testing.assert_array_equal(result.outputs, expected)
+  assert result.outputs.shape == (2, 3)
+  np.testing.assert_allclose(result.outputs.sum(axis=1), 1, rtol=1e-6)  # float32 softmax
+  np.testing.assert_array_equal(result.predictions, np.argmax(expected, axis=1))
+  card = open(os.path.join(path, export.CARD_FILE)).read()
+  assert "| `region` | embedding | embedding id of 3 public codes (unknown code: extra_id) |" \
+      in card and "python -m fastdp_jax.predict" in card
+
+
+def test_a_model_without_a_spec_refuses_raw_rows(tmp_path):
+  path, _, _ = _export(tmp_path)
+  predictor = fastdp_jax.load_model(path)
+  with pytest.raises(export.RowInputError, match="no feature spec"):
+    predictor.predict_rows([{"a": 1}])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["feature_spec"]["features"][2].update(codes=[11, 22]),
+     "feature_spec declares the embeddings"),
+    (lambda s: s["feature_spec"]["task"].update(classes=[["low", [1]], ["high", [2, 3]]]),
+     "feature_spec.task"),
+    (lambda s: s["feature_spec"].update(label="other"), "feature_spec.label"),
+    (lambda s: s["feature_spec"]["features"][1].update(kind="categorical"),
+     "feature_spec is not a valid feature spec"),
+    (lambda s: s["model"]["embeddings"][0].update(index=1), r"model.embeddings\[0\]"),
+    (lambda s: s["model"].update(task="regression"), "model.classes"),
+], ids=["vocabulary", "classes", "label", "kind", "embedding_index", "task"])
+def test_an_edited_feature_spec_or_model_is_refused(tmp_path, edit, match):
+  _, path, _ = _export_raw(tmp_path)
+  spec_path = os.path.join(path, export.SPEC_FILE)
+  with open(spec_path) as f:
+    spec = json.load(f)
+  edit(spec)
+  with open(spec_path, "w") as f:
+    json.dump(spec, f)
+  with open(os.path.join(path, export.MANIFEST_FILE), "w") as f:  # resealed by a forger
+    f.write(export._manifest_text(path))  # pylint: disable=protected-access
+  with pytest.raises(export.ModelIntegrityError, match=match):
+    fastdp_jax.load_model(path)
