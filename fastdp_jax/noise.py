@@ -9,7 +9,10 @@ realised one, which would leak the batch size). Chain it before the optimizer::
 
 The noise key is 128 bits (uint32[4]): two independent 64-bit Threefry keys whose bit streams
 are XOR-ed, so that guessing the noise means guessing both halves (JAX's own Threefry key is 64
-bits). The noise of update t folds t into both halves: keys are never reused, and every device
+bits). This is why the noise is not ``jax_privacy.noise_addition.gaussian_privatizer`` (the same
+mechanism, with ``optax.scale(1 / B)`` after it): that one draws ``jax.random.normal`` from one
+JAX key, split once per update and once per leaf, so it would give up the 128-bit key and, with
+its different key schedule, change every noise value (reproducibility runs included). The noise of update t folds t into both halves: keys are never reused, and every device
 and process holding the same key adds the same noise, so noise is added exactly once to the
 global sum. The key lives in the optimizer state (a runtime argument of the compiled step,
 never a compile-time constant); checkpoints store it apart, owner-only
