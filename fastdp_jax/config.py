@@ -3,14 +3,17 @@
 Config files (``configs/*.py``) start from :func:`base_config` and change only what differs.
 :func:`validate` runs once, after command-line overrides, before any work: unknown keys
 (typos), wrong types and out-of-range values raise :class:`fastdp_jax.errors.ConfigError`
-naming the key. Reading and validating a config imports neither JAX nor Flax.
+naming the key. The keys and types are checked by ml_collections (the config's values set on a
+locked, type-safe copy of :func:`base_config`), the values by one table, :data:`RANGE_CHECKS`.
+Reading and validating a config imports neither JAX nor Flax.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -148,113 +151,141 @@ def check_key(name: str) -> None:
     node = node[part]
 
 
-def _check_keys(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
-                prefix: str = "") -> None:
+def _apply_to_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                     prefix: str = "") -> None:
+  """Sets every key of ``cfg`` on ``schema``, a locked copy of :func:`base_config`.
+
+  ml_collections does the checks: a locked ConfigDict refuses a key it lacks (a typo) and a
+  type-safe one a value whose type does not cast to the field's (a string for a number, a
+  float for an integer). Both become a one-line :class:`ConfigError` naming the key.
+  """
   for key in cfg.keys():
-    name = f"{prefix}{key}"
-    if key not in schema:
-      raise ConfigError(unknown_key_message(name))
-    if isinstance(schema[key], ml_collections.ConfigDict):
-      if not isinstance(cfg[key], ml_collections.ConfigDict):
+    name, value = f"{prefix}{key}", cfg[key]
+    if key in schema and isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"config key {name!r} must be a group of keys")
-      _check_keys(cfg[key], schema[key], name + ".")
+      _apply_to_schema(value, schema[key], name + ".")
+      continue
+    try:
+      schema[key] = value
+    except (KeyError, AttributeError):
+      raise ConfigError(unknown_key_message(name)) from None
+    except TypeError:
+      if isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {name!r} is a value, not a group of keys") from None
+      want = schema.get_type(key).__name__
+      raise ConfigError(f"{name}={value!r} must be of type {want}, not "
+                        f"{type(value).__name__}") from None
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)  # a bool is an int to Python only
 
 
-def _check_positive_finite(name: str, value) -> None:
-  if not (_is_number(value) and math.isfinite(value) and value > 0):
-    raise ConfigError(f"{name}={value!r} must be a positive finite number")
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_optional_int(name: str, value) -> None:
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-    raise ConfigError(f"{name}={value!r} must be an integer (or unset)")
+def _positive_int(v: Any) -> bool:
+  return _is_int(v) and v > 0
+
+
+def _non_negative_int(v: Any) -> bool:
+  return _is_int(v) and v >= 0
+
+
+def _positive_finite(v: Any) -> bool:
+  return _is_number(v) and math.isfinite(v) and v > 0
+
+
+def _in_open_unit(v: Any) -> bool:
+  return _is_number(v) and 0 < v < 1
+
+
+def _unset_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+  return lambda v: v is None or check(v)
+
+
+def _one_of(values: tuple) -> Callable[[Any], bool]:
+  return lambda v: v in values
+
+
+_Check = tuple[Callable[[Any], bool], str]
+
+# The value checks: key -> (predicate on its value, what the value must be). Checked in this
+# order after the keys and types; the first failure raises "error: KEY=VALUE must be WHAT".
+RANGE_CHECKS: dict[str, _Check] = {
+    "num_epochs": (_positive_int, "a positive integer"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "steps_per_call": (_positive_int, "a positive integer"),
+    "eval_batch_size": (_positive_int, "a positive integer"),
+    "log_every_steps": (_non_negative_int, "a non-negative integer"),
+    "privacy_eval.membership_rows": (_non_negative_int, "a non-negative integer"),
+    "privacy_eval.significance": (_in_open_unit, "in (0, 1)"),
+    "profile_steps": (_non_negative_int, "a non-negative integer"),
+    "checkpoint.every_steps": (_positive_int, "positive"),
+    "model.hidden_sizes": (lambda v: isinstance(v, (tuple, list)) and all(
+        _positive_int(h) for h in v), "positive integers"),
+    "model.task": (_unset_or(_one_of(TASKS)), f"one of {TASKS} (or unset: the manifest's task)"),
+    "model.embedding_dim": (_positive_int, "a positive integer"),
+    "model.huber_delta": (_unset_or(_positive_finite), "a positive finite number"),
+    "data.validation_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "optimizer.name": (_one_of(OPTIMIZERS), f"one of {OPTIMIZERS}"),
+    "optimizer.learning_rate": (_positive_finite, "a positive finite number"),
+    "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "data.attack_rows": (_non_negative_int, "a non-negative integer"),
+    "seed": (_unset_or(_is_int), "an integer (or unset)"),
+    "data.public_num_examples": (_unset_or(_positive_int), "a positive integer (or unset)"),
+    "parallel.strategy": (_one_of(STRATEGIES), f"one of {STRATEGIES}"),
+    "dp.clipping": (_one_of(CLIPPING_METHODS), f"one of {CLIPPING_METHODS}"),
+    "dp.microbatch_size": (_unset_or(_positive_int), "a positive integer (or unset)"),
+    "dp.noise_seed": (_unset_or(_is_int), "an integer (or unset)"),
+    "dp.sampling_seed": (_unset_or(_is_int), "an integer (or unset)"),
+    "dp.overflow_probability": (_unset_or(_in_open_unit), "in (0, 1) (or unset: automatic)"),
+    # Also when DP is off: a NaN here is a mistake either way.
+    "dp.l2_norm_clip": (_unset_or(_positive_finite), "a positive finite number"),
+}
+# Checked only when DP is on (a non-private run ignores them).
+DP_RANGE_CHECKS: dict[str, _Check] = {
+    "dp.noise_multiplier": (_unset_or(_positive_finite), "a positive finite number when DP is "
+                            "on (dp.enabled=False for a non-private run)"),
+    "dp.target_epsilon": (_unset_or(_positive_finite), "a positive finite number"),
+    "dp.max_epsilon": (_unset_or(lambda v: _is_number(v) and v > 0), "positive (inf: no cap)"),
+    "dp.delta": (_unset_or(_in_open_unit), "in (0, 1)"),
+    "dp.accountant": (_one_of(accounting.ACCOUNTANTS), f"one of {accounting.ACCOUNTANTS}"),
+}
+
+
+def _check_ranges(cfg: ml_collections.ConfigDict, table: dict[str, _Check]) -> None:
+  for key, (ok, what) in table.items():
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    if not ok(value):
+      raise ConfigError(f"{key}={value!r} must be {what}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks a config before any work.
+  """Checks a config before any work: keys and types, then :data:`RANGE_CHECKS`, then the
+  rules that tie keys together.
 
   Raises:
     ConfigError: naming the offending key and value.
   """
-  _check_keys(cfg, base_config())
+  schema = base_config()
+  schema.lock()
+  _apply_to_schema(cfg, schema)
   if not cfg.data.path:
     raise ConfigError("data.path must be set")
-  for key in ("num_epochs", "batch_size", "steps_per_call", "eval_batch_size"):
-    if not isinstance(cfg[key], int) or cfg[key] <= 0:
-      raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer")
-  for key, value in (("log_every_steps", cfg.log_every_steps),
-                     ("privacy_eval.membership_rows", cfg.privacy_eval.membership_rows)):
-    if not isinstance(value, int) or value < 0:
-      raise ConfigError(f"{key}={value!r} must be a non-negative integer")
-  if not 0 < cfg.privacy_eval.significance < 1:
-    raise ConfigError(f"privacy_eval.significance={cfg.privacy_eval.significance} must be in"
-                      " (0, 1)")
-  if not isinstance(cfg.profile_steps, int) or cfg.profile_steps < 0:
-    raise ConfigError(f"profile_steps={cfg.profile_steps!r} must be a non-negative integer")
-  if not cfg.checkpoint.every_steps > 0:
-    raise ConfigError(f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
-  if any(int(h) <= 0 for h in cfg.model.hidden_sizes):
-    raise ConfigError(f"model.hidden_sizes={tuple(cfg.model.hidden_sizes)} must be positive")
-  if cfg.model.task is not None and cfg.model.task not in TASKS:
-    raise ConfigError(f"model.task={cfg.model.task!r} must be one of {TASKS} (or unset: the "
-                      "manifest's task)")
-  if isinstance(cfg.model.embedding_dim, bool) or not isinstance(cfg.model.embedding_dim, int) \
-      or cfg.model.embedding_dim <= 0:
-    raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim!r} must be a positive "
-                      "integer")
-  if cfg.model.huber_delta is not None:
-    _check_positive_finite("model.huber_delta", cfg.model.huber_delta)
-  vf = cfg.data.validation_fraction
-  if not (_is_number(vf) and 0 <= vf < 1):
-    raise ConfigError(f"data.validation_fraction={vf!r} must be in [0, 1)")
-  if cfg.optimizer.name not in OPTIMIZERS:
-    raise ConfigError(f"optimizer.name={cfg.optimizer.name!r} must be one of {OPTIMIZERS}")
-  _check_positive_finite("optimizer.learning_rate", cfg.optimizer.learning_rate)
-  _check_optional_int("seed", cfg.seed)
-  _check_optional_int("data.public_num_examples", cfg.data.public_num_examples)
-  if cfg.data.public_num_examples is not None and cfg.data.public_num_examples <= 0:
-    raise ConfigError(f"data.public_num_examples={cfg.data.public_num_examples} must be "
-                      "positive")
-  if cfg.parallel.strategy not in STRATEGIES:
-    raise ConfigError(f"parallel.strategy={cfg.parallel.strategy!r} must be one of "
-                      f"{STRATEGIES}")
+  _check_ranges(cfg, RANGE_CHECKS)
   dp = cfg.dp
-  if dp.clipping not in CLIPPING_METHODS:
-    raise ConfigError(f"dp.clipping={dp.clipping!r} must be one of {CLIPPING_METHODS}")
-  if dp.microbatch_size is not None and dp.microbatch_size <= 0:
-    raise ConfigError(f"dp.microbatch_size={dp.microbatch_size} must be positive")
-  _check_optional_int("dp.noise_seed", dp.noise_seed)
-  _check_optional_int("dp.sampling_seed", dp.sampling_seed)
-  if dp.overflow_probability is not None and not (
-      _is_number(dp.overflow_probability) and 0 < dp.overflow_probability < 1):
-    raise ConfigError(f"dp.overflow_probability={dp.overflow_probability!r} must be in (0, 1)"
-                      " (or unset: automatic)")
-  if dp.l2_norm_clip is not None:  # also when DP is off: a NaN here is a mistake either way
-    _check_positive_finite("dp.l2_norm_clip", dp.l2_norm_clip)
   if not dp.enabled:
     return
   if dp.l2_norm_clip is None:
     raise ConfigError("dp.l2_norm_clip must be set when DP is on")
   if dp.noise_multiplier is None and dp.target_epsilon is None:
     raise ConfigError("set dp.noise_multiplier or dp.target_epsilon (or dp.enabled=False)")
-  if dp.noise_multiplier is not None and not (
-      _is_number(dp.noise_multiplier) and math.isfinite(dp.noise_multiplier)
-      and dp.noise_multiplier > 0):
-    raise ConfigError(f"dp.noise_multiplier={dp.noise_multiplier} must be a positive finite "
-                      "number when DP is on (dp.enabled=False for a non-private run)")
-  if dp.target_epsilon is not None:
-    _check_positive_finite("dp.target_epsilon", dp.target_epsilon)
-  if dp.max_epsilon is not None and not dp.max_epsilon > 0:  # inf: no cap
-    raise ConfigError(f"dp.max_epsilon={dp.max_epsilon} must be positive")
-  if dp.delta is not None and not (_is_number(dp.delta) and 0 < dp.delta < 1):
-    raise ConfigError(f"dp.delta={dp.delta} must be in (0, 1)")
-  if dp.accountant not in accounting.ACCOUNTANTS:
-    raise ConfigError(f"dp.accountant={dp.accountant!r} must be one of "
-                      f"{accounting.ACCOUNTANTS}")
+  _check_ranges(cfg, DP_RANGE_CHECKS)
   if (dp.target_epsilon is None and dp.accountant == "pld"
       and dp.noise_multiplier < accounting.MIN_PLD_NOISE_MULTIPLIER):
     raise ConfigError(
