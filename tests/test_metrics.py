@@ -399,3 +399,28 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   assert scalars["final/test_accuracy"][0][1] == pytest.approx(summary["test_accuracy"])
   out = capsys.readouterr().out
   assert "\r" not in out and out.count("\nepoch ") + out.startswith("epoch ") == 2
+
+
+def test_a_failed_run_clears_its_progress_bar_and_shows_the_cursor(tmp_path, monkeypatch):
+  # The trainer's clean-up closes the sinks: a bar left drawn would keep the cursor hidden.
+  from configs import test as test_config
+  from fastdp_jax import train
+  from tests.conftest import make_dataset
+  cfg = test_config.get_config()
+  cfg.data.path = make_dataset(str(tmp_path / "data"), rows=3000, seed=1)
+  cfg.log_every_steps, cfg.steps_per_call = 10, 5
+
+  def fail(self):
+    raise RuntimeError("evaluation failed")
+
+  monkeypatch.setattr(train.Trainer, "test_metrics", fail)
+  monkeypatch.setenv("COLUMNS", "160")
+  tty = _Tty()
+  monkeypatch.setattr("sys.stdout", tty)
+  with pytest.raises(RuntimeError, match="evaluation failed"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  text = tty.getvalue()
+  # The bar was drawn (its first draw is never throttled: the first call, 5 updates).
+  assert "\x1b[?25l" in text and re.search(r"step 5/\d+ ", text)
+  assert text.rindex("\x1b[?25h") > text.rindex("\x1b[?25l")  # the cursor is back
+  assert not any(line.startswith("━") for line in _screen(text))  # and the bar is gone
