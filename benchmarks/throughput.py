@@ -116,7 +116,7 @@ def in_memory_data(workload: str, x, y, process_rows=None):
 
 def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: contextlib.ExitStack,
                  *, steps_per_call: int, num_epochs: int, microbatch_size: int | None = None,
-                 strategy: str = "shard_map"):
+                 strategy: str = "shard_map", padding_microbatch: int | None = None):
   """:func:`fastdp_jax.train.setup` for one workload and mode, on ``data`` (from
   :func:`in_memory_data`), in a temporary workdir (closed by ``cleanup``).
 
@@ -137,6 +137,7 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   # Only the vmap path chunks the batch (the capacity is rounded up to the chunk size).
   cfg.dp.microbatch_size = microbatch_size if mode == "dp" and clipping == "vmap" else None
   cfg.parallel.strategy, cfg.log_every_steps = strategy, 0
+  cfg.padding_microbatch = padding_microbatch
   cfg.checkpoint.enabled = cfg.export_model = False
   cfg.privacy_eval.membership_rows = 0
   config_lib.validate(cfg)
@@ -262,6 +263,235 @@ def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2
   return records
 
 
+# --- one sitting: everyone, interleaved (--peers) ------------------------------------------------
+# Our systems: (mode, clipping, padding_microbatch, steps per call by workload). The vmap path
+# on W2 materialises per-example gradients in chunks of VMAP_CHUNK rows: one update per call.
+OURS = {
+    "ours-nonprivate": ("nonprivate", "auto", None),
+    "ours-nonprivate-skip": ("nonprivate", "auto", 256),
+    "ours-dp-ghost": ("dp", "ghost", None),
+    "ours-dp-ghost-skip": ("dp", "ghost", 256),
+    "ours-dp-vmap": ("dp", "vmap", None),
+}
+OURS_STEPS_PER_CALL = {"W1": 128, "W2": 8}
+VMAP_CHUNK = 64
+SITTING_EPOCHS = 20  # the plan's length (hence the capacity), the same for every system
+PEER_SYSTEMS = ("torch-sgd", "opacus-hooks", "opacus-ghost", "jax-privacy", "seed-microbatch")
+
+
+def flops_per_example(workload: str) -> int:
+  """Matrix-product FLOPs of one example's forward and backward pass.
+
+  A dense layer in -> out costs 2 in out multiply-adds forward, as much for its weight
+  gradient and as much for its input gradient, which the first layer does not need.
+  """
+  d, hidden, _ = WORKLOADS[workload]
+  sizes = [d, *hidden, 1]
+  pairs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
+  return 6 * sum(pairs) - 2 * pairs[0]
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 10) -> dict:
+  """This CPU's float32 matrix product rate: JAX (XLA:CPU) and NumPy, n x n, best of 3."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  f = jax.jit(lambda u, v: u @ v)
+  f(a, a).block_until_ready()
+  out = {}
+  for name, run in (("jax", lambda: f(a, a).block_until_ready()),
+                    ("numpy", functools.partial(np.matmul, np.asarray(a), np.asarray(a)))):
+    best = 0.0
+    for _ in range(3):
+      t0 = time.perf_counter()
+      for _ in range(repeat):
+        run()
+      best = max(best, 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9)
+    out[f"{name}_gflops"] = round(best, 1)
+  return out
+
+
+class OursWorker:
+  """Builds each (workload, system) of ours once (compiled, warmed up) and times it."""
+
+  def __init__(self, w2_rows: int):
+    self.w2_rows, self.data, self.built = w2_rows, {}, {}
+    self.cleanup = contextlib.ExitStack()
+
+  def trainer(self, workload: str, system: str):
+    if (workload, system) not in self.built:
+      if workload not in self.data:
+        self.data[workload] = _place(workload, self.w2_rows)
+      mode, clipping, skip = OURS[system]
+      vmap_w2 = clipping == "vmap" and workload == "W2"
+      t = make_trainer(workload, mode, clipping, self.data[workload], self.cleanup,
+                       steps_per_call=1 if vmap_w2 else OURS_STEPS_PER_CALL[workload],
+                       num_epochs=SITTING_EPOCHS, padding_microbatch=skip,
+                       microbatch_size=VMAP_CHUNK if vmap_w2 else None)
+      warm_up(t)
+      self.built[workload, system] = t
+    return self.built[workload, system]
+
+  def measure(self, workload: str, system: str, seconds: float) -> dict:
+    t = self.trainer(workload, system)
+    k, examples, calls = t.cfg.steps_per_call, 0.0, 0
+    t0 = time.perf_counter()
+    while not calls or time.perf_counter() - t0 < seconds:
+      examples += timed_call(t, k)
+      calls += 1
+    elapsed = time.perf_counter() - t0
+    return dict(workload=workload, system=system, examples_per_s=round(examples / elapsed),
+                steps=calls * k, seconds=round(elapsed, 3), capacity=t.sampler.capacity,
+                padding_microbatch=t.cfg.padding_microbatch, clipping=clipping_name(t))
+
+
+def serve(worker, requests=sys.stdin, out=sys.stdout) -> None:
+  """One JSON request per line -> one JSON reply per line (the sitting's worker loop)."""
+  for line in requests:
+    if not line.strip():
+      continue
+    req = json.loads(line)
+    try:
+      if req.get("system") == "matmul":
+        reply = dict(system="matmul", **matmul_gflops())
+      else:
+        reply = worker.measure(req["workload"], req["system"], float(req["seconds"]))
+    except Exception as e:  # the driver stops with it
+      reply = dict(error=f"{type(e).__name__}: {e}", **req)
+    print(json.dumps(reply), file=out, flush=True)
+
+
+class _Worker:
+  """A worker process (ours or the peers'), spoken to one JSON line at a time."""
+
+  def __init__(self, argv: list[str]):
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, cwd=ROOT)
+
+  def ask(self, **request) -> dict:
+    self.proc.stdin.write(json.dumps(request) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"worker {self.proc.args[:2]} ended (exit {self.proc.wait()})")
+    reply = json.loads(line)
+    if "error" in reply:
+      raise SystemExit(f"worker failed on {request}: {reply['error']}")
+    return reply
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def _median(values):
+  import statistics
+  return statistics.median(values)
+
+
+# (name, numerator, denominator or a tuple whose best is taken, target)
+TARGETS = {
+    "W2": [("dp over opacus-ghost", "ours-dp-ghost", "opacus-ghost", 1.5),
+           ("dp (skip) over opacus-ghost", "ours-dp-ghost-skip", "opacus-ghost", 1.5),
+           ("non-private over torch", "ours-nonprivate", "torch-sgd", 0.8),
+           ("non-private (skip) over torch", "ours-nonprivate-skip", "torch-sgd", 0.8),
+           ("dp over jax-privacy", "ours-dp-ghost", "jax-privacy", 2.0),
+           ("dp over non-private", "ours-dp-ghost", "ours-nonprivate", None)],
+    "W1": [("dp over the faster Opacus", "ours-dp-ghost", ("opacus-hooks", "opacus-ghost"), 5.0),
+           ("dp over non-private", "ours-dp-ghost", "ours-nonprivate", 0.8),
+           ("dp over jax-privacy", "ours-dp-ghost", "jax-privacy", 1.0)],
+}
+
+
+def summarize(records: list[dict], gflops: float) -> list[dict]:
+  """Medians and spread per (workload, system), the FLOP limit, and the targets' ratios
+  (each ratio per round, both measured in that round, then their median)."""
+  out, by = [], {}
+  for r in records:
+    by.setdefault((r["workload"], r["system"]), []).append(r)
+  for (wl, system), rs in sorted(by.items()):
+    v = [r["examples_per_s"] for r in rs]
+    limit = gflops * 1e9 / flops_per_example(wl)
+    out.append(dict(summary=True, workload=wl, system=system, rounds=len(v),
+                    median_examples_per_s=round(_median(v)), min=min(v), max=max(v),
+                    flop_limit_examples_per_s=round(limit),
+                    fraction_of_flop_limit=round(_median(v) / limit, 3)))
+  for wl, targets in TARGETS.items():
+    for name, num, den, target in targets:
+      dens = den if isinstance(den, tuple) else (den,)
+      per_round = []
+      for rnd in sorted({r["round"] for r in records}):
+        got = {r["system"]: r["examples_per_s"] for r in records
+               if r["workload"] == wl and r["round"] == rnd}
+        if num in got and all(d in got for d in dens):
+          per_round.append(round(got[num] / max(got[d] for d in dens), 3))
+      if per_round:
+        med = _median(per_round)
+        out.append(dict(ratio=True, workload=wl, name=name, per_round=per_round,
+                        median=round(med, 3), target=target,
+                        met=None if target is None else med >= target))
+  return out
+
+
+def peak_memory(workload: str, w2_rows: int) -> dict:
+  """Peak RSS of the non-private and the DP training process (each its own process)."""
+  out = {}
+  for mode in ("nonprivate", "dp"):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--workload={workload}",
+                           f"--mode={mode}", "--max-steps=16", "--steps-per-call=8",
+                           f"--w2-rows={w2_rows}"], check=True, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    out[mode] = rec["peak_rss_mb"], rec["step_temp_mb"]
+  (np_rss, np_tmp), (dp_rss, dp_tmp) = out["nonprivate"], out["dp"]
+  return dict(memory=True, workload=workload, nonprivate_peak_rss_mb=np_rss,
+              dp_peak_rss_mb=dp_rss, dp_over_nonprivate_peak_rss=round(dp_rss / np_rss, 3),
+              nonprivate_step_temp_mb=np_tmp, dp_step_temp_mb=dp_tmp)
+
+
+def sitting(args) -> int:
+  """Everyone in one sitting: rounds of every system, alternating, one JSON line each."""
+  from _jsonl import emit, env
+  systems = [s for s in args.systems.split(",") if s]
+  unknown = [s for s in systems if s not in OURS and s not in PEER_SYSTEMS]
+  if unknown:
+    raise SystemExit(f"unknown systems {unknown}; ours {list(OURS)}, peers {PEER_SYSTEMS}")
+  ours = _Worker([sys.executable, os.path.abspath(__file__), "--worker",
+                  f"--w2-rows={args.w2_rows}"])
+  peers = (_Worker([args.peer_python, os.path.join(ROOT, "benchmarks", "peers.py"),
+                    "--worker"]) if any(s in PEER_SYSTEMS for s in systems) else None)
+  if peers is None and any(s in PEER_SYSTEMS for s in systems):
+    raise SystemExit("the peers need --peer-python (bash benchmarks/peer_venv.sh)")
+  head = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=_device())
+  records, rates = [], []
+  try:
+    for rnd in range(args.rounds):
+      rates.append(ours.ask(system="matmul"))
+      emit(dict(rates[-1], round=rnd, **head, **env()), args.out)
+      for wl in _split(args.workload, WORKLOADS):
+        # Rotated every round, so that no system always follows the same one.
+        order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]
+        for system in order:
+          worker = ours if system in OURS else peers
+          rec = dict(worker.ask(workload=wl, system=system, seconds=args.seconds), round=rnd,
+                     flops_per_example=flops_per_example(wl), **env())
+          records.append(rec)
+          emit(rec, args.out)
+    rates.append(ours.ask(system="matmul"))
+    emit(dict(rates[-1], round=args.rounds, **head, **env()), args.out)
+  finally:
+    ours.close()
+    if peers is not None:
+      peers.close()
+  gflops = _median([r["jax_gflops"] for r in rates])
+  for line in summarize(records, gflops):
+    emit(dict(line, matmul_gflops=gflops), args.out)
+  if args.memory and "W2" in args.workload:
+    emit(dict(peak_memory("W2", args.w2_rows), **env()), args.out)
+  return 0
+
+
 def _split(value: str, allowed) -> list[str]:
   items = [v.strip() for v in value.split(",") if v.strip()]
   for v in items:
@@ -272,7 +502,8 @@ def _split(value: str, allowed) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--workload", default="W1", help="W1, W2 or both: W1,W2")
+  p.add_argument("--workload", default=None,
+                 help="W1, W2 or both: W1,W2 (default W1; with --peers both)")
   p.add_argument("--mode", default="dp", help="dp, nonprivate or both: nonprivate,dp")
   p.add_argument("--clipping", default="auto", choices=("auto", "ghost", "vmap"),
                  help="per-example clipping method of the DP mode (default auto)")
@@ -286,7 +517,27 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="also time both modes in one process, alternating their calls (the "
                       "ratio under the same load); default: on when both modes are asked for")
+  p.add_argument("--peers", action="store_true",
+                 help="one sitting of everyone (ours and the peers), interleaved in rounds")
+  p.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"),
+                 help="the peers' venv's python (bash benchmarks/peer_venv.sh)")
+  p.add_argument("--systems", default=",".join([*OURS, *PEER_SYSTEMS]),
+                 help="--peers: the systems, comma-separated")
+  p.add_argument("--rounds", type=int, default=3, help="--peers: rounds over every system")
+  p.add_argument("--seconds", type=float, default=3.0,
+                 help="--peers: timed seconds per measurement (at least one call or step)")
+  p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                 help="--peers: also W2's peak RSS, DP and non-private, in own processes")
+  p.add_argument("--out", default=None, help="--peers: also append the JSON lines here")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.worker:
+    serve(OursWorker(args.w2_rows))
+    return 0
+  if args.peers:
+    args.workload = args.workload or "W1,W2"
+    return sitting(args)
+  args.workload = args.workload or "W1"
   workloads = _split(args.workload, WORKLOADS)
   modes = _split(args.mode, ("dp", "nonprivate"))
   single = dict(steps_per_call=args.steps_per_call, w2_rows=args.w2_rows,

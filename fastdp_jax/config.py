@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                                (or later: python -m fastdp_jax.checkpoint forget WORKDIR).
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
+  c.padding_microbatch = config_dict.placeholder(int)  # rows: process each padded batch in
+  #   microbatches of this size, skipping all-padding ones (faster; the step's duration then
+  #   follows the batch size: docs/privacy.md "Step duration"). None: one pass, fixed time.
   c.eval_batch_size = 65_536  # evaluation chunk size.
   c.log_every_steps = 5000  # an eval record (test metrics + epsilon, metrics.jsonl) every N
   #                           updates, besides every epoch end (0: epoch ends only); each
@@ -222,6 +225,7 @@ RANGE_CHECKS: dict[str, _Check] = {
     "log_every_steps": (_non_negative_int, "a non-negative integer"),
     "privacy_eval.membership_rows": (_non_negative_int, "a non-negative integer"),
     "privacy_eval.significance": (_in_open_unit, "in (0, 1)"),
+    "padding_microbatch": (_unset_or(_positive_int), "a positive integer (or None: off)"),
     "profile_steps": (_non_negative_int, "a non-negative integer"),
     "checkpoint.every_steps": (_positive_int, "positive"),
     "model.hidden_sizes": (lambda v: isinstance(v, (tuple, list)) and all(

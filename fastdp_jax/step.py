@@ -66,19 +66,63 @@ _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
 
 def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
-                l2_norm_clip: float | None) -> Callable:
+                l2_norm_clip: float | None, microbatch: int | None = None) -> Callable:
   """One device's work: ``(params, x, y, idx, mask) -> (clipped sum, metric sums)``.
 
   ``x``, ``y`` are the device's own rows, ``idx``/``mask`` [capacity] its local sampled
-  indices. Nothing here reduces across devices.
+  indices. Nothing here reduces across devices. With ``microbatch``, the rows are gathered
+  and processed one microbatch at a time, skipping those that hold only padding
+  (:func:`_sum_microbatches`).
   """
 
   on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
+  if microbatch is not None:
+    def by_microbatch(params, x, y, idx, mask):
+      idx = _split(idx, microbatch)  # padded with row 0, masked off
+      return _sum_microbatches(on_batch, params, lambda i: (x[idx[i]], y[idx[i]]),
+                               _split(mask, microbatch))
+    return by_microbatch
 
   def fn(params, x, y, idx, mask):
     return on_batch(params, (x[idx], y[idx]), mask)
 
   return fn
+
+
+def _split(a: jax.Array, size: int) -> jax.Array:
+  """[capacity, ...] -> [n, size, ...], zero-padded (mask: False) up to a multiple of size;
+  a capacity of at most ``size`` rows is one microbatch of the capacity."""
+  size = min(size, a.shape[0])
+  n = -(-a.shape[0] // size)
+  pad = [(0, n * size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+  return jnp.pad(a, pad).reshape((n, size) + a.shape[1:])
+
+
+def _sum_microbatches(on_batch: Callable, params: Any, take: Callable[[jax.Array], Any],
+                      masks: jax.Array) -> Any:
+  """The sum of ``on_batch(params, take(i), masks[i])`` over the microbatches ``i`` that
+  matter, skipping all-padding ones.
+
+  ``masks`` [n, size]. The loop runs up to the last microbatch holding a real row, a trip
+  count computed from the mask inside the compiled step. Every output of ``on_batch`` is a
+  masked sum, so the microbatches after it would add exactly zero: the result equals the sum
+  over all ``n`` (the same values), and differs from one pass over the whole padded batch by float
+  summation order only.
+
+  Skipping makes the step's duration depend on the realised batch size, which the accountant
+  does not cover: acceptable only because no step duration reaches a public output
+  (docs/privacy.md, "Step duration"); ``padding_microbatch=None`` turns it off.
+  """
+  n = masks.shape[0]
+  used = jnp.max(jnp.where(jnp.any(masks, axis=1), jnp.arange(1, n + 1), 0))
+
+  def one(i):
+    return on_batch(params, take(i), masks[i])
+
+  zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                jax.eval_shape(one, jnp.zeros((), jnp.int32)))
+  return jax.lax.fori_loop(0, used, lambda i, acc: jax.tree_util.tree_map(jnp.add, acc, one(i)),
+                           zero)
 
 
 def _per_device_batch(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
@@ -152,6 +196,23 @@ def _sum_over_devices(sums: Any, by_device: NamedSharding, replicated: NamedShar
   return unravel(total)
 
 
+def padding_microbatch(size: int | None, method: str, vmap_chunk: int | None) -> int | None:
+  """The step's ``padding_microbatch`` for config ``padding_microbatch=size``.
+
+  The vmap path with ``dp.microbatch_size`` already works in chunks (the capacity is a
+  multiple of them): its chunks become the microbatches that are skipped, so that the two
+  never disagree on the rows per chunk.
+  """
+  if size is None:
+    return None
+  return vmap_chunk if method == "vmap" and vmap_chunk is not None else size
+
+
+def _check_microbatch(size: int | None) -> None:
+  if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+    raise ValueError(f"padding_microbatch={size!r} must be a positive integer or None")
+
+
 def _update_fn(tx: optax.GradientTransformation) -> Callable:
   """``update(state, active, sums_fn) -> (state, metrics)``: one noised update, or none."""
 
@@ -177,7 +238,8 @@ def _update_fn(tx: optax.GradientTransformation) -> Callable:
 
 def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
                       clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
-                      l2_norm_clip: float | None, strategy: str = "shard_map") -> TrainStep:
+                      l2_norm_clip: float | None, strategy: str = "shard_map",
+                      padding_microbatch: int | None = None) -> TrainStep:
   """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
 
   Args:
@@ -187,6 +249,9 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
     tx: the optax chain (privatize, then the optimizer).
     l2_norm_clip: C, or None when DP is off (only used to count clipped examples).
     strategy: ``'shard_map'`` (explicit ``psum``) or ``'auto'`` (XLA inserts the all-reduce).
+    padding_microbatch: rows per microbatch: each device's padded batch is processed in
+      microbatches of this size and those holding only padding are skipped
+      (:func:`_sum_microbatches`); None: the whole padded batch at once.
 
   Returns:
     A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData`
@@ -200,7 +265,8 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
-  per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip)
+  _check_microbatch(padding_microbatch)
+  per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip, padding_microbatch)
   sharded_sum = (_shard_map_sum if strategy == "shard_map" else _auto_sum)(mesh, per_device)
   update = _update_fn(tx)
 
@@ -321,8 +387,8 @@ class StreamedStep:
 
 def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
                          clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
-                         l2_norm_clip: float | None, strategy: str = "shard_map"
-                         ) -> StreamedStep:
+                         l2_norm_clip: float | None, strategy: str = "shard_map",
+                         padding_microbatch: int | None = None) -> StreamedStep:
   """Like :func:`build_train_chunk`, for batches read from disk instead of gathered on device.
 
   The per-device work (clipping, metrics) and the update (one all-reduce, noise once, the
@@ -330,7 +396,14 @@ def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
+  _check_microbatch(padding_microbatch)
   on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
+  if padding_microbatch is not None:
+    whole, size = on_batch, padding_microbatch
+
+    def on_batch(params, batch, mask):
+      xs, ys = (_split(a, size) for a in batch)
+      return _sum_microbatches(whole, params, lambda i: (xs[i], ys[i]), _split(mask, size))
   summed = _streamed_sum(mesh, on_batch, strategy)
   update = _update_fn(tx)
 

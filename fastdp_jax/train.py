@@ -687,7 +687,9 @@ def _compile(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, plan: Priv
   method = ghost.resolve_method(cfg.dp.clipping, model)
   logging.info("per-example clipping: %s", method)
   build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk
-  return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, cfg.parallel.strategy), method
+  microbatch = step_lib.padding_microbatch(cfg.padding_microbatch, method, cfg.dp.microbatch_size)
+  return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, cfg.parallel.strategy,
+               padding_microbatch=microbatch), method
 
 
 def _make_sampler(cfg: ml_collections.ConfigDict, plan: PrivacyPlan,

@@ -174,3 +174,124 @@ def test_program_size_does_not_grow_with_updates_per_call(name, d, hidden, batch
                      np.ones(steps_per_call, bool)).as_text()
     sizes[steps_per_call] = len(text.splitlines())  # one operation per line
   assert sizes[128] == sizes[2], f"{name}: {sizes}"
+
+
+# --- padding microbatches (config ``padding_microbatch``) ----------------------------------------
+U = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
+
+
+def _padded_batch(s, step=0):
+  """Update ``step``'s local indices and mask [capacity] (real rows first, then padding)."""
+  b = s["sampler"].batches(step, 1)
+  return jnp.asarray(b.indices[0, 0]), jnp.asarray(b.mask[0, 0])
+
+
+def _summation_bound(s, idx, mask, clip):
+  """A bound on |whole-batch - microbatched| for every coordinate of the clipped sum.
+
+  Both compute sum_i t_i over the same K = capacity rows, t_i example i's (clipped) gradient,
+  in different orders (the microbatches split the row reduction of ``a^T (c g)``): each is
+  within gamma_K * sum_i |t_i| of the exact sum (Higham, Accuracy and Stability of Numerical
+  Algorithms, eq. 3.5), gamma_n = n u / (1 - n u). Each t_i's factors come from dot products
+  and norms that either path may block differently: at most L = 3 (d + sum(hidden) + 1)
+  more roundings in a row (forward, backward and the norm's sum of squares over each layer's
+  fan-in). Two paths: 2 gamma_(K + L) sum_i |t_i|, first order in u.
+  """
+  x, y = s["dev"].features[idx], s["dev"].labels[idx]
+  per_example = jax.vmap(jax.grad(s["loss_fn"]), in_axes=(None, 0))(s["params"], (x, y))
+  sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+           for g in jax.tree_util.tree_leaves(per_example))
+  factor = jnp.where(mask, 1.0 if clip is None else jnp.minimum(1.0, clip / jnp.sqrt(sq)), 0.0)
+  total = jax.tree_util.tree_map(
+      lambda g: jnp.sum(jnp.abs(g) * factor.reshape((-1,) + (1,) * (g.ndim - 1)), axis=0),
+      per_example)
+  n = mask.shape[0] + 3 * (D + sum(HIDDEN) + 1)
+  gamma = n * U / (1 - n * U)
+  return jax.tree_util.tree_map(lambda t: 2 * gamma * t, total)
+
+
+@pytest.mark.parametrize("method,clip", [("ghost", CLIP), ("vmap", CLIP), ("ghost", None)])
+def test_padding_microbatches_equal_one_pass_over_the_padded_batch(setup, method, clip):
+  """The per-device clipped sum and metrics in microbatches of 8 (the capacity is not a
+  multiple of 8: the step pads it) equal one pass, within the summation bound; the counts
+  exactly. ``clip=None``: the non-private sum."""
+  s = setup
+  clipped = ghost.make_clipped_sum(method, s["model"], s["loss_fn"], clip)
+  idx, mask = _padded_batch(s)
+  assert mask.shape[0] % 8 and not mask[-8:].any()  # a ragged tail and trailing padding
+  whole = step_lib._per_device(s["loss_fn"], clipped, clip)
+  parts = step_lib._per_device(s["loss_fn"], clipped, clip, microbatch=8)
+  args = (s["params"], s["dev"].features, s["dev"].labels, idx, mask)
+  (g_whole, m_whole), (g_parts, m_parts) = jax.jit(whole)(*args), jax.jit(parts)(*args)
+  bound = _summation_bound(s, idx, mask, clip)
+  for a, b, tol in zip(*(jax.tree_util.tree_leaves(t) for t in (g_whole, g_parts, bound))):
+    assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= np.asarray(tol))
+  for key in ("count", "clipped", "nonfinite"):  # integers held in float32: exact
+    assert float(m_parts[key]) == float(m_whole[key])
+  # The loss sum: sum of K per-example losses, each computed by either blocking (as above).
+  loss_bound = 2 * (mask.shape[0] + 3 * (D + sum(HIDDEN) + 1)) * U * float(
+      jnp.sum(jnp.where(mask, jnp.abs(jax.vmap(s["loss_fn"], in_axes=(None, 0))(
+          s["params"], (s["dev"].features[idx], s["dev"].labels[idx]))), 0.0)))
+  assert abs(float(m_parts["loss_sum"]) - float(m_whole["loss_sum"])) <= loss_bound
+
+
+def test_all_padding_microbatches_are_skipped_and_change_nothing(setup):
+  """Only the microbatches up to the last real row run (counted by a host callback in the
+  clipping), and appending all-padding microbatches leaves the sum unchanged, bit for bit."""
+  s = setup
+  calls = []
+  inner = ghost.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
+
+  def counting(params, batch, mask):
+    jax.debug.callback(lambda: calls.append(1))
+    return inner(params, batch, mask)
+
+  idx, mask = _padded_batch(s, step=3)
+  real = int(mask.sum())
+  fn = jax.jit(step_lib._per_device(s["loss_fn"], counting, CLIP, microbatch=8))
+  args = (s["params"], s["dev"].features, s["dev"].labels)
+  out = jax.block_until_ready(fn(*args, idx, mask))
+  assert len(calls) == -(-real // 8) < -(-mask.shape[0] // 8)
+  longer = jax.block_until_ready(fn(*args, jnp.pad(idx, (0, 24)), jnp.pad(mask, (0, 24))))
+  assert len(calls) == 2 * -(-real // 8)  # the 3 extra microbatches never ran
+  for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(longer)):
+    np.testing.assert_array_equal(a, b)
+  empty = jax.block_until_ready(fn(*args, idx, jnp.zeros_like(mask)))  # no real row: no work
+  assert len(calls) == 2 * -(-real // 8)
+  assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree_util.tree_leaves(empty))
+
+
+def test_padding_microbatches_in_the_compiled_call_noise_once(setup):
+  """The compiled call with microbatches: the same batch sizes, one noise draw per update
+  (the noise is added after the microbatch loop, once), parameters within the summation
+  bound of one update carried through SGD (lr 0.1, divided by the expected batch)."""
+  s = setup
+  tx = lambda: optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(11)[0]),
+                           optax.sgd(0.1))
+  clipped = ghost.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
+  b = s["sampler"].batches(0, 1)
+  out = {}
+  for mb in (None, 8):
+    run = step_lib.build_train_chunk(s["mesh"], s["loss_fn"], clipped, tx(), CLIP,
+                                     padding_microbatch=mb)
+    out[mb] = jax.device_get(run(_init(s["params"], tx()), s["dev"].features, s["dev"].labels,
+                                 b.indices, b.mask, np.ones(1, bool)))
+  (whole, m_whole), (parts, m_parts) = out[None], out[8]
+  np.testing.assert_array_equal(m_whole["count"], m_parts["count"])
+  assert int(parts.opt_state[0].count) == int(whole.opt_state[0].count) == 1
+  # params' = params - 0.1 (sum + noise) / BATCH: the sums' difference scaled by 0.1 / BATCH,
+  # plus one rounding of each result (u |params'|, for either path).
+  idx, mask = _padded_batch(s)
+  bound = _summation_bound(s, idx, mask, CLIP)
+  for a, b_, tol in zip(*(jax.tree_util.tree_leaves(t) for t in (whole.params, parts.params,
+                                                                   bound))):
+    limit = 0.1 / BATCH * np.asarray(tol) * (1 + 2 * U) + 2 * U * np.abs(np.asarray(a))
+    assert np.all(np.abs(np.asarray(a) - np.asarray(b_)) <= limit)
+
+
+def test_padding_microbatch_is_checked():
+  with pytest.raises(ValueError, match="padding_microbatch=0 must be a positive integer"):
+    step_lib.build_train_chunk(None, None, None, None, None, padding_microbatch=0)
+  assert step_lib.padding_microbatch(None, "ghost", None) is None
+  assert step_lib.padding_microbatch(256, "ghost", 64) == 256
+  assert step_lib.padding_microbatch(256, "vmap", 64) == 64  # the vmap chunks are skipped
