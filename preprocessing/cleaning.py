@@ -44,8 +44,10 @@ import numpy as np
 
 from preprocessing import features as features_lib
 
-REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain",
-           "out_of_bounds")
+# Every spec can meet these (the generator's malformed lines cover them all) ...
+REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain")
+# ... and a regression label declared with out_of_bounds='reject' adds this one.
+LABEL_REASONS = ("out_of_bounds",)
 _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
