@@ -50,7 +50,8 @@ WORKLOADS = {  # features, hidden sizes, expected batch size, steps per call, ti
     "W2": (128, (1024, 1024), 1024, 2, 4),
 }
 W2_ROWS = 131_072  # W1: throughput.W1_ROWS, W1_TRAIN_ROWS
-TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes, devices per process
+TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1),  # processes, devices per process
+              "1x4": (1, 4), "1x8": (1, 8)}  # (1xN for N > 2: local GPUs, --platform gpu)
 
 # --- the communication model -------------------------------------------------------------
 # Assumed links (documented in BENCHMARKS.md): GPUs of one node talk over NVLink, nodes over
@@ -192,12 +193,17 @@ def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
 
 
 def _measure(workload: str, topology: str, strategy: str, clipping_method: str,
-             rows: int = 0, calls: int = 0) -> dict:
+             rows: int = 0, calls: int = 0, platform: str = "cpu") -> dict:
   processes, devices = TOPOLOGIES[topology]
   worker_args = ["--worker", f"--workloads={workload}", f"--strategy={strategy}",
                  f"--clipping={clipping_method}", f"--rows={rows}", f"--calls={calls}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if platform == "gpu":  # the first `devices` local GPUs, one process (NCCL inside it)
+    if processes != 1:
+      raise ValueError(f"--platform gpu measures 1xN topologies only, not {topology}")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
   if processes == 1:
     cmd = [sys.executable, os.path.abspath(__file__), *worker_args]
   else:
@@ -225,6 +231,8 @@ def main(argv=None) -> int:
                  help="train on the first ROWS rows of each workload (default 0: all)")
   p.add_argument("--calls", type=int, default=0,
                  help="timed calls per measurement (default 0: the workload's, in WORKLOADS)")
+  p.add_argument("--platform", default="cpu", choices=["cpu", "gpu"],
+                 help="cpu: fake CPU devices; gpu: 1xN topologies on the first N local GPUs")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   workloads = args.workloads.split(",")
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
     for wl in workloads:
       base = None
       for topo in args.topologies.split(","):
-        res = _measure(wl, topo, args.strategy, args.clipping, args.rows, args.calls)
+        res = _measure(wl, topo, args.strategy, args.clipping, args.rows, args.calls,
+                       args.platform)
         base = res["examples_per_s"] if topo == "1x1" else base
         if base:
           res["speedup_vs_1x1"] = res["examples_per_s"] / base

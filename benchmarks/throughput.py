@@ -194,7 +194,8 @@ def record(t, workload: str, mode: str, examples: float, seconds: float, steps: 
       capacity=t.sampler.capacity, updates=steps, updates_per_s=round(steps / seconds, 3),
       steps_per_call=t.cfg.steps_per_call, microbatch_size=t.cfg.dp.microbatch_size,
       compile_s=round(compile_s, 2), model=f"MLP {d}-{'-'.join(map(str, hidden))}-1",
-      private=t.private, keys=KEYS, jax=jax.__version__)
+      private=t.private, keys=KEYS, jax=jax.__version__,
+      padding_microbatch=t.cfg.padding_microbatch, load_avg_1m=round(os.getloadavg()[0], 2))
 
 
 def _place(workload: str, w2_rows: int):
@@ -207,13 +208,14 @@ def _epoch_steps(t, max_steps: int | None) -> int:
 
 
 def measure(workload: str, mode: str, clipping: str, *, steps_per_call: int, w2_rows: int,
-            max_steps: int | None, microbatch_size: int | None) -> dict:
+            max_steps: int | None, microbatch_size: int | None,
+            padding_microbatch: int | None = None) -> dict:
   """Times one epoch of the training loop in this process; returns the JSON record."""
   with contextlib.ExitStack() as cleanup:
     # Two epochs in the plan: the two warm-up updates and the timed epoch.
     t = make_trainer(workload, mode, clipping, _place(workload, w2_rows), cleanup,
                      steps_per_call=steps_per_call, num_epochs=2,
-                     microbatch_size=microbatch_size)
+                     microbatch_size=microbatch_size, padding_microbatch=padding_microbatch)
     steps = _epoch_steps(t, max_steps)
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     compile_s = warm_up(t)
@@ -232,7 +234,8 @@ def measure(workload: str, mode: str, clipping: str, *, steps_per_call: int, w2_
 
 
 def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2_rows: int,
-                        max_steps: int | None, microbatch_size: int | None) -> list[dict]:
+                        max_steps: int | None, microbatch_size: int | None,
+                        padding_microbatch: int | None = None) -> list[dict]:
   """Both modes in ONE process over the same data, alternating their compiled calls over an
   epoch each, so that both see the same machine load; returns both records and the ratio.
   (``peak_rss_mb`` is the process's, shared by both: use separate processes for memory.)"""
@@ -240,7 +243,8 @@ def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2
     data = _place(workload, w2_rows)
     trainers = {mode: make_trainer(workload, mode, clipping, data, cleanup,
                                    steps_per_call=steps_per_call, num_epochs=2,
-                                   microbatch_size=microbatch_size)
+                                   microbatch_size=microbatch_size,
+                                   padding_microbatch=padding_microbatch)
                 for mode in ("nonprivate", "dp")}
     compile_s = {mode: warm_up(t) for mode, t in trainers.items()}
     steps = _epoch_steps(trainers["dp"], max_steps)
@@ -514,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--microbatch-size", type=int, default=None,
                  help="vmap chunk size (the batch capacity is rounded up to a multiple)")
   p.add_argument("--repeat", type=int, default=1, help="repetitions of the whole set")
+  p.add_argument("--padding-microbatch", type=int, default=None,
+                 help="config padding_microbatch: skip all-padding microbatches of this size")
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="also time both modes in one process, alternating their calls (the "
                       "ratio under the same load); default: on when both modes are asked for")
@@ -541,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
   workloads = _split(args.workload, WORKLOADS)
   modes = _split(args.mode, ("dp", "nonprivate"))
   single = dict(steps_per_call=args.steps_per_call, w2_rows=args.w2_rows,
-                max_steps=args.max_steps, microbatch_size=args.microbatch_size)
+                max_steps=args.max_steps, microbatch_size=args.microbatch_size,
+                padding_microbatch=args.padding_microbatch)
   both = {"dp", "nonprivate"} <= set(modes)
   interleave = both if args.interleave is None else args.interleave
   if interleave and not both:
@@ -559,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     forwarded.append(f"--max-steps={args.max_steps}")
   if args.microbatch_size is not None:
     forwarded.append(f"--microbatch-size={args.microbatch_size}")
+  if args.padding_microbatch is not None:
+    forwarded.append(f"--padding-microbatch={args.padding_microbatch}")
   for rep in range(args.repeat):
     for wl in workloads:
       records = {}
