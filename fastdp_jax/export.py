@@ -167,23 +167,8 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
     try:
       params_path = os.path.join(staging, PARAMS_FILE)
       atomic.write_npz(params_path, flat)
-      spec = dict(
-          format=FORMAT, format_version=FORMAT_VERSION,
-          created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          architecture=dict(type="MLP", num_features=len(names),
-                            hidden_sizes=[int(h) for h in hidden_sizes], activation="relu",
-                            output=_OUTPUTS[model_dict["task"]]),
-          model=model_dict,
-          feature_spec=None if feature_spec is None else dict(feature_spec),
-          features=[dict(name=n, index=i, dtype="float32") for i, n in enumerate(names)],
-          label=_label_of(label_name, model_dict),
-          threshold=float(threshold),
-          params_sha256=data_lib.sha256_file(params_path),
-          num_params=int(sum(v.size for v in flat.values())),
-          privacy=_privacy_of(summary),
-          metrics=_metrics_of(summary),
-          config=summary.get("config"),
-          versions=_versions())
+      spec = _model_json(names, hidden_sizes, model_dict, feature_spec, label_name,
+                         threshold, data_lib.sha256_file(params_path), flat, summary)
       text = json.dumps(spec, indent=1, default=float)
       _check_spec(json.loads(text), staging)  # load_model's checks: no export is refused
       atomic.write_text(os.path.join(staging, SPEC_FILE), text)
@@ -198,6 +183,30 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
       shutil.rmtree(staging, ignore_errors=True)
       raise
   return directory
+
+
+def _model_json(names: Sequence[str], hidden_sizes: Sequence[int], model: dict[str, Any],
+                feature_spec: Mapping[str, Any] | None, label_name: str, threshold: float,
+                params_sha256: str, flat: Mapping[str, np.ndarray],
+                summary: Mapping[str, Any]) -> dict[str, Any]:
+  """The contents of ``model.json`` (public values only)."""
+  return dict(
+      format=FORMAT, format_version=FORMAT_VERSION,
+      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      architecture=dict(type="MLP", num_features=len(names),
+                        hidden_sizes=[int(h) for h in hidden_sizes], activation="relu",
+                        output=_OUTPUTS[model["task"]]),
+      model=model,
+      feature_spec=None if feature_spec is None else dict(feature_spec),
+      features=[dict(name=n, index=i, dtype="float32") for i, n in enumerate(names)],
+      label=_label_of(label_name, model),
+      threshold=float(threshold),
+      params_sha256=params_sha256,
+      num_params=int(sum(v.size for v in flat.values())),
+      privacy=_privacy_of(summary),
+      metrics=_metrics_of(summary),
+      config=summary.get("config"),
+      versions=_versions())
 
 
 def _check_replaceable(directory: str) -> None:
@@ -388,18 +397,23 @@ def model_card(spec: Mapping[str, Any]) -> str:
       "- Trained on synthetic or census-style data; the accuracy above is for its test split.",
       "- Differential privacy limits what the model reveals about any one training row; it "
       "does not make predictions fair or correct.", "",
-      "## Loading", "", "```python",
-      "import fastdp_jax",
-      "predictor = fastdp_jax.load_model('PATH/TO/model')",
-      "probabilities = predictor(features)   # [n, d] float array or {name: column}",
-      "labels = predictor.predict(features)",
-      *(["result = predictor.predict_rows('raw.csv')  # raw rows; bad rows in result.errors"]
-        if spec.get("feature_spec") else []),
-      "```", "",
-      *(["From the command line: `python -m fastdp_jax.predict --model PATH/TO/model "
-         "--input raw.csv --output predictions.csv --errors errors.csv`.", ""]
-        if spec.get("feature_spec") else [])]
+      *_loading_lines(bool(spec.get("feature_spec")))]
   return "\n".join(lines)
+
+
+def _loading_lines(raw: bool) -> list[str]:
+  """The card's "Loading" section (raw rows too when the model carries a feature spec)."""
+  return ["## Loading", "", "```python",
+          "import fastdp_jax",
+          "predictor = fastdp_jax.load_model('PATH/TO/model')",
+          "probabilities = predictor(features)   # [n, d] float array or {name: column}",
+          "labels = predictor.predict(features)",
+          *(["result = predictor.predict_rows('raw.csv')  # raw rows; bad rows in "
+             "result.errors"] if raw else []),
+          "```", "",
+          *(["From the command line: `python -m fastdp_jax.predict --model PATH/TO/model "
+             "--input raw.csv --output predictions.csv --errors errors.csv`.", ""]
+            if raw else [])]
 
 
 def _raw_input_lines(feature_spec: Mapping[str, Any] | None) -> list[str]:
