@@ -29,26 +29,54 @@ STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
 TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.TASK_KINDS
 
 
+def _data_keys() -> ml_collections.ConfigDict:
+  """The ``data`` group of :func:`base_config`."""
+  data = ml_collections.ConfigDict()
+  data.path = "data/generated/capums"  # dataset directory (manifest.json) or original .h5.
+  data.batches = ""  # a directory of materialised Poisson batches of data.path
+  #                    (python -m preprocessing.poisson_batches): stream the updates from it
+  #                    in constant memory instead of holding the training rows.
+  data.verify_checksums = True  # check every shard's sha256 against the manifest.
+  data.public_num_examples = config_dict.placeholder(int)  # a PUBLIC training-set size
+  #                          that fixes q and the number of updates (unset: N is public).
+  data.feature_bounds = config_dict.placeholder(tuple)  # PUBLIC feature bounds for data
+  # that declares none (an original .h5, a manifest older than recorded bounds): (lo, hi)
+  # for every feature or one (lo, hi) per feature; never computed from the data. Every row
+  # outside them is refused before the first update. A manifest's own bounds take precedence.
+  data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
+  data.attack_rows = 10_000  # training rows attacked (the original's figure).
+  data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of the
+  #                  row number, fastdp_jax.schema.is_test_row with VALIDATION_SEED) is held
+  #                  out of training and evaluated each epoch; its metrics are private.
+  return data
+
+
+def _dp_keys() -> ml_collections.ConfigDict:
+  """The ``dp`` group of :func:`base_config`."""
+  dp = ml_collections.ConfigDict()
+  dp.enabled = True  # False: the same code path without clipping or noise (baseline).
+  dp.l2_norm_clip = 3.0  # C: each example's gradient is clipped to this L2 norm.
+  dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
+  dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this
+  #                                                      (takes precedence over sigma).
+  dp.delta = config_dict.placeholder(float)  # unset: the largest power of ten at most
+  #                                            1/(10 N); a delta >= 1/N is warned about.
+  dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
+  dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
+  dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
+  dp.sampling_seed = config_dict.placeholder(int)  # unset: OS entropy (private); int:
+  #                                                  reproducible batches, run is not private.
+  dp.overflow_probability = config_dict.placeholder(float)  # per update, of a Poisson batch
+  #                                                  above its padded capacity (None: automatic).
+  dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
+  dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
+  return dp
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key with its default: the original system's sequential DP-SGD run."""
   c = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict()
-  c.data.path = "data/generated/capums"  # dataset directory (manifest.json) or original .h5.
-  c.data.batches = ""  # a directory of materialised Poisson batches of data.path
-  #                      (python -m preprocessing.poisson_batches): stream the updates from it
-  #                      in constant memory instead of holding the training rows.
-  c.data.verify_checksums = True  # check every shard's sha256 against the manifest.
-  c.data.public_num_examples = config_dict.placeholder(int)  # a PUBLIC training-set size
-  #                            that fixes q and the number of updates (unset: N is public).
-  c.data.feature_bounds = config_dict.placeholder(tuple)  # PUBLIC feature bounds for data
-  #   that declares none (an original .h5, a manifest older than recorded bounds): (lo, hi)
-  #   for every feature or one (lo, hi) per feature; never computed from the data. Every row
-  #   outside them is refused before the first update. A manifest's own bounds take precedence.
-  c.data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
-  c.data.attack_rows = 10_000  # training rows attacked (the original's figure).
-  c.data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of the
-  #                    row number, fastdp_jax.schema.is_test_row with VALIDATION_SEED) is held
-  #                    out of training and evaluated each epoch; its metrics are private.
+  c.data = _data_keys()
 
   c.num_epochs = 10  # an epoch is round(N / batch_size) updates.
   c.batch_size = 256  # EXPECTED batch size; the sampling rate is q = batch_size / N.
@@ -68,23 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 0.01
   c.optimizer.momentum = 0.0  # SGD momentum (0 = the original's plain SGD).
 
-  c.dp = ml_collections.ConfigDict()
-  c.dp.enabled = True  # False: the same code path without clipping or noise (baseline).
-  c.dp.l2_norm_clip = 3.0  # C: each example's gradient is clipped to this L2 norm.
-  c.dp.noise_multiplier = config_dict.placeholder(float)  # sigma; or set target_epsilon.
-  c.dp.target_epsilon = config_dict.placeholder(float)  # calibrate sigma to reach this
-  #                                                        (takes precedence over sigma).
-  c.dp.delta = config_dict.placeholder(float)  # unset: the largest power of ten at most
-  #                                              1/(10 N); a delta >= 1/N is warned about.
-  c.dp.max_epsilon = config_dict.placeholder(float)  # hard cap: stop before exceeding it.
-  c.dp.accountant = "pld"  # 'pld' (tight) | 'rdp'.
-  c.dp.noise_seed = config_dict.placeholder(int)  # unset: OS entropy; int: reproducible noise.
-  c.dp.sampling_seed = config_dict.placeholder(int)  # unset: OS entropy (private); int:
-  #                                                    reproducible batches, run is not private.
-  c.dp.overflow_probability = config_dict.placeholder(float)  # per update, of a Poisson batch
-  #                                                    above its padded capacity (None: automatic).
-  c.dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
-  c.dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
+  c.dp = _dp_keys()
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # 'shard_map' (explicit psum) | 'auto' (XLA's all-reduce).
