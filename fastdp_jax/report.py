@@ -112,7 +112,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def markdown_table(runs: Sequence[Run]) -> str:
   """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
   header = ("| run | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
-            "model inversion | MIA AUC | MIA TPR@1%FPR | empirical eps >= | wall s |")
+            "model inversion | MIA AUC | MIA TPR@1%FPR | empirical eps >= | f-DP eps >= | "
+            "wall s |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in runs:
     s = r.summary
@@ -134,6 +135,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.get(release.ATTACK_ACCURACY, last.get(release.ATTACK_ACCURACY))),
         _fmt(mia.get("auc")), _fmt(mia.get("tpr_at_low_fpr")),
         _fmt(audit.get("epsilon_lower_bound")),
+        _fmt(audit.get("epsilon_lower_bound_fdp")),  # a bound only if the run is Gaussian-DP
         _fmt(s.get("wall_time_s"), 3),
     ]) + " |")
   return "\n".join(lines) + "\n"
