@@ -295,3 +295,28 @@ def test_padding_microbatch_is_checked():
   assert step_lib.padding_microbatch(None, "ghost", None) is None
   assert step_lib.padding_microbatch(256, "ghost", 64) == 256
   assert step_lib.padding_microbatch(256, "vmap", 64) == 64  # the vmap chunks are skipped
+
+
+def test_padding_microbatch_through_the_trainer_keeps_timings_out_of_the_model(tmp_path):
+  """The real training loop with ``padding_microbatch``: the same epsilon and steps as
+  without, and ``model/`` (the public output) carries no duration; the epoch times stay in the
+  private metrics.jsonl (docs/privacy.md, "Step duration")."""
+  import json
+  import os
+  from fastdp_jax import train
+  from tests.conftest import make_config, make_dataset
+  data = make_dataset(str(tmp_path / "data"), rows=3000, seed=5)
+  runs = {}
+  for mb in (None, 16):
+    cfg = make_config(data, padding_microbatch=mb, num_epochs=1)
+    runs[mb] = train.train_and_evaluate(cfg, str(tmp_path / f"run{mb}"))
+  assert runs[16]["epsilon"] == runs[None]["epsilon"]
+  assert runs[16]["steps"] == runs[None]["steps"]
+  with open(tmp_path / "run16" / "metrics.jsonl") as f:
+    assert any("epoch_time_s" in json.loads(line) for line in f)
+  model_dir = tmp_path / "run16" / "model"
+  for name in os.listdir(model_dir):
+    if name.endswith((".md", ".json", ".sha256")):
+      text = (model_dir / name).read_text().lower()
+      for word in ("epoch_time", "time_s", "seconds", "duration", "ms per", "examples/s"):
+        assert word not in text, f"{name} mentions {word!r}"
