@@ -525,10 +525,10 @@ def _number_pair(value: Any, what: str) -> tuple[float, float]:
   return lo, hi
 
 
-def _codes(value: Any, what: str) -> tuple[float, ...]:
+def _codes(value: Any, what: str, noun: str = "codes") -> tuple[float, ...]:
   codes = _as_tuple(value, what)
   if not codes:
-    raise SpecError(f"{what} must list the public codes")
+    raise SpecError(f"{what} must list the public {noun}")
   if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
              for c in codes):
     raise SpecError(f"{what}={codes!r} must be finite numbers")
@@ -556,7 +556,8 @@ def _column_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
     return ColumnSpec(name=name, kind=kind)
   if kind == "categorical":
     return ColumnSpec(name=name, kind=kind,
-                      categories=_codes(cfg.get("categories", ()), f"columns.{name}.categories"))
+                      categories=_codes(cfg.get("categories", ()), f"columns.{name}.categories",
+                                        "categories"))
   if kind == "embedding":
     return _embedding_from_config(name, cfg)
   if "bounds" not in cfg:

@@ -267,14 +267,14 @@ def check_header(input_path: str, spec: features_lib.FeatureSpec,
     return None
   fmt = _detect_format(input_path, fmt)
   first = None
+  what = "the Parquet schema" if fmt == "parquet" else "the first line is taken as the header"
   for path in _local_data_files(input_path):
-    cols = _local_header(path, fmt)
-    if cols is None:
-      continue
     try:
+      cols = _local_header(path, fmt)  # a header over 1 MiB is refused here already
+      if cols is None:
+        continue
       spec.column_indices(cols)
     except features_lib.SpecError as e:
-      what = "the Parquet schema" if fmt == "parquet" else "the first line is taken as the header"
       raise PipelineError(f"{path}: {what}: {e}") from e
     first = cols if first is None else first
   return first
