@@ -268,13 +268,25 @@ def _label_of(label_name: str, model: Mapping[str, Any]) -> dict[str, Any]:
 def dataset_feature_spec(path: Any) -> dict[str, Any] | None:
   """The feature spec a dataset directory's manifest records (Spark job, streaming path).
 
-  None for data without one (``DatasetWriter`` datasets, the original's ``.h5`` files).
+  None for data without one (``DatasetWriter`` datasets, the original's ``.h5`` files), and
+  for data whose features are no longer the spec's (an audit dataset adds canary columns to a
+  copy of a Spark-job manifest): raw rows encoded by it would not be the model's inputs.
   """
   if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(
       os.path.join(path, data_lib.MANIFEST)):
     return None
-  spec = data_lib.read_manifest(path).extra.get("spec")
-  return dict(spec) if isinstance(spec, dict) else None
+  manifest = data_lib.read_manifest(path)
+  spec = manifest.extra.get("spec")
+  if not isinstance(spec, dict):
+    return None
+  from preprocessing import features as features_lib  # local: only specs need it
+  try:
+    typed = features_lib.spec_from_dict(spec)
+  except errors.UserError:
+    return None
+  if typed.feature_names != manifest.feature_names or typed.label != manifest.label_name:
+    return None
+  return dict(spec)
 
 
 def _privacy_of(summary: Mapping[str, Any]) -> dict[str, Any]:
