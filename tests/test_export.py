@@ -198,3 +198,17 @@ def test_an_edited_feature_spec_or_model_is_refused(tmp_path, edit, match):
     f.write(export._manifest_text(path))  # pylint: disable=protected-access
   with pytest.raises(export.ModelIntegrityError, match=match):
     fastdp_jax.load_model(path)
+
+
+def test_the_dataset_feature_spec_is_taken_only_when_it_describes_the_features(tmp_path):
+  from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+  spec = features_lib.load_spec("capums")
+  for name, names in (("same", spec.feature_names),
+                      ("canaries", spec.feature_names + ("canary_0",))):
+    with data_lib.DatasetWriter(str(tmp_path / name), feature_names=names,
+                                label_name=spec.label, feature_bounds=(0, 1),
+                                extra={"spec": spec.to_dict()}) as w:
+      w.add("train", np.zeros((4, len(names)), np.uint8), np.zeros(4, np.uint8))
+  assert export.dataset_feature_spec(str(tmp_path / "same")) == spec.to_dict()
+  assert export.dataset_feature_spec(str(tmp_path / "canaries")) is None
+  assert export.dataset_feature_spec(str(tmp_path / "nowhere")) is None
