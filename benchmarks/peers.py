@@ -18,8 +18,9 @@ Systems (``W1``: MLP 9-50-1, batch 256; ``W2``: MLP 128-1024-1024-1, batch 1024;
 
 Worker mode (``--worker``), what throughput.py uses: reads one JSON request per line on stdin,
 ``{"workload": "W2", "system": "torch-sgd", "seconds": 3}``, builds the system on first use
-(with 5 warm-up steps, untimed) and times whole steps for at least ``seconds``, replying one
-JSON line ``{"examples_per_s": ..., "steps": ..., "seconds": ...}``. Standalone::
+(``WARMUP`` untimed steps) and times whole steps for at least ``seconds``, replying one JSON
+line ``{"examples_per_s": ..., "steps": ..., "seconds": ..., "cores_busy": ...}``
+(``cores_busy``: the process's CPU seconds over the wall time). Standalone::
 
   /work/peer-venv/bin/python benchmarks/peers.py W2 torch-sgd,opacus-ghost --seconds 3
 """
@@ -37,6 +38,7 @@ WL = {"W1": (9, [50], 256), "W2": (128, [1024, 1024], 1024)}
 C, SIGMA, LR = 3.0, 0.9, 0.01
 SYSTEMS = ("torch-sgd", "seed-microbatch", "opacus-hooks", "opacus-ghost", "jax-privacy")
 JAXP_MICROBATCH = 64
+WARMUP = 2  # steps before timing: the first compiles (jax) or sets up the hooks (Opacus)
 THREADS = int(os.environ.get("PEER_THREADS", os.cpu_count() or 1))
 
 
@@ -184,6 +186,13 @@ def build_jax_privacy(wl: str):
   return step, sync
 
 
+def cpu_seconds() -> float:
+  """CPU seconds (user + system) of all this process's threads (/proc/self/stat)."""
+  with open("/proc/self/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Peers:
   """Builds each (workload, system) once and times it on request."""
 
@@ -198,13 +207,13 @@ class Peers:
         step, sync = build_jax_privacy(workload)
       else:
         step, sync = build_torch(workload, system), (lambda: None)
-      for _ in range(5):  # warm-up (jit compilation, Opacus' hooks)
+      for _ in range(WARMUP):  # warm-up (jit compilation, Opacus' hooks)
         step()
       sync()
       self.built[workload, system] = step, sync
     step, sync = self.built[workload, system]
     b = WL[workload][2]
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
     while True:
       step()
       n += 1
@@ -213,7 +222,8 @@ class Peers:
         break
     elapsed = time.perf_counter() - t0
     return dict(workload=workload, system=system, examples_per_s=round(n * b / elapsed),
-                steps=n, seconds=round(elapsed, 3), batch_size=b, threads=THREADS)
+                steps=n, seconds=round(elapsed, 3), batch_size=b, threads=THREADS,
+                cores_busy=round((cpu_seconds() - cpu0) / elapsed, 2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,8 @@ def trace_op_ms(trace_dir: str, top: int = 15) -> tuple[list[dict], float]:
     if e.get("ph") != "X":
       continue
     thread = threads.get((e.get("pid"), e.get("tid")), "")
-    if "python" in thread.lower() or thread.startswith("MainThread"):
+    if ("python" in thread.lower() or thread.startswith("MainThread")
+        or e["name"].startswith("$")):  # Python's own events (the profiler's Python tracer)
       continue
     name = re.sub(r"\.\d+$", "", e["name"])  # fusion.12 -> fusion
     total[name] += e.get("dur", 0) / 1000

@@ -280,6 +280,9 @@ OURS = {
 OURS_STEPS_PER_CALL = {"W1": 128, "W2": 8}
 VMAP_CHUNK = 64
 SITTING_EPOCHS = 20  # the plan's length (hence the capacity), the same for every system
+# Our vmap path on W2 (per-example gradients of 1.2 M parameters: about 60 examples/s, 16 s an
+# update here) is left out of the sitting unless --slow: it measures memory bandwidth, not us.
+SLOW = {("W2", "ours-dp-vmap")}
 PEER_SYSTEMS = ("torch-sgd", "opacus-hooks", "opacus-ghost", "jax-privacy", "seed-microbatch")
 
 
@@ -316,6 +319,13 @@ def matmul_gflops(n: int = 2048, repeat: int = 10) -> dict:
   return out
 
 
+def _cpu_seconds() -> float:
+  """CPU seconds (user + system) of all this process's threads (/proc/self/stat)."""
+  with open("/proc/self/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class OursWorker:
   """Builds each (workload, system) of ours once (compiled, warmed up) and times it."""
 
@@ -340,14 +350,15 @@ class OursWorker:
   def measure(self, workload: str, system: str, seconds: float) -> dict:
     t = self.trainer(workload, system)
     k, examples, calls = t.cfg.steps_per_call, 0.0, 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     while not calls or time.perf_counter() - t0 < seconds:
       examples += timed_call(t, k)
       calls += 1
     elapsed = time.perf_counter() - t0
     return dict(workload=workload, system=system, examples_per_s=round(examples / elapsed),
                 steps=calls * k, seconds=round(elapsed, 3), capacity=t.sampler.capacity,
-                padding_microbatch=t.cfg.padding_microbatch, clipping=clipping_name(t))
+                padding_microbatch=t.cfg.padding_microbatch, clipping=clipping_name(t),
+                cores_busy=round((_cpu_seconds() - cpu0) / elapsed, 2))
 
 
 def serve(worker, requests=sys.stdin, out=sys.stdout) -> None:
@@ -454,6 +465,30 @@ def peak_memory(workload: str, w2_rows: int) -> dict:
               nonprivate_step_temp_mb=np_tmp, dp_step_temp_mb=dp_tmp)
 
 
+def markdown_table(lines: list[dict]) -> str:
+  """BENCHMARKS.md's tables from a sitting's JSON lines: systems and targets."""
+  rows = ["| workload | system | examples/s median | min - max | rounds | of FLOP limit | "
+          "cores busy (median) |", "|---|---|---|---|---|---|---|"]
+  busy = {}
+  for r in lines:
+    if "round" in r and "examples_per_s" in r:
+      busy.setdefault((r["workload"], r["system"]), []).append(r.get("cores_busy", 0.0))
+  for r in lines:
+    if r.get("summary"):
+      b = busy.get((r["workload"], r["system"]))
+      rows.append(f"| {r['workload']} | {r['system']} | {r['median_examples_per_s']:,} | "
+                  f"{r['min']:,} - {r['max']:,} | {r['rounds']} | "
+                  f"{r['fraction_of_flop_limit']:.3f} | {_median(b) if b else ''} |")
+  rows += ["", "| workload | ratio | per round | median | target | met |", "|---|---|---|---|---|---|"]
+  for r in lines:
+    if r.get("ratio") and "per_round" in r:
+      target = "" if r["target"] is None else f">= {r['target']}"
+      met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+      rows.append(f"| {r['workload']} | {r['name']} | {', '.join(map(str, r['per_round']))} | "
+                  f"{r['median']} | {target} | {met} |")
+  return "\n".join(rows)
+
+
 def sitting(args) -> int:
   """Everyone in one sitting: rounds of every system, alternating, one JSON line each."""
   from _jsonl import emit, env
@@ -477,6 +512,8 @@ def sitting(args) -> int:
         # Rotated every round, so that no system always follows the same one.
         order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]
         for system in order:
+          if (wl, system) in SLOW and not args.slow:
+            continue
           worker = ours if system in OURS else peers
           rec = dict(worker.ask(workload=wl, system=system, seconds=args.seconds), round=rnd,
                      flops_per_example=flops_per_example(wl), **env())
@@ -535,8 +572,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                  help="--peers: also W2's peak RSS, DP and non-private, in own processes")
   p.add_argument("--out", default=None, help="--peers: also append the JSON lines here")
+  p.add_argument("--slow", action="store_true", help="--peers: also ours-dp-vmap on W2")
+  p.add_argument("--table", default=None, metavar="JSONL",
+                 help="print the Markdown tables of a sitting's JSON lines (its --out file)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.table:
+    with open(args.table, encoding="utf-8") as f:
+      print(markdown_table([json.loads(line) for line in f if line.startswith("{")]))
+    return 0
   if args.worker:
     serve(OursWorker(args.w2_rows))
     return 0
