@@ -943,7 +943,8 @@ def _write_outputs(t: Trainer, summary: dict[str, Any], host_params: Any) -> Non
         model=models.model_spec(hidden_sizes=t.cfg.model.hidden_sizes, head=t.head,
                                 classes=t.train.task.classes,
                                 feature_names=t.train.feature_names,
-                                embeddings=_task_of(t.cfg, t.train)[1]))
+                                embeddings=_task_of(t.cfg, t.train)[1]),
+        feature_spec=export_lib.dataset_feature_spec(t.cfg.data.path))  # raw-row encoding
   t.writer.write(metrics_lib.SUMMARY, t.step, summary)
   t.writer.close()
   if not t.is_writer:
