@@ -433,6 +433,8 @@ def test_canary_audit_detects_missing_noise(dirac_audit):
   # not perfection; with the noise on (below) the bound is near 0.
   assert audit["epsilon_lower_bound"] > 3 * claimed, (audit, claimed)
   assert audit["consistent"] is False
+  # The f-DP bound of the same scores is in the summary too, and rejects the claim as well.
+  assert audit["epsilon_lower_bound_fdp"] > 3 * claimed, (audit, claimed)
 
 
 def test_canary_audit_stays_below_accountant_epsilon(dirac_audit):
