@@ -76,10 +76,12 @@ MUTANTS: tuple[Mutant, ...] = (
         file="fastdp_jax/train.py",
         old=("  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
              "plan.l2_norm_clip,\n"
-             "                                       microbatch_size=cfg.dp.microbatch_size)\n"),
+             "                                       microbatch_size=cfg.dp.microbatch_size, "
+             "head=head)\n"),
         new=("  _exact_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
              "plan.l2_norm_clip,\n"
-             "                                      microbatch_size=cfg.dp.microbatch_size)\n"
+             "                                      microbatch_size=cfg.dp.microbatch_size, "
+             "head=head)\n"
              "\n"
              "  def clipped_sum(params, batch, mask):  # MUTANT: mean over the realised batch\n"
              "    grads, stats = _exact_sum(params, batch, mask)\n"
