@@ -10,6 +10,7 @@ import pytest
 
 from fastdp_jax import accounting
 from fastdp_jax import data as data_lib
+from fastdp_jax import models
 from fastdp_jax import release
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
@@ -56,6 +57,17 @@ def test_end_to_end_summary_metrics_and_params(dataset, tmp_path):
   assert sorted(params) == ["layers/0/bias", "layers/0/kernel", "layers/1/bias",
                             "layers/1/kernel"]
   assert params["layers/0/kernel"].shape == (9, 8)
+  # A binary task (a manifest without "task" is one too): its AUC is the exported model's,
+  # by the definition (pairs of a positive and a negative test row ranked right, ties 1/2).
+  assert summary["task"] == "binary" and all("test_auc" in r for r in records)
+  test = data_lib.load_split(dataset, "test")
+  p = np.asarray(models.apply_exported(dict(params), test.features,
+                                       {"hidden_sizes": [8], "task": "binary"}), np.float64)
+  pos, neg = p[test.labels == 1][:, None], p[test.labels == 0][None, :]
+  # float32 forward passes compiled for other shapes: scores agree to a few ulps, and the
+  # 1,587 x 1,587 pair comparisons may flip only where two scores are that close.
+  assert summary["test_auc"] == pytest.approx(np.mean((pos > neg) + 0.5 * (pos == neg)),
+                                              abs=1e-4)
 
 
 def test_fixed_seeds_reproduce_and_each_secret_key_changes_the_run(dataset, tmp_path):
