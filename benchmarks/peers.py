@@ -216,9 +216,9 @@ class Peers:
     n, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
     while True:
       step()
+      sync()  # JAX dispatches ahead: wait for each step, so the window holds finished steps
       n += 1
       if time.perf_counter() - t0 >= seconds:
-        sync()
         break
     elapsed = time.perf_counter() - t0
     return dict(workload=workload, system=system, examples_per_s=round(n * b / elapsed),

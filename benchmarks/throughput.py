@@ -280,9 +280,11 @@ OURS = {
 OURS_STEPS_PER_CALL = {"W1": 128, "W2": 8}
 VMAP_CHUNK = 64
 SITTING_EPOCHS = 20  # the plan's length (hence the capacity), the same for every system
-# Our vmap path on W2 (per-example gradients of 1.2 M parameters: about 60 examples/s, 16 s an
-# update here) is left out of the sitting unless --slow: it measures memory bandwidth, not us.
-SLOW = {("W2", "ours-dp-vmap")}
+# Left out of the sitting unless --slow, at 16-80 s per W2 update on this CPU: our vmap path
+# (per-example gradients of 1.2 M parameters: memory bandwidth) and the original algorithm
+# (341 backward passes of 3 rows per update; 1.2 k examples/s on a quiet machine, 13 under
+# load 11).
+SLOW = {("W2", "ours-dp-vmap"), ("W2", "seed-microbatch")}
 PEER_SYSTEMS = ("torch-sgd", "opacus-hooks", "opacus-ghost", "jax-privacy", "seed-microbatch")
 
 
@@ -572,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                  help="--peers: also W2's peak RSS, DP and non-private, in own processes")
   p.add_argument("--out", default=None, help="--peers: also append the JSON lines here")
-  p.add_argument("--slow", action="store_true", help="--peers: also ours-dp-vmap on W2")
+  p.add_argument("--slow", action="store_true",
+                 help="--peers: also ours-dp-vmap and seed-microbatch on W2")
   p.add_argument("--table", default=None, metavar="JSONL",
                  help="print the Markdown tables of a sitting's JSON lines (its --out file)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
