@@ -306,3 +306,41 @@ def test_embedding_declarations_are_checked(tmp_path):
     data_lib.Task("regression", bounds=(3, 3))
   with pytest.raises(errors.UserError, match="task kind 'ordinal' must be one of"):
     data_lib.Task("ordinal")
+
+
+def test_two_processes_with_embeddings_and_validation_give_the_one_process_model(tmp_path):
+  """Each process drops its own validation rows (the hash of the global row number) and
+  embeds its own rows: the same N, epsilon and model as one process."""
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  # Six train shards: the two processes' row ranges are cut inside a shard.
+  path = _write(str(tmp_path / "data"), "multiclass", rows=6000, seed=5,
+                max_rows_per_shard=800)
+  overrides = {"num_epochs": 2, "model.embedding_dim": 4, "data.validation_fraction": 0.2,
+               "privacy_eval.membership_rows": 0, "checkpoint.enabled": False}
+  ref = train.train_and_evaluate(make_config(path, **overrides), str(tmp_path / "one"))
+  work = tmp_path / "two"
+  r = subprocess.run(
+      [sys.executable, "-m", "fastdp_jax.launch", "--num_processes=2",
+       "--devices_per_process=2", "--", "--config=configs/test.py",
+       f"--config.data.path={path}", f"--workdir={work}",
+       *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  two = json.load(open(work / "summary.json"))
+  assert two["num_processes"] == 2 and two["num_devices"] == 4
+  for key in ("steps", "train_examples", "validation_examples", "sampling_rate", "epsilon"):
+    assert two[key] == ref[key], key
+  # The same clipped per-example gradients summed over 4 devices instead of 1: float32 sums
+  # of the same terms in another order, relative error ~ (terms per sum) * 2**-24 ~ 1e-6 per
+  # update, compounded over 150 updates: 1e-5 of each leaf's norm (as tests/reliability's
+  # two-process test).
+  a, b = np.load(tmp_path / "one" / "final_params.npz"), np.load(work / "final_params.npz")
+  assert sorted(a) == sorted(b) and "tables/0/embedding" in a
+  for k in a:
+    assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
+  # Parameters equal to 1e-5 can only flip a row whose top two logits are that close: allow
+  # two such rows among the validation rows.
+  assert two["validation_accuracy"] == pytest.approx(
+      ref["validation_accuracy"], abs=2.5 / ref["validation_examples"])
