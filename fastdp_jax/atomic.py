@@ -223,7 +223,7 @@ def clean_stale(path: str | os.PathLike, kinds: tuple[str, ...] = ("staging", "o
       else:
         why = (f"a running job (pid {pid})" if host == host_tag() and pid is not None else
                "a job on another host or an older version")
-        notes.append(f"{stale} holds private data of {why}; if no job on {path} is running, "
+        notes.append(f"{stale} holds private rows of {why}; if no job on {path} is running, "
                      f"remove it: rm -rf {shlex.quote(stale)}")
   return notes
 
