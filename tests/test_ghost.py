@@ -342,3 +342,18 @@ def test_dispatch_accepts_embeddings_and_wide_heads():
   model, _, _, _ = _task_model(7, (8,), 0, HEADS["multiclass"], EMB_B)
   assert ghost.unsupported_layers(model) == []
   assert ghost.resolve_method("auto", model) == "ghost"
+
+
+@pytest.mark.parametrize("task", ["multiclass", "huber"])
+def test_each_example_contributes_at_most_c_with_embeddings(task):
+  """The sensitivity of the clipped sum: one example's share, tables included, is
+  min(norm_i, C) (within the float32 bound RTOL derived above)."""
+  head = HEADS[task]
+  model, _, params, loss_fn = _task_model(6, (8,), 11, head, EMB_B)
+  x, y = _task_batch(np.random.default_rng(11), 10, 6, head, EMB_B, scale=5.0)
+  clip = 0.2
+  fn = jax.jit(ghost.make_clipped_sum("ghost", model, loss_fn, clip, head=head))
+  for i in range(10):
+    total, stats = fn(params, (x, y), np.arange(10) == i)
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(total)))
+    assert norm == pytest.approx(min(float(stats.norms[i]), clip), rel=RTOL)
