@@ -48,8 +48,10 @@ an out-of-domain value gets an error naming its row, column and reason, never a 
 from __future__ import annotations
 
 import argparse
+import bz2
 import dataclasses
 import datetime
+import gzip
 import hashlib
 import hmac
 import json
@@ -700,7 +702,8 @@ def _encode_columns(spec, columns: Mapping[str, Any]):
 def _csv_blocks(spec, path: str, block_rows: int = 1 << 16):
   """``(features, positions, errors, rows)`` per block of a CSV file's data lines."""
   from preprocessing import cleaning  # local: only raw rows need it
-  with open(path, encoding="utf-8", errors="replace", newline=None) as f:
+  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  with opener(path, "rt", encoding="utf-8", errors="replace", newline=None) as f:
     header_line = f.readline(cleaning.MAX_HEADER_BYTES + 1)
     if not header_line:
       raise RowInputError(f"{path}: empty file (expected a header naming the columns "

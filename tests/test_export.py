@@ -212,3 +212,43 @@ def test_the_dataset_feature_spec_is_taken_only_when_it_describes_the_features(t
   assert export.dataset_feature_spec(str(tmp_path / "same")) == spec.to_dict()
   assert export.dataset_feature_spec(str(tmp_path / "canaries")) is None
   assert export.dataset_feature_spec(str(tmp_path / "nowhere")) is None
+
+
+def _reseal(path, edit):
+  spec_path = os.path.join(path, export.SPEC_FILE)
+  with open(spec_path) as f:
+    spec = json.load(f)
+  edit(spec)
+  with open(spec_path, "w") as f:
+    json.dump(spec, f)
+  with open(os.path.join(path, export.MANIFEST_FILE), "w") as f:
+    f.write(export._manifest_text(path))  # pylint: disable=protected-access
+
+
+def test_a_version_2_export_still_loads_as_a_binary_model(tmp_path):
+  path, apply_fn, params = _export(tmp_path)
+
+  def as_version_2(spec):  # what the previous format wrote
+    spec["format_version"] = 2
+    del spec["model"], spec["feature_spec"], spec["label"]["task"]
+  _reseal(path, as_version_2)
+  predictor = fastdp_jax.load_model(path)
+  assert predictor.task == "binary" and predictor.feature_spec is None
+  x = np.random.default_rng(1).normal(size=(4, len(NAMES))).astype(np.float32)
+  np.testing.assert_allclose(predictor.logits(x), apply_fn(params, x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_compressed_csv_of_raw_rows_is_read(tmp_path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  _, path, _ = _export_raw(tmp_path)
+  predictor = fastdp_jax.load_model(path)
+  text = "region,flag,size,other\n22,1,250,x\n44,0,abc,y\n"
+  plain, packed = tmp_path / "rows.csv", tmp_path / "rows.csv.gz"
+  plain.write_text(text)
+  with gzip.open(packed, "wt") as f:
+    f.write(text)
+  a, b = predictor.predict_rows(str(plain)), predictor.predict_rows(str(packed))
+  np.testing.assert_array_equal(a.outputs, b.outputs)
+  assert a.rows.tolist() == b.rows.tolist() == [0]
+  assert [(e.row, e.line, e.column, e.reason) for e in b.errors] == [
+      (1, 3, "size", "non_numeric")]
