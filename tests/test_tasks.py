@@ -344,3 +344,19 @@ def test_two_processes_with_embeddings_and_validation_give_the_one_process_model
   # two such rows among the validation rows.
   assert two["validation_accuracy"] == pytest.approx(
       ref["validation_accuracy"], abs=2.5 / ref["validation_examples"])
+
+
+def test_huber_delta_sets_the_regression_loss(datasets, tmp_path):
+  """model.huber_delta: the reported test loss is the Huber loss of the exported predictions
+  in units of half the label range (computed here from its definition)."""
+  delta = 0.1
+  cfg = _config(datasets["regression"], **{"model.huber_delta": delta, "num_epochs": 1})
+  summary = train.train_and_evaluate(cfg, str(tmp_path))
+  test = data_lib.load_split(datasets["regression"], "test")
+  mid, half = (BOUNDS[0] + BOUNDS[1]) / 2, (BOUNDS[1] - BOUNDS[0]) / 2
+  out = np.asarray(export_lib.load_model(str(tmp_path / "model"))(test.features), np.float64)
+  r = np.abs((out - mid) / half - (test.labels - mid) / half)
+  huber = np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta))
+  # float32 evaluation against this float64 recomputation: PRED_RTOL, as above.
+  assert summary["test_loss"] == pytest.approx(huber.mean(), rel=PRED_RTOL)
+  assert summary["test_loss"] != pytest.approx(np.mean(0.5 * r ** 2), rel=1e-2)
