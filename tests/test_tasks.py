@@ -360,3 +360,16 @@ def test_huber_delta_sets_the_regression_loss(datasets, tmp_path):
   # float32 evaluation against this float64 recomputation: PRED_RTOL, as above.
   assert summary["test_loss"] == pytest.approx(huber.mean(), rel=PRED_RTOL)
   assert summary["test_loss"] != pytest.approx(np.mean(0.5 * r ** 2), rel=1e-2)
+
+
+def test_validation_split_is_refused_with_materialised_batches(datasets, tmp_path):
+  # The batches were drawn from every training row: holding some out would not remove them.
+  cfg = _config(datasets["binary"], **{"data.validation_fraction": 0.1,
+                                       "data.batches": str(tmp_path / "batches")})
+  with pytest.raises(errors.ConfigError, match="data.validation_fraction needs the training "
+                                                "rows read from data.path"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  with pytest.raises(errors.ConfigError, match=r"data.validation_fraction=1.0 must be in "
+                                                r"\[0, 1\)"):
+    train.train_and_evaluate(_config(datasets["binary"], **{"data.validation_fraction": 1.0}),
+                             str(tmp_path / "w2"))
