@@ -39,7 +39,13 @@ C, SIGMA, LR = 3.0, 0.9, 0.01
 SYSTEMS = ("torch-sgd", "seed-microbatch", "opacus-hooks", "opacus-ghost", "jax-privacy")
 JAXP_MICROBATCH = 64
 WARMUP = 2  # steps before timing: the first compiles (jax) or sets up the hooks (Opacus)
-THREADS = int(os.environ.get("PEER_THREADS", os.cpu_count() or 1))
+# torch's intra-op threads: one for W1, whose 256 x 50 products gain nothing from a second
+# thread (1.92 M examples/s with 1, 1.91 M with 2, quiet machine) and whose OpenMP barriers
+# collapse when the other core is taken by another job (8-13 k examples/s seen); every core
+# for W2. PEER_THREADS overrides both.
+THREADS = {"W1": 1, "W2": os.cpu_count() or 1}
+if os.environ.get("PEER_THREADS"):
+  THREADS = dict.fromkeys(THREADS, int(os.environ["PEER_THREADS"]))
 
 
 def _torch_data(wl):
@@ -65,7 +71,7 @@ def build_torch(wl: str, system: str):
   """A ``step()`` closure of one torch system (peer_torch.py's code)."""
   import torch
   from torch import nn
-  torch.set_num_threads(THREADS)
+  torch.set_num_threads(THREADS[wl])
   d, hidden, b = WL[wl]
   x, y = _torch_data(wl)
   lossf = nn.BCEWithLogitsLoss()
@@ -212,6 +218,9 @@ class Peers:
       sync()
       self.built[workload, system] = step, sync
     step, sync = self.built[workload, system]
+    if system != "jax-privacy":  # the setting is the process's: W1 and W2 alternate
+      import torch
+      torch.set_num_threads(THREADS[workload])
     b = WL[workload][2]
     n, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
     while True:
@@ -222,7 +231,8 @@ class Peers:
         break
     elapsed = time.perf_counter() - t0
     return dict(workload=workload, system=system, examples_per_s=round(n * b / elapsed),
-                steps=n, seconds=round(elapsed, 3), batch_size=b, threads=THREADS,
+                steps=n, seconds=round(elapsed, 3), batch_size=b,
+                threads=None if system == "jax-privacy" else THREADS[workload],
                 cores_busy=round((cpu_seconds() - cpu0) / elapsed, 2))
 
 
