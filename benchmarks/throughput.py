@@ -421,9 +421,14 @@ TARGETS = {
 }
 
 
-def summarize(records: list[dict], gflops: float) -> list[dict]:
+FLOP_TARGETS = [("W2", "ours-dp-ghost", 0.6), ("W2", "ours-dp-ghost-skip", 0.6)]
+
+
+def summarize(records: list[dict], gflops: float, rates: list[float] | None = None
+              ) -> list[dict]:
   """Medians and spread per (workload, system), the FLOP limit, and the targets' ratios
-  (each ratio per round, both measured in that round, then their median)."""
+  (each ratio per round, both measured in that round, then their median; against the FLOP
+  limit, the matmul rate measured at the start of that round: ``rates[round]``)."""
   out, by = [], {}
   for r in records:
     by.setdefault((r["workload"], r["system"]), []).append(r)
@@ -434,6 +439,14 @@ def summarize(records: list[dict], gflops: float) -> list[dict]:
                     median_examples_per_s=round(_median(v)), min=min(v), max=max(v),
                     flop_limit_examples_per_s=round(limit),
                     fraction_of_flop_limit=round(_median(v) / limit, 3)))
+  for wl, system, target in FLOP_TARGETS if rates else []:
+    per_round = [round(r["examples_per_s"] * flops_per_example(wl) / (rates[r["round"]] * 1e9),
+                       3) for r in records if r["workload"] == wl and r["system"] == system]
+    if per_round:
+      med = _median(per_round)
+      out.append(dict(ratio=True, workload=wl, name=f"{system} over the FLOP limit",
+                      per_round=per_round, median=round(med, 3), target=target,
+                      met=med >= target))
   for wl, targets in TARGETS.items():
     for name, num, den, target in targets:
       dens = den if isinstance(den, tuple) else (den,)
@@ -488,6 +501,12 @@ def markdown_table(lines: list[dict]) -> str:
       met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
       rows.append(f"| {r['workload']} | {r['name']} | {', '.join(map(str, r['per_round']))} | "
                   f"{r['median']} | {target} | {met} |")
+  for r in lines:
+    if r.get("memory"):
+      ratio = r["dp_over_nonprivate_peak_rss"]
+      rows.append(f"| {r['workload']} | DP peak RSS over non-private ({r['dp_peak_rss_mb']} / "
+                  f"{r['nonprivate_peak_rss_mb']} MB) | | {ratio} | <= 1.3 | "
+                  f"{'yes' if ratio <= 1.3 else '**no**'} |")
   return "\n".join(rows)
 
 
@@ -528,7 +547,7 @@ def sitting(args) -> int:
     if peers is not None:
       peers.close()
   gflops = _median([r["jax_gflops"] for r in rates])
-  for line in summarize(records, gflops):
+  for line in summarize(records, gflops, [r["jax_gflops"] for r in rates]):
     emit(dict(line, matmul_gflops=gflops), args.out)
   if args.memory and "W2" in args.workload:
     emit(dict(peak_memory("W2", args.w2_rows), **env()), args.out)
