@@ -21,6 +21,9 @@ differs a little): the job read 25,766 rows and kept all (20,623 train / 5,143 t
 features) in 20 s; training stopped at the cap after 1,706 of the 2,000 updates, at epsilon
 0.9997 (delta 1.01e-6, PLD) with test accuracy 0.8067 (majority class 0.6278), in 21 s;
 membership-inference AUC 0.496.
+
+Non-private baselines, same settings and 2,000 updates: the same MLP 0.8268; logistic regression
+(``--config.dp.enabled=False --config.model.hidden_sizes='()'``) 0.8032.
 """
 
 from configs import seq
