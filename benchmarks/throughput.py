@@ -66,7 +66,7 @@ def workload_data(workload: str, w2_rows: int):
   """Training features and labels of a workload (generated, deterministic)."""
   import numpy as np
   if workload == "W1":
-    from fastdp_jax import schema
+    from fastdp_jax._src import schema
     from preprocessing import synthesize
     cols = synthesize.synthesize_capums(W1_ROWS, seed=0, na_fraction=0.0)
     x = np.stack([cols[c] for c in schema.CAPUMS_FEATURES], axis=1)[:W1_TRAIN_ROWS]
@@ -100,9 +100,9 @@ KEYS = "fixed by dp.noise_seed=0 and dp.sampling_seed=0 (private: false; no effe
 def in_memory_data(workload: str, x, y, process_rows=None):
   """``(train, test, device data)`` for :func:`fastdp_jax.train.setup`: this process's rows
   ``x``, ``y`` (``process_rows``: every process's row count) on ``parallel.make_mesh()``."""
-  from fastdp_jax import data as data_lib
-  from fastdp_jax import parallel
-  from fastdp_jax import schema
+  from fastdp_jax._src import data as data_lib
+  from fastdp_jax._src import parallel
+  from fastdp_jax._src import schema
   if workload == "W1":
     names, label = tuple(schema.CAPUMS_FEATURES), schema.CAPUMS_LABEL
   else:
@@ -124,7 +124,7 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   and batch, no checkpoint, export or privacy evaluation, and fixed keys (:data:`KEYS`).
   Set-up messages go to stderr: stdout carries only the JSON lines.
   """
-  from fastdp_jax import config as config_lib
+  from fastdp_jax._src import config as config_lib
   from fastdp_jax import train
   _, hidden, batch = WORKLOADS[workload][:3]
   cfg = config_lib.base_config()

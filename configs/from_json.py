@@ -46,7 +46,7 @@ import os
 
 import ml_collections
 
-from fastdp_jax.config import base_config
+from fastdp_jax import base_config
 
 # original key -> our key (dotted); None: understood but not mapped (see NOTES).
 KEY_MAP = {

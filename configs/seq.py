@@ -13,7 +13,7 @@ test accuracy 0.6766 (majority class 0.6227) at epsilon 0.370 (PLD, at the defau
 1.01e-7); the whole `make demo`, data included, took 50 s.
 """
 
-from fastdp_jax.config import base_config
+from fastdp_jax import base_config
 
 
 def get_config():

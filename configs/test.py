@@ -8,7 +8,7 @@ Command (tests create the data)::
   python main.py --config=configs/test.py --config.data.path=DIR --workdir=W
 """
 
-from fastdp_jax.config import base_config
+from fastdp_jax import base_config
 
 
 def get_config():

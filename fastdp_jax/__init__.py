@@ -14,7 +14,11 @@ change, except :mod:`fastdp_jax.train`, the trainer module these functions live 
 * accounting (through ``dp_accounting``): :func:`compute_epsilon`,
   :func:`calibrate_noise_multiplier`, and :class:`PrivacyLedger` (every update of a run and
   every question about them);
-* the exported model: :func:`load_model`.
+* the exported model: :func:`load_model`; a dataset split: :func:`load_split`; the error every
+  bad input raises (a one-line message, exit status 2 on the command line): :class:`UserError`;
+* the report and the audit dataset: ``fastdp_jax.report`` (:func:`~fastdp_jax.report.write_report`)
+  and ``fastdp_jax.privacy_eval`` (:func:`~fastdp_jax.privacy_eval.make_audit_dataset`), which
+  are also commands (``python -m``).
 
 Examples (run by ``make test``, ``tests/test_doctests.py``). Accounting::
 
@@ -35,7 +39,7 @@ The mechanism: which rows an update samples, each example's gradient clipped to 
   >>> sampler = fastdp_jax.PoissonSampler(1000, 10, key)
   >>> sampler.batches(0, 3).mask.shape == (3, 1, sampler.capacity)
   True
-  >>> from fastdp_jax import models
+  >>> from fastdp_jax._src import models
   >>> model = models.create_model(3, (4,), seed=0)
   >>> apply_fn, params = models.functional(model)
   >>> loss_fn = models.example_loss(apply_fn)
@@ -52,7 +56,7 @@ The mechanism: which rows an update samples, each example's gradient clipped to 
 A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is false)::
 
   >>> import contextlib, io, tempfile
-  >>> from fastdp_jax import data, schema
+  >>> from fastdp_jax._src import data, schema
   >>> root = tempfile.mkdtemp()
   >>> rng = np.random.default_rng(0)
   >>> features = (rng.random((600, 3)) < 0.5).astype(np.uint8)
@@ -77,7 +81,8 @@ A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is fals
 The same run in its three sections (what :func:`train_and_evaluate` does inside, less its
 checks of the workdir)::
 
-  >>> from fastdp_jax import config, train
+  >>> from fastdp_jax import train
+  >>> from fastdp_jax._src import config
   >>> config.validate(cfg)
   >>> with contextlib.ExitStack() as cleanup, contextlib.redirect_stdout(io.StringIO()):
   ...   trainer = fastdp_jax.setup(cfg, f"{root}/run2", cleanup)
@@ -100,14 +105,16 @@ _EXPORTS = {
     "setup": "fastdp_jax.train",
     "finalize": "fastdp_jax.train",
     "Trainer": "fastdp_jax.train",
-    "base_config": "fastdp_jax.config",
-    "make_clipped_sum": "fastdp_jax.ghost",
-    "PoissonSampler": "fastdp_jax.sampling",
-    "privatize": "fastdp_jax.noise",
-    "compute_epsilon": "fastdp_jax.accounting",
-    "calibrate_noise_multiplier": "fastdp_jax.accounting",
-    "PrivacyLedger": "fastdp_jax.accounting",
-    "load_model": "fastdp_jax.export",
+    "base_config": "fastdp_jax._src.config",
+    "make_clipped_sum": "fastdp_jax._src.ghost",
+    "PoissonSampler": "fastdp_jax._src.sampling",
+    "privatize": "fastdp_jax._src.noise",
+    "compute_epsilon": "fastdp_jax._src.accounting",
+    "calibrate_noise_multiplier": "fastdp_jax._src.accounting",
+    "PrivacyLedger": "fastdp_jax._src.accounting",
+    "load_model": "fastdp_jax._src.export",
+    "load_split": "fastdp_jax._src.data",
+    "UserError": "fastdp_jax._src.errors",
 }
 
 # The public module: ``fastdp_jax.train`` is the trainer module, never its ``train`` function

@@ -69,8 +69,8 @@ from typing import Any
 
 import numpy as np
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
 
 KINDS = ("binary", "categorical", "numeric", "embedding")
 TASK_KINDS = ("binary", "multiclass", "regression")

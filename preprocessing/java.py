@@ -29,8 +29,8 @@ import shutil
 import subprocess
 import tempfile
 
-from fastdp_jax import atomic
-from fastdp_jax import errors
+from fastdp_jax._src import atomic
+from fastdp_jax._src import errors
 
 MIN_VERSION = 17
 
@@ -93,7 +93,7 @@ def spark_java_home(environ: dict[str, str] | None = None) -> str | None:
   """The ``JAVA_HOME`` to give the Spark driver's JVM; None: its environment is right as is.
 
   Raises:
-    fastdp_jax.errors.UserError: no Java >= 17 anywhere (the message says how to get one).
+    fastdp_jax._src.errors.UserError: no Java >= 17 anywhere (the message says how to get one).
   """
   environ = dict(os.environ if environ is None else environ)
   runtime = find_java(environ)

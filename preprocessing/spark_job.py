@@ -20,9 +20,9 @@ What it does, and what it guarantees:
    on how the input is partitioned or how many executors there are.
 2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
    :mod:`preprocessing.cleaning` (the same rules as the streaming mapper and the direct
-   writer), puts each row in train or test with ``fastdp_jax.schema.is_test_row(row_id)``,
+   writer), puts each row in train or test with ``fastdp_jax._src.schema.is_test_row(row_id)``,
    encodes it with the spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
-   mixing input splits, named by their first row id) with ``fastdp_jax.data.write_shard``
+   mixing input splits, named by their first row id) with ``fastdp_jax._src.data.write_shard``
    into a staging directory, and its malformed lines into ``rejects/part-*.jsonl`` with the
    reason. Tasks return the shards' manifest entries and their counts.
 3. **Commit** (driver): checks that ``rows_read = kept + dropped_na + rejected``, that every
@@ -57,10 +57,10 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spa
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
-from fastdp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
-from fastdp_jax import schema  # pylint: disable=g-import-not-at-top
+from fastdp_jax._src import atomic  # pylint: disable=g-import-not-at-top
+from fastdp_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax._src import errors  # pylint: disable=g-import-not-at-top
+from fastdp_jax._src import schema  # pylint: disable=g-import-not-at-top
 from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
 from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
 from preprocessing import java  # pylint: disable=g-import-not-at-top

@@ -49,9 +49,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fastdp_jax import atomic
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import atomic
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 
@@ -484,7 +484,7 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
     columns: column name -> [n] numbers, NaN for missing (at least the spec's used columns).
     output: the dataset directory.
     spec: feature spec; default the CaPUMS one.
-    split_seed: seed of the hash split (:func:`fastdp_jax.schema.is_test_row`).
+    split_seed: seed of the hash split (:func:`fastdp_jax._src.schema.is_test_row`).
     test_fraction: expected fraction of test rows.
     overwrite: replace an existing dataset.
     max_rows_per_shard: shard size bound.

@@ -15,8 +15,8 @@ SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 def make_dataset(path, rows=6000, seed=0, num_features=9, **kw):
   """A CaPUMS-like dataset directory written through the project's shard writer."""
-  from fastdp_jax import data as data_lib
-  from fastdp_jax import schema
+  from fastdp_jax._src import data as data_lib
+  from fastdp_jax._src import schema
   rng = np.random.default_rng(seed)
   x = (rng.random((rows, num_features)) < 0.4).astype(np.uint8)
   w = rng.normal(size=num_features)

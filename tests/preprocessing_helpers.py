@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastdp_jax import accounting
+from fastdp_jax._src import accounting
 
 
 @pytest.mark.parametrize("sigma,q,steps,delta,acc,expected,tol", [

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastdp_jax import clipping
-from fastdp_jax import models
+from fastdp_jax._src import clipping
+from fastdp_jax._src import models
 
 
 def _setup(seed=0, batch=16, d=5, hidden=(7,)):
@@ -119,7 +119,7 @@ def test_rejects_non_positive_clip():
 
 
 # ------------------------------------------------------- against the previous implementation
-# fastdp_jax.clipping now calls jax_privacy.clipping.clipped_grad. This is the hand-written
+# fastdp_jax._src.clipping now calls jax_privacy.clipping.clipped_grad. This is the hand-written
 # computation it replaced (per-example vmap of grad, one norm per example, factor
 # min(1, C / norm) set to 0 for padding and non-finite rows, where() so that 0 * inf is not
 # NaN), kept here as the reference.

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
 from tests.conftest import make_dataset
 
 
@@ -305,7 +305,7 @@ def test_a_killed_writers_staging_directory_is_removed_by_the_next_writer(tmp_pa
   import sys
   out = tmp_path / "d"
   code = ("import sys, numpy as np\n"
-          "from fastdp_jax import data\n"
+          "from fastdp_jax._src import data\n"
           f"w = data.DatasetWriter({str(out)!r}, feature_names=['a'], label_name='y',"
           " feature_bounds=(0, 1))\n"
           "w.add('train', np.ones((5, 1)), np.ones(5))\n"

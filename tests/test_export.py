@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import fastdp_jax
-from fastdp_jax import data as data_lib
-from fastdp_jax import export
-from fastdp_jax import models
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import export
+from fastdp_jax._src import models
 
 NAMES = ("a", "b", "c", "d", "e")
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
+from fastdp_jax._src import data as data_lib
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 

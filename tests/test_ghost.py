@@ -7,13 +7,13 @@ import optax
 import pytest
 from flax import nnx
 
-from fastdp_jax import clipping
-from fastdp_jax import ghost
-from fastdp_jax import models
-from fastdp_jax import noise
-from fastdp_jax import parallel
-from fastdp_jax import sampling
-from fastdp_jax import step as step_lib
+from fastdp_jax._src import clipping
+from fastdp_jax._src import ghost
+from fastdp_jax._src import models
+from fastdp_jax._src import noise
+from fastdp_jax._src import parallel
+from fastdp_jax._src import sampling
+from fastdp_jax._src import step as step_lib
 
 RTOL = 1e-5  # float32; measured differences are about 1e-7 (summation order only)
 

@@ -6,12 +6,12 @@ import numpy as np
 import optax
 import pytest
 
-from fastdp_jax import ghost
-from fastdp_jax import models
-from fastdp_jax import noise
-from fastdp_jax import parallel
-from fastdp_jax import sampling
-from fastdp_jax import step as step_lib
+from fastdp_jax._src import ghost
+from fastdp_jax._src import models
+from fastdp_jax._src import noise
+from fastdp_jax._src import parallel
+from fastdp_jax._src import sampling
+from fastdp_jax._src import step as step_lib
 
 pytestmark = pytest.mark.multidevice
 

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = textwrap.dedent('''\
     """A tiny run for the install test."""
-    from fastdp_jax.config import base_config
+    from fastdp_jax import base_config
 
 
     def get_config():

@@ -7,7 +7,7 @@ import optax
 import pytest
 from scipy import stats
 
-from fastdp_jax import noise
+from fastdp_jax._src import noise
 
 
 def test_noise_std_matches_sigma_times_c():

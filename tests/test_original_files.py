@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import synthesize as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import pytest
 
-from fastdp_jax import batch_stream as bs
-from fastdp_jax import data as data_lib
-from fastdp_jax import release
-from fastdp_jax import sampling
-from fastdp_jax import schema
+from fastdp_jax._src import batch_stream as bs
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import release
+from fastdp_jax._src import sampling
+from fastdp_jax._src import schema
 from tests import preprocessing_helpers as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import fastdp_jax
-from fastdp_jax import data as data_lib
-from fastdp_jax import export
-from fastdp_jax import models
-from fastdp_jax import predict
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import export
+from fastdp_jax._src import models
+from fastdp_jax._src import predict
+from fastdp_jax._src import schema
 from fastdp_jax import train
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S

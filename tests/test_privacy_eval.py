@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from fastdp_jax import accounting
-from fastdp_jax import data as data_lib
-from fastdp_jax import privacy_eval as pe
+from fastdp_jax._src import accounting
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import privacy_eval as pe
 
 
 # ---------------------------------------------------------------- the previous statistics
-# fastdp_jax.privacy_eval now takes these from jax_privacy.auditing. This is the code it
+# fastdp_jax._src.privacy_eval now takes these from jax_privacy.auditing. This is the code it
 # replaced, kept here as the reference the new numbers are checked against.
 def _old_roc_points(pos, neg):
   pos, neg = np.sort(pos), np.sort(neg)
@@ -396,7 +396,8 @@ def dirac_audit(tmp_path_factory):
   import jax
   import jax.numpy as jnp
 
-  from fastdp_jax import noise, train
+  from fastdp_jax import train
+  from fastdp_jax._src import noise
   from tests.conftest import make_config, make_dataset
   root = tmp_path_factory.mktemp("dirac")
   src = make_dataset(str(root / "data"), rows=1500)

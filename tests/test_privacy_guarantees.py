@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import models
-from fastdp_jax import sampling
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import models
+from fastdp_jax._src import sampling
 from fastdp_jax import train
 from tests.conftest import make_config
 
@@ -81,7 +81,7 @@ def _final_params(workdir):
 
 
 def _clipped_sum(apply_fn, params, x, y):
-  """S = sum_i g_i * min(1, C / |g_i|), written here apart from fastdp_jax.clipping/ghost."""
+  """S = sum_i g_i * min(1, C / |g_i|), written here apart from fastdp_jax._src.clipping/ghost."""
   def loss(p, xi, yi):
     z = apply_fn(p, xi[None])[0]
     return -(yi * jax.nn.log_sigmoid(z) + (1 - yi) * jax.nn.log_sigmoid(-z))

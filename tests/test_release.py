@@ -12,9 +12,9 @@ import stat
 
 import numpy as np
 
-from fastdp_jax import checkpoint
-from fastdp_jax import data as data_lib
-from fastdp_jax import release
+from fastdp_jax._src import checkpoint
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import release
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fastdp_jax import sampling
+from fastdp_jax._src import sampling
 
 
 def test_inclusion_frequency_matches_q():
@@ -167,7 +167,7 @@ def test_default_keys_are_secret_and_differ_between_runs():
 
 
 def test_non_integer_seeds_are_refused():
-  from fastdp_jax import errors, noise
+  from fastdp_jax._src import errors, noise
   with pytest.raises(errors.ConfigError, match="dp.sampling_seed"):
     sampling.sampling_key(1.5)
   with pytest.raises(errors.ConfigError, match="dp.noise_seed"):

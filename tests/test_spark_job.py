@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastdp_jax import data as data_lib
+from fastdp_jax._src import data as data_lib
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S

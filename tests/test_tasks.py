@@ -12,11 +12,11 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
-from fastdp_jax import export as export_lib
-from fastdp_jax import models
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
+from fastdp_jax._src import export as export_lib
+from fastdp_jax._src import models
+from fastdp_jax._src import schema
 from fastdp_jax import train
 from tests.conftest import make_config
 
@@ -79,7 +79,7 @@ def _config(path, **overrides):
 
 
 def _dp_accounting_epsilon(sigma, q, steps, delta):
-  """Independently of fastdp_jax.accounting: dp_accounting's PLD accountant on the event."""
+  """Independently of fastdp_jax._src.accounting: dp_accounting's PLD accountant on the event."""
   acc = dp_accounting.pld.PLDAccountant()
   acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
               steps)

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from fastdp_jax import accounting
-from fastdp_jax import data as data_lib
-from fastdp_jax import models
-from fastdp_jax import release
+from fastdp_jax._src import accounting
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import models
+from fastdp_jax._src import release
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
 

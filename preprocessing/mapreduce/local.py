@@ -25,10 +25,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastdp_jax import atomic
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
-from fastdp_jax import schema
+from fastdp_jax._src import atomic
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
+from fastdp_jax._src import schema
 from preprocessing import features as features_lib
 from preprocessing.mapreduce import mapper
 from preprocessing.mapreduce import to_shards

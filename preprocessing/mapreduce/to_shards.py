@@ -6,7 +6,7 @@
       --spec capums [--overwrite]
 
 ``--input`` is the reducer's output: a file, ``-`` for stdin, or a Hadoop output directory
-(its ``part-*`` files, in name order). Rows are split with ``fastdp_jax.schema.is_test_row``
+(its ``part-*`` files, in name order). Rows are split with ``fastdp_jax._src.schema.is_test_row``
 on the reducer's row ids and encoded with the spec, exactly as the Spark job does; malformed
 lines go to ``rejects/`` and the manifest's counts reconcile
 (``rows_read = kept + dropped_na + rejected``). The output appears atomically.
@@ -23,10 +23,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from fastdp_jax import atomic
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
-from fastdp_jax import schema
+from fastdp_jax._src import atomic
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
+from fastdp_jax._src import schema
 from preprocessing import cleaning
 from preprocessing import features as features_lib
 from preprocessing import output as output_lib

@@ -13,7 +13,7 @@ Commands::
 
 import ml_collections
 
-from fastdp_jax import schema
+from fastdp_jax._src import schema
 
 # One column list for the project: the 12 columns of CaPUMS5full.csv in file order, and the 9
 # features (every column but the label and the two derived ones) in output order.

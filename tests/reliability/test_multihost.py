@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from fastdp_jax import data as data_lib
-from fastdp_jax import launch
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import launch
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset
 from tests.test_data import write_raw_dataset

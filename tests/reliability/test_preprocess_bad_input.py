@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T

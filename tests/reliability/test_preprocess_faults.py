@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from fastdp_jax import atomic
-from fastdp_jax import data as data_lib
-from fastdp_jax import schema
+from fastdp_jax._src import atomic
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import schema
 from preprocessing import synthesize as S
 from preprocessing.mapreduce import local
 from preprocessing.output import PipelineError

@@ -1,7 +1,7 @@
 """Per-example gradient clipping: the sum of per-example gradients, each clipped to norm C.
 
 The sum has L2 sensitivity C with respect to adding or removing one example, which is what the
-Gaussian noise in :mod:`fastdp_jax.noise` is calibrated to. Padding rows (``mask == 0``)
+Gaussian noise in :mod:`fastdp_jax._src.noise` is calibrated to. Padding rows (``mask == 0``)
 contribute exactly zero, and a per-example gradient that is not finite is zeroed (and counted)
 rather than propagated into the update: a run never stops because of one row.
 

@@ -2,7 +2,7 @@
 
 Config files (``configs/*.py``) start from :func:`base_config` and change only what differs.
 :func:`validate` runs once, after command-line overrides, before any work: unknown keys
-(typos), wrong types and out-of-range values raise :class:`fastdp_jax.errors.ConfigError`
+(typos), wrong types and out-of-range values raise :class:`fastdp_jax._src.errors.ConfigError`
 naming the key. The keys and types are checked by ml_collections (the config's values set on a
 locked, type-safe copy of :func:`base_config`), the values by one table, :data:`RANGE_CHECKS`.
 Reading and validating a config imports neither JAX nor Flax.
@@ -18,15 +18,15 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from fastdp_jax import accounting
-from fastdp_jax.errors import ConfigError
+from fastdp_jax._src import accounting
+from fastdp_jax._src.errors import ConfigError
 
 # The selectors' values live here, not in the JAX modules that implement them, so that reading
-# a config imports no JAX: fastdp_jax.ghost and fastdp_jax.step import them from here.
-CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.ghost.make_clipped_sum
+# a config imports no JAX: fastdp_jax._src.ghost and fastdp_jax._src.step import them from here.
+CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax._src.ghost.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
-TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.TASK_KINDS
+STRATEGIES = ("auto", "shard_map")  # fastdp_jax._src.step.build_train_chunk
+TASKS = ("binary", "multiclass", "regression")  # fastdp_jax._src.data.TASK_KINDS
 
 
 def _data_keys() -> ml_collections.ConfigDict:
@@ -46,7 +46,7 @@ def _data_keys() -> ml_collections.ConfigDict:
   data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
   data.attack_rows = 10_000  # training rows attacked (the original's figure).
   data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of the
-  #                  row number, fastdp_jax.schema.is_test_row with VALIDATION_SEED) is held
+  #                  row number, fastdp_jax._src.schema.is_test_row with VALIDATION_SEED) is held
   #                  out of training and evaluated each epoch; its metrics are private.
   return data
 
@@ -118,13 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
   #                           point costs a test-set pass and ~0.2 s of PLD accounting.
   c.export_model = True  # write WORKDIR/model/ (parameters, feature spec, MODEL_CARD.md).
 
-  c.privacy_eval = ml_collections.ConfigDict()  # after training (fastdp_jax.privacy_eval)
+  c.privacy_eval = ml_collections.ConfigDict()  # after training (fastdp_jax._src.privacy_eval)
   c.privacy_eval.membership_rows = 10_000  # loss-threshold membership inference: train and
   #                                          as many test rows attacked (0: skip).
   c.privacy_eval.significance = 0.05  # of the canary audit, run when data.path is an audit
   #                                     dataset (python -m fastdp_jax.privacy_eval).
   c.profile_steps = 0  # >0: JAX profiler trace of this many updates in WORKDIR/profile,
-  #                      and a per-phase time table (fastdp_jax.profiling).
+  #                      and a per-phase time table (fastdp_jax._src.profiling).
   return c
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from fastdp_jax import atomic
+from fastdp_jax._src import atomic
 
 PHASES = ("sampling", "data transfer", "step", "evaluation", "accounting")
 FIRST_STEP_CALL = "step, first call (compiles)"

@@ -14,7 +14,7 @@ killed writer leaves (staging directories, replaced outputs being deleted, tempo
 removed by the next writer of the same output on the same host (:func:`clean_stale`).
 
 A full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``) is the user's to fix: it becomes
-:class:`DiskFullError`, a :class:`fastdp_jax.errors.UserError` (one line, exit status 2) that
+:class:`DiskFullError`, a :class:`fastdp_jax._src.errors.UserError` (one line, exit status 2) that
 names the file and says that the previous complete state is intact. :func:`disk_full_is_user_error`
 does the same for writers that are not ours (orbax checkpoints, h5py shards, TensorBoard).
 
@@ -42,7 +42,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from fastdp_jax import errors
+from fastdp_jax._src import errors
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # What a full disk looks like in the text of errors that lost their errno on the way (h5py's

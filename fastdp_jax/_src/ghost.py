@@ -36,7 +36,7 @@ contribute exactly zero (a NaN row times 0 would still be NaN). An example whose
 is 0 gets ``c_i = 1`` (its gradient is zero anyway).
 
 :func:`make_clipped_sum` is the ``dp.clipping`` dispatch: ``'ghost'``, ``'vmap'`` (per-example
-gradients by ``jax.vmap``, see :mod:`fastdp_jax.clipping`) or ``'auto'`` (ghost when every
+gradients by ``jax.vmap``, see :mod:`fastdp_jax._src.clipping`) or ``'auto'`` (ghost when every
 parametrised layer of the model supports it, else vmap).
 
 References:
@@ -57,14 +57,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fastdp_jax import clipping
-from fastdp_jax import models
-from fastdp_jax.config import CLIPPING_METHODS
+from fastdp_jax._src import clipping
+from fastdp_jax._src import models
+from fastdp_jax._src.config import CLIPPING_METHODS
 
-METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not import JAX
+METHODS = CLIPPING_METHODS  # defined in fastdp_jax._src.config, which must not import JAX
 
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
-# fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).
+# fastdp_jax._src.step.ClippedSumFn (repeated here so that this module does not import the step).
 ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
 # (outputs [batch] or [batch, K], labels [batch]) -> [batch] per-example losses.
 ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -73,7 +73,7 @@ ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
 def unsupported_layers(model: nnx.Module) -> list[str]:
   """Why ghost clipping cannot handle ``model``; an empty list when it can.
 
-  Ghost clipping here knows the forward pass of :class:`fastdp_jax.models.MLP` (embedding
+  Ghost clipping here knows the forward pass of :class:`fastdp_jax._src.models.MLP` (embedding
   lookups, dense layers with ReLU in between), and the per-example norm identities of dense
   and embedding layers only; any other parametrised layer (a convolution, a normalisation
   with a scale) is reported by its path.
@@ -87,7 +87,7 @@ def unsupported_layers(model: nnx.Module) -> list[str]:
   problems = []
   # Exactly MLP: a subclass could change the forward pass that ghost norms assume.
   if type(model) is not models.MLP:  # pylint: disable=unidiomatic-typecheck
-    problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
+    problems.append(f"model {type(model).__name__} is not fastdp_jax._src.models.MLP, the"
                     " architecture whose forward pass ghost clipping replicates")
   for path, node in nnx.iter_graph(model):
     if not isinstance(node, nnx.Module) or isinstance(node, (nnx.Linear, nnx.Embed)):
@@ -151,14 +151,14 @@ def ghost_clipped_sum(l2_norm_clip: float,
     l2_norm_clip: C > 0; every example's gradient is scaled to norm at most C.
     loss: per-example loss of the outputs, ``loss(outputs [batch] or [batch, K], labels
       [batch]) -> [batch]`` (default BCE with logits; a task's is
-      :meth:`fastdp_jax.models.TaskHead.losses`, as :func:`fastdp_jax.models.example_loss`).
+      :meth:`fastdp_jax._src.models.TaskHead.losses`, as :func:`fastdp_jax._src.models.example_loss`).
       Example i's loss must depend on row i only.
     graphdef: the MLP's graph definition (``nnx.split(model, nnx.Param)[0]``); required for
       a model with embeddings, else read off the parameter shapes.
 
   Returns:
     ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
-    the same results as :func:`fastdp_jax.clipping.clipped_grad_sum_with_stats`; the stats
+    the same results as :func:`fastdp_jax._src.clipping.clipped_grad_sum_with_stats`; the stats
     also carry the per-example ``losses``.
   """
   if not l2_norm_clip > 0:
@@ -231,7 +231,7 @@ def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
       ``'ghost'`` or ``'vmap'``.
     model: the NNX model (inspected, not called).
     loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
-      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss` with
+      by the non-private sum (it must be :func:`fastdp_jax._src.models.example_loss` with
       ``head`` for the ghost path, which computes the same loss on the whole batch).
     l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
       by one backward pass, whatever the method.

@@ -5,7 +5,7 @@ devices of all processes, ordered by process and then by device, so that each pr
 devices are one contiguous run of the mesh. Parameters are replicated. The training rows
 are laid out in global order (the train shards concatenated in manifest order: a row's global
 id is its offset there): process p holds one contiguous range of rows, in proportion to its
-devices and whatever the number of shards (:func:`fastdp_jax.data.process_row_ranges`; read
+devices and whatever the number of shards (:func:`fastdp_jax._src.data.process_row_ranges`; read
 as HDF5 slices across shard boundaries), and splits it into equal contiguous blocks, one per
 local device. A single device is a mesh of size 1 holding every row.
 
@@ -27,8 +27,8 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
 
 AXIS = "data"
 
@@ -146,10 +146,10 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
                        ) -> tuple[data_lib.Split, DeviceData]:
   """Reads this process's rows of the training split and places them on its devices.
 
-  Process p reads only its range of global rows (:func:`fastdp_jax.data.process_row_ranges`,
+  Process p reads only its range of global rows (:func:`fastdp_jax._src.data.process_row_ranges`,
   N/P rows plus or minus one with equal devices per process), as HDF5 slices of the shards
   that hold them, and verifies those shards (checksum, structure, and every row's values
-  against the bounds: :func:`fastdp_jax.data.load_split`). Together the processes check every
+  against the bounds: :func:`fastdp_jax._src.data.load_split`). Together the processes check every
   row; a refusal on any process stops every process with the same one-line message, before
   the first update. An original single-file layout (``dataset.h5``) has no shards: every
   process reads and checks the whole file and keeps its range.
@@ -163,7 +163,7 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
       validation split); a function of the row number only, so every process agrees on N.
 
   Returns:
-    ``(local, device_data)``: this process's rows as a :class:`fastdp_jax.data.Split`
+    ``(local, device_data)``: this process's rows as a :class:`fastdp_jax._src.data.Split`
     (its ``digest`` identifies the whole data set) and the placed :class:`DeviceData`, whose
     ``num_examples`` is the global N.
 

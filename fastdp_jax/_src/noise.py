@@ -16,7 +16,7 @@ its different key schedule, change every noise value (reproducibility runs inclu
 and process holding the same key adds the same noise, so noise is added exactly once to the
 global sum. The key lives in the optimizer state (a runtime argument of the compiled step,
 never a compile-time constant); checkpoints store it apart, owner-only
-(:mod:`fastdp_jax.checkpoint`).
+(:mod:`fastdp_jax._src.checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastdp_jax import errors
+from fastdp_jax._src import errors
 
 
 class PrivatizeState(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from fastdp_jax import errors
+from fastdp_jax._src import errors
 
 ACCOUNTANTS = ("pld", "rdp")
 # Smallest noise multiplier calibration searches; below it the PLD discretisation explodes and

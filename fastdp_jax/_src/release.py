@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 
-from fastdp_jax import atomic
+from fastdp_jax._src import atomic
 
 # Output -> privacy status. "public": may be released; "private": as private as the data.
 OUTPUTS = {
@@ -93,5 +93,5 @@ def make_private_dir(path: str) -> None:
 
 
 def write_private_file(path: str, text: str) -> None:
-  """Writes ``text`` atomically into an owner-only file (mode 0600; :mod:`fastdp_jax.atomic`)."""
+  """Writes ``text`` atomically into an owner-only file (mode 0600; :mod:`fastdp_jax._src.atomic`)."""
   atomic.write_text(path, text, mode=0o600)

@@ -5,7 +5,7 @@ a ``lax.scan`` of updates. Each update gathers each device's Poisson-sampled row
 rows it holds, computes the sum of clipped per-example gradients on that device (clipping
 always precedes any reduction), all-reduces the per-device sums across the mesh with ONE
 all-reduce, then the optax chain adds the noise once and applies the optimizer. The sampled
-indices come from the host (:mod:`fastdp_jax.sampling`); nothing else crosses between host and
+indices come from the host (:mod:`fastdp_jax._src.sampling`); nothing else crosses between host and
 device per update.
 
 Two strategies produce the all-reduce (``config.parallel.strategy``):
@@ -36,10 +36,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastdp_jax import clipping
-from fastdp_jax import parallel
-from fastdp_jax.config import STRATEGIES
-from fastdp_jax.parallel import AXIS
+from fastdp_jax._src import clipping
+from fastdp_jax._src import parallel
+from fastdp_jax._src.config import STRATEGIES
+from fastdp_jax._src.parallel import AXIS
 
 # (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats)
 ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
@@ -61,7 +61,7 @@ class State:
   step: jax.Array
 
 
-# STRATEGIES is defined in fastdp_jax.config (imported above), which must not import JAX.
+# STRATEGIES is defined in fastdp_jax._src.config (imported above), which must not import JAX.
 _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
 
@@ -254,7 +254,7 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
       (:func:`_sum_microbatches`); None: the whole padded batch at once.
 
   Returns:
-    A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData`
+    A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax._src.parallel.DeviceData`
     arrays;
     ``indices``/``mask`` are host arrays [steps, num_devices, capacity] of per-device local
     row indices of each update's Poisson batch (identical on every process; each process
@@ -367,7 +367,7 @@ class StreamedStep:
 
   ``features`` [steps, num_devices, capacity, F], ``labels`` and ``mask`` [steps,
   num_devices, capacity]: each device's slots of each update (materialised Poisson batches,
-  :mod:`fastdp_jax.batch_stream`), sharded along axis 1; ``active`` [steps] replicated.
+  :mod:`fastdp_jax._src.batch_stream`), sharded along axis 1; ``active`` [steps] replicated.
   """
 
   mesh: jax.sharding.Mesh

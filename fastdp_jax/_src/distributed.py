@@ -7,7 +7,7 @@ wins:
 1. explicit arguments (``main.py --coordinator_address=HOST:PORT --num_processes=N
    --process_id=I``);
 2. environment variables ``FASTDP_COORDINATOR_ADDRESS``, ``FASTDP_NUM_PROCESSES``,
-   ``FASTDP_PROCESS_ID`` (set by :mod:`fastdp_jax.launch`);
+   ``FASTDP_PROCESS_ID`` (set by :mod:`fastdp_jax._src.launch`);
 3. JAX's own detection of a SLURM, Open MPI or Kubernetes job of more than one task;
 4. otherwise a single process, and nothing is initialised.
 
@@ -61,7 +61,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fastdp_jax import errors
+from fastdp_jax._src import errors
 
 ENV_COORDINATOR = "FASTDP_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "FASTDP_NUM_PROCESSES"

@@ -12,11 +12,11 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from fastdp_jax import accounting
-from fastdp_jax import errors
-from fastdp_jax.metrics import say
-from fastdp_jax import release
-from fastdp_jax import sampling
+from fastdp_jax._src import accounting
+from fastdp_jax._src import errors
+from fastdp_jax._src.metrics import say
+from fastdp_jax._src import release
+from fastdp_jax._src import sampling
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """Materialised Poisson batches on disk, and the reader that streams them in constant memory.
 
 ``python -m preprocessing.poisson_batches`` (a Spark job) evaluates the sampler's inclusion
-function (:func:`fastdp_jax.sampling.inclusions`) row by row, groups the rows by update and
+function (:func:`fastdp_jax._src.sampling.inclusions`) row by row, groups the rows by update and
 writes every update's batch at a fixed capacity with a mask. Training then reads the batches
 in update order, sequentially, instead of gathering a few hundred random rows per update: a
 table larger than the memory of all hosts trains with the same Poisson sampling (and the
@@ -18,7 +18,7 @@ Layout of a batch directory (as private as the training data: it holds rows and 
       updates-000000512.h5           labels [k, capacity] uint8, mask [k, capacity] bool
 
 Slot order: inside an update the real rows come first in increasing global row id (the order
-of :meth:`fastdp_jax.sampling.PoissonSampler.global_indices`), then padding (mask False,
+of :meth:`fastdp_jax._src.sampling.PoissonSampler.global_indices`), then padding (mask False,
 zeros). A device's part of an update is a fixed slot range (:func:`split_for_devices`): a
 public function of the slot order alone, never of the data.
 
@@ -49,10 +49,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fastdp_jax import atomic
-from fastdp_jax import data as data_lib
-from fastdp_jax import errors
-from fastdp_jax import release
+from fastdp_jax._src import atomic
+from fastdp_jax._src import data as data_lib
+from fastdp_jax._src import errors
+from fastdp_jax._src import release
 
 FORMAT_VERSION = 1
 RUN_MANIFEST = "batches.json"
@@ -171,7 +171,7 @@ class RunInfo:
   key_commitment: str
   slot_order: str = ("rows of an update in increasing global row id (the train shards "
                      "concatenated in manifest order), then padding with mask False")
-  inclusion: str = ("fastdp_jax.sampling.inclusions: row i is in update t iff t is a partial "
+  inclusion: str = ("fastdp_jax._src.sampling.inclusions: row i is in update t iff t is a partial "
                     "sum of row i's Geometric(q) gaps (Threefry-2x64-20 keyed by the sampling "
                     "key, counter (i, j))")
   producer: str = "preprocessing.poisson_batches"
@@ -859,7 +859,7 @@ def iter_split(dataset: str | os.PathLike, split: str = "test", *, chunk_rows: i
   """Streams a split of a dataset in row order, ``chunk_rows`` rows at a time (evaluation).
 
   Every shard of the split is checked against its sha256 once, first; each chunk is read as
-  an HDF5 slice and its values checked (:func:`fastdp_jax.data.load_split`), so host memory
+  an HDF5 slice and its values checked (:func:`fastdp_jax._src.data.load_split`), so host memory
   is one chunk whatever the split's size.
 
   Args:

@@ -53,8 +53,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fastdp_jax import atomic
-from fastdp_jax import errors
+from fastdp_jax._src import atomic
+from fastdp_jax._src import errors
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -871,7 +871,7 @@ def _load_original(path: str, split: str, feature_bounds: Any) -> Split:
     y = y[:, 0]
   if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ShardError(f"{path}: {split} features {x.shape} and labels {y.shape} do not match")
-  from fastdp_jax import schema  # local: avoids a cycle at import time
+  from fastdp_jax._src import schema  # local: avoids a cycle at import time
   names = schema.CAPUMS_FEATURES if x.shape[1] == len(schema.CAPUMS_FEATURES) else tuple(
       f"x{i}" for i in range(x.shape[1]))
   where = f"{path} ({split})"

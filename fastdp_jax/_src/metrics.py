@@ -22,12 +22,12 @@ the summary's numbers.
 
 Only process 0 writes and prints: :func:`make_sinks` gives every other process a
 :class:`NullSink`. When to write (the call lengths, the logging points) is decided by
-:mod:`fastdp_jax.schedule`, never here.
+:mod:`fastdp_jax._src.schedule`, never here.
 
 TensorBoard event files go straight into the workdir (``tensorboard --logdir runs/`` shows
 every run), written by ``tensorboardX`` (no TensorFlow). Scalar tags: ``nonprivate/train_loss``,
 ``nonprivate/clipped_fraction`` (training-row diagnostics without noise, see
-:mod:`fastdp_jax.release`), ``test/loss``, ``test/accuracy`` (every ``test_*`` number of
+:mod:`fastdp_jax._src.release`), ``test/loss``, ``test/accuracy`` (every ``test_*`` number of
 the eval records as ``test/*``), ``privacy/epsilon`` (x-axis:
 optimizer updates), every epoch record's number under ``epoch/`` (x-axis: the epoch), and
 ``final/*``.
@@ -47,8 +47,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from fastdp_jax import atomic
-from fastdp_jax import release
+from fastdp_jax._src import atomic
+from fastdp_jax._src import release
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS, EVAL, EPOCH, CONFIG, SUMMARY = "progress", "eval", "epoch", "config", "summary"

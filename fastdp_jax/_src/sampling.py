@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from fastdp_jax import errors
+from fastdp_jax._src import errors
 
 DEFAULT_OVERFLOW_PROBABILITY = 1e-10
 # Updates generated per block of the in-memory sampler (a cost knob: it does not change the

@@ -1,0 +1,271 @@
+"""Plots and a Markdown table of one or more training runs.
+
+Usage::
+
+  python -m fastdp_jax.report WORKDIR [WORKDIR ...] [--output DIR]
+
+Reads each workdir's ``summary.json`` and ``metrics.jsonl`` (its ``eval`` records: every
+``log_every_steps`` updates and every epoch end; its ``epoch`` records) and writes into ``DIR``
+(default: ``WORKDIR/report`` for one run, ``<common parent>/report`` for several):
+
+* ``loss.png``: training loss (solid) and test loss (dashed) against updates;
+* ``accuracy.png``: test accuracy against updates, with the majority-class rate;
+* ``epsilon.png``: the accountant's epsilon against updates;
+* ``accuracy_vs_epsilon.png``: test accuracy against epsilon along each run (the privacy /
+  utility trade-off), non-private runs as horizontal lines;
+* ``report.md``: one table row per run (privacy parameters, epsilon, accuracy, the attacks).
+
+Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fastdp_jax._src import atomic
+from fastdp_jax._src import metrics as metrics_lib
+from fastdp_jax._src import release
+
+PLOTS = ("loss.png", "accuracy.png", "epsilon.png", "accuracy_vs_epsilon.png")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run:
+  """What the report reads of one workdir.
+
+  Attributes:
+    name: the label in legends and the table.
+    workdir: its path.
+    summary: ``summary.json`` ({} if the run did not finish).
+    epochs: ``metrics.jsonl``'s ``epoch`` records.
+    evals: its ``eval`` records (a superset of the epoch ends' steps).
+  """
+
+  name: str
+  workdir: str
+  summary: dict[str, Any]
+  epochs: list[dict[str, Any]]
+  evals: list[dict[str, Any]]
+
+  def series(self, key: str) -> tuple[list[int], list[float]]:
+    """(steps, finite values) of ``key``: from the eval records, from the epoch records for a
+    key only those have (the model-inversion accuracy, the epoch time)."""
+    pairs = [(r["step"], r[key]) for r in self.evals if _finite(r.get(key))]
+    if not pairs:
+      pairs = [(r["step"], r[key]) for r in self.epochs if _finite(r.get(key))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _finite(value: Any) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def load_run(workdir: str, name: str | None = None) -> Run:
+  """Reads a workdir; raises ``FileNotFoundError`` if it has no ``metrics.jsonl``."""
+  metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  if not os.path.isfile(metrics_path):
+    raise FileNotFoundError(f"{workdir}: no {metrics_lib.METRICS_FILE} (not a training run's "
+                            "workdir?)")
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  records = metrics_lib.read_jsonl(metrics_path)
+  return Run(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
+             summary=summary,
+             epochs=[r for r in records if r.get("kind") == metrics_lib.EPOCH],
+             evals=[r for r in records if r.get("kind") == metrics_lib.EVAL])
+
+
+def _names(workdirs: Sequence[str]) -> list[str]:
+  """Short unique labels: the basename, or more of the path where basenames collide."""
+  parts = [os.path.normpath(os.path.abspath(w)).split(os.sep) for w in workdirs]
+  depth = 1
+  while depth < max(len(p) for p in parts):
+    names = ["/".join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+    depth += 1
+  return [os.path.normpath(w) for w in workdirs]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  if isinstance(value, float):
+    if math.isinf(value):
+      return "inf"
+    return f"{value:.{digits}g}"
+  return str(value)
+
+
+def markdown_table(runs: Sequence[Run]) -> str:
+  """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
+  header = ("| run | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
+            "model inversion | MIA AUC | MIA TPR@1%FPR | empirical eps >= | f-DP eps >= | "
+            "wall s |")
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  for r in runs:
+    s = r.summary
+    last = r.epochs[-1] if r.epochs else {}
+    pe = s.get("privacy_eval") or {}
+    mia = pe.get("membership_inference") or {}
+    audit = pe.get("canary_audit") or {}
+    dp = s.get("dp_enabled")
+    lines.append("| " + " | ".join([
+        r.name, _fmt(dp),
+        _fmt(s.get("noise_multiplier")) if dp else "-",
+        _fmt(s.get("l2_norm_clip")) if dp else "-",
+        _fmt(s.get("sampling_rate"), 3),
+        _fmt(s.get("steps", last.get("step"))),
+        _fmt(s.get("epsilon", last.get("epsilon"))),
+        _fmt(s.get("delta")),
+        _fmt(s.get("test_accuracy", last.get("test_accuracy"))),
+        _fmt(s.get("majority_class_rate")),
+        _fmt(s.get(release.ATTACK_ACCURACY, last.get(release.ATTACK_ACCURACY))),
+        _fmt(mia.get("auc")), _fmt(mia.get("tpr_at_low_fpr")),
+        _fmt(audit.get("epsilon_lower_bound")),
+        _fmt(audit.get("epsilon_lower_bound_fdp")),  # a bound only if the run is Gaussian-DP
+        _fmt(s.get("wall_time_s"), 3),
+    ]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = False
+              ) -> list[str]:
+  """Writes the four PNG plots into ``output_dir``; returns their paths.
+
+  ``include_nonprivate`` adds the training loss (a training-row statistic without noise) to
+  the loss plot; by default only test-set curves and epsilon are drawn.
+  """
+  import matplotlib
+  import numpy as np
+  matplotlib.use("Agg")  # files only; no display on servers and CI
+  from matplotlib import pyplot as plt
+
+  os.makedirs(output_dir, exist_ok=True)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  color = {r.name: colors[i % len(colors)] for i, r in enumerate(runs)}
+  paths = []
+
+  def finish(fig, ax, name, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = os.path.join(output_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in runs:
+    x, y = r.series(release.TRAIN_LOSS)
+    if x and include_nonprivate:
+      ax.plot(x, y, "-", color=color[r.name], label=f"{r.name} train")
+    x, y = r.series("test_loss")
+    if x:
+      ax.plot(x, y, "--", marker=".", color=color[r.name], label=f"{r.name} test")
+  finish(fig, ax, "loss.png", "optimizer updates", "BCE loss", "Loss")
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  majority = set()
+  for r in runs:
+    x, y = r.series("test_accuracy")
+    if x:
+      ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
+    if _finite(r.summary.get("majority_class_rate")):
+      majority.add(round(r.summary["majority_class_rate"], 4))
+  for i, m in enumerate(sorted(majority)):
+    ax.axhline(m, color="gray", ls=":", label="majority class" if i == 0 else None)
+  finish(fig, ax, "accuracy.png", "optimizer updates", "test accuracy", "Test accuracy")
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in runs:
+    x, y = r.series("epsilon")
+    if x:
+      ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
+    elif r.summary.get("dp_enabled") is False:
+      ax.plot([], [], color=color[r.name], label=f"{r.name} (non-private: inf)")
+  finish(fig, ax, "epsilon.png", "optimizer updates",
+         "epsilon (delta as in the table)", "Privacy spent")
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  log_x = True
+  for r in runs:
+    pairs = [(p.get("epsilon"), p.get("test_accuracy")) for p in r.evals]
+    pairs = [(e, a) for e, a in pairs if _finite(e) and _finite(a)]
+    if pairs:
+      xs, ys = zip(*pairs)
+      log_x &= min(xs) > 0
+      ax.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
+      ax.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
+    elif _finite(r.summary.get("test_accuracy")):
+      ax.axhline(r.summary["test_accuracy"], color=color[r.name], ls="--",
+                 label=f"{r.name} (non-private)")
+  if log_x and any(np.size(line.get_xdata()) for line in ax.get_lines()):
+    ax.set_xscale("log")
+  finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
+         "Accuracy against privacy (dot: end of run)")
+  return paths
+
+
+def write_report(workdirs: Sequence[str], output_dir: str | None = None,
+                 include_nonprivate: bool = False) -> str:
+  """Writes the plots and ``report.md`` for ``workdirs``; returns the ``report.md`` path."""
+  if not workdirs:
+    raise ValueError("give at least one workdir")
+  runs = [load_run(w, n) for w, n in zip(workdirs, _names(workdirs))]
+  if output_dir is None:
+    base = (workdirs[0] if len(workdirs) == 1
+            else os.path.commonpath([os.path.abspath(w) for w in workdirs]))
+    output_dir = os.path.join(base, "report")
+  paths = plot_runs(runs, output_dir, include_nonprivate)
+  lines = ["# Training report", "",
+           "Runs: " + ", ".join(f"`{r.workdir}`" for r in runs) + ".", "",
+           markdown_table(runs), "",
+           "epsilon: the accountant's upper bound at the run's delta (inf: non-private). "
+           "MIA: loss-threshold membership inference, train vs held-out rows (AUC 0.5 = "
+           "chance). Empirical eps: the one-run canary audit's lower bound (when canaries "
+           "were used). Model inversion and MIA use training rows: they are not private "
+           "(nonprivate_*), like the whole report.", ""]
+  lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"
+            for p in paths]
+  path = os.path.join(output_dir, "report.md")
+  atomic.write_text(path, "\n".join(lines) + "\n", mode=0o600)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m fastdp_jax.report",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("workdirs", nargs="+", help="training runs' workdirs")
+  parser.add_argument("--output", default=None,
+                      help="output directory (default: WORKDIR/report or <parent>/report)")
+  parser.add_argument("--include-nonprivate", action="store_true",
+                      help="also plot the training loss (computed on training rows, no noise)")
+  args = parser.parse_args(argv)
+  try:
+    path = write_report(args.workdirs, args.output, args.include_nonprivate)
+  except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path} and {len(PLOTS)} plots in {os.path.dirname(path)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
