@@ -121,3 +121,37 @@ def test_command_line(runs, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "fastdp_jax.report", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
   assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
+
+
+def test_regression_and_multiclass_runs_get_their_metrics(tmp_path):
+  # A regression run: RMSE records instead of accuracy, and the mean-prediction baseline.
+  reg = str(tmp_path / "runs" / "income")
+  os.makedirs(reg)
+  with open(os.path.join(reg, "metrics.jsonl"), "w") as f:
+    for i, (rmse, e) in enumerate([(3.4, 0.2), (3.3, 0.5), (3.2, 1.0)]):
+      f.write(json.dumps(dict(kind="eval", step=10 * (i + 1), test_rmse=rmse, test_loss=1.0,
+                              epsilon=e)) + "\n")
+  with open(os.path.join(reg, "summary.json"), "w") as f:
+    json.dump(dict(task="regression", dp_enabled=True, noise_multiplier=1.0, l2_norm_clip=1.0,
+                   sampling_rate=0.05, steps=30, epsilon=1.0, delta=1e-6, test_rmse=3.2,
+                   test_mae=1.7, baseline_rmse=3.338), f)
+  mc = _workdir(str(tmp_path / "runs" / "educ"), dp=True, accs=[0.4, 0.45, 0.49],
+                eps=[0.3, 0.6, 1.0])
+  with open(os.path.join(mc, "summary.json")) as f:
+    summary = json.load(f)
+  summary.update(task="multiclass", test_macro_f1=0.4226)
+  with open(os.path.join(mc, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  path = report.write_report([reg, mc])
+  out = os.path.dirname(path)
+  for name in ("rmse.png", "rmse_vs_epsilon.png", *report.PLOTS):
+    assert _is_png(os.path.join(out, name)), name
+  lines = open(path).read().splitlines()
+  header = [c.strip() for c in next(l for l in lines if l.startswith("| run ")).strip("|")
+            .split("|")]
+  rows = {c[0]: dict(zip(header, c)) for c in
+          ([x.strip() for x in l.strip("|").split("|")] for l in lines
+           if l.startswith("| income ") or l.startswith("| educ "))}
+  assert rows["income"]["task"] == "regression" and rows["income"]["test RMSE"] == "3.2"
+  assert rows["income"]["baseline RMSE"] == "3.338" and rows["income"]["test acc"] == "-"
+  assert rows["educ"]["task"] == "multiclass" and rows["educ"]["macro-F1"] == "0.4226"

@@ -13,6 +13,9 @@ Reads each workdir's ``summary.json`` and ``metrics.jsonl`` (its ``eval`` record
 * ``epsilon.png``: the accountant's epsilon against updates;
 * ``accuracy_vs_epsilon.png``: test accuracy against epsilon along each run (the privacy /
   utility trade-off), non-private runs as horizontal lines;
+* for regression runs, ``rmse.png`` and ``rmse_vs_epsilon.png``: test RMSE against updates and
+  against epsilon, with the baseline of predicting the test rows' mean (multi-class runs'
+  macro-F1 is in the table);
 * ``report.md``: one table row per run (privacy parameters, epsilon, accuracy, the attacks).
 
 Plots use matplotlib's Agg backend (no display needed).
@@ -111,9 +114,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def markdown_table(runs: Sequence[Run]) -> str:
   """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
-  header = ("| run | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
-            "model inversion | MIA AUC | MIA TPR@1%FPR | empirical eps >= | f-DP eps >= | "
-            "wall s |")
+  header = ("| run | task | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
+            "macro-F1 | test RMSE | baseline RMSE | model inversion | MIA AUC | MIA TPR@1%FPR | "
+            "empirical eps >= | f-DP eps >= | wall s |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in runs:
     s = r.summary
@@ -123,7 +126,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
     audit = pe.get("canary_audit") or {}
     dp = s.get("dp_enabled")
     lines.append("| " + " | ".join([
-        r.name, _fmt(dp),
+        r.name, s.get("task", "binary"), _fmt(dp),
         _fmt(s.get("noise_multiplier")) if dp else "-",
         _fmt(s.get("l2_norm_clip")) if dp else "-",
         _fmt(s.get("sampling_rate"), 3),
@@ -132,6 +135,9 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.get("delta")),
         _fmt(s.get("test_accuracy", last.get("test_accuracy"))),
         _fmt(s.get("majority_class_rate")),
+        _fmt(s.get("test_macro_f1", last.get("test_macro_f1"))),
+        _fmt(s.get("test_rmse", last.get("test_rmse"))),
+        _fmt(s.get("baseline_rmse")),
         _fmt(s.get(release.ATTACK_ACCURACY, last.get(release.ATTACK_ACCURACY))),
         _fmt(mia.get("auc")), _fmt(mia.get("tpr_at_low_fpr")),
         _fmt(audit.get("epsilon_lower_bound")),
@@ -179,7 +185,7 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
     x, y = r.series("test_loss")
     if x:
       ax.plot(x, y, "--", marker=".", color=color[r.name], label=f"{r.name} test")
-  finish(fig, ax, "loss.png", "optimizer updates", "BCE loss", "Loss")
+  finish(fig, ax, "loss.png", "optimizer updates", "loss (the task's)", "Loss")
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   majority = set()
@@ -220,6 +226,30 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
     ax.set_xscale("log")
   finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
          "Accuracy against privacy (dot: end of run)")
+
+  # Regression runs have no accuracy: their test RMSE (label units) against updates and
+  # against epsilon, with the constant baseline (predicting the test rows' mean).
+  regression = [r for r in runs if r.summary.get("task") == "regression"]
+  if regression:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig2, ax2 = plt.subplots(figsize=(7, 4.5))
+    for r in regression:
+      x, y = r.series("test_rmse")
+      if x:
+        ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
+      pairs = [(p.get("epsilon"), p.get("test_rmse")) for p in r.evals]
+      pairs = [(e, v) for e, v in pairs if _finite(e) and _finite(v)]
+      if pairs:
+        xs, ys = zip(*pairs)
+        ax2.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
+        ax2.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
+      if _finite(r.summary.get("baseline_rmse")):
+        for a in (ax, ax2):
+          a.axhline(r.summary["baseline_rmse"], color=color[r.name], ls=":",
+                    label=f"{r.name}: predicting the test mean")
+    finish(fig, ax, "rmse.png", "optimizer updates", "test RMSE", "Test RMSE (regression)")
+    finish(fig2, ax2, "rmse_vs_epsilon.png", "epsilon", "test RMSE",
+           "RMSE against privacy (dot: end of run)")
   return paths
 
 
