@@ -168,10 +168,11 @@ def test_killing_one_process_stops_the_other_with_a_message(dataset, tmp_path, v
       time.sleep(0.2)
     assert (tmp_path / "w" / "metrics.jsonl").exists()  # written by process 0
     procs[victim].send_signal(signal.SIGKILL)
-    t0 = time.monotonic()
     survivor = procs[1 - victim]
-    code = survivor.wait(timeout=60)  # the bound is 2 minutes
-    took = time.monotonic() - t0
+    # A hang would never end: the wait is bounded by the 2 minutes (TimeoutExpired
+    # fails the test); a 5 s heartbeat normally ends it within seconds, but no duration is
+    # asserted, since CI's CPU may be slower or busier.
+    code = survivor.wait(timeout=115)
   finally:
     for p in procs:
       if p.poll() is None:
@@ -182,4 +183,3 @@ def test_killing_one_process_stops_the_other_with_a_message(dataset, tmp_path, v
   assert ("another task died" in text or "lost contact with another process" in text
           or "stopped answering" in text or "lost contact with the coordinator" in text), \
       text[-3000:]
-  assert took < 60
