@@ -199,15 +199,7 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
     ax.axhline(m, color="gray", ls=":", label="majority class" if i == 0 else None)
   finish(fig, ax, "accuracy.png", "optimizer updates", "test accuracy", "Test accuracy")
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in runs:
-    x, y = r.series("epsilon")
-    if x:
-      ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
-    elif r.summary.get("dp_enabled") is False:
-      ax.plot([], [], color=color[r.name], label=f"{r.name} (non-private: inf)")
-  finish(fig, ax, "epsilon.png", "optimizer updates",
-         "epsilon (delta as in the table)", "Privacy spent")
+  _plot_epsilon(runs, color, plt, finish)
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   log_x = True
@@ -227,30 +219,49 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
   finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
          "Accuracy against privacy (dot: end of run)")
 
-  # Regression runs have no accuracy: their test RMSE (label units) against updates and
-  # against epsilon, with the constant baseline (predicting the test rows' mean).
-  regression = [r for r in runs if r.summary.get("task") == "regression"]
-  if regression:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    fig2, ax2 = plt.subplots(figsize=(7, 4.5))
-    for r in regression:
-      x, y = r.series("test_rmse")
-      if x:
-        ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
-      pairs = [(p.get("epsilon"), p.get("test_rmse")) for p in r.evals]
-      pairs = [(e, v) for e, v in pairs if _finite(e) and _finite(v)]
-      if pairs:
-        xs, ys = zip(*pairs)
-        ax2.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
-        ax2.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
-      if _finite(r.summary.get("baseline_rmse")):
-        for a in (ax, ax2):
-          a.axhline(r.summary["baseline_rmse"], color=color[r.name], ls=":",
-                    label=f"{r.name}: predicting the test mean")
-    finish(fig, ax, "rmse.png", "optimizer updates", "test RMSE", "Test RMSE (regression)")
-    finish(fig2, ax2, "rmse_vs_epsilon.png", "epsilon", "test RMSE",
-           "RMSE against privacy (dot: end of run)")
+  _plot_regression([r for r in runs if r.summary.get("task") == "regression"], color,
+                   plt, finish)
   return paths
+
+
+def _plot_epsilon(runs: Sequence[Run], color: dict[str, Any], plt: Any, finish: Any) -> None:
+  """The accountant's epsilon against updates (non-private runs named in the legend)."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in runs:
+    x, y = r.series("epsilon")
+    if x:
+      ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
+    elif r.summary.get("dp_enabled") is False:
+      ax.plot([], [], color=color[r.name], label=f"{r.name} (non-private: inf)")
+  finish(fig, ax, "epsilon.png", "optimizer updates",
+         "epsilon (delta as in the table)", "Privacy spent")
+
+
+def _plot_regression(regression: Sequence[Run], color: dict[str, Any], plt: Any,
+                     finish: Any) -> None:
+  """Regression runs have no accuracy: their test RMSE (label units) against updates and
+  against epsilon, with the constant baseline (predicting the test rows' mean)."""
+  if not regression:
+    return
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig2, ax2 = plt.subplots(figsize=(7, 4.5))
+  for r in regression:
+    x, y = r.series("test_rmse")
+    if x:
+      ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
+    pairs = [(p.get("epsilon"), p.get("test_rmse")) for p in r.evals]
+    pairs = [(e, v) for e, v in pairs if _finite(e) and _finite(v)]
+    if pairs:
+      xs, ys = zip(*pairs)
+      ax2.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
+      ax2.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
+    if _finite(r.summary.get("baseline_rmse")):
+      for a in (ax, ax2):
+        a.axhline(r.summary["baseline_rmse"], color=color[r.name], ls=":",
+                  label=f"{r.name}: predicting the test mean")
+  finish(fig, ax, "rmse.png", "optimizer updates", "test RMSE", "Test RMSE (regression)")
+  finish(fig2, ax2, "rmse_vs_epsilon.png", "epsilon", "test RMSE",
+         "RMSE against privacy (dot: end of run)")
 
 
 def write_report(workdirs: Sequence[str], output_dir: str | None = None,
