@@ -466,3 +466,27 @@ def test_make_audit_dataset_cli(tmp_path, capsys):
   assert pe.main(["make-audit-dataset", "--data", src, "--output", str(tmp_path / "g"),
                   "--canaries", "50", "--kind", "gaussian"]) == 0
   assert data_lib.read_manifest(str(tmp_path / "g")).num_features == 9
+
+
+def test_membership_inference_scores_nonfinite_losses_as_the_worst_without_stopping():
+  # A diverged model's overflowing losses must not stop the run (halting may not depend on
+  # whether a sampled training row's loss overflows): they are scored as the largest loss
+  # and counted.
+  rng = np.random.default_rng(3)
+  train = (rng.normal(size=(30, 2)), np.zeros(30))
+  test = (rng.normal(size=(30, 2)), np.zeros(30))
+
+  def losses(x, y):
+    out = np.abs(x[:, 0])
+    out[x[:, 1] > 1.0] = np.inf  # some rows overflow
+    out[x[:, 1] < -1.5] = np.nan
+    return out
+
+  res = pe.membership_inference(losses, train, test, num_rows=30)
+  bad = int((train[0][:, 1] > 1.0).sum() + (train[0][:, 1] < -1.5).sum()
+            + (test[0][:, 1] > 1.0).sum() + (test[0][:, 1] < -1.5).sum())
+  assert bad > 0 and res.num_nonfinite == bad
+  worst = np.finfo(np.float64).max
+  expected = pe.loss_threshold_attack(*(np.where(np.isfinite(v), v, worst) for v in
+                                        (losses(*train), losses(*test))))
+  assert res.auc == expected.auc and res.advantage == expected.advantage

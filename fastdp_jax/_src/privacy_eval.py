@@ -101,6 +101,8 @@ class MembershipResult:
     advantage: max over thresholds of TPR - FPR (membership advantage, Yeom et al.).
     num_members: training rows attacked.
     num_nonmembers: held-out rows attacked.
+    num_nonfinite: attacked rows whose loss under the trained model was not finite (a
+      diverged model); each was scored as the largest loss (:func:`membership_inference`).
   """
 
   auc: float
@@ -109,6 +111,7 @@ class MembershipResult:
   advantage: float
   num_members: int
   num_nonmembers: int
+  num_nonfinite: int = 0
 
   def to_dict(self) -> dict[str, float | int]:
     return dataclasses.asdict(self)
@@ -170,9 +173,16 @@ def membership_inference(example_losses: Callable[[np.ndarray, np.ndarray], np.n
   rng = np.random.default_rng(seed)
   rows_in = rng.choice(len(train[1]), size=n, replace=False)
   rows_out = rng.choice(len(test[1]), size=n, replace=False)
-  losses_in = np.asarray(example_losses(train[0][rows_in], train[1][rows_in]))
-  losses_out = np.asarray(example_losses(test[0][rows_out], test[1][rows_out]))
-  return loss_threshold_attack(losses_in, losses_out, low_fpr=low_fpr)
+  losses_in = np.asarray(example_losses(train[0][rows_in], train[1][rows_in]), np.float64)
+  losses_out = np.asarray(example_losses(test[0][rows_out], test[1][rows_out]), np.float64)
+  # A non-finite loss (a diverged model) is scored as the largest loss, never an error: the
+  # run must not stop, or not, according to whether some sampled training row's loss
+  # overflows (halting may not depend on one row). The count stays in the private summary.
+  bad = int((~np.isfinite(losses_in)).sum() + (~np.isfinite(losses_out)).sum())
+  worst = np.finfo(np.float64).max
+  losses_in, losses_out = (np.where(np.isfinite(v), v, worst) for v in (losses_in, losses_out))
+  result = loss_threshold_attack(losses_in, losses_out, low_fpr=low_fpr)
+  return dataclasses.replace(result, num_nonfinite=bad)
 
 
 # ---------------------------------------------------------------- canaries
