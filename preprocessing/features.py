@@ -543,15 +543,22 @@ def _transform_of(value: Any, what: str) -> str:
   return value
 
 
+def _kind_of(cfg: Mapping[str, Any], where: str, kinds: Any, keys: Mapping[str, Any],
+             noun: str) -> str:
+  """``cfg['kind']``, refusing an unknown kind or a key that kind does not take."""
+  kind = cfg.get("kind")
+  if kind not in kinds:
+    raise SpecError(f"{where}.kind={kind!r} must be one of {kinds}")
+  unknown = set(cfg) - keys[kind]
+  if unknown:
+    raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} for a {kind} {noun} "
+                    f"(allowed: {sorted(keys[kind])})")
+  return kind
+
+
 def _column_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
   cfg = dict(cfg)
-  kind = cfg.get("kind")
-  if kind not in KINDS:
-    raise SpecError(f"columns.{name}.kind={kind!r} must be one of {KINDS}")
-  unknown = set(cfg) - _COLUMN_KEYS[kind]
-  if unknown:
-    raise SpecError(f"columns.{name}: unknown key(s) {sorted(unknown)} for a {kind} column "
-                    f"(allowed: {sorted(_COLUMN_KEYS[kind])})")
+  kind = _kind_of(cfg, f"columns.{name}", KINDS, _COLUMN_KEYS, "column")
   if kind == "binary":
     return ColumnSpec(name=name, kind=kind)
   if kind == "categorical":
@@ -594,13 +601,7 @@ def _embedding_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
 
 def _label_from_config(label: str, cfg: Any) -> LabelSpec:
   cfg = dict(cfg or {"kind": "binary"})
-  kind = cfg.get("kind")
-  if kind not in TASK_KINDS:
-    raise SpecError(f"task.kind={kind!r} must be one of {TASK_KINDS}")
-  unknown = set(cfg) - _TASK_KEYS[kind]
-  if unknown:
-    raise SpecError(f"task: unknown key(s) {sorted(unknown)} for a {kind} task (allowed: "
-                    f"{sorted(_TASK_KEYS[kind])})")
+  kind = _kind_of(cfg, "task", TASK_KINDS, _TASK_KEYS, "task")
   if kind == "binary":
     return LabelSpec(name=label)
   if kind == "multiclass":
