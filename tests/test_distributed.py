@@ -285,11 +285,19 @@ def test_launcher_runs_the_trainer_module():
 def test_launcher_stops_the_others_when_one_fails(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(textwrap.dedent("""
-      import os, sys, time
+      import os, pathlib, sys, time
       rank = int(os.environ["FASTDP_PROCESS_ID"])
       print("rank", rank, "of", os.environ["FASTDP_NUM_PROCESSES"],
             os.environ["FASTDP_COORDINATOR_ADDRESS"], sys.argv[1:], flush=True)
+      here = pathlib.Path(__file__).parent
+      (here / f"printed-{rank}").touch()
       if rank == 1:
+        # Fail only once every process has printed: on a slow machine a process still starting
+        # Python when the others are stopped would have nothing to forward.
+        deadline = time.monotonic() + 60
+        while (not all((here / f"printed-{i}").exists() for i in range(3))
+               and time.monotonic() < deadline):
+          time.sleep(0.05)
         sys.exit(3)
       time.sleep(120)  # would outlive the test unless the launcher stops it
       """))
