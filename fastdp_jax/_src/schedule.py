@@ -32,10 +32,6 @@ class Schedule:
   checkpoint_every: int = 0
   profile_window: tuple[int, int] | None = None
 
-  def epoch_of(self, step: int) -> int:
-    """The 1-based epoch that the update after ``step`` belongs to."""
-    return step // self.steps_per_epoch + 1
-
   def is_epoch_end(self, step: int) -> bool:
     return step == self.stop_at or (step > 0 and step % self.steps_per_epoch == 0)
 
