@@ -20,10 +20,11 @@ What it does (the format is :mod:`fastdp_jax._src.batch_stream`'s):
    overlaps one, a run that differs from the directory's, and a block larger than the free
    disk space.
 2. **Inclusions** (``mapInArrow``, one task per piece of a train shard): each task reads its
-   global row range with h5py (checking the shard's sha256 once per shard and every value
-   against the declared bounds), evaluates ``sampling.inclusions`` for its rows and the
-   block's updates, and emits, per output shard, one record holding the included rows'
-   update, row id, label and features.
+   global row range with h5py (checking the shard's sha256 once per shard, every feature
+   against the declared bounds and every label against the manifest's task), evaluates
+   ``sampling.inclusions`` for its rows and the block's updates, and emits, per output shard,
+   one record holding the included rows' update, row id, label (float32, any task) and
+   features.
 3. **Batches** (``groupBy(shard).applyInPandas``): each group orders its rows by (update,
    row id) and writes the shard ``updates-UUUUUUUUU.h5`` (K updates x capacity slots, masked),
    or reports an overflow (an update with more rows than the capacity) or a write error.
@@ -31,7 +32,7 @@ What it does (the format is :mod:`fastdp_jax._src.batch_stream`'s):
    are written empty; ``block.json`` is written last and the staging directory renamed into
    place. A failed or killed job leaves only a hidden ``.NAME.staging-*`` directory.
 
-Disk: the block takes about (its updates) x capacity x (4 F + 2) bytes, i.e. about epochs x
+Disk: the block takes about (its updates) x capacity x (4 F + 5) bytes, i.e. about epochs x
 the training rows in float32 plus the capacity's headroom over B. The output is as private as
 the dataset (it holds its rows, and the key).
 """
@@ -320,9 +321,13 @@ def _check_free_space(plan: JobPlan) -> None:
 
 def _encode(updates: np.ndarray, rows: np.ndarray, labels: np.ndarray,
             features: np.ndarray) -> bytes:
-  """One record of the shuffle: n inclusions (update offset, row id, label, features)."""
+  """One record of the shuffle: n inclusions (update offset, row id, label, features).
+
+  Labels travel as float32 for every task: 0/1 and class indices (< 2**24) are exact, and a
+  regression label is float32 in the dataset already.
+  """
   return b"".join([np.int64(len(rows)).tobytes(), updates.astype("<i4").tobytes(),
-                   rows.astype("<i8").tobytes(), labels.astype(np.uint8).tobytes(),
+                   rows.astype("<i8").tobytes(), labels.astype("<f4").tobytes(),
                    features.astype("<f4").tobytes()])
 
 
@@ -330,7 +335,7 @@ def _decode(payload: bytes, num_features: int):
   n = int(np.frombuffer(payload, "<i8", 1)[0])
   at = 8
   out = []
-  for dtype, width in (("<i4", 1), ("<i8", 1), (np.uint8, 1), ("<f4", num_features)):
+  for dtype, width in (("<i4", 1), ("<i8", 1), ("<f4", 1), ("<f4", num_features)):
     a = np.frombuffer(payload, dtype, n * width, at)
     at += a.nbytes
     out.append(a.reshape(n, num_features) if width > 1 else a)
@@ -338,8 +343,12 @@ def _decode(payload: bytes, num_features: int):
 
 
 def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, int, int, bool]],
-                    bounds: data_lib.Bounds):
-  """The mapInArrow function: piece ids -> (shard index, payload) records."""
+                    bounds: data_lib.Bounds, task: data_lib.Task):
+  """The mapInArrow function: piece ids -> (shard index, payload) records.
+
+  Every row read is checked as the loader checks it: features against ``bounds``, labels
+  against ``task`` (the dataset manifest's).
+  """
   key, q, names = plan.key, plan.run.sampling_rate, plan.run.feature_names
   u0, u1, k = plan.first_update, plan.end_update, plan.updates_per_shard
   expected = max(q * u1, 1e-12)  # inclusions per row before the block's end
@@ -352,7 +361,7 @@ def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, i
         info, lo, hi, base, verify = pieces[pid]
         x, y = data_lib.read_shard(plan.dataset, info, start=lo, stop=hi,
                                    verify_checksum=verify)
-        data_lib.check_values(x, y, bounds=bounds, feature_names=names,
+        data_lib.check_values(x, y, bounds=bounds, feature_names=names, task=task,
                               where=f"shard {info.file}", first_row=lo)
         for s in range(0, hi - lo, sub_rows):
           rows = np.arange(base + lo + s, base + min(hi, lo + s + sub_rows), dtype=np.int64)
@@ -382,7 +391,7 @@ def fill_shard(updates: np.ndarray, rows: np.ndarray, labels: np.ndarray,
 
   Args:
     updates: [n] update of each inclusion, relative to the shard's first update.
-    rows: [n] global row ids; labels [n]; features [n, F].
+    rows: [n] global row ids; labels [n] (any task's, kept as float32); features [n, F].
     num_updates: k, the shard's updates.
     capacity: slots per update.
 
@@ -399,7 +408,7 @@ def fill_shard(updates: np.ndarray, rows: np.ndarray, labels: np.ndarray,
   starts = np.r_[0, np.cumsum(counts)[:-1]]
   slot = np.arange(len(t)) - starts[t]
   f = np.zeros((num_updates, capacity, features.shape[1]), np.float32)
-  lab = np.zeros((num_updates, capacity), np.uint8)
+  lab = np.zeros((num_updates, capacity), np.float32)
   m = np.zeros((num_updates, capacity), bool)
   f[t, slot] = features[order]
   lab[t, slot] = labels[order]
@@ -488,7 +497,8 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
   bounds = data_lib.resolve_bounds(manifest.feature_bounds, None, manifest.num_features,
                                    plan.dataset)
   ids = spark.range(0, len(pieces), 1, numPartitions=len(pieces))
-  records = ids.mapInArrow(_inclusion_task(plan, pieces, bounds), "shard int, payload binary")
+  records = ids.mapInArrow(_inclusion_task(plan, pieces, bounds, manifest.task),
+                           "shard int, payload binary")
   results = _collect(records.groupBy("shard").applyInPandas(
       _shard_task(block_dir, plan), "kind string, body string"), "materialising the batches")
   shards: dict[int, bs.ShardEntry] = {}

@@ -388,7 +388,8 @@ def _limit_file_size():
 
 def test_disk_filling_during_the_job_fails_cleanly(dataset, tmp_path):
   out = tmp_path / "full"
-  # 150 updates x capacity x 22 bytes in one shard: about 300 KB, over the 200 KB limit.
+  # 150 updates x capacity x 25 bytes (5 float32 features, a float32 label, the mask) in one
+  # shard: about 300 KB, over the 200 KB limit.
   cmd = [sys.executable, "-m", "preprocessing.poisson_batches", "--dataset", dataset["path"],
          "--output", str(out), "--batch-size", str(B), "--epochs", str(E),
          "--updates-per-shard", "150", "--master", "local[1]"]

@@ -15,7 +15,10 @@ Layout of a batch directory (as private as the training data: it holds rows and 
     epochs-0000-0010/                a block of consecutive updates (one job run)
       block.json                     its shards, the updates each holds, their sha256
       updates-000000000.h5           features [k, capacity, F] float32,
-      updates-000000512.h5           labels [k, capacity] uint8, mask [k, capacity] bool
+      updates-000000512.h5           labels [k, capacity] float32, mask [k, capacity] bool
+
+Labels are float32 whatever the dataset's task (0/1, a class index, a regression value): the
+format is the same for every task, and the dataset digest the run records covers the task.
 
 Slot order: inside an update the real rows come first in increasing global row id (the order
 of :meth:`fastdp_jax._src.sampling.PoissonSampler.global_indices`), then padding (mask False,
@@ -54,7 +57,8 @@ from fastdp_jax._src import data as data_lib
 from fastdp_jax._src import errors
 from fastdp_jax._src import release
 
-FORMAT_VERSION = 1
+# 2: labels are float32 (every task); version 1 stored them as uint8 (binary only).
+FORMAT_VERSION = 2
 RUN_MANIFEST = "batches.json"
 BLOCK_MANIFEST = "block.json"
 PRIVATE_DIR = "private"
@@ -125,8 +129,8 @@ def key_commitment(key: np.ndarray) -> str:
 
 
 def bytes_per_slot(num_features: int) -> int:
-  """Disk bytes of one slot: features (float32), label (uint8), mask (bool)."""
-  return 4 * num_features + 2
+  """Disk bytes of one slot: features (float32), label (float32), mask (bool)."""
+  return 4 * num_features + 4 + 1
 
 
 # ------------------------------------------------------------------ manifests
@@ -195,8 +199,7 @@ class RunInfo:
       run = cls(**body)
     except (KeyError, TypeError) as e:
       raise BatchError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-    if run.format_version != FORMAT_VERSION:
-      raise BatchError(f"{where}: format_version {run.format_version} is not {FORMAT_VERSION}")
+    _check_format(run.format_version, where)
     return run
 
 
@@ -254,10 +257,23 @@ class BlockInfo:
       block = cls(**dict(body, shards=shards))
     except (KeyError, TypeError) as e:
       raise BatchError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-    if block.format_version != FORMAT_VERSION:
-      raise BatchError(f"{where}: format_version {block.format_version} is not "
-                       f"{FORMAT_VERSION}")
+    _check_format(block.format_version, where)
     return block
+
+
+def _check_format(version: Any, where: str) -> None:
+  """Refuses a manifest of another format version, saying how to get this one."""
+  if version == FORMAT_VERSION:
+    return
+  if isinstance(version, int) and version < FORMAT_VERSION:
+    # Not read as is: version 1's uint8 labels hold binary tasks only; rewriting is one job.
+    raise BatchError(f"{where}: format_version {version} (an older preprocessing."
+                     f"poisson_batches), this reader needs {FORMAT_VERSION}; rerun `python -m "
+                     "preprocessing.poisson_batches` to write them again (a new --output, or "
+                     "--overwrite of the whole directory)")
+  raise BatchError(f"{where}: format_version {version!r} is not {FORMAT_VERSION} (written by "
+                   "another version of fastdp_jax?); rerun `python -m "
+                   "preprocessing.poisson_batches` with this version")
 
 
 def _check_digest(body: Any, where: str) -> None:
@@ -359,7 +375,7 @@ def write_shard(directory: str, first_update: int, features: np.ndarray, labels:
     directory: the block directory (a staging directory until it is published).
     first_update: the shard's first update.
     features: [k, capacity, F] float32.
-    labels: [k, capacity] 0/1.
+    labels: [k, capacity] the task's labels (0/1, class indices or values), stored float32.
     mask: [k, capacity] bool, True for real rows.
 
   Raises:
@@ -379,7 +395,7 @@ def write_shard(directory: str, first_update: int, features: np.ndarray, labels:
       with h5py.File(tmp, "w") as f:
         f.attrs["first_update"] = np.int64(first_update)
         f.create_dataset("features", data=np.asarray(features, np.float32))
-        f.create_dataset("labels", data=np.asarray(labels, np.uint8))
+        f.create_dataset("labels", data=np.asarray(labels, np.float32))
         f.create_dataset("mask", data=np.asarray(mask, bool))
       digest = data_lib.sha256_file(tmp)
       size = os.path.getsize(tmp)
@@ -410,7 +426,7 @@ def _check_shard_file(block_dir: str, entry: ShardEntry, run: RunInfo) -> None:
                      f"{entry.sha256[:12]}... ({size} bytes, manifest says {entry.bytes}: "
                      "truncated, corrupt or replaced file)")
   shapes = {"features": ((entry.num_updates, run.capacity, run.num_features), np.float32),
-            "labels": ((entry.num_updates, run.capacity), np.uint8),
+            "labels": ((entry.num_updates, run.capacity), np.float32),
             "mask": ((entry.num_updates, run.capacity), np.bool_)}
   try:
     with h5py.File(path, "r") as f:
