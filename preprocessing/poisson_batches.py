@@ -343,11 +343,12 @@ def _decode(payload: bytes, num_features: int):
 
 
 def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, int, int, bool]],
-                    bounds: data_lib.Bounds, task: data_lib.Task):
+                    bounds: data_lib.Bounds, task: data_lib.Task,
+                    embeddings: tuple[data_lib.Embedding, ...] = ()):
   """The mapInArrow function: piece ids -> (shard index, payload) records.
 
   Every row read is checked as the loader checks it: features against ``bounds``, labels
-  against ``task`` (the dataset manifest's).
+  against ``task`` and embedding ids against ``embeddings`` (the dataset manifest's).
   """
   key, q, names = plan.key, plan.run.sampling_rate, plan.run.feature_names
   u0, u1, k = plan.first_update, plan.end_update, plan.updates_per_shard
@@ -362,7 +363,7 @@ def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, i
         x, y = data_lib.read_shard(plan.dataset, info, start=lo, stop=hi,
                                    verify_checksum=verify)
         data_lib.check_values(x, y, bounds=bounds, feature_names=names, task=task,
-                              where=f"shard {info.file}", first_row=lo)
+                              embeddings=embeddings, where=f"shard {info.file}", first_row=lo)
         for s in range(0, hi - lo, sub_rows):
           rows = np.arange(base + lo + s, base + min(hi, lo + s + sub_rows), dtype=np.int64)
           r, t = sampling.inclusions(key, rows, q, u1, start=u0)
@@ -497,8 +498,8 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
   bounds = data_lib.resolve_bounds(manifest.feature_bounds, None, manifest.num_features,
                                    plan.dataset)
   ids = spark.range(0, len(pieces), 1, numPartitions=len(pieces))
-  records = ids.mapInArrow(_inclusion_task(plan, pieces, bounds, manifest.task),
-                           "shard int, payload binary")
+  check = _inclusion_task(plan, pieces, bounds, manifest.task, tuple(manifest.embeddings))
+  records = ids.mapInArrow(check, "shard int, payload binary")
   results = _collect(records.groupBy("shard").applyInPandas(
       _shard_task(block_dir, plan), "kind string, body string"), "materialising the batches")
   shards: dict[int, bs.ShardEntry] = {}

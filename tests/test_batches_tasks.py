@@ -208,3 +208,34 @@ def test_the_disk_estimate_is_what_the_shards_take(datasets, batches):
     with h5py.File(os.path.join(stream.path, block.name, s.file), "r") as h:
       arrays += sum(h[name].size * h[name].dtype.itemsize for name in h)
   assert arrays == plan.block_bytes()
+
+
+def test_an_embedding_id_that_is_no_integer_is_refused_naming_shard_and_row(spark, tmp_path):
+  # Inside its column's bounds [0, VOCAB - 1], so only the embedding check can catch it, as
+  # in-memory loading does. Written without the embedding (the writer would refuse it), then
+  # the manifest declares it, as a hand-made dataset might.
+  from tests.test_tasks import EMBEDDINGS, FEATURE_BOUNDS, NAMES, TASKS, _rows
+  from fastdp_jax._src import schema
+  x, y = _rows("multiclass", 2500, 3)
+  test = schema.is_test_row(np.arange(len(y)))
+  j = NAMES.index(EMBEDDINGS[0].feature)
+  train_rows = np.flatnonzero(~test)
+  x[train_rows[[40, 700]], j] = 2.5
+  path = str(tmp_path / "data")
+  with data_lib.DatasetWriter(path, feature_names=NAMES, label_name="y",
+                              feature_bounds=FEATURE_BOUNDS, task=TASKS["multiclass"]) as w:
+    w.add("train", x[~test], y[~test])
+    w.add("test", x[test], y[test])
+  manifest = os.path.join(path, data_lib.MANIFEST)
+  body = json.load(open(manifest))
+  body["embeddings"] = [e.to_json() for e in EMBEDDINGS]
+  with open(manifest, "w") as f:
+    json.dump(body, f)
+  with pytest.raises(data_lib.ShardError):  # in-memory loading refuses it ...
+    data_lib.load_split(path, "train")
+  shard = data_lib.read_manifest(path).shards_of("train")[0].file
+  with pytest.raises(data_lib.ShardError, match=f"shard {shard}: embedding column 'region' has "
+                                                r"2 id\(s\) that are not integers in \[0, 5\], "
+                                                "first at row 40"):
+    _job(spark, path, tmp_path / "out", rows_per_task=1 << 20)  # ... and so does the job
+  assert sorted(os.listdir(tmp_path)) == ["data"]
