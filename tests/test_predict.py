@@ -5,6 +5,7 @@ bad row is reported with its row, column and reason instead of a number.
 One SparkSession (local[2]) serves the module; the data are generated (a few thousand rows).
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -80,6 +81,17 @@ def _trainer_evaluation(cfg, workdir, test):
   return accuracy, preds
 
 
+@contextlib.contextmanager
+def _small_splits(spark, max_bytes=20_000):
+  """Input splits of ``max_bytes``: a few thousand rows come in several partitions."""
+  key = "spark.sql.files.maxPartitionBytes"
+  spark.conf.set(key, str(max_bytes))
+  try:
+    yield
+  finally:
+    spark.conf.unset(key)
+
+
 def _read_csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
@@ -145,6 +157,12 @@ def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_p
   api = predictor.predict_rows(raw_csv)
   np.testing.assert_array_equal(api.rows, np.array([int(r["row"]) for r in predicted]))
   assert len(api.errors) == len(bad)
+  # Through Spark (several input splits): the same bytes, for every task.
+  with _small_splits(spark):
+    predict.predict_csv(workdir, raw_csv, str(tmp_path / "s.csv"), str(tmp_path / "se.csv"),
+                        spark=spark)
+  assert (tmp_path / "s.csv").read_bytes() == (tmp_path / "pred.csv").read_bytes()
+  assert (tmp_path / "se.csv").read_bytes() == (tmp_path / "errors.csv").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +252,82 @@ def test_csv_errors_name_the_line_and_a_missing_column_is_unusable(raw_model, tm
   assert run.returncode == 2
   assert run.stderr.strip().count("\n") == 0 and "missing ['age']" in run.stderr
   assert not (tmp_path / "q.csv").exists()
+
+
+def _dirty_copy(raw_csv, path):
+  """The raw CSV with bad lines among the good ones (and CRLF, CR and invalid UTF-8 bytes)."""
+  with open(raw_csv, "rb") as f:
+    lines = f.read().split(b"\n")[:-1]
+  header = lines[0].split(b",")
+  age = header.index(b'"age"')
+  out = [lines[0]]
+  for i, line in enumerate(lines[1:]):
+    if i % 97 == 5:
+      out.append(line + b",extra")                       # wrong arity
+    elif i % 89 == 7:
+      out.append(b"")                                    # blank line
+    elif i % 83 == 3:
+      fields = line.split(b",")
+      fields[age] = b"\xff\xfeold"                       # undecodable, then non-numeric
+      out.append(b",".join(fields))
+    elif i % 79 == 2:
+      out.append(line + b"\r")                           # CRLF
+    elif i % 71 == 1:
+      out.append(line + b"\r" + lines[1 + (i + 1) % (len(lines) - 1)])  # CR ends a line
+    else:
+      out.append(line)
+  path.write_bytes(b"\n".join(out) + b"\n")
+  return str(path)
+
+
+def _outputs(tmp_path, name, workdir, data, **kwargs):
+  out, errs = tmp_path / f"{name}.csv", tmp_path / f"{name}-errors.csv"
+  counts = predict.predict_csv(workdir, data, str(out), str(errs), **kwargs)
+  assert oct(os.stat(out).st_mode & 0o777) == oct(0o600)
+  return counts[:3], out.read_bytes(), errs.read_bytes()
+
+
+@pytest.mark.parametrize("block_rows", [97, predict.BLOCK_ROWS])
+def test_spark_path_writes_the_local_paths_bytes(spark, raw_model, raw_csv, tmp_path,
+                                                 block_rows):
+  _, workdir = raw_model
+  data = _dirty_copy(raw_csv, tmp_path / "dirty.csv")
+  local = _outputs(tmp_path, "local", workdir, data, block_rows=block_rows)
+  with _small_splits(spark):
+    assert spark.read.text(data).rdd.getNumPartitions() >= 5  # the order is exercised
+    remote = _outputs(tmp_path, "spark", workdir, data, spark=spark, block_rows=block_rows)
+  assert remote[0] == local[0] and local[0][2] > 40  # rows read, predicted, with errors
+  reasons = {r["reason"] for r in _read_csv(tmp_path / "local-errors.csv")}
+  assert {"wrong_arity", "blank_line", "non_numeric", "missing"} <= reasons
+  assert remote[1] == local[1]
+  assert remote[2] == local[2]
+
+
+def test_spark_cli_and_a_missing_column_before_spark(spark, raw_model, raw_csv, tmp_path,
+                                                     monkeypatch, capsys):
+  _, workdir = raw_model
+  cols = list(GOOD)
+  (tmp_path / "short.csv").write_text(",".join(c for c in cols if c != "age") + "\n")
+  args = ["--model", workdir, "--input", str(tmp_path / "short.csv"), "--output",
+          str(tmp_path / "q.csv")]
+  assert predict.main(args) == 2
+  local_err = capsys.readouterr().err
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+
+  def no_spark(*_, **__):
+    raise AssertionError("Spark was started for an input refused by its header")
+
+  monkeypatch.setattr(spark_job, "create_session", no_spark)
+  assert predict.main([*args, "--spark"]) == 2
+  assert capsys.readouterr().err == local_err and "missing ['age']" in local_err
+  assert not (tmp_path / "q.csv").exists()
+  # The command line, in its own process (its own session, stopped at the end).
+  out = tmp_path / "cli.csv"
+  run = subprocess.run([sys.executable, "-m", "fastdp_jax.predict", "--model", workdir,
+                        "--input", raw_csv, "--output", str(out), "--spark", "--master",
+                        "local[2]"], capture_output=True, text=True, cwd=ROOT, check=False,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr
+  local = _outputs(tmp_path, "local", workdir, raw_csv)
+  assert f"{local[0][0]} rows, {local[0][1]} predicted" in run.stdout
+  assert out.read_bytes() == local[1]

@@ -619,6 +619,27 @@ class Predictor:
     for x, kept, errs, n in _csv_blocks(self._need_spec(), os.fspath(path), block_rows):
       yield self._predictions(x, kept, errs, n)
 
+  def csv_header(self, path: str) -> str:
+    """The first line of a CSV file, checked as :meth:`predict_csv_blocks` checks it.
+
+    Raises:
+      RowInputError: an empty file, or a header lacking a column the model needs.
+    """
+    with _open_csv(os.fspath(path)) as f:
+      header_line = _read_csv_header(f)
+    self.csv_cleaner(path, header_line)
+    return header_line
+
+  def csv_cleaner(self, path: str, header_line: str):
+    """The line cleaner of a CSV file whose first line is ``header_line`` (see
+    :meth:`csv_header`); ``path`` names the file in errors."""
+    return _csv_cleaner(self._need_spec(), os.fspath(path), header_line)
+
+  def predict_csv_lines(self, cleaner, lines: Sequence[str], row: int) -> RowPredictions:
+    """Predicts consecutive data lines of a CSV file (without line terminators), the first
+    being data row ``row``: a block of :meth:`predict_csv_blocks`, by the same code."""
+    return self._predictions(*_encode_csv_lines(self._need_spec(), cleaner, lines, row))
+
   def _predictions(self, x, kept, errs, n) -> RowPredictions:
     k = len(self.classes) if self.task == "multiclass" else 0
     outputs = (self(x) if len(x) else np.zeros((0, k) if k else (0,), np.float32))
@@ -699,30 +720,53 @@ def _encode_columns(spec, columns: Mapping[str, Any]):
   return x, result.kept, _errors_of(spec, result, positions, None), n
 
 
+def _open_csv(path: str):
+  """A CSV file as text lines: plain, ``.gz`` or ``.bz2`` (\\n, \\r\\n and \\r end a line)."""
+  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  return opener(path, "rt", encoding="utf-8", errors="replace", newline=None)
+
+
+def _read_csv_header(f) -> str:
+  from preprocessing import cleaning  # local: only raw rows need it
+  return f.readline(cleaning.MAX_HEADER_BYTES + 1)  # one more: a longer header is refused
+
+
+def _csv_cleaner(spec, path: str, header_line: str):
+  """The line cleaner of a CSV file's first line ('': an empty file), checked against ``spec``."""
+  from preprocessing import cleaning  # local: only raw rows need it
+  if not header_line:
+    raise RowInputError(f"{path}: empty file (expected a header naming the columns "
+                        f"{list(spec.used_columns[:-1])})")
+  try:
+    return cleaning.LineCleaner(spec, cleaning.parse_header(header_line.rstrip("\n")),
+                                with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"{path}: the first line is taken as the header: {e}") from e
+
+
+def _encode_csv_lines(spec, cleaner, lines: Sequence[str], row: int):
+  """``(features, positions, errors, rows)`` of consecutive data lines from data row ``row`` on.
+
+  The one encoder of CSV lines: the local blocks and the Spark path's blocks both call it, so
+  their encodings, error reasons and row and line numbers are the same by construction.
+  """
+  result = cleaner.clean(lines)
+  positions = np.arange(row, row + len(lines), dtype=np.int64)
+  x = spec.encode_features(result.values).astype(np.float32)
+  # A data row's line: after the header, one row per line.
+  return x, positions[result.kept], _errors_of(spec, result, positions, positions + 2), len(lines)
+
+
 def _csv_blocks(spec, path: str, block_rows: int = 1 << 16):
   """``(features, positions, errors, rows)`` per block of a CSV file's data lines."""
-  from preprocessing import cleaning  # local: only raw rows need it
-  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-  with opener(path, "rt", encoding="utf-8", errors="replace", newline=None) as f:
-    header_line = f.readline(cleaning.MAX_HEADER_BYTES + 1)
-    if not header_line:
-      raise RowInputError(f"{path}: empty file (expected a header naming the columns "
-                          f"{list(spec.used_columns[:-1])})")
-    try:
-      cleaner = cleaning.LineCleaner(spec, cleaning.parse_header(header_line.rstrip("\n")),
-                                     with_label=False)
-    except errors.UserError as e:
-      raise RowInputError(f"{path}: the first line is taken as the header: {e}") from e
+  with _open_csv(path) as f:
+    cleaner = _csv_cleaner(spec, path, _read_csv_header(f))
     row = 0
     while True:
       lines = [line.rstrip("\n") for _, line in zip(range(block_rows), f)]
       if not lines:
         return
-      result = cleaner.clean(lines)
-      positions = np.arange(row, row + len(lines), dtype=np.int64)
-      x = spec.encode_features(result.values).astype(np.float32)
-      yield (x, positions[result.kept], _errors_of(spec, result, positions, positions + 2),
-             len(lines))
+      yield _encode_csv_lines(spec, cleaner, lines, row)
       row += len(lines)
 
 
