@@ -68,8 +68,11 @@ def _trainer_evaluation(cfg, workdir, test):
   head = models.TaskHead(kind=model_dict["task"], num_classes=len(model_dict["classes"]),
                          bounds=None if model_dict["bounds"] is None else
                          tuple(model_dict["bounds"]))
+  manifest = data_lib.read_manifest(cfg.data.path)
+  tables = models.embedding_inputs(manifest.feature_names, manifest.embeddings,
+                                   cfg.model.embedding_dim)
   net = models.create_model(test.features.shape[1], cfg.model.hidden_sizes, seed=0,
-                            num_outputs=head.num_outputs)
+                            num_outputs=head.num_outputs, embeddings=tables)
   apply_fn, template = models.functional(net)
   import jax  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -97,7 +100,7 @@ def _read_csv(path):
     return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("spec_name", ["pums_raw", "pums_educ", "pums_income"])
+@pytest.mark.parametrize("spec_name", ["pums_raw", "pums_educ", "pums_income", "pums_puma"])
 def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_path,
                                                            spec_name):
   cfg, data, workdir, summary = _trained(spark, raw_csv, tmp_path, spec_name)
@@ -137,7 +140,7 @@ def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_p
     classes = manifest.task.classes
     got = np.array([[float(r[f"p_{c}"]) for c in classes] for r in mine])
     labels = np.array([classes.index(r["prediction"]) for r in mine])
-  elif spec_name == "pums_raw":
+  elif spec_name in ("pums_raw", "pums_puma"):  # binary (pums_puma: an embedding input)
     got = np.array([float(r["probability"]) for r in mine])
     labels = np.array([int(r["prediction"]) for r in mine])
   else:
