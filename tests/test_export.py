@@ -188,14 +188,7 @@ def test_a_model_without_a_spec_refuses_raw_rows(tmp_path):
 ], ids=["vocabulary", "classes", "label", "kind", "embedding_index", "task"])
 def test_an_edited_feature_spec_or_model_is_refused(tmp_path, edit, match):
   _, path, _ = _export_raw(tmp_path)
-  spec_path = os.path.join(path, export.SPEC_FILE)
-  with open(spec_path) as f:
-    spec = json.load(f)
-  edit(spec)
-  with open(spec_path, "w") as f:
-    json.dump(spec, f)
-  with open(os.path.join(path, export.MANIFEST_FILE), "w") as f:  # resealed by a forger
-    f.write(export._manifest_text(path))  # pylint: disable=protected-access
+  _reseal(path, edit)  # edited, and resealed by a forger
   with pytest.raises(export.ModelIntegrityError, match=match):
     fastdp_jax.load_model(path)
 
