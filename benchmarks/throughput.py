@@ -288,16 +288,23 @@ SLOW = {("W2", "ours-dp-vmap"), ("W2", "seed-microbatch")}
 PEER_SYSTEMS = ("torch-sgd", "opacus-hooks", "opacus-ghost", "jax-privacy", "seed-microbatch")
 
 
-def flops_per_example(workload: str) -> int:
+def flops_per_example(workload: str, count: str = "model") -> int:
   """Matrix-product FLOPs of one example's forward and backward pass.
 
-  A dense layer in -> out costs 2 in out multiply-adds forward, as much for its weight
-  gradient and as much for its input gradient, which the first layer does not need.
+  A dense layer in -> out costs 2 in out FLOPs forward, as much for its weight gradient and as
+  much for its input gradient. ``count="model"`` is three times the forward pass (issue #15's
+  7.1 MFLOP for W2, the usual model-FLOPs convention); ``count="executed"`` leaves out the first
+  layer's input gradient, which no trainer here computes (a stricter limit, 3.7 % higher on W2).
   """
   d, hidden, _ = WORKLOADS[workload]
   sizes = [d, *hidden, 1]
   pairs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
-  return 6 * sum(pairs) - 2 * pairs[0]
+  if count not in FLOP_COUNTS:
+    raise ValueError(f"{count=} must be one of {FLOP_COUNTS}")
+  return 6 * sum(pairs) - (2 * pairs[0] if count == "executed" else 0)
+
+
+FLOP_COUNTS = ("model", "executed")
 
 
 def matmul_gflops(n: int = 2048, repeat: int = 10) -> dict:
@@ -438,15 +445,23 @@ def summarize(records: list[dict], gflops: float, rates: list[float] | None = No
     out.append(dict(summary=True, workload=wl, system=system, rounds=len(v),
                     median_examples_per_s=round(_median(v)), min=min(v), max=max(v),
                     flop_limit_examples_per_s=round(limit),
-                    fraction_of_flop_limit=round(_median(v) / limit, 3)))
+                    fraction_of_flop_limit=round(_median(v) / limit, 3),
+                    fraction_of_executed_flop_limit=round(
+                        _median(v) * flops_per_example(wl, "executed") / (gflops * 1e9), 3)))
   for wl, system, target in FLOP_TARGETS if rates else []:
-    per_round = [round(r["examples_per_s"] * flops_per_example(wl) / (rates[r["round"]] * 1e9),
-                       3) for r in records if r["workload"] == wl and r["system"] == system]
-    if per_round:
-      med = _median(per_round)
-      out.append(dict(ratio=True, workload=wl, name=f"{system} over the FLOP limit",
-                      per_round=per_round, median=round(med, 3), target=target,
-                      met=med >= target))
+    for count in FLOP_COUNTS:
+      per_round = [round(r["examples_per_s"] * flops_per_example(wl, count)
+                         / (rates[r["round"]] * 1e9), 3)
+                   for r in records if r["workload"] == wl and r["system"] == system]
+      if per_round:
+        med = _median(per_round)
+        # The target is the issue's, on its own (model) count; the executed count is shown
+        # beside it, without a target.
+        name = "over the FLOP limit" if count == "model" else "over the executed-FLOP limit"
+        goal = target if count == "model" else None
+        out.append(dict(ratio=True, workload=wl, name=f"{system} {name}", per_round=per_round,
+                        median=round(med, 3), target=goal,
+                        met=None if goal is None else med >= goal))
   for wl, targets in TARGETS.items():
     for name, num, den, target in targets:
       dens = den if isinstance(den, tuple) else (den,)
@@ -481,9 +496,20 @@ def peak_memory(workload: str, w2_rows: int) -> dict:
 
 
 def markdown_table(lines: list[dict]) -> str:
-  """BENCHMARKS.md's tables from a sitting's JSON lines: systems and targets."""
+  """BENCHMARKS.md's tables from a sitting's JSON lines: systems and targets.
+
+  The summaries and ratios are computed again from the sitting's raw measurements and matmul
+  rates (so an older file reads with today's definitions); the memory line is taken as is.
+  """
+  records = [r for r in lines if "round" in r and "examples_per_s" in r]
+  rates = sorted((r for r in lines if "round" in r and "jax_gflops" in r),
+                 key=lambda r: r["round"])
+  if records and rates:
+    gflops = [r["jax_gflops"] for r in rates]
+    lines = [*summarize(records, _median(gflops), gflops), *records,
+             *(r for r in lines if r.get("memory"))]
   rows = ["| workload | system | examples/s median | min - max | rounds | of FLOP limit | "
-          "cores busy (median) |", "|---|---|---|---|---|---|---|"]
+          "of executed-FLOP limit | cores busy (median) |", "|---|---|---|---|---|---|---|---|"]
   busy = {}
   for r in lines:
     if "round" in r and "examples_per_s" in r:
@@ -493,7 +519,8 @@ def markdown_table(lines: list[dict]) -> str:
       b = busy.get((r["workload"], r["system"]))
       rows.append(f"| {r['workload']} | {r['system']} | {r['median_examples_per_s']:,} | "
                   f"{r['min']:,} - {r['max']:,} | {r['rounds']} | "
-                  f"{r['fraction_of_flop_limit']:.3f} | {_median(b) if b else ''} |")
+                  f"{r['fraction_of_flop_limit']:.3f} | "
+                  f"{r.get('fraction_of_executed_flop_limit', '')} | {_median(b) if b else ''} |")
   rows += ["", "| workload | ratio | per round | median | target | met |", "|---|---|---|---|---|---|"]
   for r in lines:
     if r.get("ratio") and "per_round" in r:
@@ -537,7 +564,8 @@ def sitting(args) -> int:
             continue
           worker = ours if system in OURS else peers
           rec = dict(worker.ask(workload=wl, system=system, seconds=args.seconds), round=rnd,
-                     flops_per_example=flops_per_example(wl), **env())
+                     flops_per_example=flops_per_example(wl),
+                     executed_flops_per_example=flops_per_example(wl, "executed"), **env())
           records.append(rec)
           emit(rec, args.out)
     rates.append(ours.ask(system="matmul"))
