@@ -7,6 +7,9 @@ each (or see ``configs/dist.py`` and ``python -m fastdp_jax.launch``).
 An error that is the user's to fix (:class:`fastdp_jax._src.errors.UserError`: a bad config key or
 value, a missing or corrupt dataset, a busy workdir, ...) is printed once, as one line
 ``error: ...``, and the exit status is 2; any other exception is a bug and keeps its traceback.
+SIGTERM during training (a scheduler's preemption or time limit) checkpoints after the call
+under way and exits with status 143 after one line ``stopped by SIGTERM after update N: ...``;
+the same command resumes (:mod:`fastdp_jax._src.preemption`).
 
 This file is intentionally kept short: the logic lives in ``fastdp_jax`` where it can be
 tested and imported in a notebook. JAX is imported only once the flags and the config have
@@ -150,11 +153,15 @@ def main(argv: Sequence[str]) -> None:
   logging.info("process %d of %d (%s): %d local devices, %d in all", jax.process_index(),
                jax.process_count(), topology.source, jax.local_device_count(),
                jax.device_count())
+  from fastdp_jax._src import preemption  # pylint: disable=g-import-not-at-top
   with distributed.exit_promptly_on_failure():
     try:
       train.train_and_evaluate(cfg, workdir)
     except _USER_ERRORS as e:
       _fail(_describe(e))
+    except preemption.Preempted as e:  # checkpointed: a stop, not a failure to report
+      print(e, file=sys.stderr, flush=True)
+      sys.exit(preemption.EXIT_CODE)
 
 
 def run() -> None:

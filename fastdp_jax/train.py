@@ -50,6 +50,7 @@ from fastdp_jax._src import models
 from fastdp_jax._src import noise
 from fastdp_jax._src import parallel
 from fastdp_jax._src import plan as plan_lib
+from fastdp_jax._src import preemption
 from fastdp_jax._src import privacy_eval
 from fastdp_jax._src import profiling
 from fastdp_jax._src import release
@@ -271,6 +272,7 @@ class Trainer:
   validation: data_lib.Split | None = None  # held out of training (data.validation_fraction)
   canaries: privacy_eval.Canaries | None = None  # an audit dataset's (checked at set-up)
   cleanup: contextlib.ExitStack | None = None
+  preemption: preemption.Watch | None = None  # SIGTERM: checkpoint and stop (None: ignored)
   _reader: batch_stream.Prefetcher | None = None
   t_start: float = dataclasses.field(default_factory=time.time)
   epoch_t0: float = dataclasses.field(default_factory=time.time)
@@ -785,7 +787,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.Exit
       schedule=_make_schedule(cfg, plan, stop_at, ckpt, prof),
       writer=_make_writer(cfg, workdir, stop_at, run_state, step, cleanup),
       prof=prof, state=state, run_state=run_state, step=step,
-      attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed, head))
+      attack_idx=_attack_index(cfg, train), majority=_majority(cfg, test, streamed, head),
+      preemption=preemption.Watch(enabled=ckpt is not None))
   t.writer.write(metrics_lib.CONFIG, step, json.loads(cfg.to_json_best_effort()))
   _announce(t, models.count_params(params))
   return t
@@ -840,17 +843,30 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
   t.epoch_t0 = time.time()
 
 
-HOOKS = (_progress, _log_point, _periodic_checkpoint, _epoch_end)
+def _preempted(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
+  """After a SIGTERM (every process agreeing on this call): checkpoint, then stop."""
+  del m, k
+  if t.preemption is not None and t.preemption.requested():
+    t.save()  # no second copy if an epoch end or a periodic checkpoint just saved this step
+    raise preemption.Preempted(t.step, t.workdir)
+
+
+HOOKS = (_progress, _log_point, _periodic_checkpoint, _epoch_end, _preempted)
 
 
 def train(t: Trainer) -> None:
-  """Runs the updates from ``t.step`` to the schedule's stop."""
+  """Runs the updates from ``t.step`` to the schedule's stop.
+
+  Raises:
+    preemption.Preempted: a SIGTERM arrived; the checkpoint of ``t.step`` is saved.
+  """
   t.epoch_t0 = time.time()
-  while t.step < t.schedule.stop_at:
-    k = t.schedule.call_length(t.step)
-    metrics = t.train_call(k)
-    for hook in HOOKS:
-      hook(t, metrics, k)
+  with t.preemption.armed() if t.preemption is not None else contextlib.nullcontext():
+    while t.step < t.schedule.stop_at:
+      k = t.schedule.call_length(t.step)
+      metrics = t.train_call(k)
+      for hook in HOOKS:
+        hook(t, metrics, k)
   table = t.prof.report()  # None unless profile_steps > 0
   if table:
     say(table)
@@ -1004,7 +1020,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   Raises:
     ConfigError: a bad config (before any work); ResumeMismatchError: the workdir's
       checkpoint belongs to a different run; WorkdirLockedError: another run uses the workdir;
-      NonFiniteParametersError: the noised parameters diverged (naming the update).
+      NonFiniteParametersError: the noised parameters diverged (naming the update);
+      preemption.Preempted: a SIGTERM stopped the run after checkpointing (run it again to
+      resume).
   """
   config_lib.validate(cfg)
   distributed.check_same_start(workdir, cfg.to_json_best_effort())  # same workdir, shared

@@ -6,6 +6,7 @@ all-reduce strategies reproduce the single-device parameters with one all-reduce
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -353,6 +354,41 @@ def test_launcher_never_glues_a_processs_two_streams(tmp_path):
   assert r.returncode == 0
   lines = r.stdout.splitlines()
   assert "[0] first half, second half" in lines and "[0] a whole stderr line" in lines
+
+
+def test_sigterm_to_the_launcher_gives_its_processes_time_to_checkpoint(tmp_path):
+  # Each process takes longer than the after-failure grace to "checkpoint" on SIGTERM (as the
+  # trainer does, then exits 143): the launcher must wait for it, not SIGKILL it.
+  script = tmp_path / "saver.py"
+  script.write_text(textwrap.dedent(f"""
+      import signal, sys, time
+      def term(signum, frame):
+        time.sleep({launch._GRACE_S + 1.0})
+        print("checkpointed", flush=True)
+        sys.exit(143)
+      signal.signal(signal.SIGTERM, term)
+      print("ready", flush=True)
+      time.sleep(300)
+      """))
+  out = tmp_path / "out.txt"
+  with open(out, "w") as f:
+    launcher = subprocess.Popen([sys.executable, "-m", "fastdp_jax.launch",
+                                 "--num_processes=2", f"--script={script}"], cwd=ROOT,
+                                stdout=f, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 60
+    while out.read_text().count("] ready") < 2:
+      assert time.monotonic() < deadline and launcher.poll() is None, out.read_text()
+      time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    code = launcher.wait(timeout=launch._TERM_GRACE_S + 30)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+      launcher.wait()
+  text = out.read_text()
+  assert code == 143, text
+  assert "[0] checkpointed" in text and "[1] checkpointed" in text, text
 
 
 def _alive(pid):

@@ -192,12 +192,28 @@ def check_writable(workdir: str) -> None:
                           "--workdir") from e
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+  """Orbax's manager, minus its own calls to JAX's preemption sync point.
+
+  ``multihost_utils.reached_preemption_sync_point`` must be called by one caller, after every
+  training call, with an id that grows by one per call (the agreed stop is "the largest id
+  any process has reached, plus one"). The trainer does that
+  (:mod:`fastdp_jax._src.preemption`); orbax would also call it from every save with the
+  update number, which grows by ``steps_per_call``, and the two sequences together could
+  make the processes disagree on where to stop.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Saves and restores ``(state, metadata)`` in ``WORKDIR/checkpoints``."""
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    self._mngr = ocp.CheckpointManager(
+    self._mngr = _CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False))

@@ -16,10 +16,11 @@ by line to the launcher's stdout, one log, each line whole and prefixed with ``[
 two processes, or of one process's two streams, are never glued together.
 
 Failures: if a process fails, the launcher stops the others (SIGTERM to its process group,
-SIGKILL after a grace period) and exits non-zero; it exits 0 only if all of them do. The
+SIGKILL after a grace period of 5 s) and exits non-zero; it exits 0 only if all of them do. The
 processes never outlive the launcher: each runs in its own process group and, on Linux, gets
 SIGKILL from the kernel when the launcher dies, even by ``kill -9`` (``PR_SET_PDEATHSIG``);
-SIGTERM or Ctrl-C to the launcher stops them too.
+SIGTERM or Ctrl-C to the launcher stops them too, with a longer grace (60 s): on SIGTERM the
+trainers checkpoint after their current call and exit 143, and the same command resumes.
 
 On a cluster, do not use this: start one trainer per host with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id``, or let SLURM / Open MPI start them (see
@@ -42,7 +43,8 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_GRACE_S = 5.0
+_GRACE_S = 5.0  # after a failure: the others cannot checkpoint without the failed process
+_TERM_GRACE_S = 60.0  # after SIGTERM or Ctrl-C to the launcher: time for every checkpoint
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -120,12 +122,12 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
     pass
 
 
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
-  """SIGTERM to every live process group, SIGKILL to those still alive after a grace period."""
+def _stop(procs: Sequence[subprocess.Popen], grace_s: float = _GRACE_S) -> None:
+  """SIGTERM to every live process group, SIGKILL to those still alive after ``grace_s``."""
   for p in procs:
     if p.poll() is None:
       _signal_group(p, signal.SIGTERM)
-  deadline = time.monotonic() + _GRACE_S
+  deadline = time.monotonic() + grace_s
   for p in procs:
     try:
       p.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -200,10 +202,10 @@ def launch(num_processes: int, args: Sequence[str], *, devices_per_process: int 
         break
       time.sleep(0.1)
   except KeyboardInterrupt:
-    _stop(procs)
+    _stop(procs, _TERM_GRACE_S)
     status = 130
   except _Terminated:
-    _stop(procs)
+    _stop(procs, _TERM_GRACE_S)
     status = 143
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -183,3 +183,68 @@ def test_killing_one_process_stops_the_other_with_a_message(dataset, tmp_path, v
   assert ("another task died" in text or "lost contact with another process" in text
           or "stopped answering" in text or "lost contact with the coordinator" in text), \
       text[-3000:]
+
+
+def test_sigterm_to_one_process_checkpoints_every_process_at_the_same_update(dataset, tmp_path):
+  """A scheduler's SIGTERM to one host: JAX's coordination service tells the other, both
+  checkpoint the same update and exit 143, and the same commands resume to the one-process
+  model."""
+  cfg = test_config.get_config()
+  cfg.data.path = dataset
+  ref = train.train_and_evaluate(cfg, str(tmp_path / "one"))  # 1 process, 1 device
+
+  def start(tag, port, rank):
+    out = open(tmp_path / f"{tag}{rank}.txt", "w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, "main.py", "--config=configs/test.py",
+         f"--config.data.path={dataset}", f"--workdir={tmp_path}/w",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={rank}", "--heartbeat_timeout_s=10", "--init_timeout_s=60"],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+  def run_both(tag, until=None):
+    port = launch.free_port()
+    procs = [start(tag, port, rank) for rank in (0, 1)]
+    try:
+      if until is not None:  # a line of process 1's, then SIGTERM to process 1 alone
+        deadline = time.monotonic() + 120
+        while until not in (tmp_path / f"{tag}1.txt").read_text():
+          assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+              (tmp_path / f"{tag}1.txt").read_text()[-3000:]
+          time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
+      codes = [p.wait(timeout=200) for p in procs]
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    return codes, [(tmp_path / f"{tag}{rank}.txt").read_text() for rank in (0, 1)]
+
+  # Signalled once it has joined the run (JAX's notifier is installed) and read its rows, so
+  # the stop comes at one of the first calls, whatever the machine's speed.
+  codes, texts = run_both("term", until="process 1 holds training rows")
+  assert codes == [143, 143], [t[-2000:] for t in texts]
+  stops = [re.findall(r"^stopped by SIGTERM after update (\d+): checkpoint saved", t, re.M)
+           for t in texts]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # the same update on both
+  step = int(stops[0][0])
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit())
+  assert saved[-1] == step < ref["steps"], saved
+  assert not (tmp_path / "w" / "summary.json").exists()
+
+  codes, texts = run_both("again")
+  assert codes == [0, 0], [t[-2000:] for t in texts]
+  assert f"at update {step} " in texts[0] and "resumed from" in texts[0], texts[0][-3000:]
+  with open(tmp_path / "w" / "summary.json") as f:
+    two = json.load(f)
+  assert two["steps"] == ref["steps"] and two["epsilon"] == pytest.approx(ref["epsilon"],
+                                                                          rel=1e-5)
+  # The bound of test_one_train_shard_is_split_by_rows_between_two_processes: the topologies
+  # differ in float32 summation order only.
+  a, b = np.load(tmp_path / "one" / "final_params.npz"), np.load(tmp_path / "w" /
+                                                                "final_params.npz")
+  for k in a:
+    assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k

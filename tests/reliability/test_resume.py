@@ -1,7 +1,9 @@
-"""Kill -9 mid-epoch and resume: same parameters and epsilon as an uninterrupted run."""
+"""Kill -9 or SIGTERM mid-epoch, then resume: same parameters and epsilon as an uninterrupted
+run; SIGTERM first checkpoints the update it stops at."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,13 +34,43 @@ def _saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
-def test_sigkill_during_epoch_3_then_resume_equals_uninterrupted(dataset, tmp_path):
-  ref = subprocess.run(_cmd(dataset, tmp_path / "ref"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+  """The uninterrupted run's workdir."""
+  work = tmp_path_factory.mktemp("ref") / "ref"
+  ref = subprocess.run(_cmd(dataset, work), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  steps = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
-  assert steps == 3 * EPOCH_STEPS
+  assert json.loads((work / "summary.json").read_text())["steps"] == 3 * EPOCH_STEPS
+  return work
 
+
+def _assert_same_run(ref, work):
+  a = np.load(ref / "final_params.npz")
+  b = np.load(work / "final_params.npz")
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7)
+  sa = json.loads((ref / "summary.json").read_text())
+  sb = json.loads((work / "summary.json").read_text())
+  assert sb["epsilon"] == sa["epsilon"] and sb["steps"] == sa["steps"]
+  ma = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+  mb = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  # The eval records too: the ones after the checkpoint were cut and written again, once.
+  assert [r["step"] for r in mb if r["kind"] == "eval"] == [
+      r["step"] for r in ma if r["kind"] == "eval"]
+  ma, mb = ([r for r in m if r["kind"] == "epoch"] for m in (ma, mb))
+  assert [r["epoch"] for r in mb] == [1, 2, 3]  # no duplicated or lost epochs
+  assert mb[-1]["test_accuracy"] == pytest.approx(ma[-1]["test_accuracy"], abs=1e-6)
+
+
+def _resume(dataset, work, *extra):
+  again = subprocess.run(_cmd(dataset, work, *extra), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from" in again.stdout
+
+
+def test_sigkill_during_epoch_3_then_resume_equals_uninterrupted(dataset, reference, tmp_path):
   work = tmp_path / "killed"
   log = open(tmp_path / "killed.log", "w")  # a file, not a pipe nobody reads (it would block)
   proc = subprocess.Popen(_cmd(dataset, work), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -56,23 +88,38 @@ def test_sigkill_during_epoch_3_then_resume_equals_uninterrupted(dataset, tmp_pa
   assert killed_after is not None, "the run ended before it could be killed in epoch 3"
   assert proc.returncode == -signal.SIGKILL
   assert not (work / "summary.json").exists()
+  _resume(dataset, work)
+  _assert_same_run(reference, work)
 
-  again = subprocess.run(_cmd(dataset, work), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed from" in again.stdout
-  a = np.load(tmp_path / "ref" / "final_params.npz")
-  b = np.load(work / "final_params.npz")
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7)
-  sa = json.loads((tmp_path / "ref" / "summary.json").read_text())
-  sb = json.loads((work / "summary.json").read_text())
-  assert sb["epsilon"] == sa["epsilon"] and sb["steps"] == sa["steps"]
-  ma = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-  mb = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-  # The eval records too: the ones after the checkpoint were cut and written again, once.
-  assert [r["step"] for r in mb if r["kind"] == "eval"] == [
-      r["step"] for r in ma if r["kind"] == "eval"]
-  ma, mb = ([r for r in m if r["kind"] == "epoch"] for m in (ma, mb))
-  assert [r["epoch"] for r in mb] == [1, 2, 3]  # no duplicated or lost epochs
-  assert mb[-1]["test_accuracy"] == pytest.approx(ma[-1]["test_accuracy"], abs=1e-6)
+
+def test_sigterm_checkpoints_the_update_it_stops_at_then_resume_equals_uninterrupted(
+    dataset, reference, tmp_path):
+  # Epoch ends are the only scheduled checkpoints here: any other one is SIGTERM's.
+  no_periodic = "--config.checkpoint.every_steps=100000"
+  work = tmp_path / "terminated"
+  log_path = tmp_path / "terminated.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(_cmd(dataset, work, no_periodic), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+      deadline = time.time() + 300
+      while proc.poll() is None and not _saved_steps(work) and time.time() < deadline:
+        time.sleep(0.02)
+      assert _saved_steps(work) == [EPOCH_STEPS], "the run ended before it could be stopped"
+      proc.send_signal(signal.SIGTERM)  # in epoch 2, which has 625 updates still to run
+      code = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  text = log_path.read_text()
+  assert code == 143, text[-3000:]
+  stopped = re.search(r"^stopped by SIGTERM after update (\d+): checkpoint saved in (\S+); "
+                      r"run the same command to resume$", text, re.M)
+  assert stopped, text[-3000:]
+  step = int(stopped.group(1))
+  assert stopped.group(2) == str(work)
+  assert step > EPOCH_STEPS and step in _saved_steps(work)  # the update it stopped at
+  assert not (work / "summary.json").exists()
+  _resume(dataset, work, no_periodic)
+  _assert_same_run(reference, work)
