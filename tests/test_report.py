@@ -123,6 +123,12 @@ def test_command_line(runs, tmp_path):
   assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
 
 
+def test_a_workdir_from_before_metrics_jsonl_is_named_as_such(tmp_path):
+  (tmp_path / "steps.jsonl").write_text('{"step": 1}\n')
+  with pytest.raises(FileNotFoundError, match="older fastdp-jax .steps.jsonl.*train again"):
+    report.load_run(str(tmp_path))
+
+
 def test_regression_and_multiclass_runs_get_their_metrics(tmp_path):
   # A regression run: RMSE records instead of accuracy, and the mean-prediction baseline.
   reg = str(tmp_path / "runs" / "income")

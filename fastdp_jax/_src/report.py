@@ -74,6 +74,11 @@ def load_run(workdir: str, name: str | None = None) -> Run:
   """Reads a workdir; raises ``FileNotFoundError`` if it has no ``metrics.jsonl``."""
   metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
   if not os.path.isfile(metrics_path):
+    if os.path.isfile(os.path.join(workdir, "steps.jsonl")):  # written before metrics.jsonl
+      raise FileNotFoundError(
+          f"{workdir}: written by an older fastdp-jax (steps.jsonl, no "
+          f"{metrics_lib.METRICS_FILE}); the report reads {metrics_lib.METRICS_FILE}: train "
+          "again into a new workdir")
     raise FileNotFoundError(f"{workdir}: no {metrics_lib.METRICS_FILE} (not a training run's "
                             "workdir?)")
   summary_path = os.path.join(workdir, "summary.json")
