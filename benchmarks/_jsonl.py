@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 
 
 def env() -> dict:
-  """The machine and its load when a measurement is taken."""
-  return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-          "python": platform.python_version(), "machine": platform.machine()}
+  """The machine and its load when a measurement is taken (and jax's version, once loaded)."""
+  out = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+         "python": platform.python_version(), "machine": platform.machine()}
+  jax = sys.modules.get("jax")  # a GPU host's own jax may not be the pinned one
+  if jax is not None:
+    out["jax"] = getattr(jax, "__version__", None)
+  return out
 
 
 def emit(record: dict, out: str | None) -> None:

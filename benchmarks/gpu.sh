@@ -7,20 +7,29 @@
 # go). Every measurement is one JSON line in OUT_DIR/gpu_bench.jsonl; nvidia-smi's card
 # names head the file.
 #
-# Usage: bash benchmarks/gpu.sh [OUT_DIR] [--dry-run]
+# Usage: bash benchmarks/gpu.sh [OUT_DIR] [--dry-run] [--host-python]
 #   OUT_DIR   default $OUT (the device tool's output folder) or runs/gpu-bench
 #   --dry-run print the steps (and whether a GPU was found) without running them
+#   --host-python  no venv and no install: $PYTHON's own jax (a GPU image's, with CUDA) and
+#             packages, the repository on PYTHONPATH, plus the wheels in .whl/ if any,
+#             installed offline into a temporary folder (bash benchmarks/gpu_wheels.sh
+#             fetches them where an index is reachable). For hosts that reach no package
+#             index, such as the GPU machines this workplace lends; its jax may not be the
+#             pinned 0.10.2, and every JSON line says which it is.
 # Without a GPU (nvidia-smi lists none) it says so and falls back to the CPU: the plain
 # install and short CPU runs of the same steps (fake CPU devices for 1x2), so the script is
 # checked end to end anywhere; those lines carry "device": "cpu: ...".
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DRY=0
+HOST=0
 OUT_DIR="${OUT:-$ROOT/runs/gpu-bench}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -*) echo "unknown option $arg (usage: bash benchmarks/gpu.sh [OUT_DIR] [--dry-run])" >&2
+    --host-python) HOST=1 ;;
+    -*) echo "unknown option $arg (usage: bash benchmarks/gpu.sh [OUT_DIR] [--dry-run]" \
+             "[--host-python])" >&2
         exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -78,12 +87,24 @@ if [ "$DRY" = 0 ] && [ "$GPUS" -gt 0 ]; then
     done
 fi
 
-step "$PYTHON" -m venv "$VENV"
-step "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --upgrade pip setuptools
-step "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --no-build-isolation \
-  "$ROOT${EXTRA:+[$EXTRA]}"
-PY="$VENV/bin/python"
-step "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+if [ "$HOST" = 1 ]; then
+  PY="$PYTHON"
+  SITE="${TMPDIR:-/tmp}/fastdp-gpu-site"
+  if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    step "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$ROOT"/.whl/*.whl
+    export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  step "$PYTHON" -m venv "$VENV"
+  step "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --upgrade pip setuptools
+  step "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --no-build-isolation \
+    "$ROOT${EXTRA:+[$EXTRA]}"
+  PY="$VENV/bin/python"
+fi
+step "$PY" -c "import jax, fastdp_jax; print('jax', jax.__version__, jax.devices())"
 
 cd "$ROOT"
 # W1 and W2, DP and non-private: separate processes (peak memory) and interleaved.
