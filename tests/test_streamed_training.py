@@ -8,6 +8,7 @@ different padding: 1e-5 relative) and the same epsilon. One SparkSession per mod
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_a_corrupt_batch_shard_is_named_before_training(dataset, batches, tmp_pa
   assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
-def test_sigkill_mid_stream_then_resume_equals_uninterrupted(dataset, batches, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_signal_mid_stream_then_resume_equals_uninterrupted(dataset, batches, tmp_path, sig):
   cmd = [sys.executable, "-m", "fastdp_jax", "--config=configs/test.py",
          f"--config.data.path={dataset}", f"--config.data.batches={batches}",
          f"--config.batch_size={BATCH}", f"--config.num_epochs={EPOCHS}",
@@ -108,21 +110,36 @@ def test_sigkill_mid_stream_then_resume_equals_uninterrupted(dataset, batches, t
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   steps = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
-  work = tmp_path / "killed"
-  log = open(tmp_path / "killed.log", "w")
-  proc = subprocess.Popen(cmd + [f"--workdir={work}"], cwd=ROOT, stdout=log,
-                          stderr=subprocess.STDOUT)
-  killed_after, deadline = None, time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
+  work = tmp_path / "stopped"
+
+  def saved():
     ckpt = work / "checkpoints"
-    saved = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if ckpt.is_dir() else []
-    if saved and 0 < saved[-1] < steps - 5:
-      proc.send_signal(signal.SIGKILL)
+    return sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if ckpt.is_dir() else []
+
+  with open(tmp_path / "stopped.log", "w") as log:
+    proc = subprocess.Popen(cmd + [f"--workdir={work}"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+  signalled_after, deadline = None, time.time() + 300
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if saved() and 0 < saved()[-1] < steps - 5:
+        signalled_after = saved()[-1]
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        break
+      time.sleep(0.02)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
       proc.wait()
-      killed_after = saved[-1]
-      break
-    time.sleep(0.02)
-  assert killed_after is not None, "the run ended before it could be killed"
+  assert signalled_after is not None, "the run ended before it could be stopped"
+  text = (tmp_path / "stopped.log").read_text()
+  if sig == signal.SIGTERM:  # the reader thread stopped too, after the checkpoint
+    assert proc.returncode == 143, text[-3000:]
+    stop = re.search(r"^stopped by SIGTERM after update (\d+)", text, re.M)
+    assert stop and int(stop.group(1)) in saved(), text[-3000:]
+  else:
+    assert proc.returncode == -signal.SIGKILL
   again = subprocess.run(cmd + [f"--workdir={work}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
