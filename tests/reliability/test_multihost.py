@@ -5,6 +5,7 @@ writes, and the death of one process stops the other, loudly."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,10 +186,12 @@ def test_killing_one_process_stops_the_other_with_a_message(dataset, tmp_path, v
       text[-3000:]
 
 
-def test_sigterm_to_one_process_checkpoints_every_process_at_the_same_update(dataset, tmp_path):
+def test_sigterm_to_one_process_checkpoints_every_process_at_the_same_update(dataset, tmp_path,
+                                                                             capsys):
   """A scheduler's SIGTERM to one host: JAX's coordination service tells the other, both
   checkpoint the same update and exit 143, and the same commands resume to the one-process
-  model."""
+  model; so does one process alone (the checkpoint and the batches are the topology's own
+  no more than the model is)."""
   cfg = test_config.get_config()
   cfg.data.path = dataset
   ref = train.train_and_evaluate(cfg, str(tmp_path / "one"))  # 1 process, 1 device
@@ -234,6 +237,7 @@ def test_sigterm_to_one_process_checkpoints_every_process_at_the_same_update(dat
   saved = sorted(int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit())
   assert saved[-1] == step < ref["steps"], saved
   assert not (tmp_path / "w" / "summary.json").exists()
+  shutil.copytree(tmp_path / "w", tmp_path / "w1")  # to be resumed by one process
 
   codes, texts = run_both("again")
   assert codes == [0, 0], [t[-2000:] for t in texts]
@@ -248,3 +252,15 @@ def test_sigterm_to_one_process_checkpoints_every_process_at_the_same_update(dat
                                                                 "final_params.npz")
   for k in a:
     assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
+
+  capsys.readouterr()
+  one = train.train_and_evaluate(cfg, str(tmp_path / "w1"))  # 1 process, 1 device
+  assert f"at update {step} " in capsys.readouterr().out  # resumed, not started afresh
+  assert one["steps"] == ref["steps"] and one["epsilon"] == pytest.approx(ref["epsilon"],
+                                                                          rel=1e-5)
+  kinds = [json.loads(l)["kind"] for l in (tmp_path / "w1" / "metrics.jsonl").read_text()
+           .splitlines()]
+  assert kinds.count("epoch") == cfg.num_epochs
+  c = np.load(tmp_path / "w1" / "final_params.npz")
+  for k in a:
+    assert np.linalg.norm(a[k] - c[k]) <= 1e-5 * np.linalg.norm(a[k]), k
