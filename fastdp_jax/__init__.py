@@ -16,7 +16,9 @@ change, except :mod:`fastdp_jax.train`, the trainer module these functions live 
   every question about them);
 * the exported model: :func:`load_model`; a dataset split: :func:`load_split`; the error every
   bad input raises (a one-line message, exit status 2 on the command line): :class:`UserError`;
-  the TensorBoard tag of each recorded metric: ``TENSORBOARD_TAGS``;
+  what :func:`train_and_evaluate` raises after a SIGTERM made it checkpoint and stop (exit
+  status 143 on the command line; the same call resumes): :class:`Preempted`; the
+  TensorBoard tag of each recorded metric: ``TENSORBOARD_TAGS``;
 * the report and the audit dataset: ``fastdp_jax.report`` (:func:`~fastdp_jax.report.write_report`)
   and ``fastdp_jax.privacy_eval`` (:func:`~fastdp_jax.privacy_eval.make_audit_dataset`), which
   are also commands (``python -m``).
@@ -116,6 +118,7 @@ _EXPORTS = {
     "load_model": "fastdp_jax._src.export",
     "load_split": "fastdp_jax._src.data",
     "UserError": "fastdp_jax._src.errors",
+    "Preempted": "fastdp_jax._src.preemption",
     "TENSORBOARD_TAGS": "fastdp_jax._src.metrics",
 }
 
