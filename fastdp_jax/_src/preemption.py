@@ -7,8 +7,8 @@ checkpoints (parameters, optimizer and privacy state, both keys), and stops with
 since the last periodic checkpoint.
 
 * One process: a Python handler notes the signal (installed for the training loop only, in
-  the main thread, and restored after it). Without a checkpointer (``checkpoint.every_steps``
-  unset and no epoch checkpoints) nothing is installed and SIGTERM ends the process as usual.
+  the main thread, and restored after it). Without a checkpointer
+  (``checkpoint.enabled=False``) nothing is installed and SIGTERM ends the process as usual.
 * Several processes: JAX's coordination service already owns SIGTERM (the preemption notifier
   that ``jax.distributed.initialize`` starts tells every process), and
   ``multihost_utils.reached_preemption_sync_point`` returns True on every process after the
