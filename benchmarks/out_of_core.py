@@ -71,7 +71,7 @@ def _peak() -> dict:
 
 def child_stream(path: str, take: int) -> dict:
   """Streams every update of a batch directory; returns the figures (run in a fresh process)."""
-  from fastdp_jax._src import batch_stream  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.data import batch_stream  # pylint: disable=g-import-not-at-top
   base = _rss_mb()
   t0 = time.perf_counter()
   stream = batch_stream.open_batches(path)
@@ -94,8 +94,8 @@ def child_stream(path: str, take: int) -> dict:
 def child_in_memory(dataset: str, batch_size: int, updates: int) -> dict:
   """The in-memory host path: the split in memory, each update's rows gathered by index."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fastdp_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top
-  from fastdp_jax._src import sampling  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.dp import sampling  # pylint: disable=g-import-not-at-top
   base = _rss_mb()
   train = data_lib.load_split(dataset, "train")
   sampler = sampling.PoissonSampler(len(train), batch_size, sampling.sampling_key(None)[0])
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(child_in_memory(rest[0], int(rest[1]), int(rest[2]))))
     return 0
   from preprocessing import synthesize  # pylint: disable=g-import-not-at-top
-  from fastdp_jax._src import batch_stream  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.data import batch_stream  # pylint: disable=g-import-not-at-top
   work = args.workdir or tempfile.mkdtemp(prefix="bench-out-of-core-")
   os.makedirs(work, exist_ok=True)
   try:

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastdp_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from preprocessing import synthesize  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -9,7 +9,7 @@ Workloads (as ``benchmarks/throughput.py`` and ``../shared/bench/peer_torch.py``
 
 Each topology runs in fresh processes: ``1x1`` (one process, one device), ``1x2`` (one
 process, 2 CPU devices) and ``2x1`` (two processes of one device each, started by
-:mod:`fastdp_jax._src.launch`, gloo all-reduce over loopback). Every process holds only its
+:mod:`fastdp_jax.launch`, gloo all-reduce over loopback). Every process holds only its
 contiguous share of the rows and builds the trainer itself (:func:`fastdp_jax.train.setup`
 on the rows in memory, as ``benchmarks/throughput.py``; keys fixed, hence ``"private":
 false``, which does not change the speed): per-example clipping (``clipping`` method), one
@@ -152,12 +152,12 @@ def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
   """One measurement in this process (or in each process of a launch): the trainer of
   :func:`fastdp_jax.train.setup` on this process's rows, one compiling call, then ``calls``
   timed calls of :meth:`~fastdp_jax.train.Trainer.train_call`."""
-  from fastdp_jax._src import distributed
+  from fastdp_jax import distributed
   distributed.initialize()  # from the launcher's environment; a single process otherwise
   import contextlib
   import jax
   from benchmarks import throughput
-  from fastdp_jax._src import models
+  from fastdp_jax import models
 
   _, _, batch, steps_per_call, default_calls = WORKLOADS[workload]
   calls = calls or default_calls

@@ -66,11 +66,11 @@ def workload_data(workload: str, w2_rows: int):
   """Training features and labels of a workload (generated, deterministic)."""
   import numpy as np
   if workload == "W1":
-    from fastdp_jax._src import schema
+    from fastdp_jax.data import split as split_lib
     from preprocessing import synthesize
     cols = synthesize.synthesize_capums(W1_ROWS, seed=0, na_fraction=0.0)
-    x = np.stack([cols[c] for c in schema.CAPUMS_FEATURES], axis=1)[:W1_TRAIN_ROWS]
-    y = cols[schema.CAPUMS_LABEL][:W1_TRAIN_ROWS]
+    x = np.stack([cols[c] for c in split_lib.CAPUMS_FEATURES], axis=1)[:W1_TRAIN_ROWS]
+    y = cols[split_lib.CAPUMS_LABEL][:W1_TRAIN_ROWS]
     return np.ascontiguousarray(x, np.float32), np.asarray(y, np.float32)
   rng = np.random.default_rng(0)
   d = WORKLOADS["W2"][0]
@@ -100,11 +100,11 @@ KEYS = "fixed by dp.noise_seed=0 and dp.sampling_seed=0 (private: false; no effe
 def in_memory_data(workload: str, x, y, process_rows=None):
   """``(train, test, device data)`` for :func:`fastdp_jax.train.setup`: this process's rows
   ``x``, ``y`` (``process_rows``: every process's row count) on ``parallel.make_mesh()``."""
-  from fastdp_jax._src import data as data_lib
-  from fastdp_jax._src import parallel
-  from fastdp_jax._src import schema
+  from fastdp_jax.data import shards as data_lib
+  from fastdp_jax import parallel
+  from fastdp_jax.data import split as split_lib
   if workload == "W1":
-    names, label = tuple(schema.CAPUMS_FEATURES), schema.CAPUMS_LABEL
+    names, label = tuple(split_lib.CAPUMS_FEATURES), split_lib.CAPUMS_LABEL
   else:
     names, label = tuple(f"x{i}" for i in range(x.shape[1])), "y"
   dev = parallel.place_training_data(parallel.make_mesh(), x, y, process_rows)
@@ -124,7 +124,7 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   and batch, no checkpoint, export or privacy evaluation, and fixed keys (:data:`KEYS`).
   Set-up messages go to stderr: stdout carries only the JSON lines.
   """
-  from fastdp_jax._src import config as config_lib
+  from fastdp_jax import config as config_lib
   from fastdp_jax import train
   _, hidden, batch = WORKLOADS[workload][:3]
   cfg = config_lib.base_config()

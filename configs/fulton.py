@@ -2,7 +2,7 @@
 
 The target of the project on real data: test accuracy >= 0.80 at epsilon <= 1. The original's
 MLP with one hidden layer of 50 units, on the 29 features of the raw PUMS spec
-(``preprocessing/specs/pums_raw.py``); Adam, C = 0.5, sigma = 8.74, expected batch 1,024,
+(``fastdp_jax/data/specs/pums_raw.py``); Adam, C = 0.5, sigma = 8.74, expected batch 1,024,
 100 epochs planned (2,000 updates); ``dp.max_epsilon = 1`` stops the run before the update
 that would exceed the target. delta is the default (below 1/N).
 

@@ -1,6 +1,6 @@
 """Real census data, multi-class: education level of Fulton County's 2000 PUMS in 4 buckets.
 
-The built-in ``pums_educ`` spec (``preprocessing/specs/pums_educ.py``) puts the codebook's
+The built-in ``pums_educ`` spec (``fastdp_jax/data/specs/pums_educ.py``) puts the codebook's
 education codes into four PUBLIC buckets (less than high school, high-school graduate, some
 college, bachelor's or more) and keeps the 11 binary columns, age and log income of
 ``pums_raw`` as features. The model and the privacy settings are those of

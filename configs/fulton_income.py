@@ -1,6 +1,6 @@
 """Real census data, regression: log income of Fulton County's 2000 PUMS, in public bounds.
 
-The built-in ``pums_income`` spec (``preprocessing/specs/pums_income.py``) takes total
+The built-in ``pums_income`` spec (``fastdp_jax/data/specs/pums_income.py``) takes total
 personal income clipped to the PUBLIC bounds [0, 1,000,000] dollars, then log1p: the label is
 in [0, 13.8155], clipped values counted in the manifest. Features: the 11 binary columns of
 ``pums_raw``, education one-hot over its 16 codes and age. The model and the privacy settings

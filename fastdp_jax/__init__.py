@@ -20,7 +20,7 @@ change, except :mod:`fastdp_jax.train`, the trainer module these functions live 
   status 143 on the command line; the same call resumes): :class:`Preempted`; the
   TensorBoard tag of each recorded metric: ``TENSORBOARD_TAGS``;
 * the report and the audit dataset: ``fastdp_jax.report`` (:func:`~fastdp_jax.report.write_report`)
-  and ``fastdp_jax.privacy_eval`` (:func:`~fastdp_jax.privacy_eval.make_audit_dataset`), which
+  and ``fastdp_jax.dp.privacy_eval`` (:func:`~fastdp_jax.dp.privacy_eval.make_audit_dataset`), which
   are also commands (``python -m``).
 
 Examples (run by ``make test``, ``tests/test_doctests.py``). Accounting::
@@ -42,7 +42,7 @@ The mechanism: which rows an update samples, each example's gradient clipped to 
   >>> sampler = fastdp_jax.PoissonSampler(1000, 10, key)
   >>> sampler.batches(0, 3).mask.shape == (3, 1, sampler.capacity)
   True
-  >>> from fastdp_jax._src import models
+  >>> from fastdp_jax import models
   >>> model = models.create_model(3, (4,), seed=0)
   >>> apply_fn, params = models.functional(model)
   >>> loss_fn = models.example_loss(apply_fn)
@@ -59,13 +59,13 @@ The mechanism: which rows an update samples, each example's gradient clipped to 
 A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is false)::
 
   >>> import contextlib, io, tempfile
-  >>> from fastdp_jax._src import data, schema
+  >>> from fastdp_jax.data import shards, split
   >>> root = tempfile.mkdtemp()
   >>> rng = np.random.default_rng(0)
   >>> features = (rng.random((600, 3)) < 0.5).astype(np.uint8)
   >>> labels = features[:, 0] ^ (rng.random(600) < 0.1)
-  >>> test = schema.is_test_row(np.arange(600))
-  >>> with data.DatasetWriter(f"{root}/data", feature_names=["a", "b", "c"],
+  >>> test = split.is_test_row(np.arange(600))
+  >>> with shards.DatasetWriter(f"{root}/data", feature_names=["a", "b", "c"],
   ...                         label_name="y", feature_bounds=(0, 1)) as w:
   ...   w.add("train", features[~test], labels[~test])
   ...   w.add("test", features[test], labels[test])
@@ -85,7 +85,7 @@ The same run in its three sections (what :func:`train_and_evaluate` does inside,
 checks of the workdir)::
 
   >>> from fastdp_jax import train
-  >>> from fastdp_jax._src import config
+  >>> from fastdp_jax import config
   >>> config.validate(cfg)
   >>> with contextlib.ExitStack() as cleanup, contextlib.redirect_stdout(io.StringIO()):
   ...   trainer = fastdp_jax.setup(cfg, f"{root}/run2", cleanup)
@@ -108,18 +108,18 @@ _EXPORTS = {
     "setup": "fastdp_jax.train",
     "finalize": "fastdp_jax.train",
     "Trainer": "fastdp_jax.train",
-    "base_config": "fastdp_jax._src.config",
-    "make_clipped_sum": "fastdp_jax._src.ghost",
-    "PoissonSampler": "fastdp_jax._src.sampling",
-    "privatize": "fastdp_jax._src.noise",
-    "compute_epsilon": "fastdp_jax._src.accounting",
-    "calibrate_noise_multiplier": "fastdp_jax._src.accounting",
-    "PrivacyLedger": "fastdp_jax._src.accounting",
-    "load_model": "fastdp_jax._src.export",
-    "load_split": "fastdp_jax._src.data",
-    "UserError": "fastdp_jax._src.errors",
-    "Preempted": "fastdp_jax._src.preemption",
-    "TENSORBOARD_TAGS": "fastdp_jax._src.metrics",
+    "base_config": "fastdp_jax.config",
+    "make_clipped_sum": "fastdp_jax.dp.ghost",
+    "PoissonSampler": "fastdp_jax.dp.sampling",
+    "privatize": "fastdp_jax.dp.noise",
+    "compute_epsilon": "fastdp_jax.dp.accounting",
+    "calibrate_noise_multiplier": "fastdp_jax.dp.accounting",
+    "PrivacyLedger": "fastdp_jax.dp.accounting",
+    "load_model": "fastdp_jax.export",
+    "load_split": "fastdp_jax.data.shards",
+    "UserError": "fastdp_jax.errors",
+    "Preempted": "fastdp_jax.preemption",
+    "TENSORBOARD_TAGS": "fastdp_jax.metrics",
 }
 
 # The public module: ``fastdp_jax.train`` is the trainer module, never its ``train`` function

@@ -4,12 +4,12 @@ Installed as ``fastdp-train``; ``main.py`` in the repository runs the same. Seve
 (one per host): add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on
 each (or see ``configs/dist.py`` and ``python -m fastdp_jax.launch``).
 
-An error that is the user's to fix (:class:`fastdp_jax._src.errors.UserError`: a bad config key or
+An error that is the user's to fix (:class:`fastdp_jax.errors.UserError`: a bad config key or
 value, a missing or corrupt dataset, a busy workdir, ...) is printed once, as one line
 ``error: ...``, and the exit status is 2; any other exception is a bug and keeps its traceback.
 SIGTERM during training (a scheduler's preemption or time limit) checkpoints after the call
 under way and exits with status 143 after one line ``stopped by SIGTERM after update N: ...``;
-the same command resumes (:mod:`fastdp_jax._src.preemption`).
+the same command resumes (:mod:`fastdp_jax.preemption`).
 
 This file is intentionally kept short: the logic lives in ``fastdp_jax`` where it can be
 tested and imported in a notebook. JAX is imported only once the flags and the config have
@@ -29,8 +29,8 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fastdp_jax._src import config as config_lib
-from fastdp_jax._src import errors
+from fastdp_jax import config as config_lib
+from fastdp_jax import errors
 
 USAGE = ("usage: python -m fastdp_jax --config=CONFIG.py [--config.KEY=VALUE ...] "
          "[--workdir=DIR] (--helpshort lists every flag)")
@@ -135,7 +135,7 @@ def main(argv: Sequence[str]) -> None:
       _fail(f"--{name}={value} must be positive")
   # JAX only now: the checks above answer in a fraction of a second.
   import jax  # pylint: disable=g-import-not-at-top
-  from fastdp_jax._src import distributed  # pylint: disable=g-import-not-at-top
+  from fastdp_jax import distributed  # pylint: disable=g-import-not-at-top
   from fastdp_jax import train  # pylint: disable=g-import-not-at-top
   try:  # the flags alone; resolve() starts nothing
     distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -153,7 +153,7 @@ def main(argv: Sequence[str]) -> None:
   logging.info("process %d of %d (%s): %d local devices, %d in all", jax.process_index(),
                jax.process_count(), topology.source, jax.local_device_count(),
                jax.device_count())
-  from fastdp_jax._src import preemption  # pylint: disable=g-import-not-at-top
+  from fastdp_jax import preemption  # pylint: disable=g-import-not-at-top
   with distributed.exit_promptly_on_failure():
     try:
       train.train_and_evaluate(cfg, workdir)

@@ -3,9 +3,9 @@
 A run in three sections, each readable on its own:
 
 1. :func:`setup` validates nothing twice and returns a :class:`Trainer`: the data on the
-   device mesh, the privacy plan (:mod:`fastdp_jax._src.plan`), the model, the secret keys, the
+   device mesh, the privacy plan (:mod:`fastdp_jax.dp.plan`), the model, the secret keys, the
    sampler, the compiled step, the checkpoint and the run state it resumes from, the
-   schedule of events (:mod:`fastdp_jax._src.schedule`), the metric sinks and the profiler.
+   schedule of events (:mod:`fastdp_jax.schedule`), the metric sinks and the profiler.
 2. :func:`train` asks the schedule for each compiled call's length, runs the call
    (:meth:`Trainer.train_call`), then calls the hooks: progress, logging points, periodic
    checkpoints, epoch ends.
@@ -34,30 +34,30 @@ import numpy as np
 import optax
 from absl import logging
 
-from fastdp_jax._src import accounting
-from fastdp_jax._src import atomic
-from fastdp_jax._src import attack
-from fastdp_jax._src import batch_stream
-from fastdp_jax._src import checkpoint as checkpoint_lib
-from fastdp_jax._src import config as config_lib
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import distributed
-from fastdp_jax._src import errors
-from fastdp_jax._src import export as export_lib
-from fastdp_jax._src import ghost
-from fastdp_jax._src import metrics as metrics_lib
-from fastdp_jax._src import models
-from fastdp_jax._src import noise
-from fastdp_jax._src import parallel
-from fastdp_jax._src import plan as plan_lib
-from fastdp_jax._src import preemption
-from fastdp_jax._src import privacy_eval
-from fastdp_jax._src import profiling
-from fastdp_jax._src import release
-from fastdp_jax._src import sampling
-from fastdp_jax._src import schedule as schedule_lib
-from fastdp_jax._src import step as step_lib
-from fastdp_jax._src.metrics import say
+from fastdp_jax.dp import accounting
+from fastdp_jax import atomic
+from fastdp_jax.dp import attack
+from fastdp_jax.data import batch_stream
+from fastdp_jax import checkpoint as checkpoint_lib
+from fastdp_jax import config as config_lib
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import distributed
+from fastdp_jax import errors
+from fastdp_jax import export as export_lib
+from fastdp_jax.dp import ghost
+from fastdp_jax import metrics as metrics_lib
+from fastdp_jax import models
+from fastdp_jax.dp import noise
+from fastdp_jax import parallel
+from fastdp_jax.dp import plan as plan_lib
+from fastdp_jax import preemption
+from fastdp_jax.dp import privacy_eval
+from fastdp_jax import profiling
+from fastdp_jax.dp import release
+from fastdp_jax.dp import sampling
+from fastdp_jax import schedule as schedule_lib
+from fastdp_jax import step as step_lib
+from fastdp_jax.metrics import say
 
 # Re-exported: the plan is part of the trainer's interface.
 PrivacyPlan = plan_lib.PrivacyPlan
@@ -83,7 +83,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 def build_eval(apply_fn: Callable, head: models.TaskHead = models.BINARY) -> Callable:
   """Jitted ``evaluate(params, x, y, mask) -> (loss_sum, correct, predictions)`` of a chunk.
 
-  ``predictions`` are :meth:`fastdp_jax._src.models.TaskHead.predict`'s (what an exported model
+  ``predictions`` are :meth:`fastdp_jax.models.TaskHead.predict`'s (what an exported model
   returns); ``correct`` counts right classes (binary: logit > 0, as the trainer always did;
   multiclass: the arg-max; 0 for regression).
   """
@@ -395,20 +395,20 @@ def _load_data(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return train, test, dev
 
 
-VALIDATION_SEED = 70  # the train/test split's hash rule (schema.is_test_row) with another seed
+VALIDATION_SEED = 70  # the train/test split's hash rule (split_lib.is_test_row) with another seed
 
 
 def validation_rows(cfg: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
   """``rows(ids) -> bool``: which global training rows are validation rows (None: none).
 
-  The same hash rule as the train/test split (:func:`fastdp_jax._src.schema.is_test_row`) with
+  The same hash rule as the train/test split (:func:`fastdp_jax.data.split.is_test_row`) with
   :data:`VALIDATION_SEED`: a function of the row number only, identical on every process.
   """
   fraction = float(cfg.data.validation_fraction)
   if not fraction:
     return None
-  from fastdp_jax._src import schema  # local: the split rule, nothing else
-  return lambda ids: schema.is_test_row(ids, seed=VALIDATION_SEED, test_fraction=fraction)
+  from fastdp_jax.data import split as split_lib  # local: the split rule, nothing else
+  return lambda ids: split_lib.is_test_row(ids, seed=VALIDATION_SEED, test_fraction=fraction)
 
 
 def _load_validation(cfg: ml_collections.ConfigDict,
@@ -1008,7 +1008,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   """Trains a model with DP-SGD as configured and writes its results into ``workdir``.
 
   Args:
-    cfg: a config built from :func:`fastdp_jax._src.config.base_config` (validated here).
+    cfg: a config built from :func:`fastdp_jax.config.base_config` (validated here).
     workdir: output directory (created, owner-only): ``metrics.jsonl``, ``summary.json``,
       ``final_params.npz``, ``keys.json``, ``checkpoints/`` and the public ``model/``. If it
       holds a checkpoint, the run resumes from it (same parameters, noise and sampling as an

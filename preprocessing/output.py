@@ -1,6 +1,6 @@
 """Writing a dataset directory the same way from every producer: shards, rejects, manifest.
 
-Layout of an output directory (the shard format of :mod:`fastdp_jax._src.data`, plus rejects)::
+Layout of an output directory (the shard format of :mod:`fastdp_jax.data.shards`, plus rejects)::
 
   OUT/
     manifest.json                 # written last; provenance counts reconcile
@@ -13,7 +13,7 @@ Producers write into a hidden staging directory beside ``OUT`` (``.OUT.staging-*
 never leaves a directory that looks complete. A staging directory holds private rows: its name
 carries its job's host and process id, and the next job on the same output removes those of
 dead jobs on its host and names the others with the command that removes them
-(:func:`fastdp_jax._src.atomic.clean_stale`).
+(:func:`fastdp_jax.atomic.clean_stale`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,17 @@ from typing import IO, Any
 
 import numpy as np
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import errors
-from fastdp_jax._src import schema
-from preprocessing import cleaning
-from preprocessing import features as features_lib
+from fastdp_jax import atomic
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import errors
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import cleaning
+from fastdp_jax.data import features as features_lib
 
 REJECTS = "rejects"
 
 
-class PipelineError(errors.UserError):
-  """Bad input or arguments; the message says what is wrong and where."""
+PipelineError = errors.PipelineError
 
 
 def is_local(path: str) -> bool:
@@ -73,7 +72,7 @@ def check_output(output: str, overwrite: bool) -> str:
 
 
 def make_staging(out: str, subdirs: tuple[str, ...] = (REJECTS,)) -> str:
-  """:func:`fastdp_jax._src.atomic.make_staging` with a dataset's ``rejects/`` (by default): the
+  """:func:`fastdp_jax.atomic.make_staging` with a dataset's ``rejects/`` (by default): the
   hidden ``.NAME.staging-HOST-PID-*`` directory beside ``out``, after cleaning what killed
   jobs left there (said on stderr)."""
   return atomic.make_staging(out, subdirs)
@@ -168,7 +167,7 @@ class ShardSink:
     ids = np.concatenate(self._ids)
     values = np.concatenate(self._values)
     x, y = self.spec.encode(values)
-    test = schema.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
+    test = split_lib.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
     keep_ids, keep_values = [], []
     for split, mask in (("train", ~test), ("test", test)):
       sid, sx, sy = ids[mask], x[mask], y[mask]

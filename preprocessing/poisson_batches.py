@@ -9,7 +9,7 @@ Runs on a laptop (Spark local mode) and unchanged on a cluster::
   python -m preprocessing.poisson_batches ... --first-epoch 0 --num-epochs-block 2
   python -m preprocessing.poisson_batches ... --first-epoch 2 --num-epochs-block 2
 
-What it does (the format is :mod:`fastdp_jax._src.batch_stream`'s):
+What it does (the format is :mod:`fastdp_jax.data.batch_stream`'s):
 
 1. **Plan** (driver, before Spark starts): reads the dataset manifest; N = its training rows,
    q = B / N, T = E * max(1, round(N / B)) updates (``fastdp_jax.train.plan_privacy``'s
@@ -56,12 +56,12 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/poi
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from fastdp_jax._src import atomic  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import batch_stream as bs  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import errors  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import release  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import sampling  # pylint: disable=g-import-not-at-top
+from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import batch_stream as bs  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
+from fastdp_jax.dp import release  # pylint: disable=g-import-not-at-top
+from fastdp_jax.dp import sampling  # pylint: disable=g-import-not-at-top
 from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
 from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
@@ -631,9 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     updates_per_shard=args.updates_per_shard,
                     overflow_probability=args.overflow_probability, overwrite=args.overwrite,
                     rows_per_task=args.rows_per_task)
-    from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+    from fastdp_jax.data import spark as spark_lib  # pylint: disable=g-import-not-at-top
     conf = dict(kv.split("=", 1) for kv in args.conf)
-    spark = spark_job.create_session(args.master, app_name="fastdp-poisson-batches", conf=conf)
+    spark = spark_lib.create_session(args.master, app_name="fastdp-poisson-batches", conf=conf)
     _, block = run_job(spark, plan)
   except (errors.UserError, FileNotFoundError, FileExistsError) as e:  # one line, exit 2
     print(f"error: {e}", file=sys.stderr)

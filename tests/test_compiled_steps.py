@@ -11,13 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from fastdp_jax._src import clipping
-from fastdp_jax._src import ghost
-from fastdp_jax._src import models
-from fastdp_jax._src import noise
-from fastdp_jax._src import parallel
-from fastdp_jax._src import sampling
-from fastdp_jax._src import step as step_lib
+from fastdp_jax.dp import clipping
+from fastdp_jax.dp import ghost
+from fastdp_jax import models
+from fastdp_jax.dp import noise
+from fastdp_jax import parallel
+from fastdp_jax.dp import sampling
+from fastdp_jax import step as step_lib
 
 N, D, HIDDEN, BATCH, CLIP, SIGMA, STEPS = 3000, 9, (16,), 48, 1.0, 0.8, 13
 

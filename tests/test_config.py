@@ -11,8 +11,8 @@ import sys
 import ml_collections
 import pytest
 
-from fastdp_jax._src import config as config_lib
-from fastdp_jax._src import errors
+from fastdp_jax import config as config_lib
+from fastdp_jax import errors
 from tests.conftest import ROOT
 
 
@@ -39,7 +39,7 @@ def _set(cfg, dotted, value):
 
 @pytest.mark.parametrize("module", ["seq", "dist", "test", "fulton"])
 def test_reading_and_validating_a_config_imports_neither_jax_nor_flax(module):
-  program = (f"import sys, configs.{module} as c, fastdp_jax._src.config as f\n"
+  program = (f"import sys, configs.{module} as c, fastdp_jax.config as f\n"
              "f.validate(c.get_config())\n"
              "assert not {'jax', 'jaxlib', 'flax', 'optax', 'jax_privacy'} & set(sys.modules), "
              "sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n")

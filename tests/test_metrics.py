@@ -11,9 +11,9 @@ import struct
 import numpy as np
 import pytest
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import metrics
-from fastdp_jax._src import schedule
+from fastdp_jax import atomic
+from fastdp_jax import metrics
+from fastdp_jax import schedule
 from tests.tensorboard_events import read_scalars
 
 
@@ -357,7 +357,7 @@ def test_read_scalars_reads_tfrecord_framing(tmp_path):
 
 def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   from configs import test as test_config
-  from fastdp_jax._src import accounting
+  from fastdp_jax.dp import accounting
   from fastdp_jax import train
   from tests.conftest import make_dataset
   cfg = test_config.get_config()

@@ -7,7 +7,7 @@ import sys
 import nbformat
 from nbclient import NotebookClient
 
-from fastdp_jax._src import metrics
+from fastdp_jax import metrics
 from tests.conftest import ROOT
 from tests.tensorboard_events import read_scalars
 

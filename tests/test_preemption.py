@@ -7,7 +7,7 @@ import signal
 from jax.experimental import multihost_utils
 
 from fastdp_jax import train
-from fastdp_jax._src import preemption
+from fastdp_jax import preemption
 from tests.conftest import make_config
 
 

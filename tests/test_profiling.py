@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from fastdp_jax._src import profiling
+from fastdp_jax import profiling
 from fastdp_jax import train
 from tests.conftest import make_dataset
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdp_jax._src import report
+from fastdp_jax import report
 from tests.conftest import ROOT
 
 

@@ -3,7 +3,7 @@
 ``jax.shard_map``'s default ``check_vma=True`` would make the gradient of the replicated
 parameters inside each device's per-example vmap the gradient of the SUM over devices: an
 implicit all-reduce BEFORE clipping, so examples would no longer be clipped one by one. The
-step turns it off (fastdp_jax/_src/step.py, ``_shard_map_sum``); these tests fail if it is on.
+step turns it off (fastdp_jax/step.py, ``_shard_map_sum``); these tests fail if it is on.
 """
 
 import jax
@@ -12,12 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from fastdp_jax._src import clipping
-from fastdp_jax._src import ghost
-from fastdp_jax._src import models
-from fastdp_jax._src import noise
-from fastdp_jax._src import parallel
-from fastdp_jax._src import step as step_lib
+from fastdp_jax.dp import clipping
+from fastdp_jax.dp import ghost
+from fastdp_jax import models
+from fastdp_jax.dp import noise
+from fastdp_jax import parallel
+from fastdp_jax import step as step_lib
 
 pytestmark = pytest.mark.multidevice
 

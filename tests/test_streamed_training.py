@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from fastdp_jax._src import batch_stream
+from fastdp_jax.data import batch_stream
 from fastdp_jax import train
 from tests import preprocessing_helpers as T
 from tests.conftest import ROOT, make_config, make_dataset

@@ -38,7 +38,7 @@ def _parse(path: pathlib.Path) -> ast.Module:
 def test_sources_found():
   # The checks below pass vacuously on an empty tree; make sure they see the real one.
   names = _sources()
-  assert {"fastdp_jax.train", "fastdp_jax._src.step", "preprocessing.spark_job",
+  assert {"fastdp_jax.train", "fastdp_jax.step", "preprocessing.spark_job",
           "preprocessing.poisson_batches"} <= set(names)
 
 
@@ -181,7 +181,7 @@ def test_no_import_cycle_at_import_time():
 
 def test_no_import_cycle_through_function_level_imports():
   # Stricter than Python needs: a function-level import that closes a cycle cannot break
-  # import, but it is a hidden two-way dependency (preprocessing.features imported cleaning
+  # import, but it is a hidden two-way dependency (fastdp_jax.data.features imported cleaning
   # inside a function while cleaning imported features). Modules stay layered.
   _, every = import_graphs()
   cycle = find_cycle(every)
@@ -191,33 +191,33 @@ def test_no_import_cycle_through_function_level_imports():
 def test_cleaning_and_features_do_not_import_each_other():
   # cleaning builds on features (the spec); features must not reach back, at any level.
   _, every = import_graphs()
-  assert "preprocessing.cleaning" not in every["preprocessing.features"]
+  assert "fastdp_jax.data.cleaning" not in every["fastdp_jax.data.features"]
 
 
 def test_import_graph_sees_module_and_function_level_imports():
   # The graph builder itself, on statements whose imports are known: train imports step at
   # module level; features no longer reaches cleaning; a function-level import is call-time.
   now, every = import_graphs()
-  assert "fastdp_jax._src.step" in now["fastdp_jax.train"]
-  assert "preprocessing.features" in now["preprocessing.cleaning"]
-  tree = ast.parse("import os\nfrom fastdp_jax._src import data\nif TYPE_CHECKING:\n"
+  assert "fastdp_jax.step" in now["fastdp_jax.train"]
+  assert "fastdp_jax.data.features" in now["fastdp_jax.data.cleaning"]
+  tree = ast.parse("import os\nfrom fastdp_jax.data import shards\nif TYPE_CHECKING:\n"
                    "  from fastdp_jax import train\ndef f():\n  from . import step\n")
   at_import, at_call = _imports(tree)
-  nodes = {"fastdp_jax._src.data", "fastdp_jax.train", "fastdp_jax._src.step"}
-  assert set().union(*(_targets(s, "fastdp_jax._src.x", False, nodes) for s in at_import)) == {
-      "fastdp_jax._src.data"}
-  assert set().union(*(_targets(s, "fastdp_jax._src.x", False, nodes) for s in at_call)) == {
-      "fastdp_jax._src.step"}
+  nodes = {"fastdp_jax.data.shards", "fastdp_jax.train", "fastdp_jax.step"}
+  assert set().union(*(_targets(s, "fastdp_jax.x", False, nodes) for s in at_import)) == {
+      "fastdp_jax.data.shards"}
+  assert set().union(*(_targets(s, "fastdp_jax.x", False, nodes) for s in at_call)) == {
+      "fastdp_jax.step"}
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 # --- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("module", ["configs.dist", "configs.seq", "configs.test",
-                                    "fastdp_jax._src.config"])
+                                    "fastdp_jax.config"])
 def test_reading_a_config_imports_neither_jax_nor_flax(module):
   # A fresh interpreter (this one has JAX loaded already) imports the config and builds it.
-  build = "base_config" if module == "fastdp_jax._src.config" else "get_config"
+  build = "base_config" if module == "fastdp_jax.config" else "get_config"
   code = (f"import sys, {module} as m\n"
           f"m.{build}()\n"
           "print(','.join(n for n in ('jax', 'flax') if n in sys.modules))\n")

@@ -12,11 +12,11 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import errors
-from fastdp_jax._src import export as export_lib
-from fastdp_jax._src import models
-from fastdp_jax._src import schema
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import errors
+from fastdp_jax import export as export_lib
+from fastdp_jax import models
+from fastdp_jax.data import split as split_lib
 from fastdp_jax import train
 from tests.conftest import make_config
 
@@ -56,7 +56,7 @@ def _rows(kind, rows, seed):
 
 def _write(path, kind, rows=6000, seed=0, **kw):
   x, y = _rows(kind, rows, seed)
-  test = schema.is_test_row(np.arange(rows))
+  test = split_lib.is_test_row(np.arange(rows))
   with data_lib.DatasetWriter(path, feature_names=NAMES, label_name="y",
                               feature_bounds=FEATURE_BOUNDS, task=TASKS[kind],
                               embeddings=EMBEDDINGS, **kw) as w:
@@ -79,7 +79,7 @@ def _config(path, **overrides):
 
 
 def _dp_accounting_epsilon(sigma, q, steps, delta):
-  """Independently of fastdp_jax._src.accounting: dp_accounting's PLD accountant on the event."""
+  """Independently of fastdp_jax.dp.accounting: dp_accounting's PLD accountant on the event."""
   acc = dp_accounting.pld.PLDAccountant()
   acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
               steps)
@@ -190,9 +190,9 @@ def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
   cfg = _config(path, **{"data.validation_fraction": 0.25, "num_epochs": 2})
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   total = data_lib.read_manifest(path).rows("train")
-  held = schema.is_test_row(np.arange(total), seed=train.VALIDATION_SEED, test_fraction=0.25)
+  held = split_lib.is_test_row(np.arange(total), seed=train.VALIDATION_SEED, test_fraction=0.25)
   # The same hash rule as the train/test split, with another seed: not the test rows' rule.
-  assert not np.array_equal(held, schema.is_test_row(np.arange(total)))
+  assert not np.array_equal(held, split_lib.is_test_row(np.arange(total)))
   n = int((~held).sum())
   assert summary["train_examples"] == n and summary["validation_examples"] == int(held.sum())
   q, steps = cfg.batch_size / n, cfg.num_epochs * round(n / cfg.batch_size)

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from fastdp_jax._src import accounting
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import models
-from fastdp_jax._src import release
+from fastdp_jax.dp import accounting
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import models
+from fastdp_jax.dp import release
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
 
@@ -114,7 +114,7 @@ def test_non_private_mode_same_path(dataset, tmp_path):
 def test_only_non_finite_parameters_stop_a_run(dataset, tmp_path):
   # A learning rate that makes the noised parameters overflow: the DP output itself, so
   # stopping on it is post-processing (one row's non-finite gradient is zeroed instead; see
-  # tests/test_privacy_guarantees.py).
+  # tests/dp/test_privacy_guarantees.py).
   cfg = _config(dataset, **{"optimizer.learning_rate": 1e38, "dp.noise_multiplier": 1e3})
   with pytest.raises(train.NonFiniteParametersError, match="update 1;"):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))

@@ -25,11 +25,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import errors
-from fastdp_jax._src import schema
-from preprocessing import features as features_lib
+from fastdp_jax import atomic
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import errors
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import features as features_lib
 from preprocessing.mapreduce import mapper
 from preprocessing.mapreduce import to_shards
 from preprocessing import output as output_lib
@@ -119,8 +119,8 @@ def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str 
 
 
 def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False,
-              split_seed: int = schema.DEFAULT_SPLIT_SEED,
-              test_fraction: float = schema.DEFAULT_TEST_FRACTION,
+              split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
+              test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
               max_rows_per_shard: int = 250_000,
               keep_tsv: str | None = None) -> data_lib.Manifest:
   """The streaming path end to end; returns the manifest of ``output``."""

@@ -43,8 +43,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from preprocessing import cleaning  # pylint: disable=g-import-not-at-top
-from preprocessing import features as features_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import cleaning  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import features as features_lib  # pylint: disable=g-import-not-at-top
 
 BLOCK_LINES = 8192
 _HADOOP_ENV = ("mapreduce_task_id", "mapred_task_id")

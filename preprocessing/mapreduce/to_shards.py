@@ -6,7 +6,7 @@
       --spec capums [--overwrite]
 
 ``--input`` is the reducer's output: a file, ``-`` for stdin, or a Hadoop output directory
-(its ``part-*`` files, in name order). Rows are split with ``fastdp_jax._src.schema.is_test_row``
+(its ``part-*`` files, in name order). Rows are split with ``fastdp_jax.data.split.is_test_row``
 on the reducer's row ids and encoded with the spec, exactly as the Spark job does; malformed
 lines go to ``rejects/`` and the manifest's counts reconcile
 (``rows_read = kept + dropped_na + rejected``). The output appears atomically.
@@ -23,12 +23,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import errors
-from fastdp_jax._src import schema
-from preprocessing import cleaning
-from preprocessing import features as features_lib
+from fastdp_jax import atomic
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import errors
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import cleaning
+from fastdp_jax.data import features as features_lib
 from preprocessing import output as output_lib
 from preprocessing.output import PipelineError
 
@@ -83,8 +83,8 @@ class _Block:
 
 
 def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | str, *,
-            overwrite: bool = False, split_seed: int = schema.DEFAULT_SPLIT_SEED,
-            test_fraction: float = schema.DEFAULT_TEST_FRACTION,
+            overwrite: bool = False, split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
+            test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
             max_rows_per_shard: int = 250_000, source: str = "") -> data_lib.Manifest:
   """Writes the dataset for reducer output ``lines``; returns its manifest.
 
@@ -176,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True, help="dataset directory to create")
   p.add_argument("--spec", required=True, help="the feature spec the mapper used")
   p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--split-seed", type=int, default=schema.DEFAULT_SPLIT_SEED)
-  p.add_argument("--test-fraction", type=float, default=schema.DEFAULT_TEST_FRACTION)
+  p.add_argument("--split-seed", type=int, default=split_lib.DEFAULT_SPLIT_SEED)
+  p.add_argument("--test-fraction", type=float, default=split_lib.DEFAULT_TEST_FRACTION)
   p.add_argument("--max-rows-per-shard", type=int, default=250_000)
   args = p.parse_args(argv)
   try:

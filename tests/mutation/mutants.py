@@ -43,31 +43,31 @@ _VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sigma_half",
-        file="fastdp_jax/_src/noise.py",
+        file="fastdp_jax/dp/noise.py",
         old="  stddev = float(noise_multiplier) * float(l2_norm_clip)\n",
         new="  stddev = 0.5 * float(noise_multiplier) * float(l2_norm_clip)  # MUTANT\n",
         breaks="the loop adds noise of std sigma C / 2 while sigma is reported"),
     Mutant(
         name="clip_10c_ghost",
-        file="fastdp_jax/_src/ghost.py",
+        file="fastdp_jax/dp/ghost.py",
         old=_CLIP_FACTOR,
         new=_CLIP_FACTOR.replace("l2_norm_clip /", "10 * l2_norm_clip /") + "  # MUTANT",
         breaks="ghost clipping (dp.clipping 'auto' for the MLP) clips at 10 C; noise for C"),
     Mutant(  # the vmap path clips inside jax_privacy.clipped_grad: mutate our call of it
         name="clip_10c_vmap",
-        file="fastdp_jax/_src/clipping.py",
+        file="fastdp_jax/dp/clipping.py",
         old=_VMAP_CLIP_ARG,
         new=_VMAP_CLIP_ARG.replace("=l2_norm_clip", "=10 * l2_norm_clip") + "  # MUTANT",
         breaks="vmap clipping clips at 10 C; noise for C"),
     Mutant(
         name="no_clipping_ghost",
-        file="fastdp_jax/_src/ghost.py",
+        file="fastdp_jax/dp/ghost.py",
         old=_CLIP_FACTOR,
         new="factor = jnp.ones_like(norms)  # MUTANT: no clipping",
         breaks="ghost path: per-example gradients are not clipped at all"),
     Mutant(
         name="no_clipping_vmap",
-        file="fastdp_jax/_src/clipping.py",
+        file="fastdp_jax/dp/clipping.py",
         old=_VMAP_CLIP_ARG,
         new=_VMAP_CLIP_ARG.replace("=l2_norm_clip", "=jnp.inf") + "  # MUTANT: no clipping",
         breaks="vmap path: per-example gradients are not clipped at all"),
@@ -90,13 +90,13 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="the clipped sum is divided by the realised batch size, not the expected one"),
     Mutant(
         name="noise_key_reuse",
-        file="fastdp_jax/_src/noise.py",
+        file="fastdp_jax/dp/noise.py",
         old="return updates, PrivatizeState(key=state.key, count=state.count + 1)",
         new="return updates, PrivatizeState(key=state.key, count=state.count)  # MUTANT",
         breaks="the noise count is never advanced: every update (and call) reuses one noise"),
     Mutant(
         name="correlated_sampling",
-        file="fastdp_jax/_src/sampling.py",
+        file="fastdp_jax/dp/sampling.py",
         old=("    lo, hi = np.searchsorted(self.block_t, [step, step + 1])\n"
              "    return self.block_rows[lo:hi]\n"),
         new=("    lo, hi = np.searchsorted(self.block_t, [step, step + 1])\n"
@@ -110,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="inclusions are perfectly correlated between neighbouring rows (right rate q)"),
     Mutant(
         name="noise_per_device",
-        file="fastdp_jax/_src/step.py",
+        file="fastdp_jax/step.py",
         old="    state, m = update(state, active, lambda p: sharded_sum(p, x, y, idx, mask))\n",
         new=("    # MUTANT: every device noises its own clipped sum before the all-reduce, and the\n"
              "    # noised sums are added: D devices sharing the key add D times the noise (on\n"

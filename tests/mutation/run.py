@@ -49,12 +49,12 @@ _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
 
 # The privacy tests: each ties what the training loop does to what it reports.
 PRIVACY_TESTS = (
-    "tests/test_privacy_guarantees.py",  # noise std sigma C, clipping, expected batch, fresh noise
-    "tests/test_sampling.py",  # per-example Poisson inclusion: q^2 pairs, independence, keys
-    "tests/test_privacy_eval.py::test_canary_audit_detects_missing_noise",
-    "tests/test_privacy_eval.py::test_canary_audit_stays_below_accountant_epsilon",
+    "tests/dp/test_privacy_guarantees.py",  # noise std sigma C, clipping, expected batch, fresh noise
+    "tests/dp/test_sampling.py",  # per-example Poisson inclusion: q^2 pairs, independence, keys
+    "tests/dp/test_privacy_eval.py::test_canary_audit_detects_missing_noise",
+    "tests/dp/test_privacy_eval.py::test_canary_audit_stays_below_accountant_epsilon",
 )
-MULTIDEVICE_TESTS = ("tests/test_privacy_guarantees.py",)  # noise once across 8 devices
+MULTIDEVICE_TESTS = ("tests/dp/test_privacy_guarantees.py",)  # noise once across 8 devices
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 TIMEOUT_S = 1800  # per pytest invocation
 

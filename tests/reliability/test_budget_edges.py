@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from fastdp_jax._src import accounting
-from fastdp_jax._src import errors
-from fastdp_jax._src import plan as plan_lib
+from fastdp_jax.dp import accounting
+from fastdp_jax import errors
+from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_config, make_dataset
 

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import privacy_eval as pe
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.dp import privacy_eval as pe
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
 

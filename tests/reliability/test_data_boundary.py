@@ -13,11 +13,11 @@ import h5py
 import numpy as np
 import pytest
 
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import errors
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import errors
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
-from tests.test_data import write_raw_dataset
+from tests.data.test_shards import write_raw_dataset
 
 NAMES = ("a", "b", "c")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import fastdp_jax
-from fastdp_jax._src import accounting
-from fastdp_jax._src import errors
-from fastdp_jax._src import export
-from fastdp_jax._src import models
+from fastdp_jax.dp import accounting
+from fastdp_jax import errors
+from fastdp_jax import export
+from fastdp_jax import models
 from tests.conftest import ROOT
 
 NAMES = ("sex", "married", "age", "income")

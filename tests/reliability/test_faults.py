@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from fastdp_jax._src import accounting
-from fastdp_jax._src import checkpoint
-from fastdp_jax._src import data as data_lib
+from fastdp_jax.dp import accounting
+from fastdp_jax import checkpoint
+from fastdp_jax.data import shards as data_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
 
@@ -145,7 +145,7 @@ def test_bad_shards_name_themselves_and_no_training_starts(tmp_path, fault):
 
 def test_batchnorm_is_refused_in_dp_mode():
   from flax import nnx
-  from fastdp_jax._src import models
+  from fastdp_jax import models
 
   class WithBN(nnx.Module):
     def __init__(self):

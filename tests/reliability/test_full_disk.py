@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import fastdp_jax
-from fastdp_jax._src import atomic
-from fastdp_jax._src import errors
-from fastdp_jax._src import export
-from fastdp_jax._src import models
+from fastdp_jax import atomic
+from fastdp_jax import errors
+from fastdp_jax import export
+from fastdp_jax import models
 from fastdp_jax import train
 from tests.conftest import ROOT, make_config, make_dataset
 from tests.reliability import tmpfs

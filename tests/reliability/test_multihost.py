@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import launch
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax import launch
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset
-from tests.test_data import write_raw_dataset
+from tests.data.test_shards import write_raw_dataset
 
 
 @pytest.fixture(scope="module")

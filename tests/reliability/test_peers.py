@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from fastdp_jax._src import distributed
-from fastdp_jax._src import launch
+from fastdp_jax import distributed
+from fastdp_jax import launch
 from tests.conftest import ROOT, make_dataset
 
 HEARTBEAT_S = 5
@@ -38,7 +38,7 @@ _WORKER = textwrap.dedent("""
     import faulthandler, os, sys, time
     faulthandler.enable()
     sys.path.insert(0, {root!r})
-    from fastdp_jax._src import distributed
+    from fastdp_jax import distributed
     rank, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     distributed.initialize(f"127.0.0.1:{{port}}", 2, rank,
                            initialization_timeout_s=float(os.environ.get("INIT_S", "60")),
@@ -50,7 +50,7 @@ _WORKER = textwrap.dedent("""
       distributed._holds = lambda path, text: holds(path.replace(shared, private), text)
     import numpy as np
     from jax.experimental import multihost_utils
-    from fastdp_jax._src import errors
+    from fastdp_jax import errors
     with distributed.exit_promptly_on_failure():
       try:
         distributed.check_same_start(workdir, "config", shared_timeout_s=3)

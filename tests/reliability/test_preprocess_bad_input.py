@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import schema
-from preprocessing import features as features_lib
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T
 from preprocessing.mapreduce import local
@@ -20,7 +20,7 @@ from preprocessing.output import PipelineError
 _WHY_NOT = T.spark_available()
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
-HEADER = ",".join(f'"{c}"' for c in schema.CAPUMS_COLUMNS)
+HEADER = ",".join(f'"{c}"' for c in split_lib.CAPUMS_COLUMNS)
 GOOD = ["1,0,1,0,1,1,0,1,0,1,1,1", "0,1,0,0,0,0,0,1,1,1,0,0", "1,1,0,1,1,1,1,1,0,1,0,1",
         "0,0,0,0,0,1,0,0,0,1,0,1"]
 
@@ -78,7 +78,7 @@ def test_wrong_header_columns(spark, tmp_path):
 
 def test_missing_header_columns(spark, tmp_path):
   # A used column missing is refused; an unused one ('targetted') may be missing (by name).
-  header = ",".join(f'"{c}"' for c in schema.CAPUMS_COLUMNS[1:])
+  header = ",".join(f'"{c}"' for c in split_lib.CAPUMS_COLUMNS[1:])
   path = write(tmp_path, "short.csv", [header] + [g[2:] for g in GOOD])
   assert_both_raise(spark, path, tmp_path, PipelineError, r"missing \['sex'\]")
 

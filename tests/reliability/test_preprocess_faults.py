@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from fastdp_jax._src import atomic
-from fastdp_jax._src import data as data_lib
-from fastdp_jax._src import schema
+from fastdp_jax import atomic
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import split as split_lib
 from preprocessing import synthesize as S
 from preprocessing.mapreduce import local
 from preprocessing.output import PipelineError
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 _NO_TMPFS = tmpfs.why_not()
 needs_tmpfs = pytest.mark.skipif(_NO_TMPFS is not None, reason=str(_NO_TMPFS))
 
-HEADER = ",".join(f'"{c}"' for c in schema.CAPUMS_COLUMNS)
+HEADER = ",".join(f'"{c}"' for c in split_lib.CAPUMS_COLUMNS)
 GOOD = ["1,0,1,0,1,1,0,1,0,1,1,1", "0,1,0,0,0,0,0,1,1,1,0,0", "1,1,0,1,1,1,1,1,0,1,0,1",
         "0,0,0,0,0,1,0,0,0,1,0,1"]
 

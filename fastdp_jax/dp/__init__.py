@@ -1,0 +1,15 @@
+"""The mechanism and its record: everything a privacy guarantee depends on.
+
+* :mod:`~fastdp_jax.dp.sampling`: per-example Poisson sampling (host, NumPy);
+* :mod:`~fastdp_jax.dp.clipping` and :mod:`~fastdp_jax.dp.ghost`: per-example clipping
+  (vmap, or the ghost-norm trick), each example's gradient bounded by C;
+* :mod:`~fastdp_jax.dp.noise`: the Gaussian noise, as an optax transform;
+* :mod:`~fastdp_jax.dp.plan`: the privacy plan of a run (sigma, q, T, delta, the budget);
+* :mod:`~fastdp_jax.dp.accounting`: epsilon through ``dp_accounting``, the privacy ledger;
+* :mod:`~fastdp_jax.dp.release`: whether a run's outputs may be called private, and why;
+* :mod:`~fastdp_jax.dp.privacy_eval` and :mod:`~fastdp_jax.dp.attack`: empirical audits
+  (membership inference, canaries).
+
+Host code (sampling, accounting) and device code (clipping, noise) are apart on purpose: the
+jitted step never does accounting.
+"""

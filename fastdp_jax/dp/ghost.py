@@ -1,0 +1,254 @@
+"""Ghost-norm clipping: exact per-example clipping of dense and embedding layers at
+non-private cost.
+
+For a dense layer ``z = a @ W + b`` the gradient of example i's loss is
+``dW_i = outer(a_i, g_i)`` and ``db_i = g_i``, where ``a_i`` [in] is the layer's input and
+``g_i = d loss_i / d z_i`` [out] its output gradient. Hence
+
+  ||dW_i||^2 + ||db_i||^2 = (||a_i||^2 + 1) * ||g_i||^2,
+
+for any output width (one logit, K class logits), so every example's full gradient norm
+comes from activations and output gradients alone,
+without materialising a per-example gradient (Goodfellow 2015; Li et al. 2022 "ghost
+clipping"). The output gradients of all layers come from ONE backward pass: a zero "tap" is
+added to every pre-activation and the summed loss is differentiated with respect to the taps;
+row i of a tap's gradient is ``g_i`` because example i's loss depends on its own row only.
+
+An embedding table ``E [vocab, dim]`` looked up once per example (``e_i = E[id_i]``, one
+lookup per embedding column; two columns use two tables) has the per-example gradient
+``dE_i = onehot(id_i) outer g_i`` with ``g_i = d loss_i / d e_i`` [dim], hence
+``||dE_i||^2 = ||g_i||^2``; a tap added to the looked-up rows gives ``g_i`` in the same
+backward pass, and the clipped sum is the scatter-add ``sum_i c_i g_i`` into row ``id_i``.
+
+The clipped sum then needs no second backward pass: with ``c_i = min(1, C / norm_i)``,
+
+  sum_i c_i dW_i = a^T @ (c * g),   sum_i c_i db_i = sum_i c_i g_i,
+
+the very matrix products a non-private backward pass computes, reweighted ("book-keeping",
+Bu et al. 2023). This equals the gradient of ``sum_i stop_gradient(c_i) * loss_i``, computed
+from the quantities of the first pass. A DP step therefore costs one forward and one backward
+pass, like a non-private step, and its memory is the activations' [batch, width], not the
+per-example gradients' [batch, params].
+
+Rows with ``mask == 0`` (padding) and rows whose norm is not finite get ``c_i = 0`` and their
+activations and output gradients are zeroed with ``where`` before the products, so they
+contribute exactly zero (a NaN row times 0 would still be NaN). An example whose gradient norm
+is 0 gets ``c_i = 1`` (its gradient is zero anyway).
+
+:func:`make_clipped_sum` is the ``dp.clipping`` dispatch: ``'ghost'``, ``'vmap'`` (per-example
+gradients by ``jax.vmap``, see :mod:`fastdp_jax.dp.clipping`) or ``'auto'`` (ghost when every
+parametrised layer of the model supports it, else vmap).
+
+References:
+  Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015.
+  Li, Tramer, Liang, Hashimoto, "Large language models can be strong differentially private
+  learners", ICLR 2022 (ghost clipping).
+  Bu, Wang, Zha, Karypis, "Differentially private optimization on large model at small cost",
+  ICML 2023 (book-keeping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fastdp_jax.dp import clipping
+from fastdp_jax import models
+from fastdp_jax.config import CLIPPING_METHODS
+
+METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not import JAX
+
+# (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
+# fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).
+ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
+# (outputs [batch] or [batch, K], labels [batch]) -> [batch] per-example losses.
+ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def unsupported_layers(model: nnx.Module) -> list[str]:
+  """Why ghost clipping cannot handle ``model``; an empty list when it can.
+
+  Ghost clipping here knows the forward pass of :class:`fastdp_jax.models.MLP` (embedding
+  lookups, dense layers with ReLU in between), and the per-example norm identities of dense
+  and embedding layers only; any other parametrised layer (a convolution, a normalisation
+  with a scale) is reported by its path.
+
+  Args:
+    model: an NNX module.
+
+  Returns:
+    One line per obstacle, naming the layer.
+  """
+  problems = []
+  # Exactly MLP: a subclass could change the forward pass that ghost norms assume.
+  if type(model) is not models.MLP:  # pylint: disable=unidiomatic-typecheck
+    problems.append(f"model {type(model).__name__} is not fastdp_jax.models.MLP, the"
+                    " architecture whose forward pass ghost clipping replicates")
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module) or isinstance(node, (nnx.Linear, nnx.Embed)):
+      continue
+    own = [name for name, value in vars(node).items() if isinstance(value, nnx.Param)]
+    if own:
+      where = ".".join(map(str, path)) or "<root>"
+      problems.append(f"layer {where} ({type(node).__name__}) has parameters {own} and is not"
+                      " a dense layer (nnx.Linear) or an embedding (nnx.Embed)")
+  return problems
+
+
+def resolve_method(method: str, model: nnx.Module) -> str:
+  """The clipping method that ``method`` means for ``model``: ``'ghost'`` or ``'vmap'``.
+
+  Raises:
+    ValueError: for an unknown method, or ``'ghost'`` on a model it does not support.
+  """
+  if method not in METHODS:
+    raise ValueError(f"dp.clipping={method!r} must be one of {METHODS}")
+  if method == "vmap":
+    return "vmap"
+  problems = unsupported_layers(model)
+  if method == "ghost" and problems:
+    raise ValueError("dp.clipping='ghost' does not support this model: " + "; ".join(problems)
+                     + " (use 'auto' or 'vmap')")
+  return "vmap" if problems else "ghost"
+
+
+def _dense_layers(params: models.Params) -> list[dict[str, jax.Array]]:
+  """The MLP's layers in order, from the NNX layout ``{'layers': {0: {...}, 1: {...}}}``."""
+  layers = params["layers"]
+  return [layers[k] for k in sorted(layers, key=int)]
+
+
+def _tables(params: models.Params) -> list[dict[str, jax.Array]]:
+  """The MLP's embedding tables in order (``{'tables': {0: {'embedding': ...}}}``)."""
+  tables = params.get("tables") or {}
+  return [tables[k] for k in sorted(tables, key=int)]
+
+
+def _id_columns(params: models.Params, x: jax.Array, graphdef: Any) -> list[jax.Array]:
+  """Each table's ids [batch] int32, from the model's own id columns."""
+  if graphdef is None:
+    raise ValueError("ghost clipping of a model with embeddings needs its graphdef")
+  model = nnx.merge(graphdef, nnx.State(params))
+  return [x[:, j].astype(jnp.int32) for j in model.id_columns]
+
+
+def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
+  """``v`` with the rows where ``keep`` is False set to exactly 0 (also NaN/inf rows)."""
+  return jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
+
+
+def ghost_clipped_sum(l2_norm_clip: float,
+                      loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy,
+                      graphdef: Any = None) -> ClippedSumFn:
+  """Ghost-norm clipping of an MLP as a ``ClippedSumFn(params, (x, y), mask)``.
+
+  Args:
+    l2_norm_clip: C > 0; every example's gradient is scaled to norm at most C.
+    loss: per-example loss of the outputs, ``loss(outputs [batch] or [batch, K], labels
+      [batch]) -> [batch]`` (default BCE with logits; a task's is
+      :meth:`fastdp_jax.models.TaskHead.losses`, as :func:`fastdp_jax.models.example_loss`).
+      Example i's loss must depend on row i only.
+    graphdef: the MLP's graph definition (``nnx.split(model, nnx.Param)[0]``); required for
+      a model with embeddings, else read off the parameter shapes.
+
+  Returns:
+    ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
+    the same results as :func:`fastdp_jax.dp.clipping.clipped_grad_sum_with_stats`; the stats
+    also carry the per-example ``losses``.
+  """
+  if not l2_norm_clip > 0:
+    raise ValueError(f"{l2_norm_clip=} must be positive")
+
+  def fn(params, batch, mask):
+    x, y = batch
+    mask = jnp.asarray(mask).astype(bool)
+    layers = _dense_layers(params)
+    tables = _tables(params)
+    taps = [jnp.zeros((x.shape[0], layer["kernel"].shape[1]), layer["kernel"].dtype)
+            for layer in layers]
+    table_taps = [jnp.zeros((x.shape[0], t["embedding"].shape[1]), t["embedding"].dtype)
+                  for t in tables]
+
+    def summed_loss(all_taps):
+      taps, table_taps = all_taps
+      outputs, inputs = models.mlp_forward(  # the model's own forward pass
+          params, x, taps, graphdef=graphdef, table_taps=table_taps or None)
+      losses = loss(outputs, y)
+      return jnp.sum(losses), (inputs, losses)
+
+    # One backward pass, to the taps only: out_grads[l] [batch, out_l] holds each example's
+    # gradient with respect to layer l's pre-activation, row_grads[k] [batch, dim_k] with
+    # respect to table k's looked-up row.
+    (out_grads, row_grads), (inputs, losses) = jax.grad(summed_loss, has_aux=True)(
+        (taps, table_taps))
+    sq = jnp.zeros((x.shape[0],), jnp.float32)
+    for layer, a, g in zip(layers, inputs, out_grads):
+      a_sq = jnp.sum(jnp.square(a), axis=1)
+      g_sq = jnp.sum(jnp.square(g), axis=1)
+      sq = sq + (a_sq + (1.0 if "bias" in layer else 0.0)) * g_sq
+    for g in row_grads:  # one lookup per example and table: ||onehot outer g||^2 = ||g||^2
+      sq = sq + jnp.sum(jnp.square(g), axis=1)
+    norms = jnp.sqrt(sq)
+    nonfinite = ~jnp.isfinite(norms)
+    keep = mask & ~nonfinite
+    # min(1, C / norm); a zero norm gets factor 1 (its gradient is zero anyway).
+    factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))
+    factor = jnp.where(keep, factor, 0.0)
+    grads = {"layers": {}}
+    for k, layer, a, g in zip(sorted(params["layers"], key=int), layers, inputs, out_grads):
+      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+      # Contract the batch axis in place (what a non-private backward pass emits): ``a.T @``
+      # made XLA:CPU copy the transposed [batch, in] activations first (3-4 ms of W2's 31).
+      entry = {"kernel": jnp.einsum("bi,bo->io", _rows(keep, a), scaled)}
+      if "bias" in layer:
+        entry["bias"] = jnp.sum(scaled, axis=0)
+      grads["layers"][k] = entry
+    if tables:
+      ids = _id_columns(params, x, graphdef)
+      grads["tables"] = {}
+      for k, t, g, col in zip(sorted(params["tables"], key=int), tables, row_grads, ids):
+        scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+        # Padding rows add exact zeros wherever their (arbitrary) id points.
+        grads["tables"][k] = {"embedding": jnp.zeros_like(t["embedding"]).at[col].add(scaled)}
+    # The losses come with the forward pass: the step reports them without another one.
+    return grads, clipping.ClipStats(norms=jnp.where(keep, norms, 0.0),
+                                     nonfinite=nonfinite & mask, losses=losses)
+
+  return fn
+
+
+def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
+                     l2_norm_clip: float | None, *,
+                     microbatch_size: int | None = None,
+                     head: models.TaskHead = models.BINARY) -> ClippedSumFn:
+  """The ``dp.clipping`` dispatch: a per-device ``ClippedSumFn`` for the training step.
+
+  Args:
+    method: ``'auto'`` (ghost when :func:`unsupported_layers` finds nothing, else vmap),
+      ``'ghost'`` or ``'vmap'``.
+    model: the NNX model (inspected, not called).
+    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
+      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss` with
+      ``head`` for the ghost path, which computes the same loss on the whole batch).
+    l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
+      by one backward pass, whatever the method.
+    microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
+      of the activations).
+    head: the task (its per-example loss is the ghost path's).
+
+  Returns:
+    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
+  """
+  resolved = resolve_method(method, model)
+  if l2_norm_clip is None or resolved == "vmap":
+    def fn(params, batch, mask):
+      return clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
+                                                  microbatch_size=microbatch_size)
+    return fn
+  graphdef, _ = nnx.split(model, nnx.Param)
+  return ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef)

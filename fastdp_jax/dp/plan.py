@@ -1,0 +1,130 @@
+"""The privacy plan of a run: its public parameters, fixed before the first update.
+
+q = batch_size / N, T = epochs * round(N / batch_size) updates, delta (default below 1/N),
+sigma (given, or calibrated to ``dp.target_epsilon`` through ``dp_accounting``), and the
+overflow probability of the fixed-capacity Poisson batches, which adds to the stated delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from fastdp_jax.dp import accounting
+from fastdp_jax import errors
+from fastdp_jax.metrics import say
+from fastdp_jax.dp import release
+from fastdp_jax.dp import sampling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyPlan:
+  """The public privacy parameters of a run (logged and written to the summary)."""
+
+  enabled: bool
+  sampling_rate: float
+  steps_per_epoch: int
+  total_steps: int
+  l2_norm_clip: float | None
+  noise_multiplier: float
+  delta: float
+  accountant: str
+  overflow_probability: float = sampling.DEFAULT_OVERFLOW_PROBABILITY
+  overflow_delta: float = 0.0
+  delta_warning: str | None = None
+
+  @property
+  def delta_total(self) -> float:
+    """The stated delta: the accountant's plus the union bound on any batch overflowing."""
+    return self.delta + self.overflow_delta
+
+  def epsilon(self, steps: int) -> float:
+    """Epsilon of ``steps`` updates of this plan (inf when DP is off)."""
+    if not self.enabled:
+      return float("inf")
+    return accounting.compute_epsilon(self.noise_multiplier, self.sampling_rate, steps,
+                                      self.delta, self.accountant)
+
+
+def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int,
+                 num_devices: int = 1) -> PrivacyPlan:
+  """Derives q, the number of updates, delta and sigma (calibrated to a target epsilon).
+
+  Convention for N: q = batch_size / N and T = epochs * round(N / batch_size) treat the
+  number of training rows as public, as Opacus, TF Privacy and jax_privacy do;
+  ``data.public_num_examples`` derives q and T from a declared public figure instead. The
+  guarantee is for adding or removing one row with q held fixed.
+  """
+  public_n = cfg.data.get("public_num_examples", None)
+  if public_n is not None:
+    num_examples = int(public_n)
+  q = cfg.batch_size / num_examples
+  if not 0 < q <= 1:
+    raise errors.ConfigError(f"sampling rate q = batch_size / N = {cfg.batch_size} / "
+                             f"{num_examples} = {q:.4g} must be in (0, 1]; lower batch_size")
+  steps_per_epoch = max(1, round(num_examples / cfg.batch_size))
+  total = cfg.num_epochs * steps_per_epoch
+  dp = cfg.dp
+  delta = release.default_delta(num_examples) if dp.get("delta") is None else float(dp.delta)
+  p_over = dp.get("overflow_probability", None)
+  if p_over is None:
+    p_over = sampling.automatic_overflow_probability(delta, total, num_devices)
+  if not dp.enabled:
+    return PrivacyPlan(enabled=False, sampling_rate=q, steps_per_epoch=steps_per_epoch,
+                       total_steps=total, l2_norm_clip=None, noise_multiplier=0.0,
+                       delta=delta, accountant=dp.accountant, overflow_probability=p_over)
+  sigma = dp.noise_multiplier
+  if dp.target_epsilon is not None:
+    # The target wins over a sigma inherited from the config file, so that
+    # `--config.dp.target_epsilon=1` works from the command line; said aloud.
+    sigma = accounting.calibrate_noise_multiplier(
+        dp.target_epsilon, q, total, delta, dp.accountant,
+        progress=accounting.progress_printer(
+            f"calibrating the noise multiplier to epsilon <= {dp.target_epsilon} over {total} "
+            "updates", write=say))
+    say(f"noise multiplier calibrated to {sigma:.4f} for epsilon <= {dp.target_epsilon} "
+        f"over {total} updates" + (f" (dp.noise_multiplier={dp.noise_multiplier} ignored)"
+                                   if dp.noise_multiplier is not None else ""))
+  if dp.max_epsilon is not None:  # refused before any update, not after an empty run
+    first = accounting.compute_epsilon(float(sigma), q, 1, delta, dp.accountant)
+    if first > dp.max_epsilon:
+      raise errors.ConfigError(
+          f"dp.max_epsilon={dp.max_epsilon} is below what a single update costs: epsilon "
+          f"{first:.6g} (sigma {float(sigma):.4g}, q {q:.4g}, delta {delta:g}); no update fits."
+          f" Raise dp.max_epsilon above {first:.6g}, or make each update cheaper (a larger "
+          "dp.noise_multiplier or a smaller batch_size)")
+  warning = None
+  if delta >= 1 / num_examples:
+    # A mechanism that publishes a random row outright is (0, 1/N)-DP: delta >= 1/N allows it.
+    warning = (f"delta={delta:g} is not below 1/N: the guarantee allows releasing a whole "
+               f"row; unset dp.delta for the default {release.default_delta(num_examples):g}")
+    say(f"WARNING: {warning}")
+  return PrivacyPlan(enabled=True, sampling_rate=q, steps_per_epoch=steps_per_epoch,
+                     total_steps=total, l2_norm_clip=float(dp.l2_norm_clip),
+                     noise_multiplier=float(sigma), delta=delta, accountant=dp.accountant,
+                     overflow_probability=p_over,
+                     overflow_delta=sampling.overflow_delta(p_over, total, num_devices),
+                     delta_warning=warning)
+
+
+def noise_warning(plan: PrivacyPlan, num_params: int, batch_size: int,
+                  target_epsilon: float | None) -> str | None:
+  """A warning when the noise drowns any possible signal (the model cannot learn).
+
+  Per update, the noise on the mean gradient has norm about sigma * C * sqrt(d) / B, and the
+  mean of clipped gradients has norm at most C: their ratio sigma * sqrt(d) / B above 10
+  means the noise is an order of magnitude above the largest possible signal.
+  """
+  if not plan.enabled:
+    return None
+  ratio = plan.noise_multiplier * np.sqrt(num_params) / batch_size
+  if ratio <= 10:
+    return None
+  why = (f" (calibrated to dp.target_epsilon={target_epsilon})"
+         if target_epsilon is not None else "")
+  return (f"noise multiplier {plan.noise_multiplier:.4g}{why}: the noise norm per update is "
+          f"{ratio:.3g} times the largest possible mean clipped gradient; the model is "
+          "unlikely to learn. Raise the target epsilon, the batch size or lower the number "
+          "of updates")

@@ -1,0 +1,97 @@
+"""What a run releases, in one place: every output with its privacy status.
+
+The guarantee is about an adversary who sees everything public and knows every training row
+but one. Public: the code, the config, ``WORKDIR/model/`` (the exported artefact) and what the
+model card states. Everything else a run writes is as private as the training data (see
+``docs/privacy.md``, which lists the same table for people).
+
+Training-row diagnostics (the training loss, the clipped fraction, the count of non-finite
+per-example gradients, the model-inversion and membership-inference attacks on training rows)
+are computed from training rows without noise: no accountant covers them. They are written
+under names that say so (``nonprivate_*``), stay in the private workdir and never enter
+``model/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from fastdp_jax import atomic
+
+# Output -> privacy status. "public": may be released; "private": as private as the data.
+OUTPUTS = {
+    "model/ (params.npz, model.json, MODEL_CARD.md, MANIFEST.sha256)": "public: parameters, "
+    "architecture, feature names, privacy parameters, epsilon/delta, test metrics labelled as "
+    "computed on held-out private rows, the files' digests",
+    "keys.json": "secret: the sampling and noise keys (owner-only); deleting it ends "
+    "resumability",
+    "checkpoints/": "private: parameters before the end, optimizer state, the ledger",
+    "metrics.jsonl (eval, epoch and summary records), TensorBoard events": "private: "
+    "nonprivate_* training-row diagnostics; test metrics",
+    "summary.json, final_params.npz, report/, profile/": "private: N, data digest, "
+    "diagnostics, timings",
+    ".lock, KEYS_DELETED": "private: the process id holding the workdir; the mark that the "
+    "keys were deleted",
+    "console and log lines": "private: same as metrics.jsonl",
+    "dataset directories (manifest.json, shards, rejects/)": "private: the data itself",
+    "batch directories (preprocessing.poisson_batches)": "private: the rows of every update "
+    "and, in private/, the sampling key",
+    "Spark staging directories (.NAME.staging-*)": "private: rows being written",
+}
+
+# Record keys computed on training rows without noise (not covered by the guarantee).
+NONPRIVATE_PREFIX = "nonprivate_"
+TRAIN_LOSS = NONPRIVATE_PREFIX + "train_loss"
+CLIPPED_FRACTION = NONPRIVATE_PREFIX + "clipped_fraction"
+NONFINITE_EXAMPLES = NONPRIVATE_PREFIX + "nonfinite_examples"
+ATTACK_ACCURACY = NONPRIVATE_PREFIX + "attack_accuracy"
+NONPRIVATE_NOTE = ("nonprivate_* values are computed on training rows without noise: no "
+                   "accountant covers them; they stay in the private workdir")
+
+# Precision of q in the export: enough to reproduce the accounting to three digits, not
+# enough to recover N exactly from batch_size / q.
+PUBLIC_Q_DIGITS = 3
+
+
+def public_sampling_rate(q: float) -> float:
+  """q rounded to :data:`PUBLIC_Q_DIGITS` significant digits (what the export states)."""
+  if q <= 0 or not math.isfinite(q):
+    return q
+  return float(f"{q:.{PUBLIC_Q_DIGITS}g}")
+
+
+def default_delta(num_examples: int) -> float:
+  """The largest power of ten at most 1 / (10 N): delta well below 1/N."""
+  return 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(1, num_examples))))
+
+
+def privacy_status(*, dp_enabled: bool, noise_fixed: bool, sampling_fixed: bool) -> tuple[
+    bool, str | None]:
+  """``(private, note)``: private only with DP on and both keys from the OS's entropy."""
+  if not dp_enabled:
+    return False, "DP is off (dp.enabled=False): no clipping, no noise, no guarantee"
+  fixed = [name for name, f in (("dp.sampling_seed", sampling_fixed),
+                                ("dp.noise_seed", noise_fixed)) if f]
+  if fixed:
+    return False, (f"reproducibility run: {' and '.join(fixed)} fixed the "
+                   f"{'batches' if sampling_fixed else ''}"
+                   f"{' and ' if sampling_fixed and noise_fixed else ''}"
+                   f"{'noise' if noise_fixed else ''} from a public seed, so the run has no "
+                   "privacy guarantee; epsilon is the accountant's value for the mechanism "
+                   "as configured, for comparison only")
+  return True, None
+
+
+def make_private_dir(path: str) -> None:
+  """Creates ``path`` (and parents) and makes it owner-only (mode 0700)."""
+  os.makedirs(path, exist_ok=True)
+  try:
+    os.chmod(path, 0o700)
+  except OSError:
+    pass  # not ours to change (e.g. a shared mount); the docs say the workdir is private
+
+
+def write_private_file(path: str, text: str) -> None:
+  """Writes ``text`` atomically into an owner-only file (mode 0600; :mod:`fastdp_jax.atomic`)."""
+  atomic.write_text(path, text, mode=0o600)
