@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(child_in_memory(rest[0], int(rest[1]), int(rest[2]))))
     return 0
   from preprocessing import synthesize  # pylint: disable=g-import-not-at-top
+  from fastdp_jax.data import batch_format  # pylint: disable=g-import-not-at-top
   from fastdp_jax.data import batch_stream  # pylint: disable=g-import-not-at-top
   work = args.workdir or tempfile.mkdtemp(prefix="bench-out-of-core-")
   os.makedirs(work, exist_ok=True)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                       dataset, "--output", batches, "--batch-size", str(args.batch_size),
                       "--epochs", str(epochs), "--master", args.master, "--overwrite"])
       stream = batch_stream.open_batches(batches)
-      block = batch_stream.read_block(batches, batch_stream.block_name(0, epochs), stream.run)
+      block = batch_format.read_block(batches, batch_format.block_name(0, epochs), stream.run)
       inclusions = stream.total_updates * stream.batch_size  # expected
       _emit({"bench": "materialise", "rows": rows, "train_rows": stream.num_examples,
              "features": stream.num_features, "batch_size": args.batch_size, "epochs": epochs,

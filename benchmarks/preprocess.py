@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fastdp_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from preprocessing import synthesize  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
           wall = _run([sys.executable, "-m", "preprocessing.spark_job", "--input", csv,
                        "--output", out, "--spec", "capums", "--master", args.master,
                        "--overwrite"])
-          m = data_lib.read_manifest(out)
+          m = manifest_lib.read_manifest(out)
           _emit({"bench": "spark_job", "rows": rows, "mb": round(size / 1e6, 1),
                  "master": args.master, "repeat": rep, "wall_s": round(wall, 2),
                  "job_s": m.extra["seconds"], "startup_s": round(wall - m.extra["seconds"], 2),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
           env = _env()
           wall = _run([sys.executable, "-m", "preprocessing.mapreduce.local", "--input", csv,
                        "--output", out, "--spec", "capums", "--overwrite"])
-          m = data_lib.read_manifest(out)
+          m = manifest_lib.read_manifest(out)
           _emit({"bench": "streaming_local", "rows": rows, "mb": round(size / 1e6, 1),
                  "repeat": rep, "wall_s": round(wall, 2), "rows_per_s": round(rows / wall),
                  "kept": m.provenance.kept, **env}, args.output)

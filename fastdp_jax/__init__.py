@@ -109,17 +109,17 @@ _EXPORTS = {
     "finalize": "fastdp_jax.train",
     "Trainer": "fastdp_jax.train",
     "base_config": "fastdp_jax.config",
-    "make_clipped_sum": "fastdp_jax.dp.ghost",
+    "make_clipped_sum": "fastdp_jax.dp.clipping",
     "PoissonSampler": "fastdp_jax.dp.sampling",
     "privatize": "fastdp_jax.dp.noise",
     "compute_epsilon": "fastdp_jax.dp.accounting",
     "calibrate_noise_multiplier": "fastdp_jax.dp.accounting",
     "PrivacyLedger": "fastdp_jax.dp.accounting",
-    "load_model": "fastdp_jax.export",
+    "load_model": "fastdp_jax.export.predictor",
     "load_split": "fastdp_jax.data.shards",
     "UserError": "fastdp_jax.errors",
     "Preempted": "fastdp_jax.preemption",
-    "TENSORBOARD_TAGS": "fastdp_jax.metrics",
+    "TENSORBOARD_TAGS": "fastdp_jax.sinks",
 }
 
 # The public module: ``fastdp_jax.train`` is the trainer module, never its ``train`` function

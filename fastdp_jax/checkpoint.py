@@ -1,12 +1,12 @@
-"""Checkpoints that resume with their privacy state, the run's keys, and the workdir lock.
+"""Checkpoints that resume with their privacy state, and the workdir lock.
 
 A checkpoint (orbax, ``WORKDIR/checkpoints/STEP/``) holds the training state (parameters,
 optimizer state with the noise key zeroed and the noise counter, the update count) and the
 :class:`RunState` as JSON: the privacy ledger, what the run must not silently change
 (privacy parameters, model, data digest, seeds), the epochs' records and the current epoch's
-partial sums. The secret keys live apart, in ``WORKDIR/keys.json`` (owner-only,
-:class:`RunKeys`). The sampler needs no state of its own: its batches are a function of
-(sampling key, row, update).
+partial sums. The secret keys live apart, in ``WORKDIR/keys.json`` (:mod:`fastdp_jax.dp.keys`).
+The sampler needs no state of its own: its batches are a function of (sampling key, row,
+update).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 crash during a save leaves the previous checkpoint intact. In multi-host runs every process
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import json
 import os
 import shutil
 import sys
@@ -26,72 +25,18 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from fastdp_jax.dp import accounting
-from fastdp_jax import atomic
 from fastdp_jax import errors
-from fastdp_jax.dp import release
+from fastdp_jax.dp import keys as keys_lib
 
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
-KEYS_FILE = "keys.json"  # the secret keys, owner-only, apart from the checkpoints' arrays
-KEYS_DELETED = "KEYS_DELETED"  # left by forget(): the run is over and cannot be resumed
-
-
-class ResumeMismatchError(errors.UserError):
-  """A resumed run differs from its checkpoint in something that must not change silently."""
 
 
 class WorkdirLockedError(errors.UserError):
   """Another run holds the workdir."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunKeys:
-  """The run's secret randomness.
-
-  Attributes:
-    sampling: uint64[2], the Poisson sampling key.
-    noise: uint32[4], the noise key.
-    sampling_fixed: the sampling key came from ``dp.sampling_seed`` (public).
-    noise_fixed: the noise key came from ``dp.noise_seed`` (public).
-  """
-
-  sampling: np.ndarray
-  noise: np.ndarray
-  sampling_fixed: bool
-  noise_fixed: bool
-
-  def __repr__(self) -> str:  # never prints a key
-    return f"RunKeys(sampling_fixed={self.sampling_fixed}, noise_fixed={self.noise_fixed})"
-
-  def to_json(self) -> str:
-    return json.dumps(dict(sampling=[int(w) for w in self.sampling],
-                           noise=[int(w) for w in self.noise],
-                           sampling_fixed=self.sampling_fixed, noise_fixed=self.noise_fixed))
-
-  @classmethod
-  def from_json(cls, text: str) -> RunKeys:
-    d = json.loads(text)
-    return cls(sampling=np.asarray(d["sampling"], np.uint64),
-               noise=np.asarray(d["noise"], np.uint32),
-               sampling_fixed=bool(d["sampling_fixed"]), noise_fixed=bool(d["noise_fixed"]))
-
-
-def save_keys(workdir: str, keys: RunKeys) -> None:
-  """Writes the keys to ``WORKDIR/keys.json`` (owner-only, atomic)."""
-  release.write_private_file(os.path.join(workdir, KEYS_FILE), keys.to_json())
-
-
-def load_keys(workdir: str) -> RunKeys | None:
-  """The keys saved in ``workdir``, or None."""
-  path = os.path.join(workdir, KEYS_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return RunKeys.from_json(f.read())
 
 
 def forget(workdir: str) -> None:
@@ -101,19 +46,7 @@ def forget(workdir: str) -> None:
   operator included) can recompute the batches or the noise of the run.
   """
   shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
-  path = os.path.join(workdir, KEYS_FILE)
-  if os.path.exists(path):
-    os.remove(path)
-  atomic.write_text(os.path.join(workdir, KEYS_DELETED),
-                    "the keys and checkpoints of this run were deleted; it cannot be resumed\n")
-
-
-def check_not_forgotten(workdir: str) -> None:
-  """Refuses to train in a workdir whose keys were deleted (it would restart from scratch)."""
-  if os.path.exists(os.path.join(workdir, KEYS_DELETED)):
-    raise ResumeMismatchError(
-        f"workdir {workdir} holds a finished run whose keys and checkpoints were deleted; "
-        "use another --workdir (training again on the same data spends privacy budget again)")
+  keys_lib.forget(workdir)
 
 
 def zero_partial() -> dict[str, float]:

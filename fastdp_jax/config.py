@@ -5,12 +5,15 @@ Config files (``configs/*.py``) start from :func:`base_config` and change only w
 (typos), wrong types and out-of-range values raise :class:`fastdp_jax.errors.ConfigError`
 naming the key. The keys and types are checked by ml_collections (the config's values set on a
 locked, type-safe copy of :func:`base_config`), the values by one table, :data:`RANGE_CHECKS`.
-Reading and validating a config imports neither JAX nor Flax.
+Reading and validating a config imports neither JAX nor Flax. :func:`settings` validates and
+returns the typed, frozen :class:`RunConfig` that the trainer passes on, a part to each module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,11 +25,11 @@ from fastdp_jax.dp import accounting
 from fastdp_jax.errors import ConfigError
 
 # The selectors' values live here, not in the JAX modules that implement them, so that reading
-# a config imports no JAX: fastdp_jax.dp.ghost and fastdp_jax.step import them from here.
-CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.dp.ghost.make_clipped_sum
+# a config imports no JAX: fastdp_jax.dp.clipping and fastdp_jax.step import them from here.
+CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.dp.clipping.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
-TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.shards.TASK_KINDS
+TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.manifest.TASK_KINDS
 
 
 def _data_keys() -> ml_collections.ConfigDict:
@@ -310,3 +313,123 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         " (its loss distribution grows without bound), and DP-SGD gives no meaningful "
         "guarantee there; use a larger sigma, dp.accountant='rdp' (epsilon as large as it "
         "is), or dp.enabled=False")
+
+
+# --- typed settings: the config after validation, as the modules receive it --------------------
+# Each module takes the part it needs (a plan takes DPSettings, the data loader DataSettings),
+# so a function's signature says which settings it depends on; the ConfigDict stops here.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSettings:
+  """The ``data`` group: where the rows are and how they are read (see :func:`base_config`)."""
+  path: str
+  batches: str
+  verify_checksums: bool
+  public_num_examples: int | None
+  feature_bounds: tuple | None
+  attack_column: str
+  attack_rows: int
+  validation_fraction: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+  """The ``model`` group: the MLP's widths, the task and the embedding width."""
+  hidden_sizes: tuple[int, ...]
+  task: str | None
+  embedding_dim: int
+  huber_delta: float | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+  """The ``optimizer`` group."""
+  name: str
+  learning_rate: float
+  momentum: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPSettings:
+  """The ``dp`` group: the mechanism's public parameters and the keys' seeds."""
+  enabled: bool
+  l2_norm_clip: float | None
+  noise_multiplier: float | None
+  target_epsilon: float | None
+  delta: float | None
+  max_epsilon: float | None
+  accountant: str
+  noise_seed: int | None
+  sampling_seed: int | None
+  overflow_probability: float | None
+  clipping: str
+  microbatch_size: int | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSettings:
+  """The ``checkpoint`` group."""
+  enabled: bool
+  every_steps: int
+  allow_changes: bool
+  keep_keys: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyEvalSettings:
+  """The ``privacy_eval`` group: the empirical checks after training."""
+  membership_rows: int
+  significance: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """A validated run configuration (:func:`settings`); every key of :func:`base_config`."""
+  data: DataSettings
+  model: ModelSettings
+  optimizer: OptimizerSettings
+  dp: DPSettings
+  checkpoint: CheckpointSettings
+  privacy_eval: PrivacyEvalSettings
+  num_epochs: int
+  batch_size: int
+  seed: int | None
+  strategy: str  # parallel.strategy
+  steps_per_call: int
+  padding_microbatch: int | None
+  eval_batch_size: int
+  log_every_steps: int
+  export_model: bool
+  profile_steps: int
+  json: str  # the whole config as JSON: what the summary records and every process compares
+
+  def to_dict(self) -> dict[str, Any]:
+    """The config as the ``config`` record of ``metrics.jsonl`` and ``summary.json``."""
+    return json.loads(self.json)
+
+
+def _group(cls: type, group: ml_collections.ConfigDict) -> Any:
+  values = {f.name: group[f.name] for f in dataclasses.fields(cls)}
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def settings(cfg: ml_collections.ConfigDict | RunConfig) -> RunConfig:
+  """Validates ``cfg`` (:func:`validate`) and returns it as typed, frozen settings.
+
+  A :class:`RunConfig` is returned as it is (it was validated when it was made).
+
+  Raises:
+    ConfigError: naming the offending key and value.
+  """
+  if isinstance(cfg, RunConfig):
+    return cfg
+  validate(cfg)
+  return RunConfig(
+      data=_group(DataSettings, cfg.data), model=_group(ModelSettings, cfg.model),
+      optimizer=_group(OptimizerSettings, cfg.optimizer), dp=_group(DPSettings, cfg.dp),
+      checkpoint=_group(CheckpointSettings, cfg.checkpoint),
+      privacy_eval=_group(PrivacyEvalSettings, cfg.privacy_eval),
+      num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+      strategy=cfg.parallel.strategy, steps_per_call=cfg.steps_per_call,
+      padding_microbatch=cfg.padding_microbatch, eval_batch_size=cfg.eval_batch_size,
+      log_every_steps=cfg.log_every_steps, export_model=cfg.export_model,
+      profile_steps=cfg.profile_steps, json=cfg.to_json_best_effort())

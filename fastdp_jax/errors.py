@@ -25,3 +25,9 @@ class ConfigError(UserError):
 
 class PipelineError(UserError):
   """A data job's input or arguments are bad; the message says what is wrong and where."""
+
+
+# Here rather than in fastdp_jax.checkpoint: fastdp_jax.dp.keys raises it too (a workdir without
+# its keys, or whose keys were deleted), and the checkpoint module imports the keys module.
+class ResumeMismatchError(UserError):
+  """A resumed run differs from its checkpoint in something that must not change silently."""

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 
 AXIS = "data"
@@ -176,7 +177,7 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
   local, ranges, failure = None, None, None
   try:
     if os.path.isdir(path):
-      total = data_lib.read_manifest(path).rows("train")
+      total = manifest_lib.read_manifest(path).rows("train")
       ranges = data_lib.process_row_ranges(total, counts)
       local = data_lib.load_split(path, "train", rows=ranges[me],
                                   verify_checksum=verify_checksum,
@@ -228,7 +229,7 @@ def _agree_on_failure(failure: errors.UserError | None) -> None:
   for p, row in enumerate(every):
     if row.any() and p != me:
       message = bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
-      raise data_lib.ShardError(f"process {p} refused its training rows: {message}")
+      raise manifest_lib.ShardError(f"process {p} refused its training rows: {message}")
 
 
 def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:

@@ -49,16 +49,16 @@ from typing import Any
 
 from fastdp_jax import atomic
 from fastdp_jax import errors
-from fastdp_jax import export
+from fastdp_jax.export import predictor as predictor_lib
 
 ERROR_COLUMNS = ("row", "line", "column", "reason", "detail")
 BLOCK_ROWS = 1 << 16  # rows encoded and predicted together, on both paths
 # A block's (rows read, prediction rows, errors): what the writers take, from either path.
-Block = tuple[int, list[list[Any]], list[export.RowError]]
+Block = tuple[int, list[list[Any]], list[predictor_lib.RowError]]
 _SHOWN_ERRORS = 10
 
 
-def prediction_header(predictor: export.Predictor) -> list[str]:
+def prediction_header(predictor: predictor_lib.Predictor) -> list[str]:
   """The columns of ``predictions.csv`` for the model's task."""
   if predictor.task == "binary":
     return ["row", "line", "probability", "prediction"]
@@ -67,7 +67,7 @@ def prediction_header(predictor: export.Predictor) -> list[str]:
   return ["row", "line", "prediction"]
 
 
-def _prediction_rows(predictor: export.Predictor, result: export.RowPredictions):
+def _prediction_rows(predictor: predictor_lib.Predictor, result: predictor_lib.RowPredictions):
   lines = result.rows + 2  # a data row's line: after the header, one row per line
   for i, (row, line) in enumerate(zip(result.rows.tolist(), lines.tolist())):
     out = result.outputs[i]
@@ -80,14 +80,15 @@ def _prediction_rows(predictor: export.Predictor, result: export.RowPredictions)
       yield [row, line, repr(float(out))]
 
 
-def _block_output(predictor: export.Predictor, result: export.RowPredictions) -> Block:
+def _block_output(predictor: predictor_lib.Predictor,
+                  result: predictor_lib.RowPredictions) -> Block:
   """A block's ``(rows read, prediction rows, errors)``, as both paths write them."""
   return result.num_rows, list(_prediction_rows(predictor, result)), result.errors
 
 
 def predict_csv(model: str, input_path: str, output: str, errors_path: str | None = None, *,
                 spark: Any = None,
-                block_rows: int = BLOCK_ROWS) -> tuple[int, int, int, list[export.RowError]]:
+                block_rows: int = BLOCK_ROWS) -> tuple[int, int, int, list[predictor_lib.RowError]]:
   """Writes the predictions of a raw CSV file (and its errors) with an exported model.
 
   Both outputs hold values of the input rows: they are written owner-only (0600), each
@@ -110,7 +111,7 @@ def predict_csv(model: str, input_path: str, output: str, errors_path: str | Non
     errors.UserError: the model cannot be loaded or the input cannot be used at all.
     FileNotFoundError: no such input.
   """
-  predictor = export.load_model(model)
+  predictor = predictor_lib.load_model(model)
   if not os.path.isfile(input_path):
     raise FileNotFoundError(f"input {input_path} does not exist")
   if spark is None:
@@ -124,11 +125,11 @@ def predict_csv(model: str, input_path: str, output: str, errors_path: str | Non
   return _write_outputs(predictor, blocks, output, errors_path)
 
 
-def _write_outputs(predictor: export.Predictor, blocks: Iterable[Block], output: str,
-                   errors_path: str | None) -> tuple[int, int, int, list[export.RowError]]:
+def _write_outputs(predictor: predictor_lib.Predictor, blocks: Iterable[Block], output: str,
+                   errors_path: str | None) -> tuple[int, int, int, list[predictor_lib.RowError]]:
   """Writes the blocks, in order, to ``output`` (and ``errors_path``): owner-only, atomic."""
   read = predicted = bad = 0
-  first: list[export.RowError] = []
+  first: list[predictor_lib.RowError] = []
   with contextlib.ExitStack() as stack:
     out = csv.writer(stack.enter_context(open(  # noqa: SIM115
         stack.enter_context(atomic.replacing_path(output, 0o600)), "w", newline="")))
@@ -154,7 +155,7 @@ def _write_outputs(predictor: export.Predictor, blocks: Iterable[Block], output:
 # The Spark path: the same blocks as the local path, encoded and predicted by executors.
 
 
-def _spark_blocks(spark: Any, predictor: export.Predictor, model: str, input_path: str,
+def _spark_blocks(spark: Any, predictor: predictor_lib.Predictor, model: str, input_path: str,
                   header_line: str, block_rows: int) -> Iterator[Block]:
   """The blocks of :func:`predict_csv`'s local path, computed by Spark, in order.
 
@@ -162,7 +163,7 @@ def _spark_blocks(spark: Any, predictor: export.Predictor, model: str, input_pat
   the partitioning. Pass 2 sends each data line (as bytes, decoded as the local path decodes
   them) to the partition of its block (``block_rows`` consecutive rows, as locally; whole
   blocks, so the model sees the same batches and gives the same bits), sorted by row; each
-  partition encodes and predicts its blocks with :meth:`export.Predictor.predict_csv_lines`,
+  partition encodes and predicts its blocks with :meth:`predictor_lib.Predictor.predict_csv_lines`,
   the local path's code. The results are cached on the executors (memory, then their local
   disks: as private as the input), then brought to the driver one partition at a time.
 
@@ -240,7 +241,7 @@ def _worker_model(model: str, digest: str, input_path: str, header_line: str):
   key = (model, digest, input_path, header_line)
   if key not in _WORKER_MODEL:
     # The digest pins the files the driver checked (epsilon included): the same model.
-    predictor = export.load_model(model, expected_digest=digest, check_epsilon=False)
+    predictor = predictor_lib.load_model(model, expected_digest=digest, check_epsilon=False)
     _WORKER_MODEL.clear()
     _WORKER_MODEL[key] = predictor, predictor.csv_cleaner(input_path, header_line)
   return _WORKER_MODEL[key]

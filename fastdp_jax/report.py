@@ -33,7 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastdp_jax import atomic
-from fastdp_jax import metrics as metrics_lib
+from fastdp_jax import records as records_lib
+from fastdp_jax import sinks
+from fastdp_jax import summary as summary_lib
 from fastdp_jax.dp import release
 
 PLOTS = ("loss.png", "accuracy.png", "epsilon.png", "accuracy_vs_epsilon.png")
@@ -46,14 +48,14 @@ class Run:
   Attributes:
     name: the label in legends and the table.
     workdir: its path.
-    summary: ``summary.json`` ({} if the run did not finish).
+    summary: its ``summary.json`` (None if the run did not finish).
     epochs: ``metrics.jsonl``'s ``epoch`` records.
     evals: its ``eval`` records (a superset of the epoch ends' steps).
   """
 
   name: str
   workdir: str
-  summary: dict[str, Any]
+  summary: summary_lib.RunSummary | None
   epochs: list[dict[str, Any]]
   evals: list[dict[str, Any]]
 
@@ -72,25 +74,21 @@ def _finite(value: Any) -> bool:
 
 def load_run(workdir: str, name: str | None = None) -> Run:
   """Reads a workdir; raises ``FileNotFoundError`` if it has no ``metrics.jsonl``."""
-  metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  metrics_path = os.path.join(workdir, sinks.METRICS_FILE)
   if not os.path.isfile(metrics_path):
     if os.path.isfile(os.path.join(workdir, "steps.jsonl")):  # written before metrics.jsonl
       raise FileNotFoundError(
           f"{workdir}: written by an older fastdp-jax (steps.jsonl, no "
-          f"{metrics_lib.METRICS_FILE}); the report reads {metrics_lib.METRICS_FILE}: train "
+          f"{sinks.METRICS_FILE}); the report reads {sinks.METRICS_FILE}: train "
           "again into a new workdir")
-    raise FileNotFoundError(f"{workdir}: no {metrics_lib.METRICS_FILE} (not a training run's "
+    raise FileNotFoundError(f"{workdir}: no {sinks.METRICS_FILE} (not a training run's "
                             "workdir?)")
-  summary_path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-  records = metrics_lib.read_jsonl(metrics_path)
+  summary = summary_lib.read_summary(workdir)
+  records = sinks.read_jsonl(metrics_path)
   return Run(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
              summary=summary,
-             epochs=[r for r in records if r.get("kind") == metrics_lib.EPOCH],
-             evals=[r for r in records if r.get("kind") == metrics_lib.EVAL])
+             epochs=[r for r in records if r.get("kind") == records_lib.EPOCH],
+             evals=[r for r in records if r.get("kind") == records_lib.EVAL])
 
 
 def _names(workdirs: Sequence[str]) -> list[str]:
@@ -117,6 +115,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
+def _either(value: Any, fallback: Any) -> Any:
+  """``value`` from a finished run's summary, else ``fallback`` from its last epoch record."""
+  return fallback if value is None else value
+
+
 def markdown_table(runs: Sequence[Run]) -> str:
   """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
   header = ("| run | task | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
@@ -124,30 +127,29 @@ def markdown_table(runs: Sequence[Run]) -> str:
             "empirical eps >= | f-DP eps >= | wall s |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in runs:
-    s = r.summary
-    last = r.epochs[-1] if r.epochs else {}
-    pe = s.get("privacy_eval") or {}
+    s, last = r.summary, r.epochs[-1] if r.epochs else {}
+    pe = (s.privacy_eval if s else None) or {}
     mia = pe.get("membership_inference") or {}
     audit = pe.get("canary_audit") or {}
-    dp = s.get("dp_enabled")
+    dp = s.dp_enabled if s else None
     lines.append("| " + " | ".join([
-        r.name, s.get("task", "binary"), _fmt(dp),
-        _fmt(s.get("noise_multiplier")) if dp else "-",
-        _fmt(s.get("l2_norm_clip")) if dp else "-",
-        _fmt(s.get("sampling_rate"), 3),
-        _fmt(s.get("steps", last.get("step"))),
-        _fmt(s.get("epsilon", last.get("epsilon"))),
-        _fmt(s.get("delta")),
-        _fmt(s.get("test_accuracy", last.get("test_accuracy"))),
-        _fmt(s.get("majority_class_rate")),
-        _fmt(s.get("test_macro_f1", last.get("test_macro_f1"))),
-        _fmt(s.get("test_rmse", last.get("test_rmse"))),
-        _fmt(s.get("baseline_rmse")),
-        _fmt(s.get(release.ATTACK_ACCURACY, last.get(release.ATTACK_ACCURACY))),
+        r.name, s.task if s else "binary", _fmt(dp),
+        _fmt(s.noise_multiplier) if dp else "-",
+        _fmt(s.l2_norm_clip) if dp else "-",
+        _fmt(s.sampling_rate if s else None, 3),
+        _fmt(s.steps if s else last.get("step")),
+        _fmt(s.epsilon if s else last.get("epsilon")),
+        _fmt(s.delta if s else None),
+        _fmt(_either(s and s.test_accuracy, last.get("test_accuracy"))),
+        _fmt(s.majority_class_rate if s else None),
+        _fmt(_either(s and s.test_macro_f1, last.get("test_macro_f1"))),
+        _fmt(_either(s and s.test_rmse, last.get("test_rmse"))),
+        _fmt(s.baseline_rmse if s else None),
+        _fmt(_either(s and s.nonprivate_attack_accuracy, last.get(release.ATTACK_ACCURACY))),
         _fmt(mia.get("auc")), _fmt(mia.get("tpr_at_low_fpr")),
         _fmt(audit.get("epsilon_lower_bound")),
         _fmt(audit.get("epsilon_lower_bound_fdp")),  # a bound only if the run is Gaussian-DP
-        _fmt(s.get("wall_time_s"), 3),
+        _fmt(s.wall_time_s if s else None, 3),
     ]) + " |")
   return "\n".join(lines) + "\n"
 
@@ -198,8 +200,8 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
     x, y = r.series("test_accuracy")
     if x:
       ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
-    if _finite(r.summary.get("majority_class_rate")):
-      majority.add(round(r.summary["majority_class_rate"], 4))
+    if r.summary is not None and _finite(r.summary.majority_class_rate):
+      majority.add(round(r.summary.majority_class_rate, 4))
   for i, m in enumerate(sorted(majority)):
     ax.axhline(m, color="gray", ls=":", label="majority class" if i == 0 else None)
   finish(fig, ax, "accuracy.png", "optimizer updates", "test accuracy", "Test accuracy")
@@ -216,15 +218,15 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
       log_x &= min(xs) > 0
       ax.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
       ax.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
-    elif _finite(r.summary.get("test_accuracy")):
-      ax.axhline(r.summary["test_accuracy"], color=color[r.name], ls="--",
+    elif r.summary is not None and _finite(r.summary.test_accuracy):
+      ax.axhline(r.summary.test_accuracy, color=color[r.name], ls="--",
                  label=f"{r.name} (non-private)")
   if log_x and any(np.size(line.get_xdata()) for line in ax.get_lines()):
     ax.set_xscale("log")
   finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
          "Accuracy against privacy (dot: end of run)")
 
-  _plot_regression([r for r in runs if r.summary.get("task") == "regression"], color,
+  _plot_regression([r for r in runs if r.summary is not None and r.summary.task == "regression"], color,
                    plt, finish)
   return paths
 
@@ -236,7 +238,7 @@ def _plot_epsilon(runs: Sequence[Run], color: dict[str, Any], plt: Any, finish: 
     x, y = r.series("epsilon")
     if x:
       ax.plot(x, y, "-", marker=".", color=color[r.name], label=r.name)
-    elif r.summary.get("dp_enabled") is False:
+    elif r.summary is not None and r.summary.dp_enabled is False:
       ax.plot([], [], color=color[r.name], label=f"{r.name} (non-private: inf)")
   finish(fig, ax, "epsilon.png", "optimizer updates",
          "epsilon (delta as in the table)", "Privacy spent")
@@ -260,9 +262,9 @@ def _plot_regression(regression: Sequence[Run], color: dict[str, Any], plt: Any,
       xs, ys = zip(*pairs)
       ax2.plot(xs, ys, "-", color=color[r.name], alpha=0.6)
       ax2.plot(xs[-1:], ys[-1:], "o", color=color[r.name], label=r.name)
-    if _finite(r.summary.get("baseline_rmse")):
+    if r.summary is not None and _finite(r.summary.baseline_rmse):
       for a in (ax, ax2):
-        a.axhline(r.summary["baseline_rmse"], color=color[r.name], ls=":",
+        a.axhline(r.summary.baseline_rmse, color=color[r.name], ls=":",
                   label=f"{r.name}: predicting the test mean")
   finish(fig, ax, "rmse.png", "optimizer updates", "test RMSE", "Test RMSE (regression)")
   finish(fig2, ax2, "rmse_vs_epsilon.png", "epsilon", "test RMSE",

@@ -36,13 +36,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastdp_jax.dp import clipping
+from fastdp_jax.dp import clip_types
 from fastdp_jax import parallel
 from fastdp_jax.config import STRATEGIES
 from fastdp_jax.parallel import AXIS
-
-# (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats)
-ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
 
 
 @jax.tree_util.register_dataclass
@@ -65,7 +62,7 @@ class State:
 _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
 
-def _per_device(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
+def _per_device(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn,
                 l2_norm_clip: float | None, microbatch: int | None = None) -> Callable:
   """One device's work: ``(params, x, y, idx, mask) -> (clipped sum, metric sums)``.
 
@@ -125,7 +122,7 @@ def _sum_microbatches(on_batch: Callable, params: Any, take: Callable[[jax.Array
                            zero)
 
 
-def _per_device_batch(loss_fn: clipping.LossFn, clipped_sum: ClippedSumFn,
+def _per_device_batch(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn,
                       l2_norm_clip: float | None) -> Callable:
   """One device's work on its batch: ``(params, (x, y), mask) -> (clipped sum, metrics)``."""
 
@@ -236,8 +233,8 @@ def _update_fn(tx: optax.GradientTransformation) -> Callable:
   return update
 
 
-def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
-                      clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
+def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
+                      clipped_sum: clip_types.ClippedSumFn, tx: optax.GradientTransformation,
                       l2_norm_clip: float | None, strategy: str = "shard_map",
                       padding_microbatch: int | None = None) -> TrainStep:
   """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
@@ -385,8 +382,8 @@ class StreamedStep:
     return self.jitted(state, features, labels, mask, active)
 
 
-def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clipping.LossFn,
-                         clipped_sum: ClippedSumFn, tx: optax.GradientTransformation,
+def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
+                         clipped_sum: clip_types.ClippedSumFn, tx: optax.GradientTransformation,
                          l2_norm_clip: float | None, strategy: str = "shard_map",
                          padding_microbatch: int | None = None) -> StreamedStep:
   """Like :func:`build_train_chunk`, for batches read from disk instead of gathered on device.

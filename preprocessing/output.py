@@ -28,6 +28,7 @@ import numpy as np
 
 from fastdp_jax import atomic
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
@@ -65,9 +66,10 @@ def check_output(output: str, overwrite: bool) -> str:
     if not overwrite:
       raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
     if not os.path.isdir(out) or (os.listdir(out) and
-                                  not os.path.isfile(os.path.join(out, data_lib.MANIFEST))):
+                                  not os.path.isfile(os.path.join(out, manifest_lib.MANIFEST))):
       raise PipelineError(f"refusing to replace {out}: it is not a dataset directory (no "
-                          f"{data_lib.MANIFEST}); remove it yourself or choose another --output")
+                          f"{manifest_lib.MANIFEST}); remove it yourself or choose another "
+                          "--output")
   return out
 
 
@@ -215,7 +217,7 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
       the shards do not hold exactly the kept rows.
   """
   results = list(results)
-  shards = [data_lib.ShardInfo(**json.loads(body)) for kind, body in results if kind == "shard"]
+  shards = [manifest_lib.ShardInfo(**json.loads(body)) for kind, body in results if kind == "shard"]
   stats = [json.loads(body) for kind, body in results if kind == "stats"]
   total = {k: sum(s[k] for s in stats) for k in ("rows_read", "kept", "dropped_na", "rejected",
                                                   "header_lines")}
@@ -231,8 +233,8 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
       adjusted[k] = adjusted.get(k, 0) + v
     for k, v in s["lines_by_split"].items():
       lines_by_split[k] = lines_by_split.get(k, 0) + v
-  provenance = data_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
-                                   dropped_na=total["dropped_na"], rejected=total["rejected"])
+  provenance = manifest_lib.Provenance(rows_read=total["rows_read"], kept=total["kept"],
+                                       dropped_na=total["dropped_na"], rejected=total["rejected"])
   in_shards = sum(s.rows for s in shards)
   if in_shards != provenance.kept:
     raise PipelineError(f"internal error: shards hold {in_shards} rows, {provenance.kept} kept")
@@ -267,7 +269,7 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
           "task": spec.task, "embeddings": spec.embeddings, "_lines_by_split": lines_by_split}
 
 
-def describe(output: str, manifest: data_lib.Manifest) -> str:
+def describe(output: str, manifest: manifest_lib.Manifest) -> str:
   """The one-line account of a producer's run: what was read, kept, dropped and rejected."""
   pv = manifest.provenance
   return (f"{output}: {pv.rows_read} rows read, {pv.kept} kept ({manifest.rows('train')} train"

@@ -9,7 +9,7 @@ Runs on a laptop (Spark local mode) and unchanged on a cluster::
   python -m preprocessing.poisson_batches ... --first-epoch 0 --num-epochs-block 2
   python -m preprocessing.poisson_batches ... --first-epoch 2 --num-epochs-block 2
 
-What it does (the format is :mod:`fastdp_jax.data.batch_stream`'s):
+What it does (the format is :mod:`fastdp_jax.data.batch_format`'s):
 
 1. **Plan** (driver, before Spark starts): reads the dataset manifest; N = its training rows,
    q = B / N, T = E * max(1, round(N / B)) updates (``fastdp_jax.train.plan_privacy``'s
@@ -57,8 +57,9 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/poi
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
-from fastdp_jax.data import batch_stream as bs  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import batch_format as bf  # pylint: disable=g-import-not-at-top
 from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax.dp import release  # pylint: disable=g-import-not-at-top
 from fastdp_jax.dp import sampling  # pylint: disable=g-import-not-at-top
@@ -88,7 +89,7 @@ class JobPlan:
 
   dataset: str
   output: str
-  run: bs.RunInfo
+  run: bf.RunInfo
   append: bool
   first_epoch: int
   end_epoch: int
@@ -99,7 +100,7 @@ class JobPlan:
 
   @property
   def block(self) -> str:
-    return bs.block_name(self.first_epoch, self.end_epoch)
+    return bf.block_name(self.first_epoch, self.end_epoch)
 
   @property
   def first_update(self) -> int:
@@ -120,7 +121,7 @@ class JobPlan:
   def block_bytes(self) -> int:
     """Disk bytes of the block's shards (HDF5 overhead aside)."""
     return ((self.end_update - self.first_update) * self.run.capacity
-            * bs.bytes_per_slot(self.run.num_features))
+            * bf.bytes_per_slot(self.run.num_features))
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -129,28 +130,28 @@ def _positive_int(value: Any, name: str) -> int:
   return int(value)
 
 
-def _train_manifest(dataset: str) -> data_lib.Manifest:
+def _train_manifest(dataset: str) -> manifest_lib.Manifest:
   """The dataset's manifest, checked for what the job needs (train rows, declared bounds)."""
   if not os.path.isdir(dataset):
     raise FileNotFoundError(f"dataset {dataset} does not exist (a directory written by "
                             "preprocessing.spark_job or synthesize --output-shards)")
-  m = data_lib.read_manifest(dataset)
+  m = manifest_lib.read_manifest(dataset)
   if m.rows("train") == 0:
     raise PipelineError(f"{dataset}: no training rows")
-  data_lib.resolve_bounds(m.feature_bounds, None, m.num_features,
-                          f"{dataset} (a manifest without feature_bounds)")
+  manifest_lib.resolve_bounds(m.feature_bounds, None, m.num_features,
+                              f"{dataset} (a manifest without feature_bounds)")
   seen: dict[str, str] = {}
   for info in m.shards:  # one file listed under two names would count its rows twice
     real = os.path.realpath(data_lib.shard_path(dataset, info))
     if real in seen:
-      raise data_lib.ShardError(f"shard {info.file}: the same file as shard {seen[real]}")
+      raise manifest_lib.ShardError(f"shard {info.file}: the same file as shard {seen[real]}")
     seen[real] = info.file
   return m
 
 
-def derive_run(manifest: data_lib.Manifest, *, batch_size: int, epochs: int,
+def derive_run(manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
                overflow_probability: float | None, key: np.ndarray,
-               sampling_fixed: bool) -> bs.RunInfo:
+               sampling_fixed: bool) -> bf.RunInfo:
   """The run manifest a (dataset, B, E, p, key) gives: q, T and the capacity."""
   n = manifest.rows("train")
   if batch_size > n:
@@ -164,14 +165,14 @@ def derive_run(manifest: data_lib.Manifest, *, batch_size: int, epochs: int,
         release.default_delta(n), total, 1)
   if not 0 < overflow_probability < 1:
     raise PipelineError(f"--overflow-probability {overflow_probability} must be in (0, 1)")
-  return bs.RunInfo(
-      format_version=bs.FORMAT_VERSION, dataset_digest=manifest.digest(), num_examples=n,
+  return bf.RunInfo(
+      format_version=bf.FORMAT_VERSION, dataset_digest=manifest.digest(), num_examples=n,
       batch_size=batch_size, epochs=epochs, steps_per_epoch=spe, total_updates=total,
       sampling_rate=q, expected_batch_size=q * n,
       capacity=sampling.capacity_for(n, q, overflow_probability),
       overflow_probability=float(overflow_probability),
       feature_names=tuple(manifest.feature_names), label_name=manifest.label_name,
-      sampling_fixed=bool(sampling_fixed), key_commitment=bs.key_commitment(key))
+      sampling_fixed=bool(sampling_fixed), key_commitment=bf.key_commitment(key))
 
 
 def _epoch_range(epochs: int, first_epoch: int | None,
@@ -202,7 +203,7 @@ def _is_append(out: str, blocked: bool, overwrite: bool) -> bool:
   """Whether the job adds a block to an existing batch directory; refuses to replace anything
   else (or anything at all without ``overwrite``)."""
   exists = os.path.lexists(out)
-  is_batches = os.path.isfile(os.path.join(out, bs.RUN_MANIFEST))
+  is_batches = os.path.isfile(os.path.join(out, bf.RUN_MANIFEST))
   append = blocked and exists and is_batches
   if exists and not append:
     if not overwrite:
@@ -211,19 +212,19 @@ def _is_append(out: str, blocked: bool, overwrite: bool) -> bool:
                                " (it is not a batch directory, so no block can be added)"))
     if not os.path.isdir(out) or (os.listdir(out) and not is_batches):
       raise PipelineError(f"refusing to replace {out}: it is not a batch directory (no "
-                          f"{bs.RUN_MANIFEST}); remove it yourself or choose another --output")
+                          f"{bf.RUN_MANIFEST}); remove it yourself or choose another --output")
   return append
 
 
-def _existing_run(out: str, manifest: data_lib.Manifest, *, batch_size: int, epochs: int,
+def _existing_run(out: str, manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
                   sampling_seed: int | None, overflow_probability: float | None
-                  ) -> tuple[bs.RunInfo, np.ndarray]:
+                  ) -> tuple[bf.RunInfo, np.ndarray]:
   """``(run, key)`` of the batch directory ``out``, refused unless this job's run is its run."""
-  existing = bs.read_run(out)
-  key, fixed = bs.read_key(out)
-  if sampling_seed is not None and bs.key_commitment(
+  existing = bf.read_run(out)
+  key, fixed = bf.read_key(out)
+  if sampling_seed is not None and bf.key_commitment(
       sampling.sampling_key(sampling_seed)[0]) != existing.key_commitment:
-    raise bs.BatchMismatchError(f"{out}: --sampling-seed {sampling_seed} is not the seed of "
+    raise bf.BatchMismatchError(f"{out}: --sampling-seed {sampling_seed} is not the seed of "
                                 "this directory's key; omit it to use the directory's key")
   wanted = derive_run(manifest, batch_size=batch_size, epochs=epochs,
                       overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
@@ -232,19 +233,19 @@ def _existing_run(out: str, manifest: data_lib.Manifest, *, batch_size: int, epo
     wanted = dataclasses.replace(wanted, overflow_probability=existing.overflow_probability,
                                  capacity=existing.capacity)
   diffs = [f"{f.name}={getattr(existing, f.name)!r} (asked {getattr(wanted, f.name)!r})"
-           for f in dataclasses.fields(bs.RunInfo) if f.name != "digest"
+           for f in dataclasses.fields(bf.RunInfo) if f.name != "digest"
            and getattr(existing, f.name) != getattr(wanted, f.name)]
   if diffs:
-    raise bs.BatchMismatchError(f"{out} was made for another run: " + "; ".join(diffs)
+    raise bf.BatchMismatchError(f"{out} was made for another run: " + "; ".join(diffs)
                                 + "; write this run's batches to another --output")
   return existing, key
 
 
 def _check_new_block(out: str, first: int, count: int, overwrite: bool) -> None:
   """Refuses a block whose epochs overlap another block of ``out``, or that exists."""
-  name = bs.block_name(first, first + count)
+  name = bf.block_name(first, first + count)
   for other in os.listdir(out):
-    epochs_of = bs.parse_block_name(other)
+    epochs_of = bf.parse_block_name(other)
     if epochs_of is None or other == name:
       continue
     a, b = epochs_of
@@ -288,8 +289,8 @@ def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
     key, fixed = sampling.sampling_key(sampling_seed)
     run = derive_run(manifest, batch_size=batch_size, epochs=epochs,
                      overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
-  run = bs.RunInfo.from_json(run.to_json(), "run")  # fills in the digest
-  slot = bs.bytes_per_slot(run.num_features)
+  run = bf.RunInfo.from_json(run.to_json(), "run")  # fills in the digest
+  slot = bf.bytes_per_slot(run.num_features)
   if updates_per_shard is None:
     updates_per_shard = max(1, DEFAULT_SHARD_BYTES // (run.capacity * slot))
   k = min(_positive_int(updates_per_shard, "--updates-per-shard"), count * run.steps_per_epoch)
@@ -311,7 +312,7 @@ def _check_free_space(plan: JobPlan) -> None:
   if need > free:
     raise PipelineError(
         f"the block needs about {need / 1e9:.3g} GB ({plan.end_update - plan.first_update} "
-        f"updates x capacity {plan.run.capacity} x {bs.bytes_per_slot(plan.run.num_features)} "
+        f"updates x capacity {plan.run.capacity} x {bf.bytes_per_slot(plan.run.num_features)} "
         f"bytes), {free / 1e9:.3g} GB free on {where}; write fewer epochs at a time "
         "(--first-epoch/--num-epochs-block) or free space")
 
@@ -342,9 +343,9 @@ def _decode(payload: bytes, num_features: int):
   return out
 
 
-def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, int, int, bool]],
-                    bounds: data_lib.Bounds, task: data_lib.Task,
-                    embeddings: tuple[data_lib.Embedding, ...] = ()):
+def _inclusion_task(plan: JobPlan, pieces: list[tuple[manifest_lib.ShardInfo, int, int, int, bool]],
+                    bounds: manifest_lib.Bounds, task: manifest_lib.Task,
+                    embeddings: tuple[manifest_lib.Embedding, ...] = ()):
   """The mapInArrow function: piece ids -> (shard index, payload) records.
 
   Every row read is checked as the loader checks it: features against ``bounds``, labels
@@ -362,8 +363,8 @@ def _inclusion_task(plan: JobPlan, pieces: list[tuple[data_lib.ShardInfo, int, i
         info, lo, hi, base, verify = pieces[pid]
         x, y = data_lib.read_shard(plan.dataset, info, start=lo, stop=hi,
                                    verify_checksum=verify)
-        data_lib.check_values(x, y, bounds=bounds, feature_names=names, task=task,
-                              embeddings=embeddings, where=f"shard {info.file}", first_row=lo)
+        manifest_lib.check_values(x, y, bounds=bounds, feature_names=names, task=task,
+                                  embeddings=embeddings, where=f"shard {info.file}", first_row=lo)
         for s in range(0, hi - lo, sub_rows):
           rows = np.arange(base + lo + s, base + min(hi, lo + s + sub_rows), dtype=np.int64)
           r, t = sampling.inclusions(key, rows, q, u1, start=u0)
@@ -435,9 +436,9 @@ def write_one_shard(block_dir: str, plan: JobPlan, j: int, payloads: Sequence[by
   if over is not None:
     return "overflow", json.dumps({"update": first + over[0], "examples": over[1]})
   try:
-    entry = bs.write_shard(block_dir, first, f, lab, m)
+    entry = bf.write_shard(block_dir, first, f, lab, m)
   except OSError as e:
-    return "error", json.dumps({"shard": bs.shard_name(first), "errno": e.errno,
+    return "error", json.dumps({"shard": bf.shard_name(first), "errno": e.errno,
                                 "error": f"{type(e).__name__}: {e}"})
   return "shard", json.dumps(dataclasses.asdict(entry))
 
@@ -457,7 +458,7 @@ def _shard_task(block_dir: str, plan: JobPlan):
 # ---------------------------------------------------------------------------------------------
 # Driver side.
 
-def _pieces(manifest: data_lib.Manifest, rows_per_task: int):
+def _pieces(manifest: manifest_lib.Manifest, rows_per_task: int):
   """(shard, lo, hi, global id of the shard's row 0, verify sha256) for every task.
 
   Pieces never cross a shard's end; the first piece of each shard checks its sha256.
@@ -475,18 +476,18 @@ def _collect(df, what: str) -> list:
     return df.collect()
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
-    for marker, cls in (("ShardError: ", data_lib.ShardError), ("UserError: ", PipelineError),
+    for marker, cls in (("ShardError: ", manifest_lib.ShardError), ("UserError: ", PipelineError),
                         ("PipelineError: ", PipelineError)):
       if marker in text:
         raise cls(f"{what} failed: {text.split(marker, 1)[1].splitlines()[0]}") from e
     raise
 
 
-def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEntry], dict]:
+def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bf.ShardEntry], dict]:
   """The Spark part: every shard of the block into ``block_dir``; returns their entries."""
-  manifest = data_lib.read_manifest(plan.dataset)
+  manifest = manifest_lib.read_manifest(plan.dataset)
   if manifest.digest() != plan.run.dataset_digest:
-    raise bs.BatchMismatchError(f"{plan.dataset} changed since the batch directory was made "
+    raise bf.BatchMismatchError(f"{plan.dataset} changed since the batch directory was made "
                                 "(its manifest digest differs)")
   for info in manifest.shards_of("train"):  # empty shards have no task to check them
     if info.rows == 0:
@@ -495,14 +496,14 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
       _PIECE_BYTES // (4 * plan.run.num_features),
       math.ceil(plan.run.num_examples / (3 * spark.sparkContext.defaultParallelism))))
   pieces = _pieces(manifest, rows_per_task)
-  bounds = data_lib.resolve_bounds(manifest.feature_bounds, None, manifest.num_features,
-                                   plan.dataset)
+  bounds = manifest_lib.resolve_bounds(manifest.feature_bounds, None, manifest.num_features,
+                                       plan.dataset)
   ids = spark.range(0, len(pieces), 1, numPartitions=len(pieces))
   check = _inclusion_task(plan, pieces, bounds, manifest.task, tuple(manifest.embeddings))
   records = ids.mapInArrow(check, "shard int, payload binary")
   results = _collect(records.groupBy("shard").applyInPandas(
       _shard_task(block_dir, plan), "kind string, body string"), "materialising the batches")
-  shards: dict[int, bs.ShardEntry] = {}
+  shards: dict[int, bf.ShardEntry] = {}
   failures, overflows = [], []
   for r in results:
     body = json.loads(r["body"])
@@ -511,7 +512,7 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
     elif r["kind"] == "overflow":
       overflows.append(body)
     else:
-      entry = bs.ShardEntry(**body)
+      entry = bf.ShardEntry(**body)
       shards[entry.first_update] = entry
   if failures:
     f = min(failures, key=lambda b: b["shard"])
@@ -531,9 +532,9 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
     if first not in shards:
       kind, body = write_one_shard(block_dir, plan, j, [])
       if kind != "shard":
-        raise PipelineError(f"writing empty batch shard {bs.shard_name(first)} failed: "
+        raise PipelineError(f"writing empty batch shard {bf.shard_name(first)} failed: "
                             f"{json.loads(body)['error']}; nothing was published")
-      shards[first] = bs.ShardEntry(**json.loads(body))
+      shards[first] = bf.ShardEntry(**json.loads(body))
   entries = [shards[k] for k in sorted(shards)]
   if [e.first_update for e in entries] != [plan.shard_range(j)[0] for j in range(
       plan.num_shards)]:
@@ -542,7 +543,7 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bs.ShardEnt
   return entries, {"tasks": len(pieces), "rows_per_task": rows_per_task}
 
 
-def run_job(spark, plan: JobPlan) -> tuple[bs.RunInfo, bs.BlockInfo]:
+def run_job(spark, plan: JobPlan) -> tuple[bf.RunInfo, bf.BlockInfo]:
   """Runs a planned job on an existing SparkSession; returns the run and the new block.
 
   Raises:
@@ -561,11 +562,11 @@ def run_job(spark, plan: JobPlan) -> tuple[bs.RunInfo, bs.BlockInfo]:
   try:
     if not plan.append:
       release.make_private_dir(staging)  # rows and the key: owner-only
-      bs.write_key(staging, plan.key, plan.run.sampling_fixed)
-      bs.write_json(os.path.join(staging, bs.RUN_MANIFEST), plan.run.to_json())
+      bf.write_key(staging, plan.key, plan.run.sampling_fixed)
+      bf.write_json(os.path.join(staging, bf.RUN_MANIFEST), plan.run.to_json())
       os.makedirs(block_dir)
     entries, extra = _write_block(spark, plan, block_dir)
-    block = bs.BlockInfo(
+    block = bf.BlockInfo(
         name=plan.block, run_digest=plan.run.digest, first_epoch=plan.first_epoch,
         end_epoch=plan.end_epoch, first_update=plan.first_update, end_update=plan.end_update,
         shards=tuple(entries),
@@ -573,21 +574,21 @@ def run_job(spark, plan: JobPlan) -> tuple[bs.RunInfo, bs.BlockInfo]:
                plan.updates_per_shard,
                "spark": {"version": spark.version, "master": spark.sparkContext.master,
                          **extra}, "seconds": round(time.perf_counter() - t0, 2)})
-    bs.write_json(os.path.join(block_dir, bs.BLOCK_MANIFEST), block.to_json())
+    bf.write_json(os.path.join(block_dir, bf.BLOCK_MANIFEST), block.to_json())
     atomic.publish(staging, target, plan.overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return plan.run, bs.read_block(out, plan.block, plan.run)
+  return plan.run, bf.read_block(out, plan.block, plan.run)
 
 
-def describe(plan: JobPlan, block: bs.BlockInfo, seconds: float) -> str:
+def describe(plan: JobPlan, block: bf.BlockInfo, seconds: float) -> str:
   """The one-line account of a run of the job."""
   run = plan.run
   size = sum(s.bytes for s in block.shards)
   key = ("fixed by --sampling-seed: the batches are public, training from them is NOT private"
          if run.sampling_fixed else
-         f"secret, in {os.path.join(plan.output, bs.PRIVATE_DIR, bs.KEY_FILE)}")
+         f"secret, in {os.path.join(plan.output, bf.PRIVATE_DIR, bf.KEY_FILE)}")
   return (f"{plan.output}/{block.name}: updates [{block.first_update}, {block.end_update}) of "
           f"{run.total_updates} (epochs {block.first_epoch}-{block.end_epoch} of {run.epochs}, "
           f"{run.steps_per_epoch}/epoch), q={run.sampling_rate:.6g}, capacity {run.capacity}, "

@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/spa
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from fastdp_jax import atomic  # pylint: disable=g-import-not-at-top
-from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
 from fastdp_jax.data import cleaning  # pylint: disable=g-import-not-at-top
@@ -398,7 +398,7 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
             split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
             test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
             max_rows_per_shard: int = DEFAULT_MAX_ROWS_PER_SHARD,
-            partition_mb: float | None = None) -> data_lib.Manifest:
+            partition_mb: float | None = None) -> manifest_lib.Manifest:
   """Runs the job on an existing SparkSession; returns the committed manifest.
 
   Args:
@@ -436,7 +436,7 @@ def run_job(spark, input_path: str, output: str, spec: features_lib.FeatureSpec 
                                       restate=True):
     _write(spark, input_path, out, spec, fmt, overwrite, split_seed, test_fraction,
            max_rows_per_shard, partition_mb, input_bytes, skipped, t0)
-  return data_lib.read_manifest(out)
+  return manifest_lib.read_manifest(out)
 
 
 def _skipped_inputs(input_path: str) -> list[str]:
@@ -468,7 +468,7 @@ def _write(spark, input_path: str, out: str, spec: features_lib.FeatureSpec, fmt
         "seconds": round(time.perf_counter() - t0, 2)})
     if skipped:
       manifest["extra"]["skipped_inputs"] = skipped
-    data_lib.write_manifest(staging, **manifest)  # with the spec's task and embeddings
+    manifest_lib.write_manifest(staging, **manifest)  # with the spec's task and embeddings
     output_lib.publish(staging, out, overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

@@ -51,6 +51,7 @@ import numpy as np
 
 from fastdp_jax import atomic
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
@@ -473,7 +474,7 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                  split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
                  test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
                  overwrite: bool = False,
-                 max_rows_per_shard: int = 500_000) -> data_lib.Manifest:
+                 max_rows_per_shard: int = 500_000) -> manifest_lib.Manifest:
   """Cleans columns with the pipeline's rules and writes them as a shard dataset.
 
   Row ``i`` of the columns has row id ``i`` (as the ``i``-th data line of the CSV that
@@ -515,9 +516,9 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                               max_rows_per_shard=max_rows_per_shard, extra=extra) as w:
     w.add("train", x[~test], y[~test])
     w.add("test", x[test], y[test])
-    w.set_provenance(data_lib.Provenance(rows_read=n, kept=len(result.kept),
-                                         dropped_na=len(result.dropped_na)))
-  return data_lib.read_manifest(output)
+    w.set_provenance(manifest_lib.Provenance(rows_read=n, kept=len(result.kept),
+                                             dropped_na=len(result.dropped_na)))
+  return manifest_lib.read_manifest(output)
 
 
 def main(argv: list[str] | None = None) -> int:

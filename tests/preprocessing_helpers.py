@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
@@ -37,7 +38,7 @@ def read_rejects(output: str) -> list[dict]:
 
 
 def load_both(output: str) -> dict[str, data_lib.Split]:
-  return {s: data_lib.load_split(output, s) for s in data_lib.SPLITS}
+  return {s: data_lib.load_split(output, s) for s in manifest_lib.SPLITS}
 
 
 def expected_splits(spec: features_lib.FeatureSpec, columns: dict[str, np.ndarray],

@@ -12,7 +12,6 @@ import optax
 import pytest
 
 from fastdp_jax.dp import clipping
-from fastdp_jax.dp import ghost
 from fastdp_jax import models
 from fastdp_jax.dp import noise
 from fastdp_jax import parallel
@@ -53,7 +52,7 @@ def _train(s, steps_per_call, method="ghost"):
   """Runs STEPS updates in calls of ``steps_per_call``, as the training loop does."""
   tx = _tx()
   run = step_lib.build_train_chunk(
-      s["mesh"], s["loss_fn"], ghost.make_clipped_sum(method, s["model"], s["loss_fn"], CLIP),
+      s["mesh"], s["loss_fn"], clipping.make_clipped_sum(method, s["model"], s["loss_fn"], CLIP),
       tx, CLIP)
   state, step, counts = _init(s["params"], tx), 0, []
   while step < STEPS:
@@ -132,7 +131,7 @@ def test_a_call_compiles_once_whatever_its_number_of_active_updates(setup):
   s = setup
   tx = _tx()
   run = step_lib.build_train_chunk(
-      s["mesh"], s["loss_fn"], ghost.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP),
+      s["mesh"], s["loss_fn"], clipping.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP),
       tx, CLIP)
   # Placed on the mesh as train.py places it: a call's output state has this placement too.
   state, steps_per_call = parallel.replicate(s["mesh"], _init(s["params"], tx)), 8
@@ -164,7 +163,7 @@ def test_program_size_does_not_grow_with_updates_per_call(name, d, hidden, batch
   b = sampler.batches(0, 1)
   tx = optax.chain(noise.privatize(1.0, 1.0, batch, noise.noise_key(0)[0]), optax.sgd(0.1))
   run = step_lib.build_train_chunk(mesh, loss_fn,
-                                   ghost.make_clipped_sum(method, model, loss_fn, 1.0), tx, 1.0)
+                                   clipping.make_clipped_sum(method, model, loss_fn, 1.0), tx, 1.0)
   state = _init(params, tx)
   sizes = {}
   for steps_per_call in (2, 128):
@@ -216,7 +215,7 @@ def test_padding_microbatches_equal_one_pass_over_the_padded_batch(setup, method
   multiple of 8: the step pads it) equal one pass, within the summation bound; the counts
   exactly. ``clip=None``: the non-private sum."""
   s = setup
-  clipped = ghost.make_clipped_sum(method, s["model"], s["loss_fn"], clip)
+  clipped = clipping.make_clipped_sum(method, s["model"], s["loss_fn"], clip)
   idx, mask = _padded_batch(s)
   assert mask.shape[0] % 8 and not mask[-8:].any()  # a ragged tail and trailing padding
   whole = step_lib._per_device(s["loss_fn"], clipped, clip)
@@ -240,7 +239,7 @@ def test_all_padding_microbatches_are_skipped_and_change_nothing(setup):
   clipping), and appending all-padding microbatches leaves the sum unchanged, bit for bit."""
   s = setup
   calls = []
-  inner = ghost.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
+  inner = clipping.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
 
   def counting(params, batch, mask):
     jax.debug.callback(lambda: calls.append(1))
@@ -268,7 +267,7 @@ def test_padding_microbatches_in_the_compiled_call_noise_once(setup):
   s = setup
   tx = lambda: optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(11)[0]),
                            optax.sgd(0.1))
-  clipped = ghost.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
+  clipped = clipping.make_clipped_sum("ghost", s["model"], s["loss_fn"], CLIP)
   b = s["sampler"].batches(0, 1)
   out = {}
   for mb in (None, 8):

@@ -21,7 +21,6 @@ import pytest
 from fastdp_jax.dp import clipping
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax import distributed
-from fastdp_jax.dp import ghost
 from fastdp_jax import launch
 from fastdp_jax import models
 from fastdp_jax.dp import noise
@@ -467,7 +466,7 @@ def _run_steps(devices, strategy, clip_kind):
   model = models.create_model(D, HIDDEN, 0)
   apply_fn, params = models.functional(model)
   loss_fn = models.example_loss(apply_fn)
-  clipped = (ghost.make_clipped_sum("vmap", model, loss_fn, CLIP) if clip_kind == "vmap"
+  clipped = (clipping.make_clipped_sum("vmap", model, loss_fn, CLIP) if clip_kind == "vmap"
              else _tap_clipped_sum(loss_fn, CLIP))
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]),
                    optax.sgd(0.5, momentum=0.9))
@@ -526,7 +525,7 @@ def test_compiled_step_has_exactly_one_all_reduce_of_the_gradient(strategy):
   tx = optax.chain(noise.privatize(CLIP, SIGMA, BATCH, noise.noise_key(5)[0]), optax.sgd(0.1))
   sampler = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds)
   run = step_lib.build_train_chunk(mesh, loss_fn,
-                                   ghost.make_clipped_sum("vmap", model, loss_fn, CLIP),
+                                   clipping.make_clipped_sum("vmap", model, loss_fn, CLIP),
                                    tx, CLIP, strategy)
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
                                                   step=jnp.zeros((), jnp.int32)))

@@ -26,7 +26,7 @@ REQUIRED = ("train_and_evaluate", "base_config", "load_model", "make_clipped_sum
 def test_every_public_name_resolves():
   for name in fastdp_jax.__all__:
     assert getattr(fastdp_jax, name) is not None
-  assert fastdp_jax.load_model.__module__ == "fastdp_jax.export"
+  assert fastdp_jax.load_model.__module__ == "fastdp_jax.export.predictor"
   assert set(REQUIRED) <= set(fastdp_jax.__all__)
 
 

@@ -7,7 +7,8 @@ import sys
 import nbformat
 from nbclient import NotebookClient
 
-from fastdp_jax import metrics
+from fastdp_jax import records
+from fastdp_jax import sinks
 from tests.conftest import ROOT
 from tests.tensorboard_events import read_scalars
 
@@ -51,7 +52,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   assert "privacy/epsilon" in text and "test/accuracy" in text
   # The one metrics.jsonl by kind, and the event files hold the curves of its eval records.
   assert "record kinds: ['epoch', 'eval', 'summary']" in text
-  evals = metrics.read_jsonl(tmp_path / "run" / metrics.METRICS_FILE, metrics.EVAL)
+  evals = sinks.read_jsonl(tmp_path / "run" / sinks.METRICS_FILE, records.EVAL)
   scalars = read_scalars(tmp_path / "run")
   assert [s for s, _ in scalars["privacy/epsilon"]] == [r["step"] for r in evals]
   assert [s for s, _ in scalars["test/accuracy"]] == [r["step"] for r in evals]

@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from fastdp_jax.dp import clipping
-from fastdp_jax.dp import ghost
 from fastdp_jax import models
 from fastdp_jax.dp import noise
 from fastdp_jax import parallel
@@ -33,7 +32,7 @@ def _update(devices, strategy, x, y, idx_global):
   loss_fn = models.example_loss(apply_fn)
   tx = optax.chain(noise.privatize(CLIP, 0.0, 1.0, noise.noise_key(0)[0]), optax.sgd(1.0))
   run = step_lib.build_train_chunk(mesh, loss_fn,
-                                   ghost.make_clipped_sum("vmap", model, loss_fn, CLIP), tx,
+                                   clipping.make_clipped_sum("vmap", model, loss_fn, CLIP), tx,
                                    CLIP, strategy)
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
                                                   step=jnp.zeros((), jnp.int32)))

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from fastdp_jax.data import batch_stream
+from fastdp_jax.data import batch_format
 from fastdp_jax import train
 from tests import preprocessing_helpers as T
 from tests.conftest import ROOT, make_config, make_dataset
@@ -77,12 +77,12 @@ def test_streamed_training_equals_in_memory_training(dataset, batches, tmp_path,
 
 def test_batches_for_another_run_are_refused_before_training(dataset, batches, tmp_path):
   for overrides, what in (({"batch_size": 32}, "batch_size"), ({"num_epochs": 3}, "epochs")):
-    with pytest.raises(batch_stream.BatchMismatchError, match=what):
+    with pytest.raises(batch_format.BatchMismatchError, match=what):
       train.train_and_evaluate(_cfg(dataset, **{"data.batches": batches, **overrides}),
                                str(tmp_path / what))
     assert not (tmp_path / what / "metrics.jsonl").exists()
   other = make_dataset(str(tmp_path / "other"), rows=2500, seed=22)
-  with pytest.raises(batch_stream.BatchMismatchError, match="dataset_digest"):
+  with pytest.raises(batch_format.BatchMismatchError, match="dataset_digest"):
     train.train_and_evaluate(_cfg(other, **{"data.batches": batches}), str(tmp_path / "o"))
 
 
@@ -95,7 +95,7 @@ def test_a_corrupt_batch_shard_is_named_before_training(dataset, batches, tmp_pa
   path = os.path.join(copy, block, shard)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(batch_stream.BatchError, match=shard):
+  with pytest.raises(batch_format.BatchError, match=shard):
     train.train_and_evaluate(_cfg(dataset, **{"data.batches": copy}), str(tmp_path / "w"))
   assert not (tmp_path / "w" / "metrics.jsonl").exists()
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
-from fastdp_jax import export as export_lib
+from fastdp_jax.export import card as card_lib
+from fastdp_jax.export import predictor as predictor_lib
 from fastdp_jax import models
 from fastdp_jax.data import split as split_lib
 from fastdp_jax import train
@@ -24,10 +26,10 @@ NAMES = ("a", "region", "b", "c", "d")  # the embedding column is not the last o
 VOCAB = 6
 CLASSES = ("low", "mid", "high")
 BOUNDS = (0.0, 10.0)
-TASKS = {"binary": data_lib.BINARY,
-         "multiclass": data_lib.Task("multiclass", classes=CLASSES),
-         "regression": data_lib.Task("regression", bounds=BOUNDS)}
-EMBEDDINGS = (data_lib.Embedding("region", VOCAB),)
+TASKS = {"binary": manifest_lib.BINARY,
+         "multiclass": manifest_lib.Task("multiclass", classes=CLASSES),
+         "regression": manifest_lib.Task("regression", bounds=BOUNDS)}
+EMBEDDINGS = (manifest_lib.Embedding("region", VOCAB),)
 FEATURE_BOUNDS = [(-1, 1), (0, VOCAB - 1), (-1, 1), (-1, 1), (-1, 1)]
 
 
@@ -114,7 +116,7 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   assert summary["task"] == kind
   # epsilon is dp_accounting's for this run's q, T and delta.
-  n = data_lib.read_manifest(path).rows("train")
+  n = manifest_lib.read_manifest(path).rows("train")
   q, steps = cfg.batch_size / n, cfg.num_epochs * round(n / cfg.batch_size)
   assert summary["steps"] == steps and summary["train_examples"] == n
   assert summary["epsilon"] == pytest.approx(
@@ -123,7 +125,7 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
   test = data_lib.load_split(path, "test")
   y = test.labels
   # The exported model (embedding table included) reproduces the trainer's evaluation.
-  predictor = export_lib.load_model(str(tmp_path / "model"))
+  predictor = predictor_lib.load_model(str(tmp_path / "model"))
   assert predictor.model["task"] == kind
   assert predictor.model["embeddings"] == [
       {"feature": "region", "index": 1, "vocab_size": VOCAB, "dim": 4}]
@@ -167,7 +169,7 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
   card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
   key, name = {"binary": ("test_auc", "test AUC"), "multiclass": ("test_macro_f1", "test macro-F1"),
                "regression": ("test_rmse", "test RMSE")}[kind]
-  assert f"| {name} | {export_lib._fmt(summary[key])} |" in card
+  assert f"| {name} | {card_lib._fmt(summary[key])} |" in card
 
 
 @pytest.mark.parametrize("kind", list(TASKS))
@@ -189,7 +191,7 @@ def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
   path = datasets["multiclass"]
   cfg = _config(path, **{"data.validation_fraction": 0.25, "num_epochs": 2})
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  total = data_lib.read_manifest(path).rows("train")
+  total = manifest_lib.read_manifest(path).rows("train")
   held = split_lib.is_test_row(np.arange(total), seed=train.VALIDATION_SEED, test_fraction=0.25)
   # The same hash rule as the train/test split, with another seed: not the test rows' rule.
   assert not np.array_equal(held, split_lib.is_test_row(np.arange(total)))
@@ -202,7 +204,7 @@ def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
       rel=1e-12)
   # Validation metrics: the exported model's on exactly the held-out training rows.
   rows = data_lib.load_split(path, "train")
-  predictor = export_lib.load_model(str(tmp_path / "model"))
+  predictor = predictor_lib.load_model(str(tmp_path / "model"))
   out = predictor(rows.features[held])
   assert summary["validation_accuracy"] == np.mean(np.argmax(out, 1) == rows.labels[held])
   epochs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -232,7 +234,7 @@ def test_config_task_must_match_the_manifest(datasets, tmp_path):
 
 def test_manifest_records_task_and_embeddings_and_old_manifests_read_as_binary(tmp_path):
   for kind, task in TASKS.items():
-    m = data_lib.read_manifest(_write(str(tmp_path / kind), kind, rows=200))
+    m = manifest_lib.read_manifest(_write(str(tmp_path / kind), kind, rows=200))
     assert m.task == task and m.embeddings == EMBEDDINGS
     body = json.load(open(tmp_path / kind / "manifest.json"))
     assert body["task"] == task.to_json() and body["embeddings"] == [
@@ -246,8 +248,8 @@ def test_manifest_records_task_and_embeddings_and_old_manifests_read_as_binary(t
   body = json.load(open(path))
   del body["task"], body["embeddings"]
   path.write_text(json.dumps(body))
-  old = data_lib.read_manifest(str(tmp_path / "binary"))
-  assert old.task == data_lib.BINARY and old.embeddings == ()
+  old = manifest_lib.read_manifest(str(tmp_path / "binary"))
+  assert old.task == manifest_lib.BINARY and old.embeddings == ()
   # Regression labels are stored as float32, class indices as uint8.
   split = data_lib.load_split(str(tmp_path / "regression"), "train")
   assert split.labels.dtype == np.float32 and split.task.bounds == BOUNDS
@@ -266,7 +268,7 @@ def test_bad_labels_are_refused_naming_shard_and_row(kind, bad, message, tmp_pat
   x, y = _rows(kind, 50, 1)
   y = y.astype(np.float32)
   y[7] = bad
-  with pytest.raises(data_lib.ShardError, match="shard train-00000.h5: 1 " + message):
+  with pytest.raises(manifest_lib.ShardError, match="shard train-00000.h5: 1 " + message):
     with data_lib.DatasetWriter(str(tmp_path / "d"), feature_names=NAMES, label_name="y",
                                 feature_bounds=FEATURE_BOUNDS, task=TASKS[kind],
                                 embeddings=EMBEDDINGS) as w:
@@ -279,7 +281,7 @@ def test_bad_embedding_ids_are_refused_naming_column_and_row(bad, tmp_path):
   x[11, 1] = bad
   # Out of the vocabulary is also outside the column's bounds (0, vocab - 1); a non-integer
   # inside them is refused by the embedding check.
-  with pytest.raises(data_lib.ShardError, match=r"shard train-00000.h5: (embedding )?column "
+  with pytest.raises(manifest_lib.ShardError, match=r"shard train-00000.h5: (embedding )?column "
                                                 r"'region' has 1 .*first at row 11"):
     data_lib.write_shard(str(tmp_path), "train-00000.h5", "train", x, y,
                          feature_bounds=FEATURE_BOUNDS, feature_names=NAMES,
@@ -287,7 +289,7 @@ def test_bad_embedding_ids_are_refused_naming_column_and_row(bad, tmp_path):
 
 
 def test_embedding_declarations_are_checked(tmp_path):
-  with pytest.raises(data_lib.ShardError, match=r"embedding column 'region' has feature bounds "
+  with pytest.raises(manifest_lib.ShardError, match=r"embedding column 'region' has feature bounds "
                                                 r"\[0.0, 9.0\]; .* \[0, 5\]"):
     data_lib.DatasetWriter(str(tmp_path / "a"), feature_names=NAMES, label_name="y",
                            feature_bounds=[(-1, 1), (0, 9), (-1, 1), (-1, 1), (-1, 1)],
@@ -295,17 +297,17 @@ def test_embedding_declarations_are_checked(tmp_path):
   with pytest.raises(errors.UserError, match="embedding feature 'zone' is not one of"):
     data_lib.DatasetWriter(str(tmp_path / "b"), feature_names=NAMES, label_name="y",
                            feature_bounds=FEATURE_BOUNDS,
-                           embeddings=(data_lib.Embedding("zone", 3),))
+                           embeddings=(manifest_lib.Embedding("zone", 3),))
   with pytest.raises(errors.UserError, match="vocab_size=0 must be an integer"):
-    data_lib.Embedding("region", 0)
+    manifest_lib.Embedding("region", 0)
   with pytest.raises(errors.UserError, match="multiclass task needs 2 or more distinct"):
-    data_lib.Task("multiclass", classes=("a", "a"))
+    manifest_lib.Task("multiclass", classes=("a", "a"))
   with pytest.raises(errors.UserError, match="regression task needs public label bounds"):
-    data_lib.Task("regression")
+    manifest_lib.Task("regression")
   with pytest.raises(errors.UserError, match="must be finite with lo < hi"):
-    data_lib.Task("regression", bounds=(3, 3))
+    manifest_lib.Task("regression", bounds=(3, 3))
   with pytest.raises(errors.UserError, match="task kind 'ordinal' must be one of"):
-    data_lib.Task("ordinal")
+    manifest_lib.Task("ordinal")
 
 
 def test_two_processes_with_embeddings_and_validation_give_the_one_process_model(tmp_path):
@@ -354,7 +356,7 @@ def test_huber_delta_sets_the_regression_loss(datasets, tmp_path):
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   test = data_lib.load_split(datasets["regression"], "test")
   mid, half = (BOUNDS[0] + BOUNDS[1]) / 2, (BOUNDS[1] - BOUNDS[0]) / 2
-  out = np.asarray(export_lib.load_model(str(tmp_path / "model"))(test.features), np.float64)
+  out = np.asarray(predictor_lib.load_model(str(tmp_path / "model"))(test.features), np.float64)
   r = np.abs((out - mid) / half - (test.labels - mid) / half)
   huber = np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta))
   # float32 evaluation against this float64 recomputation: PRED_RTOL, as above.

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 
 KINDS = ("binary", "categorical", "numeric", "embedding")
@@ -90,7 +90,7 @@ _TASK_KEYS = {
     "multiclass": {"kind", "classes"},
     "regression": {"kind", "bounds", "transform", "domain", "out_of_bounds"},
 }
-_MAX_RANGE = data_lib.MAX_VOCAB  # ids stay exact in float32
+_MAX_RANGE = manifest_lib.MAX_VOCAB  # ids stay exact in float32
 
 
 class SpecError(errors.UserError):
@@ -233,16 +233,16 @@ class LabelSpec:
                       transform=self.transform)
 
   @property
-  def task(self) -> data_lib.Task:
+  def task(self) -> manifest_lib.Task:
     """The manifest's task (classes by name; regression bounds on the transformed scale)."""
     if self.kind == "multiclass":
-      return data_lib.Task("multiclass", classes=tuple(n for n, _ in self.classes))
+      return manifest_lib.Task("multiclass", classes=tuple(n for n, _ in self.classes))
     if self.kind == "regression":
       assert self.bounds is not None
       lo, hi = self.bounds
-      return data_lib.Task("regression", bounds=(float(_transform(self.transform, lo)),
-                                                 float(_transform(self.transform, hi))))
-    return data_lib.BINARY
+      return manifest_lib.Task("regression", bounds=(float(_transform(self.transform, lo)),
+                                                     float(_transform(self.transform, hi))))
+    return manifest_lib.BINARY
 
   def outside_bounds(self, v: np.ndarray) -> np.ndarray:
     """[n] bool: regression labels outside the public bounds (all False otherwise)."""
@@ -314,13 +314,13 @@ class FeatureSpec:
     return self.label_spec or LabelSpec(name=self.label)
 
   @property
-  def task(self) -> data_lib.Task:
+  def task(self) -> manifest_lib.Task:
     return self.target.task
 
   @property
-  def embeddings(self) -> tuple[data_lib.Embedding, ...]:
+  def embeddings(self) -> tuple[manifest_lib.Embedding, ...]:
     """The manifest's embedding columns (each one feature holding the id 0..V-1)."""
-    return tuple(data_lib.Embedding(c.name, c.vocab_size) for c in self.features
+    return tuple(manifest_lib.Embedding(c.name, c.vocab_size) for c in self.features
                  if c.kind == "embedding")
 
   @property

@@ -5,54 +5,53 @@ Gaussian noise in :mod:`fastdp_jax.dp.noise` is calibrated to. Padding rows (``m
 contribute exactly zero, and a per-example gradient that is not finite is zeroed (and counted)
 rather than propagated into the update: a run never stops because of one row.
 
-The per-example gradients, their clipping and the sum are ``jax_privacy.clipping.clipped_grad``
-(the field's implementation of this primitive); this module adds the whole-example zeroing of
-non-finite gradients, the statistics of :class:`ClipStats` and a fixed-length microbatch loop.
+Two methods compute the sum:
+
+* ``'vmap'``, here: the per-example gradients, their clipping and the sum are
+  ``jax_privacy.clipping.clipped_grad`` (the field's implementation of this primitive); this
+  module adds the whole-example zeroing of non-finite gradients, the statistics of
+  :class:`~fastdp_jax.dp.clip_types.ClipStats` and a fixed-length microbatch loop. Any model.
+* ``'ghost'``, :mod:`fastdp_jax.dp.ghost`: the same sum from activations and output gradients,
+  at the cost of a non-private step, for the dense and embedding layers of
+  :class:`fastdp_jax.models.MLP`.
+
+:func:`make_clipped_sum` is the ``dp.clipping`` choice between them (``'auto'``: ghost when
+every parametrised layer of the model supports it, else vmap). This module imports the ghost
+module and never the reverse; the types both methods return are in
+:mod:`fastdp_jax.dp.clip_types`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax_privacy import clipping as jp_clipping
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]  # (params, one example) -> scalar loss
+from fastdp_jax.dp import clip_types
+from fastdp_jax.dp import ghost
+from fastdp_jax import models
+from fastdp_jax.config import CLIPPING_METHODS
 
-
-class ClipStats(NamedTuple):
-  """Per-example diagnostics of a clipped sum.
-
-  Attributes:
-    norms: [batch] L2 norm of each example's gradient before clipping (0 for padding).
-    nonfinite: [batch] bool, True where the gradient was not finite and was zeroed.
-    losses: optional [batch] per-example losses, when the method computed them anyway
-      (ghost clipping does); the step then reports them instead of running another
-      forward pass. ``None`` otherwise.
-  """
-
-  norms: jax.Array
-  nonfinite: jax.Array
-  losses: jax.Array | None = None
+METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not import JAX
+PyTree = clip_types.PyTree
 
 
 def _zero_if_nonfinite(grad: PyTree) -> PyTree:
   """One example's gradient, or zeros where its norm is not finite (a NaN or inf anywhere in
   it, or squares that overflow)."""
   # jax_privacy's nan_safe zeroes the non-finite COORDINATES and keeps (and clips) the rest of
-  # such a gradient; we drop the whole example, as before, so that a broken row moves nothing.
+  # such a gradient; we drop the whole example, so that a broken row moves nothing.
   # The same expression as the norm clipped_grad reports (return_grad_norms), which XLA can
   # share.
   finite = jnp.isfinite(optax.tree.norm(grad))
   return jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grad)
 
 
-def _clip_and_sum_chunk(loss_fn: LossFn, params: PyTree, batch: PyTree, l2_norm_clip: float,
-                        mask: jax.Array) -> tuple[PyTree, ClipStats]:
+def _clip_and_sum_chunk(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
+                        l2_norm_clip: float, mask: jax.Array
+                        ) -> tuple[PyTree, clip_types.ClipStats]:
   clipped_sum = jp_clipping.clipped_grad(
       loss_fn, l2_clip_norm=l2_norm_clip,
       batch_argnums=1, keep_batch_dim=False,  # loss_fn takes ONE example, no batch axis
@@ -61,11 +60,11 @@ def _clip_and_sum_chunk(loss_fn: LossFn, params: PyTree, batch: PyTree, l2_norm_
   # clipped_grad reports the norm of each gradient before the transform and clipping; a
   # non-finite norm is the row that _zero_if_nonfinite zeroed: the count comes from it.
   nonfinite = ~jnp.isfinite(aux.grad_norms)
-  return summed, ClipStats(norms=jnp.where(mask & ~nonfinite, aux.grad_norms, 0.0),
-                           nonfinite=nonfinite & mask)
+  return summed, clip_types.ClipStats(norms=jnp.where(mask & ~nonfinite, aux.grad_norms, 0.0),
+                                      nonfinite=nonfinite & mask)
 
 
-def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: PyTree,
+def clipped_grad_sum(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
                      l2_norm_clip: float | None, mask: jax.Array | None = None, *,
                      microbatch_size: int | None = None) -> tuple[PyTree, jax.Array]:
   """Sum over a batch of per-example gradients, each clipped to L2 norm ``l2_norm_clip``.
@@ -89,10 +88,12 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: PyTree,
   return grad_sum, stats.norms
 
 
-def clipped_grad_sum_with_stats(loss_fn: LossFn, params: PyTree, batch: PyTree,
+def clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
                                 l2_norm_clip: float | None, mask: jax.Array | None = None, *,
-                                microbatch_size: int | None = None) -> tuple[PyTree, ClipStats]:
-  """Like :func:`clipped_grad_sum`, returning :class:`ClipStats` (norms and non-finite rows)."""
+                                microbatch_size: int | None = None
+                                ) -> tuple[PyTree, clip_types.ClipStats]:
+  """Like :func:`clipped_grad_sum`, returning a :class:`~fastdp_jax.dp.clip_types.ClipStats`
+  (norms and non-finite rows)."""
   n = jax.tree_util.tree_leaves(batch)[0].shape[0]
   mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask).astype(bool)
   if l2_norm_clip is None:
@@ -101,7 +102,7 @@ def clipped_grad_sum_with_stats(loss_fn: LossFn, params: PyTree, batch: PyTree,
       return jnp.sum(jnp.where(mask, losses, 0.0))
     grads = jax.grad(masked_total)(params)
     zero = jnp.zeros((n,), jnp.float32)
-    return grads, ClipStats(norms=zero, nonfinite=zero.astype(bool))
+    return grads, clip_types.ClipStats(norms=zero, nonfinite=zero.astype(bool))
   if l2_norm_clip <= 0:
     raise ValueError(f"{l2_norm_clip=} must be positive")
   if microbatch_size is None or microbatch_size >= n:
@@ -123,4 +124,54 @@ def clipped_grad_sum_with_stats(loss_fn: LossFn, params: PyTree, batch: PyTree,
 
   init = jax.tree_util.tree_map(jnp.zeros_like, params)
   total, st = jax.lax.scan(body, init, xs)
-  return total, ClipStats(norms=st.norms.reshape(n), nonfinite=st.nonfinite.reshape(n))
+  return total, clip_types.ClipStats(norms=st.norms.reshape(n),
+                                     nonfinite=st.nonfinite.reshape(n))
+
+
+def resolve_method(method: str, model: nnx.Module) -> str:
+  """The clipping method that ``method`` means for ``model``: ``'ghost'`` or ``'vmap'``.
+
+  Raises:
+    ValueError: for an unknown method, or ``'ghost'`` on a model it does not support.
+  """
+  if method not in METHODS:
+    raise ValueError(f"dp.clipping={method!r} must be one of {METHODS}")
+  if method == "vmap":
+    return "vmap"
+  problems = ghost.unsupported_layers(model)
+  if method == "ghost" and problems:
+    raise ValueError("dp.clipping='ghost' does not support this model: " + "; ".join(problems)
+                     + " (use 'auto' or 'vmap')")
+  return "vmap" if problems else "ghost"
+
+
+def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clip_types.LossFn,
+                     l2_norm_clip: float | None, *,
+                     microbatch_size: int | None = None,
+                     head: models.TaskHead = models.BINARY) -> clip_types.ClippedSumFn:
+  """The ``dp.clipping`` choice: a per-device ``ClippedSumFn`` for the training step.
+
+  Args:
+    method: ``'auto'`` (ghost when :func:`fastdp_jax.dp.ghost.unsupported_layers` finds
+      nothing, else vmap), ``'ghost'`` or ``'vmap'``.
+    model: the NNX model (inspected, not called).
+    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
+      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss` with
+      ``head`` for the ghost path, which computes the same loss on the whole batch).
+    l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
+      by one backward pass, whatever the method.
+    microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
+      of the activations).
+    head: the task (its per-example loss is the ghost path's).
+
+  Returns:
+    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
+  """
+  resolved = resolve_method(method, model)
+  if l2_norm_clip is None or resolved == "vmap":
+    def fn(params, batch, mask):
+      return clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
+                                         microbatch_size=microbatch_size)
+    return fn
+  graphdef, _ = nnx.split(model, nnx.Param)
+  return ghost.ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef)

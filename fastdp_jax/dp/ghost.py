@@ -35,9 +35,9 @@ activations and output gradients are zeroed with ``where`` before the products, 
 contribute exactly zero (a NaN row times 0 would still be NaN). An example whose gradient norm
 is 0 gets ``c_i = 1`` (its gradient is zero anyway).
 
-:func:`make_clipped_sum` is the ``dp.clipping`` dispatch: ``'ghost'``, ``'vmap'`` (per-example
-gradients by ``jax.vmap``, see :mod:`fastdp_jax.dp.clipping`) or ``'auto'`` (ghost when every
-parametrised layer of the model supports it, else vmap).
+The ``dp.clipping`` choice between this method and per-example gradients by ``jax.vmap`` is
+:func:`fastdp_jax.dp.clipping.make_clipped_sum`, which imports this module (never the
+reverse); :func:`unsupported_layers` tells it which models this method handles.
 
 References:
   Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015.
@@ -57,15 +57,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fastdp_jax.dp import clipping
+from fastdp_jax.dp import clip_types
 from fastdp_jax import models
-from fastdp_jax.config import CLIPPING_METHODS
 
-METHODS = CLIPPING_METHODS  # defined in fastdp_jax.config, which must not import JAX
-
-# (params, batch, mask) -> (sum of clipped per-example gradients, ClipStats); the interface of
-# fastdp_jax.step.ClippedSumFn (repeated here so that this module does not import the step).
-ClippedSumFn = Callable[[Any, Any, jax.Array], tuple[Any, clipping.ClipStats]]
 # (outputs [batch] or [batch, K], labels [batch]) -> [batch] per-example losses.
 ElementwiseLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -100,23 +94,6 @@ def unsupported_layers(model: nnx.Module) -> list[str]:
   return problems
 
 
-def resolve_method(method: str, model: nnx.Module) -> str:
-  """The clipping method that ``method`` means for ``model``: ``'ghost'`` or ``'vmap'``.
-
-  Raises:
-    ValueError: for an unknown method, or ``'ghost'`` on a model it does not support.
-  """
-  if method not in METHODS:
-    raise ValueError(f"dp.clipping={method!r} must be one of {METHODS}")
-  if method == "vmap":
-    return "vmap"
-  problems = unsupported_layers(model)
-  if method == "ghost" and problems:
-    raise ValueError("dp.clipping='ghost' does not support this model: " + "; ".join(problems)
-                     + " (use 'auto' or 'vmap')")
-  return "vmap" if problems else "ghost"
-
-
 def _dense_layers(params: models.Params) -> list[dict[str, jax.Array]]:
   """The MLP's layers in order, from the NNX layout ``{'layers': {0: {...}, 1: {...}}}``."""
   layers = params["layers"]
@@ -144,7 +121,7 @@ def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
 
 def ghost_clipped_sum(l2_norm_clip: float,
                       loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy,
-                      graphdef: Any = None) -> ClippedSumFn:
+                      graphdef: Any = None) -> clip_types.ClippedSumFn:
   """Ghost-norm clipping of an MLP as a ``ClippedSumFn(params, (x, y), mask)``.
 
   Args:
@@ -203,7 +180,7 @@ def ghost_clipped_sum(l2_norm_clip: float,
     for k, layer, a, g in zip(sorted(params["layers"], key=int), layers, inputs, out_grads):
       scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
       # Contract the batch axis in place (what a non-private backward pass emits): ``a.T @``
-      # made XLA:CPU copy the transposed [batch, in] activations first (3-4 ms of W2's 31).
+      # makes XLA:CPU copy the transposed [batch, in] activations first (3-4 ms of W2's 31).
       entry = {"kernel": jnp.einsum("bi,bo->io", _rows(keep, a), scaled)}
       if "bias" in layer:
         entry["bias"] = jnp.sum(scaled, axis=0)
@@ -216,39 +193,7 @@ def ghost_clipped_sum(l2_norm_clip: float,
         # Padding rows add exact zeros wherever their (arbitrary) id points.
         grads["tables"][k] = {"embedding": jnp.zeros_like(t["embedding"]).at[col].add(scaled)}
     # The losses come with the forward pass: the step reports them without another one.
-    return grads, clipping.ClipStats(norms=jnp.where(keep, norms, 0.0),
-                                     nonfinite=nonfinite & mask, losses=losses)
+    return grads, clip_types.ClipStats(norms=jnp.where(keep, norms, 0.0),
+                                       nonfinite=nonfinite & mask, losses=losses)
 
   return fn
-
-
-def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clipping.LossFn,
-                     l2_norm_clip: float | None, *,
-                     microbatch_size: int | None = None,
-                     head: models.TaskHead = models.BINARY) -> ClippedSumFn:
-  """The ``dp.clipping`` dispatch: a per-device ``ClippedSumFn`` for the training step.
-
-  Args:
-    method: ``'auto'`` (ghost when :func:`unsupported_layers` finds nothing, else vmap),
-      ``'ghost'`` or ``'vmap'``.
-    model: the NNX model (inspected, not called).
-    loss_fn: ``loss_fn(params, (x, y)) -> scalar`` of one example, used by the vmap path and
-      by the non-private sum (it must be :func:`fastdp_jax.models.example_loss` with
-      ``head`` for the ghost path, which computes the same loss on the whole batch).
-    l2_norm_clip: C; ``None`` when DP is off: the plain (unclipped) masked sum of gradients
-      by one backward pass, whatever the method.
-    microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
-      of the activations).
-    head: the task (its per-example loss is the ghost path's).
-
-  Returns:
-    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
-  """
-  resolved = resolve_method(method, model)
-  if l2_norm_clip is None or resolved == "vmap":
-    def fn(params, batch, mask):
-      return clipping.clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
-                                                  microbatch_size=microbatch_size)
-    return fn
-  graphdef, _ = nnx.split(model, nnx.Param)
-  return ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef)

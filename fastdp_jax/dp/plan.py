@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
 import numpy as np
 
+from fastdp_jax import config as config_lib
 from fastdp_jax.dp import accounting
 from fastdp_jax import errors
-from fastdp_jax.metrics import say
+from fastdp_jax.console import say
 from fastdp_jax.dp import release
 from fastdp_jax.dp import sampling
 
@@ -48,27 +48,34 @@ class PrivacyPlan:
                                       self.delta, self.accountant)
 
 
-def plan_privacy(cfg: ml_collections.ConfigDict, num_examples: int,
-                 num_devices: int = 1) -> PrivacyPlan:
+def plan_privacy(dp: config_lib.DPSettings, *, batch_size: int, num_epochs: int,
+                 num_examples: int, num_devices: int = 1,
+                 public_num_examples: int | None = None) -> PrivacyPlan:
   """Derives q, the number of updates, delta and sigma (calibrated to a target epsilon).
 
   Convention for N: q = batch_size / N and T = epochs * round(N / batch_size) treat the
   number of training rows as public, as Opacus, TF Privacy and jax_privacy do;
-  ``data.public_num_examples`` derives q and T from a declared public figure instead. The
-  guarantee is for adding or removing one row with q held fixed.
+  ``public_num_examples`` (``data.public_num_examples``) derives q and T from a declared public
+  figure instead. The guarantee is for adding or removing one row with q held fixed.
+
+  Args:
+    dp: the ``dp`` settings (sigma or a target epsilon, C, delta, the accountant, a cap).
+    batch_size: the expected batch size.
+    num_epochs: epochs of round(N / batch_size) updates.
+    num_examples: N, the training rows of all processes.
+    num_devices: devices the batch is split over (each pads its part to a capacity).
+    public_num_examples: a declared public N that replaces ``num_examples``.
   """
-  public_n = cfg.data.get("public_num_examples", None)
-  if public_n is not None:
-    num_examples = int(public_n)
-  q = cfg.batch_size / num_examples
+  if public_num_examples is not None:
+    num_examples = int(public_num_examples)
+  q = batch_size / num_examples
   if not 0 < q <= 1:
-    raise errors.ConfigError(f"sampling rate q = batch_size / N = {cfg.batch_size} / "
+    raise errors.ConfigError(f"sampling rate q = batch_size / N = {batch_size} / "
                              f"{num_examples} = {q:.4g} must be in (0, 1]; lower batch_size")
-  steps_per_epoch = max(1, round(num_examples / cfg.batch_size))
-  total = cfg.num_epochs * steps_per_epoch
-  dp = cfg.dp
-  delta = release.default_delta(num_examples) if dp.get("delta") is None else float(dp.delta)
-  p_over = dp.get("overflow_probability", None)
+  steps_per_epoch = max(1, round(num_examples / batch_size))
+  total = num_epochs * steps_per_epoch
+  delta = release.default_delta(num_examples) if dp.delta is None else float(dp.delta)
+  p_over = dp.overflow_probability
   if p_over is None:
     p_over = sampling.automatic_overflow_probability(delta, total, num_devices)
   if not dp.enabled:

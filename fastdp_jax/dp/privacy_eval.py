@@ -73,6 +73,7 @@ import numpy as np
 from jax_privacy import auditing
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 
 # The guess budgets' sizes tried by the audit, as fractions of the canaries guessed on (see
 # guess_budgets). Fixed before seeing any score, and the significance is split over the
@@ -439,7 +440,7 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
     raise ValueError(f"canary {kind=} must be one of {CANARY_KINDS}")
   if scale is None:
     scale = DIRAC_SCALE if kind == "dirac" else 2.0
-  manifest = data_lib.read_manifest(source)
+  manifest = manifest_lib.read_manifest(source)
   if kind == "dirac":
     _check_dirac_source(source, manifest, num_canaries)
   if os.path.exists(output):
@@ -462,7 +463,7 @@ def make_audit_dataset(source: str, output: str, *, num_canaries: int, seed: int
   return canaries
 
 
-def _check_dirac_source(source: str, manifest: data_lib.Manifest, num_canaries: int) -> None:
+def _check_dirac_source(source: str, manifest: manifest_lib.Manifest, num_canaries: int) -> None:
   """Refuses a Dirac audit of a source without declared bounds or with canary-like names."""
   if manifest.feature_bounds is None:
     raise ValueError(f"{source}: the manifest declares no feature bounds; the Dirac audit "
@@ -478,7 +479,7 @@ def _check_dirac_source(source: str, manifest: data_lib.Manifest, num_canaries: 
 _Staged = tuple[Canaries, list, tuple, list | None]
 
 
-def _stage_dirac(source: str, staging: str, manifest: data_lib.Manifest, num_canaries: int,
+def _stage_dirac(source: str, staging: str, manifest: manifest_lib.Manifest, num_canaries: int,
                  *, seed: int, scale: float) -> _Staged:
   """Every real shard rewritten with ``num_canaries`` more columns, zero in every real row."""
   canaries = make_dirac_canaries(num_canaries, manifest.num_features, seed=seed, scale=scale)
@@ -493,7 +494,7 @@ def _stage_dirac(source: str, staging: str, manifest: data_lib.Manifest, num_can
   return canaries, shards, feature_names, bounds
 
 
-def _stage_gaussian(source: str, staging: str, manifest: data_lib.Manifest, num_canaries: int,
+def _stage_gaussian(source: str, staging: str, manifest: manifest_lib.Manifest, num_canaries: int,
                     *, seed: int, scale: float) -> _Staged:
   """The real shards copied as they are; canaries in the data's own feature space."""
   canaries = make_canaries(num_canaries, manifest.num_features, seed=seed, scale=scale)
@@ -510,7 +511,7 @@ def _stage_gaussian(source: str, staging: str, manifest: data_lib.Manifest, num_
   return canaries, shards, manifest.feature_names, bounds
 
 
-def _write_audit_manifest(source: str, staging: str, manifest: data_lib.Manifest,
+def _write_audit_manifest(source: str, staging: str, manifest: manifest_lib.Manifest,
                           canaries: Canaries, shards: list, feature_names: tuple,
                           bounds: list | None, *, seed: int, kind: str, scale: float) -> None:
   """``canaries.npz`` (the auditor's secret) and the manifest that points at it."""
@@ -521,14 +522,14 @@ def _write_audit_manifest(source: str, staging: str, manifest: data_lib.Manifest
                canaries_sha256=data_lib.sha256_file(os.path.join(staging, CANARIES_FILE)),
                canary_seed=int(seed), canary_kind=kind, canary_scale=float(scale),
                num_canaries=len(canaries), audit_of=os.path.abspath(source))
-  data_lib.write_manifest(staging, feature_names=feature_names,
-                          label_name=manifest.label_name, shards=shards,
-                          provenance=data_lib.Provenance(
+  manifest_lib.write_manifest(staging, feature_names=feature_names,
+                              label_name=manifest.label_name, shards=shards,
+                              provenance=manifest_lib.Provenance(
                               rows_read=manifest.provenance.rows_read + added,
                               kept=manifest.provenance.kept + added,
                               dropped_na=manifest.provenance.dropped_na,
                               rejected=manifest.provenance.rejected),
-                          feature_bounds=bounds, extra=extra)
+                              feature_bounds=bounds, extra=extra)
 
 
 def load_canaries(data_path: str) -> Canaries | None:
@@ -543,26 +544,26 @@ def load_canaries(data_path: str) -> Canaries | None:
   """
   if not os.path.isdir(data_path):
     return None
-  extra = data_lib.read_manifest(data_path).extra
+  extra = manifest_lib.read_manifest(data_path).extra
   name = extra.get("canaries")
   if not name:
     return None
   where = f"{data_path}: canaries"
-  data_lib.check_file_name(name, where)
+  manifest_lib.check_file_name(name, where)
   path = os.path.join(data_path, name)
   real_dir, real = os.path.realpath(data_path), os.path.realpath(path)
   if os.path.dirname(real) != real_dir:
-    raise data_lib.ShardError(f"{where}: {name!r} points outside the dataset directory")
+    raise manifest_lib.ShardError(f"{where}: {name!r} points outside the dataset directory")
   if not os.path.isfile(path):
-    raise data_lib.ShardError(f"{where}: {name!r} is missing (the audit needs it; rebuild "
-                              "with python -m fastdp_jax.dp.privacy_eval make-audit-dataset)")
+    raise manifest_lib.ShardError(f"{where}: {name!r} is missing (the audit needs it; rebuild "
+                                  "with python -m fastdp_jax.dp.privacy_eval make-audit-dataset)")
   want = extra.get("canaries_sha256")
   if not want:
-    raise data_lib.ShardError(f"{where}: the manifest records no canaries_sha256; rebuild the "
-                              "audit dataset")
+    raise manifest_lib.ShardError(f"{where}: the manifest records no canaries_sha256; rebuild the "
+                                  "audit dataset")
   if data_lib.sha256_file(path) != want:
-    raise data_lib.ShardError(f"{where}: {name!r} does not match the manifest's sha256 "
-                              "(corrupt or replaced file)")
+    raise manifest_lib.ShardError(f"{where}: {name!r} does not match the manifest's sha256 "
+                                  "(corrupt or replaced file)")
   with np.load(path) as f:
     return Canaries(features=f["features"].astype(np.float32),
                     labels=f["labels"].astype(np.float32), included=f["included"].astype(bool))
@@ -663,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     canaries = make_audit_dataset(args.data, args.output, num_canaries=args.canaries,
                                   seed=args.seed, kind=args.kind, scale=args.scale,
                                   overwrite=args.overwrite)
-  except (FileExistsError, FileNotFoundError, ValueError, data_lib.ShardError) as e:
+  except (FileExistsError, FileNotFoundError, ValueError, manifest_lib.ShardError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {args.output}: {len(canaries)} canaries, {int(canaries.included.sum())} in the "

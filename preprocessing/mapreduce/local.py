@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastdp_jax import atomic
-from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import features as features_lib
@@ -122,7 +122,7 @@ def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False
               split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
               test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
               max_rows_per_shard: int = 250_000,
-              keep_tsv: str | None = None) -> data_lib.Manifest:
+              keep_tsv: str | None = None) -> manifest_lib.Manifest:
   """The streaming path end to end; returns the manifest of ``output``."""
   out = output_lib.check_output(output, overwrite)  # before the (long) streaming run
   spec_path = spec if spec.endswith(".py") else os.path.join(  # a built-in spec's file

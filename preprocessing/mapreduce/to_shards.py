@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fastdp_jax import atomic
-from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
@@ -85,7 +85,7 @@ class _Block:
 def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | str, *,
             overwrite: bool = False, split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
             test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
-            max_rows_per_shard: int = 250_000, source: str = "") -> data_lib.Manifest:
+            max_rows_per_shard: int = 250_000, source: str = "") -> manifest_lib.Manifest:
   """Writes the dataset for reducer output ``lines``; returns its manifest.
 
   Raises:
@@ -103,7 +103,7 @@ def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | 
 
 
 def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_per_shard,
-             source, t0) -> data_lib.Manifest:
+             source, t0) -> manifest_lib.Manifest:
   staging = output_lib.make_staging(out)
   k = len(spec.used_columns)
   try:
@@ -160,13 +160,13 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
     body["extra"]["lines"] = body["provenance"].rows_read + headers
     body["extra"]["ignored_columns"] = ignored
     body["extra"]["seconds"] = round(time.perf_counter() - t0, 2)
-    data_lib.write_manifest(staging, **body)
+    manifest_lib.write_manifest(staging, **body)
     output_lib.publish(staging, out, overwrite)
   except BaseException:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return data_lib.read_manifest(out)
+  return manifest_lib.read_manifest(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

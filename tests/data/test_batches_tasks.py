@@ -12,8 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
+from fastdp_jax.data import batch_format as bf
 from fastdp_jax.data import batch_stream as bs
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.dp import sampling
 from fastdp_jax import train
 from tests import preprocessing_helpers as T
@@ -60,7 +62,7 @@ def test_every_update_holds_the_samplers_rows_with_their_labels(kind, datasets, 
   n = len(train_rows)
   stream = bs.open_batches(batches[kind], expected=bs.dataset_identity(datasets[kind]))
   # The dataset digest the run records is the manifest's, which covers its task.
-  assert stream.dataset_digest == data_lib.read_manifest(datasets[kind]).digest()
+  assert stream.dataset_digest == manifest_lib.read_manifest(datasets[kind]).digest()
   sampler = sampling.PoissonSampler(n, BATCH, sampling.sampling_key(SEED)[0])
   f, lab, m = stream.read(0, stream.total_updates)
   assert lab.dtype == np.float32
@@ -87,7 +89,7 @@ def test_every_update_holds_the_samplers_rows_with_their_labels(kind, datasets, 
 def _retask(src, dst, task):
   """A copy of dataset ``src`` whose manifest declares ``task`` (the same shard files)."""
   shutil.copytree(src, dst)
-  path = os.path.join(dst, data_lib.MANIFEST)
+  path = os.path.join(dst, manifest_lib.MANIFEST)
   body = json.load(open(path))
   body["task"] = task.to_json()
   with open(path, "w") as f:
@@ -97,7 +99,7 @@ def _retask(src, dst, task):
 
 def _first_bad(dataset, bad):
   """``(shard file, row in it, count in it)`` of the first training labels where ``bad``."""
-  m = data_lib.read_manifest(dataset)
+  m = manifest_lib.read_manifest(dataset)
   for info in m.shards_of("train"):
     _, y = data_lib.read_shard(dataset, info)
     hits = np.flatnonzero(bad(y))
@@ -108,18 +110,18 @@ def _first_bad(dataset, bad):
 
 @pytest.mark.parametrize("kind,task,bad,message", [
     # The same labels 0..2 under a 2-class task: class 2 is no class index.
-    ("multiclass", data_lib.Task("multiclass", classes=CLASSES[:2]), lambda y: y > 1,
+    ("multiclass", manifest_lib.Task("multiclass", classes=CLASSES[:2]), lambda y: y > 1,
      r"label\(s\) that are not a class index 0..1 of 2 classes"),
     # The same values under narrower bounds.
-    ("regression", data_lib.Task("regression", bounds=(0.0, 6.0)), lambda y: y > 6,
+    ("regression", manifest_lib.Task("regression", bounds=(0.0, 6.0)), lambda y: y > 6,
      r"label\(s\) non-finite or outside the regression bounds \[0, 6\]"),
 ])
 def test_labels_outside_the_manifests_task_are_refused_naming_shard_and_row(
     spark, datasets, tmp_path, kind, task, bad, message):
   path = _retask(datasets[kind], tmp_path / "data", task)
   shard, row, count = _first_bad(path, bad)
-  assert count < data_lib.read_manifest(path).rows("train")  # some labels are fine
-  with pytest.raises(data_lib.ShardError, match=f"shard {shard}: {count} {message}, first at "
+  assert count < manifest_lib.read_manifest(path).rows("train")  # some labels are fine
+  with pytest.raises(manifest_lib.ShardError, match=f"shard {shard}: {count} {message}, first at "
                                                 f"row {row}"):
     # One task for the one train shard: the first bad row is the one reported.
     _job(spark, path, tmp_path / "out", rows_per_task=1 << 20)
@@ -166,8 +168,8 @@ def test_batches_of_the_same_shards_under_another_task_are_refused(datasets, bat
                                                                    tmp_path):
   # Same files, another declared task: the manifest digest (which covers the task) differs.
   other = _retask(datasets["regression"], tmp_path / "data",
-                  data_lib.Task("regression", bounds=(0.0, 20.0)))
-  with pytest.raises(bs.BatchMismatchError, match="dataset_digest"):
+                  manifest_lib.Task("regression", bounds=(0.0, 20.0)))
+  with pytest.raises(bf.BatchMismatchError, match="dataset_digest"):
     train.train_and_evaluate(_cfg(other, **{"data.batches": batches["regression"]}),
                              str(tmp_path / "w"))
   assert not (tmp_path / "w" / "metrics.jsonl").exists()
@@ -176,30 +178,30 @@ def test_batches_of_the_same_shards_under_another_task_are_refused(datasets, bat
 def test_a_version_1_directory_is_refused_with_a_rerun_message(batches, tmp_path):
   copy = tmp_path / "v1"
   shutil.copytree(batches["multiclass"], copy)
-  path = copy / bs.RUN_MANIFEST
+  path = copy / bf.RUN_MANIFEST
   body = json.load(open(path))
   body["format_version"] = 1
-  body["digest"] = bs.body_digest(body)  # a well-formed version-1 manifest, not an edit
+  body["digest"] = bf.body_digest(body)  # a well-formed version-1 manifest, not an edit
   path.write_text(json.dumps(body))
-  with pytest.raises(bs.BatchError) as e:
+  with pytest.raises(bf.BatchError) as e:
     bs.open_batches(str(copy))
   text = str(e.value)
   assert "\n" not in text
   assert "format_version 1" in text and "needs 2" in text
   assert "rerun `python -m preprocessing.poisson_batches`" in text
-  assert bs.FORMAT_VERSION == 2
+  assert bf.FORMAT_VERSION == 2
 
 
 def test_the_disk_estimate_is_what_the_shards_take(datasets, batches):
   from preprocessing import poisson_batches as pb  # pylint: disable=g-import-not-at-top
   stream = bs.open_batches(batches["regression"])
-  block = bs.read_block(stream.path, bs.block_name(0, EPOCHS), stream.run)
+  block = bf.read_block(stream.path, bf.block_name(0, EPOCHS), stream.run)
   on_disk = sum(os.path.getsize(os.path.join(stream.path, block.name, s.file))
                 for s in block.shards)
   # The estimate the job plans with (and checks free space against) for this run.
   plan = pb.plan_job(datasets["regression"], os.path.join(os.path.dirname(stream.path), "x"),
                      batch_size=BATCH, epochs=EPOCHS, sampling_seed=SEED, updates_per_shard=16)
-  assert plan.block_bytes() == stream.total_updates * stream.capacity * bs.bytes_per_slot(
+  assert plan.block_bytes() == stream.total_updates * stream.capacity * bf.bytes_per_slot(
       stream.num_features)
   # The shards hold exactly those bytes of arrays, plus an HDF5 header each (a few KB).
   assert plan.block_bytes() <= on_disk <= plan.block_bytes() + len(block.shards) * 16384
@@ -226,15 +228,15 @@ def test_an_embedding_id_that_is_no_integer_is_refused_naming_shard_and_row(spar
                               feature_bounds=FEATURE_BOUNDS, task=TASKS["multiclass"]) as w:
     w.add("train", x[~test], y[~test])
     w.add("test", x[test], y[test])
-  manifest = os.path.join(path, data_lib.MANIFEST)
+  manifest = os.path.join(path, manifest_lib.MANIFEST)
   body = json.load(open(manifest))
   body["embeddings"] = [e.to_json() for e in EMBEDDINGS]
   with open(manifest, "w") as f:
     json.dump(body, f)
-  with pytest.raises(data_lib.ShardError):  # in-memory loading refuses it ...
+  with pytest.raises(manifest_lib.ShardError):  # in-memory loading refuses it ...
     data_lib.load_split(path, "train")
-  shard = data_lib.read_manifest(path).shards_of("train")[0].file
-  with pytest.raises(data_lib.ShardError, match=f"shard {shard}: embedding column 'region' has "
+  shard = manifest_lib.read_manifest(path).shards_of("train")[0].file
+  with pytest.raises(manifest_lib.ShardError, match=f"shard {shard}: embedding column 'region' has "
                                                 r"2 id\(s\) that are not integers in \[0, 5\], "
                                                 "first at row 40"):
     _job(spark, path, tmp_path / "out", rows_per_task=1 << 20)  # ... and so does the job

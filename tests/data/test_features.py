@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
 
@@ -47,8 +47,8 @@ def test_encoding_follows_the_declared_codes_bounds_and_vocabulary():
                 "out_of_bounds": "clip"},
                c={"kind": "embedding", "codes": (30, 10, 20), "unknown": "extra_id"},
                r={"kind": "embedding", "range": (5, 9)})
-  assert spec.task == data_lib.Task("regression", bounds=(0.0, float(np.log1p(100))))
-  assert spec.embeddings == (data_lib.Embedding("c", 4), data_lib.Embedding("r", 5))
+  assert spec.task == manifest_lib.Task("regression", bounds=(0.0, float(np.log1p(100))))
+  assert spec.embeddings == (manifest_lib.Embedding("c", 4), manifest_lib.Embedding("r", 5))
   assert spec.feature_bounds == ((0.0, 3.0), (0.0, 4.0))
   values = np.array([[10, 5, -4], [30, 9, 50], [77, 7, 1000]], np.float64)
   x, y = spec.encode(values)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from tests.conftest import make_dataset
 
@@ -26,8 +27,8 @@ def test_round_trip_and_manifest(tmp_path):
                               feature_bounds=(-10, 10), max_rows_per_shard=100) as w:
     w.add("train", x[:200], y[:200])
     w.add("test", x[200:], y[200:])
-    w.set_provenance(data_lib.Provenance(rows_read=260, kept=250, dropped_na=7, rejected=3))
-  m = data_lib.read_manifest(out)
+    w.set_provenance(manifest_lib.Provenance(rows_read=260, kept=250, dropped_na=7, rejected=3))
+  m = manifest_lib.read_manifest(out)
   assert [s.file for s in m.shards] == ["test-00000.h5", "train-00000.h5", "train-00001.h5"]
   assert m.rows("train") == 200 and m.rows("test") == 50
   assert m.provenance.dropped_na == 7 and m.provenance.rejected == 3
@@ -47,7 +48,7 @@ def test_binary_features_are_stored_compactly(tmp_path):
 
 def test_provenance_must_reconcile():
   with pytest.raises(ValueError, match="reconcile"):
-    data_lib.Provenance(rows_read=10, kept=5, dropped_na=1, rejected=1)
+    manifest_lib.Provenance(rows_read=10, kept=5, dropped_na=1, rejected=1)
 
 
 def test_existing_output_is_refused_and_failed_writer_leaves_nothing(tmp_path):
@@ -67,7 +68,7 @@ def test_existing_output_is_refused_and_failed_writer_leaves_nothing(tmp_path):
 def test_missing_shard_is_named(tmp_path):
   out = _write(tmp_path)
   os.remove(os.path.join(out, "train-00001.h5"))
-  with pytest.raises(data_lib.ShardError, match="train-00001.h5.*missing"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00001.h5.*missing"):
     data_lib.load_split(out, "train")
 
 
@@ -77,7 +78,7 @@ def test_corrupt_shard_is_named(tmp_path):
   with open(path, "r+b") as f:
     f.seek(os.path.getsize(path) // 2)
     f.write(b"\xff\x00garbage")
-  with pytest.raises(data_lib.ShardError, match="train-00000.h5.*sha256"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00000.h5.*sha256"):
     data_lib.load_split(out, "train")
 
 
@@ -86,7 +87,7 @@ def test_truncated_shard_is_named_even_without_checksums(tmp_path):
   path = os.path.join(out, "train-00000.h5")
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 3)
-  with pytest.raises(data_lib.ShardError, match="train-00000.h5"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00000.h5"):
     data_lib.load_split(out, "train", verify_checksum=False)
 
 
@@ -106,18 +107,18 @@ def _edit_manifest(out, fn):
 def test_wrong_row_count_is_named(tmp_path):
   out = _write(tmp_path)
   _edit_manifest(out, lambda m: _shard(m, "train-00001.h5").update(rows=1001))
-  with pytest.raises(data_lib.ShardError, match="train-00001.h5.*rows|train-00001.h5.*manifest"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00001.h5.*rows|train-00001.h5.*manifest"):
     data_lib.load_split(out, "train", verify_checksum=False)
 
 
 def test_wrong_feature_width_is_named(tmp_path):
   out = _write(tmp_path)
   _edit_manifest(out, lambda m: _shard(m, "train-00001.h5").update(num_features=8))
-  with pytest.raises(data_lib.ShardError, match="train-00001.h5.*width"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00001.h5.*width"):
     data_lib.load_split(out, "train", verify_checksum=False)
   out2 = make_dataset(str(tmp_path / "ds2"), rows=500)
   _edit_manifest(out2, lambda m: m.update(feature_names=m["feature_names"][:-1]))
-  with pytest.raises(data_lib.ShardError, match="width|features"):
+  with pytest.raises(manifest_lib.ShardError, match="width|features"):
     data_lib.load_split(out2, "train", verify_checksum=False)
 
 
@@ -125,14 +126,14 @@ def test_missing_dataset_says_how_to_create_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="synthesize"):
     data_lib.load_split(str(tmp_path / "nope"), "train")
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(data_lib.ShardError, match="manifest"):
+  with pytest.raises(manifest_lib.ShardError, match="manifest"):
     data_lib.load_split(str(tmp_path / "empty"), "train")
 
 
 def test_digest_identifies_the_data(tmp_path):
-  a = data_lib.read_manifest(make_dataset(str(tmp_path / "a"), rows=500, seed=1))
-  b = data_lib.read_manifest(make_dataset(str(tmp_path / "b"), rows=500, seed=2))
-  a2 = data_lib.read_manifest(make_dataset(str(tmp_path / "a2"), rows=500, seed=1))
+  a = manifest_lib.read_manifest(make_dataset(str(tmp_path / "a"), rows=500, seed=1))
+  b = manifest_lib.read_manifest(make_dataset(str(tmp_path / "b"), rows=500, seed=2))
+  a2 = manifest_lib.read_manifest(make_dataset(str(tmp_path / "a2"), rows=500, seed=1))
   assert a.digest() == a2.digest() != b.digest()
 
 
@@ -151,13 +152,13 @@ def write_raw_dataset(out, shards, *, feature_bounds=(0, 1), names=("a", "b", "c
     with h5py.File(path, "w") as f:
       f["features"] = x
       f["labels"] = y
-    infos.append(data_lib.ShardInfo(file=file, split=split, rows=int(np.shape(x)[0]),
-                                    num_features=len(names),
-                                    sha256=data_lib.sha256_file(path)))
+    infos.append(manifest_lib.ShardInfo(file=file, split=split, rows=int(np.shape(x)[0]),
+                                        num_features=len(names),
+                                        sha256=data_lib.sha256_file(path)))
   rows = sum(i.rows for i in infos)
-  data_lib.write_manifest(out, feature_names=names, label_name="y", shards=infos,
-                          provenance=data_lib.Provenance(rows_read=rows, kept=rows),
-                          feature_bounds=feature_bounds)
+  manifest_lib.write_manifest(out, feature_names=names, label_name="y", shards=infos,
+                              provenance=manifest_lib.Provenance(rows_read=rows, kept=rows),
+                              feature_bounds=feature_bounds)
   return out
 
 
@@ -173,7 +174,7 @@ def test_writer_refuses_a_value_outside_the_bounds_naming_the_column(tmp_path, v
   x, y = _binary(50)
   x[17, 1] = value
   out = str(tmp_path / "d")
-  with pytest.raises(data_lib.ShardError, match=f"shard train-00000.h5: column 'b' has 1 .*"
+  with pytest.raises(manifest_lib.ShardError, match=f"shard train-00000.h5: column 'b' has 1 .*"
                      f"{what}.*first at row 17"):
     with data_lib.DatasetWriter(out, feature_names=list("abc"), label_name="y",
                                 feature_bounds=(0, 1)) as w:
@@ -189,12 +190,12 @@ def test_loader_refuses_a_hand_written_value_outside_the_bounds(tmp_path, value,
   out = write_raw_dataset(str(tmp_path / "d"), {
       "train-0.h5": ("train", x[:100], y[:100]), "train-1.h5": ("train", x[100:], y[100:]),
       "test-0.h5": ("test", x[:10], y[:10])})
-  with pytest.raises(data_lib.ShardError,
+  with pytest.raises(manifest_lib.ShardError,
                      match=f"shard train-1.h5: column 'c' has 1 .*{what}.*first at row 150"):
     data_lib.load_split(out, "train")
   # A read that does not reach the bad row does not see it; one that does, refuses it.
   assert len(data_lib.load_split(out, "train", rows=(0, 250))) == 250
-  with pytest.raises(data_lib.ShardError, match="train-1.h5"):
+  with pytest.raises(manifest_lib.ShardError, match="train-1.h5"):
     data_lib.load_split(out, "train", rows=(250, 251))
 
 
@@ -220,8 +221,8 @@ def test_per_feature_bounds_are_recorded_and_enforced(tmp_path):
   with data_lib.DatasetWriter(out, feature_names=list("abc"), label_name="y",
                               feature_bounds=bounds) as w:
     w.add("train", x, y)
-  assert data_lib.read_manifest(out).feature_bounds == ((0.0, 1.0), (0.0, 1.0), (0.0, 5.0))
-  with pytest.raises(data_lib.ShardError, match="column 'c'"):
+  assert manifest_lib.read_manifest(out).feature_bounds == ((0.0, 1.0), (0.0, 1.0), (0.0, 5.0))
+  with pytest.raises(manifest_lib.ShardError, match="column 'c'"):
     with data_lib.DatasetWriter(str(tmp_path / "e"), feature_names=list("abc"),
                                 label_name="y", feature_bounds=(0, 1)) as w:
       w.add("train", x, y)
@@ -238,13 +239,13 @@ def test_malformed_bounds_are_refused(tmp_path, bounds):
 def test_a_manifest_without_bounds_needs_them_from_the_config(tmp_path):
   out = make_dataset(str(tmp_path / "old"), rows=500)
   _edit_manifest(out, lambda m: m.pop("feature_bounds"))  # as written before bounds existed
-  assert data_lib.read_manifest(out).feature_bounds is None
-  with pytest.raises(data_lib.ShardError, match="no feature bounds declared.*"
+  assert manifest_lib.read_manifest(out).feature_bounds is None
+  with pytest.raises(manifest_lib.ShardError, match="no feature bounds declared.*"
                      "data.feature_bounds"):
     data_lib.load_split(out, "train")
   full = data_lib.load_split(out, "train", feature_bounds=(0, 1))
   assert full.feature_bounds == ((0.0, 1.0),) * 9
-  with pytest.raises(data_lib.ShardError, match="outside its declared bounds"):
+  with pytest.raises(manifest_lib.ShardError, match="outside its declared bounds"):
     data_lib.load_split(out, "train", feature_bounds=(0, 0.5))  # binary data, 1 > 0.5
   with pytest.raises(errors.ConfigError, match="data.feature_bounds"):
     data_lib.load_split(out, "train", feature_bounds=((0, 1),) * 2)
@@ -293,7 +294,7 @@ def test_a_row_range_verifies_the_shards_it_touches(tmp_path):
     f.seek(os.path.getsize(path) // 2)
     f.write(b"\xff\x00garbage")
   assert len(data_lib.load_split(out, "train", rows=(0, 2000))) == 2000
-  with pytest.raises(data_lib.ShardError, match="train-00002.h5.*sha256"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00002.h5.*sha256"):
     data_lib.load_split(out, "train", rows=(1999, 2001))
 
 
@@ -327,7 +328,7 @@ def test_a_killed_writers_staging_directory_is_removed_by_the_next_writer(tmp_pa
   assert os.listdir(tmp_path) == ["d"]
   assert f"removed {tmp_path / left}, left by a killed job (pid {child.pid})" in (
       capsys.readouterr().err)
-  assert data_lib.read_manifest(str(out)).rows("train") == 3
+  assert manifest_lib.read_manifest(str(out)).rows("train") == 3
 
 
 def test_overwrite_replaces_a_dataset_whole(tmp_path):
@@ -335,7 +336,7 @@ def test_overwrite_replaces_a_dataset_whole(tmp_path):
   with data_lib.DatasetWriter(out, feature_names=["a"], label_name="y", feature_bounds=(0, 1),
                               overwrite=True) as w:
     w.add("train", np.ones((4, 1)), np.ones(4))
-  m = data_lib.read_manifest(out)
+  m = manifest_lib.read_manifest(out)
   assert m.feature_names == ("a",) and m.rows("train") == 4 and m.rows("test") == 0
   assert sorted(os.listdir(out)) == ["manifest.json", "train-00000.h5"]  # no old shard kept
   assert os.listdir(tmp_path) == ["d"]  # nor the old directory

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fastdp_jax.dp import clip_types
 from fastdp_jax.dp import clipping
 from fastdp_jax import models
 
@@ -135,7 +136,7 @@ def _previous_terms(loss_fn, params, batch, l2_norm_clip, mask):
       lambda g: jnp.where(
           (factor > 0).reshape((-1,) + (1,) * (g.ndim - 1)),
           g * factor.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), 0), grads)
-  return terms, clipping.ClipStats(norms=jnp.where(mask & ~nonfinite, norms, 0.0),
+  return terms, clip_types.ClipStats(norms=jnp.where(mask & ~nonfinite, norms, 0.0),
                                    nonfinite=nonfinite & mask)
 
 
@@ -154,7 +155,7 @@ def _previous(loss_fn, params, batch, l2_norm_clip, mask, microbatch_size=None):
 
   total, st = jax.lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, params),
                            (jax.tree_util.tree_map(reshape, batch), reshape(mask)))
-  return total, clipping.ClipStats(norms=st.norms.reshape(n), nonfinite=st.nonfinite.reshape(n))
+  return total, clip_types.ClipStats(norms=st.norms.reshape(n), nonfinite=st.nonfinite.reshape(n))
 
 
 def _hostile_batch(batch=24, d=5, seed=3):

@@ -149,17 +149,17 @@ class _Scaled(nnx.Module):
 def test_dispatch_auto_ghost_vmap():
   mlp = models.create_model(4, (6,), 0)
   assert ghost.unsupported_layers(mlp) == []
-  assert ghost.resolve_method("auto", mlp) == "ghost"
-  assert ghost.resolve_method("ghost", mlp) == "ghost"
-  assert ghost.resolve_method("vmap", mlp) == "vmap"
+  assert clipping.resolve_method("auto", mlp) == "ghost"
+  assert clipping.resolve_method("ghost", mlp) == "ghost"
+  assert clipping.resolve_method("vmap", mlp) == "vmap"
   other = _Scaled(nnx.Rngs(0))
   problems = ghost.unsupported_layers(other)
   assert any("norm" in p and "LayerNorm" in p for p in problems)
-  assert ghost.resolve_method("auto", other) == "vmap"
+  assert clipping.resolve_method("auto", other) == "vmap"
   with pytest.raises(ValueError, match="does not support"):
-    ghost.resolve_method("ghost", other)
+    clipping.resolve_method("ghost", other)
   with pytest.raises(ValueError, match="dp.clipping='fast'"):
-    ghost.resolve_method("fast", mlp)
+    clipping.resolve_method("fast", mlp)
   with pytest.raises(ValueError, match="must be positive"):
     ghost.ghost_clipped_sum(0.0)
 
@@ -169,7 +169,7 @@ def test_auto_falls_back_to_vmap_that_works_on_the_other_model():
   apply_fn, params = models.functional(other)
   loss_fn = models.example_loss(apply_fn)
   x, y = _batch(np.random.default_rng(1), 8, 3)
-  fn = ghost.make_clipped_sum("auto", other, loss_fn, 0.5)
+  fn = clipping.make_clipped_sum("auto", other, loss_fn, 0.5)
   got, stats = jax.jit(fn)(params, (x, y), np.ones(8, bool))
   want, norms = jax.jit(lambda p: clipping.clipped_grad_sum(loss_fn, p, (x, y), 0.5))(params)
   _assert_trees_close(got, want)
@@ -182,9 +182,9 @@ def test_make_clipped_sum_dispatches_and_non_private_is_the_plain_sum():
   mask = np.arange(12) < 10
   want, _ = jax.jit(lambda p: clipping.clipped_grad_sum(loss_fn, p, (x, y), 0.7, mask))(params)
   for method in ("auto", "ghost", "vmap"):
-    got, _ = jax.jit(ghost.make_clipped_sum(method, model, loss_fn, 0.7))(params, (x, y), mask)
+    got, _ = jax.jit(clipping.make_clipped_sum(method, model, loss_fn, 0.7))(params, (x, y), mask)
     _assert_trees_close(got, want)
-  plain, _ = jax.jit(ghost.make_clipped_sum("auto", model, loss_fn, None))(params, (x, y), mask)
+  plain, _ = jax.jit(clipping.make_clipped_sum("auto", model, loss_fn, None))(params, (x, y), mask)
   per_example = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))(params, (x[:10], y[:10]))
   _assert_trees_close(plain, jax.tree_util.tree_map(lambda g: g.sum(0), per_example))
 
@@ -203,7 +203,7 @@ def test_training_steps_with_ghost_equal_vmap():
   for method in ("ghost", "vmap"):
     tx = optax.chain(noise.privatize(1.0, 0.5, batch, noise.noise_key(0)[0]), optax.sgd(0.5))
     run = step_lib.build_train_chunk(
-        mesh, loss_fn, ghost.make_clipped_sum(method, model, loss_fn, 1.0), tx, 1.0)
+        mesh, loss_fn, clipping.make_clipped_sum(method, model, loss_fn, 1.0), tx, 1.0)
     state = step_lib.State(params=params, opt_state=tx.init(params),
                            step=jnp.zeros((), jnp.int32))
     state, m = run(state, dev.features, dev.labels, b.indices, b.mask, np.ones(steps, bool))
@@ -256,7 +256,7 @@ def _task_batch(rng, n, d, head, embeddings=(), scale=2.0):
 def _ghost_and_vmap(model, loss_fn, head, params, batch, clip, mask):
   want, want_stats = jax.jit(lambda p: clipping.clipped_grad_sum_with_stats(
       loss_fn, p, batch, clip, mask))(params)
-  fn = ghost.make_clipped_sum("ghost", model, loss_fn, clip, head=head)
+  fn = clipping.make_clipped_sum("ghost", model, loss_fn, clip, head=head)
   got, got_stats = jax.jit(fn)(params, batch, mask)
   return (got, got_stats), (want, want_stats)
 
@@ -332,7 +332,7 @@ def test_ghost_with_embeddings_padding_and_non_finite_rows_contribute_exactly_ze
   assert set(np.flatnonzero(got_stats.nonfinite)) == {5}
   clean = mask.copy()
   clean[5] = False
-  fn = jax.jit(ghost.make_clipped_sum("ghost", model, loss_fn, 0.5, head=head))
+  fn = jax.jit(clipping.make_clipped_sum("ghost", model, loss_fn, 0.5, head=head))
   ref, _ = fn(params, (np.where(clean[:, None], x, 0), y), clean)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(a, b)
@@ -341,7 +341,7 @@ def test_ghost_with_embeddings_padding_and_non_finite_rows_contribute_exactly_ze
 def test_dispatch_accepts_embeddings_and_wide_heads():
   model, _, _, _ = _task_model(7, (8,), 0, HEADS["multiclass"], EMB_B)
   assert ghost.unsupported_layers(model) == []
-  assert ghost.resolve_method("auto", model) == "ghost"
+  assert clipping.resolve_method("auto", model) == "ghost"
 
 
 @pytest.mark.parametrize("task", ["multiclass", "huber"])
@@ -352,7 +352,7 @@ def test_each_example_contributes_at_most_c_with_embeddings(task):
   model, _, params, loss_fn = _task_model(6, (8,), 11, head, EMB_B)
   x, y = _task_batch(np.random.default_rng(11), 10, 6, head, EMB_B, scale=5.0)
   clip = 0.2
-  fn = jax.jit(ghost.make_clipped_sum("ghost", model, loss_fn, clip, head=head))
+  fn = jax.jit(clipping.make_clipped_sum("ghost", model, loss_fn, clip, head=head))
   for i in range(10):
     total, stats = fn(params, (x, y), np.arange(10) == i)
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(total)))

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fastdp_jax.dp import ghost
+from fastdp_jax.dp import clipping
 from fastdp_jax import models
 from fastdp_jax.dp import noise
 from fastdp_jax import parallel
@@ -34,7 +34,7 @@ def _run(devices, method, strategy="shard_map"):
   tx = optax.chain(noise.privatize(CLIP, 0.7, BATCH, noise.noise_key(5)[0]), optax.sgd(0.5))
   kwargs = {} if strategy == "shard_map" else dict(strategy=strategy)
   run = step_lib.build_train_chunk(
-      mesh, loss_fn, ghost.make_clipped_sum(method, model, loss_fn, CLIP), tx, CLIP, **kwargs)
+      mesh, loss_fn, clipping.make_clipped_sum(method, model, loss_fn, CLIP), tx, CLIP, **kwargs)
   state = step_lib.State(params=params, opt_state=tx.init(params),
                          step=jnp.zeros((), jnp.int32))
   state, m = run(state, dev.features, dev.labels, b.indices, b.mask, np.ones(STEPS, bool))
@@ -83,7 +83,7 @@ def _run_task(devices, method, head, embeddings):
   b = sampling.PoissonSampler(N, BATCH, key=2, shard_bounds=dev.bounds).batches(0, STEPS)
   tx = optax.chain(noise.privatize(CLIP, 0.7, BATCH, noise.noise_key(6)[0]), optax.sgd(0.5))
   run = step_lib.build_train_chunk(
-      mesh, loss_fn, ghost.make_clipped_sum(method, model, loss_fn, CLIP, head=head), tx, CLIP)
+      mesh, loss_fn, clipping.make_clipped_sum(method, model, loss_fn, CLIP, head=head), tx, CLIP)
   state = step_lib.State(params=params, opt_state=tx.init(params),
                          step=jnp.zeros((), jnp.int32))
   state, m = run(state, dev.features, dev.labels, b.indices, b.mask, np.ones(STEPS, bool))

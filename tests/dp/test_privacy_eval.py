@@ -9,6 +9,7 @@ from scipy import optimize, special, stats
 
 from fastdp_jax.dp import accounting
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.dp import privacy_eval as pe
 
 
@@ -360,7 +361,7 @@ def test_dirac_audit_dataset_adds_one_column_per_canary_zero_in_every_real_row(t
   expected = np.zeros((m, d + m), np.float32)
   expected[np.arange(m), d + np.arange(m)] = pe.DIRAC_SCALE
   np.testing.assert_array_equal(canaries.features, expected)
-  manifest = data_lib.read_manifest(out)
+  manifest = manifest_lib.read_manifest(out)
   assert manifest.num_features == d + m
   assert manifest.feature_bounds == ((0.0, 1.0),) * d + ((0.0, pe.DIRAC_SCALE),) * m
   assert manifest.extra["canary_kind"] == "dirac"
@@ -460,12 +461,12 @@ def test_make_audit_dataset_cli(tmp_path, capsys):
   assert "50 canaries" in capsys.readouterr().out
   assert pe.main(["make-audit-dataset", "--data", src, "--output", str(tmp_path / "a"),
                   "--canaries", "50"]) == 2  # exists: refuses without --overwrite
-  manifest = data_lib.read_manifest(str(tmp_path / "a"))
+  manifest = manifest_lib.read_manifest(str(tmp_path / "a"))
   assert manifest.extra["num_canaries"] == 50 and manifest.extra["canaries"] == pe.CANARIES_FILE
   assert manifest.num_features == 9 + 50  # Dirac by default
   assert pe.main(["make-audit-dataset", "--data", src, "--output", str(tmp_path / "g"),
                   "--canaries", "50", "--kind", "gaussian"]) == 0
-  assert data_lib.read_manifest(str(tmp_path / "g")).num_features == 9
+  assert manifest_lib.read_manifest(str(tmp_path / "g")).num_features == 9
 
 
 def test_membership_inference_scores_nonfinite_losses_as_the_worst_without_stopping():

@@ -13,7 +13,9 @@ import stat
 import numpy as np
 
 from fastdp_jax import checkpoint
+from fastdp_jax import errors
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax.dp import release
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
@@ -61,9 +63,9 @@ def test_default_run_is_private_and_releases_no_statistic_of_training_rows(tmp_p
       assert not re.search(rf"(?<![\d.]){re.escape(leak)}(?!\d)", text), (path, leak)
 
   # The keys: in keys.json only (owner-only), in no other file, as bytes or as digits.
-  keys = checkpoint.load_keys(workdir)
+  keys = keys_lib.load(workdir)
   assert not keys.sampling_fixed and not keys.noise_fixed
-  key_path = os.path.join(workdir, checkpoint.KEYS_FILE)
+  key_path = os.path.join(workdir, keys_lib.KEYS_FILE)
   assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
   assert stat.S_IMODE(os.stat(workdir).st_mode) == 0o700
   assert stat.S_IMODE(os.stat(data).st_mode) == 0o700  # the dataset directory too
@@ -93,12 +95,12 @@ def test_forget_drops_keys_and_checkpoints_and_refuses_a_retrain(tmp_path):
   cfg = make_config(data, **{"num_epochs": 1, "checkpoint.keep_keys": False})
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(cfg, workdir)
-  assert not os.path.exists(os.path.join(workdir, checkpoint.KEYS_FILE))
+  assert not os.path.exists(os.path.join(workdir, keys_lib.KEYS_FILE))
   assert not os.path.exists(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
   assert os.path.isfile(os.path.join(workdir, "model", "model.json"))
   try:
     train.train_and_evaluate(cfg, workdir)
-  except checkpoint.ResumeMismatchError as e:
+  except errors.ResumeMismatchError as e:
     assert "keys and checkpoints were deleted" in str(e)
   else:
     raise AssertionError("a forgotten run was trained again")

@@ -9,7 +9,9 @@ import pytest
 
 import fastdp_jax
 from fastdp_jax.data import shards as data_lib
-from fastdp_jax import export
+from fastdp_jax.export import layout
+from fastdp_jax.export import model_dir
+from fastdp_jax.export import predictor as predictor_lib
 from fastdp_jax import models
 
 NAMES = ("a", "b", "c", "d", "e")
@@ -18,8 +20,8 @@ NAMES = ("a", "b", "c", "d", "e")
 def _export(tmp_path, summary=None, hidden=(7,)):
   model = models.create_model(len(NAMES), hidden, seed=3)
   apply_fn, params = models.functional(model)
-  path = export.export_model(str(tmp_path / "model"), params=params, feature_names=NAMES,
-                             label_name="employed", hidden_sizes=hidden, summary=summary)
+  path = model_dir.export_model(str(tmp_path / "model"), params=params, feature_names=NAMES,
+                                label_name="employed", hidden_sizes=hidden, summary=summary)
   return path, apply_fn, params
 
 
@@ -42,19 +44,19 @@ def test_loaded_model_reproduces_the_trained_function(tmp_path):
 
 def test_wrong_inputs_and_damaged_files_fail_loudly(tmp_path):
   path, _, _ = _export(tmp_path)
-  predictor = export.load_model(path)
+  predictor = predictor_lib.load_model(path)
   with pytest.raises(ValueError, match=r"expected \[n, 5\]"):
     predictor(np.zeros((2, 4)))
   with pytest.raises(KeyError, match="lack columns"):
     predictor({"a": [1.0]})
   with pytest.raises(FileNotFoundError):
-    export.load_model(str(tmp_path / "nowhere"))
-  params_path = os.path.join(path, export.PARAMS_FILE)
+    predictor_lib.load_model(str(tmp_path / "nowhere"))
+  params_path = os.path.join(path, layout.PARAMS_FILE)
   saved = dict(np.load(params_path))
   saved["layers/0/bias"] = saved["layers/0/bias"] + 1
   np.savez(params_path, **saved)
   with pytest.raises(ValueError, match="sha256"):
-    export.load_model(path)
+    predictor_lib.load_model(path)
 
 
 def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
@@ -68,12 +70,12 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
                      auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
                      num_members=10, num_nonmembers=10)})
   path, _, _ = _export(tmp_path, summary)
-  with open(os.path.join(path, export.SPEC_FILE)) as f:
+  with open(os.path.join(path, layout.SPEC_FILE)) as f:
     spec = json.load(f)
   assert [f["name"] for f in spec["features"]] == list(NAMES)
   assert spec["architecture"]["hidden_sizes"] == [7] and spec["num_params"] == 5 * 7 + 7 + 8
   assert spec["privacy"]["epsilon"] == 0.2768 and spec["privacy"]["accountant"] == "pld"
-  card = open(os.path.join(path, export.CARD_FILE)).read()
+  card = open(os.path.join(path, layout.CARD_FILE)).read()
   # No N (nor q precise enough to give it back), data digest or training-row statistic.
   text = json.dumps(spec) + card
   for leak in ("969204", "train_examples", "ab" * 32, "data_digest", "0.5039", "0.61",
@@ -87,11 +89,11 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
     assert text in card, text
   assert "no privacy guarantee" not in card
   public, _, _ = _export(tmp_path / "np", dict(dp_enabled=False, epsilon=float("inf")))
-  public_card = open(os.path.join(public, export.CARD_FILE)).read()
+  public_card = open(os.path.join(public, layout.CARD_FILE)).read()
   assert "**Not private**" in public_card and "no privacy guarantee" in public_card
   repro, _, _ = _export(tmp_path / "r", dict(summary, private=False,
                                              privacy_note="reproducibility run: ..."))
-  repro_card = open(os.path.join(repro, export.CARD_FILE)).read()
+  repro_card = open(os.path.join(repro, layout.CARD_FILE)).read()
   assert repro_card.splitlines()[2].startswith("**This model has no privacy guarantee**")
 
 
@@ -110,7 +112,7 @@ def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
   accuracy = np.mean(predictor.predict(test.features) == test.labels)
   assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
   final = np.load(tmp_path / "w" / "final_params.npz")
-  exported = np.load(tmp_path / "w" / "model" / export.PARAMS_FILE)
+  exported = np.load(tmp_path / "w" / "model" / layout.PARAMS_FILE)
   assert sorted(final) == sorted(exported)
   for k in final:
     np.testing.assert_array_equal(final[k], exported[k])
@@ -136,9 +138,9 @@ def _export_raw(tmp_path):
   emb = models.embedding_inputs(names, spec.embeddings, 3)
   net = models.create_model(len(names), (6,), seed=1, num_outputs=3, embeddings=emb)
   _, params = models.functional(net)
-  path = export.export_model(str(tmp_path / "model"), params=params, feature_names=names,
-                             label_name="level", hidden_sizes=(6,),
-                             feature_spec=spec.to_dict())
+  path = model_dir.export_model(str(tmp_path / "model"), params=params, feature_names=names,
+                                label_name="level", hidden_sizes=(6,),
+                                feature_spec=spec.to_dict())
   return spec, path, params
 
 
@@ -163,7 +165,7 @@ def test_raw_rows_are_encoded_by_the_exported_spec(tmp_path):
   assert result.outputs.shape == (2, 3)
   np.testing.assert_allclose(result.outputs.sum(axis=1), 1, rtol=1e-6)  # float32 softmax
   np.testing.assert_array_equal(result.predictions, np.argmax(expected, axis=1))
-  card = open(os.path.join(path, export.CARD_FILE)).read()
+  card = open(os.path.join(path, layout.CARD_FILE)).read()
   assert "| `region` | embedding | embedding id of 3 public codes (unknown code: extra_id) |" \
       in card and "python -m fastdp_jax.predict" in card
 
@@ -171,7 +173,7 @@ def test_raw_rows_are_encoded_by_the_exported_spec(tmp_path):
 def test_a_model_without_a_spec_refuses_raw_rows(tmp_path):
   path, _, _ = _export(tmp_path)
   predictor = fastdp_jax.load_model(path)
-  with pytest.raises(export.RowInputError, match="no feature spec"):
+  with pytest.raises(predictor_lib.RowInputError, match="no feature spec"):
     predictor.predict_rows([{"a": 1}])
 
 
@@ -189,7 +191,7 @@ def test_a_model_without_a_spec_refuses_raw_rows(tmp_path):
 def test_an_edited_feature_spec_or_model_is_refused(tmp_path, edit, match):
   _, path, _ = _export_raw(tmp_path)
   _reseal(path, edit)  # edited, and resealed by a forger
-  with pytest.raises(export.ModelIntegrityError, match=match):
+  with pytest.raises(model_dir.ModelIntegrityError, match=match):
     fastdp_jax.load_model(path)
 
 
@@ -202,20 +204,20 @@ def test_the_dataset_feature_spec_is_taken_only_when_it_describes_the_features(t
                                 label_name=spec.label, feature_bounds=(0, 1),
                                 extra={"spec": spec.to_dict()}) as w:
       w.add("train", np.zeros((4, len(names)), np.uint8), np.zeros(4, np.uint8))
-  assert export.dataset_feature_spec(str(tmp_path / "same")) == spec.to_dict()
-  assert export.dataset_feature_spec(str(tmp_path / "canaries")) is None
-  assert export.dataset_feature_spec(str(tmp_path / "nowhere")) is None
+  assert model_dir.dataset_feature_spec(str(tmp_path / "same")) == spec.to_dict()
+  assert model_dir.dataset_feature_spec(str(tmp_path / "canaries")) is None
+  assert model_dir.dataset_feature_spec(str(tmp_path / "nowhere")) is None
 
 
 def _reseal(path, edit):
-  spec_path = os.path.join(path, export.SPEC_FILE)
+  spec_path = os.path.join(path, layout.SPEC_FILE)
   with open(spec_path) as f:
     spec = json.load(f)
   edit(spec)
   with open(spec_path, "w") as f:
     json.dump(spec, f)
-  with open(os.path.join(path, export.MANIFEST_FILE), "w") as f:
-    f.write(export._manifest_text(path))  # pylint: disable=protected-access
+  with open(os.path.join(path, layout.MANIFEST_FILE), "w") as f:
+    f.write(model_dir._manifest_text(path))  # pylint: disable=protected-access
 
 
 def test_a_version_2_export_still_loads_as_a_binary_model(tmp_path):

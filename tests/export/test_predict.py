@@ -17,7 +17,9 @@ import pytest
 
 import fastdp_jax
 from fastdp_jax.data import shards as data_lib
-from fastdp_jax import export
+from fastdp_jax.data import manifest as manifest_lib
+from fastdp_jax.export import layout
+from fastdp_jax.export import predictor as predictor_lib
 from fastdp_jax import models
 from fastdp_jax import predict
 from fastdp_jax.data import split as split_lib
@@ -63,12 +65,12 @@ def _trained(spark, raw_csv, tmp_path, spec_name):
 
 def _trainer_evaluation(cfg, workdir, test):
   """The trainer's own evaluation code (build_eval + evaluate_split) on the test shards."""
-  with open(os.path.join(workdir, "model", export.SPEC_FILE)) as f:
+  with open(os.path.join(workdir, "model", layout.SPEC_FILE)) as f:
     model_dict = json.load(f)["model"]
   head = models.TaskHead(kind=model_dict["task"], num_classes=len(model_dict["classes"]),
                          bounds=None if model_dict["bounds"] is None else
                          tuple(model_dict["bounds"]))
-  manifest = data_lib.read_manifest(cfg.data.path)
+  manifest = manifest_lib.read_manifest(cfg.data.path)
   tables = models.embedding_inputs(manifest.feature_names, manifest.embeddings,
                                    cfg.model.embedding_dim)
   net = models.create_model(test.features.shape[1], cfg.model.hidden_sizes, seed=0,
@@ -109,7 +111,7 @@ def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_p
                         "--input", raw_csv, "--output", out, "--errors", errs],
                        capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
   assert run.returncode == 0, run.stderr
-  manifest = data_lib.read_manifest(data)
+  manifest = manifest_lib.read_manifest(data)
   pv = manifest.provenance
   predicted, bad = _read_csv(out), _read_csv(errs)
   # The predictor needs the features, not the label: it predicts every row whose features
@@ -215,7 +217,7 @@ def test_each_bad_input_is_reported_with_row_and_column(raw_model, tmp_path):
                                     np.float64))
   np.testing.assert_array_equal(result.outputs, predictor(x))
   # Calling the predictor on bad raw rows raises, naming the first bad row and column.
-  with pytest.raises(export.RowInputError, match=r"row 0: column 'age': 'abc' is not"):
+  with pytest.raises(predictor_lib.RowInputError, match=r"row 0: column 'age': 'abc' is not"):
     predictor(rows[1:2])
   # A DataFrame in another column order gives the same outputs as the dicts.
   pd = pytest.importorskip("pandas")

@@ -39,6 +39,7 @@ class Mutant:
 
 _CLIP_FACTOR = "factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))"
 _VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
+_BUILD_STEP = "  build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk\n"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -74,19 +75,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="realised_batch",
         file="fastdp_jax/train.py",
-        old=("  clipped_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
-             "plan.l2_norm_clip,\n"
-             "                                       microbatch_size=cfg.dp.microbatch_size, "
-             "head=head)\n"),
-        new=("  _exact_sum = ghost.make_clipped_sum(cfg.dp.clipping, model, loss_fn, "
-             "plan.l2_norm_clip,\n"
-             "                                      microbatch_size=cfg.dp.microbatch_size, "
-             "head=head)\n"
+        # Wraps the clipped sum where the step is built from it, not where it is made: the
+        # text does not depend on the module that makes it.
+        old=_BUILD_STEP,
+        new=("  _exact_sum = clipped_sum\n"
              "\n"
              "  def clipped_sum(params, batch, mask):  # MUTANT: mean over the realised batch\n"
              "    grads, stats = _exact_sum(params, batch, mask)\n"
              "    scale = cfg.batch_size / jnp.maximum(jnp.sum(mask), 1)\n"
-             "    return jax.tree_util.tree_map(lambda g: g * scale, grads), stats\n"),
+             "    return jax.tree_util.tree_map(lambda g: g * scale, grads), stats\n"
+             "\n" + _BUILD_STEP),
         breaks="the clipped sum is divided by the realised batch size, not the expected one"),
     Mutant(
         name="noise_key_reuse",
@@ -132,15 +130,15 @@ MUTANTS: tuple[Mutant, ...] = (
         multidevice=True),
     Mutant(
         name="public_sampling_seed",
-        file="fastdp_jax/train.py",
+        file="fastdp_jax/dp/keys.py",
         # Only the secret key is replaced: a set dp.sampling_seed still fixes the batches (a
-        # reproducibility run behaves as before), but a default run's "secret" sampling key
-        # is a function of the public cfg.seed, and the run still says private.
-        old="  skey, sfixed = sampling.sampling_key(cfg.dp.sampling_seed)\n",
-        new=("  skey, sfixed = sampling.sampling_key(cfg.dp.sampling_seed)\n"
-             "  if not sfixed:  # MUTANT: the secret sampling key derived from cfg.seed\n"
-             "    skey = sampling.sampling_key(cfg.seed)[0]\n"),
-        breaks="a default run's sampler is keyed by the public cfg.seed; it still says private"),
+        # reproducibility run behaves as without the mutant), but a default run's "secret"
+        # sampling key is a public constant, and the run still says private.
+        old="  skey, sfixed = sampling.sampling_key(sampling_seed)\n",
+        new=("  skey, sfixed = sampling.sampling_key(sampling_seed)\n"
+             "  if not sfixed:  # MUTANT: the secret sampling key is a public constant\n"
+             "    skey = sampling.sampling_key(0)[0]\n"),
+        breaks="a default run's sampler is keyed by a public constant; it still says private"),
 )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T
@@ -32,7 +33,7 @@ def data(tmp_path_factory):
 
 
 def assert_same_splits(a, b):
-  for split in data_lib.SPLITS:
+  for split in manifest_lib.SPLITS:
     sa, sb = data_lib.load_split(a, split), data_lib.load_split(b, split)
     np.testing.assert_array_equal(sa.features, sb.features)
     np.testing.assert_array_equal(sa.labels, sb.labels)
@@ -55,8 +56,8 @@ def test_local_pipeline_equals_the_direct_writer(data, tmp_path):
                          "capums"]) == 0
   S.write_shards(data["columns"], str(tmp_path / "direct"))
   assert_same_splits(str(tmp_path / "mr"), str(tmp_path / "direct"))
-  m = data_lib.read_manifest(str(tmp_path / "mr"))
-  assert m.provenance == data_lib.read_manifest(str(tmp_path / "direct")).provenance
+  m = manifest_lib.read_manifest(str(tmp_path / "mr"))
+  assert m.provenance == manifest_lib.read_manifest(str(tmp_path / "direct")).provenance
   assert m.extra["producer"] == "preprocessing.mapreduce"
 
 
@@ -220,9 +221,9 @@ def test_columns_by_name_in_any_order_with_an_extra_column(data, tmp_path):
     assert to_shards.main(["--input", tsv, "--output", outputs[name], "--spec", "capums"]) == 0
   assert_same_splits(outputs["canonical"], outputs["shuffled"])
   # Unused columns are listed in the manifest, in header order.
-  assert data_lib.read_manifest(outputs["canonical"]).extra["ignored_columns"] == [
+  assert manifest_lib.read_manifest(outputs["canonical"]).extra["ignored_columns"] == [
       "blackfemale", "targetted"]
-  assert data_lib.read_manifest(outputs["shuffled"]).extra["ignored_columns"] == [
+  assert manifest_lib.read_manifest(outputs["shuffled"]).extra["ignored_columns"] == [
       "targetted", "blackfemale", "notes"]
   # A missing used column is refused by the mapper, naming it.
   short = str(tmp_path / "short.csv")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from preprocessing import synthesize as S
 
@@ -67,11 +68,11 @@ def test_load_split_reads_the_original_layouts(tmp_path, arrays, layout):
 
 def test_original_files_without_configured_bounds_are_refused(tmp_path, arrays):
   path = write_dataset_h5(tmp_path / "dataset.h5", arrays)
-  with pytest.raises(data_lib.ShardError, match=r"dataset.h5 \(an original single-file layout"
+  with pytest.raises(manifest_lib.ShardError, match=r"dataset.h5 \(an original single-file layout"
                      r"\): no feature bounds declared.*--config.data.feature_bounds"):
     data_lib.load_split(path, "train")
   # Bounds are checked, not just required: these binary features are not all in [0, 0.5].
-  with pytest.raises(data_lib.ShardError, match="dataset.h5 \\(train\\): column 'sex'.*outside"):
+  with pytest.raises(manifest_lib.ShardError, match="dataset.h5 \\(train\\): column 'sex'.*outside"):
     data_lib.load_split(path, "train", feature_bounds=(0, 0.5))
   per_feature = tuple((0, 1) for _ in split_lib.CAPUMS_FEATURES)
   assert len(data_lib.load_split(path, "test", feature_bounds=per_feature)) == len(arrays[3])
@@ -95,7 +96,7 @@ def test_shards_of_the_spark_job_equal_the_original_layout(tmp_path, arrays):
     w.add("train", x_tr, y_tr)
     w.add("test", x_te, y_te)
   package = write_package_h5(tmp_path / "dataset_package.h5", arrays)
-  for split in data_lib.SPLITS:
+  for split in manifest_lib.SPLITS:
     a = data_lib.load_split(str(tmp_path / "shards"), split)
     b = data_lib.load_split(package, split, feature_bounds=(0, 1))
     np.testing.assert_array_equal(a.features, b.features)
@@ -124,7 +125,7 @@ def test_malformed_original_files_raise_a_shard_error(tmp_path, name, build, mat
   path = str(tmp_path / name)
   with h5py.File(path, "w") as f:
     build(f)
-  with pytest.raises(data_lib.ShardError, match=match) as e:
+  with pytest.raises(manifest_lib.ShardError, match=match) as e:
     data_lib.load_split(path, "train", feature_bounds=(0, 1))
   assert name in str(e.value)
 
@@ -132,7 +133,7 @@ def test_malformed_original_files_raise_a_shard_error(tmp_path, name, build, mat
 def test_a_file_that_is_not_hdf5(tmp_path):
   path = tmp_path / "dataset.h5"
   path.write_text("x_train,y_train\n")
-  with pytest.raises(data_lib.ShardError, match="unreadable HDF5 file"):
+  with pytest.raises(manifest_lib.ShardError, match="unreadable HDF5 file"):
     data_lib.load_split(str(path), "train")
 
 

@@ -19,8 +19,10 @@ import time
 import numpy as np
 import pytest
 
+from fastdp_jax.data import batch_format as bf
 from fastdp_jax.data import batch_stream as bs
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.dp import release
 from fastdp_jax.dp import sampling
 from fastdp_jax.data import split as split_lib
@@ -92,9 +94,9 @@ def test_every_update_holds_exactly_the_in_memory_samplers_rows(dataset, seeded)
   assert stream.capacity == sampling.capacity_for(n, q, p)
   assert stream.overflow_probability == p and stream.run.expected_batch_size == pytest.approx(B)
   assert stream.sampling_fixed
-  assert stream.dataset_digest == data_lib.read_manifest(dataset["path"]).digest()
+  assert stream.dataset_digest == manifest_lib.read_manifest(dataset["path"]).digest()
   key = sampling.sampling_key(SEED)[0]
-  assert stream.key_commitment == bs.key_commitment(key)
+  assert stream.key_commitment == bf.key_commitment(key)
   sampler = sampling.PoissonSampler(n, B, key)
   f, lab, m = stream.read(0, stream.total_updates)
   assert f.shape == (E * spe, stream.capacity, 5)
@@ -118,7 +120,7 @@ def test_shards_do_not_depend_on_partitioning(spark, dataset, seeded, tmp_path):
   run, block = _job(spark, dataset["path"], out, sampling_seed=SEED, updates_per_shard=K,
                     rows_per_task=2000)
   assert block.extra["spark"]["tasks"] == 4  # one per train shard; the seeded run had 7
-  mine = bs.read_block(seeded, block.name, bs.read_run(seeded))
+  mine = bf.read_block(seeded, block.name, bf.read_run(seeded))
   assert [s.sha256 for s in block.shards] == [s.sha256 for s in mine.shards]
   assert run.digest == mine.run_digest
 
@@ -127,16 +129,16 @@ def test_default_key_is_secret_and_owner_only(spark, dataset, tmp_path):
   out = tmp_path / "secret"
   run, _ = _job(spark, dataset["path"], out, epochs=1)
   assert not run.sampling_fixed
-  key, fixed = bs.read_key(out)
-  assert not fixed and bs.key_commitment(key) == run.key_commitment
+  key, fixed = bf.read_key(out)
+  assert not fixed and bf.key_commitment(key) == run.key_commitment
   assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
-  assert stat.S_IMODE(os.stat(out / bs.PRIVATE_DIR).st_mode) == 0o700
-  assert stat.S_IMODE(os.stat(out / bs.PRIVATE_DIR / bs.KEY_FILE).st_mode) == 0o600
+  assert stat.S_IMODE(os.stat(out / bf.PRIVATE_DIR).st_mode) == 0o700
+  assert stat.S_IMODE(os.stat(out / bf.PRIVATE_DIR / bf.KEY_FILE).st_mode) == 0o600
   # The key (in hex or as bytes) is in no other file of the directory.
   secrets = [f"{int(w):016x}".encode() for w in key] + [key.astype("<u8").tobytes()]
   for root, _, files in os.walk(out):
     for name in files:
-      if name == bs.KEY_FILE:
+      if name == bf.KEY_FILE:
         continue
       with open(os.path.join(root, name), "rb") as fh:
         body = fh.read()
@@ -158,7 +160,7 @@ def test_epoch_blocks_in_one_directory_equal_the_full_run(spark, dataset, seeded
   stream = bs.open_batches(out)
   spe = stream.steps_per_epoch
   assert stream.available == ((0, spe),)
-  with pytest.raises(bs.MissingUpdatesError, match=r"update 60 \(epoch 1\) is in no block"):
+  with pytest.raises(bf.MissingUpdatesError, match=r"update 60 \(epoch 1\) is in no block"):
     stream.read(60, 1)
   # The second block reuses the directory's key (no seed needed) and appears atomically.
   _job(spark, dataset["path"], out, first_epoch=1, num_epochs_block=2, updates_per_shard=10)
@@ -174,14 +176,14 @@ def test_epoch_blocks_in_one_directory_equal_the_full_run(spark, dataset, seeded
   with pytest.raises(pb.PipelineError, match="overlap block epochs-0000-0001"):
     pb.plan_job(dataset["path"], str(out), batch_size=B, epochs=E, first_epoch=0,
                 num_epochs_block=2)
-  with pytest.raises(bs.BatchMismatchError, match="batch_size=48 .asked 64"):
+  with pytest.raises(bf.BatchMismatchError, match="batch_size=48 .asked 64"):
     pb.plan_job(dataset["path"], str(out), batch_size=64, epochs=E, first_epoch=1)
-  with pytest.raises(bs.BatchMismatchError, match="sampling-seed 8 is not the seed"):
+  with pytest.raises(bf.BatchMismatchError, match="sampling-seed 8 is not the seed"):
     pb.plan_job(dataset["path"], str(out), batch_size=B, epochs=E, first_epoch=1,
                 sampling_seed=8)
   # A consumed block may be deleted to free disk; reading it then names it.
   shutil.rmtree(out / "epochs-0000-0001")
-  with pytest.raises(bs.BatchError, match="epochs-0000-0001/updates-000000000.h5: file missing"):
+  with pytest.raises(bf.BatchError, match="epochs-0000-0001/updates-000000000.h5: file missing"):
     stream.read(0, 1)
   np.testing.assert_array_equal(stream.read(spe, 3)[0], full[0][spe:spe + 3])
 
@@ -278,7 +280,7 @@ def test_truncated_corrupt_or_missing_shard_is_named(seeded, tmp_path):
   size = os.path.getsize(shard)
   with open(shard, "r+b") as fh:
     fh.truncate(size - 100)
-  with pytest.raises(bs.BatchError, match=r"batch shard epochs-0000-0003/updates-000000014.h5: "
+  with pytest.raises(bf.BatchError, match=r"batch shard epochs-0000-0003/updates-000000014.h5: "
                      r"sha256 .* \(\d+ bytes, manifest says \d+: truncated"):
     bs.open_batches(out)
   shutil.copy(os.path.join(seeded, "epochs-0000-0003", "updates-000000014.h5"), shard)
@@ -287,33 +289,33 @@ def test_truncated_corrupt_or_missing_shard_is_named(seeded, tmp_path):
     byte = fh.read(1)
     fh.seek(size // 2)
     fh.write(bytes([byte[0] ^ 1]))
-  with pytest.raises(bs.BatchError, match="updates-000000014.h5: sha256"):
+  with pytest.raises(bf.BatchError, match="updates-000000014.h5: sha256"):
     bs.open_batches(out)
   os.remove(shard)
-  with pytest.raises(bs.BatchError, match="updates-000000014.h5: file missing"):
+  with pytest.raises(bf.BatchError, match="updates-000000014.h5: file missing"):
     bs.open_batches(out)
 
 
 def test_hand_edited_manifests_and_foreign_keys_are_refused(seeded, tmp_path):
   out = _copy(seeded, tmp_path)
-  run_path = out / bs.RUN_MANIFEST
+  run_path = out / bf.RUN_MANIFEST
   original = run_path.read_text()
   body = json.loads(original)
   body["sampling_rate"] *= 2
   run_path.write_text(json.dumps(body))
-  with pytest.raises(bs.BatchError, match="batches.json: contents do not match the manifest's "
+  with pytest.raises(bf.BatchError, match="batches.json: contents do not match the manifest's "
                      "digest"):
     bs.open_batches(out)
   run_path.write_text(original)
-  block_path = out / "epochs-0000-0003" / bs.BLOCK_MANIFEST
+  block_path = out / "epochs-0000-0003" / bf.BLOCK_MANIFEST
   body = json.loads(block_path.read_text())
   body["shards"][0]["num_updates"] = 8
   block_path.write_text(json.dumps(body))
-  with pytest.raises(bs.BatchError, match="block.json: contents do not match"):
+  with pytest.raises(bf.BatchError, match="block.json: contents do not match"):
     bs.open_batches(out)
-  shutil.copy(os.path.join(seeded, "epochs-0000-0003", bs.BLOCK_MANIFEST), block_path)
-  bs.write_key(str(out), sampling.sampling_key(SEED + 1)[0], True)
-  with pytest.raises(bs.BatchError, match="does not match the commitment"):
+  shutil.copy(os.path.join(seeded, "epochs-0000-0003", bf.BLOCK_MANIFEST), block_path)
+  bf.write_key(str(out), sampling.sampling_key(SEED + 1)[0], True)
+  with pytest.raises(bf.BatchError, match="does not match the commitment"):
     bs.open_batches(out)
 
 
@@ -323,7 +325,7 @@ def test_batches_for_another_dataset_batch_size_or_epochs_are_refused(dataset, s
   stream = bs.open_batches(seeded, expected=dict(ident, batch_size=B, epochs=E))
   assert stream.num_examples == dataset["n"]
   other = bs.dataset_identity(_rowid_dataset(tmp_path / "other", seed=1)["path"])
-  with pytest.raises(bs.BatchMismatchError) as e:
+  with pytest.raises(bf.BatchMismatchError) as e:
     bs.open_batches(seeded, expected=dict(other, batch_size=64, epochs=4))
   msg = str(e.value)
   assert "dataset_digest=" in msg and "batch_size=48 (the run asks 64)" in msg
@@ -364,7 +366,7 @@ def test_corrupt_dataset_shard_is_named(spark, dataset, tmp_path):
   with open(src / "train-00002.h5", "r+b") as fh:
     fh.seek(-16, 2)
     fh.write(b"\xff" * 16)
-  with pytest.raises(data_lib.ShardError, match="train-00002.h5: sha256"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00002.h5: sha256"):
     _job(spark, str(src), tmp_path / "out", sampling_seed=SEED)
   assert sorted(os.listdir(tmp_path)) == ["data"]
 
@@ -422,7 +424,7 @@ def test_spark_submit_runs_the_script(dataset, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   stream = bs.open_batches(out)
   assert stream.run.sampling_fixed and stream.total_updates == stream.steps_per_epoch
-  block = bs.read_block(out, "epochs-0000-0001", stream.run)
+  block = bf.read_block(out, "epochs-0000-0001", stream.run)
   assert block.extra["spark"]["master"] == "local[1]"
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T
@@ -42,7 +43,7 @@ def capums(tmp_path_factory):
 
 
 def assert_same_splits(a: str, b: str):
-  for split in data_lib.SPLITS:
+  for split in manifest_lib.SPLITS:
     sa, sb = data_lib.load_split(a, split), data_lib.load_split(b, split)
     assert sa.feature_names == sb.feature_names
     np.testing.assert_array_equal(sa.features, sb.features)
@@ -105,7 +106,7 @@ def test_split_does_not_depend_on_partitioning(spark, capums, tmp_path):
   # ... and equals the direct writer on the same generated rows.
   S.write_shards(capums["columns"], str(tmp_path / "direct"))
   assert_same_splits(str(tmp_path / "a"), str(tmp_path / "direct"))
-  assert a.provenance == data_lib.read_manifest(str(tmp_path / "direct")).provenance
+  assert a.provenance == manifest_lib.read_manifest(str(tmp_path / "direct")).provenance
   # A different split seed moves rows between train and test.
   c = spark_job.run_job(spark, capums["clean"], str(tmp_path / "c"), "capums", split_seed=1)
   assert c.rows("test") != a.rows("test")
@@ -179,7 +180,7 @@ def test_overwrite_replaces_a_dataset(spark, capums, tmp_path):
   S.write_shards(S.synthesize_capums(1000, seed=0), out)
   with pytest.raises(FileExistsError, match="--overwrite"):
     spark_job.run_job(spark, capums["clean"], out, "capums")
-  assert data_lib.read_manifest(out).provenance.rows_read == 1000  # untouched
+  assert manifest_lib.read_manifest(out).provenance.rows_read == 1000  # untouched
   m = spark_job.run_job(spark, capums["clean"], out, "capums", overwrite=True)
   assert m.provenance.rows_read == 200_000
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
@@ -214,7 +215,7 @@ def test_spark_submit_runs_the_script(capums, tmp_path):
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                      check=False)
   assert r.returncode == 0, r.stderr[-3000:]
-  m = data_lib.read_manifest(out)
+  m = manifest_lib.read_manifest(out)
   assert m.extra["spark"]["master"] == "local[1]"  # the master came from spark-submit
   assert m.provenance.rows_read == 5000 and "5000 rows read" in r.stdout
 
@@ -243,7 +244,7 @@ def test_killed_job_leaves_no_complete_looking_output(tmp_path):
   with pytest.raises(FileNotFoundError):
     data_lib.load_split(out, "train")
   for staging in glob.glob(str(tmp_path / ".out.staging-*")):
-    assert not os.path.exists(os.path.join(staging, data_lib.MANIFEST))
+    assert not os.path.exists(os.path.join(staging, manifest_lib.MANIFEST))
 
 
 def test_gzip_input_and_a_path_with_spaces(spark, tmp_path):
@@ -359,9 +360,9 @@ def test_label_kinds_and_embeddings_reject_or_clip_and_count(spark, tmp_path):
                                                           (6, "out_of_domain")]
   assert "'code': 999 is not an integer code in [101, 150]" in rejects[0]["detail"]
   assert "'y': 7 is not one of 1,2,3,4,5,6" in rejects[1]["detail"]
-  assert m.task == data_lib.Task("multiclass", classes=("low", "mid", "high"))
-  assert m.embeddings == (data_lib.Embedding("code", 50),)
-  both = {s: data_lib.load_split(str(tmp_path / "multi"), s) for s in data_lib.SPLITS}
+  assert m.task == manifest_lib.Task("multiclass", classes=("low", "mid", "high"))
+  assert m.embeddings == (manifest_lib.Embedding("code", 50),)
+  both = {s: data_lib.load_split(str(tmp_path / "multi"), s) for s in manifest_lib.SPLITS}
   got = sorted(zip(*(np.concatenate([both[s].features[:, 1] for s in both]),
                      np.concatenate([both[s].labels for s in both]))))
   assert got == sorted([(0.0, 0.0), (1.0, 2.0), (49.0, 0.0), (2.0, 1.0), (0.0, 2.0),
@@ -373,9 +374,9 @@ def test_label_kinds_and_embeddings_reject_or_clip_and_count(spark, tmp_path):
   assert m.provenance.rejected == 0 and m.provenance.kept == len(rows)
   assert m.extra["adjusted_by_column"] == {"label_clipped:y": 2, "unknown_id:code": 1}
   assert m.task.bounds == pytest.approx((np.log1p(2), np.log1p(6)), rel=1e-15)
-  assert m.embeddings == (data_lib.Embedding("code", 51),)  # the extra id 50 for 999
+  assert m.embeddings == (manifest_lib.Embedding("code", 51),)  # the extra id 50 for 999
   labels = np.concatenate([data_lib.load_split(str(tmp_path / "clip"), s).labels
-                           for s in data_lib.SPLITS])
+                           for s in manifest_lib.SPLITS])
   assert sorted(labels.tolist()) == sorted(np.float32(np.log1p(np.clip(
       [r[2] for r in rows], 2, 6))).tolist())
   # Regression, rejected: the same two rows are rejected as out_of_bounds.

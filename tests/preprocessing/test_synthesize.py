@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
@@ -220,10 +221,10 @@ def test_cli_writes_csv_and_shards_and_refuses_existing_output(tmp_path):
   assert S.main(["--rows", "500", "--schema", "raw", "--output", csv,
                  "--output-shards", shards]) == 0
   assert T.count_lines(csv) == 501
-  assert data_lib.read_manifest(shards).num_features == 29
+  assert manifest_lib.read_manifest(shards).num_features == 29
   assert S.main(["--rows", "500", "--output-shards", shards]) == 2
   assert S.main(["--rows", "500", "--output-shards", shards, "--overwrite"]) == 0
-  assert data_lib.read_manifest(shards).num_features == 9
+  assert manifest_lib.read_manifest(shards).num_features == 9
 
 
 def test_module_entry_point_used_by_the_makefile(tmp_path):
@@ -232,6 +233,6 @@ def test_module_entry_point_used_by_the_makefile(tmp_path):
                       "--seed", "0", "--output-shards", out, "--overwrite"], cwd=ROOT,
                      capture_output=True, text=True, check=False)
   assert r.returncode == 0, r.stderr
-  m = data_lib.read_manifest(out)
+  m = manifest_lib.read_manifest(out)
   assert m.rows("train") + m.rows("test") == m.provenance.kept
   assert "train" in r.stdout and io.StringIO(r.stdout).read().count("\n") == 1

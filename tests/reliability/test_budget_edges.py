@@ -8,11 +8,19 @@ import pytest
 
 from fastdp_jax.dp import accounting
 from fastdp_jax import errors
+from fastdp_jax import config as config_lib
 from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_config, make_dataset
 
 N = 3000 - 595  # training rows of the dataset below
+
+
+def _plan(cfg, n):
+  """The trainer's plan of ``cfg`` for ``n`` training rows."""
+  rc = config_lib.settings(cfg)
+  return plan_lib.plan_privacy(rc.dp, batch_size=rc.batch_size, num_epochs=rc.num_epochs,
+                               num_examples=n)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def test_a_target_too_large_for_any_sane_sigma_is_refused_at_once(dataset, targe
                                                                   no_pld):
   cfg = make_config(dataset, **{"dp.target_epsilon": target})
   with pytest.raises(accounting.CalibrationError, match=match) as e:
-    plan_lib.plan_privacy(cfg, N)
+    _plan(cfg, N)
   assert isinstance(e.value, errors.UserError) and "pld" not in no_pld
 
 
@@ -76,7 +84,7 @@ def test_a_target_that_needs_sigma_beyond_sane_limits_is_refused_at_once(dataset
   cfg = make_config(dataset, num_epochs=1_000_000, **{"dp.target_epsilon": 1.0})
   with pytest.raises(accounting.CalibrationError,
                      match=r"over 38000000 updates .* needs a noise multiplier above 100"):
-    plan_lib.plan_privacy(cfg, N)
+    _plan(cfg, N)
   assert "pld" not in no_pld
 
 
@@ -92,7 +100,7 @@ def test_a_long_calibration_prints_progress(dataset, monkeypatch, capsys):
   real = accounting.progress_printer
   monkeypatch.setattr(accounting, "progress_printer",
                       lambda what, **kw: real(what, **dict(kw, every_s=0)))
-  plan = plan_lib.plan_privacy(make_config(dataset, **{"dp.target_epsilon": 2.0}), N)
+  plan = _plan(make_config(dataset, **{"dp.target_epsilon": 2.0}), N)
   out = capsys.readouterr().out
   lines = [line for line in out.splitlines() if line.startswith("calibrating the noise "
                                                                  "multiplier to epsilon <= 2.0")]

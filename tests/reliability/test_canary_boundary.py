@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.dp import privacy_eval as pe
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
@@ -25,7 +25,7 @@ def audit(tmp_path):
 
 
 def _edit_extra(path, **changes):
-  manifest = os.path.join(path, data_lib.MANIFEST)
+  manifest = os.path.join(path, manifest_lib.MANIFEST)
   body = json.load(open(manifest))
   body["extra"].update(changes)
   with open(manifest, "w") as f:
@@ -35,7 +35,7 @@ def _edit_extra(path, **changes):
 def _refused(audit, tmp_path, match):
   cfg = make_config(audit, num_epochs=1)
   cfg.data.attack_column = ""
-  with pytest.raises(data_lib.ShardError, match=match):
+  with pytest.raises(manifest_lib.ShardError, match=match):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "metrics.jsonl").exists()  # before the first update
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
@@ -28,7 +29,7 @@ def _rows(n=40, seed=0):
 
 
 def _edit_manifest(out, fn):
-  path = os.path.join(out, data_lib.MANIFEST)
+  path = os.path.join(out, manifest_lib.MANIFEST)
   with open(path) as f:
     body = json.load(f)
   fn(body)
@@ -43,7 +44,7 @@ def _good(tmp_path, name="d"):
 
 
 def test_shard_errors_are_user_errors():
-  assert issubclass(data_lib.ShardError, errors.UserError)
+  assert issubclass(manifest_lib.ShardError, errors.UserError)
 
 
 # ------------------------------------------------------------------ paths inside the directory
@@ -61,10 +62,10 @@ def test_a_shard_name_that_is_not_a_plain_file_name_is_refused(tmp_path, name):
   def point_outside(body):
     body["shards"][1]["file"] = name  # the train shard
   _edit_manifest(out, point_outside)
-  with pytest.raises(data_lib.ShardError, match="not a plain file name inside the dataset"):
+  with pytest.raises(manifest_lib.ShardError, match="not a plain file name inside the dataset"):
     data_lib.load_split(out, "train", verify_checksum=False)
-  with pytest.raises(data_lib.ShardError, match="not a plain file name"):
-    data_lib.read_manifest(out)
+  with pytest.raises(manifest_lib.ShardError, match="not a plain file name"):
+    manifest_lib.read_manifest(out)
 
 
 def test_a_symlink_leading_outside_the_directory_is_refused(tmp_path):
@@ -72,14 +73,14 @@ def test_a_symlink_leading_outside_the_directory_is_refused(tmp_path):
   outside = tmp_path / "outside.h5"
   os.replace(os.path.join(out, "train-0.h5"), outside)
   os.symlink(outside, os.path.join(out, "train-0.h5"))
-  with pytest.raises(data_lib.ShardError, match="train-0.h5: a symlink leading outside"):
+  with pytest.raises(manifest_lib.ShardError, match="train-0.h5: a symlink leading outside"):
     data_lib.load_split(out, "train")
 
 
 def test_a_shard_listed_twice_is_refused(tmp_path):
   out = _good(tmp_path)
   _edit_manifest(out, lambda body: body["shards"].append(dict(body["shards"][1])))
-  with pytest.raises(data_lib.ShardError, match="train-0.h5 is listed more than once"):
+  with pytest.raises(manifest_lib.ShardError, match="train-0.h5 is listed more than once"):
     data_lib.load_split(out, "train")
 
 
@@ -90,16 +91,16 @@ def test_a_shard_aliased_by_a_symlink_inside_the_directory_is_refused(tmp_path):
   def alias(body):
     body["shards"].append(dict(body["shards"][1], file="train-1.h5"))
   _edit_manifest(out, alias)
-  with pytest.raises(data_lib.ShardError, match="train-1.h5: the same file as shard train-0.h5"):
+  with pytest.raises(manifest_lib.ShardError, match="train-1.h5: the same file as shard train-0.h5"):
     data_lib.load_split(out, "train")
 
 
 def test_an_unknown_split_is_refused(tmp_path):
   out = _good(tmp_path)
   _edit_manifest(out, lambda body: body["shards"][0].update(split="validation"))
-  with pytest.raises(data_lib.ShardError, match="test-0.h5 has split 'validation'"):
+  with pytest.raises(manifest_lib.ShardError, match="test-0.h5 has split 'validation'"):
     data_lib.load_split(out, "train")
-  with pytest.raises(data_lib.ShardError, match="split"):
+  with pytest.raises(manifest_lib.ShardError, match="split"):
     data_lib.write_shard(str(tmp_path), "v.h5", "validation", *_rows(), feature_bounds=(0, 1))
 
 
@@ -107,7 +108,7 @@ def test_an_unknown_split_is_refused(tmp_path):
 def test_a_shard_entry_with_a_bad_count_is_refused(tmp_path, key, value):
   out = _good(tmp_path)
   _edit_manifest(out, lambda body: body["shards"][1].update({key: value}))
-  with pytest.raises(data_lib.ShardError, match=f"train-0.h5 has {key}=|train-0.h5: feature"):
+  with pytest.raises(manifest_lib.ShardError, match=f"train-0.h5 has {key}=|train-0.h5: feature"):
     data_lib.load_split(out, "train")
 
 
@@ -122,7 +123,7 @@ def _writer(tmp_path):
                                           ([0.7] + [1] * 9, 1), ([np.nan, 5] + [0] * 8, 2)])
 def test_the_writer_refuses_labels_outside_0_1_instead_of_casting(tmp_path, labels, count):
   x, _ = _rows(10)
-  with pytest.raises(data_lib.ShardError,
+  with pytest.raises(manifest_lib.ShardError,
                      match=rf"shard train-00000.h5: {count} label\(s\) outside \{{0, 1\}}"):
     with _writer(tmp_path) as w:
       w.add("train", x, np.asarray(labels))
@@ -133,7 +134,7 @@ def test_the_writer_refuses_labels_outside_0_1_instead_of_casting(tmp_path, labe
     np.array([["0", "1", "0"]] * 4), np.ones((4, 3), np.complex64), np.ones((4, 3), bool),
     np.array([[0, 1, None]] * 4, dtype=object)], ids=["str", "complex", "bool", "object"])
 def test_the_writer_refuses_non_numeric_features(tmp_path, features):
-  with pytest.raises(data_lib.ShardError, match="train-00000.h5: features have dtype"):
+  with pytest.raises(manifest_lib.ShardError, match="train-00000.h5: features have dtype"):
     with _writer(tmp_path) as w:
       w.add("train", features, np.zeros(4))
 
@@ -144,13 +145,13 @@ def test_the_writer_refuses_non_numeric_features(tmp_path, features):
     ((4,), (4,), r"features have shape \(4,\)"),
     ((4, 2), (4,), "2 features, expected 3")])
 def test_the_writer_refuses_wrong_shapes(tmp_path, x_shape, y_shape, match):
-  with pytest.raises(data_lib.ShardError, match=match):
+  with pytest.raises(manifest_lib.ShardError, match=match):
     with _writer(tmp_path) as w:
       w.add("train", np.zeros(x_shape), np.zeros(y_shape))
 
 
 def test_the_writer_refuses_a_shard_name_with_a_directory(tmp_path):
-  with pytest.raises(data_lib.ShardError, match="not a plain file name"):
+  with pytest.raises(manifest_lib.ShardError, match="not a plain file name"):
     data_lib.write_shard(str(tmp_path), "../x.h5", "train", *_rows(), feature_bounds=(0, 1))
   assert not os.path.exists(tmp_path.parent / "x.h5")
 
@@ -171,7 +172,7 @@ def test_the_reader_refuses_what_the_writer_would(tmp_path, build, match):
   tx, ty = build(x[:30], y[:30])
   out = write_raw_dataset(str(tmp_path / "d"), {"train-0.h5": ("train", tx, ty),
                                                 "test-0.h5": ("test", x[30:], y[30:])})
-  with pytest.raises(data_lib.ShardError, match=f"shard train-0.h5: .*{match}"):
+  with pytest.raises(manifest_lib.ShardError, match=f"shard train-0.h5: .*{match}"):
     data_lib.load_split(out, "train")
 
 
@@ -181,7 +182,7 @@ def test_a_features_group_instead_of_a_dataset_is_a_shard_error(tmp_path):
   with h5py.File(path, "w") as f:
     f.create_group("features")
     f["labels"] = np.zeros(30, np.uint8)
-  with pytest.raises(data_lib.ShardError, match="train-0.h5: 'features' is not a dataset"):
+  with pytest.raises(manifest_lib.ShardError, match="train-0.h5: 'features' is not a dataset"):
     data_lib.load_split(out, "train", verify_checksum=False)
 
 
@@ -194,13 +195,13 @@ def test_a_dataset_with_one_bad_feature_is_refused_before_any_update(tmp_path, v
   rows = data_lib.load_split(src, "train")
   x, y = rows.features.copy(), rows.labels
   x[1234, 5] = value  # one person's value
-  names = data_lib.read_manifest(src).feature_names
+  names = manifest_lib.read_manifest(src).feature_names
   test = data_lib.load_split(src, "test")
   out = write_raw_dataset(str(tmp_path / "bad"), {
       "train-0.h5": ("train", x[:1000], y[:1000]), "train-1.h5": ("train", x[1000:], y[1000:]),
       "test-0.h5": ("test", test.features, test.labels)}, names=names)
   workdir = tmp_path / "w"
-  with pytest.raises(data_lib.ShardError,
+  with pytest.raises(manifest_lib.ShardError,
                      match=f"shard train-1.h5: column '{names[5]}' has 1 .*{what}.*row 234"):
     train.train_and_evaluate(make_config(out, num_epochs=1), str(workdir))
   # Nothing was trained: no metrics, no checkpoint, no parameters.

@@ -10,7 +10,9 @@ import pytest
 
 from fastdp_jax.dp import accounting
 from fastdp_jax import checkpoint
+from fastdp_jax import errors
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
 
@@ -33,12 +35,12 @@ def _cli(dataset, workdir, *extra):
 
 def test_resume_with_changed_privacy_model_or_data_is_refused(dataset, tmp_path):
   train.train_and_evaluate(_cfg(dataset), str(tmp_path))
-  with pytest.raises(checkpoint.ResumeMismatchError, match="noise_multiplier"):
+  with pytest.raises(errors.ResumeMismatchError, match="noise_multiplier"):
     train.train_and_evaluate(_cfg(dataset, **{"dp.noise_multiplier": 2.0}), str(tmp_path))
-  with pytest.raises(checkpoint.ResumeMismatchError, match="model_hidden_sizes"):
+  with pytest.raises(errors.ResumeMismatchError, match="model_hidden_sizes"):
     train.train_and_evaluate(_cfg(dataset, **{"model.hidden_sizes": (4,)}), str(tmp_path))
   other = make_dataset(str(tmp_path / "other"), rows=6000, seed=6)
-  with pytest.raises(checkpoint.ResumeMismatchError, match="data_digest"):
+  with pytest.raises(errors.ResumeMismatchError, match="data_digest"):
     train.train_and_evaluate(_cfg(other), str(tmp_path))
 
 
@@ -65,11 +67,11 @@ def test_override_is_recorded_and_epsilon_keeps_accumulating(dataset, tmp_path):
 
 def test_a_resume_with_changes_draws_fresh_noise(dataset, tmp_path):
   train.train_and_evaluate(_cfg(dataset), str(tmp_path))
-  before = checkpoint.load_keys(str(tmp_path))
+  before = keys_lib.load(str(tmp_path))
   train.train_and_evaluate(_cfg(dataset, num_epochs=2, **{"dp.noise_multiplier": 2.0,
                                                           "checkpoint.allow_changes": True}),
                            str(tmp_path))
-  after = checkpoint.load_keys(str(tmp_path))
+  after = keys_lib.load(str(tmp_path))
   assert not (after.noise == before.noise).all()
   assert (after.sampling == before.sampling).all()
 

@@ -17,7 +17,7 @@ import pytest
 import fastdp_jax
 from fastdp_jax import atomic
 from fastdp_jax import errors
-from fastdp_jax import export
+from fastdp_jax.export import model_dir
 from fastdp_jax import models
 from fastdp_jax import train
 from tests.conftest import ROOT, make_config, make_dataset
@@ -152,8 +152,8 @@ def test_training_on_a_full_disk_is_one_line_and_keeps_the_last_complete_run(dat
 
 def _export(directory, hidden):
   _, params = models.functional(models.create_model(4, hidden, seed=0))
-  return export.export_model(directory, params=params, feature_names=("a", "b", "c", "d"),
-                             label_name="y", hidden_sizes=hidden)
+  return model_dir.export_model(directory, params=params, feature_names=("a", "b", "c", "d"),
+                                label_name="y", hidden_sizes=hidden)
 
 
 def test_a_full_disk_during_export_keeps_the_previous_model(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 
 from configs import test as test_config
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import launch
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset
@@ -54,7 +55,7 @@ def test_two_processes_give_the_one_process_model(dataset, tmp_path):
     assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
 
   # Each process read only its rows: contiguous ranges of N/2, cut inside a shard.
-  n = data_lib.read_manifest(dataset).rows("train")
+  n = manifest_lib.read_manifest(dataset).rows("train")
   assert f"process 0 holds training rows 0:{n // 2} of {n}" in r.stdout
   assert f"process 1 holds training rows {n // 2}:{n} of {n}" in r.stdout
   # Both processes log; only process 0 writes (one metrics line per epoch, not two).
@@ -82,7 +83,7 @@ def test_one_train_shard_is_split_by_rows_between_two_processes(tmp_path):
   """40,000 rows written as ONE train shard: each process holds half of the train rows (HDF5
   slices of the same shard), and the model equals the 1-process model."""
   data = make_dataset(str(tmp_path / "data"), rows=40_000, seed=4, max_rows_per_shard=100_000)
-  manifest = data_lib.read_manifest(data)
+  manifest = manifest_lib.read_manifest(data)
   assert len(manifest.shards_of("train")) == 1
   n = manifest.rows("train")
   cfg = test_config.get_config()
@@ -120,11 +121,11 @@ def test_a_bad_row_on_one_process_stops_every_process_naming_the_shard(tmp_path)
   """Process 1 alone reads the bad row; process 0 must not wait for it in a collective, and
   both say which shard and column, before any update."""
   src = make_dataset(str(tmp_path / "src"), rows=3000, seed=2)
-  train_rows, test_rows = (data_lib.load_split(src, s) for s in data_lib.SPLITS)
+  train_rows, test_rows = (data_lib.load_split(src, s) for s in manifest_lib.SPLITS)
   n = len(train_rows)
   x = train_rows.features.copy()
   x[n - 5, 3] = 1e30  # in process 1's half, second shard
-  names = data_lib.read_manifest(src).feature_names
+  names = manifest_lib.read_manifest(src).feature_names
   bad = write_raw_dataset(str(tmp_path / "bad"), {
       "train-0.h5": ("train", x[:1000], train_rows.labels[:1000]),
       "train-1.h5": ("train", x[1000:], train_rows.labels[1000:]),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import features as features_lib
 from preprocessing import synthesize as S
@@ -99,7 +100,7 @@ def test_na_everywhere(spark, tmp_path):
 def test_na_outside_the_used_columns_keeps_the_row(spark, tmp_path):
   path = write(tmp_path, "na_unused.csv", [HEADER, "1,0,1,0,1,1,0,1,0,1,NA,NA"] + GOOD)
   a, b = run_both(spark, path, tmp_path)
-  assert a.provenance == b.provenance == data_lib.Provenance(rows_read=5, kept=5)
+  assert a.provenance == b.provenance == manifest_lib.Provenance(rows_read=5, kept=5)
 
 
 MALFORMED = [  # (line, reason)
@@ -137,7 +138,7 @@ def test_malformed_rows_are_rejected_with_their_reason(spark, tmp_path):
         (3 + 2 * i, reason, line) for i, (line, reason) in enumerate(table)]
   # The quoted, spaced tokens were read as the numbers they spell.
   x = np.concatenate([data_lib.load_split(str(tmp_path / "spark"), s).features
-                      for s in data_lib.SPLITS])
+                      for s in manifest_lib.SPLITS])
   assert (x == np.array([1, 0, 1, 0, 1, 0, 1, 0, 1])).all(axis=1).sum() >= 1
   details = [r["detail"] for r in T.read_rejects(str(tmp_path / "spark"))]
   assert details[:3] == ["11 fields, expected 12", "13 fields, expected 12",
@@ -178,10 +179,10 @@ def test_crlf_line_endings_give_the_same_dataset(spark, tmp_path):
   S.write_csv(cols, crlf, line_ending="\r\n")
   run_spark(spark, lf, str(tmp_path / "lf"))
   a, b = run_both(spark, crlf, tmp_path)
-  assert a.provenance == b.provenance == data_lib.read_manifest(str(tmp_path / "lf")).provenance
+  assert a.provenance == b.provenance == manifest_lib.read_manifest(str(tmp_path / "lf")).provenance
   assert a.provenance.rejected == 0
   for out in ("spark", "streaming"):
-    for split in data_lib.SPLITS:
+    for split in manifest_lib.SPLITS:
       np.testing.assert_array_equal(data_lib.load_split(str(tmp_path / out), split).features,
                                     data_lib.load_split(str(tmp_path / "lf"), split).features)
 
@@ -189,7 +190,7 @@ def test_crlf_line_endings_give_the_same_dataset(spark, tmp_path):
 def test_a_header_repeated_mid_file(spark, tmp_path):
   path = write(tmp_path, "rep.csv", [HEADER] + GOOD[:2] + [HEADER] + GOOD[2:])
   a, b = run_both(spark, path, tmp_path)
-  assert a.provenance == b.provenance == data_lib.Provenance(rows_read=5, kept=4, rejected=1)
+  assert a.provenance == b.provenance == manifest_lib.Provenance(rows_read=5, kept=4, rejected=1)
   r = T.read_rejects(str(tmp_path / "spark"))
   assert [(x["line"], x["reason"]) for x in r] == [(4, "repeated_header")]
 
@@ -200,7 +201,7 @@ def test_undecodable_bytes_are_rejected_not_dropped(spark, tmp_path):
     f.write((HEADER + "\n" + GOOD[0] + "\n").encode() + b"1,0,\xff,0,1,1,0,1,0,1,1,1\n"
             + (GOOD[1] + "\n").encode())
   a, b = run_both(spark, path, tmp_path)
-  assert a.provenance == b.provenance == data_lib.Provenance(rows_read=3, kept=2, rejected=1)
+  assert a.provenance == b.provenance == manifest_lib.Provenance(rows_read=3, kept=2, rejected=1)
   for out in ("spark", "streaming"):
     (r,) = T.read_rejects(str(tmp_path / out))
     assert (r["line"], r["reason"]) == (3, "non_numeric") and "\ufffd" in r["text"]

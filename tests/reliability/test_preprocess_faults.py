@@ -19,6 +19,7 @@ import pytest
 
 from fastdp_jax import atomic
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from preprocessing import synthesize as S
 from preprocessing.mapreduce import local
@@ -123,7 +124,7 @@ def test_skipped_input_files_are_listed_in_the_summary_line(spark, tmp_path, cap
   assert code == 0
   assert ("skipped 3 input files that Spark ignores (names starting with _ or .): "
           ".part-1.csv.crc, _SUCCESS, _rows_of_2019.csv") in out
-  manifest = data_lib.read_manifest(str(tmp_path / "out"))
+  manifest = manifest_lib.read_manifest(str(tmp_path / "out"))
   assert manifest.provenance.rows_read == 50
   assert manifest.extra["skipped_inputs"] == [".part-1.csv.crc", "_SUCCESS", "_rows_of_2019.csv"]
 
@@ -262,4 +263,4 @@ def test_a_job_killed_mid_write_leaves_staging_that_the_next_run_removes(spark, 
   _run_spark(spark, small, out)
   assert f"removed {tmp_path / staging[0]}, left by a killed job" in capsys.readouterr().err
   assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-  assert json.load(open(out / data_lib.MANIFEST))["provenance"]["kept"] == 4
+  assert json.load(open(out / manifest_lib.MANIFEST))["provenance"]["kept"] == 4

@@ -1,68 +1,22 @@
-"""The metric sinks: console lines and progress bar, the one metrics.jsonl, TensorBoard events,
-and nothing at all on processes other than 0."""
+"""The metric sinks: the one metrics.jsonl, TensorBoard events, the records they get, and
+nothing at all on processes other than 0."""
 
 import io
 import json
 import logging as std_logging
 import os
-import re
 import struct
 
 import numpy as np
 import pytest
 
 from fastdp_jax import atomic
-from fastdp_jax import metrics
+from fastdp_jax import console
+from fastdp_jax import records as records_lib
 from fastdp_jax import schedule
+from fastdp_jax import sinks
+from tests.metric_records import chunk, epoch_record, write_progress
 from tests.tensorboard_events import read_scalars
-
-
-class _Tty(io.StringIO):
-  def isatty(self):
-    return True
-
-
-def _screen(text):
-  """What a terminal shows after ``text``: the few controls rich's progress bar uses (carriage
-  return, newline, erase line, cursor up, colours and cursor visibility ignored)."""
-  rows, row, col = [[]], 0, 0
-  for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]", text):
-    if token == "\r":
-      col = 0
-    elif token == "\n":
-      row, col = row + 1, 0
-      rows += [[] for _ in range(row + 1 - len(rows))]
-    elif token == "\x1b[2K":
-      rows[row] = []
-    elif token == "\x1b[1A":
-      row = max(row - 1, 0)
-    elif token.startswith("\x1b"):
-      assert token[-1] in "mhl", f"an unexpected control {token!r}"  # colours, cursor
-    else:
-      line = rows[row]
-      line += [" "] * (col + 1 - len(line))
-      line[col] = token
-      col += 1
-  return ["".join(r).rstrip() for r in rows if "".join(r).strip()]
-
-
-def _chunk(losses, counts, clipped=None):
-  losses = np.asarray(losses, np.float64)
-  counts = np.asarray(counts, np.float64)
-  return dict(loss_sum=losses * counts, count=counts,
-              clipped=np.zeros_like(counts) if clipped is None else np.asarray(clipped, float),
-              nonfinite=np.zeros_like(counts))
-
-
-def _progress(w, step, chunk, k):
-  """What the trainer's progress hook writes after a call of ``k`` updates ending at ``step``."""
-  return w.write(metrics.PROGRESS, step, metrics.call_totals(chunk, k))
-
-
-def _record(epoch, step, acc, eps):
-  return dict(epoch=epoch, step=step, nonprivate_train_loss=0.5, test_loss=0.6,
-              test_accuracy=acc, epsilon=eps, nonprivate_clipped_fraction=0.1,
-              nonprivate_nonfinite_examples=0, epoch_time_s=1.0)
 
 
 def test_logging_points_fall_on_exact_multiples():
@@ -76,24 +30,25 @@ def test_logging_points_fall_on_exact_multiples():
 
 def test_plain_lines_one_jsonl_with_kinds_and_tensorboard(tmp_path):
   out = io.StringIO()
-  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=20, num_epochs=2,
-                         stream=out, plain_interval_s=0.0)
-  w.write(metrics.CONFIG, 0, {"dp": {"noise_multiplier": 1.1, "enabled": True},
-                              "model": {"sizes": (8,)}})
+  w = sinks.make_sinks(str(tmp_path), process_index=0, total_steps=20, num_epochs=2,
+                       stream=out, plain_interval_s=0.0)
+  w.write(records_lib.CONFIG, 0, {"dp": {"noise_multiplier": 1.1, "enabled": True},
+                                  "model": {"sizes": (8,)}})
   # Updates 0-4 have losses 1..5 on batches of 2, 4, ...: the point's loss is their weighted
   # mean; the sixth entry is past the call's length (padding of the compiled call).
-  _progress(w, 5, _chunk([1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 99], [1, 0, 0, 0, 1, 0]), 5)
-  p = w.write(metrics.EVAL, 5, dict(test_loss=0.7, test_accuracy=0.61, epsilon=0.3))
+  write_progress(w, 5, chunk([1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 99], [1, 0, 0, 0, 1, 0]), 5)
+  p = w.write(records_lib.EVAL, 5, dict(test_loss=0.7, test_accuracy=0.61, epsilon=0.3))
   assert p["nonprivate_train_loss"] == pytest.approx((2 + 8 + 18 + 32 + 50) / 30)
   assert p["nonprivate_clipped_fraction"] == pytest.approx(2 / 30)
-  _progress(w, 10, _chunk([1.0] * 5, [3] * 5), 5)
-  w.write(metrics.EVAL, 10, dict(test_loss=0.65, test_accuracy=0.63, epsilon=0.4))
-  w.write(metrics.EPOCH, 10, _record(1, 10, 0.63, 0.4))
-  _progress(w, 20, _chunk([0.5] * 10, [3] * 10), 10)
-  w.write(metrics.EVAL, 20, dict(test_loss=0.6, test_accuracy=0.64, epsilon=0.5))
-  w.write(metrics.EPOCH, 20, dict(_record(2, 20, 0.64, 0.5), nonprivate_attack_accuracy=0.55))
-  w.write(metrics.SUMMARY, 20, dict(epsilon=0.5, test_accuracy=0.64, steps=20,
-                                    dp_enabled=True, config={"x": 1}))
+  write_progress(w, 10, chunk([1.0] * 5, [3] * 5), 5)
+  w.write(records_lib.EVAL, 10, dict(test_loss=0.65, test_accuracy=0.63, epsilon=0.4))
+  w.write(records_lib.EPOCH, 10, epoch_record(1, 10, 0.63, 0.4))
+  write_progress(w, 20, chunk([0.5] * 10, [3] * 10), 10)
+  w.write(records_lib.EVAL, 20, dict(test_loss=0.6, test_accuracy=0.64, epsilon=0.5))
+  w.write(records_lib.EPOCH, 20,
+          dict(epoch_record(2, 20, 0.64, 0.5), nonprivate_attack_accuracy=0.55))
+  w.write(records_lib.SUMMARY, 20, dict(epsilon=0.5, test_accuracy=0.64, steps=20,
+                                        dp_enabled=True, config={"x": 1}))
   w.close()
 
   text = out.getvalue()
@@ -112,13 +67,13 @@ def test_plain_lines_one_jsonl_with_kinds_and_tensorboard(tmp_path):
   assert len(lines) == len(epoch_lines) + len(progress)
 
   # One file; the kinds in the order written; progress and config stay out of it.
-  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  records = sinks.read_jsonl(tmp_path / "metrics.jsonl")
   assert [(r["kind"], r["step"]) for r in records] == [
       ("eval", 5), ("eval", 10), ("epoch", 10), ("eval", 20), ("epoch", 20), ("summary", 20)]
   assert not (tmp_path / "steps.jsonl").exists()
-  epochs = metrics.read_jsonl(tmp_path / "metrics.jsonl", metrics.EPOCH)
+  epochs = sinks.read_jsonl(tmp_path / "metrics.jsonl", records_lib.EPOCH)
   assert [r["epoch"] for r in epochs] == [1, 2] and epochs[1]["nonprivate_attack_accuracy"] == 0.55
-  evals = metrics.read_jsonl(tmp_path / "metrics.jsonl", metrics.EVAL)
+  evals = sinks.read_jsonl(tmp_path / "metrics.jsonl", records_lib.EVAL)
   assert evals[0] == dict(kind="eval", step=5, **p)  # the record the sinks got, time_s too
   assert p["time_s"] >= 0 and list(p)[:1] == ["time_s"]
   assert evals[1]["nonprivate_train_loss"] == pytest.approx(1.0)
@@ -143,14 +98,14 @@ def test_plain_lines_one_jsonl_with_kinds_and_tensorboard(tmp_path):
 
 
 def test_tensorboard_tags(tmp_path):
-  tb = metrics.TensorBoardSink(str(tmp_path))
+  tb = sinks.TensorBoardSink(str(tmp_path))
   eval_record = dict(time_s=3.0, nonprivate_train_loss=0.7, nonprivate_clipped_fraction=0.25,
                      test_loss=0.6, test_accuracy=0.75, epsilon=1.5)
-  tb.write(metrics.EVAL, 7, eval_record)
-  tb.write(metrics.EVAL, 9, dict(eval_record, epsilon=float("inf")))  # non-private: no curve
-  tb.write(metrics.EVAL, 11, dict(time_s=4.0, test_loss=0.5, test_rmse=0.25))  # regression
-  tb.write(metrics.EPOCH, 9, _record(3, 9, 0.75, 1.5))
-  tb.write(metrics.PROGRESS, 9, dict(loss_sum=1.0, count=2.0, clipped=0.0))  # not a curve
+  tb.write(records_lib.EVAL, 7, eval_record)
+  tb.write(records_lib.EVAL, 9, dict(eval_record, epsilon=float("inf")))  # non-private: no curve
+  tb.write(records_lib.EVAL, 11, dict(time_s=4.0, test_loss=0.5, test_rmse=0.25))  # regression
+  tb.write(records_lib.EPOCH, 9, epoch_record(3, 9, 0.75, 1.5))
+  tb.write(records_lib.PROGRESS, 9, dict(loss_sum=1.0, count=2.0, clipped=0.0))  # not a curve
   tb.close()
   tb.close()  # idempotent
   scalars = read_scalars(tmp_path)
@@ -163,49 +118,24 @@ def test_tensorboard_tags(tmp_path):
       "test/accuracy": [(7, 0.75), (9, 0.75)],
       "test/rmse": [(11, 0.25)],
       "privacy/epsilon": [(7, 1.5)]}
-  assert set(metrics.TENSORBOARD_TAGS.values()) | {"test/rmse"} == set(per_update)
+  assert set(sinks.TENSORBOARD_TAGS.values()) | {"test/rmse"} == set(per_update)
   # Epoch curves: every number of the record but epoch and step, against the epoch.
   assert sorted(t for t in scalars if t.startswith("epoch/")) == sorted(
-      f"epoch/{k}" for k in _record(3, 9, 0.75, 1.5) if k not in ("epoch", "step"))
+      f"epoch/{k}" for k in epoch_record(3, 9, 0.75, 1.5) if k not in ("epoch", "step"))
   assert all(s == 3 for t, v in scalars.items() if t.startswith("epoch/") for s, _ in v)
-
-
-def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
-  monkeypatch.setenv("COLUMNS", "160")  # room for the whole bar and its text on one line
-  tty = _Tty()
-  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=8, num_epochs=2,
-                         stream=tty, tensorboard=False)
-  _progress(w, 4, _chunk([0.9] * 4, [2] * 4), 4)
-  w.write(metrics.EPOCH, 4, _record(1, 4, 0.6, 0.2))
-  metrics.say("a line from elsewhere in the trainer")  # above the bar as well
-  _progress(w, 8, _chunk([0.7] * 4, [2] * 4), 4)
-  w.write(metrics.EPOCH, 8, _record(2, 8, 0.6, 0.3))
-  w.close()
-  text = tty.getvalue()
-  assert "ETA" in text and "step 8/8 (100%)" in text and "loss* 0.7000" in text
-  assert "━" * 24 in text  # rich's full bar at the end (24 cells)
-  # Lines start on an erased line (never glued to the bar); at the end the bar is gone and
-  # the screen holds exactly the lines printed, in order.
-  assert "\r\x1b[2Kepoch 1/2  train_loss*" in text
-  assert _screen(text) == [
-      metrics.format_epoch_line(_record(1, 4, 0.6, 0.2), 2),
-      "a line from elsewhere in the trainer",
-      metrics.format_epoch_line(_record(2, 8, 0.6, 0.3), 2)]
-  assert not any(f.startswith("events.out") for f in os.listdir(tmp_path))
-  w.close()  # idempotent (the trainer's clean-up closes again)
 
 
 def test_other_processes_write_and_print_nothing(tmp_path, capsys):
   out = io.StringIO()
-  w = metrics.make_sinks(str(tmp_path / "w"), process_index=1, total_steps=4, num_epochs=1,
-                         stream=out, progress_bar=True)
-  assert [type(s) for s in w.sinks] == [metrics.NullSink]
-  w.write(metrics.CONFIG, 0, {"a": 1})
-  _progress(w, 2, _chunk([1.0] * 2, [1] * 2), 2)
+  w = sinks.make_sinks(str(tmp_path / "w"), process_index=1, total_steps=4, num_epochs=1,
+                       stream=out, progress_bar=True)
+  assert [type(s) for s in w.sinks] == [sinks.NullSink]
+  w.write(records_lib.CONFIG, 0, {"a": 1})
+  write_progress(w, 2, chunk([1.0] * 2, [1] * 2), 2)
   # The same bookkeeping as process 0's (the record is built), nothing shown or written.
-  assert w.write(metrics.EVAL, 2, dict(epsilon=0.1))["nonprivate_train_loss"] == 1.0
-  w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
-  w.write(metrics.SUMMARY, 4, dict(epsilon=0.1))
+  assert w.write(records_lib.EVAL, 2, dict(epsilon=0.1))["nonprivate_train_loss"] == 1.0
+  w.write(records_lib.EPOCH, 4, epoch_record(1, 4, 0.5, 0.1))
+  w.write(records_lib.SUMMARY, 4, dict(epsilon=0.1))
   w.flush()
   w.close()
   assert out.getvalue() == "" and capsys.readouterr().out == ""
@@ -213,43 +143,11 @@ def test_other_processes_write_and_print_nothing(tmp_path, capsys):
 
 
 def test_a_record_of_an_unknown_kind_is_refused(tmp_path):
-  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=4, num_epochs=1,
-                         stream=io.StringIO(), tensorboard=False)
+  w = sinks.make_sinks(str(tmp_path), process_index=0, total_steps=4, num_epochs=1,
+                       stream=io.StringIO(), tensorboard=False)
   with pytest.raises(ValueError, match="'point' is not a record kind"):
     w.write("point", 1, {})
   w.close()
-
-
-def test_eta_leaves_out_compilation_and_the_first_evaluation(tmp_path, monkeypatch):
-  # A fake clock: the first call takes 100 s (compilation), each later call of 10 updates 1 s,
-  # the first epoch end 30 s (the evaluation's compilation, the first checkpoint save). The
-  # first ETA of a 4-minute run used to read 1:17:43: the compiling call counted as a rate.
-  clock = [0.0]
-  monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
-  out = io.StringIO()
-  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=1000, num_epochs=2,
-                         stream=out, tensorboard=False, plain_interval_s=0.0)
-  eta = {}
-
-  def call(step, seconds):
-    clock[0] += seconds
-    _progress(w, step + 10, _chunk([0.5] * 10, [2] * 10), 10)
-    eta[step + 10] = re.findall(r"ETA (\S+)", out.getvalue())[-1]
-
-  call(0, 100.0)
-  for step in range(10, 500, 10):
-    call(step, 1.0)
-  clock[0] += 30.0
-  w.write(metrics.EVAL, 500, dict(epsilon=0.5))
-  w.write(metrics.EPOCH, 500, _record(1, 500, 0.6, 0.5))
-  for step in range(500, 600, 10):
-    call(step, 1.0)
-  w.close()
-  assert eta[10] == "?"  # only the compiling call so far: no rate yet
-  assert eta[20] == "1:38"  # 0.1 s per update, 980 to go (counted from the start: 1:22:29)
-  assert eta[500] == "0:50"
-  assert eta[510] == "0:49"  # the first epoch end's one-time 30 s left out as well
-  assert eta[600] == "0:40"
 
 
 def test_other_processes_log_their_epoch_lines_only_at_verbosity_1(tmp_path):
@@ -264,15 +162,15 @@ def test_other_processes_log_their_epoch_lines_only_at_verbosity_1(tmp_path):
   logger, catch = absl_logging.get_absl_logger(), Catch()
   logger.addHandler(catch)
   verbosity = absl_logging.get_verbosity()
-  w = metrics.make_sinks(str(tmp_path / "w"), process_index=2, total_steps=4, num_epochs=1)
+  w = sinks.make_sinks(str(tmp_path / "w"), process_index=2, total_steps=4, num_epochs=1)
   try:
     absl_logging.set_verbosity(absl_logging.INFO)
-    w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
+    w.write(records_lib.EPOCH, 4, epoch_record(1, 4, 0.5, 0.1))
     assert not [m for m in seen if "epoch 1/1" in m]
     absl_logging.set_verbosity(1)
-    w.write(metrics.EPOCH, 4, _record(1, 4, 0.5, 0.1))
+    w.write(records_lib.EPOCH, 4, epoch_record(1, 4, 0.5, 0.1))
     assert [m for m in seen if "epoch 1/1" in m] == [
-        "process 2: " + metrics.format_epoch_line(_record(1, 4, 0.5, 0.1), 1)]
+        "process 2: " + console.format_epoch_line(epoch_record(1, 4, 0.5, 0.1), 1)]
   finally:
     absl_logging.set_verbosity(verbosity)
     logger.removeHandler(catch)
@@ -284,7 +182,7 @@ def _old_run(path):
     for s in (5, 10, 15, 20):
       f.write(json.dumps(dict(kind="eval", step=s, epsilon=s / 10)) + "\n")
       if s % 10 == 0:
-        f.write(json.dumps(dict(kind="epoch", **_record(s // 10, s, 0.6, s / 10))) + "\n")
+        f.write(json.dumps(dict(kind="epoch", **epoch_record(s // 10, s, 0.6, s / 10))) + "\n")
     f.write(json.dumps(dict(kind="summary", step=20, epsilon=2.0)) + "\n")
     f.write('{"kind": "eval", "step": 25, "eps')  # an append cut short by the kill
 
@@ -293,27 +191,27 @@ def test_resume_keeps_the_records_up_to_the_checkpoint(tmp_path):
   _old_run(tmp_path)
   # The checkpoint's history has epoch 1 only: epoch 2 (update 20) is redone, so are the
   # eval records after update 15; a summary of an earlier end goes too.
-  w = metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
-                         history=[_record(1, 10, 0.6, 0.1)], start_step=15,
-                         stream=io.StringIO(), tensorboard=False)
+  w = sinks.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                       history=[epoch_record(1, 10, 0.6, 0.1)], start_step=15,
+                       stream=io.StringIO(), tensorboard=False)
   expected = [("eval", 5), ("eval", 10), ("epoch", 10), ("eval", 15)]
-  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  records = sinks.read_jsonl(tmp_path / "metrics.jsonl")
   assert [(r["kind"], r["step"]) for r in records] == expected
-  assert records[2] == dict(kind="epoch", **_record(1, 10, 0.6, 0.1))
+  assert records[2] == dict(kind="epoch", **epoch_record(1, 10, 0.6, 0.1))
   with open(tmp_path / "metrics.jsonl") as f:
     assert f.read().endswith("}\n")  # whole lines only: the next append starts a line
   # The resumed run appends after them.
-  w.write(metrics.EVAL, 20, dict(epsilon=2.0))
-  w.write(metrics.EPOCH, 20, _record(2, 20, 0.6, 2.0))
+  w.write(records_lib.EVAL, 20, dict(epsilon=2.0))
+  w.write(records_lib.EPOCH, 20, epoch_record(2, 20, 0.6, 2.0))
   w.close()
-  assert [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == (
+  assert [(r["kind"], r["step"]) for r in sinks.read_jsonl(tmp_path / "metrics.jsonl")] == (
       expected + [("eval", 20), ("epoch", 20)])
   # The checkpoint's epoch records are what counts, even when the file lost them.
   os.remove(tmp_path / "metrics.jsonl")
-  metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
-                     history=[_record(1, 10, 0.6, 0.1)], start_step=15,
-                     stream=io.StringIO(), tensorboard=False).close()
-  assert [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [
+  sinks.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                   history=[epoch_record(1, 10, 0.6, 0.1)], start_step=15,
+                   stream=io.StringIO(), tensorboard=False).close()
+  assert [(r["kind"], r["step"]) for r in sinks.read_jsonl(tmp_path / "metrics.jsonl")] == [
       ("epoch", 10)]
 
 
@@ -327,17 +225,17 @@ def test_resume_cut_is_atomic(tmp_path, monkeypatch):
 
   monkeypatch.setattr(atomic.os, "replace", fail)
   with pytest.raises(atomic.DiskFullError, match="previous metrics.jsonl .* is intact"):
-    metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
-                       history=[_record(1, 10, 0.6, 0.1)], start_step=15,
-                       stream=io.StringIO(), tensorboard=False)
+    sinks.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                     history=[epoch_record(1, 10, 0.6, 0.1)], start_step=15,
+                     stream=io.StringIO(), tensorboard=False)
   assert (tmp_path / "metrics.jsonl").read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # no temporary file left
 
 
 def test_a_fresh_run_starts_an_empty_file(tmp_path):
   _old_run(tmp_path)  # a workdir without a checkpoint: nothing of the old file is kept
-  metrics.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
-                     stream=io.StringIO(), tensorboard=False).close()
+  sinks.make_sinks(str(tmp_path), process_index=0, total_steps=40, num_epochs=4,
+                   stream=io.StringIO(), tensorboard=False).close()
   assert (tmp_path / "metrics.jsonl").read_text() == ""
   assert oct(os.stat(tmp_path / "metrics.jsonl").st_mode & 0o777) == "0o600"
 
@@ -369,8 +267,8 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   work = str(tmp_path / "w")
   per_epoch = summary["steps"] // cfg.num_epochs
   path = os.path.join(work, "metrics.jsonl")
-  records = metrics.read_jsonl(path)
-  epochs, points = metrics.read_jsonl(path, "epoch"), metrics.read_jsonl(path, "eval")
+  records = sinks.read_jsonl(path)
+  epochs, points = sinks.read_jsonl(path, "epoch"), sinks.read_jsonl(path, "eval")
   assert {r["kind"] for r in records} == {"eval", "epoch", "summary"}
   assert records[-1]["kind"] == "summary" and records[-1]["steps"] == summary["steps"]
   assert records[-1]["test_accuracy"] == summary["test_accuracy"]
@@ -399,28 +297,3 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   assert scalars["final/test_accuracy"][0][1] == pytest.approx(summary["test_accuracy"])
   out = capsys.readouterr().out
   assert "\r" not in out and out.count("\nepoch ") + out.startswith("epoch ") == 2
-
-
-def test_a_failed_run_clears_its_progress_bar_and_shows_the_cursor(tmp_path, monkeypatch):
-  # The trainer's clean-up closes the sinks: a bar left drawn would keep the cursor hidden.
-  from configs import test as test_config
-  from fastdp_jax import train
-  from tests.conftest import make_dataset
-  cfg = test_config.get_config()
-  cfg.data.path = make_dataset(str(tmp_path / "data"), rows=3000, seed=1)
-  cfg.log_every_steps, cfg.steps_per_call = 10, 5
-
-  def fail(self):
-    raise RuntimeError("evaluation failed")
-
-  monkeypatch.setattr(train.Trainer, "test_metrics", fail)
-  monkeypatch.setenv("COLUMNS", "160")
-  tty = _Tty()
-  monkeypatch.setattr("sys.stdout", tty)
-  with pytest.raises(RuntimeError, match="evaluation failed"):
-    train.train_and_evaluate(cfg, str(tmp_path / "w"))
-  text = tty.getvalue()
-  # The bar was drawn (its first draw is never throttled: the first call, 5 updates).
-  assert "\x1b[?25l" in text and re.search(r"step 5/\d+ ", text)
-  assert text.rindex("\x1b[?25h") > text.rindex("\x1b[?25l")  # the cursor is back
-  assert not any(line.startswith("━") for line in _screen(text))  # and the bar is gone

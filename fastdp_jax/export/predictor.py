@@ -1,0 +1,391 @@
+"""The exported model in use: :func:`load_model` and the :class:`Predictor` it returns.
+
+Example::
+
+  predictor = fastdp_jax.load_model('runs/demo/model')
+  p_employed = predictor(features)             # [n, d] array of ENCODED features
+  labels = predictor.predict(features)         # 0/1 at the exported threshold
+  result = predictor.predict_rows(rows)        # RAW rows: list of dicts, {column: values},
+                                               # a pandas DataFrame, or a CSV file's path
+  result.outputs, result.rows, result.errors   # good rows' outputs; a RowError per bad row
+
+A model trained on a Spark-job dataset carries its feature spec, so raw rows are encoded by
+the same code as the job (``fastdp_jax.data.features`` and ``fastdp_jax.data.cleaning``); a row
+with a missing column value, an unknown category or vocabulary code, a wrong type, a NaN or
+an out-of-domain value gets an error naming its row, column and reason, never a number.
+``python -m fastdp_jax.predict`` does this for CSV files.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import gzip
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fastdp_jax import errors
+from fastdp_jax.export import layout
+from fastdp_jax.export import model_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+  """Why one raw row could not be predicted.
+
+  Attributes:
+    row: the row's 0-based position in the input (data rows; a CSV's header is not a row).
+    column: the column at fault ('' for a structural problem: blank line, wrong arity).
+    reason: a code of :mod:`fastdp_jax.data.cleaning` (``non_numeric``, ``out_of_domain``,
+      ``wrong_arity``, ...) or ``missing`` (no value: absent, None, NaN or an NA token).
+    detail: the message, naming the column and the value.
+    line: the 1-based line in the CSV file (None for other inputs).
+  """
+
+  row: int
+  column: str
+  reason: str
+  detail: str
+  line: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPredictions:
+  """The outcome of predicting raw rows: every row is in ``rows`` or in ``errors``.
+
+  Attributes:
+    rows: [m] int64 positions (0-based) of the rows that were predicted.
+    outputs: the model's outputs for them: probabilities [m] (binary), [m, K] (multiclass),
+      or values [m] (regression).
+    predictions: [m] 0/1 at the threshold (binary), the class index (multiclass) or the value
+      (regression).
+    errors: one :class:`RowError` per row that was not predicted, by row.
+    num_rows: how many rows the input held.
+  """
+
+  rows: np.ndarray
+  outputs: np.ndarray
+  predictions: np.ndarray
+  errors: list[RowError]
+  num_rows: int
+
+
+class RowInputError(errors.UserError):
+  """Raw rows that cannot all be predicted; the message lists the first bad rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A loaded model: ``predictor(features) -> P(label = 1)`` (binary), class probabilities
+  (multiclass) or values (regression).
+
+  Attributes:
+    feature_names: the encoded inputs, in order.
+    label_name: what is predicted.
+    threshold: the decision threshold of :meth:`predict` (binary).
+    digest: sha256 of ``MANIFEST.sha256``: one value covering every file of the model.
+    signed: whether a signature was checked against a key.
+    spec: the full ``model.json`` contents (privacy, metrics, config).
+    model: the ``"model"`` dict (task, classes, bounds, embeddings, hidden sizes).
+    feature_spec: the public encoding of raw rows (None for a model trained on data without
+      a feature spec: it takes encoded features only).
+  """
+
+  feature_names: tuple[str, ...]
+  label_name: str
+  threshold: float
+  digest: str
+  signed: bool
+  spec: dict[str, Any] = dataclasses.field(repr=False)
+  _apply: Any = dataclasses.field(repr=False)
+  _params: Any = dataclasses.field(repr=False)
+  model: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+  feature_spec: Any = dataclasses.field(repr=False, default=None)
+  _flat: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def task(self) -> str:
+    return self.model.get("task", "binary")
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    return tuple(self.model.get("classes") or ())
+
+  @property
+  def raw_columns(self) -> tuple[str, ...]:
+    """The raw input columns :meth:`predict_rows` needs (empty without a feature spec)."""
+    return () if self.feature_spec is None else self.feature_spec.used_columns[:-1]
+
+  def features_array(self, features: Any) -> np.ndarray:
+    """ENCODED features as a [n, d] float32 array, from an array or a mapping name -> column."""
+    if _is_row_list(features):
+      return self._raise_on_errors(self.encode_rows(features))[0]
+    if hasattr(features, "keys") and not isinstance(features, np.ndarray):
+      if self.feature_spec is not None:
+        return self._raise_on_errors(self.encode_rows(features))[0]
+      missing = [n for n in self.feature_names if n not in features.keys()]
+      if missing:
+        raise KeyError(f"features lack columns {missing}; the model needs "
+                       f"{list(self.feature_names)}")
+      x = np.stack([np.asarray(features[n], np.float32) for n in self.feature_names], axis=-1)
+    else:
+      x = np.asarray(features, np.float32)
+    if x.ndim == 1:
+      x = x[None]
+    if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+      raise ValueError(f"features of shape {x.shape}; expected [n, {len(self.feature_names)}]"
+                       f" in the order {list(self.feature_names)}")
+    return x
+
+  def logits(self, features: Any) -> np.ndarray:
+    """The network's raw outputs: [n] (binary, regression) or [n, K] (multiclass)."""
+    return np.asarray(self._apply(self._params, self.features_array(features)))
+
+  def __call__(self, features: Any) -> np.ndarray:
+    """Probabilities [n] (binary: P(label = 1)), [n, K] (multiclass) or values [n].
+
+    ``features``: a [n, d] array of encoded features; or, for a model with a feature spec,
+    raw rows (a mapping column -> values, a list of dicts, a pandas DataFrame), which must
+    all be valid (else :class:`RowInputError`; :meth:`predict_rows` reports them per row).
+    """
+    x = self.features_array(features)
+    from fastdp_jax import models  # local: JAX only when predicting
+    return np.asarray(models.apply_exported(self._flat, x, self.model))
+
+  def _decide(self, outputs: np.ndarray) -> np.ndarray:
+    if self.task == "binary":
+      return (outputs >= self.threshold).astype(np.int32)
+    if self.task == "multiclass":
+      return np.argmax(outputs, axis=-1).astype(np.int32)
+    return outputs
+
+  def predict(self, features: Any) -> np.ndarray:
+    """[n] labels: 0/1 at ``threshold`` (binary), class indices (multiclass), values."""
+    return self._decide(self(features))
+
+  def encode_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, list[RowError], int]:
+    """Raw rows -> ``(features [m, d], positions [m], errors, n)`` with the Spark job's code.
+
+    Args:
+      rows: a mapping column -> [n] values, a list of dicts (one per row), a pandas
+        DataFrame, or a CSV file's path (``str`` or ``os.PathLike``; header first).
+
+    Raises:
+      RowInputError: the model has no feature spec, or the input lacks a column the model
+        needs (every row would fail: the message names the columns).
+    """
+    spec = self._need_spec()
+    if isinstance(rows, (str, os.PathLike)):
+      results = list(_csv_blocks(spec, os.fspath(rows)))
+      xs = [r[0] for r in results] or [np.zeros((0, spec.num_features), np.float32)]
+      return (np.concatenate(xs), np.concatenate([r[1] for r in results] or [np.zeros(0, int)]),
+              [e for r in results for e in r[2]], sum(r[3] for r in results))
+    return _encode_columns(spec, _as_columns(rows, spec))
+
+  def predict_rows(self, rows: Any) -> RowPredictions:
+    """Predicts raw rows (see :meth:`encode_rows`); bad rows are reported, never predicted."""
+    x, kept, errs, n = self.encode_rows(rows)
+    return self._predictions(x, kept, errs, n)
+
+  def predict_csv_blocks(self, path: str, block_rows: int = 1 << 16):
+    """Yields :class:`RowPredictions` for consecutive blocks of a CSV file's rows."""
+    for x, kept, errs, n in _csv_blocks(self._need_spec(), os.fspath(path), block_rows):
+      yield self._predictions(x, kept, errs, n)
+
+  def csv_header(self, path: str) -> str:
+    """The first line of a CSV file, checked as :meth:`predict_csv_blocks` checks it.
+
+    Raises:
+      RowInputError: an empty file, or a header lacking a column the model needs.
+    """
+    with _open_csv(os.fspath(path)) as f:
+      header_line = _read_csv_header(f)
+    self.csv_cleaner(path, header_line)
+    return header_line
+
+  def csv_cleaner(self, path: str, header_line: str):
+    """The line cleaner of a CSV file whose first line is ``header_line`` (see
+    :meth:`csv_header`); ``path`` names the file in errors."""
+    return _csv_cleaner(self._need_spec(), os.fspath(path), header_line)
+
+  def predict_csv_lines(self, cleaner, lines: Sequence[str], row: int) -> RowPredictions:
+    """Predicts consecutive data lines of a CSV file (without line terminators), the first
+    being data row ``row``: a block of :meth:`predict_csv_blocks`, by the same code."""
+    return self._predictions(*_encode_csv_lines(self._need_spec(), cleaner, lines, row))
+
+  def _predictions(self, x, kept, errs, n) -> RowPredictions:
+    k = len(self.classes) if self.task == "multiclass" else 0
+    outputs = (self(x) if len(x) else np.zeros((0, k) if k else (0,), np.float32))
+    return RowPredictions(rows=np.asarray(kept, np.int64), outputs=outputs,
+                          predictions=self._decide(outputs), errors=errs, num_rows=n)
+
+  def _need_spec(self):
+    if self.feature_spec is None:
+      raise RowInputError(f"this model has no feature spec (its data had none), so it takes "
+                          f"encoded features only: a [n, {len(self.feature_names)}] array in "
+                          f"the order {list(self.feature_names)[:8]}...")
+    return self.feature_spec
+
+  @staticmethod
+  def _raise_on_errors(encoded):
+    x, _, errs, _ = encoded
+    if errs:
+      shown = "; ".join(f"row {e.row}: {e.detail}" for e in errs[:5])
+      raise RowInputError(f"{len(errs)} row(s) cannot be predicted: {shown}"
+                          + ("; ..." if len(errs) > 5 else "")
+                          + " (predict_rows reports every row)")
+    return x, encoded[1]
+
+
+def _is_row_list(rows: Any) -> bool:
+  return (isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)) and len(rows) > 0
+          and all(isinstance(r, Mapping) for r in rows))
+
+
+def _as_columns(rows: Any, spec) -> dict[str, Any]:
+  """Raw rows as {column: [n] values}; a missing column is a :class:`RowInputError`."""
+  needed = spec.used_columns[:-1]
+  if type(rows).__module__.startswith("pandas") and hasattr(rows, "columns"):
+    have = [str(c) for c in rows.columns]
+    columns = {str(c): rows[c].to_numpy() for c in rows.columns if str(c) in needed}
+  elif isinstance(rows, Mapping):
+    have = [str(c) for c in rows]
+    columns = {c: rows[c] for c in needed if c in rows}
+  elif _is_row_list(rows):
+    have = sorted({str(c) for r in rows for c in r})
+    columns = {c: np.array([r.get(c) for r in rows], dtype=object) for c in needed
+               if c in have}
+  else:
+    raise RowInputError(f"raw rows of type {type(rows).__name__}: expected a list of dicts, "
+                        "a mapping column -> values, a pandas DataFrame or a CSV path")
+  try:
+    spec.column_indices(have, with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"the input cannot be predicted: {e}") from e
+  return columns
+
+
+def _errors_of(spec, result, positions: np.ndarray, lines: np.ndarray | None) -> list[RowError]:
+  """A :class:`RowError` per rejected or NA row of a cleaning result, by row."""
+  names = spec.used_columns[:-1]
+  out = []
+  for i, reason, detail in result.rejects:
+    out.append(RowError(row=int(positions[i]), column=result.reject_columns.get(i, ""),
+                        reason=reason, detail=detail,
+                        line=None if lines is None else int(lines[i])))
+  for i, cells in zip(result.dropped_na.tolist(), result.na_cells):
+    cols = [names[j] for j in np.flatnonzero(cells)]
+    out.append(RowError(row=int(positions[i]), column=cols[0], reason="missing",
+                        detail=f"column(s) {cols}: no value (absent, None, NaN or an NA token)",
+                        line=None if lines is None else int(lines[i])))
+  return sorted(out, key=lambda e: e.row)
+
+
+def _encode_columns(spec, columns: Mapping[str, Any]):
+  from fastdp_jax.data import cleaning  # local: only raw rows need it
+  try:
+    result = cleaning.clean_columns(spec, columns, with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"the input cannot be predicted: {e}") from e
+  n = len(next(iter(columns.values()))) if columns else 0
+  positions = np.arange(n, dtype=np.int64)
+  x = spec.encode_features(result.values).astype(np.float32)
+  return x, result.kept, _errors_of(spec, result, positions, None), n
+
+
+def _open_csv(path: str):
+  """A CSV file as text lines: plain, ``.gz`` or ``.bz2`` (\\n, \\r\\n and \\r end a line)."""
+  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  return opener(path, "rt", encoding="utf-8", errors="replace", newline=None)
+
+
+def _read_csv_header(f) -> str:
+  from fastdp_jax.data import cleaning  # local: only raw rows need it
+  return f.readline(cleaning.MAX_HEADER_BYTES + 1)  # one more: a longer header is refused
+
+
+def _csv_cleaner(spec, path: str, header_line: str):
+  """The line cleaner of a CSV file's first line ('': an empty file), checked against ``spec``."""
+  from fastdp_jax.data import cleaning  # local: only raw rows need it
+  if not header_line:
+    raise RowInputError(f"{path}: empty file (expected a header naming the columns "
+                        f"{list(spec.used_columns[:-1])})")
+  try:
+    return cleaning.LineCleaner(spec, cleaning.parse_header(header_line.rstrip("\n")),
+                                with_label=False)
+  except errors.UserError as e:
+    raise RowInputError(f"{path}: the first line is taken as the header: {e}") from e
+
+
+def _encode_csv_lines(spec, cleaner, lines: Sequence[str], row: int):
+  """``(features, positions, errors, rows)`` of consecutive data lines from data row ``row`` on.
+
+  The one encoder of CSV lines: the local blocks and the Spark path's blocks both call it, so
+  their encodings, error reasons and row and line numbers are the same by construction.
+  """
+  result = cleaner.clean(lines)
+  positions = np.arange(row, row + len(lines), dtype=np.int64)
+  x = spec.encode_features(result.values).astype(np.float32)
+  # A data row's line: after the header, one row per line.
+  return x, positions[result.kept], _errors_of(spec, result, positions, positions + 2), len(lines)
+
+
+def _csv_blocks(spec, path: str, block_rows: int = 1 << 16):
+  """``(features, positions, errors, rows)`` per block of a CSV file's data lines."""
+  with _open_csv(path) as f:
+    cleaner = _csv_cleaner(spec, path, _read_csv_header(f))
+    row = 0
+    while True:
+      lines = [line.rstrip("\n") for _, line in zip(range(block_rows), f)]
+      if not lines:
+        return
+      yield _encode_csv_lines(spec, cleaner, lines, row)
+      row += len(lines)
+
+
+def load_model(path: str, *, key: bytes | str | None = None, expected_digest: str | None = None,
+               check_epsilon: bool = True) -> Predictor:
+  """Loads an exported model (``WORKDIR/model`` or the workdir that holds it), checked first.
+
+  Args:
+    path: the model directory, or a workdir holding ``model/``.
+    key: the secret key the model was signed with: the signature must exist and match.
+    expected_digest: the model digest (:attr:`Predictor.digest`) the files must have.
+    check_epsilon: recompute epsilon from the stated sigma, q and steps (a fraction of a
+      second; skipped for runs whose ledger composed several segments).
+
+  Raises:
+    FileNotFoundError: no export at ``path``.
+    fastdp_jax.export.model_dir.ModelIntegrityError: a missing, extra, corrupt or edited file,
+      a bad signature or digest, or a ``model.json`` that is inconsistent with itself or with
+      ``params.npz``; nothing large is allocated before the architecture has been checked
+      against the file.
+  """
+  checked = model_dir.read_checked(path, key=key, expected_digest=expected_digest,
+                                   check_epsilon=check_epsilon)
+  spec, model, loaded = checked.spec, checked.model, checked.params
+  arch = spec["architecture"]
+  import jax  # local: only loading needs JAX
+  from fastdp_jax import models
+  emb = tuple(models.EmbeddingInput(index=e["index"], vocab_size=e["vocab_size"],
+                                    dim=e["dim"]) for e in model["embeddings"])
+  outputs = len(model["classes"]) if model["task"] == "multiclass" else 1
+  net = models.create_model(arch["num_features"], arch["hidden_sizes"], seed=0,
+                            num_outputs=outputs, embeddings=emb)
+  apply_fn, template = models.functional(net)
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves_with_paths]
+  params = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(loaded[n]) for n in names])
+  feature_spec = None
+  if spec.get("feature_spec") is not None:
+    from fastdp_jax.data import features as features_lib  # local: only specs need it
+    feature_spec = features_lib.spec_from_dict(
+        spec["feature_spec"], source=os.path.join(checked.path, layout.SPEC_FILE))
+  return Predictor(feature_names=tuple(f["name"] for f in spec["features"]),
+                   label_name=spec["label"]["name"], threshold=float(spec["threshold"]),
+                   digest=checked.digest, signed=checked.signed, spec=spec,
+                   _apply=jax.jit(apply_fn), _params=params, model=model,
+                   feature_spec=feature_spec, _flat=loaded)

@@ -1,0 +1,207 @@
+"""The rows a run reads: training rows on the device mesh, test and validation rows, the task.
+
+Each process reads its range of the training rows and holds only its part, on its devices of
+the global mesh; N is the global row count. With materialised batches (``data.batches``) the
+training rows are never all in memory: the updates stream from the batches, and only bounded
+samples of the rows are read (for the attacks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from fastdp_jax import config as config_lib
+from fastdp_jax import distributed
+from fastdp_jax import errors
+from fastdp_jax import evaluate
+from fastdp_jax import models
+from fastdp_jax import parallel
+from fastdp_jax.data import batch_stream
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import manifest as manifest_lib
+from fastdp_jax.data import split as split_lib
+from fastdp_jax.dp import plan as plan_lib
+from fastdp_jax.dp import privacy_eval
+
+# The train/test split's hash rule (split_lib.is_test_row) with another seed.
+VALIDATION_SEED = 70
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class RunData:
+  """What a run reads, and what follows from it alone (the task, the baseline).
+
+  Attributes:
+    train: this process's training rows (a bounded sample when the batches are streamed).
+    test: the test rows (a bounded sample when the batches are streamed).
+    dev: the training rows on the devices (None when the batches are streamed).
+    num_examples: N, the training rows of all processes.
+    validation: rows held out of training (``data.validation_fraction``), or None.
+    head: the task, from the manifest.
+    embeddings: the model's embedding inputs, from the manifest.
+    baseline: the task's constant baseline on the test rows.
+    canaries: an audit dataset's canaries (checked before the first update), or None.
+    attack_index: the model-inversion attack's column, or None.
+    streamed_from: the dataset directory whose test shards evaluation streams (None: the test
+      rows are in memory).
+  """
+  train: data_lib.Split
+  test: data_lib.Split
+  dev: parallel.DeviceData | None
+  num_examples: int
+  validation: data_lib.Split | None
+  head: models.TaskHead
+  embeddings: tuple[models.EmbeddingInput, ...]
+  baseline: dict[str, float]
+  canaries: privacy_eval.Canaries | None
+  attack_index: int | None
+  streamed_from: str | None
+
+
+Given = tuple[data_lib.Split, data_lib.Split, parallel.DeviceData]
+
+
+def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None = None
+         ) -> RunData:
+  """Reads the run's rows (or takes ``given``: ``(train, test, device data)`` in memory).
+
+  Raises:
+    ConfigError: settings that contradict the data (``model.task``, a validation split
+      with materialised batches); ShardError: a corrupt or inconsistent dataset.
+  """
+  d = rc.data
+  streamed = given is None and bool(d.batches)
+  validation = _load_validation(d, given=given is not None)
+  if streamed:
+    train, test, n = _load_streamed(d, rc.privacy_eval.membership_rows, rc.json)
+    dev = None
+  else:
+    train, test, dev = _load_data(d, mesh, rc.json) if given is None else given
+    n = dev.num_examples
+  head, embeddings = task_of(rc.model, train)
+  streamed_from = d.path if streamed else None
+  return RunData(
+      train=train, test=test, dev=dev, num_examples=n, validation=validation, head=head,
+      embeddings=embeddings,
+      baseline=evaluate.baseline(test, head, streamed_from=streamed_from,
+                                 chunk_rows=rc.eval_batch_size),
+      canaries=privacy_eval.load_canaries(d.path) if given is None else None,
+      attack_index=_attack_index(d.attack_column, train), streamed_from=streamed_from)
+
+
+def _load_data(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str):
+  train, dev = parallel.load_training_data(mesh, d.path, verify_checksum=d.verify_checksums,
+                                           feature_bounds=d.feature_bounds,
+                                           exclude=validation_rows(d.validation_fraction))
+  distributed.check_same_on_all_processes("config and data", (config_json, train.digest))
+  test = data_lib.load_split(d.path, "test", verify_checksum=d.verify_checksums,
+                             feature_bounds=d.feature_bounds)
+  if train.features.shape[1] != test.features.shape[1]:
+    raise manifest_lib.ShardError(f"{d.path}: train has {train.features.shape[1]} features,"
+                                  f" test {test.features.shape[1]}")
+  return train, test, dev
+
+
+def validation_rows(fraction: float) -> Callable[[np.ndarray], np.ndarray] | None:
+  """``rows(ids) -> bool``: which global training rows are validation rows (None: none).
+
+  The same hash rule as the train/test split (:func:`fastdp_jax.data.split.is_test_row`) with
+  :data:`VALIDATION_SEED`: a function of the row number only, identical on every process.
+  """
+  if not fraction:
+    return None
+  return lambda ids: split_lib.is_test_row(ids, seed=VALIDATION_SEED,
+                                           test_fraction=float(fraction))
+
+
+def _load_validation(d: config_lib.DataSettings, given: bool) -> data_lib.Split | None:
+  """The validation rows (every process reads all of them, a chunk at a time), or None.
+
+  Raises:
+    ConfigError: with ``data.batches`` (materialised batches are drawn from every training
+      row) or with data given in memory.
+  """
+  rule = validation_rows(d.validation_fraction)
+  if rule is None:
+    return None
+  if d.batches or given:
+    raise errors.ConfigError("data.validation_fraction needs the training rows read from "
+                             "data.path (not data.batches or data given in memory); unset it")
+  if not os.path.isdir(d.path):
+    full = data_lib.load_split(d.path, "train", feature_bounds=d.feature_bounds)
+    keep = rule(np.arange(len(full)))
+    return dataclasses.replace(full, features=full.features[keep], labels=full.labels[keep])
+  total = manifest_lib.read_manifest(d.path).rows("train")
+  parts = []
+  for lo in range(0, total, 1 << 20):  # bounded memory: one chunk and the validation rows
+    hi = min(total, lo + (1 << 20))
+    chunk = data_lib.load_split(d.path, "train", rows=(lo, hi),
+                                verify_checksum=False,  # the training load verified them
+                                feature_bounds=d.feature_bounds)
+    keep = rule(np.arange(lo, hi))
+    parts.append(dataclasses.replace(chunk, features=chunk.features[keep],
+                                     labels=chunk.labels[keep]))
+  if not parts:
+    return None
+  return dataclasses.replace(parts[0], features=np.concatenate([p.features for p in parts]),
+                             labels=np.concatenate([p.labels for p in parts]))
+
+
+def task_of(m: config_lib.ModelSettings, train: data_lib.Split
+            ) -> tuple[models.TaskHead, tuple[models.EmbeddingInput, ...]]:
+  """The model's task head and embedding inputs, from the manifest (via the split).
+
+  Raises:
+    ConfigError: ``model.task`` contradicts the manifest's task.
+  """
+  task = train.task
+  if m.task is not None and m.task != task.kind:
+    raise errors.ConfigError(f"model.task={m.task!r} contradicts the dataset's task "
+                             f"{task.kind!r} (its manifest.json); unset model.task")
+  head = models.TaskHead(kind=task.kind, num_classes=len(task.classes), bounds=task.bounds,
+                         huber_delta=m.huber_delta if task.kind == "regression" else None)
+  return head, models.embedding_inputs(train.feature_names, train.embeddings, m.embedding_dim)
+
+
+def _load_streamed(d: config_lib.DataSettings, membership_rows: int, config_json: str):
+  """Bounded samples of the training and test rows (attacks, membership inference) and N."""
+  manifest = manifest_lib.read_manifest(d.path)
+  n, n_test = manifest.rows("train"), manifest.rows("test")
+  sample = max(1, d.attack_rows, membership_rows)
+  kw: dict[str, Any] = dict(verify_checksum=d.verify_checksums,
+                            feature_bounds=d.feature_bounds)
+  lo, hi = data_lib.process_row_ranges(n, parallel.devices_per_process(parallel.make_mesh()))[
+      jax.process_index()]
+  train = data_lib.load_split(d.path, "train", rows=(lo, min(hi, lo + sample)), **kw)
+  test = data_lib.load_split(d.path, "test", rows=(0, min(n_test, sample)), **kw)
+  distributed.check_same_on_all_processes("config and data", (config_json, train.digest))
+  return train, test, n
+
+
+def open_stream(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan
+                ) -> batch_stream.BatchStream:
+  """The materialised batches of ``data.batches``, verified, and refused unless they are this
+  run's (dataset, batch size, epochs, q and the number of updates)."""
+  if rc.dp.overflow_probability is not None:
+    raise errors.ConfigError("dp.overflow_probability is fixed by the batches' capacity with "
+                             "data.batches; unset it (or rewrite the batches)")
+  expected = dict(batch_stream.dataset_identity(rc.data.path), batch_size=rc.batch_size,
+                  epochs=rc.num_epochs, sampling_rate=plan.sampling_rate,
+                  total_updates=plan.total_steps)
+  return batch_stream.open_batches(rc.data.batches, expected=expected)
+
+
+def _attack_index(column: str, train: data_lib.Split) -> int | None:
+  """The model-inversion attack's column (None, logged, when the data has no such column)."""
+  if column and column in train.feature_names:
+    return train.feature_names.index(column)
+  if column:
+    logging.info("model-inversion attack skipped: no column %r in the data", column)
+  return None

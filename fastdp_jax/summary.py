@@ -1,0 +1,194 @@
+"""The result of a run: a frozen, typed :class:`RunSummary` (``summary.json`` on disk).
+
+:func:`fastdp_jax.train.finalize` builds it; the report, the model card, the notebook, the
+benchmarks and the tests read it by attribute. ``to_json()`` and ``from_json()`` convert to and
+from the file's dict, where a metric the task does not have is absent (not null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+# Fields written to summary.json only when set: the task decides which metrics a run has.
+_OMITTED_WHEN_UNSET = frozenset({
+    "test_accuracy", "test_auc", "test_macro_f1", "test_rmse", "test_mae",
+    "majority_class_rate", "below_majority_class", "baseline_rmse", "baseline_mae",
+    "below_baseline", "classes", "label_bounds", "validation_loss", "validation_accuracy",
+    "validation_auc", "validation_macro_f1", "validation_rmse", "validation_mae",
+    "validation_examples", "model_dir"})
+
+# The summary's public parts: what an exported model states (fastdp_jax.export).
+PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
+                  "accountant_delta", "overflow_delta", "delta_warning", "accountant",
+                  "noise_multiplier", "l2_norm_clip", "steps", "noise", "sampling",
+                  "max_epsilon", "budget_exhausted", "ledger_composition")
+TEST_METRIC_FIELDS = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1",
+                      "test_rmse", "test_mae", "majority_class_rate", "below_majority_class",
+                      "baseline_rmse", "baseline_mae", "below_baseline")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSummary:
+  """What a run did and how good and how private its model is.
+
+  Every field has a default, so that a summary of a partial record (an export test, an older
+  ``summary.json``) can be built; a finished run sets them all.
+
+  Privacy (public: the config and the accountant's result):
+    private: whether (epsilon, delta) is a guarantee (secret keys, DP on).
+    privacy_note: why not, when ``private`` is false.
+    dp_enabled: False for a non-private baseline run.
+    epsilon: of the updates run (inf when DP is off).
+    delta: the stated delta: the accountant's plus the batch-overflow term (None: DP off).
+    accountant_delta, overflow_probability, overflow_delta: the two parts of ``delta`` and
+      the per-update overflow probability behind the second.
+    delta_warning: set when delta is not below 1/N.
+    noise_multiplier, l2_norm_clip, sampling_rate, steps, accountant: sigma, C, q, T and the
+      accountant ('pld' or 'rdp').
+    ledger_composition: how the ledger composed its segments.
+    privacy_ledger: every segment of updates (sigma, q, steps), as dicts.
+    noise, sampling: where the keys came from ('os entropy' or 'fixed by ...').
+    max_epsilon, budget_exhausted: the cap, and whether it stopped the run early.
+    resume_overrides: the settings a resume changed (``checkpoint.allow_changes``).
+  Model quality (held-out private rows, without noise; not covered by the guarantee):
+    task: 'binary', 'multiclass' or 'regression'.
+    test_loss and, by task, test_accuracy and test_auc (binary), test_accuracy and
+      test_macro_f1 (multiclass), test_rmse and test_mae (regression, in the label's units).
+    majority_class_rate and below_majority_class, or baseline_rmse, baseline_mae and
+      below_baseline: the constant baseline on the test rows, and whether the model is worse.
+    classes (multiclass), label_bounds (regression).
+    validation_*: the same metrics on the validation rows, and validation_examples.
+  Training-row diagnostics (no noise; never exported):
+    nonprivate_attack_accuracy: the model-inversion attack's accuracy on training rows.
+    nonprivate_note: what the nonprivate_* figures are.
+    privacy_eval: membership inference and, on an audit dataset, the canary audit.
+  The run:
+    train_examples, test_examples: N and the test size (private: kept in the workdir).
+    batches: the materialised batch directory, if the updates streamed from one.
+    data_digest: the training rows' digest (private).
+    num_devices, num_processes, wall_time_s: how it ran.
+    config: the whole config.
+    model_dir: the exported model's directory, when exported.
+  """
+
+  private: bool = False
+  privacy_note: str | None = None
+  dp_enabled: bool = True
+  epsilon: float = float("inf")
+  delta: float | None = None
+  accountant_delta: float | None = None
+  overflow_probability: float | None = None
+  overflow_delta: float | None = None
+  delta_warning: str | None = None
+  noise_multiplier: float | None = None
+  l2_norm_clip: float | None = None
+  sampling_rate: float | None = None
+  steps: int | None = None
+  accountant: str | None = None
+  ledger_composition: str | None = None
+  privacy_ledger: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  noise: str | None = None
+  sampling: str | None = None
+  max_epsilon: float | None = None
+  budget_exhausted: bool = False
+  resume_overrides: list[list[str]] = dataclasses.field(default_factory=list)
+  task: str = "binary"
+  test_loss: float | None = None
+  test_accuracy: float | None = None
+  test_auc: float | None = None
+  test_macro_f1: float | None = None
+  test_rmse: float | None = None
+  test_mae: float | None = None
+  majority_class_rate: float | None = None
+  below_majority_class: bool | None = None
+  baseline_rmse: float | None = None
+  baseline_mae: float | None = None
+  below_baseline: bool | None = None
+  classes: list[Any] | None = None
+  label_bounds: list[float] | None = None
+  validation_loss: float | None = None
+  validation_accuracy: float | None = None
+  validation_auc: float | None = None
+  validation_macro_f1: float | None = None
+  validation_rmse: float | None = None
+  validation_mae: float | None = None
+  validation_examples: int | None = None
+  nonprivate_attack_accuracy: float | None = None
+  nonprivate_note: str = ""
+  privacy_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_examples: int = 0
+  test_examples: int = 0
+  batches: str | None = None
+  data_digest: str | None = None
+  num_devices: int = 1
+  num_processes: int = 1
+  wall_time_s: float = 0.0
+  config: dict[str, Any] = dataclasses.field(default_factory=dict)
+  model_dir: str | None = None
+
+  @property
+  def below_constant_baseline(self) -> bool:
+    """Whether the model is worse on the test rows than the task's constant prediction."""
+    return bool(self.below_majority_class or self.below_baseline)
+
+  def privacy_record(self) -> dict[str, Any]:
+    """The privacy fields an exported model states (:data:`PRIVACY_FIELDS`), those set."""
+    return {k: getattr(self, k) for k in PRIVACY_FIELDS if getattr(self, k) is not None}
+
+  def test_record(self) -> dict[str, Any]:
+    """The test metrics and baseline an exported model states, those the task has."""
+    return {k: getattr(self, k) for k in TEST_METRIC_FIELDS if getattr(self, k) is not None}
+
+  def to_json(self) -> dict[str, Any]:
+    """The ``summary.json`` dict: every field, less the metrics the task does not have."""
+    out = dataclasses.asdict(self)
+    return {k: v for k, v in out.items() if v is not None or k not in _OMITTED_WHEN_UNSET}
+
+  @classmethod
+  def from_json(cls, record: Mapping[str, Any]) -> RunSummary:
+    """A summary from its ``summary.json`` dict (keys it does not know are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def read_summary(workdir: str) -> RunSummary | None:
+  """The run's ``summary.json`` (None if the run did not finish)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return RunSummary.from_json(json.load(f))
+
+
+def task_metrics(head_kind: str, final: Mapping[str, Any], baseline: Mapping[str, float],
+                 *, classes: tuple = (), label_bounds: tuple = (),
+                 validation_examples: int | None = None) -> dict[str, Any]:
+  """The task's fields of a summary: its test (and validation) metrics of the last epoch, its
+  baseline, and whether the model is below that baseline."""
+  out: dict[str, Any] = {"task": head_kind}
+  out.update({k: v for k, v in final.items() if k.startswith(("test_", "validation_"))})
+  out.update(baseline)
+  if head_kind == "regression":
+    out["below_baseline"] = bool(final["test_rmse"] > baseline["baseline_rmse"])
+    out["label_bounds"] = list(label_bounds or ())
+  else:
+    out["below_majority_class"] = bool(final["test_accuracy"] < baseline["majority_class_rate"])
+  if head_kind == "multiclass":
+    out["classes"] = list(classes)
+  if validation_examples is not None:
+    out["validation_examples"] = validation_examples
+  return out
+
+
+def result_line(s: RunSummary) -> str:
+  """``test accuracy 0.8123 (majority class 0.6280)`` or ``test RMSE ... (baseline ...)``."""
+  if s.task == "regression":
+    return (f"test RMSE {s.test_rmse:.4f}, MAE {s.test_mae:.4f} (predicting the test mean: "
+            f"RMSE {s.baseline_rmse:.4f})")
+  extra = f", macro-F1 {s.test_macro_f1:.4f}" if s.task == "multiclass" else ""
+  return (f"test accuracy {s.test_accuracy:.4f}{extra} (majority class "
+          f"{s.majority_class_rate:.4f})")
