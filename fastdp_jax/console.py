@@ -182,3 +182,17 @@ class ConsoleSink:
     bar, task, _ = self._bar
     bar.update(task, completed=self._step, description=self._progress_text())
     bar.refresh()
+
+
+def announce_plan(plan: Any, *, devices: int, capacity: int, private: bool,
+                  privacy_note: str | None) -> None:
+  """The run's privacy plan in one line (a :class:`fastdp_jax.dp.plan.PrivacyPlan`), and a
+  warning when its (epsilon, delta) is not a guarantee."""
+  say(f"DP-SGD: q={plan.sampling_rate:.6g} sigma={plan.noise_multiplier:.4g} "
+      f"C={plan.l2_norm_clip} updates={plan.total_steps} ({plan.steps_per_epoch}/epoch) "
+      f"delta={plan.delta_total:.3g} accountant={plan.accountant} "
+      f"devices={devices} capacity/device={capacity} private={private}"
+      if plan.enabled else
+      f"non-private SGD: updates={plan.total_steps} devices={devices}")
+  if privacy_note and plan.enabled:
+    say(f"WARNING: private: false: {privacy_note}")

@@ -36,7 +36,14 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from absl import logging
+
+from fastdp_jax import config as config_lib
+from fastdp_jax import errors
+from fastdp_jax import models
 from fastdp_jax.dp import clip_types
+from fastdp_jax.dp import clipping
+from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax import parallel
 from fastdp_jax.config import STRATEGIES
 from fastdp_jax.parallel import AXIS
@@ -418,3 +425,43 @@ def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
     return jax.lax.scan(one_step, state, (x, y, mask, active))
 
   return StreamedStep(mesh=mesh, jitted=jitted)
+
+
+class NonFiniteParametersError(errors.UserError):
+  """The noised parameters became non-finite (a diverging optimizer, not one row)."""
+
+
+def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
+  """Stops the run at the first update whose noised parameters are not finite.
+
+  Only the parameters are checked: they are the DP output, so stopping on them is
+  post-processing. A non-finite per-example gradient or loss is zeroed and counted inside the
+  step instead: halting on it would reveal that the row was sampled at that update.
+  """
+  bad = np.flatnonzero(~metrics["params_finite"][:k].astype(bool))
+  if bad.size:
+    raise NonFiniteParametersError(
+        f"the parameters became non-finite at update {step + int(bad[0]) + 1}; lower the "
+        "learning rate")
+
+
+def make_optimizer(o: config_lib.OptimizerSettings) -> optax.GradientTransformation:
+  """The optimizer that follows the noise (``optimizer.name``: plain or momentum SGD, Adam)."""
+  if o.name == "sgd":
+    return optax.sgd(o.learning_rate, momentum=o.momentum or None)
+  return optax.adam(o.learning_rate)
+
+
+def compile_step(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, model: Any, loss_fn: Any,
+                 tx: optax.GradientTransformation, *, dp: config_lib.DPSettings,
+                 padding_microbatch_rows: int | None, strategy: str, streamed: bool,
+                 head: models.TaskHead) -> tuple[TrainStep | StreamedStep, str]:
+  """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap')."""
+  clipped_sum = clipping.make_clipped_sum(dp.clipping, model, loss_fn, plan.l2_norm_clip,
+                                          microbatch_size=dp.microbatch_size, head=head)
+  method = clipping.resolve_method(dp.clipping, model)
+  logging.info("per-example clipping: %s", method)
+  build = build_streamed_chunk if streamed else build_train_chunk
+  microbatch = padding_microbatch(padding_microbatch_rows, method, dp.microbatch_size)
+  return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, strategy,
+               padding_microbatch=microbatch), method

@@ -27,86 +27,40 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from fastdp_jax import atomic
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import distributed
-from fastdp_jax import errors
 from fastdp_jax import evaluate as evaluate_lib
+from fastdp_jax import feed
 from fastdp_jax import inputs
 from fastdp_jax import models
 from fastdp_jax import parallel
 from fastdp_jax import preemption
 from fastdp_jax import profiling
 from fastdp_jax import records
+from fastdp_jax import resume
 from fastdp_jax import schedule as schedule_lib
 from fastdp_jax import sinks
 from fastdp_jax import step as step_lib
 from fastdp_jax import summary as summary_lib
+from fastdp_jax import console
 from fastdp_jax.console import say
-from fastdp_jax.data import batch_stream
-from fastdp_jax.dp import accounting
 from fastdp_jax.dp import attack
-from fastdp_jax.dp import clipping
 from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax.dp import noise
 from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax.dp import privacy_eval
 from fastdp_jax.dp import release
-from fastdp_jax.dp import sampling
 from fastdp_jax.export import layout as export_layout
 from fastdp_jax.export import model_dir as export_lib
 
 # What a full disk leaves (outputs are atomic, checkpoints renamed into place).
 _KEPT = "the last checkpoint and every complete output are intact (the same command resumes)"
-
-
-class NonFiniteParametersError(errors.UserError):
-  """The noised parameters became non-finite (a diverging optimizer, not one row)."""
-
-
-def make_optimizer(o: config_lib.OptimizerSettings) -> optax.GradientTransformation:
-  if o.name == "sgd":
-    return optax.sgd(o.learning_rate, momentum=o.momentum or None)
-  return optax.adam(o.learning_rate)
-
-
-def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
-  """Stops the run at the first update whose noised parameters are not finite.
-
-  Only the parameters are checked: they are the DP output, so stopping on them is
-  post-processing. A non-finite per-example gradient or loss is zeroed and counted inside the
-  step instead: halting on it would reveal that the row was sampled at that update.
-  """
-  bad = np.flatnonzero(~metrics["params_finite"][:k].astype(bool))
-  if bad.size:
-    raise NonFiniteParametersError(
-        f"the parameters became non-finite at update {step + int(bad[0]) + 1}; lower the "
-        "learning rate")
-
-
-def run_identity(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
-                 train: Any) -> dict[str, Any]:
-  """What a resumed run must share with its checkpoint (privacy, model, data, sampling)."""
-  return dict(dp_enabled=plan.enabled, noise_multiplier=plan.noise_multiplier,
-              l2_norm_clip=plan.l2_norm_clip, sampling_rate=plan.sampling_rate,
-              batch_size=rc.batch_size, delta=plan.delta, accountant=plan.accountant,
-              model_hidden_sizes=list(rc.model.hidden_sizes),
-              num_features=int(train.features.shape[1]), data_digest=train.digest,
-              seed=rc.seed, sampling_seed=rc.dp.sampling_seed,
-              noise_seed=rc.dp.noise_seed, optimizer=dataclasses.asdict(rc.optimizer),
-              # Only when they matter, so that a binary run's identity stays minimal.
-              **({"model_embedding_dim": rc.model.embedding_dim} if train.embeddings else {}),
-              **({"model_huber_delta": rc.model.huber_delta}
-                 if train.task.kind == "regression" else {}),
-              **({"validation_fraction": rc.data.validation_fraction}
-                 if rc.data.validation_fraction else {}))
 
 
 # --- the trainer's typed parts ---------------------------------------------------------------
@@ -118,24 +72,6 @@ class Compiled:
   clipping: str  # the per-example clipping method the step uses: 'ghost' or 'vmap'
   apply_fn: Any
   evaluate: Any  # evaluate_lib.build_eval's function
-  local_shards: list[int]  # this process's devices (it computes only their batches)
-
-
-@dataclasses.dataclass(kw_only=True, eq=False)
-class Batches:
-  """Where each update's batch comes from: the in-memory sampler or materialised batches."""
-  sampler: sampling.PoissonSampler | None
-  stream: batch_stream.BatchStream | None
-  reader: batch_stream.Prefetcher | None = None
-
-
-@dataclasses.dataclass(kw_only=True, eq=False)
-class Progress:
-  """What advances with each call, and what a checkpoint saves."""
-  state: step_lib.State
-  run_state: checkpoint_lib.RunState
-  step: int
-  keys: keys_lib.RunKeys
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -172,9 +108,9 @@ class Trainer:
   private: bool
   privacy_note: str | None
   data: inputs.RunData
-  batches: Batches
+  batches: feed.Batches
   compiled: Compiled
-  progress: Progress
+  progress: resume.Progress
   services: Services
 
   @property
@@ -190,51 +126,20 @@ class Trainer:
     """Epsilon of the updates so far (inf when DP is off)."""
     return self.progress.run_state.ledger.epsilon() if self.plan.enabled else float("inf")
 
-  def _sampled_inputs(self, k: int) -> tuple:
-    run, sampler, prof = self.compiled.run, self.batches.sampler, self.services.prof
-    assert isinstance(run, step_lib.TrainStep) and sampler is not None
-    chunk = self.config.steps_per_call
-    with prof.phase("sampling"):
-      b = sampler.batches(self.step, k, shards=self.compiled.local_shards)
-      pad = ((0, chunk - k), (0, 0), (0, 0))
-      idx, msk = np.pad(b.indices, pad), np.pad(b.mask, pad)
-      active = np.arange(chunk) < k
-    with prof.phase("data transfer"):
-      placed = prof.sync(run.place(idx, msk, active))
-    return (self.data.dev.features, self.data.dev.labels, *placed)
-
-  def _streamed_inputs(self, k: int) -> tuple:
-    """This process's devices' slots of the next ``k`` materialised batches, placed."""
-    run, stream, prof = self.compiled.run, self.batches.stream, self.services.prof
-    assert isinstance(run, step_lib.StreamedStep) and stream is not None
-    chunk, d = self.config.steps_per_call, int(self.compiled.mesh.devices.size)
-    lo, hi = self.compiled.local_shards[0], self.compiled.local_shards[-1] + 1
-    if self.batches.reader is None:  # starts at the run's position (a resume seeks to it)
-      self.batches.reader = stream.reader(self.step, self.services.schedule.stop_at,
-                                          device_slice=batch_stream.device_slots(
-                                              stream.capacity, d, (lo, hi)))
-      if self.services.cleanup is not None:
-        self.services.cleanup.callback(self.batches.reader.close)
-    with prof.phase("data read"):
-      f, y, m = batch_stream.split_for_devices(*self.batches.reader.take(k), hi - lo)
-      shape = (chunk, d) + f.shape[2:]
-      features = np.zeros(shape, np.float32)
-      labels, mask = np.zeros(shape[:3], np.float32), np.zeros(shape[:3], bool)
-      features[:k, lo:hi], labels[:k, lo:hi], mask[:k, lo:hi] = f, y, m
-    with prof.phase("data transfer"):
-      return prof.sync(run.place(features, labels, mask, np.arange(chunk) < k))
-
   def train_call(self, k: int) -> dict[str, np.ndarray]:
     """Runs ``k`` updates in one compiled call; returns their per-update metrics."""
-    prof, p = self.services.prof, self.progress
-    streamed = self.batches.stream is not None
-    placed = self._streamed_inputs(k) if streamed else self._sampled_inputs(k)
+    prof, p, run, s = self.services.prof, self.progress, self.compiled.run, self.services
+    if isinstance(run, step_lib.StreamedStep):
+      placed = self.batches.streamed(run, self.compiled.mesh, p.step, k, s.schedule.stop_at,
+                                     prof, s.cleanup)
+    else:
+      placed = self.batches.sampled(run, self.data.dev, p.step, k, prof)
     prof.before_call(p.step)
     with prof.phase("step"):
       p.state, m = self.compiled.run(p.state, *placed)
       m = jax.device_get(m)
     prof.after_call(p.step + k, p.state)
-    check_finite(m, p.step, k)
+    step_lib.check_finite(m, p.step, k)
     rs = p.run_state
     p.run_state = dataclasses.replace(
         rs, partial={name: v + float(m[name][:k].sum()) for name, v in rs.partial.items()},
@@ -275,22 +180,6 @@ class Trainer:
 
 
 # --- 1. set-up ---------------------------------------------------------------------------------
-def _plan_run(rc: config_lib.RunConfig, n: int, mesh: jax.sharding.Mesh, streamed: bool
-              ) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
-  """The privacy plan and, with ``data.batches``, the verified batches it is checked against."""
-  plan = plan_lib.plan_privacy(rc.dp, batch_size=rc.batch_size, num_epochs=rc.num_epochs,
-                               num_examples=n, num_devices=int(mesh.devices.size),
-                               public_num_examples=rc.data.public_num_examples)
-  if not streamed:
-    return plan, None
-  stream = inputs.open_stream(rc, plan)
-  # One capacity per update (not per device): the job's union bound.
-  plan = dataclasses.replace(
-      plan, overflow_probability=stream.overflow_probability,
-      overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps, 1))
-  return plan, stream
-
-
 def _build_model(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan, data: inputs.RunData):
   """``(model, apply_fn, params, loss_fn)``; warns when the noise swamps the signal."""
   # The seed initialises the model and nothing else: the batches and the noise come from
@@ -306,101 +195,14 @@ def _build_model(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan, data: inp
   return model, apply_fn, params, models.example_loss(apply_fn, data.head)
 
 
-def _initial_progress(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh,
-                      plan: plan_lib.PrivacyPlan, train: Any, params: Any,
-                      keys: keys_lib.RunKeys) -> tuple[optax.GradientTransformation, Progress]:
-  """The noised optimizer and the progress before any update: the replicated parameters and
-  optimizer state, an empty ledger."""
-  tx = optax.chain(noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier,
-                                   rc.batch_size, keys.noise), make_optimizer(rc.optimizer))
-  state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
-                                                  step=jnp.zeros((), jnp.int32)))
-  run_state = checkpoint_lib.RunState(identity=run_identity(rc, plan, train),
-                                      ledger=accounting.PrivacyLedger(plan.delta,
-                                                                      plan.accountant))
-  return tx, Progress(state=state, run_state=run_state, step=0, keys=keys)
-
-
-def _restore(rc: config_lib.RunConfig, workdir: str, ckpt: checkpoint_lib.Checkpointer | None,
-             mesh: jax.sharding.Mesh, p: Progress) -> Progress:
-  """The progress of the workdir's latest checkpoint, if any (else ``p`` as it is)."""
-  if ckpt is None or ckpt.latest_step() is None:
-    return p
-  saved = ckpt.restore_metadata()
-  diffs = checkpoint_lib.compare_identity(saved.identity, p.run_state.identity)
-  if diffs and not rc.checkpoint.allow_changes:
-    raise errors.ResumeMismatchError(
-        f"workdir {workdir} holds a checkpoint of a different run; changed: "
-        + "; ".join(diffs) + ". Use another --workdir, or --config.checkpoint.allow_changes"
-        "=True to continue anyway (recorded in the summary; epsilon keeps accumulating)")
-  state, saved = ckpt.restore(p.state)
-  keys = p.keys
-  if diffs:
-    # Updates after the checkpoint may have been seen (logged) with the old noise; redone
-    # with changed parameters they must not reuse it.
-    keys = keys_lib.fresh_noise(keys)
-    if jax.process_index() == 0:
-      keys_lib.save(workdir, keys)
-  state = dataclasses.replace(state, opt_state=noise.with_key(state.opt_state, keys.noise))
-  state = parallel.replicate(mesh, jax.device_get(state))
-  saved = dataclasses.replace(saved, identity=p.run_state.identity,
-                              overrides=saved.overrides + ((tuple(diffs),) if diffs else ()))
-  say(f"resumed from {ckpt.directory} at update {int(state.step)} "
-      f"(epsilon so far {saved.ledger.epsilon():.4f})")
-  return Progress(state=state, run_state=saved, step=int(state.step), keys=keys)
-
-
-def _stop_at(max_epsilon: float | None, plan: plan_lib.PrivacyPlan,
-             ledger: accounting.PrivacyLedger) -> int:
-  """The last update count within ``dp.max_epsilon`` (the plan's total without a cap)."""
-  if not plan.enabled or max_epsilon is None:
-    return plan.total_steps
-  more = ledger.steps_within(max_epsilon, plan.noise_multiplier, plan.sampling_rate,
-                             plan.total_steps - ledger.steps,
-                             progress=accounting.progress_printer(
-                                 f"privacy budget: finding the last update within "
-                                 f"dp.max_epsilon={max_epsilon}", unit="updates", write=say))
-  stop = ledger.steps + more
-  if stop < plan.total_steps:
-    say(f"privacy budget: dp.max_epsilon={max_epsilon} allows {stop} of "
-        f"{plan.total_steps} updates")
-  return stop
-
-
-def _compile(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan,
-             model: Any, loss_fn: Any, tx: optax.GradientTransformation, streamed: bool,
-             head: models.TaskHead) -> tuple[step_lib.TrainStep | step_lib.StreamedStep, str]:
-  """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap')."""
-  clipped_sum = clipping.make_clipped_sum(rc.dp.clipping, model, loss_fn, plan.l2_norm_clip,
-                                          microbatch_size=rc.dp.microbatch_size, head=head)
-  method = clipping.resolve_method(rc.dp.clipping, model)
-  logging.info("per-example clipping: %s", method)
-  build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk
-  microbatch = step_lib.padding_microbatch(rc.padding_microbatch, method, rc.dp.microbatch_size)
-  return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, rc.strategy,
-               padding_microbatch=microbatch), method
-
-
-def _make_sampler(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
-                  keys: keys_lib.RunKeys,
-                  dev: parallel.DeviceData | None) -> sampling.PoissonSampler | None:
-  """The in-memory Poisson sampler (None when the batches are streamed)."""
-  if dev is None:
-    return None
-  return sampling.PoissonSampler(
-      dev.num_examples, rc.batch_size, keys.sampling, shard_bounds=dev.bounds,
-      capacity_multiple=rc.dp.microbatch_size,
-      overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate)
-
-
 def _services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.PrivacyPlan,
-              ckpt: checkpoint_lib.Checkpointer | None, p: Progress,
+              ckpt: checkpoint_lib.Checkpointer | None, p: resume.Progress,
               cleanup: contextlib.ExitStack) -> Services:
   """The schedule (stopping within ``dp.max_epsilon``), the profiler and the sinks: console,
   metrics.jsonl (cut back to the checkpoint, so a resumed run has no duplicates) and
   TensorBoard on process 0, nothing on the others; closed by ``cleanup`` (a progress bar is
   cleared even when the run fails)."""
-  stop_at = _stop_at(rc.dp.max_epsilon, plan, p.run_state.ledger)
+  stop_at = plan_lib.stop_at(rc.dp.max_epsilon, plan, p.run_state.ledger)
   prof = profiling.Profiler(workdir, rc.profile_steps, first_step=p.step, last_step=stop_at,
                             steps_per_call=rc.steps_per_call)
   schedule = schedule_lib.Schedule(
@@ -414,22 +216,6 @@ def _services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.PrivacyPlan
   cleanup.callback(writer.close)
   return Services(ckpt=ckpt, schedule=schedule, writer=writer, prof=prof, cleanup=cleanup,
                   preemption=preemption.Watch(enabled=ckpt is not None))
-
-
-def _announce(t: Trainer, num_params: int) -> None:
-  plan, mesh, batches = t.plan, t.compiled.mesh, t.batches
-  logging.info("train rows %d, test rows %d, features %d, devices %d, params %d",
-               t.data.num_examples, len(t.data.test), t.data.train.features.shape[1],
-               mesh.devices.size, num_params)
-  capacity = batches.sampler.capacity if batches.sampler else batches.stream.capacity
-  say(f"DP-SGD: q={plan.sampling_rate:.6g} sigma={plan.noise_multiplier:.4g} "
-      f"C={plan.l2_norm_clip} updates={plan.total_steps} ({plan.steps_per_epoch}/epoch) "
-      f"delta={plan.delta_total:.3g} accountant={plan.accountant} "
-      f"devices={mesh.devices.size} capacity/device={capacity} private={t.private}"
-      if plan.enabled else
-      f"non-private SGD: updates={plan.total_steps} devices={mesh.devices.size}")
-  if t.privacy_note and plan.enabled:
-    say(f"WARNING: private: false: {t.privacy_note}")
 
 
 def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
@@ -447,7 +233,7 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
   rc = config_lib.settings(cfg)
   mesh = parallel.make_mesh()
   rows = inputs.load(rc, mesh, data)
-  plan, stream = _plan_run(rc, rows.num_examples, mesh, rows.streamed_from is not None)
+  plan, stream = feed.plan_run(rc, rows.num_examples, mesh, rows.streamed_from is not None)
   model, apply_fn, params, loss_fn = _build_model(rc, plan, rows)
   # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
   ckpt = None
@@ -459,23 +245,29 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
                           noise_seed=rc.dp.noise_seed)
   if stream is not None:
     keys = keys_lib.with_batches_key(keys, stream.path, stream.sampling_fixed)
-  tx, progress = _initial_progress(rc, mesh, plan, rows.train, params, keys)
-  progress = _restore(rc, workdir, ckpt, mesh, progress)
+  tx, progress = resume.initial(rc, mesh, plan, rows.train, params, keys)
+  progress = resume.restore(rc.checkpoint.allow_changes, workdir, ckpt, mesh, progress)
   services = _services(rc, workdir, plan, ckpt, progress, cleanup)
-  run, method = _compile(rc, mesh, plan, model, loss_fn, tx, stream is not None, rows.head)
+  run, method = step_lib.compile_step(
+      mesh, plan, model, loss_fn, tx, dp=rc.dp, padding_microbatch_rows=rc.padding_microbatch,
+      strategy=rc.strategy, streamed=stream is not None, head=rows.head)
   private, privacy_note = release.privacy_status(
       dp_enabled=plan.enabled, noise_fixed=progress.keys.noise_fixed,
       sampling_fixed=progress.keys.sampling_fixed)
   t = Trainer(
       config=rc, workdir=workdir, plan=plan, private=private, privacy_note=privacy_note,
       data=rows, progress=progress, services=services,
-      batches=Batches(sampler=_make_sampler(rc, plan, progress.keys, rows.dev), stream=stream),
+      batches=feed.make_batches(mesh, plan, progress.keys, rows.dev, stream,
+                                batch_size=rc.batch_size, steps_per_call=rc.steps_per_call,
+                                microbatch_size=rc.dp.microbatch_size),
       compiled=Compiled(mesh=mesh, run=run, clipping=method, apply_fn=apply_fn,
-                        evaluate=evaluate_lib.build_eval(apply_fn, rows.head),
-                        local_shards=[k for k, d in enumerate(mesh.devices.flat)
-                                      if d.process_index == jax.process_index()]))
+                        evaluate=evaluate_lib.build_eval(apply_fn, rows.head)))
   services.writer.write(records.CONFIG, progress.step, rc.to_dict())
-  _announce(t, models.count_params(params))
+  logging.info("train rows %d, test rows %d, features %d, devices %d, params %d",
+               rows.num_examples, len(rows.test), rows.train.features.shape[1],
+               mesh.devices.size, models.count_params(params))
+  console.announce_plan(plan, devices=int(mesh.devices.size), capacity=t.batches.capacity,
+                        private=private, privacy_note=privacy_note)
   return t
 
 
@@ -498,15 +290,6 @@ def _periodic_checkpoint(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
     t.save()
 
 
-def _attack_accuracy(t: Trainer, host_params: Any) -> float:
-  """The model-inversion attack's accuracy on training rows (a non-private diagnostic)."""
-  def predict_proba(x: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.nn.sigmoid(t.compiled.apply_fn(host_params, jnp.asarray(x))))
-  return attack.model_inversion_accuracy(
-      predict_proba, t.data.train.features, t.data.train.labels, t.data.attack_index,
-      t.config.data.attack_rows, seed=t.config.seed)
-
-
 def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
   del m, k
   s = t.services
@@ -526,8 +309,9 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
             release.CLIPPED_FRACTION: part["clipped"] / count,
             release.NONFINITE_EXAMPLES: int(part["nonfinite"])}
   if t.data.attack_index is not None and t.data.head.kind == "binary":  # it inverts P(y = 1)
-    record[release.ATTACK_ACCURACY] = _attack_accuracy(
-        t, jax.device_get(t.progress.state.params))
+    record[release.ATTACK_ACCURACY] = attack.inversion_accuracy_of(
+        t.compiled.apply_fn, jax.device_get(t.progress.state.params), t.data.train.features,
+        t.data.train.labels, t.data.attack_index, t.config.data.attack_rows, t.config.seed)
   rs = t.progress.run_state
   t.progress.run_state = dataclasses.replace(rs, history=rs.history + (record,),
                                              partial=checkpoint_lib.zero_partial())

@@ -9,6 +9,7 @@ compare it with the base rate of the column (guessing its majority value).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,3 +39,13 @@ def model_inversion_accuracy(predict_proba: Callable[[np.ndarray], np.ndarray],
   p1 = np.asarray(predict_proba(x1))
   guess = (np.abs(p1 - y) < np.abs(p0 - y)).astype(x.dtype)
   return float(np.mean(guess == x[:, column]))
+
+
+def inversion_accuracy_of(apply_fn: Callable, params: Any, features: np.ndarray,
+                          labels: np.ndarray, column: int, num_rows: int, seed: int) -> float:
+  """:func:`model_inversion_accuracy` of a binary model given by its ``apply_fn`` (logits)."""
+  import jax  # local: the attack itself is NumPy
+
+  def predict_proba(x: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.nn.sigmoid(apply_fn(params, jax.numpy.asarray(x))))
+  return model_inversion_accuracy(predict_proba, features, labels, column, num_rows, seed=seed)

@@ -135,3 +135,20 @@ def noise_warning(plan: PrivacyPlan, num_params: int, batch_size: int,
           f"{ratio:.3g} times the largest possible mean clipped gradient; the model is "
           "unlikely to learn. Raise the target epsilon, the batch size or lower the number "
           "of updates")
+
+
+def stop_at(max_epsilon: float | None, plan: PrivacyPlan,
+             ledger: accounting.PrivacyLedger) -> int:
+  """The last update count within ``dp.max_epsilon`` (the plan's total without a cap)."""
+  if not plan.enabled or max_epsilon is None:
+    return plan.total_steps
+  more = ledger.steps_within(max_epsilon, plan.noise_multiplier, plan.sampling_rate,
+                             plan.total_steps - ledger.steps,
+                             progress=accounting.progress_printer(
+                                 f"privacy budget: finding the last update within "
+                                 f"dp.max_epsilon={max_epsilon}", unit="updates", write=say))
+  stop = ledger.steps + more
+  if stop < plan.total_steps:
+    say(f"privacy budget: dp.max_epsilon={max_epsilon} allows {stop} of "
+        f"{plan.total_steps} updates")
+  return stop

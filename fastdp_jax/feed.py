@@ -1,0 +1,116 @@
+"""How each update's batch reaches the devices: the in-memory sampler or materialised batches.
+
+In memory, the rows sit on the devices once and each call ships only the sampled indices and
+masks (:class:`fastdp_jax.dp.sampling.PoissonSampler`); with materialised batches
+(``data.batches``) each call reads the next updates' rows from disk, this process's devices'
+slots only, a reader thread ahead of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import numpy as np
+
+from fastdp_jax import config as config_lib
+from fastdp_jax import inputs
+from fastdp_jax import parallel
+from fastdp_jax import profiling
+from fastdp_jax import step as step_lib
+from fastdp_jax.data import batch_stream
+from fastdp_jax.dp import keys as keys_lib
+from fastdp_jax.dp import plan as plan_lib
+from fastdp_jax.dp import sampling
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Batches:
+  """Where each update's batch comes from.
+
+  Attributes:
+    sampler: the in-memory Poisson sampler (None when the batches are streamed).
+    stream: the materialised batches (None in memory).
+    local_shards: this process's devices (it computes only their batches; the others' never
+      move).
+    steps_per_call: updates per compiled call (the inputs are padded to it).
+    reader: the prefetching reader of ``stream``, started by the first call.
+  """
+  sampler: sampling.PoissonSampler | None
+  stream: batch_stream.BatchStream | None
+  local_shards: list[int]
+  steps_per_call: int
+  reader: batch_stream.Prefetcher | None = None
+
+  @property
+  def capacity(self) -> int:
+    """Slots per update per device."""
+    return self.sampler.capacity if self.sampler is not None else self.stream.capacity
+
+  def sampled(self, run: step_lib.TrainStep, dev: parallel.DeviceData, step: int, k: int,
+              prof: profiling.Profiler) -> tuple:
+    """The inputs of ``k`` in-memory updates from update ``step``: the rows on the devices,
+    and the sampled indices and masks, placed."""
+    chunk = self.steps_per_call
+    with prof.phase("sampling"):
+      b = self.sampler.batches(step, k, shards=self.local_shards)
+      pad = ((0, chunk - k), (0, 0), (0, 0))
+      idx, msk = np.pad(b.indices, pad), np.pad(b.mask, pad)
+      active = np.arange(chunk) < k
+    with prof.phase("data transfer"):
+      placed = prof.sync(run.place(idx, msk, active))
+    return (dev.features, dev.labels, *placed)
+
+  def streamed(self, run: step_lib.StreamedStep, mesh: jax.sharding.Mesh, step: int, k: int,
+               stop_at: int, prof: profiling.Profiler,
+               cleanup: contextlib.ExitStack | None) -> tuple:
+    """This process's devices' slots of the next ``k`` materialised batches, placed."""
+    chunk, d = self.steps_per_call, int(mesh.devices.size)
+    lo, hi = self.local_shards[0], self.local_shards[-1] + 1
+    if self.reader is None:  # starts at the run's position (a resume seeks to it)
+      self.reader = self.stream.reader(step, stop_at, device_slice=batch_stream.device_slots(
+          self.stream.capacity, d, (lo, hi)))
+      if cleanup is not None:
+        cleanup.callback(self.reader.close)
+    with prof.phase("data read"):
+      f, y, m = batch_stream.split_for_devices(*self.reader.take(k), hi - lo)
+      shape = (chunk, d) + f.shape[2:]
+      features = np.zeros(shape, np.float32)
+      labels, mask = np.zeros(shape[:3], np.float32), np.zeros(shape[:3], bool)
+      features[:k, lo:hi], labels[:k, lo:hi], mask[:k, lo:hi] = f, y, m
+    with prof.phase("data transfer"):
+      return prof.sync(run.place(features, labels, mask, np.arange(chunk) < k))
+
+
+def make_batches(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, keys: keys_lib.RunKeys,
+                 dev: parallel.DeviceData | None, stream: batch_stream.BatchStream | None, *,
+                 batch_size: int, steps_per_call: int,
+                 microbatch_size: int | None) -> Batches:
+  """The run's batches: a Poisson sampler over the rows on the devices, or ``stream``."""
+  sampler = None
+  if dev is not None:
+    sampler = sampling.PoissonSampler(
+        dev.num_examples, batch_size, keys.sampling, shard_bounds=dev.bounds,
+        capacity_multiple=microbatch_size,
+        overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate)
+  return Batches(sampler=sampler, stream=stream, steps_per_call=steps_per_call,
+                 local_shards=[k for k, d in enumerate(mesh.devices.flat)
+                               if d.process_index == jax.process_index()])
+
+
+def plan_run(rc: config_lib.RunConfig, n: int, mesh: jax.sharding.Mesh, streamed: bool
+              ) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
+  """The privacy plan and, with ``data.batches``, the verified batches it is checked against
+  (their capacity fixes the overflow term of delta)."""
+  plan = plan_lib.plan_privacy(rc.dp, batch_size=rc.batch_size, num_epochs=rc.num_epochs,
+                               num_examples=n, num_devices=int(mesh.devices.size),
+                               public_num_examples=rc.data.public_num_examples)
+  if not streamed:
+    return plan, None
+  stream = inputs.open_stream(rc, plan)
+  # One capacity per update (not per device): the job's union bound.
+  plan = dataclasses.replace(
+      plan, overflow_probability=stream.overflow_probability,
+      overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps, 1))
+  return plan, stream
