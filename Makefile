@@ -37,9 +37,12 @@ demo: data
 	$(PY) -m fastdp_jax --config=configs/seq.py --config.data.path=$(DEMO_DATA) --workdir=runs/demo
 
 # ruff (pyflakes, syntax, likely bugs) and mypy; settings in pyproject.toml. Zero findings.
+# Then the house rules (docs/architecture.md): who may import whom, no import cycle, no file
+# over 800 lines, no function over 80.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_structure.py
 
 # All tests: lint, the main suite, then the 8-fake-device tests in their own process (the CPU
 # device count is fixed once JAX starts). Both suites run even if the first fails; the target

@@ -16,7 +16,8 @@ the Spark job (``pums_raw`` spec: 29 features) into a dataset; then, each in a f
   opening, so the difference is what streaming costs (VmHWM; getrusage's ru_maxrss beside
   it, which on Linux may carry the parent's high-water mark over fork + exec);
 * ``in_memory``: the in-memory path's host side for comparison: the train split loaded
-  (``data.load_split``) and every update's rows gathered with ``PoissonSampler``.
+  (``fastdp_jax.load_split``) and every update's rows gathered with
+  ``fastdp_jax.PoissonSampler`` (a fixed key: the speed does not depend on it).
 
 Reads come from the page cache when the batches fit in memory (just written): ``mb_per_s`` is
 then the reader's own cost, not the disk's. The load average is recorded because other
@@ -94,11 +95,10 @@ def child_stream(path: str, take: int) -> dict:
 def child_in_memory(dataset: str, batch_size: int, updates: int) -> dict:
   """The in-memory host path: the split in memory, each update's rows gathered by index."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fastdp_jax.data import shards as data_lib  # pylint: disable=g-import-not-at-top
-  from fastdp_jax.dp import sampling  # pylint: disable=g-import-not-at-top
+  import fastdp_jax  # pylint: disable=g-import-not-at-top
   base = _rss_mb()
-  train = data_lib.load_split(dataset, "train")
-  sampler = sampling.PoissonSampler(len(train), batch_size, sampling.sampling_key(None)[0])
+  train = fastdp_jax.load_split(dataset, "train")
+  sampler = fastdp_jax.PoissonSampler(len(train), batch_size, 0)
   t0 = time.perf_counter()
   real, nbytes = 0, 0
   for first in range(0, updates, 64):

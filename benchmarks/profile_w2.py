@@ -95,9 +95,10 @@ def trace_op_ms(trace_dir: str, top: int = 15) -> tuple[list[dict], float]:
 def hlo_kernels(t) -> dict:
   """Dot instructions and matmul custom calls in the compiled call's optimized HLO."""
   import numpy as np
-  b, chunk = t.sampler.batches(0, 1), t.cfg.steps_per_call
-  text = t.run.lower(t.state, t.dev.features, t.dev.labels, np.repeat(b.indices, chunk, 0),
-                     np.repeat(b.mask, chunk, 0), np.ones(chunk, bool)).compile().as_text()
+  b, chunk, dev = t.batches.sampler.batches(0, 1), t.config.steps_per_call, t.data.dev
+  text = t.compiled.run.lower(t.progress.state, dev.features, dev.labels,
+                              np.repeat(b.indices, chunk, 0), np.repeat(b.mask, chunk, 0),
+                              np.ones(chunk, bool)).compile().as_text()
   dots = re.findall(r"= (f32|bf16)\[([0-9,]*)\][^=]*? dot\(", text)
   custom = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
   return dict(dots=[f"{dtype}[{shape}]" for dtype, shape in dots],
@@ -135,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         ops, op_total = trace_op_ms(d)
     _, hidden, batch = throughput.WORKLOADS[args.workload]
     record = dict(
-        bench="profile", workload=args.workload, mode=args.mode, clipping=t.clipping
-        if t.plan.enabled else "none", updates_per_call=args.steps,
+        bench="profile", workload=args.workload, mode=args.mode,
+        clipping=throughput.clipping_name(t), updates_per_call=args.steps,
         ms_per_update=round(1000 * wall / (args.calls * args.steps), 2),
-        examples_per_s=round(examples / wall), capacity=t.sampler.capacity,
-        expected_batch=batch, padded_share=round(1 - batch / t.sampler.capacity, 3),
+        examples_per_s=round(examples / wall), capacity=t.batches.capacity,
+        expected_batch=batch, padded_share=round(1 - batch / t.batches.capacity, 3),
         threads=threads, cores_busy=round(sum(r["busy"] for r in threads), 2),
         trace_ops_ms_per_call=ops, trace_total_ms=op_total, **kernels,
         xla_flags=os.environ.get("XLA_FLAGS", ""), **env())

@@ -10,11 +10,11 @@ Workloads (as ``benchmarks/throughput.py`` and ``../shared/bench/peer_torch.py``
 Each topology runs in fresh processes: ``1x1`` (one process, one device), ``1x2`` (one
 process, 2 CPU devices) and ``2x1`` (two processes of one device each, started by
 :mod:`fastdp_jax.launch`, gloo all-reduce over loopback). Every process holds only its
-contiguous share of the rows and builds the trainer itself (:func:`fastdp_jax.train.setup`
+contiguous share of the rows and builds the trainer itself (:func:`fastdp_jax.setup`
 on the rows in memory, as ``benchmarks/throughput.py``; keys fixed, hence ``"private":
 false``, which does not change the speed): per-example clipping (``clipping`` method), one
 all-reduce per update with ``--strategy``, noise, SGD. After one compiling call, ``calls``
-calls of ``steps_per_call`` updates of :meth:`~fastdp_jax.train.Trainer.train_call` are
+calls of ``steps_per_call`` updates of :meth:`fastdp_jax.Trainer.train_call` are
 timed as the training loop makes them: each process samples its own devices' batches on the
 host (``host_sampling_ms_per_step``, included in ``step_ms``), transfers them, runs the step
 and fetches its metrics. Prints one JSON line per measurement::
@@ -150,14 +150,13 @@ def _local_rows(workload: str, process: int, num_processes: int, rows: int = 0):
 def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
            calls: int = 0) -> None:
   """One measurement in this process (or in each process of a launch): the trainer of
-  :func:`fastdp_jax.train.setup` on this process's rows, one compiling call, then ``calls``
-  timed calls of :meth:`~fastdp_jax.train.Trainer.train_call`."""
+  :func:`fastdp_jax.setup` on this process's rows, one compiling call, then ``calls``
+  timed calls of :meth:`fastdp_jax.Trainer.train_call`."""
   from fastdp_jax import distributed
   distributed.initialize()  # from the launcher's environment; a single process otherwise
   import contextlib
   import jax
   from benchmarks import throughput
-  from fastdp_jax import models
 
   _, _, batch, steps_per_call, default_calls = WORKLOADS[workload]
   calls = calls or default_calls
@@ -171,14 +170,15 @@ def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
     t0 = time.perf_counter()
     throughput.timed_call(t, steps_per_call)
     compile_s = time.perf_counter() - t0
-    sampling_s = t.prof.phases()["sampling"]["seconds"]
+    prof = t.services.prof
+    sampling_s = prof.phases()["sampling"]["seconds"]
     examples = 0.0
     t0 = time.perf_counter()
     for _ in range(calls):
       examples += throughput.timed_call(t, steps_per_call)
     elapsed = time.perf_counter() - t0
-    sampling_s = t.prof.phases()["sampling"]["seconds"] - sampling_s
-    params = models.count_params(t.state.params)
+    sampling_s = prof.phases()["sampling"]["seconds"] - sampling_s
+    params = sum(int(p.size) for p in jax.tree.leaves(t.progress.state.params))
     if jax.process_index() == 0:
       print("RESULT " + json.dumps(dict(
           workload=workload, processes=jax.process_count(), devices=jax.device_count(),
@@ -186,8 +186,8 @@ def worker(workload: str, strategy: str, clipping_method: str, rows: int = 0,
           examples_per_s=examples / elapsed, step_ms=1e3 * elapsed / (calls * steps_per_call),
           host_sampling_ms_per_step=1e3 * sampling_s / (calls * steps_per_call),
           updates=calls * steps_per_call, first_call_s=compile_s,
-          capacity_per_device=t.sampler.capacity, params=params,
-          allreduce_bytes_per_step=4 * params, train_rows=t.dev.num_examples,
+          capacity_per_device=t.batches.capacity, params=params,
+          allreduce_bytes_per_step=4 * params, train_rows=t.data.num_examples,
           private=t.private, keys=throughput.KEYS,
           device=jax.devices()[0].device_kind)), flush=True)
 

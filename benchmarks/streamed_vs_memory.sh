@@ -16,6 +16,7 @@ for rep in 1 2; do
       --config.num_epochs=2 --config.checkpoint.enabled=False --config.export_model=False \
       --config.privacy_eval.membership_rows=0 --config.data.attack_column= $extra \
       --workdir=$out/$mode-$rep > $out/$mode-$rep.log 2>&1
-    python3 -c "import json;r=[r for r in map(json.loads,open('$out/$mode-$rep/metrics.jsonl')) if r['kind']=='epoch'][-1];s=json.load(open('$out/$mode-$rep/summary.json'));print(json.dumps(dict(benchmark='streamed_vs_memory',mode='$mode',rep=$rep,epoch_time_s=round(r['epoch_time_s'],3),train_rows_per_s=round(s['train_examples']/r['epoch_time_s']),test_accuracy=s['test_accuracy'],epsilon=s['epsilon'])))"
+    # The run's last epoch record and its summary (typed), as the report reads them.
+    .venv/bin/python -c "import json;from fastdp_jax import report;run=report.load_run('$out/$mode-$rep');r,s=run.epochs[-1],run.summary;print(json.dumps(dict(benchmark='streamed_vs_memory',mode='$mode',rep=$rep,epoch_time_s=round(r['epoch_time_s'],3),train_rows_per_s=round(s.train_examples/r['epoch_time_s']),test_accuracy=s.test_accuracy,epsilon=s.epsilon)))"
   done
 done

@@ -9,10 +9,10 @@ original algorithm):
 * **W2**: a wide MLP 128-1024-1024-1, BCE, expected batch 1024, on generated Gaussian
   features with a logistic label; an epoch is ``--w2-rows`` rows (default 131,072).
 
-Each measurement builds the trainer itself (:func:`fastdp_jax.train.setup` on the data in
+Each measurement builds the trainer itself (:func:`fastdp_jax.setup` on the data in
 memory, keys fixed by ``dp.noise_seed`` / ``dp.sampling_seed``, hence ``"private": false``,
 which does not change the speed) and runs its compiled calls
-(:meth:`~fastdp_jax.train.Trainer.train_call`: host Poisson sampling, transfer of the sampled
+(:meth:`fastdp_jax.Trainer.train_call`: host Poisson sampling, transfer of the sampled
 indices, ``steps_per_call`` updates with the rows on the device, metrics fetched and checked
 after each call) for one epoch after a warm-up call that compiles, and prints one JSON line::
 
@@ -98,7 +98,7 @@ KEYS = "fixed by dp.noise_seed=0 and dp.sampling_seed=0 (private: false; no effe
 
 
 def in_memory_data(workload: str, x, y, process_rows=None):
-  """``(train, test, device data)`` for :func:`fastdp_jax.train.setup`: this process's rows
+  """``(train, test, device data)`` for :func:`fastdp_jax.setup`: this process's rows
   ``x``, ``y`` (``process_rows``: every process's row count) on ``parallel.make_mesh()``."""
   from fastdp_jax.data import shards as data_lib
   from fastdp_jax import parallel
@@ -117,17 +117,17 @@ def in_memory_data(workload: str, x, y, process_rows=None):
 def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: contextlib.ExitStack,
                  *, steps_per_call: int, num_epochs: int, microbatch_size: int | None = None,
                  strategy: str = "shard_map", padding_microbatch: int | None = None):
-  """:func:`fastdp_jax.train.setup` for one workload and mode, on ``data`` (from
+  """:func:`fastdp_jax.setup` for one workload and mode, on ``data`` (from
   :func:`in_memory_data`), in a temporary workdir (closed by ``cleanup``).
 
   The config is ``configs/seq.py``'s (sigma 0.9, C 3, SGD lr 0.01) with the workload's model
   and batch, no checkpoint, export or privacy evaluation, and fixed keys (:data:`KEYS`).
-  Set-up messages go to stderr: stdout carries only the JSON lines.
+  Set-up messages go to stderr: stdout carries only the JSON lines. ``setup`` validates the
+  config and registers the sinks' closing with ``cleanup``.
   """
-  from fastdp_jax import config as config_lib
-  from fastdp_jax import train
+  import fastdp_jax
   _, hidden, batch = WORKLOADS[workload][:3]
-  cfg = config_lib.base_config()
+  cfg = fastdp_jax.base_config()
   cfg.data.path, cfg.data.attack_column = "<generated in memory>", ""
   cfg.batch_size, cfg.model.hidden_sizes, cfg.steps_per_call = batch, hidden, steps_per_call
   cfg.num_epochs = num_epochs  # the plan's length: the updates timed, warm-up included
@@ -140,16 +140,13 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   cfg.padding_microbatch = padding_microbatch
   cfg.checkpoint.enabled = cfg.export_model = False
   cfg.privacy_eval.membership_rows = 0
-  config_lib.validate(cfg)
   workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fastdp-bench-"))
   with contextlib.redirect_stdout(sys.stderr):
-    t = train.setup(cfg, workdir, cleanup, data=data)
-  cleanup.callback(t.writer.close)
-  return t
+    return fastdp_jax.setup(cfg, workdir, cleanup, data=data)
 
 
 def clipping_name(t) -> str:
-  return t.clipping if t.plan.enabled else "none"
+  return t.compiled.clipping if t.plan.enabled else "none"
 
 
 def timed_call(t, k: int) -> float:
@@ -172,10 +169,10 @@ def step_temp_mb(t) -> float | None:
   """XLA's temporary buffers of the compiled call (best effort)."""
   import numpy as np
   try:
-    b, chunk = t.sampler.batches(0, 1), t.cfg.steps_per_call
-    lowered = t.run.lower(t.state, t.dev.features, t.dev.labels,
-                          np.repeat(b.indices, chunk, 0), np.repeat(b.mask, chunk, 0),
-                          np.ones(chunk, bool))
+    b, chunk, dev = t.batches.sampler.batches(0, 1), t.config.steps_per_call, t.data.dev
+    lowered = t.compiled.run.lower(t.progress.state, dev.features, dev.labels,
+                                   np.repeat(b.indices, chunk, 0), np.repeat(b.mask, chunk, 0),
+                                   np.ones(chunk, bool))
     return round(lowered.compile().memory_analysis().temp_size_in_bytes / 2**20, 1)
   except Exception:  # not every backend reports it
     return None
@@ -190,12 +187,12 @@ def record(t, workload: str, mode: str, examples: float, seconds: float, steps: 
       workload=workload, mode=mode, clipping=clipping_name(t),
       examples_per_s=round(examples / seconds), epoch_s=round(seconds * spe / steps, 4),
       epoch_extrapolated=steps < spe, **extra,
-      device=_device(), train_rows=t.dev.num_examples, batch_size=batch,
-      capacity=t.sampler.capacity, updates=steps, updates_per_s=round(steps / seconds, 3),
-      steps_per_call=t.cfg.steps_per_call, microbatch_size=t.cfg.dp.microbatch_size,
+      device=_device(), train_rows=t.data.num_examples, batch_size=batch,
+      capacity=t.batches.capacity, updates=steps, updates_per_s=round(steps / seconds, 3),
+      steps_per_call=t.config.steps_per_call, microbatch_size=t.config.dp.microbatch_size,
       compile_s=round(compile_s, 2), model=f"MLP {d}-{'-'.join(map(str, hidden))}-1",
       private=t.private, keys=KEYS, jax=jax.__version__,
-      padding_microbatch=t.cfg.padding_microbatch, load_avg_1m=round(os.getloadavg()[0], 2))
+      padding_microbatch=t.config.padding_microbatch, load_avg_1m=round(os.getloadavg()[0], 2))
 
 
 def _place(workload: str, w2_rows: int):
@@ -292,8 +289,8 @@ def flops_per_example(workload: str, count: str = "model") -> int:
   """Matrix-product FLOPs of one example's forward and backward pass.
 
   A dense layer in -> out costs 2 in out FLOPs forward, as much for its weight gradient and as
-  much for its input gradient. ``count="model"`` is three times the forward pass (issue #15's
-  7.1 MFLOP for W2, the usual model-FLOPs convention); ``count="executed"`` leaves out the first
+  much for its input gradient. ``count="model"`` is three times the forward pass (7.1 MFLOP
+  for W2, the usual model-FLOPs convention, on which the targets are stated); ``count="executed"`` leaves out the first
   layer's input gradient, which no trainer here computes (a stricter limit, 3.7 % higher on W2).
   """
   d, hidden, _ = WORKLOADS[workload]
@@ -358,15 +355,15 @@ class OursWorker:
 
   def measure(self, workload: str, system: str, seconds: float) -> dict:
     t = self.trainer(workload, system)
-    k, examples, calls = t.cfg.steps_per_call, 0.0, 0
+    k, examples, calls = t.config.steps_per_call, 0.0, 0
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     while not calls or time.perf_counter() - t0 < seconds:
       examples += timed_call(t, k)
       calls += 1
     elapsed = time.perf_counter() - t0
     return dict(workload=workload, system=system, examples_per_s=round(examples / elapsed),
-                steps=calls * k, seconds=round(elapsed, 3), capacity=t.sampler.capacity,
-                padding_microbatch=t.cfg.padding_microbatch, clipping=clipping_name(t),
+                steps=calls * k, seconds=round(elapsed, 3), capacity=t.batches.capacity,
+                padding_microbatch=t.config.padding_microbatch, clipping=clipping_name(t),
                 cores_busy=round((_cpu_seconds() - cpu0) / elapsed, 2))
 
 
@@ -455,8 +452,8 @@ def summarize(records: list[dict], gflops: float, rates: list[float] | None = No
                    for r in records if r["workload"] == wl and r["system"] == system]
       if per_round:
         med = _median(per_round)
-        # The target is the issue's, on its own (model) count; the executed count is shown
-        # beside it, without a target.
+        # The target is stated on the model count; the executed count is shown beside it,
+        # without a target.
         name = "over the FLOP limit" if count == "model" else "over the executed-FLOP limit"
         goal = target if count == "model" else None
         out.append(dict(ratio=True, workload=wl, name=f"{system} {name}", per_round=per_round,
@@ -499,7 +496,8 @@ def markdown_table(lines: list[dict]) -> str:
   """BENCHMARKS.md's tables from a sitting's JSON lines: systems and targets.
 
   The summaries and ratios are computed again from the sitting's raw measurements and matmul
-  rates (so an older file reads with today's definitions); the memory line is taken as is.
+  rates (so that every sitting's file reads with the definitions above); the memory line is
+  taken as is.
   """
   records = [r for r in lines if "round" in r and "examples_per_s" in r]
   rates = sorted((r for r in lines if "round" in r and "jax_gflops" in r),

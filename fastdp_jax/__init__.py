@@ -1,13 +1,16 @@
 """fastdp_jax: differentially private SGD for tabular data in JAX/Flax.
 
-The public API is what this package names (``__all__``); every module is internal and may
-change, except :mod:`fastdp_jax.train`, the trainer module these functions live in:
+The public API is what this package names (``__all__``), plus the commands (``python -m``);
+the folders are the architecture (``docs/architecture.md``): ``data/`` the data contract,
+``dp/`` the mechanism and its record, ``export/`` the exported model, and the trainer's
+modules at the top.
 
-* training: :func:`train_and_evaluate` (a run from a config and a workdir),
-  :func:`base_config` (every key, its default and a comment), and the run's three sections
-  for benchmarks and notebooks: :func:`setup` (a typed :class:`Trainer`), ``train.train``
-  (the loop; ``fastdp_jax.train`` names the module, as in ``from fastdp_jax import train``)
-  and :func:`finalize` (the summary and the outputs);
+* training: :func:`train_and_evaluate` (a run from a config and a workdir, returning a frozen
+  :class:`RunSummary`), :func:`base_config` (every key, its default and a comment),
+  :func:`settings` (a config validated into a typed :class:`RunConfig`), and the run's three
+  sections for benchmarks and notebooks: :func:`setup` (a :class:`Trainer` of typed parts),
+  ``train.train`` (the loop; ``fastdp_jax.train`` names the module, as in
+  ``from fastdp_jax import train``) and :func:`finalize` (the summary and the outputs);
 * the mechanism: :func:`make_clipped_sum` (per-example clipping, ghost or vmap),
   :class:`PoissonSampler` (per-example Poisson sampling), :func:`privatize` (the noise, as an
   optax transform);
@@ -75,7 +78,7 @@ A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is fals
   >>> cfg.dp.sampling_seed, cfg.dp.noise_seed = 0, 0
   >>> with contextlib.redirect_stdout(io.StringIO()):  # the progress lines
   ...   summary = fastdp_jax.train_and_evaluate(cfg, f"{root}/run")
-  >>> summary["steps"], summary["private"], bool(0 < summary["epsilon"] < float("inf"))
+  >>> summary.steps, summary.private, bool(0 < summary.epsilon < float("inf"))
   (10, False, True)
   >>> predict = fastdp_jax.load_model(f"{root}/run/model")
   >>> predict(features[:2]).shape
@@ -85,13 +88,14 @@ The same run in its three sections (what :func:`train_and_evaluate` does inside,
 checks of the workdir)::
 
   >>> from fastdp_jax import train
-  >>> from fastdp_jax import config
-  >>> config.validate(cfg)
+  >>> settings = fastdp_jax.settings(cfg)  # validated once, typed and frozen
+  >>> settings.dp.noise_multiplier, settings.model.hidden_sizes
+  (1.0, (4,))
   >>> with contextlib.ExitStack() as cleanup, contextlib.redirect_stdout(io.StringIO()):
-  ...   trainer = fastdp_jax.setup(cfg, f"{root}/run2", cleanup)
+  ...   trainer = fastdp_jax.setup(settings, f"{root}/run2", cleanup)
   ...   train.train(trainer)
   ...   again = fastdp_jax.finalize(trainer)
-  >>> again["steps"], again["epsilon"] == summary["epsilon"]
+  >>> again.steps, again.epsilon == summary.epsilon
   (10, True)
 
 Names load lazily, so ``import fastdp_jax`` does not start JAX.
@@ -109,6 +113,9 @@ _EXPORTS = {
     "finalize": "fastdp_jax.train",
     "Trainer": "fastdp_jax.train",
     "base_config": "fastdp_jax.config",
+    "settings": "fastdp_jax.config",
+    "RunConfig": "fastdp_jax.config",
+    "RunSummary": "fastdp_jax.summary",
     "make_clipped_sum": "fastdp_jax.dp.clipping",
     "PoissonSampler": "fastdp_jax.dp.sampling",
     "privatize": "fastdp_jax.dp.noise",

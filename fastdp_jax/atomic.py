@@ -385,3 +385,18 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any], mode: int = 0o
   with replacing(path, mode) as f:
     # type: ignore: numpy's stub fears that a ** dict sets allow_pickle.
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+
+
+# Workdirs, checkpoints, key files and dataset directories are as private as the data.
+def make_private_dir(path: str) -> None:
+  """Creates ``path`` (and parents) and makes it owner-only (mode 0700)."""
+  os.makedirs(path, exist_ok=True)
+  try:
+    os.chmod(path, 0o700)
+  except OSError:
+    pass  # not ours to change (e.g. a shared mount); the docs say the workdir is private
+
+
+def write_private_file(path: str, text: str) -> None:
+  """Writes ``text`` atomically into an owner-only file (mode 0600)."""
+  write_text(path, text, mode=0o600)

@@ -406,7 +406,7 @@ def _write_outputs(t: Trainer, summary: summary_lib.RunSummary,
   # Atomic, and summary.json last: a workdir with a summary holds complete outputs.
   atomic.write_npz(os.path.join(t.workdir, "final_params.npz"),
                    models.flatten_params(host_params), mode=0o600)
-  release.write_private_file(os.path.join(t.workdir, "summary.json"),
+  atomic.write_private_file(os.path.join(t.workdir, "summary.json"),
                              json.dumps(record, indent=1, default=float))
   if not rc.checkpoint.keep_keys and t.services.ckpt is not None:
     t.services.ckpt.close()
@@ -473,7 +473,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict | config_lib.RunConfig,
   checkpoint_lib.check_writable(workdir)
   keys_lib.check_not_forgotten(workdir)
   if jax.process_index() == 0:
-    release.make_private_dir(workdir)  # everything but model/ is as private as the data
+    atomic.make_private_dir(workdir)  # everything but model/ is as private as the data
   with contextlib.ExitStack() as cleanup:
     if jax.process_index() == 0:
       lock = checkpoint_lib.WorkdirLock(workdir)

@@ -561,7 +561,7 @@ def run_job(spark, plan: JobPlan) -> tuple[bf.RunInfo, bf.BlockInfo]:
     block_dir, target = os.path.join(staging, plan.block), out
   try:
     if not plan.append:
-      release.make_private_dir(staging)  # rows and the key: owner-only
+      atomic.make_private_dir(staging)  # rows and the key: owner-only
       bf.write_key(staging, plan.key, plan.run.sampling_fixed)
       bf.write_json(os.path.join(staging, bf.RUN_MANIFEST), plan.run.to_json())
       os.makedirs(block_dir)

@@ -224,3 +224,81 @@ def test_reading_a_config_imports_neither_jax_nor_flax(module):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
   assert out.stdout.strip() == "", f"reading {module} imported {out.stdout.strip()}"
+
+
+# --- the house rules: who may import whom (docs/architecture.md) ------------------------------
+# What the producers (preprocessing/) may import from the package: the data contract and the
+# error and file helpers. The Poisson-batch job runs the mechanism's sampler out of core (the
+# batches it writes are the training run's batches), so it also imports the sampler and the
+# default-delta rule, and nothing else of dp/.
+PRODUCER_IMPORTS = ("fastdp_jax.data", "fastdp_jax.errors", "fastdp_jax.atomic")
+PRODUCER_EXCEPTIONS = {"preprocessing.poisson_batches": {"fastdp_jax.dp.sampling",
+                                                         "fastdp_jax.dp.release"}}
+MAX_FILE_LINES = 800
+MAX_TRAINER_LINES = 500
+
+
+def _in(module: str, package: str) -> bool:
+  return module == package or module.startswith(package + ".")
+
+
+def test_the_trainer_side_never_imports_a_producer():
+  # An exported predictor or a trainer that needs preprocessing would need the Spark extra.
+  _, every = import_graphs()
+  bad = {m: sorted(n for n in targets if _in(n, "preprocessing"))
+         for m, targets in every.items() if _in(m, "fastdp_jax")}
+  assert not {m: t for m, t in bad.items() if t}
+
+
+def test_producers_import_only_the_data_contract_and_the_helpers():
+  _, every = import_graphs()
+  bad = {}
+  for m, targets in every.items():
+    if not _in(m, "preprocessing"):
+      continue
+    allowed = PRODUCER_EXCEPTIONS.get(m, set())
+    out = sorted(n for n in targets if _in(n, "fastdp_jax") and n not in allowed
+                 and n != "fastdp_jax" and not any(_in(n, p) for p in PRODUCER_IMPORTS))
+    if out:
+      bad[m] = out
+  assert not bad, f"producers importing the trainer's side: {bad}"
+
+
+def test_the_data_contract_imports_nothing_of_the_trainer():
+  # data/ is what both sides import; it may use the error and file helpers and nothing else.
+  _, every = import_graphs()
+  bad = {m: sorted(n for n in targets if _in(n, "fastdp_jax") and n != "fastdp_jax"
+                   and not any(_in(n, p) for p in PRODUCER_IMPORTS))
+         for m, targets in every.items() if _in(m, "fastdp_jax.data")}
+  assert not {m: t for m, t in bad.items() if t}
+
+
+def test_no_private_subpackage_and_no_module_that_only_re_exports():
+  # The folders are the architecture: no _src tree behind shims. A module whose body is only
+  # imports (and a docstring, __all__, a main guard) re-exports another.
+  for module, path in _sources().items():
+    assert "._" not in "." + module.replace("fastdp_jax.", "", 1).replace("__", ""), module
+    tree = _parse(path)
+    body = [n for n in tree.body if not (
+        isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstrings
+    if not body or path.name in ("__init__.py", "__main__.py"):
+      continue
+    substantive = [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom)) and not (
+        isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                          for t in n.targets)) and not (
+        isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+    assert substantive, f"{path.relative_to(ROOT)} only re-exports other modules"
+
+
+def test_no_file_over_800_lines_and_a_trainer_read_in_one_sitting():
+  sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+           for p in _sources().values()}
+  assert {f: n for f, n in sizes.items() if n > MAX_FILE_LINES} == {}
+  assert sizes["fastdp_jax/train.py"] < MAX_TRAINER_LINES
+
+
+def test_the_package_docstring_names_only_what_it_exports():
+  # fastdp_jax/__init__.py: the public API is its __all__, loaded lazily from its modules.
+  import fastdp_jax
+  for name in fastdp_jax.__all__:
+    assert getattr(fastdp_jax, name) is not None, name

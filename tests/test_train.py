@@ -12,6 +12,7 @@ from fastdp_jax.dp import accounting
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax import models
 from fastdp_jax.dp import release
+from fastdp_jax import step as step_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_dataset, make_config
 
@@ -30,17 +31,17 @@ def test_end_to_end_summary_metrics_and_params(dataset, tmp_path):
   n = len(data_lib.load_split(dataset, "train").labels)
   q = cfg.batch_size / n
   steps = cfg.num_epochs * round(n / cfg.batch_size)
-  assert summary["steps"] == steps and summary["sampling_rate"] == pytest.approx(q)
+  assert summary.steps == steps and summary.sampling_rate == pytest.approx(q)
   # The default delta: the largest power of ten at most 1 / (10 N).
-  assert summary["accountant_delta"] == release.default_delta(n) <= 1 / (10 * n)
-  assert summary["epsilon"] == pytest.approx(
-      accounting.compute_epsilon(cfg.dp.noise_multiplier, q, steps, summary["accountant_delta"]),
+  assert summary.accountant_delta == release.default_delta(n) <= 1 / (10 * n)
+  assert summary.epsilon == pytest.approx(
+      accounting.compute_epsilon(cfg.dp.noise_multiplier, q, steps, summary.accountant_delta),
       rel=1e-12)
-  assert summary["delta"] == summary["accountant_delta"] + summary["overflow_delta"]
-  assert summary["overflow_delta"] <= 0.01 * summary["accountant_delta"]
-  assert summary["test_accuracy"] > summary["majority_class_rate"]
+  assert summary.delta == summary.accountant_delta + summary.overflow_delta
+  assert summary.overflow_delta <= 0.01 * summary.accountant_delta
+  assert summary.test_accuracy > summary.majority_class_rate
   # configs/test.py fixes both seeds: a reproducibility run, said so.
-  assert summary["private"] is False and "dp.sampling_seed" in summary["privacy_note"]
+  assert summary.private is False and "dp.sampling_seed" in summary.privacy_note
   with open(tmp_path / "summary.json") as f:
     on_disk = json.load(f)
   for key in ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps",
@@ -50,7 +51,7 @@ def test_end_to_end_summary_metrics_and_params(dataset, tmp_path):
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   records = [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
   assert [r["epoch"] for r in records] == [1, 2]
-  assert records[0]["epsilon"] < records[1]["epsilon"] == summary["epsilon"]
+  assert records[0]["epsilon"] < records[1]["epsilon"] == summary.epsilon
   assert all(0 <= r[release.ATTACK_ACCURACY] <= 1 for r in records)
   assert all(release.TRAIN_LOSS in r and "train_loss" not in r for r in records)
   params = np.load(tmp_path / "final_params.npz")
@@ -59,15 +60,15 @@ def test_end_to_end_summary_metrics_and_params(dataset, tmp_path):
   assert params["layers/0/kernel"].shape == (9, 8)
   # A binary task (a manifest without "task" is one too): its AUC is the exported model's,
   # by the definition (pairs of a positive and a negative test row ranked right, ties 1/2).
-  assert summary["task"] == "binary" and all("test_auc" in r for r in records)
+  assert summary.task == "binary" and all("test_auc" in r for r in records)
   test = data_lib.load_split(dataset, "test")
   p = np.asarray(models.apply_exported(dict(params), test.features,
                                        {"hidden_sizes": [8], "task": "binary"}), np.float64)
   pos, neg = p[test.labels == 1][:, None], p[test.labels == 0][None, :]
   # float32 forward passes compiled for other shapes: scores agree to a few ulps, and the
   # 1,587 x 1,587 pair comparisons may flip only where two scores are that close.
-  assert summary["test_auc"] == pytest.approx(np.mean((pos > neg) + 0.5 * (pos == neg)),
-                                              abs=1e-4)
+  assert summary.test_auc == pytest.approx(np.mean((pos > neg) + 0.5 * (pos == neg)),
+                                           abs=1e-4)
 
 
 def test_fixed_seeds_reproduce_and_each_secret_key_changes_the_run(dataset, tmp_path):
@@ -80,18 +81,18 @@ def test_fixed_seeds_reproduce_and_each_secret_key_changes_the_run(dataset, tmp_
   np.testing.assert_array_equal(p["a"], p["b"])
   # Noise seed set, sampling seed unset: different batches, hence different parameters.
   assert not np.allclose(p["a"], p["batches"]) and not np.allclose(p["a"], p["noise"])
-  assert [out[w]["private"] for w in runs] == [False, False, False, False, True]
-  assert out["batches"]["privacy_note"].startswith("reproducibility run: dp.noise_seed")
-  assert out["private"]["privacy_note"] is None
-  assert out["private"]["noise"] == out["private"]["sampling"] == "os entropy"
-  assert len({out[w]["epsilon"] for w in runs}) == 1  # the mechanism's epsilon, comparable
+  assert [out[w].private for w in runs] == [False, False, False, False, True]
+  assert out["batches"].privacy_note.startswith("reproducibility run: dp.noise_seed")
+  assert out["private"].privacy_note is None
+  assert out["private"].noise == out["private"].sampling == "os entropy"
+  assert len({out[w].epsilon for w in runs}) == 1  # the mechanism's epsilon, comparable
 
 
 def test_vmap_clipping_with_microbatches_trains(dataset, tmp_path):
   summary = train.train_and_evaluate(
       _config(dataset, num_epochs=1, **{"dp.clipping": "vmap", "dp.microbatch_size": 16}),
       str(tmp_path))
-  assert summary["test_accuracy"] > summary["majority_class_rate"]
+  assert summary.test_accuracy > summary.majority_class_rate
 
 
 def test_target_epsilon_is_met(dataset, tmp_path):
@@ -99,16 +100,16 @@ def test_target_epsilon_is_met(dataset, tmp_path):
   cfg = _config(dataset, num_epochs=1, **{"dp.target_epsilon": 2.0})
   assert cfg.dp.noise_multiplier == 1.0
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  assert summary["epsilon"] <= 2.0
-  assert summary["epsilon"] == pytest.approx(2.0, rel=1e-3)
-  assert summary["noise_multiplier"] != 1.0
+  assert summary.epsilon <= 2.0
+  assert summary.epsilon == pytest.approx(2.0, rel=1e-3)
+  assert summary.noise_multiplier != 1.0
 
 
 def test_non_private_mode_same_path(dataset, tmp_path):
   summary = train.train_and_evaluate(_config(dataset, num_epochs=1, **{"dp.enabled": False}),
                                      str(tmp_path))
-  assert summary["dp_enabled"] is False and summary["epsilon"] == float("inf")
-  assert summary["test_accuracy"] > summary["majority_class_rate"]
+  assert summary.dp_enabled is False and summary.epsilon == float("inf")
+  assert summary.test_accuracy > summary.majority_class_rate
 
 
 def test_only_non_finite_parameters_stop_a_run(dataset, tmp_path):
@@ -116,7 +117,7 @@ def test_only_non_finite_parameters_stop_a_run(dataset, tmp_path):
   # stopping on it is post-processing (one row's non-finite gradient is zeroed instead; see
   # tests/dp/test_privacy_guarantees.py).
   cfg = _config(dataset, **{"optimizer.learning_rate": 1e38, "dp.noise_multiplier": 1e3})
-  with pytest.raises(train.NonFiniteParametersError, match="update 1;"):
+  with pytest.raises(step_lib.NonFiniteParametersError, match="update 1;"):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))
 
 

@@ -52,7 +52,6 @@ from fastdp_jax import atomic
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
-from fastdp_jax.dp import release
 
 # Format 2 stores labels as float32 (every task); format 1's uint8 labels held binary tasks only.
 FORMAT_VERSION = 2
@@ -327,9 +326,9 @@ def read_block(path: str | os.PathLike, name: str, run: RunInfo) -> BlockInfo:
 def write_key(directory: str, key: np.ndarray, fixed: bool) -> None:
   """Writes ``DIRECTORY/private/sampling_key.json`` (0600 in a 0700 directory)."""
   private = os.path.join(directory, PRIVATE_DIR)
-  release.make_private_dir(private)
+  atomic.make_private_dir(private)
   words = [f"{int(w):016x}" for w in np.asarray(key, np.uint64)]
-  release.write_private_file(os.path.join(private, KEY_FILE), json.dumps(
+  atomic.write_private_file(os.path.join(private, KEY_FILE), json.dumps(
       {"key_words_hex": words, "fixed": bool(fixed), "commitment": key_commitment(key)}))
 
 

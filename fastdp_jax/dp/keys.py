@@ -30,7 +30,6 @@ from fastdp_jax.data import batch_format
 from fastdp_jax import distributed
 from fastdp_jax import errors
 from fastdp_jax.dp import noise
-from fastdp_jax.dp import release
 from fastdp_jax.dp import sampling
 
 KEYS_FILE = "keys.json"  # the secret keys, owner-only, apart from the checkpoints' arrays
@@ -130,7 +129,7 @@ def with_batches_key(keys: RunKeys, batches: str, sampling_fixed: bool) -> RunKe
 
 def save(workdir: str, keys: RunKeys) -> None:
   """Writes the keys to ``WORKDIR/keys.json`` (owner-only, atomic)."""
-  release.write_private_file(os.path.join(workdir, KEYS_FILE), keys.to_json())
+  atomic.write_private_file(os.path.join(workdir, KEYS_FILE), keys.to_json())
 
 
 def load(workdir: str) -> RunKeys | None:

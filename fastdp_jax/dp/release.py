@@ -15,9 +15,7 @@ under names that say so (``nonprivate_*``), stay in the private workdir and neve
 from __future__ import annotations
 
 import math
-import os
 
-from fastdp_jax import atomic
 
 # Output -> privacy status. "public": may be released; "private": as private as the data.
 OUTPUTS = {
@@ -81,17 +79,3 @@ def privacy_status(*, dp_enabled: bool, noise_fixed: bool, sampling_fixed: bool)
                    "privacy guarantee; epsilon is the accountant's value for the mechanism "
                    "as configured, for comparison only")
   return True, None
-
-
-def make_private_dir(path: str) -> None:
-  """Creates ``path`` (and parents) and makes it owner-only (mode 0700)."""
-  os.makedirs(path, exist_ok=True)
-  try:
-    os.chmod(path, 0o700)
-  except OSError:
-    pass  # not ours to change (e.g. a shared mount); the docs say the workdir is private
-
-
-def write_private_file(path: str, text: str) -> None:
-  """Writes ``text`` atomically into an owner-only file (mode 0600; :mod:`fastdp_jax.atomic`)."""
-  atomic.write_text(path, text, mode=0o600)
