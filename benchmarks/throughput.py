@@ -290,8 +290,9 @@ def flops_per_example(workload: str, count: str = "model") -> int:
 
   A dense layer in -> out costs 2 in out FLOPs forward, as much for its weight gradient and as
   much for its input gradient. ``count="model"`` is three times the forward pass (7.1 MFLOP
-  for W2, the usual model-FLOPs convention, on which the targets are stated); ``count="executed"`` leaves out the first
-  layer's input gradient, which no trainer here computes (a stricter limit, 3.7 % higher on W2).
+  for W2, the usual model-FLOPs convention, on which the targets are stated);
+  ``count="executed"`` leaves out the first layer's input gradient, which no trainer here
+  computes (a stricter limit, 3.7 % higher on W2).
   """
   d, hidden, _ = WORKLOADS[workload]
   sizes = [d, *hidden, 1]

@@ -97,21 +97,80 @@ def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(f1)) if f1 else float("nan")
 
 
+ECE_BINS = 15  # equal-width bins of the predicted probability (Guo et al. 2017's choice)
+
+
+def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
+  """Mean squared error of the predicted probabilities against the outcomes.
+
+  Args:
+    probabilities: [n] P(y = 1) (binary) or [n, K] class probabilities (multiclass, where the
+      score sums the squared errors over the K classes).
+    labels: [n] 0/1 or class indices.
+  """
+  p = np.asarray(probabilities, np.float64)
+  y = np.asarray(labels)
+  if p.ndim == 1:
+    return float(np.mean((p - (y > 0.5)) ** 2))
+  onehot = np.eye(p.shape[1])[y.astype(np.int64)]
+  return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray,
+                     num_bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+  """``(mean predicted probability, observed frequency, rows)`` per equal-width bin.
+
+  Binary: the bins are of P(y = 1) and the frequency is that of y = 1. Multiclass: the bins
+  are of the top class's probability and the frequency is that of the top class being right.
+  Empty bins are left out.
+  """
+  p = np.asarray(probabilities, np.float64)
+  y = np.asarray(labels)
+  if p.ndim == 1:
+    conf, hit = p, (y > 0.5).astype(np.float64)
+  else:
+    conf, hit = p.max(axis=1), (p.argmax(axis=1) == y.astype(np.int64)).astype(np.float64)
+  which = np.minimum((conf * num_bins).astype(np.int64), num_bins - 1)
+  out = []
+  for b in range(num_bins):
+    sel = which == b
+    if sel.any():
+      out.append((float(conf[sel].mean()), float(hit[sel].mean()), int(sel.sum())))
+  return out
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
+                               num_bins: int = ECE_BINS) -> float:
+  """Rows-weighted mean |observed frequency - mean predicted probability| over the bins of
+  :func:`reliability_bins` (0: perfectly calibrated)."""
+  bins = reliability_bins(probabilities, labels, num_bins)
+  n = sum(c for _, _, c in bins)
+  return float(sum(c * abs(f - m) for m, f, c in bins) / n) if n else float("nan")
+
+
 def split_metrics(head: models.TaskHead, prefix: str, loss: float, accuracy: float,
-                  predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+                  predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
   """The task's metrics of one split, named ``{prefix}_loss``, ``{prefix}_accuracy``, ...
 
-  binary: loss (BCE), accuracy, AUC; multiclass: loss (cross-entropy), accuracy, macro-F1;
-  regression: loss (squared or Huber, in units of half the public label range), RMSE and
-  MAE in the label's units.
+  binary: loss (BCE: the log-loss), accuracy, AUC, Brier score, expected calibration error;
+  multiclass: loss (cross-entropy), accuracy, macro-F1, Brier score, expected calibration
+  error (of the top class), and the reliability diagram's bins (:func:`reliability_bins`);
+  regression: loss (squared or Huber, in units of half the public
+  label range), RMSE and MAE in the label's units.
   """
-  out = {f"{prefix}_loss": loss}
+  out: dict[str, Any] = {f"{prefix}_loss": loss}
   if head.kind == "binary":
     out[f"{prefix}_accuracy"] = accuracy
     out[f"{prefix}_auc"] = binary_auc(predictions, labels)
+    out[f"{prefix}_brier"] = brier_score(predictions, labels)
+    out[f"{prefix}_ece"] = expected_calibration_error(predictions, labels)
+    out[f"{prefix}_reliability"] = reliability_bins(predictions, labels)
   elif head.kind == "multiclass":
     out[f"{prefix}_accuracy"] = accuracy
     out[f"{prefix}_macro_f1"] = macro_f1(np.argmax(predictions, axis=-1), labels)
+    out[f"{prefix}_brier"] = brier_score(predictions, labels)
+    out[f"{prefix}_ece"] = expected_calibration_error(predictions, labels)
+    out[f"{prefix}_reliability"] = reliability_bins(predictions, labels)
   else:
     err = np.asarray(predictions, np.float64) - np.asarray(labels, np.float64)
     out[f"{prefix}_rmse"] = float(np.sqrt(np.mean(err ** 2)))
@@ -119,11 +178,19 @@ def split_metrics(head: models.TaskHead, prefix: str, loss: float, accuracy: flo
   return out
 
 
+def _entropy(frequencies: Any) -> float:
+  f = np.asarray(frequencies, np.float64)
+  f = f[f > 0]
+  return float(-np.sum(f * np.log(f)))
+
+
 def baseline(test: data_lib.Split, head: models.TaskHead = models.BINARY, *,
              streamed_from: str | None = None, chunk_rows: int = 65_536) -> dict[str, float]:
   """The task's constant baseline, computed on the TEST rows (a test metric, like accuracy).
 
-  binary and multiclass: ``majority_class_rate`` (the test rows' most frequent class);
+  binary and multiclass: ``majority_class_rate`` (the test rows' most frequent class) and
+  ``base_rate_log_loss`` (the log-loss of predicting the test rows' class frequencies for
+  every row: a model above it predicts worse than knowing nothing about the row);
   regression: ``baseline_rmse`` and ``baseline_mae`` of predicting the test rows' mean.
   A baseline from the training rows would be an unaccounted statistic of them.
 
@@ -146,12 +213,14 @@ def baseline(test: data_lib.Split, head: models.TaskHead = models.BINARY, *,
       for y in chunks:
         ones, total = ones + float(y.sum()), total + len(y)
       rate = ones / max(total, 1.0)
-    return {"majority_class_rate": max(rate, 1 - rate)}
+    return {"majority_class_rate": max(rate, 1 - rate),
+            "base_rate_log_loss": _entropy(np.array([rate, 1 - rate]))}
   total = max(sum(len(y) for y in chunks), 1)
   if head.kind == "multiclass":
     counts = sum(np.bincount(np.asarray(y, np.int64), minlength=head.num_classes)
                  for y in chunks)
-    return {"majority_class_rate": float(np.max(counts)) / total}
+    return {"majority_class_rate": float(np.max(counts)) / total,
+            "base_rate_log_loss": _entropy(counts / total)}
   mean = sum(float(np.sum(y, dtype=np.float64)) for y in chunks) / total
   sq = sum(float(np.sum((np.asarray(y, np.float64) - mean) ** 2)) for y in chunks)
   ab = sum(float(np.sum(np.abs(np.asarray(y, np.float64) - mean))) for y in chunks)
@@ -175,7 +244,7 @@ def example_losses(apply_fn: Callable, params: Any, head: models.TaskHead,
 
 def split_metrics_of(evaluate: Callable, params: Any, head: models.TaskHead, prefix: str, *,
                      rows: data_lib.Split | None = None, streamed_from: str | None = None,
-                     chunk: int = 65_536) -> dict[str, float]:
+                     chunk: int = 65_536) -> dict[str, Any]:
   """The task's metrics (:func:`split_metrics`) of the rows in memory, or of a dataset's test
   shards read a chunk at a time (``streamed_from``: materialised batches keep no test split
   in memory).

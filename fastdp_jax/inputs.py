@@ -96,6 +96,29 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
       attack_index=_attack_index(d.attack_column, train), streamed_from=streamed_from)
 
 
+def check_enough_rows(rc: config_lib.RunConfig) -> None:
+  """Refuses data with too few training rows for the run, before any row is read.
+
+  Called before the workdir is made or locked: found later, by the privacy plan, the refusal
+  left a workdir holding only its lock. N is what the loaders will count: the manifest's (an
+  original ``.h5`` file's shape) less the validation rows (their hash rule over the row ids).
+
+  Raises:
+    ConfigError: no training row, or batch_size > N (:func:`fastdp_jax.dp.plan.check_rows`).
+  """
+  d = rc.data
+  total = data_lib.count_rows(d.path, "train")
+  if total is None:
+    return  # the loader names what is wrong with data.path
+  n, rule = total, validation_rows(d.validation_fraction)
+  if rule is not None and not d.batches:  # with batches the loader refuses the fraction
+    n -= sum(int(np.count_nonzero(rule(np.arange(lo, min(total, lo + (1 << 20))))))
+             for lo in range(0, total, 1 << 20))  # bounded memory: a chunk of ids at a time
+  held = f" ({total} train rows, {total - n} held out for validation)" if n != total else ""
+  plan_lib.check_rows(n, rc.batch_size, public_num_examples=d.public_num_examples,
+                      where=f"data.path={d.path}{held}")
+
+
 def _load_data(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str):
   train, dev = parallel.load_training_data(mesh, d.path, verify_checksum=d.verify_checksums,
                                            feature_bounds=d.feature_bounds,
@@ -195,7 +218,10 @@ def open_stream(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan
   expected = dict(batch_stream.dataset_identity(rc.data.path), batch_size=rc.batch_size,
                   epochs=rc.num_epochs, sampling_rate=plan.sampling_rate,
                   total_updates=plan.total_steps)
-  return batch_stream.open_batches(rc.data.batches, expected=expected)
+  # The dataset's rule checks every real row as it is read, as _load_data checks the rows it
+  # holds: the batches' digests say which rows a shard holds, not that they are sound.
+  return batch_stream.open_batches(rc.data.batches, expected=expected, dataset=rc.data.path,
+                                   feature_bounds=rc.data.feature_bounds)
 
 
 def _attack_index(column: str, train: data_lib.Split) -> int | None:

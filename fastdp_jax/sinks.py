@@ -251,7 +251,9 @@ class MultiSink:
       if window["count"] > 0:
         head[release.TRAIN_LOSS] = window["loss_sum"] / window["count"]
         head[release.CLIPPED_FRACTION] = window["clipped"] / window["count"]
-      record = head | {k: float(v) for k, v in record.items() if v is not None}
+      # Eval records are curves: numbers only (a reliability diagram's bins stay in the epoch
+      # record and the summary).
+      record = head | {k: float(v) for k, v in record.items() if records.is_number(v)}
     elif kind == records.CONFIG:
       record = _flatten(record)
     elif kind == records.SUMMARY:

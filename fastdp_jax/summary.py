@@ -15,7 +15,9 @@ from typing import Any
 
 # Fields written to summary.json only when set: the task decides which metrics a run has.
 _OMITTED_WHEN_UNSET = frozenset({
-    "test_accuracy", "test_auc", "test_macro_f1", "test_rmse", "test_mae",
+    "test_accuracy", "test_auc", "test_macro_f1", "test_rmse", "test_mae", "test_brier",
+    "test_ece", "test_reliability", "base_rate_log_loss", "worse_than_base_rate",
+    "validation_brier", "validation_ece", "validation_reliability",
     "majority_class_rate", "below_majority_class", "baseline_rmse", "baseline_mae",
     "below_baseline", "classes", "label_bounds", "validation_loss", "validation_accuracy",
     "validation_auc", "validation_macro_f1", "validation_rmse", "validation_mae",
@@ -27,7 +29,8 @@ PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
                   "noise_multiplier", "l2_norm_clip", "steps", "noise", "sampling",
                   "max_epsilon", "budget_exhausted", "ledger_composition")
 TEST_METRIC_FIELDS = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1",
-                      "test_rmse", "test_mae", "majority_class_rate", "below_majority_class",
+                      "test_rmse", "test_mae", "test_brier", "test_ece", "majority_class_rate",
+                      "below_majority_class", "base_rate_log_loss", "worse_than_base_rate",
                       "baseline_rmse", "baseline_mae", "below_baseline")
 
 
@@ -58,8 +61,14 @@ class RunSummary:
     task: 'binary', 'multiclass' or 'regression'.
     test_loss and, by task, test_accuracy and test_auc (binary), test_accuracy and
       test_macro_f1 (multiclass), test_rmse and test_mae (regression, in the label's units).
+      For classifiers, test_loss is the log-loss; test_brier and test_ece (15 equal-width
+      bins) measure how well the probabilities are calibrated; test_reliability holds the
+      bins (mean predicted probability, observed frequency, rows) of the reliability diagram.
     majority_class_rate and below_majority_class, or baseline_rmse, baseline_mae and
       below_baseline: the constant baseline on the test rows, and whether the model is worse.
+    base_rate_log_loss and worse_than_base_rate: the log-loss of predicting the test rows'
+      class frequencies, and whether the model's log-loss is above it (its probabilities are
+      worse than knowing nothing about a row).
     classes (multiclass), label_bounds (regression).
     validation_*: the same metrics on the validation rows, and validation_examples.
   Training-row diagnostics (no noise; never exported):
@@ -103,6 +112,11 @@ class RunSummary:
   test_macro_f1: float | None = None
   test_rmse: float | None = None
   test_mae: float | None = None
+  test_brier: float | None = None
+  test_ece: float | None = None
+  test_reliability: list[Any] | None = None
+  base_rate_log_loss: float | None = None
+  worse_than_base_rate: bool | None = None
   majority_class_rate: float | None = None
   below_majority_class: bool | None = None
   baseline_rmse: float | None = None
@@ -116,6 +130,9 @@ class RunSummary:
   validation_macro_f1: float | None = None
   validation_rmse: float | None = None
   validation_mae: float | None = None
+  validation_brier: float | None = None
+  validation_ece: float | None = None
+  validation_reliability: list[Any] | None = None
   validation_examples: int | None = None
   nonprivate_attack_accuracy: float | None = None
   nonprivate_note: str = ""
@@ -177,6 +194,7 @@ def task_metrics(head_kind: str, final: Mapping[str, Any], baseline: Mapping[str
     out["label_bounds"] = list(label_bounds or ())
   else:
     out["below_majority_class"] = bool(final["test_accuracy"] < baseline["majority_class_rate"])
+    out["worse_than_base_rate"] = bool(final["test_loss"] > baseline["base_rate_log_loss"])
   if head_kind == "multiclass":
     out["classes"] = list(classes)
   if validation_examples is not None:
@@ -191,4 +209,5 @@ def result_line(s: RunSummary) -> str:
             f"RMSE {s.baseline_rmse:.4f})")
   extra = f", macro-F1 {s.test_macro_f1:.4f}" if s.task == "multiclass" else ""
   return (f"test accuracy {s.test_accuracy:.4f}{extra} (majority class "
-          f"{s.majority_class_rate:.4f})")
+          f"{s.majority_class_rate:.4f}), log-loss {s.test_loss:.4f} (base rate "
+          f"{s.base_rate_log_loss:.4f}), ECE {s.test_ece:.4f}")

@@ -438,6 +438,10 @@ def finalize(t: Trainer) -> summary_lib.RunSummary:
   if summary.below_constant_baseline:
     say(f"WARNING: {summary_lib.result_line(summary)}: below the constant baseline; the model "
         "did not learn")
+  elif summary.worse_than_base_rate:
+    say(f"WARNING: test log-loss {summary.test_loss:.4f} is above the base rate's "
+        f"{summary.base_rate_log_loss:.4f}: the predicted probabilities are worse than the "
+        "test rows' class frequencies (overconfident); do not use them as probabilities")
   if t.plan.enabled:
     say(f"done: epsilon {summary.epsilon:.4f} at delta {t.plan.delta_total:.3g}, "
         f"private: {str(t.private).lower()}, {summary_lib.result_line(summary)}")
@@ -469,6 +473,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict | config_lib.RunConfig,
       resume).
   """
   rc = config_lib.settings(cfg)
+  inputs.check_enough_rows(rc)  # before the workdir exists: a refusal leaves nothing behind
   distributed.check_same_start(workdir, rc.json)  # same workdir, shared
   checkpoint_lib.check_writable(workdir)
   keys_lib.check_not_forgotten(workdir)

@@ -16,9 +16,11 @@ from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax.export import card as card_lib
+from fastdp_jax import inputs
 from fastdp_jax.export import predictor as predictor_lib
 from fastdp_jax import models
 from fastdp_jax.data import split as split_lib
+from fastdp_jax import summary as summary_lib
 from fastdp_jax import train
 from tests.conftest import make_config
 
@@ -114,13 +116,13 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
   path = datasets[kind]
   cfg = _config(path)
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  assert summary["task"] == kind
+  assert summary.task == kind
   # epsilon is dp_accounting's for this run's q, T and delta.
   n = manifest_lib.read_manifest(path).rows("train")
   q, steps = cfg.batch_size / n, cfg.num_epochs * round(n / cfg.batch_size)
-  assert summary["steps"] == steps and summary["train_examples"] == n
-  assert summary["epsilon"] == pytest.approx(
-      _dp_accounting_epsilon(cfg.dp.noise_multiplier, q, steps, summary["accountant_delta"]),
+  assert summary.steps == steps and summary.train_examples == n
+  assert summary.epsilon == pytest.approx(
+      _dp_accounting_epsilon(cfg.dp.noise_multiplier, q, steps, summary.accountant_delta),
       rel=1e-12)
   test = data_lib.load_split(path, "test")
   y = test.labels
@@ -131,31 +133,32 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
       {"feature": "region", "index": 1, "vocab_size": VOCAB, "dim": 4}]
   out = np.asarray(predictor(test.features), np.float64)
   if kind == "binary":
-    assert {"test_accuracy", "test_auc", "majority_class_rate"} <= set(summary)
-    assert summary["majority_class_rate"] == max(y.mean(), 1 - y.mean())
-    assert summary["test_accuracy"] > summary["majority_class_rate"] + 0.1
-    assert summary["test_accuracy"] == np.mean((out >= 0.5) == (y == 1))
-    assert summary["test_auc"] == pytest.approx(_auc_by_pairs(out, y), rel=PRED_RTOL)
-    assert summary["test_auc"] > 0.8
+    assert all(getattr(summary, k) is not None
+               for k in ("test_accuracy", "test_auc", "majority_class_rate"))
+    assert summary.majority_class_rate == max(y.mean(), 1 - y.mean())
+    assert summary.test_accuracy > summary.majority_class_rate + 0.1
+    assert summary.test_accuracy == np.mean((out >= 0.5) == (y == 1))
+    assert summary.test_auc == pytest.approx(_auc_by_pairs(out, y), rel=PRED_RTOL)
+    assert summary.test_auc > 0.8
   elif kind == "multiclass":
     assert out.shape == (len(y), 3)
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=PRED_RTOL)
     majority = np.bincount(y.astype(int)).max() / len(y)
-    assert summary["majority_class_rate"] == pytest.approx(majority, rel=1e-12)
-    assert summary["test_accuracy"] > majority + 0.15
-    assert summary["test_accuracy"] == np.mean(np.argmax(out, axis=1) == y)
-    assert summary["test_macro_f1"] == pytest.approx(_macro_f1(np.argmax(out, 1), y.astype(int)),
-                                                     rel=PRED_RTOL)
-    assert summary["classes"] == list(CLASSES)
+    assert summary.majority_class_rate == pytest.approx(majority, rel=1e-12)
+    assert summary.test_accuracy > majority + 0.15
+    assert summary.test_accuracy == np.mean(np.argmax(out, axis=1) == y)
+    assert summary.test_macro_f1 == pytest.approx(_macro_f1(np.argmax(out, 1), y.astype(int)),
+                                                  rel=PRED_RTOL)
+    assert summary.classes == list(CLASSES)
   else:
     mean = y.astype(np.float64).mean()
-    assert summary["baseline_rmse"] == pytest.approx(np.sqrt(np.mean((y - mean) ** 2)), rel=1e-9)
-    assert summary["baseline_mae"] == pytest.approx(np.mean(np.abs(y - mean)), rel=1e-9)
-    assert summary["test_rmse"] < 0.6 * summary["baseline_rmse"]
-    assert summary["test_mae"] < 0.6 * summary["baseline_mae"]
-    assert summary["below_baseline"] is False
-    assert summary["test_rmse"] == pytest.approx(np.sqrt(np.mean((out - y) ** 2)), rel=PRED_RTOL)
-    assert summary["test_mae"] == pytest.approx(np.mean(np.abs(out - y)), rel=PRED_RTOL)
+    assert summary.baseline_rmse == pytest.approx(np.sqrt(np.mean((y - mean) ** 2)), rel=1e-9)
+    assert summary.baseline_mae == pytest.approx(np.mean(np.abs(y - mean)), rel=1e-9)
+    assert summary.test_rmse < 0.6 * summary.baseline_rmse
+    assert summary.test_mae < 0.6 * summary.baseline_mae
+    assert summary.below_baseline is False
+    assert summary.test_rmse == pytest.approx(np.sqrt(np.mean((out - y) ** 2)), rel=PRED_RTOL)
+    assert summary.test_mae == pytest.approx(np.mean(np.abs(out - y)), rel=PRED_RTOL)
   # models.apply_exported on the raw params.npz is the predictor's forward pass.
   with np.load(tmp_path / "model" / "params.npz") as f:
     flat = {k: f[k] for k in f.files}
@@ -169,7 +172,7 @@ def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp
   card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
   key, name = {"binary": ("test_auc", "test AUC"), "multiclass": ("test_macro_f1", "test macro-F1"),
                "regression": ("test_rmse", "test RMSE")}[kind]
-  assert f"| {name} | {card_lib._fmt(summary[key])} |" in card
+  assert f"| {name} | {card_lib._fmt(getattr(summary, key))} |" in card
 
 
 @pytest.mark.parametrize("kind", list(TASKS))
@@ -182,9 +185,9 @@ def test_logistic_regression_is_hidden_sizes_empty_with_ghost(kind, datasets, tm
   assert {n: params[n].shape for n in params.files} == {
       "layers/0/kernel": (4 + 4, k), "layers/0/bias": (k,), "tables/0/embedding": (VOCAB, 4)}
   if kind == "regression":
-    assert summary["test_rmse"] < summary["baseline_rmse"]
+    assert summary.test_rmse < summary.baseline_rmse
   else:
-    assert summary["test_accuracy"] > summary["majority_class_rate"]
+    assert summary.test_accuracy > summary.majority_class_rate
 
 
 def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
@@ -192,21 +195,21 @@ def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
   cfg = _config(path, **{"data.validation_fraction": 0.25, "num_epochs": 2})
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   total = manifest_lib.read_manifest(path).rows("train")
-  held = split_lib.is_test_row(np.arange(total), seed=train.VALIDATION_SEED, test_fraction=0.25)
+  held = split_lib.is_test_row(np.arange(total), seed=inputs.VALIDATION_SEED, test_fraction=0.25)
   # The same hash rule as the train/test split, with another seed: not the test rows' rule.
   assert not np.array_equal(held, split_lib.is_test_row(np.arange(total)))
   n = int((~held).sum())
-  assert summary["train_examples"] == n and summary["validation_examples"] == int(held.sum())
+  assert summary.train_examples == n and summary.validation_examples == int(held.sum())
   q, steps = cfg.batch_size / n, cfg.num_epochs * round(n / cfg.batch_size)
-  assert summary["sampling_rate"] == q and summary["steps"] == steps
-  assert summary["epsilon"] == pytest.approx(
-      _dp_accounting_epsilon(cfg.dp.noise_multiplier, q, steps, summary["accountant_delta"]),
+  assert summary.sampling_rate == q and summary.steps == steps
+  assert summary.epsilon == pytest.approx(
+      _dp_accounting_epsilon(cfg.dp.noise_multiplier, q, steps, summary.accountant_delta),
       rel=1e-12)
   # Validation metrics: the exported model's on exactly the held-out training rows.
   rows = data_lib.load_split(path, "train")
   predictor = predictor_lib.load_model(str(tmp_path / "model"))
   out = predictor(rows.features[held])
-  assert summary["validation_accuracy"] == np.mean(np.argmax(out, 1) == rows.labels[held])
+  assert summary.validation_accuracy == np.mean(np.argmax(out, 1) == rows.labels[held])
   epochs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   epochs = [r for r in epochs if r.get("kind") == "epoch"]
   assert all({"validation_loss", "validation_accuracy", "validation_macro_f1"} <= set(r)
@@ -330,10 +333,10 @@ def test_two_processes_with_embeddings_and_validation_give_the_one_process_model
        *(f"--config.{k}={v}" for k, v in overrides.items())],
       cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  two = json.load(open(work / "summary.json"))
-  assert two["num_processes"] == 2 and two["num_devices"] == 4
+  two = summary_lib.read_summary(str(work))
+  assert two.num_processes == 2 and two.num_devices == 4
   for key in ("steps", "train_examples", "validation_examples", "sampling_rate", "epsilon"):
-    assert two[key] == ref[key], key
+    assert getattr(two, key) == getattr(ref, key), key
   # The same clipped per-example gradients summed over 4 devices instead of 1: float32 sums
   # of the same terms in another order, relative error ~ (terms per sum) * 2**-24 ~ 1e-6 per
   # update, compounded over 150 updates: 1e-5 of each leaf's norm (as tests/reliability's
@@ -344,8 +347,8 @@ def test_two_processes_with_embeddings_and_validation_give_the_one_process_model
     assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
   # Parameters equal to 1e-5 can only flip a row whose top two logits are that close: allow
   # two such rows among the validation rows.
-  assert two["validation_accuracy"] == pytest.approx(
-      ref["validation_accuracy"], abs=2.5 / ref["validation_examples"])
+  assert two.validation_accuracy == pytest.approx(
+      ref.validation_accuracy, abs=2.5 / ref.validation_examples)
 
 
 def test_huber_delta_sets_the_regression_loss(datasets, tmp_path):
@@ -360,8 +363,8 @@ def test_huber_delta_sets_the_regression_loss(datasets, tmp_path):
   r = np.abs((out - mid) / half - (test.labels - mid) / half)
   huber = np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta))
   # float32 evaluation against this float64 recomputation: PRED_RTOL, as above.
-  assert summary["test_loss"] == pytest.approx(huber.mean(), rel=PRED_RTOL)
-  assert summary["test_loss"] != pytest.approx(np.mean(0.5 * r ** 2), rel=1e-2)
+  assert summary.test_loss == pytest.approx(huber.mean(), rel=PRED_RTOL)
+  assert summary.test_loss != pytest.approx(np.mean(0.5 * r ** 2), rel=1e-2)
 
 
 def test_validation_split_is_refused_with_materialised_batches(datasets, tmp_path):

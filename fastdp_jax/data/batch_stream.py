@@ -7,7 +7,11 @@ the same Poisson sampling (and the same epsilon) as the in-memory sampler, whose
 update t holds the same rows.
 
 :func:`open_batches` checks the manifests, the key file against the run's key commitment and
-every shard's sha256 before it returns, naming the shard at fault. Blocks appended later
+every shard's sha256 before it returns, naming the shard at fault. Given the dataset the batches
+were drawn from, every real row (mask True) is then checked as it is read, by the rule the
+in-memory loader applies (:func:`fastdp_jax.data.manifest.check_values`: finite, inside the
+dataset manifest's declared bounds, labels in its task's domain): a digest proves a shard is the
+one its manifest names, not that whoever wrote the manifest wrote sound rows. Blocks appended later
 (``--first-epoch``) are found and verified when the stream first needs them; a consumed block
 may be deleted (``rm -rf BATCHES/epochs-0000-0002``) to bound disk.
 
@@ -20,6 +24,7 @@ with :func:`iter_split` (no sampling is involved, so nothing needs materialising
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -104,6 +109,59 @@ def split_for_devices(features: np.ndarray, labels: np.ndarray, mask: np.ndarray
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RowRule:
+  """What every real row of the batches must satisfy: the dataset manifest's value rule.
+
+  Attributes:
+    bounds: the features' declared public ``(lo, hi)``.
+    feature_names: the columns, for the message.
+    task: the labels' task.
+    embeddings: the integer-id columns.
+  """
+
+  bounds: manifest_lib.Bounds
+  feature_names: tuple[str, ...]
+  task: manifest_lib.Task
+  embeddings: tuple[manifest_lib.Embedding, ...]
+
+  @classmethod
+  def of_dataset(cls, dataset: str | os.PathLike, feature_bounds: Any = None) -> RowRule:
+    """The rule of a dataset directory: its manifest's bounds (else ``feature_bounds``, the
+    config's ``data.feature_bounds``), task and embeddings.
+
+    Raises:
+      ShardError: the manifest is unreadable, or declares no bounds and none are given.
+    """
+    m = manifest_lib.read_manifest(dataset)
+    bounds = manifest_lib.resolve_bounds(m.feature_bounds, feature_bounds, m.num_features,
+                                         f"{dataset} (a manifest without feature_bounds)")
+    return cls(bounds=bounds, feature_names=m.feature_names, task=m.task,
+               embeddings=m.embeddings)
+
+  def check(self, where: str, features: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+            first_update: int, first_slot: int) -> None:
+    """Checks the real rows of ``[k, w, F]`` features read from ``where``.
+
+    Raises:
+      batch_format.BatchError: naming ``where``, the column, the update and the slot.
+    """
+    updates, slots = np.nonzero(mask)
+    if not len(updates):
+      return
+    try:
+      manifest_lib.check_values(
+          features[updates, slots], labels[updates, slots], bounds=self.bounds,
+          feature_names=self.feature_names, where=where, task=self.task,
+          embeddings=self.embeddings,
+          row_name=lambda i: (f"update {first_update + int(updates[i])}, slot "
+                              f"{first_slot + int(slots[i])}"))
+    except manifest_lib.ShardError as e:
+      raise batch_format.BatchError(
+          f"{e} (not a row of the dataset: edited after it was written?); write the batches "
+          "again with preprocessing.poisson_batches") from e
+
+
 def dataset_identity(dataset: str | os.PathLike) -> dict[str, Any]:
   """What a trainer passes as ``open_batches(expected=...)`` for its dataset (plus B, E)."""
   m = manifest_lib.read_manifest(dataset)
@@ -117,12 +175,14 @@ class BatchStream:
   Attributes:
     path: the batch directory.
     run: its :class:`fastdp_jax.data.batch_format.RunInfo`.
+    rows: the rule every real row read is checked against (None: not checked).
   """
 
   def __init__(self, path: str, run: batch_format.RunInfo,
-               blocks: Sequence[batch_format.BlockInfo]):
+               blocks: Sequence[batch_format.BlockInfo], rows: RowRule | None = None):
     self.path = path
     self.run = run
+    self.rows = rows
     self._lock = threading.Lock()
     self._blocks: dict[str, batch_format.BlockInfo] = {}
     for b in blocks:
@@ -223,7 +283,8 @@ class BatchStream:
 
     Raises:
       batch_format.MissingUpdatesError: if an update is in no block.
-      batch_format.BatchError: naming the shard, if a file cannot be read.
+      batch_format.BatchError: naming the shard, if a file cannot be read or (with
+        :attr:`rows`) a real row breaks the dataset's rule (naming the update and slot).
     """
     self._check_range(first_update, num_updates)
     lo, hi = self._slice(device_slice)
@@ -263,6 +324,10 @@ class BatchStream:
         except (OSError, KeyError) as e:
           raise batch_format.BatchError(
               f"batch shard {block.name}/{shard.file}: unreadable ({e})") from e
+        if self.rows is not None:
+          w = real_hi - lo
+          self.rows.check(f"batch shard {block.name}/{shard.file}", features[i:i + n, :w],
+                          labels[i:i + n, :w], mask[i:i + n, :w], t, lo)
       t += n
     return features, labels, mask
 
@@ -424,7 +489,8 @@ def _compare(run: batch_format.RunInfo, expected: dict[str, Any]) -> list[str]:
 
 
 def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = None,
-                 threads: int = 4) -> BatchStream:
+                 threads: int = 4, dataset: str | os.PathLike | None = None,
+                 feature_bounds: Any = None) -> BatchStream:
   """Opens a batch directory after verifying it completely.
 
   Checks, before returning (so before training starts): the run manifest (its digest, the key
@@ -437,6 +503,12 @@ def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = N
       ``dict(batch_stream.dataset_identity(dataset), batch_size=B, epochs=E)``); a run that
       differs is refused, naming every difference.
     threads: shards hashed at once.
+    dataset: the dataset directory the batches were drawn from (the trainer's ``data.path``):
+      the batches must be its (its digest), and every real row read from them is checked
+      against its manifest's bounds, task and embeddings (:class:`RowRule`), as the loader
+      checks the rows it holds in memory. None: the values are not checked (tools that only
+      inspect the batches).
+    feature_bounds: ``data.feature_bounds``, for a dataset whose manifest declares none.
 
   Returns:
     A :class:`BatchStream`.
@@ -454,6 +526,10 @@ def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = N
                             "`python -m preprocessing.poisson_batches --dataset DATASET --output "
                             f"{path} --batch-size B --epochs E`")
   run = batch_format.read_run(path)
+  rows = None
+  if dataset is not None:
+    rows = RowRule.of_dataset(dataset, feature_bounds)
+    expected = dict(expected or {}, dataset_digest=manifest_lib.read_manifest(dataset).digest())
   if expected:
     diffs = _compare(run, expected)
     if diffs:
@@ -467,7 +543,7 @@ def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = N
                                   "preprocessing.poisson_batches")
   for b in blocks:
     batch_format.verify_block(path, b, run, threads=threads)
-  return BatchStream(path, run, blocks)
+  return BatchStream(path, run, blocks, rows)
 
 
 def iter_split(dataset: str | os.PathLike, split: str = "test", *, chunk_rows: int = 65536,

@@ -14,8 +14,9 @@ inside the directory (no ``..``, no absolute paths), each once (a shard listed t
 count its people twice), with a known split: :func:`read_manifest` and :func:`write_manifest`
 refuse anything else. Values are checked by one function, :func:`check_values` (finite, inside
 the declared bounds, labels valid for the task, integer embedding ids), which the shard writer
-runs before a row is written and the loader runs on every row before training; it names the
-column and the row, never the value.
+runs before a row is written, the loader on every row before training, and the reader of
+materialised batches (:mod:`fastdp_jax.data.batch_stream`) on every real row it reads; it names
+the column and the row, never the value.
 
 Data that declares no bounds (a manifest without ``feature_bounds``, the original system's
 single-file layouts) takes them from the config (``data.feature_bounds``) or is refused
@@ -28,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -326,9 +327,16 @@ def _column(names: Sequence[str] | None, j: int) -> str:
   return repr(names[j]) if names is not None and j < len(names) else f"{j}"
 
 
+def _first(bad: np.ndarray, first_row: int, row_name: Callable[[int], str] | None) -> str:
+  """Names the first offending row: ``row N`` (offset by ``first_row``) or ``row_name``'s."""
+  i = int(np.argmax(bad))
+  return f"row {first_row + i}" if row_name is None else row_name(i)
+
+
 def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | None,
                  feature_names: Sequence[str] | None, where: str, first_row: int = 0,
-                 task: Task = BINARY, embeddings: Sequence[Embedding] = ()) -> None:
+                 task: Task = BINARY, embeddings: Sequence[Embedding] = (),
+                 row_name: Callable[[int], str] | None = None) -> None:
   """The one value check of the writer and the loader: finite, inside bounds, valid labels.
 
   Values are compared in float32, the precision the trainer uses, against the bounds rounded
@@ -346,6 +354,8 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
     task: the labels' task (default binary).
     embeddings: the embedding columns (their ids must be integers; their range is their
       bounds). Requires ``feature_names``.
+    row_name: ``i -> text`` naming row ``i`` of ``features`` where a row number does not
+      (a materialised batch's ``'update 12, slot 3'``); overrides ``first_row``.
 
   Raises:
     ShardError: naming ``where``, the column and the first offending row (never the value:
@@ -357,8 +367,8 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
     j = int(np.flatnonzero(~finite.all(axis=0))[0])
     bad = ~finite[:, j]
     raise ShardError(f"{where}: column {_column(feature_names, j)} has {int(bad.sum())} "
-                     f"non-finite value(s) (NaN or inf), first at row "
-                     f"{first_row + int(np.argmax(bad))}")
+                     f"non-finite value(s) (NaN or inf), first at "
+                     f"{_first(bad, first_row, row_name)}")
   if bounds is not None and x.size:
     b = np.asarray(bounds, np.float64).astype(np.float32)
     outside = (x < b[:, 0]) | (x > b[:, 1])
@@ -367,8 +377,8 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
       bad = outside[:, j]
       lo, hi = bounds[j]
       raise ShardError(f"{where}: column {_column(feature_names, j)} has {int(bad.sum())} "
-                       f"value(s) outside its declared bounds [{lo:g}, {hi:g}], first at row "
-                       f"{first_row + int(np.argmax(bad))}")
+                       f"value(s) outside its declared bounds [{lo:g}, {hi:g}], first at "
+                       f"{_first(bad, first_row, row_name)}")
   if embeddings:
     for e, j in zip(embeddings, embedding_columns(embeddings, feature_names or ())):
       col = x[:, j]
@@ -376,7 +386,7 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
       if bad.any():
         raise ShardError(f"{where}: embedding column {e.feature!r} has {int(bad.sum())} "
                          f"id(s) that are not integers in [0, {e.vocab_size - 1}], first at "
-                         f"row {first_row + int(np.argmax(bad))}")
+                         f"{_first(bad, first_row, row_name)}")
   y = np.asarray(labels)
   if task.kind == "binary":
     bad, what = ~np.isin(y, LABELS), "outside {0, 1}"
@@ -393,8 +403,8 @@ def check_values(features: np.ndarray, labels: np.ndarray, *, bounds: Bounds | N
     what = f"non-finite or outside the regression bounds [{task.bounds[0]:g}, " \
            f"{task.bounds[1]:g}]"
   if bad.any():
-    raise ShardError(f"{where}: {int(bad.sum())} label(s) {what}, first at row "
-                     f"{first_row + int(np.argmax(bad))}")
+    raise ShardError(f"{where}: {int(bad.sum())} label(s) {what}, first at "
+                     f"{_first(bad, first_row, row_name)}")
 
 
 # ------------------------------------------------------------------ manifest.json

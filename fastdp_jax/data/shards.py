@@ -499,6 +499,29 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
                embeddings=manifest.embeddings)
 
 
+def count_rows(path: str | os.PathLike, split: str) -> int | None:
+  """The rows of ``split`` that :func:`load_split` would read, without reading any.
+
+  A directory's from its manifest; an original ``.h5`` file's from its labels' shape (HDF5
+  metadata). None when ``path`` is neither (missing, unreadable): :func:`load_split` then
+  says what is wrong with it.
+
+  Raises:
+    ShardError: a directory whose manifest is missing or malformed.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return manifest_lib.read_manifest(path).rows(split)
+  try:
+    with h5py.File(path, "r") as f:
+      obj = f.get(f"y_{split}", f.get(split))  # dataset.h5, else dataset_package.h5
+      if isinstance(obj, h5py.Dataset) and obj.ndim >= 1:
+        return int(obj.shape[0])
+  except OSError:
+    pass
+  return None
+
+
 def process_row_ranges(num_rows: int, device_counts: Sequence[int]) -> list[tuple[int, int]]:
   """Each process's contiguous range of global rows, in proportion to its devices.
 

@@ -48,6 +48,36 @@ class PrivacyPlan:
                                       self.delta, self.accountant)
 
 
+def check_rows(num_examples: int, batch_size: int, *, public_num_examples: int | None = None,
+               where: str = "") -> float:
+  """The sampling rate q = batch_size / N of ``num_examples`` training rows, or a refusal.
+
+  The one rule on N, run twice: from the manifest's row count before the workdir is made
+  (:func:`fastdp_jax.inputs.check_enough_rows`), and by :func:`plan_privacy` on the rows read.
+
+  Args:
+    num_examples: the training rows (of all processes).
+    batch_size: the expected batch size.
+    public_num_examples: a declared public N that q is derived from instead.
+    where: what holds the rows, for the message (e.g. ``data.path=DIR``).
+
+  Raises:
+    ConfigError: no training row (N = 0 would divide q by zero), or q > 1.
+  """
+  if num_examples < 1:
+    raise errors.ConfigError(
+        f"{where or 'the training data'} has no training rows (N = {num_examples}); each "
+        f"update samples its batch from them (q = batch_size / N <= 1 needs N >= "
+        f"batch_size={batch_size}): use a larger dataset")
+  n = num_examples if public_num_examples is None else int(public_num_examples)
+  q = batch_size / n
+  if not 0 < q <= 1:
+    raise errors.ConfigError(f"sampling rate q = batch_size / N = {batch_size} / {n} = "
+                             f"{q:.4g} must be in (0, 1]{f' for {where}' if where else ''}; "
+                             "lower batch_size or use more training rows")
+  return q
+
+
 def plan_privacy(dp: config_lib.DPSettings, *, batch_size: int, num_epochs: int,
                  num_examples: int, num_devices: int = 1,
                  public_num_examples: int | None = None) -> PrivacyPlan:
@@ -66,12 +96,9 @@ def plan_privacy(dp: config_lib.DPSettings, *, batch_size: int, num_epochs: int,
     num_devices: devices the batch is split over (each pads its part to a capacity).
     public_num_examples: a declared public N that replaces ``num_examples``.
   """
+  q = check_rows(num_examples, batch_size, public_num_examples=public_num_examples)
   if public_num_examples is not None:
     num_examples = int(public_num_examples)
-  q = batch_size / num_examples
-  if not 0 < q <= 1:
-    raise errors.ConfigError(f"sampling rate q = batch_size / N = {batch_size} / "
-                             f"{num_examples} = {q:.4g} must be in (0, 1]; lower batch_size")
   steps_per_epoch = max(1, round(num_examples / batch_size))
   total = num_epochs * steps_per_epoch
   delta = release.default_delta(num_examples) if dp.delta is None else float(dp.delta)

@@ -25,13 +25,20 @@ def _fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-# The card's evaluation rows per task (the summary keys of fastdp_jax.train._task_summary).
+# The card's evaluation rows per task (fields of fastdp_jax.summary.RunSummary).
 _CARD_METRICS = {
     "binary": (("test accuracy", "test_accuracy"), ("test AUC", "test_auc"),
-               ("majority-class rate", "majority_class_rate"), ("test loss (BCE)", "test_loss")),
+               ("majority-class rate", "majority_class_rate"),
+               ("test log-loss", "test_loss"),
+               ("log-loss of predicting the base rate", "base_rate_log_loss"),
+               ("test Brier score", "test_brier"),
+               ("test expected calibration error (15 bins)", "test_ece")),
     "multiclass": (("test accuracy", "test_accuracy"), ("test macro-F1", "test_macro_f1"),
                    ("majority-class rate", "majority_class_rate"),
-                   ("test loss (cross-entropy)", "test_loss")),
+                   ("test log-loss (cross-entropy)", "test_loss"),
+                   ("log-loss of predicting the class frequencies", "base_rate_log_loss"),
+                   ("test Brier score", "test_brier"),
+                   ("test expected calibration error (top class, 15 bins)", "test_ece")),
     "regression": (("test RMSE", "test_rmse"), ("test MAE", "test_mae"),
                    ("baseline RMSE (predicting the test rows' mean)", "baseline_rmse"),
                    ("baseline MAE (the same)", "baseline_mae"),
