@@ -156,7 +156,8 @@ def markdown_table(runs: Sequence[Run]) -> str:
 
 def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = False
               ) -> list[str]:
-  """Writes the four PNG plots into ``output_dir``; returns their paths.
+  """Writes the four PNG plots into ``output_dir`` (and, for regression runs, the RMSE plots;
+  for classifiers with calibration bins, ``reliability.png``); returns their paths.
 
   ``include_nonprivate`` adds the training loss (a training-row statistic without noise) to
   the loss plot; by default only test-set curves and epsilon are drawn.
@@ -226,9 +227,28 @@ def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = F
   finish(fig, ax, "accuracy_vs_epsilon.png", "epsilon", "test accuracy",
          "Accuracy against privacy (dot: end of run)")
 
-  _plot_regression([r for r in runs if r.summary is not None and r.summary.task == "regression"], color,
-                   plt, finish)
+  _plot_regression([r for r in runs if r.summary is not None and r.summary.task == "regression"],
+                   color, plt, finish)
+  _plot_reliability([r for r in runs if r.summary is not None and r.summary.test_reliability],
+                    color, plt, finish)
   return paths
+
+
+def _plot_reliability(runs: Sequence[Run], color: dict[str, Any], plt: Any, finish: Any) -> None:
+  """The reliability diagram of the classifiers' test probabilities (``reliability.png``):
+  each bin's observed frequency against its mean predicted probability, the diagonal being
+  perfect calibration."""
+  if not runs:
+    return
+  fig, ax = plt.subplots(figsize=(5.5, 5.5))
+  ax.plot([0, 1], [0, 1], ":", color="gray", label="calibrated")
+  for r in runs:
+    mean, freq, _ = zip(*r.summary.test_reliability)
+    ece = r.summary.test_ece
+    ax.plot(mean, freq, "-o", color=color[r.name],
+            label=f"{r.name} (ECE {ece:.3f})" if _finite(ece) else r.name)
+  finish(fig, ax, "reliability.png", "mean predicted probability (top class if multiclass)",
+         "observed frequency", "Reliability of the test probabilities")
 
 
 def _plot_epsilon(runs: Sequence[Run], color: dict[str, Any], plt: Any, finish: Any) -> None:
@@ -311,7 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {path} and {len(PLOTS)} plots in {os.path.dirname(path)}")
+  with open(path) as f:
+    plots = sum(1 for line in f if line.startswith("!["))
+  print(f"wrote {path} and {plots} plots in {os.path.dirname(path)}")
   return 0
 
 

@@ -87,9 +87,9 @@ def _original_h5(path, train_rows: int) -> str:
 @pytest.mark.parametrize("case, rows, extra, says", [
     # 1 row in all: the split puts it in the test split, none is left for training.
     ("no_training_row", 1, (), "has no training rows (N = 0)"),
-    # 40 rows (31 train) for a batch of 64: q = 64 / 31 > 1.
+    # 40 rows (32 train) for a batch of 64: q = 64 / 32 > 1.
     ("fewer_rows_than_the_batch", 40, (), "must be in (0, 1]"),
-    # 100 rows (78 train), about half of them held out: fewer than the batch of 64 left.
+    # 100 rows (83 train), 42 of them held out: 41 left for a batch of 64.
     ("validation_holds_them_out", 100, ("--config.data.validation_fraction=0.5",),
      "held out for validation"),
     # An original single-file layout: the count is the file's shape, no row read.
