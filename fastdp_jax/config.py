@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "sgd"  # 'sgd' | 'adam'.
   c.optimizer.learning_rate = 0.01
   c.optimizer.momentum = 0.0  # SGD momentum (0 = the original's plain SGD).
+  c.optimizer.weight_decay = 0.0  # decoupled weight decay (AdamW, or SGD with decay): it
+  #                                 pulls the noise's random walk back towards 0, which
+  #                                 keeps the logits from inflating (post-processing: free).
 
   c.dp = _dp_keys()
 
@@ -252,6 +255,7 @@ RANGE_CHECKS: dict[str, _Check] = {
     "optimizer.name": (_one_of(OPTIMIZERS), f"one of {OPTIMIZERS}"),
     "optimizer.learning_rate": (_positive_finite, "a positive finite number"),
     "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "optimizer.weight_decay": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
     "data.attack_rows": (_non_negative_int, "a non-negative integer"),
     "seed": (_unset_or(_is_int), "an integer (or unset)"),
     "data.public_num_examples": (_unset_or(_positive_int), "a positive integer (or unset)"),
@@ -346,6 +350,7 @@ class OptimizerSettings:
   name: str
   learning_rate: float
   momentum: float
+  weight_decay: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -3,8 +3,13 @@
 ::
 
   python -m fastdp_jax.predict --model runs/fulton/model --input raw.csv \
-      --output predictions.csv [--errors errors.csv] [--spark [--master URL]]
+      --output predictions.csv [--errors errors.csv] [--key-file KEY] [--spark [--master URL]]
   fastdp-predict --model ... (the same command, installed)
+
+``--key-file`` names the secret key the model was signed with (``python -m fastdp_jax.export
+sign``): an unsigned model, or one whose signature the key does not match, is refused before
+any row is read. Without it the model's integrity is checked (its files are the ones its
+manifest names), not who made it.
 
 ``--spark`` encodes and predicts with Spark (large inputs; ``--master`` as the preprocessing
 job's: default spark-submit's, else ``local[*]``): the same blocks of rows, encoded and
@@ -16,8 +21,10 @@ The model's feature spec (stored in the export) encodes each raw row with the Sp
 code (:mod:`fastdp_jax.data.features`, :mod:`fastdp_jax.data.cleaning`): columns by name in any
 order, other columns ignored. Rows that cannot be encoded (a missing value, an unknown category
 or vocabulary code, a non-number, NaN, a value outside the column's domain, a wrong number of
-fields) are not predicted: each is written to ``--errors`` with its row, line, column and
-reason (without ``--errors``, the first ones are printed), and counted on the console.
+fields, a line of any length that is not the header) are not predicted: each is written to
+``--errors`` with its row, line, column and reason (without ``--errors``, the first ones are
+printed), and counted on the console. So is a row whose encoded features the model refuses
+(non-finite, outside its declared feature bounds: reasons ``non_finite``, ``out_of_bounds``).
 
 ``predictions.csv`` has one line per predicted row: ``row`` (0-based data row of the input) and
 ``line`` (its line in the file), then
@@ -31,8 +38,8 @@ Spark's shuffle and cache files on the executors' local disks also hold those ro
 runs.
 
 Exit status: 0 when the input could be read (even if some rows had errors), 2 when it cannot
-be used at all (no such file, a header lacking a column the model needs, not a model), with
-one ``error: ...`` line.
+be used at all (no such file, a header lacking a column the model needs, not a model, a model
+the key does not authenticate), with one ``error: ...`` line.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from typing import Any
 
 from fastdp_jax import atomic
 from fastdp_jax import errors
+from fastdp_jax.export import model_dir
 from fastdp_jax.export import predictor as predictor_lib
 
 ERROR_COLUMNS = ("row", "line", "column", "reason", "detail")
@@ -87,8 +95,9 @@ def _block_output(predictor: predictor_lib.Predictor,
 
 
 def predict_csv(model: str, input_path: str, output: str, errors_path: str | None = None, *,
-                spark: Any = None,
-                block_rows: int = BLOCK_ROWS) -> tuple[int, int, int, list[predictor_lib.RowError]]:
+                spark: Any = None, block_rows: int = BLOCK_ROWS,
+                key: bytes | str | None = None
+                ) -> tuple[int, int, int, list[predictor_lib.RowError]]:
   """Writes the predictions of a raw CSV file (and its errors) with an exported model.
 
   Both outputs hold values of the input rows: they are written owner-only (0600), each
@@ -103,6 +112,8 @@ def predict_csv(model: str, input_path: str, output: str, errors_path: str | Non
       one (called once the header has been checked, so a bad input fails before Spark
       starts). The outputs are the same bytes either way (:func:`_spark_blocks`).
     block_rows: rows encoded and predicted together (the same blocks on both paths).
+    key: the secret key the model was signed with: the signature must exist and match
+      (:func:`~fastdp_jax.export.predictor.load_model`'s ``key``).
 
   Returns:
     ``(rows read, rows predicted, rows with errors, the first errors)``.
@@ -111,7 +122,7 @@ def predict_csv(model: str, input_path: str, output: str, errors_path: str | Non
     errors.UserError: the model cannot be loaded or the input cannot be used at all.
     FileNotFoundError: no such input.
   """
-  predictor = predictor_lib.load_model(model)
+  predictor = predictor_lib.load_model(model, key=key)
   if not os.path.isfile(input_path):
     raise FileNotFoundError(f"input {input_path} does not exist")
   if spark is None:
@@ -274,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True, help="predictions CSV to write")
   p.add_argument("--errors", default=None, help="CSV of the rows that could not be predicted "
                  "(row, line, column, reason, detail); default: print the first ones")
+  p.add_argument("--key-file", default=None, help="the secret key the model was signed with "
+                 "(python -m fastdp_jax.export sign): refuse it unless the signature matches")
   p.add_argument("--spark", action="store_true", help="encode and predict with Spark (large "
                  "inputs); the outputs are the same bytes as without it")
   p.add_argument("--master", default=None, help="with --spark: the Spark master; default: "
@@ -287,8 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return sessions[-1]
 
   try:
+    key = model_dir.read_key_file(args.key_file) if args.key_file else None
     read, predicted, bad, first = predict_csv(args.model, args.input, args.output, args.errors,
-                                              spark=start_spark if args.spark else None)
+                                              spark=start_spark if args.spark else None,
+                                              key=key)
   except (errors.UserError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return errors.USER_ERROR_EXIT_CODE

@@ -45,7 +45,8 @@ def run_identity(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
               model_hidden_sizes=list(rc.model.hidden_sizes),
               num_features=int(train.features.shape[1]), data_digest=train.digest,
               seed=rc.seed, sampling_seed=rc.dp.sampling_seed,
-              noise_seed=rc.dp.noise_seed, optimizer=dataclasses.asdict(rc.optimizer),
+              noise_seed=rc.dp.noise_seed, optimizer={k: v for k, v in dataclasses.asdict(rc.optimizer).items()
+                         if k != "weight_decay" or v},
               # Only when they matter, so that a binary run's identity stays minimal.
               **({"model_embedding_dim": rc.model.embedding_dim} if train.embeddings else {}),
               **({"model_huber_delta": rc.model.huber_delta}

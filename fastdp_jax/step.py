@@ -446,10 +446,16 @@ def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
 
 
 def make_optimizer(o: config_lib.OptimizerSettings) -> optax.GradientTransformation:
-  """The optimizer that follows the noise (``optimizer.name``: plain or momentum SGD, Adam)."""
+  """The optimizer that follows the noise (``optimizer.name``: plain or momentum SGD, Adam),
+  with decoupled weight decay when ``optimizer.weight_decay`` is set."""
   if o.name == "sgd":
-    return optax.sgd(o.learning_rate, momentum=o.momentum or None)
-  return optax.adam(o.learning_rate)
+    sgd = optax.sgd(o.learning_rate, momentum=o.momentum or None)
+    if not o.weight_decay:
+      return sgd
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), sgd)
+  if not o.weight_decay:
+    return optax.adam(o.learning_rate)
+  return optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
 
 
 def compile_step(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, model: Any, loss_fn: Any,

@@ -309,8 +309,8 @@ def test_padding_microbatch_through_the_trainer_keeps_timings_out_of_the_model(t
   for mb in (None, 16):
     cfg = make_config(data, padding_microbatch=mb, num_epochs=1)
     runs[mb] = train.train_and_evaluate(cfg, str(tmp_path / f"run{mb}"))
-  assert runs[16]["epsilon"] == runs[None]["epsilon"]
-  assert runs[16]["steps"] == runs[None]["steps"]
+  assert runs[16].epsilon == runs[None].epsilon
+  assert runs[16].steps == runs[None].steps
   with open(tmp_path / "run16" / "metrics.jsonl") as f:
     assert any("epoch_time_s" in json.loads(line) for line in f)
   model_dir = tmp_path / "run16" / "model"

@@ -107,10 +107,10 @@ def test_a_failed_run_clears_its_progress_bar_and_shows_the_cursor(tmp_path, mon
   cfg.data.path = make_dataset(str(tmp_path / "data"), rows=3000, seed=1)
   cfg.log_every_steps, cfg.steps_per_call = 10, 5
 
-  def fail(self):
+  def fail(self, prefix):
     raise RuntimeError("evaluation failed")
 
-  monkeypatch.setattr(train.Trainer, "test_metrics", fail)
+  monkeypatch.setattr(train.Trainer, "split_metrics", fail)
   monkeypatch.setenv("COLUMNS", "160")
   tty = _Tty()
   monkeypatch.setattr("sys.stdout", tty)

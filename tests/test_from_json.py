@@ -11,6 +11,7 @@ import pytest
 from configs import from_json
 from fastdp_jax import config as config_lib
 from fastdp_jax.data import shards as data_lib
+from fastdp_jax import summary as summary_lib
 from tests.conftest import ROOT
 
 ORIGINAL = os.path.join(ROOT, "configs", "original")
@@ -112,11 +113,10 @@ def test_seq_train_json_through_main_reaches_the_data_ceiling(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "minibatch_size = 3: not mapped" in proc.stdout
   assert "lr = 0.01 -> optimizer.learning_rate = 0.01" in proc.stdout
-  with open(work / "summary.json") as f:
-    summary = json.load(f)
-  assert summary["config"]["dp"]["noise_multiplier"] == 0.9
-  assert summary["steps"] == 10 * round(summary["train_examples"] / 256)
+  summary = summary_lib.read_summary(str(work))
+  assert summary.config["dp"]["noise_multiplier"] == 0.9
+  assert summary.steps == 10 * round(summary.train_examples / 256)
   ceiling = _ceiling_accuracy(data)
-  acc = summary["test_accuracy"]
-  assert acc >= summary["majority_class_rate"] + 0.03, (acc, summary["majority_class_rate"])
+  acc = summary.test_accuracy
+  assert acc >= summary.majority_class_rate + 0.03, (acc, summary.majority_class_rate)
   assert ceiling - 0.01 <= acc <= ceiling + 0.005, (acc, ceiling)

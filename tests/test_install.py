@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from fastdp_jax import summary as summary_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = textwrap.dedent('''\
@@ -105,9 +107,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(installed, tmp_path):
   with open(os.path.join(cwd, "tiny.py"), "w") as f:
     f.write(TINY_CONFIG)
   _run([os.path.join(bin_dir, "fastdp-train"), "--config=tiny.py", "--workdir=run1"], cwd=cwd)
-  with open(os.path.join(cwd, "run1", "summary.json")) as f:
-    summary = json.load(f)
-  assert summary["steps"] > 0 and summary["epsilon"] > 0
+  summary = summary_lib.read_summary(os.path.join(cwd, "run1"))
+  assert summary.steps > 0 and summary.epsilon > 0
   # The 2-process launcher, as python -m (it starts the installed trainer).
   launch = _run([py, "-m", "fastdp_jax.launch", "--num_processes=2", "--",
                  "--config=tiny.py", "--workdir=run2"], cwd=cwd)

@@ -53,5 +53,5 @@ def test_the_checkpointer_leaves_jaxs_sync_point_to_the_trainer(small_dataset, t
   cfg = make_config(small_dataset, **{"checkpoint.every_steps": 8})
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
   saved = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
-  assert summary["steps"] in saved and len(saved) == 2  # it did save, several times
+  assert summary.steps in saved and len(saved) == 2  # it did save, several times
   assert asked == []  # one process: the trainer's own handler, and orbax asked nothing

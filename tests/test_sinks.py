@@ -265,22 +265,22 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   cfg.export_model = False
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
   work = str(tmp_path / "w")
-  per_epoch = summary["steps"] // cfg.num_epochs
+  per_epoch = summary.steps // cfg.num_epochs
   path = os.path.join(work, "metrics.jsonl")
   records = sinks.read_jsonl(path)
   epochs, points = sinks.read_jsonl(path, "epoch"), sinks.read_jsonl(path, "eval")
   assert {r["kind"] for r in records} == {"eval", "epoch", "summary"}
-  assert records[-1]["kind"] == "summary" and records[-1]["steps"] == summary["steps"]
-  assert records[-1]["test_accuracy"] == summary["test_accuracy"]
+  assert records[-1]["kind"] == "summary" and records[-1]["steps"] == summary.steps
+  assert records[-1]["test_accuracy"] == summary.test_accuracy
   assert not os.path.exists(os.path.join(work, "steps.jsonl"))
-  expected = sorted(set(range(25, summary["steps"] + 1, 25)) | {per_epoch, 2 * per_epoch})
+  expected = sorted(set(range(25, summary.steps + 1, 25)) | {per_epoch, 2 * per_epoch})
   assert [p["step"] for p in points] == expected  # exact multiples of N, plus epoch ends
   assert [r["epoch"] for r in epochs] == [1, 2]
   # Mid-epoch epsilon is the accountant's; epoch-end points repeat the epoch records.
   mid = [p for p in points if p["step"] % per_epoch]
   assert mid[0]["epsilon"] == accounting.compute_epsilon(
-      cfg.dp.noise_multiplier, summary["sampling_rate"], mid[0]["step"],
-      summary["accountant_delta"])
+      cfg.dp.noise_multiplier, summary.sampling_rate, mid[0]["step"],
+      summary.accountant_delta)
   eps = [p["epsilon"] for p in points]
   assert eps == sorted(eps) and len(set(eps)) == len(eps)
   by_step = {p["step"]: p for p in points}
@@ -294,6 +294,6 @@ def test_training_run_logs_every_n_steps_and_every_epoch(tmp_path, capsys):
   assert [v for _, v in scalars["privacy/epsilon"]] == pytest.approx(eps, rel=1e-6)
   assert [v for _, v in scalars["epoch/test_accuracy"]] == pytest.approx(
       [r["test_accuracy"] for r in epochs], rel=1e-6)
-  assert scalars["final/test_accuracy"][0][1] == pytest.approx(summary["test_accuracy"])
+  assert scalars["final/test_accuracy"][0][1] == pytest.approx(summary.test_accuracy)
   out = capsys.readouterr().out
   assert "\r" not in out and out.count("\nepoch ") + out.startswith("epoch ") == 2

@@ -6,7 +6,6 @@ batches, so the two runs give the same parameters (up to float32 summation order
 different padding: 1e-5 relative) and the same epsilon. One SparkSession per module.
 """
 
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastdp_jax.data import batch_format
+from fastdp_jax import summary as summary_lib
 from fastdp_jax import train
 from tests import preprocessing_helpers as T
 from tests.conftest import ROOT, make_config, make_dataset
@@ -64,15 +64,15 @@ def test_streamed_training_equals_in_memory_training(dataset, batches, tmp_path,
   streamed = train.train_and_evaluate(
       _cfg(dataset, **{"data.batches": batches, "parallel.strategy": strategy}),
       str(tmp_path / "streamed"))
-  assert streamed["steps"] == memory["steps"] == EPOCHS * round(memory["train_examples"] / BATCH)
-  assert streamed["epsilon"] == memory["epsilon"]
-  assert streamed["sampling_rate"] == memory["sampling_rate"]
+  assert streamed.steps == memory.steps == EPOCHS * round(memory.train_examples / BATCH)
+  assert streamed.epsilon == memory.epsilon
+  assert streamed.sampling_rate == memory.sampling_rate
   # Batches from --sampling-seed: a reproducibility run, said so.
-  assert streamed["private"] is False and streamed["batches"] == batches
+  assert streamed.private is False and streamed.batches == batches
   a, b = _params(tmp_path / "memory"), _params(tmp_path / "streamed")
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 * np.abs(a[k]).max())
-  assert streamed["test_accuracy"] == pytest.approx(memory["test_accuracy"], abs=1e-3)
+  assert streamed.test_accuracy == pytest.approx(memory.test_accuracy, abs=1e-3)
 
 
 def test_batches_for_another_run_are_refused_before_training(dataset, batches, tmp_path):
@@ -109,7 +109,7 @@ def test_a_signal_mid_stream_then_resume_equals_uninterrupted(dataset, batches, 
   ref = subprocess.run(cmd + [f"--workdir={tmp_path / 'ref'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  steps = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
+  steps = summary_lib.read_summary(str(tmp_path / "ref")).steps
   work = tmp_path / "stopped"
 
   def saved():
@@ -163,9 +163,9 @@ def test_two_processes_streaming_equal_one(dataset, batches, tmp_path):
        "--config.checkpoint.enabled=False", f"--workdir={work}"],
       cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert r.returncode == 0, r.stdout[-3000:]
-  two = json.loads((work / "summary.json").read_text())
-  assert two["num_processes"] == 2 and two["num_devices"] == 4
-  assert two["steps"] == one["steps"] and two["epsilon"] == one["epsilon"]
+  two = summary_lib.read_summary(str(work))
+  assert two.num_processes == 2 and two.num_devices == 4
+  assert two.steps == one.steps and two.epsilon == one.epsilon
   # Same batches and noise; the float32 sums differ in order only (see test_multihost's
   # derivation of the 1e-5 bound).
   a, b = _params(tmp_path / "one"), _params(work)

@@ -13,7 +13,10 @@ in-memory loader applies (:func:`fastdp_jax.data.manifest.check_values`: finite,
 dataset manifest's declared bounds, labels in its task's domain): a digest proves a shard is the
 one its manifest names, not that whoever wrote the manifest wrote sound rows. Blocks appended later
 (``--first-epoch``) are found and verified when the stream first needs them; a consumed block
-may be deleted (``rm -rf BATCHES/epochs-0000-0002``) to bound disk.
+may be deleted (``rm -rf BATCHES/epochs-0000-0002``) to bound disk. A shard file that changes
+after it was verified (written to or replaced while a run is under way: its inode, size or
+times differ) is hashed again before its rows are used, and refused, named, unless it still
+matches its manifest: one ``stat`` per read otherwise.
 
 A device's part of an update is a fixed slot range (:func:`split_for_devices`): a public
 function of the slot order alone, never of the data.
@@ -107,6 +110,23 @@ def split_for_devices(features: np.ndarray, labels: np.ndarray, mask: np.ndarray
 # ------------------------------------------------------------------ the stream
 
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
+FileState = tuple[int, int, int, int, int]
+
+
+def _file_state(path: str) -> FileState | None:
+  """What a write to the file at ``path``, or its replacement, changes (None: no file)."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _block_states(path: str, block: batch_format.BlockInfo) -> dict[str, FileState | None]:
+  """Each shard file's state, taken BEFORE the block is hashed: a change during or after the
+  hash then shows as a different state."""
+  files = [os.path.join(path, block.name, s.file) for s in block.shards]
+  return {f: _file_state(f) for f in files}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -179,12 +199,15 @@ class BatchStream:
   """
 
   def __init__(self, path: str, run: batch_format.RunInfo,
-               blocks: Sequence[batch_format.BlockInfo], rows: RowRule | None = None):
+               blocks: Sequence[batch_format.BlockInfo], rows: RowRule | None = None, *,
+               verified: dict[str, FileState | None] | None = None):
     self.path = path
     self.run = run
     self.rows = rows
     self._lock = threading.Lock()
     self._blocks: dict[str, batch_format.BlockInfo] = {}
+    # Shard file -> its state when its sha256 was checked (none: checked at its first read).
+    self._verified: dict[str, FileState | None] = dict(verified or {})
     for b in blocks:
       self._add_block(b)
 
@@ -229,8 +252,10 @@ class BatchStream:
       for name in batch_format.block_dirs(self.path):
         if name not in self._blocks:
           block = batch_format.read_block(self.path, name, self.run)
+          states = _block_states(self.path, block)
           batch_format.verify_block(self.path, block, self.run)
           self._add_block(block)
+          self._verified.update(states)
 
   def _locate(self, update: int) -> tuple[batch_format.BlockInfo, batch_format.ShardEntry]:
     for attempt in range(2):
@@ -247,6 +272,35 @@ class BatchStream:
         f"{self.path}: update {update} (epoch {epoch}) is in no block (present: "
         f"{list(self.available) or 'none'}); write it with `python -m "
         f"preprocessing.poisson_batches ... --first-epoch {epoch} --num-epochs-block G`")
+
+  def _check_unchanged(self, block: batch_format.BlockInfo, shard: batch_format.ShardEntry,
+                       path: str) -> None:
+    """Hashes a shard again if its file changed since it was verified; refuses a changed one.
+
+    :func:`open_batches` hashed every shard before the first update, but a run reads a shard
+    hours later: a file written to or replaced meanwhile would give the run other rows than
+    its batches, silently. A changed state (:func:`_file_state`) costs one hash, here in the
+    reader's thread; an unchanged one a ``stat``.
+
+    Raises:
+      batch_format.BatchError: naming the file, if it no longer matches its manifest.
+    """
+    state = _file_state(path)
+    with self._lock:
+      if state is not None and self._verified.get(path) == state:
+        return
+    try:
+      digest = data_lib.sha256_file(path)
+    except OSError as e:
+      raise batch_format.BatchError(f"batch shard {path}: unreadable ({e})") from e
+    if digest != shard.sha256:
+      raise batch_format.BatchError(
+          f"batch shard {path}: changed on disk after it was verified (sha256 {digest[:12]}... "
+          f"is not the {block.name} manifest's {shard.sha256[:12]}...); restore the file, or "
+          "write the block again with preprocessing.poisson_batches, then run the same command"
+          " (a trainer resumes from its last checkpoint)")
+    with self._lock:
+      self._verified[path] = state
 
   def _check_range(self, first_update: int, num_updates: int) -> None:
     if num_updates < 0 or first_update < 0 or first_update + num_updates > self.total_updates:
@@ -314,6 +368,7 @@ class BatchStream:
           raise batch_format.BatchError(
               f"batch shard {block.name}/{shard.file}: file missing (the block was deleted "
               "after the stream was opened?)")
+        self._check_unchanged(block, shard, path)
         try:
           with h5py.File(path, "r") as f:
             f["features"].read_direct(features, np.s_[a:a + n, lo:real_hi],
@@ -324,6 +379,7 @@ class BatchStream:
         except (OSError, KeyError) as e:
           raise batch_format.BatchError(
               f"batch shard {block.name}/{shard.file}: unreadable ({e})") from e
+        self._check_unchanged(block, shard, path)  # again: a write during the read
         if self.rows is not None:
           w = real_hi - lo
           self.rows.check(f"batch shard {block.name}/{shard.file}", features[i:i + n, :w],
@@ -541,9 +597,11 @@ def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = N
   if not blocks:
     raise batch_format.BatchError(f"{path}: no block of updates (epochs-*/); write one with "
                                   "preprocessing.poisson_batches")
+  states: dict[str, FileState | None] = {}
   for b in blocks:
+    states.update(_block_states(path, b))
     batch_format.verify_block(path, b, run, threads=threads)
-  return BatchStream(path, run, blocks, rows)
+  return BatchStream(path, run, blocks, rows, verified=states)
 
 
 def iter_split(dataset: str | os.PathLike, split: str = "test", *, chunk_rows: int = 65536,

@@ -52,6 +52,9 @@ _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
 _LINE_CACHE_LIMIT = 1 << 16
+# Lines longer than this are not cached: the cache is for short repeated lines, and 65536
+# long ones (a wide ignored column) would hold gigabytes.
+_LINE_CACHE_MAX_CHARS = 4096
 # The longest header either path accepts (bytes of UTF-8): the Spark job reads a local file's
 # first line up to this length, and a header longer than this is refused alike by both paths.
 MAX_HEADER_BYTES = 1 << 20
@@ -210,6 +213,14 @@ class LineCleaner:
     self._line_cache: dict[str, tuple[float, ...]] = {}
 
   def is_header(self, line: str) -> bool:
+    """Whether a data line repeats the header (a bad row, ``repeated_header``).
+
+    A line over :data:`MAX_HEADER_BYTES` cannot be the header (the first line would have been
+    refused): it is a data line, and whatever is wrong with it makes it one bad row, never
+    the refusal of the whole input that :func:`parse_header` gives a first line that long.
+    """
+    if len(line) > MAX_HEADER_BYTES // 4 and len(line.encode("utf-8")) > MAX_HEADER_BYTES:
+      return False
     return parse_header(line) == self.header
 
   def _tokens(self, line: str, parts: list[str]) -> list[float] | tuple[str, str, str]:
@@ -255,7 +266,7 @@ class LineCleaner:
           vals = tuple([g(parts[j]) for j, g in getters])
           flat.extend(vals)
           ok.append(i)
-          if len(cache) < _LINE_CACHE_LIMIT:
+          if len(cache) < _LINE_CACHE_LIMIT and len(line) <= _LINE_CACHE_MAX_CHARS:
             cache[line] = vals
           continue
         except KeyError:

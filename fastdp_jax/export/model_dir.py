@@ -309,6 +309,21 @@ def _check_key(key: bytes | str) -> bytes:
   return key
 
 
+def read_key_file(path: str) -> bytes:
+  """The signing key in a file: every byte, a final newline included, as ``sign`` used it.
+
+  The commands (``python -m fastdp_jax.export``, ``python -m fastdp_jax.predict``) read
+  ``--key-file`` through this one function, so a key signs and checks alike everywhere.
+  """
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def is_signed(path: str) -> bool:
+  """Whether the model directory ``path`` (or the workdir holding it) carries a signature."""
+  return os.path.isfile(os.path.join(_model_dir(os.fspath(path)), layout.SIGNATURE_FILE))
+
+
 def _signature_line(key: bytes, manifest: str) -> str:
   return "hmac-sha256 " + hmac.new(key, manifest.encode(), hashlib.sha256).hexdigest() + "\n"
 

@@ -5,6 +5,7 @@ Example::
   predictor = fastdp_jax.load_model('runs/demo/model')
   p_employed = predictor(features)             # [n, d] array of ENCODED features
   labels = predictor.predict(features)         # 0/1 at the exported threshold
+  bad = predictor.check_features(features)     # a RowError per row it would refuse
   result = predictor.predict_rows(rows)        # RAW rows: list of dicts, {column: values},
                                                # a pandas DataFrame, or a CSV file's path
   result.outputs, result.rows, result.errors   # good rows' outputs; a RowError per bad row
@@ -14,6 +15,15 @@ the same code as the job (``fastdp_jax.data.features`` and ``fastdp_jax.data.cle
 with a missing column value, an unknown category or vocabulary code, a wrong type, a NaN or
 an out-of-domain value gets an error naming its row, column and reason, never a number.
 ``python -m fastdp_jax.predict`` does this for CSV files.
+
+Encoded features are held to the same standard: a row with a NaN or infinite value, a value
+outside the model's declared feature bounds (its feature spec's, when it has one) or an
+embedding id that is not an integer id of the vocabulary has no meaningful output (a NaN
+probability would read as class 0), so :meth:`Predictor.__call__`, :meth:`Predictor.predict`
+and :meth:`Predictor.logits` refuse the whole call with a :class:`RowInputError` naming the
+rows (its ``errors`` list every one), and :meth:`Predictor.check_features` returns the reasons
+without raising, so that a caller can drop those rows and predict the others. The raw-row paths
+check the features they encode the same way and report such a row as a bad row.
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ class RowError:
     row: the row's 0-based position in the input (data rows; a CSV's header is not a row).
     column: the column at fault ('' for a structural problem: blank line, wrong arity).
     reason: a code of :mod:`fastdp_jax.data.cleaning` (``non_numeric``, ``out_of_domain``,
-      ``wrong_arity``, ...) or ``missing`` (no value: absent, None, NaN or an NA token).
+      ``wrong_arity``, ...), ``missing`` (no value: absent, None, NaN or an NA token), or,
+      for an encoded feature, ``non_finite`` (NaN or inf) or ``out_of_bounds`` (outside the
+      model's declared feature bounds, or not an integer id of an embedding's vocabulary).
     detail: the message, naming the column and the value.
     line: the 1-based line in the CSV file (None for other inputs).
   """
@@ -74,7 +86,16 @@ class RowPredictions:
 
 
 class RowInputError(errors.UserError):
-  """Raw rows that cannot all be predicted; the message lists the first bad rows."""
+  """Rows that cannot all be predicted; the message lists the first bad rows.
+
+  Attributes:
+    errors: a :class:`RowError` for every bad row found (empty when the input as a whole
+      cannot be used: no feature spec, a missing column).
+  """
+
+  def __init__(self, message: str, row_errors: Sequence[RowError] = ()):
+    super().__init__(message)
+    self.errors = list(row_errors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +113,8 @@ class Predictor:
     model: the ``"model"`` dict (task, classes, bounds, embeddings, hidden sizes).
     feature_spec: the public encoding of raw rows (None for a model trained on data without
       a feature spec: it takes encoded features only).
+    feature_bounds: the declared public ``(lo, hi)`` of each encoded feature (the feature
+      spec's; None without one: then only finiteness and embedding ids are checked).
   """
 
   feature_names: tuple[str, ...]
@@ -105,6 +128,8 @@ class Predictor:
   model: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
   feature_spec: Any = dataclasses.field(repr=False, default=None)
   _flat: Any = dataclasses.field(repr=False, default=None)
+  feature_bounds: tuple[tuple[float, float], ...] | None = dataclasses.field(repr=False,
+                                                                             default=None)
 
   @property
   def task(self) -> str:
@@ -120,7 +145,30 @@ class Predictor:
     return () if self.feature_spec is None else self.feature_spec.used_columns[:-1]
 
   def features_array(self, features: Any) -> np.ndarray:
-    """ENCODED features as a [n, d] float32 array, from an array or a mapping name -> column."""
+    """ENCODED features as a [n, d] float32 array, from an array or a mapping name -> column.
+
+    Raises:
+      RowInputError: a row holds a NaN or inf, a value outside :attr:`feature_bounds` or an
+        embedding id outside its vocabulary (:meth:`check_features` says which, per row).
+    """
+    x = self._encoded(features)
+    row_errors = self._value_errors(x, np.arange(len(x)))
+    if row_errors:
+      raise RowInputError(_summary(row_errors, "check_features reports every row"), row_errors)
+    return x
+
+  def check_features(self, features: Any) -> list[RowError]:
+    """A :class:`RowError` for each row of ENCODED features the predictor would refuse.
+
+    Reasons: ``non_finite`` (NaN or inf), ``out_of_bounds`` (outside :attr:`feature_bounds`,
+    or an embedding id that is not an integer in its vocabulary); one error per row, for its
+    first bad column. Empty when every row can be predicted.
+    """
+    x = self._encoded(features)
+    return self._value_errors(x, np.arange(len(x)))
+
+  def _encoded(self, features: Any) -> np.ndarray:
+    """``features`` as a [n, d] float32 array (raw rows encoded), values unchecked."""
     if _is_row_list(features):
       return self._raise_on_errors(self.encode_rows(features))[0]
     if hasattr(features, "keys") and not isinstance(features, np.ndarray):
@@ -150,6 +198,12 @@ class Predictor:
     ``features``: a [n, d] array of encoded features; or, for a model with a feature spec,
     raw rows (a mapping column -> values, a list of dicts, a pandas DataFrame), which must
     all be valid (else :class:`RowInputError`; :meth:`predict_rows` reports them per row).
+
+    Raises:
+      RowInputError: naming the rows that cannot be predicted (its ``errors`` list them
+        all): bad raw rows, or encoded rows with a NaN or inf, a value outside
+        :attr:`feature_bounds` or an embedding id outside its vocabulary. Nothing is
+        predicted then; :meth:`check_features` finds those rows without raising.
     """
     x = self.features_array(features)
     from fastdp_jax import models  # local: JAX only when predicting
@@ -163,7 +217,12 @@ class Predictor:
     return outputs
 
   def predict(self, features: Any) -> np.ndarray:
-    """[n] labels: 0/1 at ``threshold`` (binary), class indices (multiclass), values."""
+    """[n] labels: 0/1 at ``threshold`` (binary), class indices (multiclass), values.
+
+    Raises:
+      RowInputError: as :meth:`__call__`; a row without a meaningful output never gets a
+        class.
+    """
     return self._decide(self(features))
 
   def encode_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, list[RowError], int]:
@@ -179,11 +238,11 @@ class Predictor:
     """
     spec = self._need_spec()
     if isinstance(rows, (str, os.PathLike)):
-      results = list(_csv_blocks(spec, os.fspath(rows)))
+      results = [self._screen(r, csv=True) for r in _csv_blocks(spec, os.fspath(rows))]
       xs = [r[0] for r in results] or [np.zeros((0, spec.num_features), np.float32)]
       return (np.concatenate(xs), np.concatenate([r[1] for r in results] or [np.zeros(0, int)]),
               [e for r in results for e in r[2]], sum(r[3] for r in results))
-    return _encode_columns(spec, _as_columns(rows, spec))
+    return self._screen(_encode_columns(spec, _as_columns(rows, spec)), csv=False)
 
   def predict_rows(self, rows: Any) -> RowPredictions:
     """Predicts raw rows (see :meth:`encode_rows`); bad rows are reported, never predicted."""
@@ -192,8 +251,8 @@ class Predictor:
 
   def predict_csv_blocks(self, path: str, block_rows: int = 1 << 16):
     """Yields :class:`RowPredictions` for consecutive blocks of a CSV file's rows."""
-    for x, kept, errs, n in _csv_blocks(self._need_spec(), os.fspath(path), block_rows):
-      yield self._predictions(x, kept, errs, n)
+    for block in _csv_blocks(self._need_spec(), os.fspath(path), block_rows):
+      yield self._predictions(*self._screen(block, csv=True))
 
   def csv_header(self, path: str) -> str:
     """The first line of a CSV file, checked as :meth:`predict_csv_blocks` checks it.
@@ -214,13 +273,37 @@ class Predictor:
   def predict_csv_lines(self, cleaner, lines: Sequence[str], row: int) -> RowPredictions:
     """Predicts consecutive data lines of a CSV file (without line terminators), the first
     being data row ``row``: a block of :meth:`predict_csv_blocks`, by the same code."""
-    return self._predictions(*_encode_csv_lines(self._need_spec(), cleaner, lines, row))
+    return self._predictions(*self._screen(
+        _encode_csv_lines(self._need_spec(), cleaner, lines, row), csv=True))
 
   def _predictions(self, x, kept, errs, n) -> RowPredictions:
     k = len(self.classes) if self.task == "multiclass" else 0
     outputs = (self(x) if len(x) else np.zeros((0, k) if k else (0,), np.float32))
     return RowPredictions(rows=np.asarray(kept, np.int64), outputs=outputs,
                           predictions=self._decide(outputs), errors=errs, num_rows=n)
+
+  def _value_errors(self, x: np.ndarray, positions: np.ndarray,
+                    lines: np.ndarray | None = None) -> list[RowError]:
+    """A :class:`RowError` per row of ``x`` with a value no output can be trusted for."""
+    return _value_errors(x, positions, lines, names=self.feature_names,
+                         bounds=self.feature_bounds,
+                         embeddings=[(e["index"], e["vocab_size"])
+                                     for e in self.model.get("embeddings") or ()])
+
+  def _screen(self, encoded, csv: bool):
+    """Moves the encoded rows that :meth:`check_features` refuses to the errors.
+
+    The raw rows' cleaning refuses what would encode to such values, so this finds nothing
+    unless the encoder and the model disagree; then those rows are bad rows too, not
+    predictions.
+    """
+    x, kept, errs, n = encoded
+    kept = np.asarray(kept, np.int64)
+    found = self._value_errors(x, kept, kept + 2 if csv else None)
+    if not found:
+      return x, kept, errs, n
+    good = ~np.isin(kept, [e.row for e in found])
+    return x[good], kept[good], sorted(errs + found, key=lambda e: e.row), n
 
   def _need_spec(self):
     if self.feature_spec is None:
@@ -233,11 +316,62 @@ class Predictor:
   def _raise_on_errors(encoded):
     x, _, errs, _ = encoded
     if errs:
-      shown = "; ".join(f"row {e.row}: {e.detail}" for e in errs[:5])
-      raise RowInputError(f"{len(errs)} row(s) cannot be predicted: {shown}"
-                          + ("; ..." if len(errs) > 5 else "")
-                          + " (predict_rows reports every row)")
+      raise RowInputError(_summary(errs, "predict_rows reports every row"), errs)
     return x, encoded[1]
+
+
+def _summary(errs: Sequence[RowError], more: str) -> str:
+  """One line naming the first bad rows and their reasons."""
+  shown = "; ".join(f"row {e.row}: {e.detail}" for e in errs[:5])
+  return (f"{len(errs)} row(s) cannot be predicted: {shown}" + ("; ..." if len(errs) > 5 else "")
+          + f" ({more})")
+
+
+def _value_errors(x: np.ndarray, positions: np.ndarray, lines: np.ndarray | None, *,
+                  names: Sequence[str], bounds: Sequence[tuple[float, float]] | None,
+                  embeddings: Sequence[tuple[int, int]]) -> list[RowError]:
+  """A :class:`RowError` for each row of encoded features ``x`` that must not be predicted.
+
+  The loader's rule (:func:`fastdp_jax.data.manifest.check_values`) per row: finite, inside
+  the bounds (compared in float32, the bounds rounded to float32), embedding ids integers of
+  the vocabulary; the first bad column of a row names it.
+  """
+  x = np.asarray(x, np.float32)
+  nonfinite = ~np.isfinite(x)
+  outside = np.zeros_like(nonfinite)
+  if bounds is not None and x.size:
+    b = np.asarray(bounds, np.float64).astype(np.float32)
+    outside |= (x < b[:, 0]) | (x > b[:, 1])
+  for j, vocab in embeddings:
+    col = x[:, j]
+    outside[:, j] |= (col != np.round(col)) | (col < 0) | (col > vocab - 1)
+  bad = nonfinite | outside
+  out = []
+  for i in np.flatnonzero(bad.any(axis=1)).tolist():
+    j = int(np.argmax(bad[i]))
+    value = _value_text(float(x[i, j]))
+    if nonfinite[i, j]:
+      reason, detail = "non_finite", f"column {names[j]!r}: {value} is not a finite number"
+    else:
+      reason, detail = "out_of_bounds", f"column {names[j]!r}: {value} is outside " + (
+          _domain(j, bounds, embeddings))
+    out.append(RowError(row=int(positions[i]), column=names[j], reason=reason, detail=detail,
+                        line=None if lines is None else int(lines[i])))
+  return out
+
+
+def _value_text(v: float) -> str:
+  """A value as an error shows it (``nan``, ``inf``, ``0.25``, ``1e+30``)."""
+  return repr(v) if not v.is_integer() or abs(v) >= 1e15 else str(int(v))
+
+
+def _domain(j: int, bounds: Sequence[tuple[float, float]] | None,
+            embeddings: Sequence[tuple[int, int]]) -> str:
+  vocab = dict(embeddings).get(j)
+  if vocab is not None:
+    return f"the embedding's integer ids 0..{vocab - 1}"
+  lo, hi = bounds[j]  # type: ignore[index]
+  return f"the model's feature bounds [{lo:g}, {hi:g}]"
 
 
 def _is_row_list(rows: Any) -> bool:
@@ -379,13 +513,14 @@ def load_model(path: str, *, key: bytes | str | None = None, expected_digest: st
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
   names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves_with_paths]
   params = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(loaded[n]) for n in names])
-  feature_spec = None
+  feature_spec, bounds = None, None
   if spec.get("feature_spec") is not None:
     from fastdp_jax.data import features as features_lib  # local: only specs need it
     feature_spec = features_lib.spec_from_dict(
         spec["feature_spec"], source=os.path.join(checked.path, layout.SPEC_FILE))
+    bounds = feature_spec.feature_bounds
   return Predictor(feature_names=tuple(f["name"] for f in spec["features"]),
                    label_name=spec["label"]["name"], threshold=float(spec["threshold"]),
                    digest=checked.digest, signed=checked.signed, spec=spec,
                    _apply=jax.jit(apply_fn), _params=params, model=model,
-                   feature_spec=feature_spec, _flat=loaded)
+                   feature_spec=feature_spec, _flat=loaded, feature_bounds=bounds)

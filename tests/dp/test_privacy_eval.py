@@ -328,8 +328,8 @@ def test_audit_dataset_holds_the_included_canaries(audit_runs):
 
 def test_membership_inference_separates_overfit_from_private(audit_runs):
   runs, _, _ = audit_runs
-  overfit = runs["non_private"]["privacy_eval"]["membership_inference"]
-  private = runs["dp"]["privacy_eval"]["membership_inference"]
+  overfit = runs["non_private"].privacy_eval["membership_inference"]
+  private = runs["dp"].privacy_eval["membership_inference"]
   assert overfit["num_members"] == overfit["num_nonmembers"] == 400
   assert overfit["auc"] > 0.62, overfit
   assert private["auc"] < 0.57, private
@@ -340,11 +340,11 @@ def test_membership_inference_separates_overfit_from_private(audit_runs):
 def test_gaussian_canary_audit_detects_memorisation_and_stays_below_the_accountant(
     audit_runs):
   runs, _, root = audit_runs
-  overfit = runs["non_private"]["privacy_eval"]["canary_audit"]
-  private = runs["dp"]["privacy_eval"]["canary_audit"]
+  overfit = runs["non_private"].privacy_eval["canary_audit"]
+  private = runs["dp"].privacy_eval["canary_audit"]
   assert overfit["epsilon_lower_bound"] > 0.3  # memorisation is detected
   assert overfit["accountant_epsilon"] is None  # non-private: nothing to compare with
-  eps = runs["dp"]["epsilon"]
+  eps = runs["dp"].epsilon
   assert private["accountant_epsilon"] == eps and np.isfinite(eps)
   assert private["epsilon_lower_bound"] <= eps and private["consistent"] is True
   with open(os.path.join(root, "dp", "summary.json")) as f:
@@ -423,10 +423,10 @@ def dirac_audit(tmp_path_factory):
 def test_canary_audit_detects_missing_noise(dirac_audit):
   runs, canaries, _ = dirac_audit
   summary = runs["noise_removed"]
-  claimed = summary["epsilon"]
-  assert claimed == accounting.compute_epsilon(AUDIT_SIGMA, summary["sampling_rate"],
-                                               summary["steps"], summary["accountant_delta"])
-  audit = summary["privacy_eval"]["canary_audit"]
+  claimed = summary.epsilon
+  assert claimed == accounting.compute_epsilon(AUDIT_SIGMA, summary.sampling_rate,
+                                               summary.steps, summary.accountant_delta)
+  audit = summary.privacy_eval["canary_audit"]
   assert audit["num_canaries"] == AUDIT_CANARIES
   assert audit["num_included"] == canaries.included.sum()
   # "Far above": at least three times the claim. Perfect guessing of 500 "in" guesses gives
@@ -442,12 +442,12 @@ def test_canary_audit_detects_missing_noise(dirac_audit):
 def test_canary_audit_stays_below_accountant_epsilon(dirac_audit):
   runs, canaries, root = dirac_audit
   summary = runs["noise"]
-  eps = summary["epsilon"]
-  audit = summary["privacy_eval"]["canary_audit"]
+  eps = summary.epsilon
+  audit = summary.privacy_eval["canary_audit"]
   assert audit["num_canaries"] == AUDIT_CANARIES
   assert audit["num_included"] == canaries.included.sum()
   assert audit["accountant_epsilon"] == eps and np.isfinite(eps)
-  assert audit["delta"] == summary["accountant_delta"]
+  assert audit["delta"] == summary.accountant_delta
   assert audit["epsilon_lower_bound"] <= eps and audit["consistent"] is True, audit
   with open(os.path.join(root, "noise", "summary.json")) as f:
     assert json.load(f)["privacy_eval"]["canary_audit"] == audit

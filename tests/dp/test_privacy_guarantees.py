@@ -113,8 +113,8 @@ def _one_update_residual(tmp_path, clipping):
   x, y = _dataset(path, n)
   cfg = _config(path, batch_size=n, sigma=sigma, **{"dp.clipping": clipping})  # q = 1
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
-  assert summary["steps"] == 1 and summary["sampling_rate"] == 1.0
-  assert summary["noise_multiplier"] == sigma and summary["l2_norm_clip"] == CLIP
+  assert summary.steps == 1 and summary.sampling_rate == 1.0
+  assert summary.noise_multiplier == sigma and summary.l2_norm_clip == CLIP
   apply_fn, p0 = _initial_params(cfg)
   s = _clipped_sum(apply_fn, p0, x, y)
   return _noise_residual(_flat(p0), _final_params(tmp_path / "w"), s, n), sigma * CLIP
@@ -150,7 +150,7 @@ def test_noise_is_fresh_at_every_update(tmp_path):
   one = _config(path, batch_size=n, sigma=sigma, epochs=1)
   two = _config(path, batch_size=n, sigma=sigma, epochs=2)
   train.train_and_evaluate(one, str(tmp_path / "one"))
-  assert train.train_and_evaluate(two, str(tmp_path / "two"))["steps"] == 2
+  assert train.train_and_evaluate(two, str(tmp_path / "two")).steps == 2
   apply_fn, p0 = _initial_params(one)
   p0_flat, p1, p2 = _flat(p0), _final_params(tmp_path / "one"), _final_params(tmp_path / "two")
   r1 = _noise_residual(p0_flat, p1, _clipped_sum(apply_fn, p0, x, y), n)
@@ -187,7 +187,7 @@ def test_update_divides_by_the_expected_not_the_realised_batch_size(tmp_path):
     raise AssertionError("no seed with a batch 3 % off its expectation among 200")
   cfg = _config(path, batch_size=batch, sigma=sigma, **{"dp.sampling_seed": seed})
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
-  assert summary["steps"] == 1 and summary["sampling_rate"] == pytest.approx(batch / n)
+  assert summary.steps == 1 and summary.sampling_rate == pytest.approx(batch / n)
   apply_fn, p0 = _initial_params(cfg)
   s = _clipped_sum(apply_fn, p0, x[idx], y[idx])
   r = _noise_residual(_flat(p0), _final_params(tmp_path / "w"), s, batch)
@@ -208,6 +208,6 @@ def test_default_runs_draw_secret_batches(tmp_path):
   _dataset(path, n)
   cfg = _config(path, batch_size=batch, sigma=0.5, **{"dp.sampling_seed": None})
   out = [train.train_and_evaluate(cfg, str(tmp_path / w)) for w in ("a", "b")]
-  assert all(s["sampling"] == "os entropy" for s in out)
+  assert all(s.sampling == "os entropy" for s in out)
   a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
   assert not np.array_equal(a, b), "two default runs drew the same batches"

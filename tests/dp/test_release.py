@@ -41,18 +41,18 @@ def test_default_run_is_private_and_releases_no_statistic_of_training_rows(tmp_p
   summary = train.train_and_evaluate(cfg, workdir)
   train_split = data_lib.load_split(data, "train")
   n = len(train_split.labels)
-  assert summary["private"] is True and summary["privacy_note"] is None
-  assert summary["delta"] < 1 / n and summary["accountant_delta"] <= 1 / (10 * n)
+  assert summary.private is True and summary.privacy_note is None
+  assert summary.delta < 1 / n and summary.accountant_delta <= 1 / (10 * n)
 
   # model/: no N, no data digest, no training-row statistic (all of which the private files
   # of the same run hold).
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  leaks = {str(n), summary["data_digest"], train_split.digest}
+  leaks = {str(n), summary.data_digest, train_split.digest}
   for r in records:
     for key, value in r.items():
       if key.startswith(release.NONPRIVATE_PREFIX) and isinstance(value, float):
         leaks |= _number_strings(value)
-  mia = summary["privacy_eval"]["membership_inference"]
+  mia = summary.privacy_eval["membership_inference"]
   leaks |= _number_strings(mia["auc"])
   model_files = list(_files(os.path.join(workdir, "model")))
   assert {"params.npz", "model.json", "MODEL_CARD.md"} <= {os.path.basename(p)
