@@ -124,6 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
   #                           point costs a test-set pass and ~0.2 s of PLD accounting.
   c.export_model = True  # write WORKDIR/model/ (parameters, feature spec, MODEL_CARD.md).
 
+  c.calibration = ml_collections.ConfigDict()  # classifiers (fastdp_jax.dp.calibration)
+  c.calibration.epsilon = 0.0  # >0: choose a temperature for the probabilities on the
+  #   validation rows (data.validation_fraction) with this much epsilon (exponential
+  #   mechanism over a public grid); it adds to the run's epsilon, and with
+  #   dp.target_epsilon or dp.max_epsilon training gets the rest. 0: no calibration.
+
   c.privacy_eval = ml_collections.ConfigDict()  # after training (fastdp_jax.dp.privacy_eval)
   c.privacy_eval.membership_rows = 10_000  # loss-threshold membership inference: train and
   #                                          as many test rows attacked (0: skip).
@@ -243,6 +249,8 @@ RANGE_CHECKS: dict[str, _Check] = {
     "log_every_steps": (_non_negative_int, "a non-negative integer"),
     "privacy_eval.membership_rows": (_non_negative_int, "a non-negative integer"),
     "privacy_eval.significance": (_in_open_unit, "in (0, 1)"),
+    "calibration.epsilon": (lambda v: _is_number(v) and 0 <= v < math.inf,
+                            "a non-negative finite number (0: no calibration)"),
     "padding_microbatch": (_unset_or(_positive_int), "a positive integer (or None: off)"),
     "profile_steps": (_non_negative_int, "a non-negative integer"),
     "checkpoint.every_steps": (_positive_int, "positive"),
@@ -301,6 +309,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.data.path:
     raise ConfigError("data.path must be set")
   _check_ranges(cfg, RANGE_CHECKS)
+  if cfg.calibration.epsilon and not cfg.data.validation_fraction:
+    raise ConfigError(f"calibration.epsilon={cfg.calibration.epsilon} needs validation rows to "
+                      "calibrate on: set data.validation_fraction (e.g. 0.1)")
   dp = cfg.dp
   if not dp.enabled:
     return
@@ -387,6 +398,12 @@ class PrivacyEvalSettings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+  """The ``calibration`` group: a private temperature for a classifier's probabilities."""
+  epsilon: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """A validated run configuration (:func:`settings`); every key of :func:`base_config`."""
   data: DataSettings
@@ -395,6 +412,7 @@ class RunConfig:
   dp: DPSettings
   checkpoint: CheckpointSettings
   privacy_eval: PrivacyEvalSettings
+  calibration: CalibrationSettings
   num_epochs: int
   batch_size: int
   seed: int | None
@@ -433,6 +451,7 @@ def settings(cfg: ml_collections.ConfigDict | RunConfig) -> RunConfig:
       optimizer=_group(OptimizerSettings, cfg.optimizer), dp=_group(DPSettings, cfg.dp),
       checkpoint=_group(CheckpointSettings, cfg.checkpoint),
       privacy_eval=_group(PrivacyEvalSettings, cfg.privacy_eval),
+      calibration=_group(CalibrationSettings, cfg.calibration),
       num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
       strategy=cfg.parallel.strategy, steps_per_call=cfg.steps_per_call,
       padding_microbatch=cfg.padding_microbatch, eval_batch_size=cfg.eval_batch_size,

@@ -24,12 +24,15 @@ def build_eval(apply_fn: Callable, head: models.TaskHead = models.BINARY) -> Cal
 
   ``predictions`` are :meth:`fastdp_jax.models.TaskHead.predict`'s (what an exported model
   returns); ``correct`` counts right classes (binary: logit > 0, as the trainer always did;
-  multiclass: the arg-max; 0 for regression).
+  multiclass: the arg-max; 0 for regression). A calibrated classifier's loss is that of its
+  probabilities: of the logits divided by the head's temperature.
   """
+  scale = head.temperature if head.kind != "regression" else 1.0
+
   @jax.jit
   def evaluate(params, x, y, mask):
     outputs = apply_fn(params, x)
-    losses = head.losses(outputs, y)
+    losses = head.losses(outputs if scale == 1.0 else outputs / scale, y)
     if head.kind == "binary":
       correct = (outputs > 0) == (y > 0.5)
     elif head.kind == "multiclass":
@@ -270,3 +273,10 @@ def split_metrics_of(evaluate: Callable, params: Any, head: models.TaskHead, pre
     labels.append(y)
   return split_metrics(head, prefix, loss / n, correct / n, np.concatenate(preds),
                        np.concatenate(labels))
+
+
+def outputs_of(apply_fn: Callable, params: Any, x: np.ndarray, chunk: int) -> np.ndarray:
+  """The model's raw outputs (logits for a classifier) of rows ``x``, a chunk at a time."""
+  fn = jax.jit(apply_fn)
+  return np.concatenate([np.asarray(fn(params, x[i:i + chunk]))
+                         for i in range(0, len(x), chunk)])

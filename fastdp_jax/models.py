@@ -56,16 +56,22 @@ class TaskHead:
     bounds: a regression task's public label bounds ``(lo, hi)``.
     huber_delta: regression only: the Huber loss's delta in normalised units (None: squared
       loss).
+    temperature: classifiers: the probabilities are those of ``logits / temperature``
+      (1: as trained; above 1 after a private calibration, :mod:`fastdp_jax.dp.calibration`).
+      Training's losses never use it.
   """
 
   kind: str = "binary"
   num_classes: int = 0
   bounds: tuple[float, float] | None = None
   huber_delta: float | None = None
+  temperature: float = 1.0
 
   def __post_init__(self):
     if self.kind not in TASKS:
       raise ValueError(f"task {self.kind!r} must be one of {TASKS}")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature={self.temperature} must be positive")
     if self.kind == "multiclass" and self.num_classes < 2:
       raise ValueError(f"a multiclass head needs num_classes >= 2, got {self.num_classes}")
     if self.kind == "regression":
@@ -100,9 +106,9 @@ class TaskHead:
   def predict(self, outputs: jax.Array) -> jax.Array:
     """Probabilities [batch] (binary), [batch, K] (multiclass) or values [batch]."""
     if self.kind == "binary":
-      return jax.nn.sigmoid(outputs)
+      return jax.nn.sigmoid(outputs / self.temperature)
     if self.kind == "multiclass":
-      return jax.nn.softmax(outputs, axis=-1)
+      return jax.nn.softmax(outputs / self.temperature, axis=-1)
     mid, half = self.scale
     return mid + half * outputs
 
@@ -268,12 +274,13 @@ def model_spec(*, hidden_sizes: Sequence[int], head: TaskHead, classes: Sequence
   """The JSON dict an export stores under ``"model"`` (read back by :func:`apply_exported`).
 
   Keys: ``hidden_sizes``, ``task``, ``classes`` (multiclass), ``bounds`` (regression),
-  ``embeddings`` ``[{feature, index, vocab_size, dim}]``.
+  ``embeddings`` ``[{feature, index, vocab_size, dim}]``, and ``temperature`` when the
+  probabilities were calibrated (not 1).
   """
   names = list(feature_names)
   if head.kind == "multiclass" and len(classes) != head.num_classes:
     raise ValueError(f"{len(classes)} class names for a {head.num_classes}-class head")
-  return {
+  spec: dict[str, Any] = {
       "hidden_sizes": [int(h) for h in hidden_sizes],
       "task": head.kind,
       "classes": list(classes),
@@ -282,13 +289,17 @@ def model_spec(*, hidden_sizes: Sequence[int], head: TaskHead, classes: Sequence
                       "index": e.index, "vocab_size": e.vocab_size, "dim": e.dim}
                      for e in embeddings],
   }
+  if head.temperature != 1.0:
+    spec["temperature"] = float(head.temperature)
+  return spec
 
 
 def _from_spec(num_features: int, spec: Mapping[str, Any]) -> tuple[MLP, TaskHead]:
   kind = spec.get("task", "binary")
   bounds = spec.get("bounds")
   head = TaskHead(kind=kind, num_classes=len(spec.get("classes") or ()),
-                  bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])))
+                  bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])),
+                  temperature=float(spec.get("temperature", 1.0)))
   emb = tuple(EmbeddingInput(index=int(e["index"]), vocab_size=int(e["vocab_size"]),
                              dim=int(e["dim"])) for e in spec.get("embeddings") or ())
   model = nnx.eval_shape(lambda: create_model(num_features, tuple(spec["hidden_sizes"]), 0,

@@ -21,13 +21,15 @@ _OMITTED_WHEN_UNSET = frozenset({
     "majority_class_rate", "below_majority_class", "baseline_rmse", "baseline_mae",
     "below_baseline", "classes", "label_bounds", "validation_loss", "validation_accuracy",
     "validation_auc", "validation_macro_f1", "validation_rmse", "validation_mae",
-    "validation_examples", "model_dir"})
+    "validation_examples", "model_dir", "temperature", "calibration_epsilon",
+    "training_epsilon"})
 
 # The summary's public parts: what an exported model states (fastdp_jax.export).
 PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
                   "accountant_delta", "overflow_delta", "delta_warning", "accountant",
                   "noise_multiplier", "l2_norm_clip", "steps", "noise", "sampling",
-                  "max_epsilon", "budget_exhausted", "ledger_composition")
+                  "max_epsilon", "budget_exhausted", "ledger_composition", "training_epsilon",
+                  "calibration_epsilon", "temperature")
 TEST_METRIC_FIELDS = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1",
                       "test_rmse", "test_mae", "test_brier", "test_ece", "majority_class_rate",
                       "below_majority_class", "base_rate_log_loss", "worse_than_base_rate",
@@ -82,6 +84,10 @@ class RunSummary:
     num_devices, num_processes, wall_time_s: how it ran.
     config: the whole config.
     model_dir: the exported model's directory, when exported.
+  Calibration (``calibration.epsilon``; :mod:`fastdp_jax.dp.calibration`):
+    temperature: the chosen temperature (the test metrics above are the calibrated model's).
+    calibration_epsilon: the selection's epsilon; training_epsilon: training's; ``epsilon``
+      is then their sum.
   """
 
   private: bool = False
@@ -146,6 +152,9 @@ class RunSummary:
   wall_time_s: float = 0.0
   config: dict[str, Any] = dataclasses.field(default_factory=dict)
   model_dir: str | None = None
+  temperature: float | None = None
+  calibration_epsilon: float | None = None
+  training_epsilon: float | None = None
 
   @property
   def below_constant_baseline(self) -> bool:
@@ -211,3 +220,18 @@ def result_line(s: RunSummary) -> str:
   return (f"test accuracy {s.test_accuracy:.4f}{extra} (majority class "
           f"{s.majority_class_rate:.4f}), log-loss {s.test_loss:.4f} (base rate "
           f"{s.base_rate_log_loss:.4f}), ECE {s.test_ece:.4f}")
+
+
+def calibrated(s: RunSummary, test: Mapping[str, Any], baseline: Mapping[str, float], *,
+               temperature: float, calibration_epsilon: float) -> RunSummary:
+  """``s`` after a calibration: the calibrated model's test metrics (and how they compare with
+  the baseline), the temperature, and the epsilon of training plus the selection's."""
+  from fastdp_jax.dp import calibration  # local: the summary type itself imports nothing
+  fields = {k: v for k, v in test.items() if k in {f.name for f in dataclasses.fields(s)}}
+  fields.update(
+      below_majority_class=bool(test["test_accuracy"] < baseline["majority_class_rate"]),
+      worse_than_base_rate=bool(test["test_loss"] > baseline["base_rate_log_loss"]))
+  return dataclasses.replace(
+      s, **fields, temperature=float(temperature),
+      calibration_epsilon=float(calibration_epsilon), training_epsilon=s.epsilon,
+      epsilon=calibration.total_epsilon(s.epsilon, calibration_epsilon))

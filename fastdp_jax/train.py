@@ -41,16 +41,15 @@ from fastdp_jax import inputs
 from fastdp_jax import models
 from fastdp_jax import parallel
 from fastdp_jax import preemption
-from fastdp_jax import profiling
 from fastdp_jax import records
 from fastdp_jax import resume
-from fastdp_jax import schedule as schedule_lib
-from fastdp_jax import sinks
+from fastdp_jax import services as services_lib
 from fastdp_jax import step as step_lib
 from fastdp_jax import summary as summary_lib
 from fastdp_jax import console
 from fastdp_jax.console import say
 from fastdp_jax.dp import attack
+from fastdp_jax.dp import calibration
 from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax.dp import noise
 from fastdp_jax.dp import plan as plan_lib
@@ -72,19 +71,6 @@ class Compiled:
   clipping: str  # the per-example clipping method the step uses: 'ghost' or 'vmap'
   apply_fn: Any
   evaluate: Any  # evaluate_lib.build_eval's function
-
-
-@dataclasses.dataclass(kw_only=True, eq=False)
-class Services:
-  """Around the loop: checkpoints, the schedule of events, the sinks, the profiler."""
-  ckpt: checkpoint_lib.Checkpointer | None
-  schedule: schedule_lib.Schedule
-  writer: sinks.MultiSink
-  prof: profiling.Profiler
-  preemption: preemption.Watch | None
-  cleanup: contextlib.ExitStack | None
-  t_start: float = dataclasses.field(default_factory=time.time)
-  epoch_t0: float = dataclasses.field(default_factory=time.time)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -111,7 +97,7 @@ class Trainer:
   batches: feed.Batches
   compiled: Compiled
   progress: resume.Progress
-  services: Services
+  services: services_lib.Services
 
   @property
   def step(self) -> int:
@@ -195,29 +181,6 @@ def _build_model(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan, data: inp
   return model, apply_fn, params, models.example_loss(apply_fn, data.head)
 
 
-def _services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.PrivacyPlan,
-              ckpt: checkpoint_lib.Checkpointer | None, p: resume.Progress,
-              cleanup: contextlib.ExitStack) -> Services:
-  """The schedule (stopping within ``dp.max_epsilon``), the profiler and the sinks: console,
-  metrics.jsonl (cut back to the checkpoint, so a resumed run has no duplicates) and
-  TensorBoard on process 0, nothing on the others; closed by ``cleanup`` (a progress bar is
-  cleared even when the run fails)."""
-  stop_at = plan_lib.stop_at(rc.dp.max_epsilon, plan, p.run_state.ledger)
-  prof = profiling.Profiler(workdir, rc.profile_steps, first_step=p.step, last_step=stop_at,
-                            steps_per_call=rc.steps_per_call)
-  schedule = schedule_lib.Schedule(
-      steps_per_epoch=plan.steps_per_epoch, stop_at=stop_at,
-      steps_per_call=rc.steps_per_call, log_every=rc.log_every_steps,
-      checkpoint_every=rc.checkpoint.every_steps if ckpt is not None else 0,
-      profile_window=(prof.trace_start, prof.trace_end) if prof.enabled else None)
-  writer = sinks.make_sinks(workdir, process_index=jax.process_index(), total_steps=stop_at,
-                            num_epochs=rc.num_epochs, history=p.run_state.history,
-                            start_step=p.step)
-  cleanup.callback(writer.close)
-  return Services(ckpt=ckpt, schedule=schedule, writer=writer, prof=prof, cleanup=cleanup,
-                  preemption=preemption.Watch(enabled=ckpt is not None))
-
-
 def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
           cleanup: contextlib.ExitStack, *, data: inputs.Given | None = None) -> Trainer:
   """Builds a :class:`Trainer` for ``cfg`` in ``workdir``, resumed from its checkpoint.
@@ -233,7 +196,9 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
   rc = config_lib.settings(cfg)
   mesh = parallel.make_mesh()
   rows = inputs.load(rc, mesh, data)
-  plan, stream = feed.plan_run(rc, rows.num_examples, mesh, rows.streamed_from is not None)
+  # A calibration's epsilon comes out of the target and the cap: training plans with the rest.
+  budget = dataclasses.replace(rc, dp=calibration.training_budget(rc.dp, rc.calibration.epsilon))
+  plan, stream = feed.plan_run(budget, rows.num_examples, mesh, rows.streamed_from is not None)
   model, apply_fn, params, loss_fn = _build_model(rc, plan, rows)
   # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
   ckpt = None
@@ -247,7 +212,7 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
     keys = keys_lib.with_batches_key(keys, stream.path, stream.sampling_fixed)
   tx, progress = resume.initial(rc, mesh, plan, rows.train, params, keys)
   progress = resume.restore(rc.checkpoint.allow_changes, workdir, ckpt, mesh, progress)
-  services = _services(rc, workdir, plan, ckpt, progress, cleanup)
+  services = services_lib.make_services(budget, workdir, plan, ckpt, progress, cleanup)
   run, method = step_lib.compile_step(
       mesh, plan, model, loss_fn, tx, dp=rc.dp, padding_microbatch_rows=rc.padding_microbatch,
       strategy=rc.strategy, streamed=stream is not None, head=rows.head)
@@ -414,6 +379,20 @@ def _write_outputs(t: Trainer, summary: summary_lib.RunSummary,
   return summary
 
 
+def _calibrated(t: Trainer, host_params: Any,
+                summary: summary_lib.RunSummary) -> summary_lib.RunSummary:
+  """The model with a temperature chosen on the validation rows, and its test metrics."""
+  rows, eps = t.data, t.config.calibration.epsilon
+  rows.head = calibration.calibrated_head(
+      rows.head, evaluate_lib.outputs_of(t.compiled.apply_fn, host_params,
+                                         rows.validation.features, t.config.eval_batch_size),
+      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys)
+  t.compiled.evaluate = evaluate_lib.build_eval(t.compiled.apply_fn, rows.head)
+  return summary_lib.calibrated(summary, t.split_metrics("test"), rows.baseline,
+                                temperature=rows.head.temperature,
+                                calibration_epsilon=eps if t.plan.enabled else 0.0)
+
+
 def finalize(t: Trainer) -> summary_lib.RunSummary:
   """The summary of a trained run, with the privacy evaluation; writes the run's outputs."""
   if t.services.schedule.stop_at < t.plan.total_steps:
@@ -434,7 +413,10 @@ def finalize(t: Trainer) -> summary_lib.RunSummary:
       epsilon=summary.epsilon, significance=rc.privacy_eval.significance)
   for line in lines:
     say(line)
-  summary = _write_outputs(t, dataclasses.replace(summary, privacy_eval=results), host_params)
+  summary = dataclasses.replace(summary, privacy_eval=results)
+  if rc.calibration.epsilon:  # validation rows exist (checked with the config)
+    summary = _calibrated(t, host_params, summary)
+  summary = _write_outputs(t, summary, host_params)
   if summary.below_constant_baseline:
     say(f"WARNING: {summary_lib.result_line(summary)}: below the constant baseline; the model "
         "did not learn")

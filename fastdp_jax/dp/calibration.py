@@ -25,9 +25,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+
+from fastdp_jax import config as config_lib
+from fastdp_jax import distributed
+from fastdp_jax import errors
+from fastdp_jax import models
+from fastdp_jax.console import say
+from fastdp_jax.dp import keys as keys_lib
 
 # The public grid of temperatures: 1 (no change) to 10, about 25 % apart.
 TEMPERATURES = tuple(float(t) for t in np.round(np.geomspace(1.0, 10.0, 12), 3))
@@ -94,3 +102,66 @@ def total_epsilon(training_epsilon: float, calibration_epsilon: float) -> float:
   """The run's epsilon at its delta: training's (from ``dp_accounting``) plus the
   calibration's pure epsilon (basic composition, Dwork and Roth Thm 3.16)."""
   return float(training_epsilon) + float(calibration_epsilon)
+
+
+def training_budget(dp: config_lib.DPSettings, calibration_epsilon: float
+                    ) -> config_lib.DPSettings:
+  """The ``dp`` settings training gets when the calibration takes ``calibration_epsilon`` of
+  ``dp.target_epsilon`` and ``dp.max_epsilon`` (a fixed sigma is left as it is: the run's
+  epsilon is then training's plus the calibration's).
+
+  Raises:
+    ConfigError: the calibration would take the whole target or cap.
+  """
+  if not calibration_epsilon or not dp.enabled:
+    return dp
+  out = {}
+  for name in ("target_epsilon", "max_epsilon"):
+    value = getattr(dp, name)
+    if value is None or value == math.inf:
+      continue
+    if value <= calibration_epsilon:
+      raise errors.ConfigError(
+          f"dp.{name}={value} leaves nothing for training after calibration.epsilon="
+          f"{calibration_epsilon}; lower calibration.epsilon or raise dp.{name}")
+    out[name] = value - calibration_epsilon
+  return dataclasses.replace(dp, **out)
+
+
+def mechanism_rng(noise_key: np.ndarray, fixed: bool) -> np.random.Generator:
+  """The selection's randomness: the OS's entropy, or (a reproducibility run, whose noise
+  seed is public) a stream derived from the run's noise key."""
+  if not fixed:
+    return np.random.default_rng()
+  return np.random.default_rng([int(w) for w in np.asarray(noise_key).ravel()] + [2])
+
+
+def choose_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float | None,
+                       rng: np.random.Generator) -> float:
+  """The temperature of the calibrated model: drawn by :func:`select_temperature` with
+  ``epsilon``, or (``epsilon`` None: a non-private run) the grid's best score."""
+  if epsilon is None:
+    return TEMPERATURES[int(np.argmin(scores(logits, labels)))]
+  return select_temperature(logits, labels, epsilon, rng)
+
+
+def calibrated_head(head: models.TaskHead, logits: np.ndarray, labels: np.ndarray,
+                    epsilon: float | None, keys: keys_lib.RunKeys) -> models.TaskHead:
+  """``head`` with the temperature chosen on the validation rows' ``logits`` and ``labels``
+  (privately with ``epsilon``; None: a non-private run), the same on every process.
+
+  Raises:
+    ConfigError: the task is not a classification.
+  """
+  if head.kind == "regression":
+    raise errors.ConfigError("calibration.epsilon applies to classifiers; unset it for a "
+                             "regression task")
+  temperature = choose_temperature(logits, labels, epsilon,
+                                   mechanism_rng(keys.noise, keys.noise_fixed))
+  # The grid's index travels (an exact integer), not the float.
+  index = int(distributed.broadcast_from_process_0(
+      np.array(TEMPERATURES.index(temperature), np.int32)))
+  temperature = TEMPERATURES[index]
+  say(f"calibration: temperature {temperature:g} chosen on {len(labels)} validation rows"
+      + (f" (epsilon {epsilon:g})" if epsilon is not None else " (non-private)"))
+  return dataclasses.replace(head, temperature=temperature)

@@ -94,6 +94,11 @@ def model_card(spec: Mapping[str, Any]) -> str:
         f"Private: **{str(priv.get('private', False)).lower()}** (sampling: "
         f"{priv.get('sampling', 'n/a')}; noise: {priv.get('noise', 'n/a')}).", "",
         *([f"Warning: {priv['delta_warning']}.", ""] if priv.get("delta_warning") else []),
+        *([f"The probabilities are calibrated: the logits are divided by the temperature "
+           f"{_fmt(priv.get('temperature'))}, chosen on held-out validation rows by the "
+           f"exponential mechanism with epsilon {_fmt(priv.get('calibration_epsilon'))}; "
+           f"epsilon above is training's {_fmt(priv.get('training_epsilon'))} plus that "
+           "(basic composition).", ""] if priv.get("calibration_epsilon") is not None else []),
         "What the guarantee covers: the trained parameters, hence every prediction. What it "
         "does not cover: the held-out test set behind the metrics below, the choice of "
         "hyperparameters if they were tuned on the same data, and any data-dependent "

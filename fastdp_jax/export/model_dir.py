@@ -597,8 +597,15 @@ def expected_shapes(num_features: int, model: Mapping[str, Any]) -> dict[str, tu
 
 def _check_model(model: Mapping[str, Any], hidden: Any, features: Any, bad) -> None:
   """The ``"model"`` dict: the architecture's widths, a known task, sane embeddings."""
-  if set(model) != {"hidden_sizes", "task", "classes", "bounds", "embeddings"}:
-    raise bad("model", "must hold hidden_sizes, task, classes, bounds and embeddings")
+  if set(model) - {"temperature"} != {"hidden_sizes", "task", "classes", "bounds",
+                                       "embeddings"}:
+    raise bad("model", "must hold hidden_sizes, task, classes, bounds and embeddings (and a "
+              "classifier's temperature)")
+  if "temperature" in model and not (
+      model["task"] in ("binary", "multiclass") and _is_real(model["temperature"])
+      and 1e-3 <= model["temperature"] <= 1e3):
+    raise bad("model.temperature", f"={model['temperature']!r} must be a number in "
+              "[0.001, 1000], for a classifier only")
   if model["hidden_sizes"] != hidden:
     raise bad("model.hidden_sizes", f"={model['hidden_sizes']!r} differs from the "
               "architecture's")
@@ -694,12 +701,19 @@ def _check_privacy(priv: Any, bad, check_epsilon: bool) -> None:
   if _is_real(total) and _is_real(delta) and _is_real(overflow) and not math.isclose(
       total, delta + overflow, rel_tol=1e-9):
     raise bad("privacy.delta", f"={total!r} is not accountant_delta + overflow_delta")
+  # With a calibration, epsilon is training's plus the selection's (basic composition).
+  trained, calibrated = priv.get("training_epsilon", eps), priv.get("calibration_epsilon")
+  if calibrated is not None and not (
+      _is_real(calibrated) and calibrated >= 0 and _is_real(trained) and _is_real(eps)
+      and math.isclose(eps, trained + calibrated, rel_tol=1e-9)):
+    raise bad("privacy.epsilon", f"={eps!r} is not training_epsilon {trained!r} + "
+              f"calibration_epsilon {calibrated!r}")
   single = priv.get("ledger_composition", priv.get("accountant")) == priv.get("accountant")
-  if (check_epsilon and single and _is_real(eps) and None not in (sigma, q, steps, delta)):
+  if (check_epsilon and single and _is_real(trained) and None not in (sigma, q, steps, delta)):
     recomputed = accounting.compute_epsilon(float(sigma), float(q), int(steps), float(delta),
                                             priv.get("accountant", "pld"))
-    if not math.isclose(eps, recomputed, rel_tol=_EPSILON_RTOL, abs_tol=1e-9):
-      raise bad("privacy.epsilon", f"={eps!r} but sigma {sigma}, q {q} and {steps} updates "
+    if not math.isclose(trained, recomputed, rel_tol=_EPSILON_RTOL, abs_tol=1e-9):
+      raise bad("privacy.epsilon", f"={trained!r} but sigma {sigma}, q {q} and {steps} updates "
                 f"give {recomputed:.6g} at delta {delta}")
 
 

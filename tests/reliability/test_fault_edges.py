@@ -85,20 +85,20 @@ def _original_h5(path, train_rows: int) -> str:
   return str(path)
 
 
-@pytest.mark.parametrize("case, rows, extra, says", [
+@pytest.mark.parametrize("rows, extra, says", [
     # 1 row in all: the split puts it in the test split, none is left for training.
-    ("no_training_row", 1, (), "has no training rows (N = 0)"),
+    pytest.param(1, (), "has no training rows (N = 0)", id="no_training_row"),
     # 40 rows (32 train) for a batch of 64: q = 64 / 32 > 1.
-    ("fewer_rows_than_the_batch", 40, (), "must be in (0, 1]"),
+    pytest.param(40, (), "must be in (0, 1]", id="fewer_rows_than_the_batch"),
     # 100 rows (83 train), 42 of them held out: 41 left for a batch of 64.
-    ("validation_holds_them_out", 100, ("--config.data.validation_fraction=0.5",),
-     "held out for validation"),
+    pytest.param(100, ("--config.data.validation_fraction=0.5",), "held out for validation",
+                 id="validation_holds_them_out"),
     # An original single-file layout: the count is the file's shape, no row read.
-    ("original_h5_without_train_rows", None, ("--config.data.feature_bounds=(0, 1)",),
-     "has no training rows (N = 0)"),
+    pytest.param(None, ("--config.data.feature_bounds=(0, 1)",), "has no training rows (N = 0)",
+                 id="original_h5_without_train_rows"),
 ])
-def test_too_few_training_rows_is_one_line_exit_2_before_the_workdir_exists(tmp_path, case,
-                                                                            rows, extra, says):
+def test_too_few_training_rows_is_one_line_exit_2_before_the_workdir_exists(tmp_path, rows,
+                                                                            extra, says):
   if rows is None:
     data = _original_h5(tmp_path / "dataset.h5", train_rows=0)
   else:
