@@ -56,8 +56,12 @@ def run_identity(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
 
 
 def restore(allow_changes: bool, workdir: str, ckpt: checkpoint_lib.Checkpointer | None,
-             mesh: jax.sharding.Mesh, p: Progress) -> Progress:
-  """The progress of the workdir's latest checkpoint, if any (else ``p`` as it is)."""
+             mesh: jax.sharding.Mesh, p: Progress, *, streamed: bool = False) -> Progress:
+  """The progress of the workdir's latest checkpoint, if any (else ``p`` as it is).
+
+  A resume that changed the run's settings (``checkpoint.allow_changes``) starts a new
+  segment with fresh keys (:func:`fastdp_jax.dp.keys.fresh_segment`).
+  """
   if ckpt is None or ckpt.latest_step() is None:
     return p
   saved = ckpt.restore_metadata()
@@ -71,8 +75,9 @@ def restore(allow_changes: bool, workdir: str, ckpt: checkpoint_lib.Checkpointer
   keys = p.keys
   if diffs:
     # Updates after the checkpoint may have been seen (logged) with the old noise; redone
-    # with changed parameters they must not reuse it.
-    keys = keys_lib.fresh_noise(keys)
+    # with changed parameters they must not reuse it, nor the old batches: the ledger
+    # composes the segments as independent mechanisms.
+    keys = keys_lib.fresh_segment(keys, streamed=streamed)
     if jax.process_index() == 0:
       keys_lib.save(workdir, keys)
   state = dataclasses.replace(state, opt_state=noise.with_key(state.opt_state, keys.noise))

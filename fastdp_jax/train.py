@@ -211,7 +211,8 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
   if stream is not None:
     keys = keys_lib.with_batches_key(keys, stream.path, stream.sampling_fixed)
   tx, progress = resume.initial(rc, mesh, plan, rows.train, params, keys)
-  progress = resume.restore(rc.checkpoint.allow_changes, workdir, ckpt, mesh, progress)
+  progress = resume.restore(rc.checkpoint.allow_changes, workdir, ckpt, mesh, progress,
+                            streamed=stream is not None)
   services = services_lib.make_services(budget, workdir, plan, ckpt, progress, cleanup)
   run, method = step_lib.compile_step(
       mesh, plan, model, loss_fn, tx, dp=rc.dp, padding_microbatch_rows=rc.padding_microbatch,

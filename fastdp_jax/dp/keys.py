@@ -101,6 +101,26 @@ def fresh_noise(keys: RunKeys) -> RunKeys:
   return dataclasses.replace(keys, noise=nkey)
 
 
+def fresh_segment(keys: RunKeys, *, streamed: bool) -> RunKeys:
+  """The keys of a new segment: a resume that changed the run's settings draws both keys
+  afresh (entropy unless a seed fixes them), so that the rest of the run's batches and noise
+  are independent of the earlier segment's, as the accountant's composition of the segments
+  assumes. A streamed run keeps its batches' sampling key: its batches were drawn when they
+  were written, and a changed sampling rate is refused against them.
+  """
+  keys = fresh_noise(keys)
+  if streamed:
+    return keys
+  if keys.sampling_fixed:
+    seq = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in keys.sampling.view(np.uint32)]
+                                 + [1])
+    skey = seq.generate_state(2, np.uint64)
+  else:
+    skey = sampling.sampling_key(None)[0]
+  words = np.asarray(distributed.broadcast_from_process_0(skey.view(np.uint32)), np.uint32)
+  return dataclasses.replace(keys, sampling=words.copy().view(np.uint64))
+
+
 def with_batches_key(keys: RunKeys, batches: str, sampling_fixed: bool) -> RunKeys:
   """``keys`` with the sampling key of the materialised batches in ``batches``.
 

@@ -144,11 +144,11 @@ def test_streamed_training_equals_in_memory_training(kind, datasets, batches, tm
   memory = train.train_and_evaluate(_cfg(datasets[kind]), str(tmp_path / "memory"))
   streamed = train.train_and_evaluate(_cfg(datasets[kind], **{"data.batches": batches[kind]}),
                                       str(tmp_path / "streamed"))
-  assert streamed["task"] == memory["task"] == kind
-  assert streamed["batches"] == batches[kind]
-  assert streamed["steps"] == memory["steps"] == EPOCHS * round(memory["train_examples"] / BATCH)
-  assert streamed["epsilon"] == memory["epsilon"]
-  assert streamed["sampling_rate"] == memory["sampling_rate"]
+  assert streamed.task == memory.task == kind
+  assert streamed.batches == batches[kind]
+  assert streamed.steps == memory.steps == EPOCHS * round(memory.train_examples / BATCH)
+  assert streamed.epsilon == memory.epsilon
+  assert streamed.sampling_rate == memory.sampling_rate
   # Same batches and noise; float32 sums over another padding differ in order only (as
   # test_streamed_training's binary comparison).
   a, b = _params(tmp_path / "memory"), _params(tmp_path / "streamed")
@@ -156,12 +156,12 @@ def test_streamed_training_equals_in_memory_training(kind, datasets, batches, tm
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 * np.abs(a[k]).max())
   metric = "test_accuracy" if kind == "multiclass" else "test_rmse"
-  assert streamed[metric] == pytest.approx(memory[metric], rel=1e-3)
+  assert getattr(streamed, metric) == pytest.approx(getattr(memory, metric), rel=1e-3)
   # The model learned the labels (not a constant): wrong labels could not match memory's.
   if kind == "multiclass":
-    assert streamed["test_accuracy"] > streamed["majority_class_rate"]
+    assert streamed.test_accuracy > streamed.majority_class_rate
   else:
-    assert streamed["test_rmse"] < streamed["baseline_rmse"]
+    assert streamed.test_rmse < streamed.baseline_rmse
 
 
 def test_batches_of_the_same_shards_under_another_task_are_refused(datasets, batches,

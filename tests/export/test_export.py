@@ -1,5 +1,6 @@
 """Model export: WORKDIR/model/ with parameters, feature spec and card; load_model."""
 
+import dataclasses
 import json
 import os
 
@@ -13,6 +14,7 @@ from fastdp_jax.export import layout
 from fastdp_jax.export import model_dir
 from fastdp_jax.export import predictor as predictor_lib
 from fastdp_jax import models
+from fastdp_jax import summary as summary_lib
 
 NAMES = ("a", "b", "c", "d", "e")
 
@@ -60,15 +62,16 @@ def test_wrong_inputs_and_damaged_files_fail_loudly(tmp_path):
 
 
 def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
-  summary = dict(private=True, dp_enabled=True, epsilon=0.2768, delta=1.0001e-7,
-                 accountant_delta=1e-7, overflow_delta=1e-11, accountant="pld",
-                 noise_multiplier=0.9, l2_norm_clip=3.0, sampling_rate=256 / 969204,
-                 steps=37860, noise="os entropy", sampling="os entropy", test_accuracy=0.6766,
-                 majority_class_rate=0.6234, train_examples=969204,
-                 nonprivate_attack_accuracy=0.61, data_digest="ab" * 32,
-                 privacy_eval={"membership_inference": dict(
-                     auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
-                     num_members=10, num_nonmembers=10)})
+  summary = summary_lib.RunSummary(
+      private=True, dp_enabled=True, epsilon=0.2768, delta=1.0001e-7,
+      accountant_delta=1e-7, overflow_delta=1e-11, accountant="pld",
+      noise_multiplier=0.9, l2_norm_clip=3.0, sampling_rate=256 / 969204,
+      steps=37860, noise="os entropy", sampling="os entropy", test_accuracy=0.6766,
+      majority_class_rate=0.6234, train_examples=969204,
+      nonprivate_attack_accuracy=0.61, data_digest="ab" * 32,
+      privacy_eval={"membership_inference": dict(
+          auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
+          num_members=10, num_nonmembers=10)})
   path, _, _ = _export(tmp_path, summary)
   with open(os.path.join(path, layout.SPEC_FILE)) as f:
     spec = json.load(f)
@@ -88,11 +91,12 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
                "held-out private test rows"):
     assert text in card, text
   assert "no privacy guarantee" not in card
-  public, _, _ = _export(tmp_path / "np", dict(dp_enabled=False, epsilon=float("inf")))
+  public, _, _ = _export(tmp_path / "np",
+                         summary_lib.RunSummary(dp_enabled=False, epsilon=float("inf")))
   public_card = open(os.path.join(public, layout.CARD_FILE)).read()
   assert "**Not private**" in public_card and "no privacy guarantee" in public_card
-  repro, _, _ = _export(tmp_path / "r", dict(summary, private=False,
-                                             privacy_note="reproducibility run: ..."))
+  repro, _, _ = _export(tmp_path / "r", dataclasses.replace(
+      summary, private=False, privacy_note="reproducibility run: ..."))
   repro_card = open(os.path.join(repro, layout.CARD_FILE)).read()
   assert repro_card.splitlines()[2].startswith("**This model has no privacy guarantee**")
 
@@ -106,18 +110,18 @@ def test_training_exports_a_model_that_scores_the_reported_accuracy(tmp_path):
   cfg.num_epochs = 1
   cfg.checkpoint.enabled = False
   summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
-  assert summary["model_dir"] == str(tmp_path / "w" / "model")
+  assert summary.model_dir == str(tmp_path / "w" / "model")
   predictor = fastdp_jax.load_model(str(tmp_path / "w"))
   test = data_lib.load_split(cfg.data.path, "test")
   accuracy = np.mean(predictor.predict(test.features) == test.labels)
-  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
+  assert accuracy == pytest.approx(summary.test_accuracy, abs=1e-9)
   final = np.load(tmp_path / "w" / "final_params.npz")
   exported = np.load(tmp_path / "w" / "model" / layout.PARAMS_FILE)
   assert sorted(final) == sorted(exported)
   for k in final:
     np.testing.assert_array_equal(final[k], exported[k])
-  assert predictor.spec["privacy"]["epsilon"] == summary["epsilon"]
-  assert predictor.spec["privacy"]["private"] is summary["private"] is False
+  assert predictor.spec["privacy"]["epsilon"] == summary.epsilon
+  assert predictor.spec["privacy"]["private"] is summary.private is False
 
 
 # --- The feature spec in the export: raw rows, tasks, embeddings -----------------------------

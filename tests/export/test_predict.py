@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import fastdp_jax
+from fastdp_jax import evaluate
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.export import layout
@@ -81,8 +82,8 @@ def _trainer_evaluation(cfg, workdir, test):
   final = np.load(os.path.join(workdir, "final_params.npz"))
   params = jax.tree_util.tree_unflatten(
       treedef, [final["/".join(str(getattr(k, "key", k)) for k in p)] for p, _ in leaves])
-  _, accuracy, preds = train.evaluate_split(train.build_eval(apply_fn, head), params,
-                                            test.features, test.labels, cfg.eval_batch_size)
+  _, accuracy, preds = evaluate.evaluate_split(evaluate.build_eval(apply_fn, head), params,
+                                               test.features, test.labels, cfg.eval_batch_size)
   return accuracy, preds
 
 
@@ -154,8 +155,8 @@ def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_p
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
   if spec_name != "pums_income":
     # The reported test accuracy is a ratio of counts: it is recomputed exactly.
-    assert np.mean(labels == test.labels) == pytest.approx(summary["test_accuracy"], abs=1e-12)
-    assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    assert np.mean(labels == test.labels) == pytest.approx(summary.test_accuracy, abs=1e-12)
+    assert accuracy == pytest.approx(summary.test_accuracy, abs=1e-12)
   # The export carries the spec: the same rows through the Python API agree with the CLI.
   predictor = fastdp_jax.load_model(workdir)
   assert predictor.feature_spec.name == spec_name

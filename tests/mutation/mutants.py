@@ -39,7 +39,7 @@ class Mutant:
 
 _CLIP_FACTOR = "factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))"
 _VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
-_BUILD_STEP = "  build = step_lib.build_streamed_chunk if streamed else step_lib.build_train_chunk\n"
+_BUILD_STEP = "  build = build_streamed_chunk if streamed else build_train_chunk\n"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -74,7 +74,7 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="vmap path: per-example gradients are not clipped at all"),
     Mutant(
         name="realised_batch",
-        file="fastdp_jax/train.py",
+        file="fastdp_jax/step.py",
         # Wraps the clipped sum where the step is built from it, not where it is made: the
         # text does not depend on the module that makes it.
         old=_BUILD_STEP,
@@ -82,7 +82,7 @@ MUTANTS: tuple[Mutant, ...] = (
              "\n"
              "  def clipped_sum(params, batch, mask):  # MUTANT: mean over the realised batch\n"
              "    grads, stats = _exact_sum(params, batch, mask)\n"
-             "    scale = cfg.batch_size / jnp.maximum(jnp.sum(mask), 1)\n"
+             "    scale = 64.0 / jnp.maximum(jnp.sum(mask), 1)  # configs/test.py's batch\n"
              "    return jax.tree_util.tree_map(lambda g: g * scale, grads), stats\n"
              "\n" + _BUILD_STEP),
         breaks="the clipped sum is divided by the realised batch size, not the expected one"),
@@ -139,6 +139,19 @@ MUTANTS: tuple[Mutant, ...] = (
              "  if not sfixed:  # MUTANT: the secret sampling key is a public constant\n"
              "    skey = sampling.sampling_key(0)[0]\n"),
         breaks="a default run's sampler is keyed by a public constant; it still says private"),
+    Mutant(
+        name="segment_key_reuse",
+        file="fastdp_jax/dp/keys.py",
+        old="  keys = fresh_noise(keys)\n  if streamed:\n    return keys\n",
+        new="  keys = fresh_noise(keys)\n  if True:  # MUTANT: the new segment keeps the old batches' key\n    return keys\n",
+        breaks="a resume with changed settings keeps the sampling key: the segments the "
+               "ledger composes as independent share their batches"),
+    Mutant(
+        name="calibration_epsilon_dropped",
+        file="fastdp_jax/dp/calibration.py",
+        old="  return float(training_epsilon) + float(calibration_epsilon)\n",
+        new="  return float(training_epsilon)  # MUTANT: the selection's epsilon is not counted\n",
+        breaks="the temperature's selection on validation rows is left out of the stated epsilon"),
 )
 
 

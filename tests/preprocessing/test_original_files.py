@@ -5,7 +5,6 @@
 Neither declares feature bounds: they come from ``data.feature_bounds`` or the file is refused.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
+from fastdp_jax import summary as summary_lib
 from preprocessing import synthesize as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,9 +147,8 @@ def test_the_trainer_reads_dataset_h5_directly(tmp_path, arrays):
                       "--config.data.feature_bounds=(0, 1)", "--config.num_epochs=1"], cwd=ROOT, capture_output=True, text=True,
                      timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
-  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-    summary = json.load(f)
-  assert summary["train_examples"] == len(arrays[1])
-  assert summary["test_examples"] == len(arrays[3])
-  assert summary["data_digest"] == data_lib.sha256_file(path)
-  assert 0 <= summary["test_accuracy"] <= 1
+  summary = summary_lib.read_summary(workdir)
+  assert summary.train_examples == len(arrays[1])
+  assert summary.test_examples == len(arrays[3])
+  assert summary.data_digest == data_lib.sha256_file(path)
+  assert 0 <= summary.test_accuracy <= 1
