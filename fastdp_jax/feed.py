@@ -110,7 +110,10 @@ def plan_run(rc: config_lib.RunConfig, n: int, mesh: jax.sharding.Mesh, streamed
     return plan, None
   stream = inputs.open_stream(rc, plan)
   # One capacity per update (not per device): the job's union bound.
+  requested = plan.delta / (1 - sampling.OVERFLOW_SHARE)
   plan = dataclasses.replace(
       plan, overflow_probability=stream.overflow_probability,
-      overflow_delta=sampling.overflow_delta(stream.overflow_probability, plan.total_steps, 1))
+      overflow_delta=plan_lib.overflow_term(
+          stream.overflow_probability, plan.total_steps, 1, plan.epsilon_bound, requested,
+          f"the overflow probability of the batches in {stream.path}") if plan.enabled else 0.0)
   return plan, stream

@@ -21,7 +21,12 @@ from fastdp_jax.dp import sampling
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyPlan:
-  """The public privacy parameters of a run (logged and written to the summary)."""
+  """The public privacy parameters of a run (logged and written to the summary).
+
+  ``delta`` is the accountant's: the requested delta (``dp.delta``, or the default below 1/N)
+  less :data:`fastdp_jax.dp.sampling.OVERFLOW_SHARE` of it, which bounds the overflow's term
+  ``overflow_delta``; the stated delta, :attr:`delta_total`, is their sum.
+  """
 
   enabled: bool
   sampling_rate: float
@@ -33,11 +38,12 @@ class PrivacyPlan:
   accountant: str
   overflow_probability: float = sampling.DEFAULT_OVERFLOW_PROBABILITY
   overflow_delta: float = 0.0
+  epsilon_bound: float = float("inf")  # the epsilon the run can reach (the overflow term's)
   delta_warning: str | None = None
 
   @property
   def delta_total(self) -> float:
-    """The stated delta: the accountant's plus the union bound on any batch overflowing."""
+    """The stated delta: the accountant's plus the overflow's term, at most the requested."""
     return self.delta + self.overflow_delta
 
   def epsilon(self, steps: int) -> float:
@@ -101,14 +107,16 @@ def plan_privacy(dp: config_lib.DPSettings, *, batch_size: int, num_epochs: int,
     num_examples = int(public_num_examples)
   steps_per_epoch = max(1, round(num_examples / batch_size))
   total = num_epochs * steps_per_epoch
-  delta = release.default_delta(num_examples) if dp.delta is None else float(dp.delta)
-  p_over = dp.overflow_probability
-  if p_over is None:
-    p_over = sampling.automatic_overflow_probability(delta, total, num_devices)
+  requested = release.default_delta(num_examples) if dp.delta is None else float(dp.delta)
+  # The stated delta is at most the requested one: the accountant gets all of it but the
+  # share set aside for a batch overflowing its capacity (see overflow_term).
+  delta = requested * (1 - sampling.OVERFLOW_SHARE)
   if not dp.enabled:
     return PrivacyPlan(enabled=False, sampling_rate=q, steps_per_epoch=steps_per_epoch,
                        total_steps=total, l2_norm_clip=None, noise_multiplier=0.0,
-                       delta=delta, accountant=dp.accountant, overflow_probability=p_over)
+                       delta=requested, accountant=dp.accountant,
+                       overflow_probability=dp.overflow_probability
+                       or sampling.DEFAULT_OVERFLOW_PROBABILITY)
   sigma = dp.noise_multiplier
   if dp.target_epsilon is not None:
     # The target wins over a sigma inherited from the config file, so that
@@ -129,18 +137,47 @@ def plan_privacy(dp: config_lib.DPSettings, *, batch_size: int, num_epochs: int,
           f"{first:.6g} (sigma {float(sigma):.4g}, q {q:.4g}, delta {delta:g}); no update fits."
           f" Raise dp.max_epsilon above {first:.6g}, or make each update cheaper (a larger "
           "dp.noise_multiplier or a smaller batch_size)")
+  # The overflow term grows with e^epsilon: the epsilon the run can reach (a calibrated
+  # sigma reaches the target; a fixed one its plan's, or the cap).
+  if dp.target_epsilon is not None:
+    bound = float(dp.target_epsilon)
+  else:
+    bound = accounting.compute_epsilon(float(sigma), q, total, delta, dp.accountant)
+  if dp.max_epsilon is not None:
+    bound = min(bound, float(dp.max_epsilon))
+  p_over = dp.overflow_probability
+  if p_over is None:
+    p_over = sampling.automatic_overflow_probability(requested, total, num_devices, bound)
+  overflow = overflow_term(p_over, total, num_devices, bound, requested,
+                           "dp.overflow_probability")
   warning = None
-  if delta >= 1 / num_examples:
+  if requested >= 1 / num_examples:
     # A mechanism that publishes a random row outright is (0, 1/N)-DP: delta >= 1/N allows it.
-    warning = (f"delta={delta:g} is not below 1/N: the guarantee allows releasing a whole "
+    warning = (f"delta={requested:g} is not below 1/N: the guarantee allows releasing a whole "
                f"row; unset dp.delta for the default {release.default_delta(num_examples):g}")
     say(f"WARNING: {warning}")
   return PrivacyPlan(enabled=True, sampling_rate=q, steps_per_epoch=steps_per_epoch,
                      total_steps=total, l2_norm_clip=float(dp.l2_norm_clip),
                      noise_multiplier=float(sigma), delta=delta, accountant=dp.accountant,
-                     overflow_probability=p_over,
-                     overflow_delta=sampling.overflow_delta(p_over, total, num_devices),
-                     delta_warning=warning)
+                     overflow_probability=p_over, overflow_delta=overflow,
+                     epsilon_bound=bound, delta_warning=warning)
+
+
+def overflow_term(overflow_probability: float, total_steps: int, num_devices: int,
+                  epsilon: float, requested_delta: float, what: str) -> float:
+  """The overflow's term in delta, refused when above its share of the requested delta.
+
+  Raises:
+    ConfigError: ``what`` (the overflow probability's source) is too large for the delta.
+  """
+  term = sampling.overflow_delta(overflow_probability, total_steps, num_devices, epsilon)
+  if term > sampling.OVERFLOW_SHARE * requested_delta * (1 + 1e-9):
+    most = sampling.automatic_overflow_probability(requested_delta, total_steps, num_devices,
+                                                   epsilon)
+    raise errors.ConfigError(
+        f"{what}={overflow_probability:g} makes the overflow's term in delta {term:.3g}, above "
+        f"{sampling.OVERFLOW_SHARE:g} of delta={requested_delta:g}; use at most {most:.3g}")
+  return term
 
 
 def noise_warning(plan: PrivacyPlan, num_params: int, batch_size: int,

@@ -25,6 +25,7 @@ union bound ``updates * devices * overflow_probability`` (:func:`overflow_delta`
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 
@@ -182,14 +183,35 @@ def capacity_for(num_examples: int, sampling_rate: float,
   return int(max(1, min(num_examples, np.ceil(c))))
 
 
-def automatic_overflow_probability(delta: float, total_steps: int, num_devices: int) -> float:
-  """Per-update, per-device overflow probability whose union bound is 1 % of ``delta``."""
-  return min(DEFAULT_OVERFLOW_PROBABILITY, 0.01 * delta / max(1, total_steps * num_devices))
+# The share of the requested delta set aside for a batch overflowing its capacity; the
+# accountant gets the rest.
+OVERFLOW_SHARE = 0.01
+# An epsilon above any run's, for a job that writes batches before the run that uses them
+# plans its epsilon (the overflow term grows with e^epsilon).
+MAX_PLANNED_EPSILON = 10.0
 
 
-def overflow_delta(overflow_probability: float, total_steps: int, num_devices: int) -> float:
-  """Union bound on the probability that any batch of the run overflows (adds to delta)."""
-  return min(1.0, overflow_probability * total_steps * num_devices)
+def automatic_overflow_probability(delta: float, total_steps: int, num_devices: int,
+                                   epsilon: float = MAX_PLANNED_EPSILON) -> float:
+  """Per-update, per-device overflow probability whose term in delta
+  (:func:`overflow_delta`) is :data:`OVERFLOW_SHARE` of ``delta`` at ``epsilon``."""
+  return min(DEFAULT_OVERFLOW_PROBABILITY,
+             OVERFLOW_SHARE * delta / (overflow_factor(epsilon) * max(1, total_steps * num_devices)))
+
+
+def overflow_factor(epsilon: float) -> float:
+  """``1 + e^epsilon``: the mechanism that stops at an overflow differs from the ideal one
+  (which never does) only on that event, of probability at most eta under both neighbours, so
+  ``P[M'(D) in S] <= P[M(D) in S] + eta <= e^eps P[M(D') in S] + delta + eta
+  <= e^eps P[M'(D') in S] + delta + (1 + e^eps) eta`` (docs/privacy.md, "delta")."""
+  return 1.0 + math.exp(min(float(epsilon), 700.0))
+
+
+def overflow_delta(overflow_probability: float, total_steps: int, num_devices: int,
+                   epsilon: float) -> float:
+  """The overflow's term in delta: ``(1 + e^epsilon) * eta``, eta the union bound
+  ``p * T * D`` on any batch of the run overflowing its capacity."""
+  return min(1.0, overflow_factor(epsilon) * overflow_probability * total_steps * num_devices)
 
 
 @dataclasses.dataclass(frozen=True)

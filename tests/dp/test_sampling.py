@@ -185,8 +185,13 @@ def test_resume_at_any_update_gives_the_same_batches():
 
 
 def test_overflow_probability_is_part_of_the_stated_delta():
-  p = sampling.automatic_overflow_probability(1e-7, 38_000, 8)
-  assert sampling.overflow_delta(p, 38_000, 8) <= 0.01 * 1e-7
+  # The overflow's term is (1 + e^epsilon) p T D (docs/privacy.md): at most 1 % of delta for
+  # the epsilon the probability was chosen for, and more for a larger epsilon.
+  p = sampling.automatic_overflow_probability(1e-7, 38_000, 8, epsilon=2.0)
+  assert sampling.overflow_delta(p, 38_000, 8, 2.0) <= 0.01 * 1e-7 * (1 + 1e-12)
+  assert sampling.overflow_delta(p, 38_000, 8, 2.0) == pytest.approx(
+      (1 + np.exp(2.0)) * p * 38_000 * 8, rel=1e-12)
+  assert sampling.overflow_delta(p, 38_000, 8, 3.0) > 0.01 * 1e-7
   cap = sampling.capacity_for(979_193, 256 / 979_193, p)
   assert stats.binom.sf(cap, 979_193, 256 / 979_193) <= p
 
