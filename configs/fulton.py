@@ -38,5 +38,10 @@ def get_config():
   config.optimizer.learning_rate = 0.01
   config.dp.l2_norm_clip = 0.5
   config.dp.noise_multiplier = 8.74  # sigma
-  config.dp.max_epsilon = 1.0  # hard cap: stop before exceeding the target.
+  config.dp.max_epsilon = 1.0  # hard cap on the run's epsilon, calibration included.
+  # Calibrated probabilities: 10 % of the training rows are held out, and a temperature for
+  # the logits is chosen on them privately with epsilon 0.05 of the 1 (training gets 0.95).
+  # Without it the MLP's log-loss is above the base rate's (overconfident probabilities).
+  config.data.validation_fraction = 0.1
+  config.calibration.epsilon = 0.05
   return config
