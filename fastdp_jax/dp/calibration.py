@@ -8,8 +8,10 @@ the scale without changing any decision's order (AUC and accuracy stay as they a
 T is chosen on the validation rows (held out of training) from a PUBLIC grid with the
 exponential mechanism: the score of a candidate is the validation rows' summed log-loss, each
 row's term clamped to at most ``L = -log(PROB_FLOOR)``, so adding or removing one row moves
-every score by at most L; candidate i is drawn with probability proportional to
-``exp(-epsilon * score_i / (2 L))`` (McSherry and Talwar 2007), which is epsilon-DP. The
+every score by at most L, and all of them in the same direction (a row adds a non-negative
+term to each). For such a monotone score, drawing candidate i with probability proportional to
+``exp(-epsilon * score_i / L)`` is epsilon-DP (McSherry and Talwar 2007; Dwork and Roth 2014,
+after Thm 3.10: the factor 2 of the general mechanism is not needed). The
 validation split is a hash of the row's position, so one row's removal can move other rows
 between the splits: the calibration is composed with training sequentially rather than
 claimed free by parallel composition. Its epsilon adds to the training's (basic composition,
@@ -40,8 +42,9 @@ from fastdp_jax.dp import keys as keys_lib
 # The public grid of temperatures: 1 (no change) to 10, about 25 % apart.
 TEMPERATURES = tuple(float(t) for t in np.round(np.geomspace(1.0, 10.0, 12), 3))
 # Probabilities are clamped to [PROB_FLOOR, 1 - PROB_FLOOR] in the score: each row's log-loss
-# term is then at most -log(PROB_FLOOR) = 9.21 nats, the score's sensitivity.
-PROB_FLOOR = 1e-4
+# term is then at most -log(PROB_FLOOR) = 4.6 nats, the score's sensitivity. A lower floor
+# would count confidently wrong rows more fully but make every comparison noisier.
+PROB_FLOOR = 1e-2
 SENSITIVITY = -math.log(PROB_FLOOR)
 
 
@@ -93,7 +96,7 @@ def select_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float,
   """
   if not epsilon > 0:
     raise ValueError(f"{epsilon=} must be positive")
-  utility = -scores(logits, labels, temperatures) * epsilon / (2 * SENSITIVITY)
+  utility = -scores(logits, labels, temperatures) * epsilon / SENSITIVITY
   # Gumbel-max: argmax(u_i + G_i) is distributed as softmax(u).
   return temperatures[int(np.argmax(utility + rng.gumbel(size=len(temperatures))))]
 

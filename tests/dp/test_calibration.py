@@ -25,6 +25,7 @@ def _overconfident(n, seed=0):
 
 def test_one_row_moves_every_score_by_at_most_the_sensitivity():
   logits, labels = _overconfident(500)
+  # ... and all in the same direction (the score is monotone: the mechanism's epsilon / L).
   extreme = np.array([80.0, -80.0, 0.0])  # confident and wrong, or undecided
   for x, y in zip(extreme, (0.0, 1.0, 1.0)):
     more = calibration.scores(np.append(logits, x), np.append(labels, y))
@@ -33,11 +34,11 @@ def test_one_row_moves_every_score_by_at_most_the_sensitivity():
 
 
 def test_the_selection_is_the_exponential_mechanism():
-  # Frequencies of 20,000 draws against softmax(-epsilon * score / (2 L)), an independent
-  # computation of the mechanism's distribution; chi-square at the 1e-4 level.
+  # Frequencies of 20,000 draws against softmax(-epsilon * score / L) (the monotone score's
+  # mechanism), an independent computation of its distribution; chi-square at the 1e-4 level.
   logits, labels = _overconfident(300, seed=1)
   eps = 0.5
-  utility = -calibration.scores(logits, labels) * eps / (2 * calibration.SENSITIVITY)
+  utility = -calibration.scores(logits, labels) * eps / calibration.SENSITIVITY
   expected = np.exp(utility - utility.max())
   expected /= expected.sum()
   rng = np.random.default_rng(2)
