@@ -12,7 +12,7 @@ DEMO_DATA := data/generated/capums
 DEMO_CSV := data/generated/CaPUMS5full.csv
 LINT_PATHS := fastdp_jax preprocessing main.py
 
-.PHONY: install demo data lint test test-main test-multidevice mutation clean peer-venv bench
+.PHONY: install demo data lint test test-main test-multidevice test-fast test-repeat mutation clean peer-venv bench
 
 install: $(STAMP)
 
@@ -59,6 +59,17 @@ test-main: $(STAMP)
 
 test-multidevice: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests -m multidevice
+
+# The fast part for a developer: everything not marked slow (no Spark session, no extra
+# processes, no wheel build), on one process. `make test` stays the full suite.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not multidevice"
+
+# The flakiness check: the main suite twice at once, beside a busy CPU, REPEAT rounds; each
+# round's logs in runs/test-repeat/. A test that fails in any round is named at the end.
+REPEAT ?= 2
+test-repeat: $(STAMP)
+	bash tests/repeat.sh $(REPEAT)
 
 # Each deliberately broken copy of the training path (tests/mutation/mutants.py) must make a
 # privacy test fail; writes the table into docs/privacy.md. 6 to 10 minutes on 2 cores.

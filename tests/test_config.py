@@ -117,6 +117,7 @@ _BAD = {
     "model.embedding_dim": 0, "model.huber_delta": math.inf,
     "data.validation_fraction": 1.0, "optimizer.name": "sgdd",
     "optimizer.learning_rate": math.nan, "optimizer.momentum": 1.0, "data.attack_rows": -1,
+    "optimizer.weight_decay": 1.0, "calibration.epsilon": -1.0,
     "seed": True, "data.public_num_examples": 0, "parallel.strategy": "psum",
     "dp.clipping": "jax", "dp.microbatch_size": 0, "dp.noise_seed": True,
     "dp.sampling_seed": False, "dp.overflow_probability": 0.0, "dp.l2_norm_clip": -1.0,

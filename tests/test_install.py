@@ -19,6 +19,9 @@ import pytest
 
 from fastdp_jax import summary as summary_lib
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = textwrap.dedent('''\

@@ -11,6 +11,10 @@ from fastdp_jax import records
 from fastdp_jax import sinks
 from tests.conftest import ROOT
 from tests.tensorboard_events import read_scalars
+import pytest
+
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 

@@ -9,6 +9,10 @@ from jax.experimental import multihost_utils
 from fastdp_jax import train
 from fastdp_jax import preemption
 from tests.conftest import make_config
+import pytest
+
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
 
 
 def test_one_process_notes_sigterm_only_while_armed_and_restores_the_handler():

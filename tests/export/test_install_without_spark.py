@@ -21,6 +21,10 @@ from fastdp_jax.data import features as features_lib
 from fastdp_jax.export import predictor as predictor_lib
 from preprocessing import synthesize
 from tests.conftest import make_config
+import pytest
+
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The spark extra's packages and what they bring (pyproject.toml, [project.optional-dependencies]).

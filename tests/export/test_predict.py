@@ -29,6 +29,9 @@ from fastdp_jax.data import features as features_lib
 from preprocessing import synthesize as S
 from tests import preprocessing_helpers as T
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WHY_NOT = T.spark_available()
 ROWS = 3000

@@ -17,6 +17,9 @@ from fastdp_jax.data import features as features_lib
 from fastdp_jax.export import model_dir
 from tests import preprocessing_helpers as T
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 SPEC = {
     "name": "t", "features": ("flag", "size", "region"), "label": "level",
     "columns": {"flag": {"kind": "binary"},

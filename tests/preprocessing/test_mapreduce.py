@@ -21,6 +21,9 @@ from preprocessing.mapreduce import reducer
 from preprocessing.mapreduce import to_shards
 from preprocessing.output import PipelineError
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HADOOP_ENV = {"mapreduce_task_id": "attempt_1_0001_m_000000_0",
               "stream_map_input_ignoreKey": "false"}

@@ -30,7 +30,8 @@ from tests import preprocessing_helpers as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WHY_NOT = T.spark_available()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+# A Spark session: `make test-fast` leaves these out.
+pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT)), pytest.mark.slow]
 
 ROWS, SHARD_ROWS = 3000, 700  # 2400-odd train rows in 4 train shards
 B, E, SEED, K = 48, 3, 7, 7  # q = 0.02, 50 updates per epoch, 150 updates; K does not divide

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FULTON = os.path.join(ROOT, "..", "shared", "data", "FultonPUMS5full.csv")
 
 _WHY_NOT = T.spark_available()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+# A Spark session: `make test-fast` leaves these out.
+pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT)), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

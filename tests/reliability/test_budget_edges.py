@@ -54,7 +54,7 @@ def test_a_cap_below_one_update_is_refused_before_training_with_its_cost(dataset
   summary = train.train_and_evaluate(
       make_config(dataset, num_epochs=1, **{"dp.max_epsilon": one * 1.0001}),
       str(tmp_path / "ok"))
-  assert summary["steps"] == 1 and summary["budget_exhausted"]
+  assert summary.steps == 1 and summary.budget_exhausted
 
 
 @pytest.fixture()
@@ -142,4 +142,4 @@ def test_a_tiny_noise_multiplier_is_a_config_error_not_a_size_overflow(dataset, 
   summary = train.train_and_evaluate(
       make_config(dataset, num_epochs=1, **{"dp.noise_multiplier": 1e-9,
                                             "dp.accountant": "rdp"}), str(tmp_path / "w"))
-  assert summary["steps"] > 0 and summary["epsilon"] > 1e6
+  assert summary.steps > 0 and summary.epsilon > 1e6

@@ -20,6 +20,9 @@ from fastdp_jax import train
 from tests.conftest import make_config, make_dataset
 from tests.data.test_shards import write_raw_dataset
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 NAMES = ("a", "b", "c")
 
 

@@ -18,6 +18,7 @@ from fastdp_jax import errors
 from fastdp_jax.export import layout
 from fastdp_jax.export import model_dir as model_dir_lib
 from fastdp_jax import models
+from fastdp_jax import summary as summary_lib
 from tests.conftest import ROOT
 
 NAMES = ("sex", "married", "age", "income")
@@ -26,10 +27,11 @@ SIGMA, Q, STEPS, DELTA = 1.1, 0.0123, 200, 1e-5
 
 def _summary():
   eps = accounting.compute_epsilon(SIGMA, Q, STEPS, DELTA)
-  return dict(private=True, dp_enabled=True, epsilon=eps, delta=DELTA + 1e-12,
-              accountant_delta=DELTA, overflow_delta=1e-12, accountant="pld",
-              noise_multiplier=SIGMA, l2_norm_clip=1.0, sampling_rate=Q, steps=STEPS,
-              noise="os entropy", sampling="os entropy", test_accuracy=0.7)
+  return summary_lib.RunSummary(
+      private=True, dp_enabled=True, epsilon=eps, delta=DELTA + 1e-12,
+      accountant_delta=DELTA, overflow_delta=1e-12, accountant="pld",
+      noise_multiplier=SIGMA, l2_norm_clip=1.0, sampling_rate=Q, steps=STEPS,
+      noise="os entropy", sampling="os entropy", test_accuracy=0.7)
 
 
 @pytest.fixture()

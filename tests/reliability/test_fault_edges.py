@@ -27,6 +27,9 @@ from fastdp_jax.dp import plan as plan_lib
 from tests import preprocessing_helpers as T
 from tests.conftest import ROOT, make_config, make_dataset
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 _WAIT_S = 300  # bound on any one wait; a normal run needs a small fraction of it
 
 

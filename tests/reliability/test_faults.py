@@ -49,20 +49,20 @@ def test_override_is_recorded_and_epsilon_keeps_accumulating(dataset, tmp_path):
   second = train.train_and_evaluate(
       _cfg(dataset, num_epochs=2, **{"dp.noise_multiplier": 2.0,
                                      "checkpoint.allow_changes": True}), str(tmp_path))
-  assert any("noise_multiplier" in d for d in second["resume_overrides"][0])
-  q, steps = first["sampling_rate"], first["steps"]
-  assert second["steps"] == 2 * steps
-  assert [s["noise_multiplier"] for s in second["privacy_ledger"]] == [1.0, 2.0]
+  assert any("noise_multiplier" in d for d in second.resume_overrides[0])
+  q, steps = first.sampling_rate, first.steps
+  assert second.steps == 2 * steps
+  assert [s["noise_multiplier"] for s in second.privacy_ledger] == [1.0, 2.0]
   # The composition of both segments, never a reset: more than either part alone; RDP, which
   # is valid when the second segment's sigma was chosen after seeing the first's results.
-  delta = first["accountant_delta"]
+  delta = first.accountant_delta
   eps_second_alone = accounting.compute_epsilon(2.0, q, steps, delta)
-  assert second["epsilon"] > max(first["epsilon"], eps_second_alone)
-  assert second["ledger_composition"] == "rdp (adaptive)"
+  assert second.epsilon > max(first.epsilon, eps_second_alone)
+  assert second.ledger_composition == "rdp (adaptive)"
   rdp = accounting.make_accountant("rdp")
   for sigma in (1.0, 2.0):
     rdp.compose(accounting.dp_event(sigma, q, steps))
-  assert second["epsilon"] == pytest.approx(rdp.get_epsilon(delta), rel=1e-12)
+  assert second.epsilon == pytest.approx(rdp.get_epsilon(delta), rel=1e-12)
 
 
 def test_a_resume_with_changes_draws_fresh_noise_and_fresh_batches(dataset, tmp_path):
@@ -80,20 +80,20 @@ def test_a_resume_with_changes_draws_fresh_noise_and_fresh_batches(dataset, tmp_
 
 def test_budget_cap_stops_before_exceeding_and_survives_resume(dataset, tmp_path):
   full = train.train_and_evaluate(_cfg(dataset, num_epochs=4), str(tmp_path / "full"))
-  cap = full["epsilon"] * 0.8
+  cap = full.epsilon * 0.8
   capped = train.train_and_evaluate(_cfg(dataset, num_epochs=4, **{"dp.max_epsilon": cap}),
                                     str(tmp_path / "cap"))
-  assert capped["budget_exhausted"] is True
-  assert capped["epsilon"] <= cap < full["epsilon"]
-  q, sigma = capped["sampling_rate"], capped["noise_multiplier"]
+  assert capped.budget_exhausted is True
+  assert capped.epsilon <= cap < full.epsilon
+  q, sigma = capped.sampling_rate, capped.noise_multiplier
   # It stopped at the LAST update within the budget.
-  assert accounting.compute_epsilon(sigma, q, capped["steps"] + 1,
-                                    capped["accountant_delta"]) > cap
-  assert (tmp_path / "cap" / "checkpoints" / str(capped["steps"])).is_dir()
+  assert accounting.compute_epsilon(sigma, q, capped.steps + 1,
+                                    capped.accountant_delta) > cap
+  assert (tmp_path / "cap" / "checkpoints" / str(capped.steps)).is_dir()
   # Rerunning resumes and takes no further update: the budget never resets.
   again = train.train_and_evaluate(_cfg(dataset, num_epochs=4, **{"dp.max_epsilon": cap}),
                                    str(tmp_path / "cap"))
-  assert again["steps"] == capped["steps"] and again["epsilon"] == capped["epsilon"]
+  assert again.steps == capped.steps and again.epsilon == capped.epsilon
 
 
 def test_second_run_in_the_same_workdir_is_refused(dataset, tmp_path):

@@ -19,9 +19,13 @@ from fastdp_jax import atomic
 from fastdp_jax import errors
 from fastdp_jax.export import model_dir
 from fastdp_jax import models
+from fastdp_jax import summary as summary_lib
 from fastdp_jax import train
 from tests.conftest import ROOT, make_config, make_dataset
 from tests.reliability import tmpfs
+
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
 
 _NO_TMPFS = tmpfs.why_not()
 needs_tmpfs = pytest.mark.skipif(_NO_TMPFS is not None, reason=str(_NO_TMPFS))
@@ -117,7 +121,7 @@ def test_a_full_disk_at_final_params_leaves_no_complete_looking_workdir(dataset,
   summary = train.train_and_evaluate(cfg, workdir)
   final = np.load(os.path.join(workdir, "final_params.npz"))
   assert sorted(final) == sorted(np.load(os.path.join(workdir, "model", "params.npz")))
-  assert summary["steps"] == json.load(open(os.path.join(workdir, "summary.json")))["steps"]
+  assert summary.steps == summary_lib.read_summary(workdir).steps
 
 
 def _cli(dataset, workdir, *extra):
@@ -188,4 +192,4 @@ def test_an_append_cut_short_by_a_full_disk_does_not_stop_the_resume(dataset, tm
   summary = train.train_and_evaluate(make_config(dataset, num_epochs=2), workdir)
   with open(steps_file) as f:
     records = [json.loads(line) for line in f]  # every line whole again
-  assert records[-1]["step"] == summary["steps"]
+  assert records[-1]["step"] == summary.steps

@@ -19,7 +19,8 @@ from preprocessing.mapreduce import to_shards
 from preprocessing.output import PipelineError
 
 _WHY_NOT = T.spark_available()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+# A Spark session: `make test-fast` leaves these out.
+pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT)), pytest.mark.slow]
 
 HEADER = ",".join(f'"{c}"' for c in split_lib.CAPUMS_COLUMNS)
 GOOD = ["1,0,1,0,1,1,0,1,0,1,1,1", "0,1,0,0,0,0,0,1,1,1,0,0", "1,1,0,1,1,1,1,1,0,1,0,1",

@@ -29,7 +29,8 @@ from tests.conftest import ROOT
 from tests.reliability import tmpfs
 
 _WHY_NOT = T.spark_available()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+# A Spark session: `make test-fast` leaves these out.
+pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT)), pytest.mark.slow]
 _NO_TMPFS = tmpfs.why_not()
 needs_tmpfs = pytest.mark.skipif(_NO_TMPFS is not None, reason=str(_NO_TMPFS))
 

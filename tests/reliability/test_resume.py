@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import ROOT, make_dataset
 
+# Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
+pytestmark = pytest.mark.slow
+
 EPOCH_STEPS = 625  # round(train rows / batch_size) for the data set below
 
 
