@@ -86,6 +86,9 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
     train, test, dev = _load_data(d, mesh, rc.json) if given is None else given
     n = dev.num_examples
   head, embeddings = task_of(rc.model, train)
+  if rc.calibration.epsilon and head.kind == "regression":
+    raise errors.ConfigError("calibration.epsilon applies to classifiers (a temperature for "
+                             "probabilities); this dataset's task is regression: unset it")
   streamed_from = d.path if streamed else None
   return RunData(
       train=train, test=test, dev=dev, num_examples=n, validation=validation, head=head,
