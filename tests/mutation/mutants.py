@@ -147,11 +147,12 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="a resume with changed settings keeps the sampling key: the segments the "
                "ledger composes as independent share their batches"),
     Mutant(
-        name="calibration_epsilon_dropped",
+        name="calibration_budget_not_reserved",
         file="fastdp_jax/dp/calibration.py",
-        old="  return float(training_epsilon) + float(calibration_epsilon)\n",
-        new="  return float(training_epsilon)  # MUTANT: the selection's epsilon is not counted\n",
-        breaks="the temperature's selection on validation rows is left out of the stated epsilon"),
+        old="    out[name] = value - calibration_epsilon\n",
+        new="    out[name] = value  # MUTANT: training spends the calibration's share too\n",
+        breaks="training is calibrated to the whole target, so training plus the temperature's "
+               "selection exceed the epsilon the user asked for"),
 )
 
 
