@@ -19,8 +19,9 @@ Training::
 Measured (2-core CPU shared with other jobs; secret OS-entropy keys, so every run differs a
 little): the job reads 25,766 rows and keeps all (20,623 train / 5,143 test, 29 features);
 10 % of the training rows are held out for the calibration; training stops at the cap
-(0.95 for training, 0.05 for the temperature) after about 1,250 of the 2,000 updates, at a
-total epsilon of 1.0 (delta 1e-6). Three runs: test accuracy 0.8032 / 0.8036 / 0.8061
+(0.95 for training, 0.05 for the temperature; since then the DP count of N takes 0.01 of
+the training's share) after about 1,250 of the 2,000 updates, at a total epsilon of 1.0
+(delta 1e-6). Not private: the settings were tuned on these rows (below). Three runs: test accuracy 0.8032 / 0.8036 / 0.8061
 (majority class 0.6278), AUC 0.855 / 0.856 / 0.856, log-loss 0.466 / 0.448 / 0.446 (the base
 rate's 0.660; the same run uncalibrated: 0.72), temperature 2.31 / 2.85 / 2.85. Against the
 peers: BENCHMARKS.md ("Model quality").
@@ -48,4 +49,11 @@ def get_config():
   # Without it the MLP's log-loss is above the base rate's (overconfident probabilities).
   config.data.validation_fraction = 0.1
   config.calibration.epsilon = 0.05
+  # These settings (sigma, C, the optimiser, the batch, the epochs) were set while measuring
+  # test accuracy on this file's own rows against the target above: a use of the private data
+  # that no accountant covers, so the run says private: false (docs/privacy.md, "Tuning").
+  config.tuning.private_data = "unaccounted"
+  config.tuning.note = ("sigma, C, the optimiser, the batch size and the epochs of "
+                        "configs/fulton.py were set while measuring test accuracy on Fulton's "
+                        "own rows")
   return config

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import glob
+import json
 import os
 import shutil
 import sys
@@ -29,6 +31,8 @@ import orbax.checkpoint as ocp
 
 from fastdp_jax.dp import accounting
 from fastdp_jax import errors
+from fastdp_jax.data import batch_format
+from fastdp_jax.dp import count as count_lib
 from fastdp_jax.dp import keys as keys_lib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -39,14 +43,66 @@ class WorkdirLockedError(errors.UserError):
   """Another run holds the workdir."""
 
 
-def forget(workdir: str) -> None:
-  """Deletes the keys and checkpoints of a finished run, leaving a marker that refuses resume.
+# What killed writers leave beside an output (fastdp_jax.atomic): a file being written, an
+# output being staged, a replaced output being deleted. Each may hold private rows or keys.
+_LEFTOVER_KINDS = ("tmp", "staging", "old")
 
-  The exported model, the summary and the metrics stay. Without the keys nobody (the
-  operator included) can recompute the batches or the noise of the run.
+
+def _leftovers_beside(path: str) -> list[str]:
+  """The ``.NAME.KIND-*`` siblings that writers of ``path`` left (any owner, any kind)."""
+  parent, name = os.path.split(os.path.abspath(path))
+  return sorted(p for kind in _LEFTOVER_KINDS
+                for p in glob.glob(os.path.join(glob.escape(parent),
+                                                glob.escape(f".{name}.{kind}-") + "*")))
+
+
+def _workdir_leftovers(workdir: str) -> list[str]:
+  """Every ``.NAME.KIND-*`` entry in the workdir: keys.json, summary.json, model/... being
+  written when a process died."""
+  return sorted(os.path.join(workdir, e) for e in os.listdir(workdir)
+                if e.startswith(".") and any(f".{kind}-" in e for kind in _LEFTOVER_KINDS))
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+def forget(workdir: str, *, batches: str | None = None) -> list[str]:
+  """Deletes every private leftover of a finished run from which its batches or noise could
+  be recomputed, and leaves a marker that refuses a resume; returns what it removed.
+
+  Removed: ``checkpoints/``, ``keys.json``, ``num_examples.json`` (the count's record, which
+  names the data's digest), the temporary files and staging directories that
+  killed writers left in the workdir, and, with ``batches``, the materialised batch directory
+  the run trained from (its shards ARE the run's batches, in update order, and its
+  ``private/`` holds the sampling key) with the staging directories beside it. A ``batches``
+  path that is not a batch directory (no run manifest) is left alone and said so. The
+  exported model, the summary and the metrics stay.
+
+  Args:
+    workdir: the finished run's directory (nothing may be running in it).
+    batches: the run's ``data.batches``, or None (in memory, or kept on purpose).
+
+  Returns:
+    One line per path removed or left (``removed PATH`` / ``kept PATH: why``).
   """
-  shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
-  keys_lib.forget(workdir)
+  done = []
+  targets = [os.path.join(workdir, CHECKPOINT_DIR), os.path.join(workdir, keys_lib.KEYS_FILE),
+             os.path.join(workdir, count_lib.COUNT_FILE), *_workdir_leftovers(workdir)]
+  if batches:
+    if os.path.isfile(os.path.join(batches, batch_format.RUN_MANIFEST)):
+      targets += [batches, *_leftovers_beside(batches)]
+    elif os.path.exists(batches):
+      done.append(f"kept {batches}: not a batch directory (no {batch_format.RUN_MANIFEST})")
+  for path in targets:
+    if os.path.lexists(path):
+      _remove(path)
+      done.append(f"removed {path}")
+  keys_lib.forget(workdir)  # the marker; keys.json is gone already
+  return done
 
 
 def zero_partial() -> dict[str, float]:
@@ -196,15 +252,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m fastdp_jax.checkpoint",
                                    description="Manage a run's checkpoints and keys.")
   sub = parser.add_subparsers(dest="command", required=True)
-  f = sub.add_parser("forget", help="delete the keys and checkpoints of a finished run")
-  f.add_argument("workdir")
+  f = sub.add_parser("forget", help="delete every private leftover of a finished run from "
+                     "which its batches or noise could be recomputed: keys, checkpoints, "
+                     "staging leftovers and the materialised batches it trained from")
+  f.add_argument("workdir", help="the finished run's workdir")
+  f.add_argument("--keep-batches", action="store_true",
+                 help="keep the run's data.batches directory (e.g. for another run)")
   args = parser.parse_args(argv)
-  if not os.path.isfile(os.path.join(args.workdir, "summary.json")):
+  summary_path = os.path.join(args.workdir, "summary.json")
+  if not os.path.isfile(summary_path):
     print(f"error: {args.workdir} holds no finished run (no summary.json); nothing deleted",
           file=sys.stderr)
     return 2
-  forget(args.workdir)
-  print(f"deleted the keys and checkpoints of {args.workdir}")
+  with open(summary_path) as fh:
+    batches = None if args.keep_batches else json.load(fh).get("batches")
+  lock = WorkdirLock(args.workdir)
+  try:
+    lock.acquire()  # a run resumed in the workdir would recreate what is deleted
+  except WorkdirLockedError as e:
+    print(f"error: {e}; nothing deleted", file=sys.stderr)
+    return 2
+  try:
+    for line in forget(args.workdir, batches=batches):
+      print(line)
+  finally:
+    lock.release()
+  print(f"{args.workdir}: the run's keys and checkpoints"
+        + (", and its batches," if batches else "") + " are deleted; it cannot be resumed")
   return 0
 
 

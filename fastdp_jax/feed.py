@@ -20,6 +20,7 @@ from fastdp_jax import parallel
 from fastdp_jax import profiling
 from fastdp_jax import step as step_lib
 from fastdp_jax.data import batch_stream
+from fastdp_jax.dp import count as count_lib
 from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax.dp import sampling
@@ -99,13 +100,20 @@ def make_batches(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, keys: keys
                                if d.process_index == jax.process_index()])
 
 
-def plan_run(rc: config_lib.RunConfig, n: int, mesh: jax.sharding.Mesh, streamed: bool
-              ) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
+def plan_run(rc: config_lib.RunConfig, rows: count_lib.RowCount, mesh: jax.sharding.Mesh,
+             streamed: bool) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
   """The privacy plan and, with ``data.batches``, the verified batches it is checked against
-  (their capacity fixes the overflow term of delta)."""
+  (their capacity fixes the overflow term of delta).
+
+  The plan sees N only as ``rows``: the DP estimate or the declared figure, never the exact
+  count (which only the sampler's capacity uses, unpublished: docs/privacy.md).
+  """
+  count_lib.check_estimate(rows, rc.batch_size)
   plan = plan_lib.plan_privacy(rc.dp, batch_size=rc.batch_size, num_epochs=rc.num_epochs,
-                               num_examples=n, num_devices=int(mesh.devices.size),
-                               public_num_examples=rc.data.public_num_examples)
+                               num_examples=rows.value, num_devices=int(mesh.devices.size))
+  if plan.enabled:  # a non-private run states no N (it has no guarantee to state it for)
+    plan = dataclasses.replace(plan, num_examples=rows.value, num_examples_source=rows.source,
+                               count_epsilon=rows.epsilon)
   if not streamed:
     return plan, None
   stream = inputs.open_stream(rc, plan)

@@ -22,14 +22,16 @@ _OMITTED_WHEN_UNSET = frozenset({
     "below_baseline", "classes", "label_bounds", "validation_loss", "validation_accuracy",
     "validation_auc", "validation_macro_f1", "validation_rmse", "validation_mae",
     "validation_examples", "model_dir", "temperature", "calibration_epsilon",
-    "training_epsilon"})
+    "training_epsilon", "tuning", "count_epsilon", "planned_num_examples",
+    "num_examples_source", "spec_epsilon", "spec_delta"})
 
 # The summary's public parts: what an exported model states (fastdp_jax.export).
 PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
                   "accountant_delta", "overflow_delta", "delta_warning", "accountant",
                   "noise_multiplier", "l2_norm_clip", "steps", "noise", "sampling",
                   "max_epsilon", "budget_exhausted", "ledger_composition", "training_epsilon",
-                  "calibration_epsilon", "temperature")
+                  "calibration_epsilon", "temperature", "tuning", "count_epsilon",
+                  "planned_num_examples", "num_examples_source", "spec_epsilon", "spec_delta")
 TEST_METRIC_FIELDS = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1",
                       "test_rmse", "test_mae", "test_brier", "test_ece", "majority_class_rate",
                       "below_majority_class", "base_rate_log_loss", "worse_than_base_rate",
@@ -44,7 +46,8 @@ class RunSummary:
   ``summary.json``) can be built; a finished run sets them all.
 
   Privacy (public: the config and the accountant's result):
-    private: whether (epsilon, delta) is a guarantee (secret keys, DP on).
+    private: whether (epsilon, delta) is a guarantee (secret keys, DP on, settings not chosen
+      on this data without accounting: ``tuning.private_data``).
     privacy_note: why not, when ``private`` is false.
     dp_enabled: False for a non-private baseline run.
     epsilon: of the updates run (inf when DP is off).
@@ -87,7 +90,21 @@ class RunSummary:
   Calibration (``calibration.epsilon``; :mod:`fastdp_jax.dp.calibration`):
     temperature: the chosen temperature (the test metrics above are the calibrated model's).
     calibration_epsilon: the selection's epsilon; training_epsilon: training's; ``epsilon``
-      is then their sum.
+      is then their sum (with the count's, below).
+  N as published (:mod:`fastdp_jax.dp.count`; public, unlike ``train_examples``):
+    planned_num_examples: the N that q, the number of updates and the default delta derive
+      from: a DP estimate of the training rows, or a figure the user declared public.
+    num_examples_source: which (``'dp estimate'``, ``'declared public by the user (KEY)'``).
+    count_epsilon: the estimate's epsilon (Laplace count), included in ``epsilon``.
+  The feature spec's private estimates (``fastdp-spec init --epsilon``; public specs: None):
+    spec_epsilon, spec_delta: what they cost, included in ``epsilon`` and ``delta`` (basic
+      composition, as the calibration's).
+  Tuning (``fastdp-tune``, :mod:`fastdp_jax.tune`):
+    tuning: how the hyperparameters were chosen and what that cost: for a private random
+      search, the distribution of the secret number of trials, each trial's sigma, q, T and
+      score mechanism, and ``epsilon``, the whole procedure's (then also this summary's
+      ``epsilon``; ``training_epsilon`` is the released trial's training alone); for a public
+      proxy, the proxy and its trials (free). None: not tuned by ``fastdp-tune``.
   """
 
   private: bool = False
@@ -155,6 +172,12 @@ class RunSummary:
   temperature: float | None = None
   calibration_epsilon: float | None = None
   training_epsilon: float | None = None
+  count_epsilon: float | None = None
+  planned_num_examples: int | None = None
+  num_examples_source: str | None = None
+  tuning: dict[str, Any] | None = None
+  spec_epsilon: float | None = None
+  spec_delta: float | None = None
 
   @property
   def below_constant_baseline(self) -> bool:
@@ -233,5 +256,19 @@ def calibrated(s: RunSummary, test: Mapping[str, Any], baseline: Mapping[str, fl
       worse_than_base_rate=bool(test["test_loss"] > baseline["base_rate_log_loss"]))
   return dataclasses.replace(
       s, **fields, temperature=float(temperature),
-      calibration_epsilon=float(calibration_epsilon), training_epsilon=s.epsilon,
+      calibration_epsilon=float(calibration_epsilon),
+      training_epsilon=s.epsilon if s.training_epsilon is None else s.training_epsilon,
       epsilon=calibration.total_epsilon(s.epsilon, calibration_epsilon))
+
+
+def with_spec_estimate(s: RunSummary, epsilon: float, delta: float) -> RunSummary:
+  """``s`` with the feature spec's private estimates (their ``(epsilon, delta)``) added to its
+  epsilon and delta (basic composition, as the calibration's; ``(0, 0)``: ``s`` itself)."""
+  from fastdp_jax.dp import calibration  # local: the summary type itself imports nothing
+  if not epsilon or not s.dp_enabled:
+    return s
+  return dataclasses.replace(
+      s, spec_epsilon=float(epsilon), spec_delta=float(delta),
+      training_epsilon=s.epsilon if s.training_epsilon is None else s.training_epsilon,
+      epsilon=calibration.total_epsilon(s.epsilon, epsilon),
+      delta=None if s.delta is None else s.delta + float(delta))

@@ -510,8 +510,11 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                      "row_id": "0-based index of the data row"},
            "dropped_na_by_column": dict(zip(spec.used_columns,
                                             result.na_by_column.tolist()))}
+  # The spec's task and embeddings, as the Spark job and the streaming path record them: a
+  # multiclass or regression label, or an embedded id column, is then trained as declared.
   with data_lib.DatasetWriter(output, feature_names=spec.feature_names,
                               label_name=spec.label, feature_bounds=spec.feature_bounds,
+                              task=spec.task, embeddings=spec.embeddings,
                               overwrite=overwrite,
                               max_rows_per_shard=max_rows_per_shard, extra=extra) as w:
     w.add("train", x[~test], y[~test])

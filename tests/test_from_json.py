@@ -115,7 +115,9 @@ def test_seq_train_json_through_main_reaches_the_data_ceiling(tmp_path):
   assert "lr = 0.01 -> optimizer.learning_rate = 0.01" in proc.stdout
   summary = summary_lib.read_summary(str(work))
   assert summary.config["dp"]["noise_multiplier"] == 0.9
-  assert summary.steps == 10 * round(summary.train_examples / 256)
+  # T from the DP estimate of N (the default; the original treated N as public).
+  assert summary.steps == 10 * round(summary.planned_num_examples / 256)
+  assert summary.num_examples_source == "dp estimate" and summary.count_epsilon == 0.01
   ceiling = _ceiling_accuracy(data)
   acc = summary.test_accuracy
   assert acc >= summary.majority_class_rate + 0.03, (acc, summary.majority_class_rate)

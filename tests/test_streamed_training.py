@@ -6,6 +6,7 @@ batches, so the two runs give the same parameters (up to float32 summation order
 different padding: 1e-5 relative) and the same epsilon. One SparkSession per module.
 """
 
+import json
 import os
 import re
 import signal
@@ -171,3 +172,39 @@ def test_two_processes_streaming_equal_one(dataset, batches, tmp_path):
   a, b = _params(tmp_path / "one"), _params(work)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 * np.abs(a[k]).max())
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "vmap"])
+def test_update_minus_noise_equals_float64_clipped_sum_streamed(dataset, batches, tmp_path,
+                                                                clipping):
+  # The materialised batches' updates, read back with h5py, through the real loop: each update
+  # minus its exact noise is the float64 clipped sum of that update's rows, before and after
+  # a resume (tests/dp/test_update_precision.py has the in-memory cases and the derivation).
+  from tests.dp import test_update_precision as P
+  from tests.dp import update_reference as ref_lib
+  cfg = P._config(dataset, clipping=clipping, **{
+      "data.batches": batches, "batch_size": BATCH, "num_epochs": EPOCHS})
+  P.run_and_resume(cfg, str(tmp_path / "w"),
+                   lambda t: lambda step: ref_lib.streamed_batch(batches, step),
+                   f"streamed, {clipping} clipping", batch_size=BATCH)
+  # A streamed run never samples: keys.json holds the noise key and no sampling key.
+  with open(tmp_path / "w" / "keys.json") as f:
+    stored = json.load(f)
+  assert stored["sampling"] is None and len(stored["noise"]) == 4
+
+
+def test_forget_removes_the_batches_the_run_trained_from(dataset, batches, tmp_path):
+  import shutil
+  from fastdp_jax import checkpoint
+  copy = str(tmp_path / "batches")
+  shutil.copytree(batches, copy)
+  work = tmp_path / "w"
+  train.train_and_evaluate(_cfg(dataset, **{"data.batches": copy, "export_model": False}),
+                           str(work))
+  assert json.loads((work / "keys.json").read_text())["sampling"] is None
+  r = subprocess.run([sys.executable, "-m", "fastdp_jax.checkpoint", "forget", str(work)],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  for path in (copy, str(work / "keys.json"), str(work / checkpoint.CHECKPOINT_DIR)):
+    assert not os.path.exists(path) and f"removed {path}\n" in r.stdout, (path, r.stdout)
+  assert (work / "summary.json").exists() and (work / "KEYS_DELETED").exists()

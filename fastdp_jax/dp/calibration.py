@@ -107,11 +107,12 @@ def total_epsilon(training_epsilon: float, calibration_epsilon: float) -> float:
   return float(training_epsilon) + float(calibration_epsilon)
 
 
-def training_budget(dp: config_lib.DPSettings, calibration_epsilon: float
-                    ) -> config_lib.DPSettings:
+def training_budget(dp: config_lib.DPSettings, calibration_epsilon: float,
+                    what: str = "calibration.epsilon") -> config_lib.DPSettings:
   """The ``dp`` settings training gets when the calibration takes ``calibration_epsilon`` of
   ``dp.target_epsilon`` and ``dp.max_epsilon`` (a fixed sigma is left as it is: the run's
-  epsilon is then training's plus the calibration's).
+  epsilon is then training's plus the calibration's). ``what`` names the key that takes it
+  (another pure-DP part composed the same way, e.g. ``dp.count_epsilon``).
 
   Raises:
     ConfigError: the calibration would take the whole target or cap.
@@ -125,10 +126,23 @@ def training_budget(dp: config_lib.DPSettings, calibration_epsilon: float
       continue
     if value <= calibration_epsilon:
       raise errors.ConfigError(
-          f"dp.{name}={value} leaves nothing for training after calibration.epsilon="
-          f"{calibration_epsilon}; lower calibration.epsilon or raise dp.{name}")
+          f"dp.{name}={value} leaves nothing for training after {what}="
+          f"{calibration_epsilon}; lower {what} or raise dp.{name}")
     out[name] = value - calibration_epsilon
   return dataclasses.replace(dp, **out)
+
+
+_PARTS = {"count": "dp.count_epsilon", "calibration": "calibration.epsilon",
+          "spec": "the spec's private_estimates epsilon"}
+
+
+def training_share(dp: config_lib.DPSettings, **parts: float) -> config_lib.DPSettings:
+  """:func:`training_budget` for every pure-DP part of a run at once: ``count`` (the DP
+  count of N), ``calibration`` (the temperature) and ``spec`` (the spec's private estimates),
+  each an epsilon that comes out of the target and the cap."""
+  for name, epsilon in parts.items():
+    dp = training_budget(dp, epsilon, _PARTS[name])
+  return dp
 
 
 def mechanism_rng(noise_key: np.ndarray, fixed: bool) -> np.random.Generator:

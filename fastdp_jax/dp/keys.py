@@ -45,48 +45,62 @@ class RunKeys:
     noise: uint32[4], the noise key.
     sampling_fixed: the sampling key came from ``dp.sampling_seed`` (public).
     noise_fixed: the noise key came from ``dp.noise_seed`` (public).
+    sampling_from_batches: the run streams materialised batches: ``sampling`` is their key
+      (or zeros), never drawn for the run and never written to ``keys.json`` (the batch
+      directory keeps it; a copy in the workdir would be one more leftover to delete).
   """
 
   sampling: np.ndarray
   noise: np.ndarray
   sampling_fixed: bool
   noise_fixed: bool
+  sampling_from_batches: bool = False
 
   def __repr__(self) -> str:  # never prints a key
     return f"RunKeys(sampling_fixed={self.sampling_fixed}, noise_fixed={self.noise_fixed})"
 
   def to_json(self) -> str:
-    return json.dumps(dict(sampling=[int(w) for w in self.sampling],
+    sampling = None if self.sampling_from_batches else [int(w) for w in self.sampling]
+    return json.dumps(dict(sampling=sampling,
                            noise=[int(w) for w in self.noise],
                            sampling_fixed=self.sampling_fixed, noise_fixed=self.noise_fixed))
 
   @classmethod
   def from_json(cls, text: str) -> RunKeys:
     d = json.loads(text)
-    return cls(sampling=np.asarray(d["sampling"], np.uint64),
+    streamed = d["sampling"] is None  # a streamed run's: its batches hold the key
+    return cls(sampling=np.zeros(2, np.uint64) if streamed else
+               np.asarray(d["sampling"], np.uint64),
                noise=np.asarray(d["noise"], np.uint32),
-               sampling_fixed=bool(d["sampling_fixed"]), noise_fixed=bool(d["noise_fixed"]))
+               sampling_fixed=bool(d["sampling_fixed"]), noise_fixed=bool(d["noise_fixed"]),
+               sampling_from_batches=streamed)
 
 
 # ------------------------------------------------------------------ generation
 
-def draw(sampling_seed: int | None, noise_seed: int | None) -> RunKeys:
+def draw(sampling_seed: int | None, noise_seed: int | None, *,
+         streamed: bool = False) -> RunKeys:
   """The run's sampling and noise keys: OS entropy on process 0, broadcast to every process.
 
   Args:
     sampling_seed: ``dp.sampling_seed``: None for a secret key, an integer for a public one.
     noise_seed: ``dp.noise_seed``, likewise.
+    streamed: the run streams materialised batches: no sampling key is drawn (zeros until
+      :func:`with_batches_key` sets the batches' own).
 
   Returns:
     The same keys on every process.
   """
-  skey, sfixed = sampling.sampling_key(sampling_seed)
+  if streamed:
+    skey, sfixed = np.zeros(2, np.uint64), False
+  else:
+    skey, sfixed = sampling.sampling_key(sampling_seed)
   nkey, nfixed = noise.noise_key(noise_seed)
   # uint32 words: JAX without x64 would truncate uint64 in the broadcast.
   words = distributed.broadcast_from_process_0(np.concatenate([skey.view(np.uint32), nkey]))
   words = np.asarray(words, np.uint32)
   return RunKeys(sampling=words[:4].copy().view(np.uint64), noise=words[4:].copy(),
-                 sampling_fixed=sfixed, noise_fixed=nfixed)
+                 sampling_fixed=sfixed, noise_fixed=nfixed, sampling_from_batches=streamed)
 
 
 def fresh_noise(keys: RunKeys) -> RunKeys:
@@ -142,7 +156,8 @@ def with_batches_key(keys: RunKeys, batches: str, sampling_fixed: bool) -> RunKe
   except (errors.UserError, OSError):
     key, fixed = np.zeros(2, np.uint64), sampling_fixed
   return dataclasses.replace(keys, sampling=np.asarray(key, np.uint64),
-                             sampling_fixed=bool(fixed or sampling_fixed))
+                             sampling_fixed=bool(fixed or sampling_fixed),
+                             sampling_from_batches=True)
 
 
 # ------------------------------------------------------------------ storage
@@ -162,7 +177,7 @@ def load(workdir: str) -> RunKeys | None:
 
 
 def resolve(workdir: str, *, resuming: bool, checkpointing: bool, sampling_seed: int | None,
-            noise_seed: int | None) -> RunKeys:
+            noise_seed: int | None, streamed: bool = False) -> RunKeys:
   """The keys of the run being resumed, or new ones (saved before the first update).
 
   Args:
@@ -171,6 +186,7 @@ def resolve(workdir: str, *, resuming: bool, checkpointing: bool, sampling_seed:
     checkpointing: the run writes checkpoints, so its keys must be saved for a resume.
     sampling_seed: ``dp.sampling_seed``, for new keys (:func:`draw`).
     noise_seed: ``dp.noise_seed``, likewise.
+    streamed: the run streams materialised batches: no sampling key is drawn or saved.
 
   Returns:
     The saved keys when resuming, else new ones (saved by process 0 when checkpointing).
@@ -185,7 +201,7 @@ def resolve(workdir: str, *, resuming: bool, checkpointing: bool, sampling_seed:
           f"workdir {workdir} holds checkpoints but no {KEYS_FILE}: the run "
           "cannot be resumed without its keys; use another --workdir")
     return keys
-  keys = draw(sampling_seed, noise_seed)
+  keys = draw(sampling_seed, noise_seed, streamed=streamed)
   if jax.process_index() == 0 and checkpointing:
     save(workdir, keys)
   return keys

@@ -40,6 +40,11 @@ class PrivacyPlan:
   overflow_delta: float = 0.0
   epsilon_bound: float = float("inf")  # the epsilon the run can reach (the overflow term's)
   delta_warning: str | None = None
+  # The N that q, T and delta derive from, and how it is known (fastdp_jax.dp.count): a DP
+  # estimate whose epsilon adds to the run's, or a figure the user declared public.
+  num_examples: int | None = None
+  num_examples_source: str | None = None
+  count_epsilon: float = 0.0
 
   @property
   def delta_total(self) -> float:

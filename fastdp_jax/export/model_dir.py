@@ -87,7 +87,8 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
                  hidden_sizes: Sequence[int], summary: summary_lib.RunSummary | None = None,
                  threshold: float = 0.5, signing_key: bytes | None = None,
                  model: Mapping[str, Any] | None = None,
-                 feature_spec: Mapping[str, Any] | None = None) -> str:
+                 feature_spec: Mapping[str, Any] | None = None,
+                 include_test_metrics: bool = False) -> str:
   """Writes an exported model into ``directory`` (created; an old export is replaced).
 
   The directory appears whole: its files are written into a hidden staging directory beside
@@ -112,6 +113,9 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
     feature_spec: the dataset's feature spec in canonical form (the manifest's
       ``extra["spec"]``, :meth:`fastdp_jax.data.features.FeatureSpec.to_dict`): the public
       encoding that lets the predictor take raw rows. None: encoded features only.
+    include_test_metrics: also state ``summary``'s test metrics (``export_test_metrics``),
+      rounded and marked as not covered by the guarantee; by default they stay out: exact
+      statistics of private held-out rows (their count among them) that no accountant covers.
 
   Returns:
     ``directory``.
@@ -138,7 +142,8 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
       params_path = os.path.join(staging, layout.PARAMS_FILE)
       atomic.write_npz(params_path, flat)
       spec = _model_json(names, hidden_sizes, model_dict, feature_spec, label_name,
-                         threshold, data_lib.sha256_file(params_path), flat, summary)
+                         threshold, data_lib.sha256_file(params_path), flat, summary,
+                         include_test_metrics)
       text = json.dumps(spec, indent=1, default=float)
       _check_spec(json.loads(text), staging)  # load_model's checks: no export is refused
       atomic.write_text(os.path.join(staging, layout.SPEC_FILE), text)
@@ -158,7 +163,8 @@ def export_model(directory: str, *, params: Any, feature_names: Sequence[str], l
 def _model_json(names: Sequence[str], hidden_sizes: Sequence[int], model: dict[str, Any],
                 feature_spec: Mapping[str, Any] | None, label_name: str, threshold: float,
                 params_sha256: str, flat: Mapping[str, np.ndarray],
-                summary: summary_lib.RunSummary | None) -> dict[str, Any]:
+                summary: summary_lib.RunSummary | None,
+                include_test_metrics: bool = False) -> dict[str, Any]:
   """The contents of ``model.json`` (public values only)."""
   return dict(
       format=FORMAT, format_version=FORMAT_VERSION,
@@ -174,7 +180,7 @@ def _model_json(names: Sequence[str], hidden_sizes: Sequence[int], model: dict[s
       params_sha256=params_sha256,
       num_params=int(sum(v.size for v in flat.values())),
       privacy=_privacy_of(summary),
-      metrics=_metrics_of(summary),
+      metrics=_metrics_of(summary, include_test_metrics),
       config=(summary.config or None) if summary is not None else None,
       versions=_versions())
 
@@ -269,12 +275,17 @@ def _privacy_of(summary: summary_lib.RunSummary | None) -> dict[str, Any]:
   return out
 
 
-def _metrics_of(summary: summary_lib.RunSummary | None) -> dict[str, Any]:
-  # Held-out test rows only; the training-row diagnostics (nonprivate_*) stay in the workdir.
+def _metrics_of(summary: summary_lib.RunSummary | None, include: bool) -> dict[str, Any]:
+  """The task and, only if ``include``, the test metrics (rounded, marked as not covered).
+
+  Held-out test rows only; the training-row diagnostics (nonprivate_*) stay in the workdir.
+  """
   out = summary.test_record() if summary is not None else {}
+  if out and not include:
+    return {"task": out["task"], "note": release.TEST_METRICS_LEFT_OUT}
   if out:
-    out["note"] = ("computed on held-out private test rows; not covered by the privacy "
-                   "guarantee")
+    out = {k: release.public_metric(v) for k, v in out.items()}
+    out.update(note=release.TEST_METRICS_NOTE, covered_by_guarantee=False)
   return out
 
 
@@ -698,16 +709,29 @@ def _check_privacy(priv: Any, bad, check_epsilon: bool) -> None:
     raise bad("privacy.accountant", f"={priv.get('accountant')!r} is not one of "
               f"{accounting.ACCOUNTANTS}")
   total, overflow = priv.get("delta"), priv.get("overflow_delta") or 0.0
-  if _is_real(total) and _is_real(delta) and _is_real(overflow) and not math.isclose(
-      total, delta + overflow, rel_tol=1e-9):
-    raise bad("privacy.delta", f"={total!r} is not accountant_delta + overflow_delta")
-  # With a calibration, epsilon is training's plus the selection's (basic composition).
+  spec_delta = priv.get("spec_delta") or 0.0  # the feature spec's private estimates
+  if _is_real(total) and _is_real(delta) and _is_real(overflow) and not (_is_real(
+      spec_delta) and math.isclose(total, delta + overflow + spec_delta, rel_tol=1e-9)):
+    raise bad("privacy.delta", f"={total!r} is not accountant_delta + overflow_delta + "
+              "spec_delta")
+  # With a calibration, epsilon is training's plus the selection's (basic composition); after
+  # a private tuning (fastdp-tune) it is the whole procedure's, stated in the tuning record.
   trained, calibrated = priv.get("training_epsilon", eps), priv.get("calibration_epsilon")
-  if calibrated is not None and not (
-      _is_real(calibrated) and calibrated >= 0 and _is_real(trained) and _is_real(eps)
-      and math.isclose(eps, trained + calibrated, rel_tol=1e-9)):
+  counted = priv.get("count_epsilon")  # the DP count of N (fastdp_jax.dp.count), likewise
+  tuned = priv.get("tuning")
+  if isinstance(tuned, dict) and tuned.get("accounted") and "epsilon" in tuned:
+    if not (_is_real(eps) and math.isclose(eps, tuned["epsilon"], rel_tol=1e-9)):
+      raise bad("privacy.epsilon", f"={eps!r} is not the tuning procedure's "
+                f"{tuned['epsilon']!r}")
+    calibrated = counted = None  # inside each trial's event, not added to epsilon
+  spec_eps = priv.get("spec_epsilon")  # the feature spec's private estimates, likewise
+  added = [e for e in (calibrated, counted, spec_eps) if e is not None]
+  if added and not (
+      all(_is_real(e) and e >= 0 for e in added) and _is_real(trained) and _is_real(eps)
+      and math.isclose(eps, trained + sum(added), rel_tol=1e-9)):
     raise bad("privacy.epsilon", f"={eps!r} is not training_epsilon {trained!r} + "
-              f"calibration_epsilon {calibrated!r}")
+              f"calibration_epsilon {calibrated!r} + count_epsilon {counted!r} + "
+              f"spec_epsilon {spec_eps!r}")
   single = priv.get("ledger_composition", priv.get("accountant")) == priv.get("accountant")
   if (check_epsilon and single and _is_real(trained) and None not in (sigma, q, steps, delta)):
     recomputed = accounting.compute_epsilon(float(sigma), float(q), int(steps), float(delta),

@@ -453,6 +453,40 @@ def test_canary_audit_stays_below_accountant_epsilon(dirac_audit):
     assert json.load(f)["privacy_eval"]["canary_audit"] == audit
 
 
+# The audit's own mutant (`audit_sigma_quarter` in tests/mutation/mutants.py: the loop adds
+# sigma C / 4 while sigma is reported) must push the audit's lower bound above the accountant's
+# epsilon. Measured (issue 24) with configs/test.py's MLP on 1,500 generated rows, sigma 2,
+# 10 epochs, the expected batch scaled with N to keep q near 0.075: with the noise at sigma / 4,
+# 1,000 Dirac canaries give a bound of 1.67 against the accountant's 1.93, 2,000 give 1.60
+# against 1.96, and 4,000 (2,049 included) give 2.23 against 1.95; with the noise as
+# configured, 4,000 give 0.39. The runs are seeded, so these numbers are what this test sees.
+POWER_CANARIES = 4000
+POWER_Q = 0.075
+
+
+def test_canary_audit_with_the_power_to_see_a_quarter_of_the_noise_stays_below_the_accountant(
+    tmp_path):
+  from fastdp_jax import train
+  from tests.conftest import make_config, make_dataset
+  src = make_dataset(str(tmp_path / "data"), rows=1500)
+  canaries = pe.make_audit_dataset(src, str(tmp_path / "audit"), num_canaries=POWER_CANARIES,
+                                   seed=0)
+  n = len(data_lib.load_split(str(tmp_path / "audit"), "train"))
+  cfg = make_config(str(tmp_path / "audit"), **{
+      "dp.noise_multiplier": AUDIT_SIGMA, "dp.l2_norm_clip": 1.0,
+      "optimizer.learning_rate": 2.0, "batch_size": max(1, round(POWER_Q * n)),
+      "num_epochs": 10, "privacy_eval.membership_rows": 0, "data.attack_column": "",
+      "checkpoint.enabled": False, "export_model": False, "log_every_steps": 0,
+      "steps_per_call": 64})
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  audit = summary.privacy_eval["canary_audit"]
+  assert audit["num_canaries"] == POWER_CANARIES
+  assert audit["num_included"] == canaries.included.sum()
+  eps = summary.epsilon
+  assert audit["accountant_epsilon"] == eps and np.isfinite(eps)
+  assert audit["epsilon_lower_bound"] <= eps and audit["consistent"] is True, (audit, eps)
+
+
 def test_make_audit_dataset_cli(tmp_path, capsys):
   from tests.conftest import make_dataset
   src = make_dataset(str(tmp_path / "d"), rows=500)

@@ -19,11 +19,12 @@ from fastdp_jax import summary as summary_lib
 NAMES = ("a", "b", "c", "d", "e")
 
 
-def _export(tmp_path, summary=None, hidden=(7,)):
+def _export(tmp_path, summary=None, hidden=(7,), include_test_metrics=False):
   model = models.create_model(len(NAMES), hidden, seed=3)
   apply_fn, params = models.functional(model)
   path = model_dir.export_model(str(tmp_path / "model"), params=params, feature_names=NAMES,
-                                label_name="employed", hidden_sizes=hidden, summary=summary)
+                                label_name="employed", hidden_sizes=hidden, summary=summary,
+                                include_test_metrics=include_test_metrics)
   return path, apply_fn, params
 
 
@@ -72,7 +73,7 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
       privacy_eval={"membership_inference": dict(
           auc=0.5039, tpr_at_low_fpr=0.0051, low_fpr=0.01, advantage=0.01,
           num_members=10, num_nonmembers=10)})
-  path, _, _ = _export(tmp_path, summary)
+  path, _, _ = _export(tmp_path, summary, include_test_metrics=True)
   with open(os.path.join(path, layout.SPEC_FILE)) as f:
     spec = json.load(f)
   assert [f["name"] for f in spec["features"]] == list(NAMES)
@@ -86,11 +87,21 @@ def test_spec_and_card_state_privacy_and_hold_no_training_data(tmp_path):
     assert leak not in text, leak
   assert spec["privacy"]["sampling_rate"] == 0.000264
   assert round(256 / spec["privacy"]["sampling_rate"]) != 969204
-  for text in ("(epsilon, delta) = (0.2768, 1e-07)", "C = 3", "sigma = 0.9",
+  # epsilon on the card rounded up to 3 digits; the included metrics marked as not covered.
+  for text in ("(epsilon, delta) = (0.277, 1e-07)", "C = 3", "sigma = 0.9",
                "| 4 | `e` |", "load_model", "0.6766", "Private: **true**",
-               "held-out private test rows"):
+               "held-out private test rows", "**not covered by the privacy guarantee**"):
     assert text in card, text
   assert "no privacy guarantee" not in card
+  assert spec["metrics"]["covered_by_guarantee"] is False
+  assert "NOT covered by the privacy guarantee" in spec["metrics"]["note"]
+  # By default the test metrics stay out of model/ and the card says why.
+  default, _, _ = _export(tmp_path / "default", summary)
+  with open(os.path.join(default, layout.SPEC_FILE)) as f:
+    metrics = json.load(f)["metrics"]
+  default_card = open(os.path.join(default, layout.CARD_FILE)).read()
+  assert set(metrics) == {"task", "note"} and "0.6766" not in default_card
+  assert "Test metrics are not part of this export" in default_card
   public, _, _ = _export(tmp_path / "np",
                          summary_lib.RunSummary(dp_enabled=False, epsilon=float("inf")))
   public_card = open(os.path.join(public, layout.CARD_FILE)).read()

@@ -27,6 +27,8 @@ class Mutant:
     breaks: the guarantee the change breaks, in words (for the table).
     multidevice: True when the change is invisible on one device (only the 8-device run can
       catch it).
+    tests: the tests that must catch it ON THEIR OWN, run instead of the privacy tests (the
+      canary audit's own mutant: the loop tests would catch it first).
   """
 
   name: str
@@ -35,17 +37,23 @@ class Mutant:
   new: str
   breaks: str
   multidevice: bool = False
+  tests: tuple[str, ...] = ()
 
 
 _CLIP_FACTOR = "factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))"
 _VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
 _BUILD_STEP = "  build = build_streamed_chunk if streamed else build_train_chunk\n"
+_NOISE_STDDEV = "  stddev = float(noise_multiplier) * float(l2_norm_clip)\n"
+_VMAP_SUM = "  summed, aux = clipped_sum(params, batch, is_padding_example=~mask)\n"
+_TABLE_SCALE = ("        scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)\n"
+                "        # Padding rows add exact zeros")
+_WITH_KEY = "lambda s: s._replace(key=jnp.asarray(key, s.key.dtype).reshape(s.key.shape)))"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sigma_half",
         file="fastdp_jax/dp/noise.py",
-        old="  stddev = float(noise_multiplier) * float(l2_norm_clip)\n",
+        old=_NOISE_STDDEV,
         new="  stddev = 0.5 * float(noise_multiplier) * float(l2_norm_clip)  # MUTANT\n",
         breaks="the loop adds noise of std sigma C / 2 while sigma is reported"),
     Mutant(
@@ -153,6 +161,61 @@ MUTANTS: tuple[Mutant, ...] = (
         new="    out[name] = value  # MUTANT: training spends the calibration's share too\n",
         breaks="training is calibrated to the whole target, so training plus the temperature's "
                "selection exceed the epsilon the user asked for"),
+    Mutant(
+        name="clip_101c_ghost",
+        file="fastdp_jax/dp/ghost.py",
+        old=_CLIP_FACTOR,
+        new=_CLIP_FACTOR.replace("l2_norm_clip /", "1.01 * l2_norm_clip /") + "  # MUTANT",
+        breaks="ghost clipping clips at 1.01 C (1 % more signal than the noise is for)"),
+    Mutant(
+        name="pair_clipping_vmap",
+        file="fastdp_jax/dp/clipping.py",
+        old=_VMAP_SUM,
+        new=("  # MUTANT: examples clipped in pairs: the sum of two examples' gradients is clipped\n"
+             "  # to C as if it were one example's (sensitivity 2 C for the noise of C).\n"
+             "  pad = mask.shape[0] % 2\n"
+             "  ext = lambda v: jnp.concatenate([v, v[:pad]]) if pad else v\n"
+             "  pairs = jax.tree_util.tree_map(lambda v: ext(v).reshape((-1, 2) + v.shape[1:]),\n"
+             "                                 batch)\n"
+             "  pmask = jnp.concatenate([mask, jnp.zeros(pad, bool)]).reshape(-1, 2)\n"
+             "\n"
+             "  def pair_loss(p, pair):\n"
+             "    ex, m = pair\n"
+             "    return sum(jnp.where(m[k], loss_fn(p, jax.tree_util.tree_map(lambda v: v[k], ex)),\n"
+             "                         0.0) for k in (0, 1))\n"
+             "\n"
+             "  summed, pair_aux = jp_clipping.clipped_grad(\n"
+             "      pair_loss, l2_clip_norm=l2_norm_clip, batch_argnums=1, keep_batch_dim=False,\n"
+             "      return_grad_norms=True)(params, (pairs, pmask),\n"
+             "                              is_padding_example=~pmask.any(axis=1))\n"
+             "  aux = type('Aux', (), {'grad_norms': jnp.repeat(pair_aux.grad_norms, 2)[:mask.shape[0]]})\n"),
+        breaks="vmap path: pairs of examples are clipped together (their summed gradient to C): "
+               "one example can move the sum by 2 C"),
+    Mutant(
+        name="unclipped_embedding_rows_ghost",
+        file="fastdp_jax/dp/ghost.py",
+        old=_TABLE_SCALE,
+        new=_TABLE_SCALE.replace(" * factor[:, None].astype(g.dtype)",
+                                 "  # MUTANT: table rows not clipped"),
+        breaks="ghost path: the embedding tables' rows get each example's unclipped gradient "
+               "(the dense layers are clipped)"),
+    Mutant(
+        name="noise_counter_reset_on_resume",
+        file="fastdp_jax/dp/noise.py",
+        old=_WITH_KEY,
+        new=_WITH_KEY[:-2] + ",\n                                    count=jnp.zeros_like(s.count)))"
+            "  # MUTANT: a resume restarts the noise counter",
+        breaks="a resume restarts the noise counter: the updates after it reuse the noise of the "
+               "first ones (the same noise twice)"),
+    Mutant(
+        name="audit_sigma_quarter",
+        file="fastdp_jax/dp/noise.py",
+        old=_NOISE_STDDEV,
+        new="  stddev = 0.25 * float(noise_multiplier) * float(l2_norm_clip)  # MUTANT\n",
+        breaks="the loop adds noise of std sigma C / 4; the canary audit alone must see it "
+               "(its lower bound above the accountant's epsilon)",
+        tests=("tests/dp/test_privacy_eval.py::test_canary_audit_with_the_power_to_see_a_"
+               "quarter_of_the_noise_stays_below_the_accountant",)),
 )
 
 

@@ -10,6 +10,8 @@ textual change there (it must match exactly once), and runs the privacy tests on
 2. only if those pass: ``pytest -q -x -m multidevice`` on :data:`MULTIDEVICE_TESTS` in its own
    process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
+A mutant with ``tests`` (the canary audit's own) runs those tests alone instead.
+
 A mutant is *caught* when a test fails on an assertion, *SURVIVED* when every test passes,
 and an *ERROR* (a harness error) when it does not apply, when the copy fails for another reason
 (an exception that is not an assertion, a collection error, a timeout), or when the unmutated
@@ -50,13 +52,18 @@ _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
 # The privacy tests: each ties what the training loop does to what it reports.
 PRIVACY_TESTS = (
     "tests/dp/test_privacy_guarantees.py",  # noise std sigma C, clipping, expected batch, fresh noise
+    # update minus its exact noise = the float64 clipped sum, every task, before/after a resume
+    "tests/dp/test_update_precision.py",
     "tests/dp/test_sampling.py",  # per-example Poisson inclusion: q^2 pairs, independence, keys
     "tests/dp/test_privacy_eval.py::test_canary_audit_detects_missing_noise",
     "tests/dp/test_privacy_eval.py::test_canary_audit_stays_below_accountant_epsilon",
+    "tests/dp/test_privacy_eval.py::test_canary_audit_with_the_power_to_see_a_quarter_of_the_"
+    "noise_stays_below_the_accountant",  # 4,000 canaries: sigma / 4 exceeds the accountant
     "tests/dp/test_segment_keys.py",  # a changed resume samples its segment independently
     "tests/dp/test_calibration.py",  # the temperature's epsilon is in the total
 )
-MULTIDEVICE_TESTS = ("tests/dp/test_privacy_guarantees.py",)  # noise once across 8 devices
+MULTIDEVICE_TESTS = ("tests/dp/test_privacy_guarantees.py",  # noise once across 8 devices
+                     "tests/dp/test_update_precision.py")  # the exact update on 8 devices
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 TIMEOUT_S = 1800  # per pytest invocation
 
@@ -183,8 +190,12 @@ def run_pytest(tree: str, targets: tuple[str, ...], *, multidevice: bool) -> Out
                  seconds=seconds)
 
 
-def run_privacy_tests(tree: str, *, multidevice_too: bool = True) -> Outcome:
-  """The single-device privacy tests, then (if they pass) the 8-device ones."""
+def run_privacy_tests(tree: str, *, multidevice_too: bool = True,
+                      targets: tuple[str, ...] = ()) -> Outcome:
+  """The single-device privacy tests, then (if they pass) the 8-device ones; with
+  ``targets``, those tests alone (a mutant that they must catch on their own)."""
+  if targets:
+    return run_pytest(tree, targets, multidevice=False)
   first = run_pytest(tree, PRIVACY_TESTS, multidevice=False)
   if first.result != SURVIVED or not multidevice_too:
     return first
@@ -202,7 +213,7 @@ def judge(root: str, mutant: mutants_lib.Mutant | None, *, keep: bool = False) -
       check_imports_from(tree)
     else:
       apply_mutant(tree, mutant)
-    return run_privacy_tests(tree)
+    return run_privacy_tests(tree, targets=mutant.tests if mutant else ())
   except HarnessError as e:
     return Outcome(ERROR, detail=str(e))
   finally:

@@ -38,7 +38,8 @@ def test_a_mutant_that_does_not_match_exactly_once_is_a_harness_error(tmp_path):
 def test_mutant_names_are_unique_and_the_privacy_tests_exist():
   names = [m.name for m in mutants_lib.MUTANTS]
   assert len(set(names)) == len(names)
-  for target in run.PRIVACY_TESTS + run.MULTIDEVICE_TESTS:
+  own = tuple(t for m in mutants_lib.MUTANTS for t in m.tests)
+  for target in run.PRIVACY_TESTS + run.MULTIDEVICE_TESTS + own:
     path, _, test = target.partition("::")
     source = open(os.path.join(ROOT, path)).read()
     assert not test or f"def {test}(" in source, target

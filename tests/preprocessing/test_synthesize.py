@@ -194,6 +194,31 @@ def test_direct_writer_raw_spec_and_rejection_of_bad_values(tmp_path):
   assert not os.path.exists(tmp_path / "bad")
 
 
+
+@pytest.mark.parametrize("spec_name", ["pums_educ", "pums_income", "pums_puma"])
+def test_direct_writer_records_the_specs_task_and_embeddings(tmp_path, spec_name):
+  # A multiclass label, a regression label and an embedded id column are written as the spec
+  # declares them (the Spark job's manifest fields), not as a binary task of dense features:
+  # the trainer reads the task and the embeddings from the manifest.
+  spec = features_lib.load_spec(spec_name)
+  assert spec.task != manifest_lib.BINARY or spec.embeddings  # the premise: not the default
+  cols = S.synthesize_raw(3000, seed=6)
+  out = str(tmp_path / spec_name)
+  m = S.write_shards(cols, out, spec=spec)
+  assert m.task == spec.task
+  assert tuple(m.embeddings) == tuple(spec.embeddings)
+  expected, _ = T.expected_splits(spec, cols)
+  for split, (x, y) in expected.items():
+    got = data_lib.load_split(out, split)  # the loader checks labels against the task
+    np.testing.assert_array_equal(got.features, x)
+    np.testing.assert_array_equal(got.labels, y)
+  # The command line gives the same manifest fields.
+  cli = str(tmp_path / "cli")
+  assert S.main(["--rows", "500", "--schema", "raw", "--spec", spec_name,
+                 "--output-shards", cli]) == 0
+  cm = manifest_lib.read_manifest(cli)
+  assert cm.task == spec.task and tuple(cm.embeddings) == tuple(spec.embeddings)
+
 def test_inject_malformed_lines_are_all_rejected_with_their_reason(tmp_path):
   src, dst = str(tmp_path / "s.csv"), str(tmp_path / "d.csv")
   S.write_csv_file(src, 2000, seed=0)
