@@ -12,7 +12,7 @@ DEMO_DATA := data/generated/capums
 DEMO_CSV := data/generated/CaPUMS5full.csv
 LINT_PATHS := fastdp_jax preprocessing main.py
 
-.PHONY: install demo data lint test test-main test-multidevice test-fast test-repeat mutation clean peer-venv bench
+.PHONY: install demo data lint test test-main test-multidevice test-fast test-repeat mutation clean peer-venv bench notebook
 
 install: $(STAMP)
 
@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[spark,test,lint]'
 	touch $(STAMP)
 
-# Census-like CSV in the original CaPUMS5full.csv schema, then the Spark job (local mode)
-# turns it into HDF5 shards with a manifest (malformed rows would go to rejects/).
+# Census-like CSV in the original CaPUMS5full.csv schema, then the data command turns it into
+# HDF5 shards with a manifest (malformed rows would go to rejects/): the streaming path (no
+# JVM) for a CSV under 64 MiB, as the default 29 MB one; Spark in local mode above it
+# (--engine spark forces Spark; the shards are the same bytes either way).
 data: $(STAMP)
 	mkdir -p data/generated
 	$(PY) -m preprocessing.synthesize --rows $(DEMO_ROWS) --schema capums --seed 0 --output $(DEMO_CSV)
@@ -84,6 +86,17 @@ peer-venv:
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --peers --peer-python $(PEER_VENV)/bin/python
+
+# JupyterLab and TensorBoard (the notebook extra, pinned by constraints.txt) into .venv, then
+# the quickstart notebook in JupyterLab. A run's TensorBoard: .venv/bin/tensorboard --logdir runs
+NOTEBOOK := notebooks/quickstart.ipynb
+NOTEBOOK_STAMP := $(VENV)/.notebook-installed
+notebook: $(NOTEBOOK_STAMP)
+	$(VENV)/bin/jupyter lab $(NOTEBOOK)
+
+$(NOTEBOOK_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[spark,test,lint,notebook]'
+	touch $(NOTEBOOK_STAMP)
 
 clean:
 	rm -rf runs data/generated

@@ -17,7 +17,9 @@ modules at the top.
 * accounting (through ``dp_accounting``): :func:`compute_epsilon`,
   :func:`calibrate_noise_multiplier`, and :class:`PrivacyLedger` (every update of a run and
   every question about them);
-* the exported model: :func:`load_model`; a dataset split: :func:`load_split`; the error every
+* the exported model: :func:`load_model`; its metrics recomputed on a dataset directory or a
+  raw CSV, with 95 % intervals: :func:`evaluate` (an :class:`Evaluation`); the train/test
+  split rule: :func:`is_test_row`; a dataset split: :func:`load_split`; the error every
   bad input raises (a one-line message, exit status 2 on the command line): :class:`UserError`;
   what :func:`train_and_evaluate` raises after a SIGTERM made it checkpoint and stop (exit
   status 143 on the command line; the same call resumes): :class:`Preempted`; the
@@ -79,10 +81,20 @@ A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is fals
   >>> with contextlib.redirect_stdout(io.StringIO()):  # the progress lines
   ...   summary = fastdp_jax.train_and_evaluate(cfg, f"{root}/run")
   >>> summary.steps, summary.private, bool(0 < summary.epsilon < float("inf"))
-  (10, False, True)
+  (13, False, True)
+
+(13 updates where the exact row count would give 10: q and T come from a DP estimate of the
+training rows, whose noise here follows the public noise seed; ``data.num_examples_public=True``
+would declare N public instead.)
+
   >>> predict = fastdp_jax.load_model(f"{root}/run/model")
   >>> predict(features[:2]).shape
   (2,)
+  >>> result = fastdp_jax.evaluate(f"{root}/run", f"{root}/data")  # the test metrics again
+  >>> result["accuracy"].value == summary.test_accuracy, result["accuracy"].method
+  (True, 'clopper-pearson')
+  >>> bool(result["accuracy"].low <= summary.test_accuracy <= result["accuracy"].high)
+  True
 
 The same run in its three sections (what :func:`train_and_evaluate` does inside, less its
 checks of the workdir)::
@@ -96,7 +108,7 @@ checks of the workdir)::
   ...   train.train(trainer)
   ...   again = fastdp_jax.finalize(trainer)
   >>> again.steps, again.epsilon == summary.epsilon
-  (10, True)
+  (13, True)
 
 Names load lazily, so ``import fastdp_jax`` does not start JAX.
 """
@@ -124,6 +136,9 @@ _EXPORTS = {
     "PrivacyLedger": "fastdp_jax.dp.accounting",
     "load_model": "fastdp_jax.export.predictor",
     "load_split": "fastdp_jax.data.shards",
+    "is_test_row": "fastdp_jax.data.split",
+    "evaluate": "fastdp_jax.evaluation",
+    "Evaluation": "fastdp_jax.evaluation",
     "UserError": "fastdp_jax.errors",
     "Preempted": "fastdp_jax.preemption",
     "TENSORBOARD_TAGS": "fastdp_jax.sinks",

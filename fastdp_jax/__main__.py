@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,7 +33,7 @@ from fastdp_jax import config as config_lib
 from fastdp_jax import errors
 
 USAGE = ("usage: python -m fastdp_jax --config=CONFIG.py [--config.KEY=VALUE ...] "
-         "[--workdir=DIR] (--helpshort lists every flag)")
+         "[--workdir=DIR] (--help lists the options)")
 
 # Errors that are the user's to fix: one line, no traceback, exit status 2. The OS's errors
 # about a path name that path, and the paths are the user's (data.path, the workdir); a
@@ -57,7 +57,82 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_float(
     "heartbeat_timeout_s", None, "a process silent this long is dead; the others stop "
     "(default 60)")
 
+_CONFIG_KEYS = flags.DEFINE_boolean(
+    "config_keys", False, "print every config key with its value (of --config if given, else "
+    "the defaults) and its comment, one line each, and exit")
+
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)")
+# The trainer's own flags, in the order --help lists them (absl's and JAX's: --helpfull).
+_OWN_FLAGS = ("config", "workdir", "config_keys", "coordinator_address", "num_processes",
+              "process_id", "init_timeout_s", "heartbeat_timeout_s")
+_HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+
+
+def help_text() -> str:
+  """The ``--help`` page: the usage line, then each option on one line.
+
+  A command that reuses :func:`parse_flags` (``fastdp-tune``) gets its own flags listed after
+  the trainer's, its program name in the usage line and its docstring's first line.
+  """
+  usage, about = USAGE, ("Trains a model with DP-SGD on a dataset directory and writes the run "
+                         "(metrics, summary.json, model/) to --workdir.")
+  names = list(_OWN_FLAGS)
+  main = sys.modules["__main__"]
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    # absl names the flags of the program run (``python -m fastdp_jax.tune``) by its file.
+    other = (main if module == getattr(main, "__file__", None)
+             else sys.modules.get(module) if module.startswith("fastdp_jax.") else None)
+    if other is not None and other is not sys.modules[__name__]:
+      names += [f.name for f in defined if f.name not in names]
+      doc = (other.__doc__ or "").strip().split("\n\n")[0]
+      about = " ".join(doc.replace("``", "").split()) or about
+      spec = getattr(other, "__spec__", None)
+      program = spec.name if spec else module
+      usage = USAGE.replace("python -m fastdp_jax ", f"python -m {program} ", 1)
+  rows = [(f"--{name}", " ".join(flags.FLAGS[name].help.split())) for name in names]
+  rows[1:1] = [("--config.KEY=VALUE", "override one config key, e.g. "
+                "--config.dp.target_epsilon=1 (--config_keys lists the keys)")]
+  rows += [("--help", "this page"), ("--helpfull", "every flag, absl's and JAX's included")]
+  width = max(len(flag) for flag, _ in rows) + 2
+  return "\n".join([usage, "", about, "", "options:"]
+                   + [f"  {flag:<{width}}{text}" for flag, text in rows]) + "\n"
+
+
+def _key_comments() -> dict[str, str]:
+  """Each key's comment in :func:`fastdp_jax.config.base_config`'s source, its lines joined."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  found: dict[str, str] = {}
+  pattern = re.compile(r"^\s*(?:c\.)?([a-z_][\w.]*)\s*=\s*[^#\n]*?#\s*(.+)$")
+  key = None  # the key whose comment the following comment-only lines continue
+  for line in inspect.getsource(config_lib).splitlines():
+    match = pattern.match(line)
+    if match:
+      key = match.group(1) if match.group(1) not in found else None
+      if key:
+        found[key] = match.group(2).strip()
+    elif key and line.strip().startswith("#"):
+      found[key] += " " + line.strip().lstrip("#").strip()
+    else:
+      key = None
+  return found
+
+
+def config_key_lines(cfg: Any) -> list[str]:
+  """``KEY = VALUE  # comment`` for every key of ``cfg`` (a ConfigDict), groups left out."""
+  comments = _key_comments()
+
+  def walk(node: Any, prefix: str) -> list[str]:
+    lines = []
+    for key in node.keys():
+      value = node[key]
+      if hasattr(value, "keys"):
+        lines += walk(value, f"{prefix}{key}.")
+        continue
+      note = comments.get(prefix + key)
+      lines.append(f"{prefix}{key} = {value!r}" + (f"  # {note}" if note else ""))
+    return lines
+
+  return walk(cfg, "")
 
 
 def _fail(message: object) -> NoReturn:
@@ -76,10 +151,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
   A misspelt ``--config.KEY`` is caught here, before ``ml_collections`` would raise an
   ``AttributeError`` from deep inside the flag parser.
+  ``--help`` prints :func:`help_text` and exits 0; ``--config_keys`` lists the config's keys
+  and exits 0.
   """
   for arg in argv[1:]:
     if arg == "--":
       break
+    if arg in _HELP_ARGS:
+      sys.stdout.write(help_text())
+      sys.exit(0)
     match = _OVERRIDE.match(arg)
     if match:
       try:
@@ -90,6 +170,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     rest = flags.FLAGS(list(argv))
   except flags.Error as e:  # a config file that does not load, a value of the wrong type
     _fail(e)
+  if _CONFIG_KEYS.value:
+    cfg = _CONFIG.value if _CONFIG.value is not None else config_lib.base_config()
+    print("\n".join(config_key_lines(cfg)))
+    sys.exit(0)
   if _CONFIG.value is None:
     _fail(f"--config is required; {USAGE}")
   try:

@@ -20,7 +20,7 @@ from absl import logging
 from fastdp_jax import config as config_lib
 from fastdp_jax import distributed
 from fastdp_jax import errors
-from fastdp_jax import evaluate
+from fastdp_jax import metrics
 from fastdp_jax import models
 from fastdp_jax import parallel
 from fastdp_jax.data import batch_stream
@@ -51,6 +51,8 @@ class RunData:
     attack_index: the model-inversion attack's column, or None.
     streamed_from: the dataset directory whose test shards evaluation streams (None: the test
       rows are in memory).
+    spec_estimate: ``(epsilon, delta)`` the dataset's feature spec spent on private estimates
+      (:func:`fastdp_jax.data.manifest.spec_estimate`); added to the run's.
   """
   train: data_lib.Split
   test: data_lib.Split
@@ -63,6 +65,7 @@ class RunData:
   canaries: privacy_eval.Canaries | None
   attack_index: int | None
   streamed_from: str | None
+  spec_estimate: tuple[float, float] = (0.0, 0.0)
 
 
 Given = tuple[data_lib.Split, data_lib.Split, parallel.DeviceData]
@@ -93,10 +96,11 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
   return RunData(
       train=train, test=test, dev=dev, num_examples=n, validation=validation, head=head,
       embeddings=embeddings,
-      baseline=evaluate.baseline(test, head, streamed_from=streamed_from,
+      baseline=metrics.baseline(test, head, streamed_from=streamed_from,
                                  chunk_rows=rc.eval_batch_size),
       canaries=privacy_eval.load_canaries(d.path) if given is None else None,
-      attack_index=_attack_index(d.attack_column, train), streamed_from=streamed_from)
+      attack_index=_attack_index(d.attack_column, train), streamed_from=streamed_from,
+      spec_estimate=manifest_lib.spec_estimate(d.path) if given is None else (0.0, 0.0))
 
 
 def check_enough_rows(rc: config_lib.RunConfig) -> None:
@@ -110,16 +114,27 @@ def check_enough_rows(rc: config_lib.RunConfig) -> None:
     ConfigError: no training row, or batch_size > N (:func:`fastdp_jax.dp.plan.check_rows`).
   """
   d = rc.data
+  counts = training_row_count(d)
+  if counts is None:
+    return  # the loader names what is wrong with data.path
+  n, total = counts
+  held = f" ({total} train rows, {total - n} held out for validation)" if n != total else ""
+  plan_lib.check_rows(n, rc.batch_size, public_num_examples=d.public_num_examples,
+                      where=f"data.path={d.path}{held}")
+
+
+def training_row_count(d: config_lib.DataSettings) -> tuple[int, int] | None:
+  """``(N, train rows)``: the rows a run trains on (the train split less the validation
+  rows) and the train split's, from the manifest without reading a row; None when
+  ``data.path`` is not a dataset (the loader then says why)."""
   total = data_lib.count_rows(d.path, "train")
   if total is None:
-    return  # the loader names what is wrong with data.path
+    return None
   n, rule = total, validation_rows(d.validation_fraction)
   if rule is not None and not d.batches:  # with batches the loader refuses the fraction
     n -= sum(int(np.count_nonzero(rule(np.arange(lo, min(total, lo + (1 << 20))))))
              for lo in range(0, total, 1 << 20))  # bounded memory: a chunk of ids at a time
-  held = f" ({total} train rows, {total - n} held out for validation)" if n != total else ""
-  plan_lib.check_rows(n, rc.batch_size, public_num_examples=d.public_num_examples,
-                      where=f"data.path={d.path}{held}")
+  return n, total
 
 
 def _load_data(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str):

@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, forwarded = argv[:cut], argv[cut + 1:]
   p = argparse.ArgumentParser(prog="python -m fastdp_jax.launch",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--num_processes", type=int, required=True)
+  p.add_argument("--num_processes", type=int, required=True,
+                 help="processes to start; the arguments after -- go to each of them")
   p.add_argument("--devices_per_process", type=int, default=None,
                  help="fake CPU devices per process (CPU development and tests)")
   p.add_argument("--script", default=None,

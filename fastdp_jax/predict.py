@@ -31,7 +31,8 @@ printed), and counted on the console. So is a row whose encoded features the mod
 
 * binary: ``probability`` (P(label = 1)) and ``prediction`` (0/1 at the model's threshold);
 * multiclass: ``p_CLASS`` for each class, and ``prediction`` (the most probable class name);
-* regression: ``prediction`` (the value, on the label's transformed scale).
+* regression: ``prediction`` (the value in the label's own units: the inverse of the spec's
+  label transform, ``expm1`` for ``log1p``, is applied, as the model card states).
 
 Both outputs are as private as the input rows, and written owner-only; with ``--spark``,
 Spark's shuffle and cache files on the executors' local disks also hold those rows while it

@@ -16,7 +16,9 @@ Reads each workdir's ``summary.json`` and ``metrics.jsonl`` (its ``eval`` record
 * for regression runs, ``rmse.png`` and ``rmse_vs_epsilon.png``: test RMSE against updates and
   against epsilon, with the baseline of predicting the test rows' mean (multi-class runs'
   macro-F1 is in the table);
-* ``report.md``: one table row per run (privacy parameters, epsilon, accuracy, the attacks).
+* ``report.md``: one table row per run (privacy parameters, epsilon, accuracy with its exact
+  95 % interval, the attacks); with ``--data DATASET_OR_CSV``, every test metric of each run's
+  model recomputed there with its 95 % interval (:func:`fastdp_jax.evaluate`).
 
 Plots use matplotlib's Agg backend (no display needed).
 """
@@ -33,6 +35,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastdp_jax import atomic
+from fastdp_jax import errors
+from fastdp_jax import evaluation
 from fastdp_jax import records as records_lib
 from fastdp_jax import sinks
 from fastdp_jax import summary as summary_lib
@@ -122,7 +126,8 @@ def _either(value: Any, fallback: Any) -> Any:
 
 def markdown_table(runs: Sequence[Run]) -> str:
   """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
-  header = ("| run | task | DP | sigma | C | q | updates | epsilon | delta | test acc | majority | "
+  header = ("| run | task | DP | sigma | C | q | updates | epsilon | delta | test acc | "
+            "test acc 95% CI | majority | "
             "macro-F1 | test RMSE | baseline RMSE | model inversion | MIA AUC | MIA TPR@1%FPR | "
             "empirical eps >= | f-DP eps >= | wall s |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -141,6 +146,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.epsilon if s else last.get("epsilon")),
         _fmt(s.delta if s else None),
         _fmt(_either(s and s.test_accuracy, last.get("test_accuracy"))),
+        _accuracy_interval(s),
         _fmt(s.majority_class_rate if s else None),
         _fmt(_either(s and s.test_macro_f1, last.get("test_macro_f1"))),
         _fmt(_either(s and s.test_rmse, last.get("test_rmse"))),
@@ -152,6 +158,31 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.wall_time_s if s else None, 3),
     ]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _accuracy_interval(s: summary_lib.RunSummary | None) -> str:
+  """The exact (Clopper-Pearson) 95 % interval of the test accuracy, from the run's counts."""
+  if s is None or s.test_accuracy is None or not s.test_examples:
+    return "-"
+  low, high = evaluation.clopper_pearson(round(s.test_accuracy * s.test_examples),
+                                         s.test_examples)
+  return f"[{low:.4g}, {high:.4g}]"
+
+
+def intervals_section(runs: Sequence[Run], data: str) -> list[str]:
+  """Markdown lines: each finished run's test metrics on ``data`` with their 95 % intervals."""
+  lines = [f"## Test metrics with 95 % intervals, on `{data}`", "",
+           "Accuracy: exact (Clopper-Pearson) interval; the others: percentile bootstrap, "
+           f"{evaluation.BOOTSTRAP_RESAMPLES} resamples of the test rows (seed "
+           f"{evaluation.BOOTSTRAP_SEED}). Recomputed with `fastdp_jax.evaluate`.", "",
+           "| run | metric | value | 95% interval | method |", "|---|---|---|---|---|"]
+  for r in runs:
+    if r.summary is None:
+      continue
+    result = evaluation.evaluate(r.workdir, data)
+    lines += [f"| {r.name} | {name} | {iv.value:.4g} | [{iv.low:.4g}, {iv.high:.4g}] | "
+              f"{iv.method} |" for name, iv in result.metrics.items()]
+  return lines + [""]
 
 
 def plot_runs(runs: Sequence[Run], output_dir: str, include_nonprivate: bool = False
@@ -292,8 +323,12 @@ def _plot_regression(regression: Sequence[Run], color: dict[str, Any], plt: Any,
 
 
 def write_report(workdirs: Sequence[str], output_dir: str | None = None,
-                 include_nonprivate: bool = False) -> str:
-  """Writes the plots and ``report.md`` for ``workdirs``; returns the ``report.md`` path."""
+                 include_nonprivate: bool = False, data: str | None = None) -> str:
+  """Writes the plots and ``report.md`` for ``workdirs``; returns the ``report.md`` path.
+
+  ``data``: a dataset directory or raw CSV to recompute every test metric on, with its 95 %
+  interval (:func:`intervals_section`; loads each run's model, so JAX).
+  """
   if not workdirs:
     raise ValueError("give at least one workdir")
   runs = [load_run(w, n) for w, n in zip(workdirs, _names(workdirs))]
@@ -310,6 +345,8 @@ def write_report(workdirs: Sequence[str], output_dir: str | None = None,
            "chance). Empirical eps: the one-run canary audit's lower bound (when canaries "
            "were used). Model inversion and MIA use training rows: they are not private "
            "(nonprivate_*), like the whole report.", ""]
+  if data is not None:
+    lines += intervals_section(runs, data)
   lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"
             for p in paths]
   path = os.path.join(output_dir, "report.md")
@@ -325,10 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="output directory (default: WORKDIR/report or <parent>/report)")
   parser.add_argument("--include-nonprivate", action="store_true",
                       help="also plot the training loss (computed on training rows, no noise)")
+  parser.add_argument("--data", default=None,
+                      help="dataset directory or raw CSV: add every test metric of each run's "
+                      "model recomputed there, with its 95%% interval (fastdp_jax.evaluate)")
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.workdirs, args.output, args.include_nonprivate)
-  except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+    path = write_report(args.workdirs, args.output, args.include_nonprivate, args.data)
+  except (FileNotFoundError, ValueError, json.JSONDecodeError, errors.UserError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   with open(path) as f:

@@ -37,7 +37,7 @@ def _set(cfg, dotted, value):
   cfg[name] = value
 
 
-@pytest.mark.parametrize("module", ["seq", "dist", "test", "fulton"])
+@pytest.mark.parametrize("module", ["seq", "dist", "test", "fulton", "fulton_binned", "tabular"])
 def test_reading_and_validating_a_config_imports_neither_jax_nor_flax(module):
   program = (f"import sys, configs.{module} as c, fastdp_jax.config as f\n"
              "f.validate(c.get_config())\n"
@@ -117,12 +117,13 @@ _BAD = {
     "model.embedding_dim": 0, "model.huber_delta": math.inf,
     "data.validation_fraction": 1.0, "optimizer.name": "sgdd",
     "optimizer.learning_rate": math.nan, "optimizer.momentum": 1.0, "data.attack_rows": -1,
-    "optimizer.weight_decay": 1.0, "calibration.epsilon": -1.0,
+    "optimizer.weight_decay": 1.0, "optimizer.decay": "exponential", "calibration.epsilon": -1.0,
     "seed": True, "data.public_num_examples": 0, "parallel.strategy": "psum",
     "dp.clipping": "jax", "dp.microbatch_size": 0, "dp.noise_seed": True,
     "dp.sampling_seed": False, "dp.overflow_probability": 0.0, "dp.l2_norm_clip": -1.0,
     "dp.noise_multiplier": -math.inf, "dp.target_epsilon": 0.0, "dp.max_epsilon": 0.0,
-    "dp.delta": 1.0, "dp.accountant": "moments",
+    "dp.delta": 1.0, "dp.accountant": "moments", "dp.count_epsilon": 0.0,
+    "tuning.private_data": "maybe",
 }
 
 

@@ -100,8 +100,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(installed, tmp_path):
   # The Spark job with the built-in spec, from the installed console scripts.
   _run([os.path.join(bin_dir, "fastdp-synthesize"), "--rows", "6000", "--schema", "capums",
         "--seed", "0", "--output", "capums.csv"], cwd=cwd)
+  # --engine spark: a CSV this small would otherwise take the streaming path (no JVM).
   job = _run([os.path.join(bin_dir, "fastdp-preprocess"), "--input", "capums.csv",
-              "--output", "capums", "--spec", "capums", "--max-rows-per-shard", "1500"], cwd=cwd)
+              "--output", "capums", "--spec", "capums", "--max-rows-per-shard", "1500",
+              "--engine", "spark"], cwd=cwd)
   assert "6000 rows read" in job.stdout
   with open(os.path.join(cwd, "capums", "manifest.json")) as f:
     manifest = json.load(f)

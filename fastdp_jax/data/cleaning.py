@@ -13,7 +13,7 @@ a row. Each row ends in exactly one of three outcomes:
   ``blank_line``       the line is empty or whitespace only
   ``repeated_header``  the header line again after the first line of a file
   ``wrong_arity``      not as many comma-separated fields as the header
-  ``non_numeric``      a used column's token is not a number (``abc``, ``nan``, ``inf``, ...)
+  ``non_numeric``      a used number column's token is not a number (``abc``, ``nan``, ...)
   ``out_of_domain``    a number outside the column's domain (binary not 0/1, a category not in
                        the public list, a numeric value outside its hard ``domain``, an
                        embedding code outside its vocabulary unless ``unknown='extra_id'``, a
@@ -30,6 +30,11 @@ name, in any order.
 
 A predictor cleans raw rows with the same functions, without the label (``with_label=False``).
 
+A string column (``categories=("northeast", "south")``, ``values=("no", "yes")``, a label's
+``positive="yes"``; :mod:`fastdp_jax.data.spec_values`) matches its cells exactly after
+:func:`normalize_token`; a string it does not list is ``out_of_domain`` like an unlisted number
+(an embedding with ``unknown='extra_id'`` gives it the extra id), never ``non_numeric``.
+
 Tokens may carry surrounding spaces and one pair of double quotes (``"1"``); numbers are
 decimal literals (``1``, ``-3.5``, ``1e3``), never ``nan``, ``inf``, ``1_000`` or hex.
 """
@@ -43,6 +48,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fastdp_jax.data import features as features_lib
+from fastdp_jax.data import spec_values
 
 # Every spec can meet these (the generator's malformed lines cover them all) ...
 REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain")
@@ -60,16 +66,10 @@ _LINE_CACHE_MAX_CHARS = 4096
 MAX_HEADER_BYTES = 1 << 20
 
 
-# The number grammar (defined with the spec checks, which need it too).
-parse_number = features_lib.parse_number
-
-
-def normalize_token(token: str) -> str:
-  """Strips surrounding whitespace and one pair of surrounding double quotes."""
-  token = token.strip()
-  if len(token) >= 2 and token[0] == '"' and token[-1] == '"':
-    token = token[1:-1].strip()
-  return token
+# The number grammar and the token rule (defined with the spec checks, which need them too):
+# a string category matches a cell exactly after normalize_token.
+parse_number = spec_values.parse_number
+normalize_token = spec_values.normalize_token
 
 
 def parse_header(line: str) -> tuple[str, ...]:
@@ -158,7 +158,7 @@ def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: n
     bad[rows] = True
     for r in rows.tolist():
       rejects.append((int(index[r]), reason, f"column {col.name!r}: "
-                      f"{features_lib.format_number(values[r, j])} is not {what}"))
+                      f"{col.show(values[r, j])} is not {what}"))
       where[int(index[r])] = col.name
 
   for j, col in enumerate(cols):
@@ -201,7 +201,9 @@ class LineCleaner:
     self._getters = []
     for idx, col in zip(self.indices, self.columns):
       lut: dict[str, float]
-      if col.kind in ("numeric", "embedding"):
+      if col.tokens:  # a string column: never raises (an unlisted string has its value)
+        lut = spec_values.TokenMap(col.tokens, col.other, spec.na_tokens)
+      elif col.kind in ("numeric", "embedding"):
         lut = _NumericLUT()
       else:
         valid = (0.0, 1.0) if col.kind == "binary" else col.categories
@@ -232,12 +234,12 @@ class LineCleaner:
     if self.is_header(line):
       return ("repeated_header", "the header line again", "")
     out = []
-    for idx, col in zip(self.indices, self.columns):
+    for (idx, lookup), col in zip(self._getters, self.columns):
       token = normalize_token(parts[idx])
       if token in self._na:
         out.append(_NAN)
         continue
-      v = parse_number(token)
+      v = lookup(token) if col.tokens else parse_number(token)
       if v is None:
         return ("non_numeric", f"column {col.name!r}: {_show(parts[idx])} is not a number",
                 col.name)
@@ -312,11 +314,33 @@ def clean_columns(spec: features_lib.FeatureSpec, columns: Mapping[str, Sequence
     if len(columns[name]) != n:
       raise features_lib.SpecError(f"column {name!r} has {len(columns[name])} values, column "
                                    f"{names[0]!r} {n}")
-    values[:, j] = _column_values(name, columns[name], frozenset(spec.na_tokens), bad)
+    col = spec.input_specs(with_label)[j]
+    if col.tokens:
+      values[:, j] = _text_values(columns[name], spec_values.TokenMap(
+          col.tokens, col.other, spec.na_tokens))
+    else:
+      values[:, j] = _column_values(name, columns[name], frozenset(spec.na_tokens), bad)
   rejects = sorted((i, r, d) for i, (r, d, _) in bad.items())
   good = np.setdiff1d(np.arange(n), np.array(sorted(bad), np.int64))
   return classify_values(spec, values[good], good, rejects,
                          {i: c for i, (_, _, c) in bad.items()}, with_label)
+
+
+def _text_values(col: Sequence | np.ndarray, tokens: spec_values.TokenMap) -> np.ndarray:
+  """A string column's cells -> [n] float64 values (NaN = missing).
+
+  Text cells go through the token rule; a number cell (a numeric Parquet or DataFrame
+  column) is matched by its shortest text (``3`` for 3.0), None and NaN are missing.
+  """
+  values = np.empty(len(col), np.float64)
+  for i, cell in enumerate(np.asarray(col, dtype=object).tolist()):
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+      values[i] = _NAN
+    elif isinstance(cell, (int, float)) and not isinstance(cell, bool):
+      values[i] = tokens.value(features_lib.format_number(cell))
+    else:
+      values[i] = tokens[str(cell)]
+  return values
 
 
 def _column_values(name: str, col: Sequence | np.ndarray, na: frozenset[str],

@@ -5,6 +5,8 @@ A feature spec is a Python config file whose ``get_config()`` returns an
 ``pums_educ.py`` and ``pums_income.py``)::
 
   config.name = 'capums'
+  config.description = 'CaPUMS5full.csv: ...'       # optional public text; the model card
+                                                     # names the data with it
   config.input_columns = ('sex', ..., 'targetted')  # the usual header (documentation, and the
                                                      # streaming mapper's default); () = any
   config.features = ('sex', 'married', ...)         # feature columns, in output order
@@ -26,7 +28,10 @@ Column kinds and what they become:
   category, named ``column=value``.
 * ``numeric``: any finite number inside the optional hard ``domain`` (outside it the row is
   malformed); clipped to the public ``bounds``, optionally ``log1p``-transformed, and scaled
-  to [0, 1].
+  to [0, 1]. With public cut points ``bins=(c1, ..., cm)`` and ``encoding='onehot'`` or
+  ``'pwl'``, the clipped value becomes m + 1 features over the intervals of
+  ``(lo, c1, ..., cm, hi)`` instead: indicators, or piecewise-linear ramps
+  (:mod:`fastdp_jax.data.bins`).
 * ``embedding``: an integer code from a PUBLIC vocabulary, either ``codes`` (a list) or
   ``range=(lo, hi)`` (every integer from lo to hi), encoded as its id 0..V-1 in ONE feature
   column (exact in float32) that the model looks up in an embedding table. A code outside the
@@ -45,9 +50,18 @@ Label kinds (``config.task``):
   ``out_of_bounds``). The label is ``transform(clip(value))`` as float32, inside the task's
   bounds ``(transform(lo), transform(hi))``.
 
+Categories, embedding codes, a binary column's ``values=("no", "yes")``, a binary label's
+``positive="yes"`` (and optional ``negative=(...)``) and multiclass codes may be strings,
+matched exactly after trimming (:mod:`fastdp_jax.data.spec_values`). A spec file may import
+helpers beside it; any error in it is one line ``FILE:LINE: ...``
+(:mod:`fastdp_jax.data.spec_source`).
+
 Bounds, categories, vocabularies and domains are part of the spec, written down before looking
 at the data. Nothing is computed from the data (no min/max/mean/vocabulary): such statistics
 of the private data would leak through the features without being accounted for by DP-SGD.
+The one exception is accounted: ``config.private_estimates`` (``fastdp-spec init --epsilon``,
+:mod:`fastdp_jax.data.spec_init`) states the (epsilon, delta) of DP estimates of the values,
+which every model trained with the spec adds to its own.
 
 :class:`FeatureSpec` is the validated, typed form; :meth:`FeatureSpec.encode` turns cleaned
 values into the ``[n, d]`` feature matrix and the labels every producer writes, and
@@ -59,46 +73,55 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from fastdp_jax.data import bins as bins_lib
 from fastdp_jax.data import manifest as manifest_lib
-from fastdp_jax import errors
+from fastdp_jax.data import spec_source
+from fastdp_jax.data import spec_values
+from fastdp_jax.data.spec_values import format_number, parse_number
 
 KINDS = ("binary", "categorical", "numeric", "embedding")
-TASK_KINDS = ("binary", "multiclass", "regression")
-TRANSFORMS = ("identity", "log1p")
+TASK_KINDS = spec_values.TASK_KINDS
+TRANSFORMS = spec_values.TRANSFORMS
 UNKNOWN = ("reject", "extra_id")
-OUT_OF_BOUNDS = ("clip", "reject")
+OUT_OF_BOUNDS = spec_values.OUT_OF_BOUNDS
 _TOP_KEYS = {"name", "input_columns", "features", "columns", "label", "task", "na_tokens",
-             "description"}
+             "description", "private_estimates"}
 _COLUMN_KEYS = {
-    "binary": {"kind"},
+    "binary": {"kind", "values"},
     "categorical": {"kind", "categories"},
-    "numeric": {"kind", "bounds", "domain", "transform"},
+    "numeric": {"kind", "bounds", "domain", "transform", "bins", "encoding"},
     "embedding": {"kind", "codes", "range", "unknown"},
-}
-_TASK_KEYS = {
-    "binary": {"kind"},
-    "multiclass": {"kind", "classes"},
-    "regression": {"kind", "bounds", "transform", "domain", "out_of_bounds"},
 }
 _MAX_RANGE = manifest_lib.MAX_VOCAB  # ids stay exact in float32
 
 
-class SpecError(errors.UserError):
-  """A feature spec is malformed; the message names the offending key and value."""
+SpecError = spec_source.SpecError
+_as_tuple, _number_pair = spec_values.as_tuple, spec_values.number_pair
+_kind_of, _transform_of = spec_values.kind_of, spec_values.transform_of
 
 
 def _transform(name: str, v: np.ndarray | float) -> Any:
   return np.log1p(v) if name == "log1p" else v
+
+
+def inverse_transform(name: str, v: np.ndarray | float) -> Any:
+  """The inverse of a label ``transform``: values on the model's scale -> the label's units.
+
+  ``expm1`` for ``'log1p'`` (computed in float64: expm1 is exact near 0, where ``exp(v) - 1``
+  loses digits), the values unchanged for ``'identity'``. Nothing is clipped: a value the
+  model puts beyond the transformed bounds maps beyond the raw bounds.
+  """
+  if name not in TRANSFORMS:
+    raise SpecError(f"transform={name!r} must be one of {TRANSFORMS}")
+  return np.expm1(np.asarray(v, np.float64)) if name == "log1p" else v
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,6 +140,13 @@ class ColumnSpec:
     vocab_range: ``(lo, hi)`` integer codes of an embedding's vocabulary given as a range.
     unknown: what an embedding code outside the vocabulary does: ``'reject'`` or
       ``'extra_id'``.
+    tokens: a string column's ``(cell text, value)`` pairs (:mod:`spec_values`): the i-th
+      string category or code has the value i (``categories`` is then ``(0, ..., K-1)``), a
+      binary column's ``values=(no, yes)`` 0 and 1. Empty: the cells are numbers.
+    other: the value of a string the column does not list (default: in no domain).
+    cuts: numeric only: public interior cut points of ``encoding`` (:mod:`bins`).
+    encoding: numeric only: ``'scaled'`` (one feature in [0, 1], the default), ``'onehot'``
+      or ``'pwl'`` (``len(cuts) + 1`` features over the public bins).
   """
 
   name: str
@@ -127,15 +157,35 @@ class ColumnSpec:
   transform: str = "identity"
   vocab_range: tuple[int, int] | None = None
   unknown: str = "reject"
+  tokens: tuple[tuple[str, float], ...] = ()
+  other: float = spec_values.UNLISTED
+  cuts: tuple[float, ...] = ()
+  encoding: str = "scaled"
+
+  @property
+  def texts(self) -> tuple[str, ...]:
+    """A string column's strings, in the spec's order (empty for a number column)."""
+    return tuple(t for t, _ in self.tokens)
+
+  def show(self, v: float) -> str:
+    """A value as the cell that gave it: its string (string columns) or the number."""
+    if not self.tokens:
+      return format_number(v)
+    return next((repr(t) for t, x in self.tokens if x == v), "an unlisted value")
 
   @property
   def width(self) -> int:
+    if self.kind == "numeric" and self.encoding != "scaled":
+      return len(self.cuts) + 1
     return len(self.categories) if self.kind == "categorical" else 1
 
   @property
   def feature_names(self) -> tuple[str, ...]:
     if self.kind == "categorical":
-      return tuple(f"{self.name}={format_number(c)}" for c in self.categories)
+      return tuple(f"{self.name}={t}" for t in self.texts or map(format_number, self.categories))
+    if self.kind == "numeric" and self.encoding != "scaled":
+      assert self.bounds is not None
+      return bins_lib.names(self.name, self.bounds, self.cuts, self.encoding)
     return (self.name,)
 
   @property
@@ -168,15 +218,14 @@ class ColumnSpec:
 
   def domain_text(self) -> str:
     """The valid values, in words, for reject messages."""
-    if self.kind == "binary":
+    if self.kind == "binary" and not self.tokens:
       return "0 or 1"
-    if self.kind in ("categorical", "embedding"):
+    if self.kind in ("binary", "categorical", "embedding"):
       if self.vocab_range is not None:
         return (f"an integer code in [{self.vocab_range[0]}, {self.vocab_range[1]}] (the "
                 "embedding's vocabulary)")
-      cats = [format_number(c) for c in self.categories]
-      text = "one of " + (",".join(cats) if len(cats) <= 20 else
-                          ",".join(cats[:20]) + f",... ({len(cats)} values)")
+      cats = [repr(t) for t in self.texts] or [format_number(c) for c in self.categories]
+      text = "one of " + spec_values.list_text(cats)
       return text + (" (the embedding's vocabulary)" if self.kind == "embedding" else "")
     if self.domain is None:
       return "a finite number"
@@ -184,17 +233,21 @@ class ColumnSpec:
 
   def to_dict(self) -> dict[str, Any]:
     d: dict[str, Any] = {"name": self.name, "kind": self.kind}
+    if self.kind == "binary" and self.tokens:
+      d["values"] = list(self.texts)
     if self.kind == "categorical":
-      d["categories"] = list(self.categories)
+      d["categories"] = list(self.texts or self.categories)
     if self.kind == "numeric":
       d["bounds"] = list(self.bounds or ())
       d["domain"] = list(self.domain) if self.domain else None
       d["transform"] = self.transform
+      if self.encoding != "scaled":  # a scaled column keeps the form (and digest) it had
+        d.update(bins=list(self.cuts), encoding=self.encoding)
     if self.kind == "embedding":
       if self.vocab_range is not None:
         d["range"] = list(self.vocab_range)
       else:
-        d["codes"] = list(self.categories)
+        d["codes"] = list(self.texts or self.categories)
       d["unknown"] = self.unknown
     return d
 
@@ -211,6 +264,11 @@ class LabelSpec:
     transform: regression: ``'identity'`` or ``'log1p'``, applied after clipping.
     domain: regression: optional hard ``(lo, hi)``; values outside reject the row.
     out_of_bounds: regression: ``'clip'`` (clip and count) or ``'reject'``.
+    positive: binary with string labels: the cell text of the positive class (label 1).
+    negative: binary with ``positive``: the texts of the negative class (label 0); any other
+      text is ``out_of_domain``. Empty: every other non-missing text is negative.
+    class_texts: multiclass with string codes: the codes in the spec's order (the i-th has
+      the value i in ``classes``).
   """
 
   name: str
@@ -220,15 +278,23 @@ class LabelSpec:
   transform: str = "identity"
   domain: tuple[float, float] | None = None
   out_of_bounds: str = "clip"
+  positive: str | None = None
+  negative: tuple[str, ...] = ()
+  class_texts: tuple[str, ...] = ()
 
   @property
   def column(self) -> ColumnSpec:
     """The label as a column for the shared validity check (codes, or the hard domain)."""
     if self.kind == "binary":
-      return ColumnSpec(name=self.name, kind="binary")
+      if self.positive is None:
+        return ColumnSpec(name=self.name, kind="binary")
+      return ColumnSpec(name=self.name, kind="binary",
+                        tokens=tuple((t, 0.0) for t in self.negative) + ((self.positive, 1.0),),
+                        other=spec_values.UNLISTED if self.negative else 0.0)
     if self.kind == "multiclass":
       return ColumnSpec(name=self.name, kind="categorical",
-                        categories=tuple(c for _, codes in self.classes for c in codes))
+                        categories=tuple(c for _, codes in self.classes for c in codes),
+                        tokens=tuple((t, float(i)) for i, t in enumerate(self.class_texts)))
     return ColumnSpec(name=self.name, kind="numeric", bounds=self.bounds, domain=self.domain,
                       transform=self.transform)
 
@@ -268,19 +334,18 @@ class LabelSpec:
 
   def to_dict(self) -> dict[str, Any]:
     d: dict[str, Any] = {"kind": self.kind}
+    if self.positive is not None:
+      d["positive"] = self.positive
+      if self.negative:
+        d["negative"] = list(self.negative)
     if self.kind == "multiclass":
-      d["classes"] = [[n, list(codes)] for n, codes in self.classes]
+      d["classes"] = [[n, [self.class_texts[int(c)] if self.class_texts else c for c in codes]]
+                      for n, codes in self.classes]
     if self.kind == "regression":
       d.update(bounds=list(self.bounds or ()), transform=self.transform,
                domain=list(self.domain) if self.domain else None,
                out_of_bounds=self.out_of_bounds)
     return d
-
-
-def format_number(v: float) -> str:
-  """Formats a number as the shortest text that reads back to it (``3`` not ``3.0``)."""
-  v = float(v)
-  return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -297,6 +362,10 @@ class FeatureSpec:
     na_tokens: cell texts that mean "missing" (the row is dropped and counted).
     source: where the spec came from (a path), for the manifest.
     digest: sha256 of the spec's canonical JSON form.
+    estimate_epsilon, estimate_delta, estimate_mechanism: the privacy spent on the spec's
+      private estimates (``config.private_estimates``, written by ``fastdp-spec init
+      --epsilon``; 0, 0, '' when every value is public). It composes into every model
+      trained with the spec.
   """
 
   name: str
@@ -307,6 +376,9 @@ class FeatureSpec:
   source: str = ""
   description: str = ""
   label_spec: LabelSpec | None = None
+  estimate_epsilon: float = 0.0
+  estimate_delta: float = 0.0
+  estimate_mechanism: str = ""
 
   @property
   def target(self) -> LabelSpec:
@@ -369,8 +441,13 @@ class FeatureSpec:
     d: dict[str, Any] = {"name": self.name, "input_columns": list(self.input_columns),
          "features": [c.to_dict() for c in self.features], "label": self.label,
          "na_tokens": list(self.na_tokens)}
-    if self.target.kind != "binary":  # a binary spec keeps the form (and digest) it had
+    if self.target.to_dict() != {"kind": "binary"}:  # a 0/1 spec keeps its form and digest
       d["task"] = self.target.to_dict()
+    if self.description:  # public text of the spec's author: the model card names the data
+      d["description"] = self.description
+    if self.estimate_epsilon:  # the privacy its values cost (specs without keep their digest)
+      d["private_estimates"] = {"epsilon": self.estimate_epsilon, "delta": self.estimate_delta,
+                                "mechanism": self.estimate_mechanism}
     return d
 
   @property
@@ -431,6 +508,9 @@ class FeatureSpec:
         out[np.arange(n), j + pos] = 1
       elif c.kind == "embedding":
         out[:, j] = embedding_ids(c, v)
+      elif c.encoding != "scaled":
+        assert c.bounds is not None
+        out[:, j:j + c.width] = bins_lib.encode(v, c.bounds, c.cuts, c.encoding)
       else:
         lo, hi = c.bounds
         x = np.clip(v, lo, hi) - lo
@@ -508,75 +588,49 @@ def _short(header: Sequence[str], limit: int = 40) -> str:
   return str(cols) if len(cols) <= limit else str(cols[:limit])[:-1] + f", ... ({len(cols)})]"
 
 
-def _as_tuple(value: Any, what: str) -> tuple:
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-    raise SpecError(f"{what}={value!r} must be a list or tuple")
-  return tuple(value)
+def _tokens(texts: Sequence[str]) -> tuple[tuple[str, float], ...]:
+  return tuple((t, float(i)) for i, t in enumerate(texts))
 
 
-def _number_pair(value: Any, what: str) -> tuple[float, float]:
-  pair = _as_tuple(value, what)
-  if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and math.isfinite(v) for v in pair):
-    raise SpecError(f"{what}={value!r} must be two finite numbers (lo, hi)")
-  lo, hi = float(pair[0]), float(pair[1])
-  if not lo < hi:
-    raise SpecError(f"{what}={value!r} needs lo < hi")
-  return lo, hi
-
-
-def _codes(value: Any, what: str, noun: str = "codes") -> tuple[float, ...]:
-  codes = _as_tuple(value, what)
-  if not codes:
-    raise SpecError(f"{what} must list the public {noun}")
-  if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
-             for c in codes):
-    raise SpecError(f"{what}={codes!r} must be finite numbers")
-  if len(set(map(float, codes))) != len(codes):
-    raise SpecError(f"{what}={codes!r} has duplicates")
-  return tuple(float(c) for c in codes)
-
-
-def _transform_of(value: Any, what: str) -> str:
-  if value not in TRANSFORMS:
-    raise SpecError(f"{what}={value!r} must be one of {TRANSFORMS}")
-  return value
-
-
-def _kind_of(cfg: Mapping[str, Any], where: str, kinds: Any, keys: Mapping[str, Any],
-             noun: str) -> str:
-  """``cfg['kind']``, refusing an unknown kind or a key that kind does not take."""
-  kind = cfg.get("kind")
-  if kind not in kinds:
-    raise SpecError(f"{where}.kind={kind!r} must be one of {kinds}")
-  unknown = set(cfg) - keys[kind]
-  if unknown:
-    raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} for a {kind} {noun} "
-                    f"(allowed: {sorted(keys[kind])})")
-  return kind
-
-
-def _column_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
+def _column_from_config(name: str, cfg: Mapping[str, Any], na: Sequence[str]) -> ColumnSpec:
   cfg = dict(cfg)
   kind = _kind_of(cfg, f"columns.{name}", KINDS, _COLUMN_KEYS, "column")
   if kind == "binary":
-    return ColumnSpec(name=name, kind=kind)
+    if cfg.get("values") is None:
+      return ColumnSpec(name=name, kind=kind)
+    _, texts = spec_values.codes(cfg["values"], f"columns.{name}.values", "values", na)
+    if len(texts) != 2:
+      raise SpecError(f"columns.{name}.values={cfg['values']!r} must be two strings "
+                      "(the value read as 0, then the value read as 1)")
+    return ColumnSpec(name=name, kind=kind, tokens=_tokens(texts))
   if kind == "categorical":
-    return ColumnSpec(name=name, kind=kind,
-                      categories=_codes(cfg.get("categories", ()), f"columns.{name}.categories",
-                                        "categories"))
+    cats, texts = spec_values.codes(cfg.get("categories", ()), f"columns.{name}.categories",
+                                    "categories", na)
+    return ColumnSpec(name=name, kind=kind, categories=cats, tokens=_tokens(texts))
   if kind == "embedding":
-    return _embedding_from_config(name, cfg)
+    return _embedding_from_config(name, cfg, na)
   if "bounds" not in cfg:
     raise SpecError(f"columns.{name}: a numeric column needs public bounds=(lo, hi)")
   bounds = _number_pair(cfg["bounds"], f"columns.{name}.bounds")
   domain = cfg.get("domain")
   domain = None if domain is None else _number_pair(domain, f"columns.{name}.domain")
   transform = _transform_of(cfg.get("transform", "identity"), f"columns.{name}.transform")
-  return ColumnSpec(name=name, kind=kind, bounds=bounds, domain=domain, transform=transform)
+  encoding = cfg.get("encoding", "scaled" if cfg.get("bins") is None else "onehot")
+  if encoding not in bins_lib.ENCODINGS:
+    raise SpecError(f"columns.{name}.encoding={encoding!r} must be one of {bins_lib.ENCODINGS}")
+  cuts: tuple[float, ...] = ()
+  if encoding != "scaled":
+    try:
+      cuts = bins_lib.check_cuts(cfg.get("bins"), bounds, f"columns.{name}.bins")
+    except ValueError as e:
+      raise SpecError(str(e)) from None
+  elif cfg.get("bins") is not None:
+    raise SpecError(f"columns.{name}: bins= needs encoding='onehot' or 'pwl'")
+  return ColumnSpec(name=name, kind=kind, bounds=bounds, domain=domain, transform=transform,
+                    cuts=cuts, encoding=encoding)
 
 
-def _embedding_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
+def _embedding_from_config(name: str, cfg: Mapping[str, Any], na: Sequence[str]) -> ColumnSpec:
   unknown = cfg.get("unknown", "reject")
   if unknown not in UNKNOWN:
     raise SpecError(f"columns.{name}.unknown={unknown!r} must be one of {UNKNOWN}")
@@ -585,8 +639,9 @@ def _embedding_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
     raise SpecError(f"columns.{name}: an embedding column needs its public vocabulary as "
                     "exactly one of codes=(...) or range=(lo, hi)")
   if has_codes:
-    codes = _codes(cfg["codes"], f"columns.{name}.codes")
-    col = ColumnSpec(name=name, kind="embedding", categories=codes, unknown=unknown)
+    codes, texts = spec_values.codes(cfg["codes"], f"columns.{name}.codes", "codes", na)
+    col = ColumnSpec(name=name, kind="embedding", categories=codes, unknown=unknown,
+                     tokens=_tokens(texts))
   else:
     lo, hi = _number_pair(cfg["range"], f"columns.{name}.range")
     if not (lo.is_integer() and hi.is_integer()):
@@ -599,45 +654,6 @@ def _embedding_from_config(name: str, cfg: Mapping[str, Any]) -> ColumnSpec:
   return col
 
 
-def _label_from_config(label: str, cfg: Any) -> LabelSpec:
-  cfg = dict(cfg or {"kind": "binary"})
-  kind = _kind_of(cfg, "task", TASK_KINDS, _TASK_KEYS, "task")
-  if kind == "binary":
-    return LabelSpec(name=label)
-  if kind == "multiclass":
-    classes = _as_tuple(cfg.get("classes", ()), "task.classes")
-    out: list[tuple[str, tuple[float, ...]]] = []
-    seen: set[float] = set()
-    for k, entry in enumerate(classes):
-      pair = _as_tuple(entry, f"task.classes[{k}]")
-      if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
-        raise SpecError(f"task.classes[{k}]={entry!r} must be (class name, (code, ...))")
-      codes = _codes(pair[1], f"task.classes[{k}] ({pair[0]!r}) codes")
-      if seen & set(codes):
-        raise SpecError(f"task.classes[{k}] ({pair[0]!r}): codes "
-                        f"{sorted(seen & set(codes))} are already in another class")
-      seen |= set(codes)
-      out.append((pair[0], codes))
-    if len(out) < 2 or len({n for n, _ in out}) != len(out):
-      raise SpecError(f"task.classes must name 2 or more distinct classes, got "
-                      f"{[n for n, _ in out]}")
-    return LabelSpec(name=label, kind=kind, classes=tuple(out))
-  if "bounds" not in cfg:
-    raise SpecError("task: a regression task needs public bounds=(lo, hi) of the raw label")
-  bounds = _number_pair(cfg["bounds"], "task.bounds")
-  transform = _transform_of(cfg.get("transform", "identity"), "task.transform")
-  if transform == "log1p" and bounds[0] <= -1:
-    raise SpecError(f"task.bounds={cfg['bounds']!r}: log1p needs lo > -1")
-  domain = cfg.get("domain")
-  domain = None if domain is None else _number_pair(domain, "task.domain")
-  policy = cfg.get("out_of_bounds")
-  if policy not in OUT_OF_BOUNDS:
-    raise SpecError(f"task.out_of_bounds={policy!r} must be declared: one of {OUT_OF_BOUNDS} "
-                    "(clip and count, or reject the row)")
-  return LabelSpec(name=label, kind=kind, bounds=bounds, transform=transform, domain=domain,
-                   out_of_bounds=policy)
-
-
 def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
   """Validates a spec ConfigDict (or plain dict) and returns its typed form.
 
@@ -645,6 +661,11 @@ def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
     SpecError: naming the offending key and value.
   """
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  todo = spec_source.find_todo(cfg)
+  if todo:
+    raise SpecError(f"{todo} is still a TODO placeholder: write a public value there (see the "
+                    "file's comments), or rerun fastdp-spec init with --epsilon for private "
+                    "estimates")
   unknown = set(cfg) - _TOP_KEYS
   if unknown:
     raise SpecError(f"spec {source or ''}: unknown key(s) {sorted(unknown)} (allowed: "
@@ -675,8 +696,10 @@ def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
   missing = [f for f in features if f not in columns]
   if missing:
     raise SpecError(f"features {missing} have no entry under columns (give each a kind)")
-  specs = tuple(_column_from_config(f, columns[f]) for f in features)
-  label_spec = _label_from_config(label, cfg.get("task"))
+  na_tokens = _na_tokens(cfg.get("na_tokens", ("NA", "")))
+  specs = tuple(_column_from_config(f, columns[f], na_tokens) for f in features)
+  label_spec = LabelSpec(name=label, **spec_values.label_fields(cfg.get("task"), na_tokens))
+  eps, delta, mechanism = spec_values.private_estimates(cfg.get("private_estimates"))
   input_columns = _as_tuple(cfg.get("input_columns", ()) or (), "input_columns")
   if input_columns:
     absent = [c for c in features + (label,) if c not in input_columns]
@@ -684,16 +707,21 @@ def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
       raise SpecError(f"input_columns lacks the used column(s) {absent}")
     if len(set(input_columns)) != len(input_columns):
       raise SpecError(f"input_columns={input_columns!r} names a column twice")
-  na_tokens = _as_tuple(cfg.get("na_tokens", ("NA", "")), "na_tokens")
+  return FeatureSpec(name=name, input_columns=tuple(str(c) for c in input_columns),
+                     features=specs, label=label, na_tokens=na_tokens, source=source,
+                     description=str(cfg.get("description", "")),
+                     label_spec=None if label_spec == LabelSpec(name=label) else label_spec,
+                     estimate_epsilon=eps, estimate_delta=delta, estimate_mechanism=mechanism)
+
+
+def _na_tokens(value: Any) -> tuple[str, ...]:
+  na_tokens = _as_tuple(value, "na_tokens")
   if not all(isinstance(t, str) for t in na_tokens):
     raise SpecError(f"na_tokens={na_tokens!r} must be strings")
   for t in na_tokens:
-    if _looks_numeric(t):
+    if parse_number(t) is not None:
       raise SpecError(f"na_tokens: {t!r} is a number; it cannot also mean missing")
-  return FeatureSpec(name=name, input_columns=tuple(str(c) for c in input_columns),
-                     features=specs, label=label, na_tokens=tuple(na_tokens), source=source,
-                     description=str(cfg.get("description", "")),
-                     label_spec=None if label_spec.kind == "binary" else label_spec)
+  return tuple(na_tokens)
 
 
 def spec_from_dict(body: Mapping[str, Any], source: str = "") -> FeatureSpec:
@@ -718,24 +746,11 @@ def spec_from_dict(body: Mapping[str, Any], source: str = "") -> FeatureSpec:
          "na_tokens": body.get("na_tokens", ("NA", ""))}
   if "task" in body:
     cfg["task"] = body["task"]
+  if body.get("description"):
+    cfg["description"] = body["description"]
+  if body.get("private_estimates"):
+    cfg["private_estimates"] = body["private_estimates"]
   return spec_from_config(cfg, source=source)
-
-
-# The number grammar of every input cell (cleaning parses cells with it); here, below cleaning,
-# so that the spec's own checks need no import of cleaning (no cycle).
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
-
-
-def parse_number(token: str) -> float | None:
-  """The value of a decimal literal, or None (for ``nan``, ``inf``, ``1_0``, ``0x1``, ``''``)."""
-  if not _NUMBER.match(token):
-    return None
-  v = float(token)
-  return v if math.isfinite(v) else None
-
-
-def _looks_numeric(token: str) -> bool:
-  return parse_number(token) is not None
 
 
 def builtin_specs() -> list[str]:
@@ -761,13 +776,11 @@ def load_spec(path: str | os.PathLike) -> FeatureSpec:
   if not os.path.isfile(path):
     builtin = builtin_specs()
     raise FileNotFoundError(f"feature spec {path} does not exist (built-in specs: {builtin})")
-  module_name = "_fastdp_spec_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise SpecError(f"{path}: defines no get_config()")
-  return spec_from_config(module.get_config(), source=path)
+  config = spec_source.load_config(path)  # errors: one line, FILE:LINE: ...
+  try:
+    return spec_from_config(config, source=path)
+  except SpecError as e:
+    raise SpecError(f"{path}:{spec_source.line_of(path, str(e))}: {e}") from e
 
 
 # The built-in specs: package data of preprocessing (fastdp_jax/data/specs/*.py).

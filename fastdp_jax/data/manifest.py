@@ -521,3 +521,20 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
   except errors.UserError as e:
     raise ShardError(f"{path}: malformed manifest ({e})") from e
   return dataclasses.replace(manifest, feature_bounds=bounds, task=task, embeddings=embeddings)
+
+
+def spec_estimate(directory: Any) -> tuple[float, float]:
+  """``(epsilon, delta)`` that the dataset's feature spec spent on private estimates of its
+  kinds, bounds and categories (``extra["spec"]["private_estimates"]``, written by
+  ``fastdp-spec init --epsilon``); ``(0, 0)`` for a spec of public values only, or a path
+  without a manifest. A model trained on the dataset adds them to its own (basic
+  composition, as for the calibration's epsilon).
+  """
+  if not isinstance(directory, (str, os.PathLike)) or not os.path.isfile(
+      os.path.join(directory, MANIFEST)):
+    return 0.0, 0.0
+  spec = read_manifest(directory).extra.get("spec")
+  est = spec.get("private_estimates") if isinstance(spec, dict) else None
+  if not isinstance(est, dict):
+    return 0.0, 0.0
+  return float(est.get("epsilon", 0.0)), float(est.get("delta", 0.0))

@@ -7,6 +7,7 @@ updates is their self-composition. Nothing here re-implements RDP or PLD arithme
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import dp_accounting
 from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
 
 from fastdp_jax import errors
 
@@ -28,6 +30,15 @@ MIN_PLD_NOISE_MULTIPLIER = 0.1
 # Largest sigma calibration returns: beyond it the noise drowns any gradient of a batch of
 # realistic size, and PLD evaluations over the (many) updates that need it take minutes each.
 MAX_CALIBRATED_NOISE_MULTIPLIER = 100.0
+
+# The bracket's RDP orders: the integer ones of dp_accounting's defaults. At an integer order
+# A_alpha is a finite sum, which always converges; the fractional orders' series does not
+# converge at small sigma and large q (sigma 0.3, q 0.05: alpha 1.1-1.3), where dp_accounting
+# logs "_compute_log_a_frac failed to converge" once per order and drops the order. The bracket
+# only needs an upper bound of the PLD epsilon, which any set of orders gives.
+_BRACKET_RDP_ORDERS = tuple(
+    o for o in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(o).is_integer())
+_DIVERGENT_ORDER = "_compute_log_a_frac failed to converge"
 
 # Called after each accountant evaluation of a search: (sigma or number of updates tried,
 # its epsilon, or None while the library's search keeps it to itself).
@@ -131,8 +142,79 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
         "rdp accountant, or no DP") from e
 
 
+class _OneNoteForDivergentOrders(std_logging.Filter):
+  """Turns dp_accounting's per-order convergence warnings into one note per process.
+
+  With ``dp.accountant='rdp'`` (or a ledger of several segments, composed by RDP) at small
+  sigma and large q, the RDP accountant warns once per fractional order whose series does not
+  converge, and leaves that order out. Leaving an order out is sound: epsilon is a minimum
+  over orders, each of which bounds it, so the result is still an upper bound (at most a
+  little looser). Six such warnings per evaluation read like a failure; one line says what
+  they mean.
+  """
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.noted = False
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if not str(record.msg).startswith(_DIVERGENT_ORDER):
+      return True
+    if self.noted:
+      return False
+    self.noted = True
+    args = record.args if isinstance(record.args, tuple) else ()
+    where = (f" (first at q={args[1]:g}, sigma={args[2]:g}, alpha={args[3]:g})"
+             if len(args) == 4 else "")
+    record.msg = ("dp_accounting's RDP accountant left out the fractional orders whose series "
+                  f"does not converge{where}; epsilon is the minimum over the other orders, "
+                  "still a valid upper bound (this note is shown once)")
+    record.args = ()
+    record.levelno, record.levelname = std_logging.INFO, "INFO"
+    return True
+
+
+def _install_note_filter() -> None:
+  # dp_accounting logs through absl, whose records go to the Python logger "absl".
+  logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _OneNoteForDivergentOrders) for f in logger.filters):
+    logger.addFilter(_OneNoteForDivergentOrders())
+
+
+_install_note_filter()
+
+
+def _bracket_accountant() -> dp_accounting.PrivacyAccountant:
+  return rdp.RdpAccountant(_BRACKET_RDP_ORDERS)
+
+
 def _rdp_epsilon(sigma: float, sampling_rate: float, steps: int, delta: float) -> float:
-  return compute_epsilon(sigma, sampling_rate, steps, delta, "rdp")
+  """An upper bound of the PLD epsilon by RDP at integer orders (no convergence warnings)."""
+  acc = _bracket_accountant()
+  acc.compose(dp_event(sigma, sampling_rate, steps))
+  return float(acc.get_epsilon(delta))
+
+
+class _DropDivergentOrders(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_DIVERGENT_ORDER)
+
+
+def _rdp_epsilon_all_orders(sigma: float, sampling_rate: float, steps: int,
+                            delta: float) -> float:
+  """The same upper bound over all of dp_accounting's default orders, fractional ones too.
+
+  Tighter than :func:`_rdp_epsilon` at small sigma, where the refusal of a target reached
+  below the smallest sigma needs it; orders whose series does not converge are left out by
+  the library (still an upper bound), and their warnings are dropped: this is an internal
+  check, not a figure the run states.
+  """
+  logger, drop = std_logging.getLogger("absl"), _DropDivergentOrders()
+  logger.addFilter(drop)
+  try:
+    return compute_epsilon(sigma, sampling_rate, steps, delta, "rdp")
+  finally:
+    logger.removeFilter(drop)
 
 
 def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
@@ -145,7 +227,7 @@ def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: flo
   two RDP evaluations (milliseconds), before any slow search.
   """
   where = f"dp.target_epsilon={target_epsilon:g} over {steps} updates at q={sampling_rate:.4g}"
-  at_min = _rdp_epsilon(_MIN_SIGMA, sampling_rate, steps, delta)
+  at_min = _rdp_epsilon_all_orders(_MIN_SIGMA, sampling_rate, steps, delta)
   if at_min <= target_epsilon:  # PLD <= RDP: the PLD sigma is below _MIN_SIGMA too
     raise CalibrationError(
         f"{where} is reached with a noise multiplier below {_MIN_SIGMA} (sigma {_MIN_SIGMA} "
@@ -159,7 +241,7 @@ def _bracket(target_epsilon: float, sampling_rate: float, steps: int, delta: flo
         f"{at_max:.4g} by RDP): the noise would drown any gradient; use fewer updates "
         "(num_epochs), a larger dp.target_epsilon, or set dp.noise_multiplier yourself")
   hi = float(dp_accounting.calibrate_dp_mechanism(
-      rdp.RdpAccountant, lambda s: dp_event(s, sampling_rate, steps), target_epsilon, delta,
+      _bracket_accountant, lambda s: dp_event(s, sampling_rate, steps), target_epsilon, delta,
       bracket_interval=dp_accounting.ExplicitBracketInterval(_MIN_SIGMA, top)))
 
   def eps(s: float) -> float:

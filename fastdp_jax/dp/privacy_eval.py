@@ -651,14 +651,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--data", required=True, help="source dataset directory")
   p.add_argument("--output", required=True, help="audit dataset directory to create")
   p.add_argument("--canaries", type=int, default=1000, help="number of canaries m")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0,
+                 help="the canaries and which of them are included (default 0)")
   p.add_argument("--kind", choices=CANARY_KINDS, default="dirac",
                  help="dirac: one extra column per canary (powerful; the default); gaussian: "
                  "canaries in the data's own feature space")
   p.add_argument("--scale", type=float, default=None,
                  help=f"the Dirac canaries' value (default {DIRAC_SCALE:g}) or the Gaussian "
                  "canaries' standard deviation (default 2)")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --output directory")
   args = parser.parse_args(argv)
   try:
     canaries = make_audit_dataset(args.data, args.output, num_canaries=args.canaries,

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "only, and a signed model fails)")
   v.add_argument("--digest", help="the model digest it must have")
   s = sub.add_parser("sign", help="check, then sign the manifest with a secret key")
-  s.add_argument("path")
+  s.add_argument("path", help="the model directory (or the workdir holding model/)")
   s.add_argument("--key-file", required=True, help="a file of at least 16 secret bytes")
   args = p.parse_args(argv)
   try:

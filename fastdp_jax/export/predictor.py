@@ -71,7 +71,7 @@ class RowPredictions:
   Attributes:
     rows: [m] int64 positions (0-based) of the rows that were predicted.
     outputs: the model's outputs for them: probabilities [m] (binary), [m, K] (multiclass),
-      or values [m] (regression).
+      or values [m] in the label's own units (regression).
     predictions: [m] 0/1 at the threshold (binary), the class index (multiclass) or the value
       (regression).
     errors: one :class:`RowError` per row that was not predicted, by row.
@@ -101,7 +101,8 @@ class RowInputError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class Predictor:
   """A loaded model: ``predictor(features) -> P(label = 1)`` (binary), class probabilities
-  (multiclass) or values (regression).
+  (multiclass) or values in the label's own units (regression; :meth:`model_values` gives
+  them on the transformed scale the model learnt).
 
   Attributes:
     feature_names: the encoded inputs, in order.
@@ -138,6 +139,18 @@ class Predictor:
   @property
   def classes(self) -> tuple[str, ...]:
     return tuple(self.model.get("classes") or ())
+
+  @property
+  def label_transform(self) -> str:
+    """The transform of a regression label in the spec (``'identity'``, ``'log1p'``).
+
+    The network learns ``transform(label)``; :meth:`__call__` undoes it, so predictions are in
+    the label's own units. ``'identity'`` for a classifier and for a model without a feature
+    spec (its dataset's labels are what it predicts).
+    """
+    if self.task != "regression" or self.feature_spec is None:
+      return "identity"
+    return self.feature_spec.target.transform
 
   @property
   def raw_columns(self) -> tuple[str, ...]:
@@ -199,11 +212,29 @@ class Predictor:
     raw rows (a mapping column -> values, a list of dicts, a pandas DataFrame), which must
     all be valid (else :class:`RowInputError`; :meth:`predict_rows` reports them per row).
 
+    A regression model's values are in the label's own units: the inverse of the spec's
+    label transform (:attr:`label_transform`; ``expm1`` for ``log1p``) is applied to
+    :meth:`model_values`, as float32.
+
     Raises:
       RowInputError: naming the rows that cannot be predicted (its ``errors`` list them
         all): bad raw rows, or encoded rows with a NaN or inf, a value outside
         :attr:`feature_bounds` or an embedding id outside its vocabulary. Nothing is
         predicted then; :meth:`check_features` finds those rows without raising.
+    """
+    outputs = self.model_values(features)
+    if self.label_transform == "identity":
+      return outputs
+    from fastdp_jax.data import features as features_lib  # local: only specs need it
+    return np.asarray(features_lib.inverse_transform(self.label_transform, outputs),
+                      outputs.dtype)
+
+  def model_values(self, features: Any) -> np.ndarray:
+    """As :meth:`__call__`, but a regression's values on the scale the model learnt.
+
+    That is ``transform(label)`` (for a ``log1p`` label, log1p of its units): the scale of
+    the dataset's labels, on which the run's test RMSE and MAE were computed. Classifiers:
+    the same probabilities as :meth:`__call__`.
     """
     x = self.features_array(features)
     from fastdp_jax import models  # local: JAX only when predicting

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,11 +65,12 @@ _COMPRESSED_SUFFIXES = (".deflate", ".zst", ".lz4", ".snappy", ".xz", ".zip")
 
 
 def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str = "25%",
-                  work_dir: str | None = None) -> None:
+                  work_dir: str | None = None, file_name: str = "-") -> None:
   """Runs ``mapper < input_csv | LC_ALL=C sort | reducer > tsv``; raises on any failure.
 
   Args:
     work_dir: where ``sort`` keeps its temporary files (default: the system's).
+    file_name: how the rejects name the input file (the mapper's ``map_input_file``).
   """
   if os.path.isdir(input_csv):
     raise PipelineError(f"input {input_csv} is a directory: the streaming path reads one CSV "
@@ -76,7 +78,7 @@ def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str 
   if not os.path.isfile(input_csv):
     raise FileNotFoundError(f"input {input_csv} does not exist")
   kind = input_compression(input_csv)
-  env = dict(os.environ, LC_ALL="C")
+  env = dict(os.environ, LC_ALL="C", map_input_file=file_name)
   py = sys.executable
   with open(input_csv, "rb") as fin, open(tsv, "wb") as fout, \
       tempfile.TemporaryFile() as err_d, tempfile.TemporaryFile() as err_m, \
@@ -118,12 +120,22 @@ def run_streaming(input_csv: str, tsv: str, spec_path: str, *, sort_memory: str 
       raise PipelineError(f"{name} failed (exit {code}): {last}")
 
 
+def file_uri(path: str) -> str:
+  """A local file as Spark names it in ``_metadata.file_path``: ``file:/abs/path``, quoted."""
+  return "file:" + urllib.parse.quote(os.path.abspath(output_lib.local_path(path)))
+
+
 def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False,
               split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
               test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
               max_rows_per_shard: int = 250_000,
-              keep_tsv: str | None = None) -> manifest_lib.Manifest:
-  """The streaming path end to end; returns the manifest of ``output``."""
+              keep_tsv: str | None = None,
+              manifest_extra: dict | None = None) -> manifest_lib.Manifest:
+  """The streaming path end to end; returns the manifest of ``output``.
+
+  The rejects name the input by its ``file:`` URI, as the Spark job's do; ``manifest_extra``
+  adds entries to the manifest's ``extra``.
+  """
   out = output_lib.check_output(output, overwrite)  # before the (long) streaming run
   spec_path = spec if spec.endswith(".py") else os.path.join(  # a built-in spec's file
       os.path.dirname(os.path.abspath(features_lib.__file__)), "specs", f"{spec}.py")
@@ -135,11 +147,12 @@ def run_local(input_csv: str, output: str, spec: str, *, overwrite: bool = False
     with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
                                         restate=True):
       tsv = keep_tsv or os.path.join(work, "cleaned.tsv")
-      run_streaming(input_csv, tsv, spec_path, work_dir=work)
+      run_streaming(input_csv, tsv, spec_path, work_dir=work, file_name=file_uri(input_csv))
       with open(tsv, encoding="utf-8", newline="\n") as f:
         return to_shards.convert(f, output, spec_path, overwrite=overwrite,
                                  split_seed=split_seed, test_fraction=test_fraction,
-                                 max_rows_per_shard=max_rows_per_shard, source=input_csv)
+                                 max_rows_per_shard=max_rows_per_shard, source=input_csv,
+                                 extra=manifest_extra)
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -150,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--input", required=True, help="a CSV file")
   p.add_argument("--output", required=True, help="dataset directory to create")
   p.add_argument("--spec", required=True, help="feature spec file or built-in name")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
   p.add_argument("--keep-tsv", help="also keep the reducer output here")
   args = p.parse_args(argv)
   t0 = time.perf_counter()

@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--columns", help="the input header, comma-separated (default: the spec's "
                  "input_columns, else the first line)")
   args = p.parse_args(argv)
-  spec = features_lib.load_spec(args.spec)
+  try:
+    spec = features_lib.load_spec(args.spec)
+  except (features_lib.SpecError, FileNotFoundError) as e:  # one line, exit 2
+    print(f"mapper: {e}", file=sys.stderr)
+    return 2
   columns = tuple(args.columns.split(",")) if args.columns else None
   kind = compression_of(sys.stdin.buffer.peek(16)[:16])  # type: ignore[union-attr]
   if kind:

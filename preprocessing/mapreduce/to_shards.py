@@ -85,8 +85,12 @@ class _Block:
 def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | str, *,
             overwrite: bool = False, split_seed: int = split_lib.DEFAULT_SPLIT_SEED,
             test_fraction: float = split_lib.DEFAULT_TEST_FRACTION,
-            max_rows_per_shard: int = 250_000, source: str = "") -> manifest_lib.Manifest:
+            max_rows_per_shard: int = 250_000, source: str = "",
+            extra: dict | None = None) -> manifest_lib.Manifest:
   """Writes the dataset for reducer output ``lines``; returns its manifest.
+
+  ``extra`` adds entries to the manifest's ``extra`` (the Spark job's ``--engine local``
+  names its engine, format and input files as its Spark engine does).
 
   Raises:
     PipelineError: empty or inconsistent reducer output, or no usable rows.
@@ -99,11 +103,11 @@ def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | 
   with atomic.disk_full_is_user_error(out, f"the previous {out} (if any) is intact",
                                       restate=True):
     return _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_per_shard,
-                    source, t0)
+                    source, t0, extra or {})
 
 
 def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_per_shard,
-             source, t0) -> manifest_lib.Manifest:
+             source, t0, extra) -> manifest_lib.Manifest:
   staging = output_lib.make_staging(out)
   k = len(spec.used_columns)
   try:
@@ -155,7 +159,8 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
                           "(expected a header line)")
     body = output_lib.summarize(spec, sink.close(), staging, split_seed,
                                 test_fraction, max_rows_per_shard,
-                                {"producer": "preprocessing.mapreduce", "input": source})
+                                {"producer": "preprocessing.mapreduce", "input": source,
+                                 **extra})
     body.pop("_lines_by_split")
     body["extra"]["lines"] = body["provenance"].rows_read + headers
     body["extra"]["ignored_columns"] = ignored
@@ -175,10 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--input", required=True, help="reducer output file, directory, or -")
   p.add_argument("--output", required=True, help="dataset directory to create")
   p.add_argument("--spec", required=True, help="the feature spec the mapper used")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--split-seed", type=int, default=split_lib.DEFAULT_SPLIT_SEED)
-  p.add_argument("--test-fraction", type=float, default=split_lib.DEFAULT_TEST_FRACTION)
-  p.add_argument("--max-rows-per-shard", type=int, default=250_000)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+  p.add_argument("--split-seed", type=int, default=split_lib.DEFAULT_SPLIT_SEED,
+                 help="seed of the train/test hash split (default "
+                 f"{split_lib.DEFAULT_SPLIT_SEED})")
+  p.add_argument("--test-fraction", type=float, default=split_lib.DEFAULT_TEST_FRACTION,
+                 help=f"expected fraction of test rows (default {split_lib.DEFAULT_TEST_FRACTION})")
+  p.add_argument("--max-rows-per-shard", type=int, default=250_000,
+                 help="rows per HDF5 shard at most (default 250000)")
   args = p.parse_args(argv)
   try:
     m = convert(_input_lines(args.input), args.output, args.spec, overwrite=args.overwrite,

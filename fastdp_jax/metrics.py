@@ -1,4 +1,7 @@
-"""Evaluation: a model's metrics on a split, and the constant baseline it must beat.
+"""Metrics: a model's metrics on a split, the constant baseline it must beat, and their intervals.
+
+(The public ``fastdp_jax.evaluate(model_dir, data)`` recomputes a model's test metrics with
+these formulas: :mod:`fastdp_jax.evaluation`.)
 
 Every figure here is computed on held-out private rows (test or validation) without noise;
 what may leave the machine is decided by :mod:`fastdp_jax.dp.release`.
