@@ -11,7 +11,9 @@ t0=$(date +%s.%N)
 t1=$(date +%s.%N); echo "{\"benchmark\": \"streamed_vs_memory\", \"materialise_s\": $(python3 -c "print(round($t1 - $t0, 1))")}"
 for rep in 1 2; do
   for mode in memory streamed; do
-    extra=""; [ $mode = streamed ] && extra="--config.data.batches=$out/batches"
+    # Both modes declare N public: the batches were drawn at q = 256 / N with the exact N.
+    extra="--config.data.num_examples_public=True"
+    [ $mode = streamed ] && extra="$extra --config.data.batches=$out/batches"
     .venv/bin/python -m fastdp_jax --config=configs/seq.py --config.data.path=data/generated/capums \
       --config.num_epochs=2 --config.checkpoint.enabled=False --config.export_model=False \
       --config.privacy_eval.membership_rows=0 --config.data.attack_column= $extra \

@@ -15,7 +15,7 @@ project's run trains on 90 % of them (the rest is its validation split for calib
 peers get at least as much data. Every method is scored on the same test rows by the same NumPy
 functions (``utility_peers.metrics``: accuracy, ROC AUC, log-loss, Brier, ECE with 15
 equal-width bins, each with a 95 % bootstrap interval over the test rows, 1000 resamples from
-a fixed public seed); for the project's run they are checked against ``fastdp_jax.evaluate``.
+a fixed public seed); for the project's run they are checked against ``fastdp_jax.metrics``.
 
 Prints one JSON line per method x epsilon x seed (the non-private methods once per seed,
 ``epsilon`` null), then one ``"kind": "summary"`` line per method x epsilon (mean, min, max
@@ -54,10 +54,12 @@ from _jsonl import emit as _emit  # noqa: E402
 from _jsonl import env as _env  # noqa: E402
 
 OURS = "fastdp-jax"
+BINNED = "fastdp-jax-binned"  # configs/fulton_binned.py on the pums_binned dataset (--data-binned)
+PROJECT = (OURS, BINNED)
 PEERS_DP = ("dp-ebm", "dp-ebm-lr0.2", "dp-lr")
 NONPRIVATE = ("lr", "hgb", "base-rate")
-ALL = (OURS, *PEERS_DP, *NONPRIVATE)
-CONFIG = "configs/fulton.py"
+ALL = (*PROJECT, *PEERS_DP, *NONPRIVATE)
+CONFIGS = {OURS: "configs/fulton.py", BINNED: "configs/fulton_binned.py"}
 VALIDATION_FRACTION = 0.1
 CALIBRATION_EPSILON = 0.05
 DELTA = 1e-6  # DP-EBM's delta: the delta our run requests (default: largest 10^-k <= 1/(10 N))
@@ -97,13 +99,26 @@ def export_splits(data: str, work: str) -> dict:
 
 
 # --- one run of each kind ---------------------------------------------------------------
-def run_ours(eps: float, seed: int, args, rows: dict) -> dict:
+def _test_features(method: str, args, rows: dict) -> np.ndarray:
+  """The test rows as the method's model reads them: the shared CSV, or for the binned
+  config the binned dataset's test split (the same rows: same input, split rule and order,
+  checked on the labels)."""
+  if method != BINNED:
+    return um.read_csv(rows["test"], rows["label"], rows["features"])[0]
+  from fastdp_jax import load_split
+  s = load_split(args.data_binned, "test")
+  assert np.array_equal(s.labels, rows["test_labels"]), "binned dataset: other test rows"
+  return np.asarray(s.features, np.float64)
+
+
+def run_ours(eps: float, seed: int, args, rows: dict, method: str = OURS) -> dict:
   """One fresh private CLI run; metrics recomputed from the exported model."""
-  from fastdp_jax import evaluate, load_model
+  from fastdp_jax import load_model, metrics
   from fastdp_jax.summary import read_summary
-  workdir = os.path.join(args.work, "runs", f"{args.stamp}_eps{eps:g}_run{seed}")
-  cmd = [sys.executable, "-m", "fastdp_jax", f"--config={CONFIG}",
-         f"--config.data.path={args.data}", f"--config.dp.target_epsilon={eps:g}",
+  workdir = os.path.join(args.work, "runs", f"{args.stamp}_{method}_eps{eps:g}_run{seed}")
+  data = args.data_binned if method == BINNED else args.data
+  cmd = [sys.executable, "-m", "fastdp_jax", f"--config={CONFIGS[method]}",
+         f"--config.data.path={data}", f"--config.dp.target_epsilon={eps:g}",
          f"--config.dp.max_epsilon={eps:g}",  # configs/fulton.py caps at 1: the cap is E
          f"--config.data.validation_fraction={VALIDATION_FRACTION}",
          f"--config.calibration.epsilon={CALIBRATION_EPSILON}", f"--workdir={workdir}"]
@@ -113,18 +128,18 @@ def run_ours(eps: float, seed: int, args, rows: dict) -> dict:
   with open(workdir + ".log", "w") as f:
     f.write(r.stdout + r.stderr)
   if r.returncode:
-    return {"method": OURS, "epsilon": eps, "seed": seed, "error": (r.stdout + r.stderr)[-2000:],
+    return {"method": method, "epsilon": eps, "seed": seed, "error": (r.stdout + r.stderr)[-2000:],
             "returncode": r.returncode, "command": " ".join(cmd[1:])}
   s = read_summary(workdir)
-  test_x, _ = um.read_csv(rows["test"], rows["label"], rows["features"])
+  test_x = _test_features(method, args, rows)
   y = rows["test_labels"]
   p = np.asarray(load_model(os.path.join(workdir, "model"))(test_x.astype(np.float32)),
                  np.float64)
-  np.save(_pred_path(args, OURS, eps, seed), p)
-  check = {"auc": abs(um.auc(p, y) - evaluate.binary_auc(p, y)),
-           "brier": abs(um.brier(p, y) - evaluate.brier_score(p, y)),
-           "ece": abs(um.ece(p, y) - evaluate.expected_calibration_error(p, y))}
-  return {"method": OURS, "epsilon": eps, "seed": seed, "private": s.private,
+  np.save(_pred_path(args, method, eps, seed), p)
+  check = {"auc": abs(um.auc(p, y) - metrics.binary_auc(p, y)),
+           "brier": abs(um.brier(p, y) - metrics.brier_score(p, y)),
+           "ece": abs(um.ece(p, y) - metrics.expected_calibration_error(p, y))}
+  return {"method": method, "epsilon": eps, "seed": seed, "private": s.private,
           "achieved_epsilon": s.epsilon, "training_epsilon": s.training_epsilon,
           "calibration_epsilon": s.calibration_epsilon, "delta": s.delta,
           "noise_multiplier": s.noise_multiplier, "steps": s.steps,
@@ -195,7 +210,7 @@ def summarise(records: list[dict], args, rows: dict) -> tuple[list[dict], dict]:
                     "max": float(np.max(v)), "ci95_of_mean": [float(lo), float(hi)]}
     for t in ("fit_s", "wall_s"):
       line[t] = float(np.mean([r[t] for r in rs]))
-    if method == OURS:
+    if method in PROJECT:
       line["achieved_epsilon_max"] = max(r["achieved_epsilon"] for r in rs)
       line["delta"] = max(r["delta"] for r in rs)
     lines.append(line)
@@ -211,29 +226,35 @@ def targets(lines: list[dict], boots: dict) -> dict:
   difference over test rows; run-to-run variation is in the min/max, not this interval)."""
   by = {(ln["method"], ln["epsilon"]): ln for ln in lines}
   out: dict = {"kind": "target"}
-  ours1 = by.get((OURS, 1.0))
+  for ours in PROJECT:
+    _targets_of(ours, by, boots, out)
+  return out
+
+
+def _targets_of(ours: str, by: dict, boots: dict, out: dict) -> None:
+  """The targets of one of the project's methods, keyed ``METHOD:eps1_...``."""
+  ours1 = by.get((ours, 1.0))
   if ours1:
     for name, (op, thr) in TARGETS_EPS1.items():
       m = ours1[name]["mean"]
       met = m >= thr if op == ">=" else m <= thr
       seeds_met = [(r >= thr if op == ">=" else r <= thr)
                    for r in (ours1[name]["min"], ours1[name]["max"])]
-      out[f"eps1_{name}"] = {"target": f"{op} {thr}", "mean": m, "met": bool(met),
+      out[f"{ours}:eps1_{name}"] = {"target": f"{op} {thr}", "mean": m, "met": bool(met),
                              "margin": m - thr if op == ">=" else thr - m,
                              "worst_seed_met": bool(seeds_met[0] if op == ">=" else seeds_met[1])}
   for peer in ("dp-ebm", "dp-ebm-lr0.2"):
-    a, b = by.get((OURS, 0.3)), by.get((peer, 0.3))
+    a, b = by.get((ours, 0.3)), by.get((peer, 0.3))
     if not (a and b):
       continue
     for name in ("accuracy", "auc", "log_loss"):
       better = 1.0 if name != "log_loss" else -1.0  # > 0: ours ahead
-      diff = better * (boots[OURS, 0.3][name] - boots[peer, 0.3][name])
+      diff = better * (boots[ours, 0.3][name] - boots[peer, 0.3][name])
       d = better * (a[name]["mean"] - b[name]["mean"])
       lo, hi = np.percentile(diff, [2.5, 97.5])
-      out[f"eps0.3_vs_{peer}_{name}"] = {"ours": a[name]["mean"], "peer": b[name]["mean"],
-                                         "ahead_by": d, "ahead": bool(d > 0),
-                                         "ahead_by_ci95": [float(lo), float(hi)]}
-  return out
+      out[f"{ours}:eps0.3_vs_{peer}_{name}"] = {
+          "ours": a[name]["mean"], "peer": b[name]["mean"], "ahead_by": d, "ahead": bool(d > 0),
+          "ahead_by_ci95": [float(lo), float(hi)]}
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -259,13 +280,14 @@ def table(path: str) -> str:
     out.append(f"| {ln['method']} | {eps} | " + " | ".join(cells) + " |")
   for t in (ln for ln in lines if ln.get("kind") == "target"):
     out += ["", "| target | value | met | margin |", "|---|---|---|---|"]
-    for k, v in t.items():
+    for key, v in t.items():
+      who, _, k = key.rpartition(":")
       if k.startswith("eps1_"):
-        out.append(f"| eps 1 {k[5:]} {v['target']} | {v['mean']:.4f} | {v['met']} | "
+        out.append(f"| {who} eps 1 {k[5:]} {v['target']} | {v['mean']:.4f} | {v['met']} | "
                    f"{v['margin']:+.4f} (worst seed met: {v['worst_seed_met']}) |")
       elif k.startswith("eps0.3_"):
         ci = v["ahead_by_ci95"]
-        out.append(f"| eps 0.3 {k[7:]}: ours {v['ours']:.4f} vs {v['peer']:.4f} | "
+        out.append(f"| {who} eps 0.3 {k[7:]}: ours {v['ours']:.4f} vs {v['peer']:.4f} | "
                    f"{v['ahead_by']:+.4f} | {v['ahead']} | 95 % CI [{ci[0]:+.4f}, "
                    f"{ci[1]:+.4f}] |")
   return "\n".join(out)
@@ -289,7 +311,7 @@ def sitting(args) -> None:
       _emit({**records[-1], **_env()}, args.out)
     for eps in eps_list:
       for method in (m for m in methods if m not in NONPRIVATE):
-        rec = (run_ours(eps, seed, args, rows) if method == OURS
+        rec = (run_ours(eps, seed, args, rows, method) if method in PROJECT
                else run_peer(method, eps, seed, args, rows))
         records.append(rec)
         _emit({**rec, **_env()}, args.out)
@@ -302,6 +324,8 @@ def sitting(args) -> None:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--data", default="/work/utility-bench/fulton", help="the Spark job's output")
+  p.add_argument("--data-binned", default="/work/utility-bench/fulton_binned",
+                 help="the Spark job's output with --spec pums_binned (the same CSV)")
   p.add_argument("--work", default="/work/utility-bench", help="CSVs, runs, predictions")
   p.add_argument("--peer-python", default="/work/utility-peer-venv/bin/python")
   p.add_argument("--epsilons", default="0.3,1,3")

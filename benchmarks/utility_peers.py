@@ -24,7 +24,7 @@ Methods (``--method``):
 * ``base-rate``: every test row gets the training rows' frequency of label 1 (non-private).
 
 The metrics (accuracy at 0.5, ROC AUC, log-loss, Brier score, ECE over 15 equal-width bins)
-are the formulas of ``fastdp_jax.evaluate`` (``binary_auc``, ``brier_score``,
+are the formulas of ``fastdp_jax.metrics`` (``binary_auc``, ``brier_score``,
 ``reliability_bins``/``expected_calibration_error``), re-implemented here in NumPy because this
 venv has no fastdp_jax; ``benchmarks/utility.py`` scores the project's model with THESE
 functions too (one code path) and checks them against fastdp_jax's on every run.
@@ -56,7 +56,7 @@ PRIVATE = {"dp-ebm": True, "dp-ebm-lr0.2": True, "dp-lr": True, "lr": False, "hg
            "base-rate": False}
 
 
-# --- the metrics: fastdp_jax.evaluate's formulas, in NumPy --------------------------------
+# --- the metrics: fastdp_jax.metrics's formulas, in NumPy ---------------------------------
 def auc(p: np.ndarray, y: np.ndarray) -> float:
   """P(score of a random positive > a random negative), ties 1/2 (average ranks)."""
   scores, pos = np.asarray(p, np.float64), np.asarray(y) > 0.5

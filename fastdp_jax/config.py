@@ -28,8 +28,10 @@ from fastdp_jax.errors import ConfigError
 # a config imports no JAX: fastdp_jax.dp.clipping and fastdp_jax.step import them from here.
 CLIPPING_METHODS = ("auto", "ghost", "vmap")  # fastdp_jax.dp.clipping.make_clipped_sum
 OPTIMIZERS = ("sgd", "adam")
+DECAYS = ("constant", "cosine", "linear")
 STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
 TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.manifest.TASK_KINDS
+TUNING = ("none", "unaccounted", "accounted")  # tuning.private_data
 
 
 def _data_keys() -> ml_collections.ConfigDict:
@@ -41,7 +43,11 @@ def _data_keys() -> ml_collections.ConfigDict:
   #                    in constant memory instead of holding the training rows.
   data.verify_checksums = True  # check every shard's sha256 against the manifest.
   data.public_num_examples = config_dict.placeholder(int)  # a PUBLIC training-set size
-  #                          that fixes q and the number of updates (unset: N is public).
+  #                          that fixes q, the number of updates and the default delta
+  #                          (unset: a DP estimate of N, dp.count_epsilon).
+  data.num_examples_public = False  # True: the user declares the dataset's exact number of
+  #                          training rows public; q, T and delta derive from it and the card
+  #                          says so (no DP count). Needed with data.batches.
   data.feature_bounds = config_dict.placeholder(tuple)  # PUBLIC feature bounds for data
   # that declares none (an original .h5, a manifest older than recorded bounds): (lo, hi)
   # for every feature or one (lo, hi) per feature; never computed from the data. Every row
@@ -72,6 +78,10 @@ def _dp_keys() -> ml_collections.ConfigDict:
   dp.overflow_probability = config_dict.placeholder(float)  # per update, of a Poisson batch
   #                                                  above its padded capacity (None: automatic).
   dp.clipping = "auto"  # 'ghost' | 'vmap' | 'auto' (ghost when the model supports it).
+  dp.count_epsilon = 0.01  # the Laplace count of the training rows whose estimate of N sets
+  #                          q, T and delta (fastdp_jax.dp.count); it adds to the run's epsilon
+  #                          and comes out of dp.target_epsilon / dp.max_epsilon. Unused when
+  #                          N is public (data.public_num_examples, data.num_examples_public).
   dp.microbatch_size = config_dict.placeholder(int)  # vmap chunk size bounding memory.
   return dp
 
@@ -101,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0  # decoupled weight decay (AdamW, or SGD with decay): it
   #                                 pulls the noise's random walk back towards 0, which
   #                                 keeps the logits from inflating (post-processing: free).
+  c.optimizer.decay = "constant"  # 'constant' | 'cosine' | 'linear': the learning rate's
+  #                                 decay to 0 over the planned updates. Late updates are
+  #                                 mostly noise; a decay keeps them from undoing the fit.
 
   c.dp = _dp_keys()
 
@@ -123,6 +136,17 @@ def base_config() -> ml_collections.ConfigDict:
   #                           updates, besides every epoch end (0: epoch ends only); each
   #                           point costs a test-set pass and ~0.2 s of PLD accounting.
   c.export_model = True  # write WORKDIR/model/ (parameters, feature spec, MODEL_CARD.md).
+  c.export_test_metrics = False  # True: model/ and its card also state the test metrics,
+  #   marked as not covered by the guarantee (exact statistics of private held-out rows).
+  #   False: they stay in the private workdir (summary.json, metrics.jsonl).
+
+  c.tuning = ml_collections.ConfigDict()  # how the settings were chosen (docs/privacy.md)
+  c.tuning.private_data = "none"  # 'none': not chosen on this data (or on public data);
+  #   'unaccounted': chosen by looking at results on this data (its validation or test rows,
+  #   earlier runs), which no accountant covers: the run is private: false; 'accounted':
+  #   chosen by an accounted tuning run (fastdp_jax.tune sets it; its epsilon is in the
+  #   summary's tuning record).
+  c.tuning.note = ""  # how they were chosen (stated with private: false).
 
   c.calibration = ml_collections.ConfigDict()  # classifiers (fastdp_jax.dp.calibration)
   c.calibration.epsilon = 0.0  # >0: choose a temperature for the probabilities on the
@@ -264,9 +288,11 @@ RANGE_CHECKS: dict[str, _Check] = {
     "optimizer.learning_rate": (_positive_finite, "a positive finite number"),
     "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
     "optimizer.weight_decay": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "optimizer.decay": (_one_of(DECAYS), f"one of {DECAYS}"),
     "data.attack_rows": (_non_negative_int, "a non-negative integer"),
     "seed": (_unset_or(_is_int), "an integer (or unset)"),
     "data.public_num_examples": (_unset_or(_positive_int), "a positive integer (or unset)"),
+    "tuning.private_data": (_one_of(TUNING), f"one of {TUNING}"),
     "parallel.strategy": (_one_of(STRATEGIES), f"one of {STRATEGIES}"),
     "dp.clipping": (_one_of(CLIPPING_METHODS), f"one of {CLIPPING_METHODS}"),
     "dp.microbatch_size": (_unset_or(_positive_int), "a positive integer (or unset)"),
@@ -284,6 +310,8 @@ DP_RANGE_CHECKS: dict[str, _Check] = {
     "dp.max_epsilon": (_unset_or(lambda v: _is_number(v) and v > 0), "positive (inf: no cap)"),
     "dp.delta": (_unset_or(_in_open_unit), "in (0, 1)"),
     "dp.accountant": (_one_of(accounting.ACCOUNTANTS), f"one of {accounting.ACCOUNTANTS}"),
+    "dp.count_epsilon": (_positive_finite, "a positive finite number (to declare N public "
+                         "instead: data.num_examples_public=True)"),
 }
 
 
@@ -312,6 +340,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.calibration.epsilon and not cfg.data.validation_fraction:
     raise ConfigError(f"calibration.epsilon={cfg.calibration.epsilon} needs validation rows to "
                       "calibrate on: set data.validation_fraction (e.g. 0.1)")
+  _check_row_count(cfg)
   dp = cfg.dp
   if not dp.enabled:
     return
@@ -330,6 +359,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "is), or dp.enabled=False")
 
 
+def _check_row_count(cfg: ml_collections.ConfigDict) -> None:
+  """The rules on how N is known: a DP count, or one declaration of a public N."""
+  if cfg.data.num_examples_public and cfg.data.public_num_examples is not None:
+    raise ConfigError("data.num_examples_public=True declares the dataset's own row count "
+                      f"public, data.public_num_examples={cfg.data.public_num_examples} "
+                      "another figure: set one of them")
+  if (cfg.data.batches and cfg.dp.enabled and not cfg.data.num_examples_public
+      and cfg.data.public_num_examples is None):
+    raise ConfigError(
+        "data.batches were drawn at q = batch_size / N with the exact N, which the run would "
+        "then publish: declare N public (data.num_examples_public=True, stated on the model "
+        "card), or train from data.path alone (q from a DP estimate of N)")
+
+
 # --- typed settings: the config after validation, as the modules receive it --------------------
 # Each module takes the part it needs (a plan takes DPSettings, the data loader DataSettings),
 # so a function's signature says which settings it depends on; the ConfigDict stops here.
@@ -340,6 +383,7 @@ class DataSettings:
   batches: str
   verify_checksums: bool
   public_num_examples: int | None
+  num_examples_public: bool
   feature_bounds: tuple | None
   attack_column: str
   attack_rows: int
@@ -362,6 +406,7 @@ class OptimizerSettings:
   learning_rate: float
   momentum: float
   weight_decay: float
+  decay: str = "constant"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -379,6 +424,7 @@ class DPSettings:
   overflow_probability: float | None
   clipping: str
   microbatch_size: int | None
+  count_epsilon: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -404,6 +450,13 @@ class CalibrationSettings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningSettings:
+  """The ``tuning`` group: whether the settings were chosen on this data, and how."""
+  private_data: str
+  note: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """A validated run configuration (:func:`settings`); every key of :func:`base_config`."""
   data: DataSettings
@@ -413,6 +466,7 @@ class RunConfig:
   checkpoint: CheckpointSettings
   privacy_eval: PrivacyEvalSettings
   calibration: CalibrationSettings
+  tuning: TuningSettings
   num_epochs: int
   batch_size: int
   seed: int | None
@@ -422,6 +476,7 @@ class RunConfig:
   eval_batch_size: int
   log_every_steps: int
   export_model: bool
+  export_test_metrics: bool
   profile_steps: int
   json: str  # the whole config as JSON: what the summary records and every process compares
 
@@ -452,8 +507,10 @@ def settings(cfg: ml_collections.ConfigDict | RunConfig) -> RunConfig:
       checkpoint=_group(CheckpointSettings, cfg.checkpoint),
       privacy_eval=_group(PrivacyEvalSettings, cfg.privacy_eval),
       calibration=_group(CalibrationSettings, cfg.calibration),
+      tuning=_group(TuningSettings, cfg.tuning),
       num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
       strategy=cfg.parallel.strategy, steps_per_call=cfg.steps_per_call,
       padding_microbatch=cfg.padding_microbatch, eval_batch_size=cfg.eval_batch_size,
       log_every_steps=cfg.log_every_steps, export_model=cfg.export_model,
+      export_test_metrics=cfg.export_test_metrics,
       profile_steps=cfg.profile_steps, json=cfg.to_json_best_effort())

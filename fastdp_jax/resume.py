@@ -95,7 +95,8 @@ def initial(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh,
   """The noised optimizer and the progress before any update: the replicated parameters and
   optimizer state, an empty ledger."""
   tx = optax.chain(noise.privatize(plan.l2_norm_clip or 1.0, plan.noise_multiplier,
-                                   rc.batch_size, keys.noise), step_lib.make_optimizer(rc.optimizer))
+                                   rc.batch_size, keys.noise),
+                  step_lib.make_optimizer(rc.optimizer, plan.total_steps))
   state = parallel.replicate(mesh, step_lib.State(params=params, opt_state=tx.init(params),
                                                   step=jnp.zeros((), jnp.int32)))
   run_state = checkpoint_lib.RunState(identity=run_identity(rc, plan, train),

@@ -445,17 +445,33 @@ def check_finite(metrics: dict[str, np.ndarray], step: int, k: int) -> None:
         "learning rate")
 
 
-def make_optimizer(o: config_lib.OptimizerSettings) -> optax.GradientTransformation:
+def learning_rate(o: config_lib.OptimizerSettings, total_steps: int) -> optax.ScalarOrSchedule:
+  """``optimizer.learning_rate``, constant or decayed to 0 over the ``total_steps`` planned.
+
+  The schedule reads the optimizer state's update count, which the checkpoint carries, so a
+  resumed run continues the same decay.
+  """
+  if o.decay == "constant":
+    return o.learning_rate
+  if o.decay == "cosine":
+    return optax.cosine_decay_schedule(o.learning_rate, max(total_steps, 1))
+  return optax.linear_schedule(o.learning_rate, 0.0, max(total_steps, 1))
+
+
+def make_optimizer(o: config_lib.OptimizerSettings,
+                   total_steps: int = 0) -> optax.GradientTransformation:
   """The optimizer that follows the noise (``optimizer.name``: plain or momentum SGD, Adam),
-  with decoupled weight decay when ``optimizer.weight_decay`` is set."""
+  with decoupled weight decay when ``optimizer.weight_decay`` is set and the learning rate's
+  ``optimizer.decay`` over ``total_steps`` updates."""
+  lr = learning_rate(o, total_steps)
   if o.name == "sgd":
-    sgd = optax.sgd(o.learning_rate, momentum=o.momentum or None)
+    sgd = optax.sgd(lr, momentum=o.momentum or None)
     if not o.weight_decay:
       return sgd
     return optax.chain(optax.add_decayed_weights(o.weight_decay), sgd)
   if not o.weight_decay:
-    return optax.adam(o.learning_rate)
-  return optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
+    return optax.adam(lr)
+  return optax.adamw(lr, weight_decay=o.weight_decay)
 
 
 def compile_step(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, model: Any, loss_fn: Any,

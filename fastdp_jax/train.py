@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +36,7 @@ from fastdp_jax import atomic
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import distributed
-from fastdp_jax import evaluate as evaluate_lib
+from fastdp_jax import metrics as evaluate_lib
 from fastdp_jax import feed
 from fastdp_jax import inputs
 from fastdp_jax import models
@@ -50,6 +51,7 @@ from fastdp_jax import console
 from fastdp_jax.console import say
 from fastdp_jax.dp import attack
 from fastdp_jax.dp import calibration
+from fastdp_jax.dp import count as count_lib
 from fastdp_jax.dp import keys as keys_lib
 from fastdp_jax.dp import noise
 from fastdp_jax.dp import plan as plan_lib
@@ -196,9 +198,12 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
   rc = config_lib.settings(cfg)
   mesh = parallel.make_mesh()
   rows = inputs.load(rc, mesh, data)
-  # A calibration's epsilon comes out of the target and the cap: training plans with the rest.
-  budget = dataclasses.replace(rc, dp=calibration.training_budget(rc.dp, rc.calibration.epsilon))
-  plan, stream = feed.plan_run(budget, rows.num_examples, mesh, rows.streamed_from is not None)
+  # N as the run may publish it: a DP estimate (kept in the workdir) or a declared figure.
+  n = count_lib.resolve(workdir, rows.num_examples, rc.dp, rc.data, rows.train.digest)
+  # The calibration's, the count's and the spec's epsilons come out of the target and the cap.
+  budget = dataclasses.replace(rc, dp=calibration.training_share(
+      rc.dp, count=n.epsilon, calibration=rc.calibration.epsilon, spec=rows.spec_estimate[0]))
+  plan, stream = feed.plan_run(budget, n, mesh, rows.streamed_from is not None)
   model, apply_fn, params, loss_fn = _build_model(rc, plan, rows)
   # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
   ckpt = None
@@ -207,7 +212,7 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
     cleanup.callback(ckpt.close)
   keys = keys_lib.resolve(workdir, resuming=ckpt is not None and ckpt.latest_step() is not None,
                           checkpointing=ckpt is not None, sampling_seed=rc.dp.sampling_seed,
-                          noise_seed=rc.dp.noise_seed)
+                          noise_seed=rc.dp.noise_seed, streamed=stream is not None)
   if stream is not None:
     keys = keys_lib.with_batches_key(keys, stream.path, stream.sampling_fixed)
   tx, progress = resume.initial(rc, mesh, plan, rows.train, params, keys)
@@ -219,7 +224,7 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
       strategy=rc.strategy, streamed=stream is not None, head=rows.head)
   private, privacy_note = release.privacy_status(
       dp_enabled=plan.enabled, noise_fixed=progress.keys.noise_fixed,
-      sampling_fixed=progress.keys.sampling_fixed)
+      sampling_fixed=progress.keys.sampling_fixed, tuning=rc.tuning)
   t = Trainer(
       config=rc, workdir=workdir, plan=plan, private=private, privacy_note=privacy_note,
       data=rows, progress=progress, services=services,
@@ -297,6 +302,8 @@ def _preempted(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
 
 
 HOOKS = (_progress, _log_point, _periodic_checkpoint, _epoch_end, _preempted)
+# What train_and_evaluate's caller may look at once a run is finished.
+Inspect = Callable[[Trainer, summary_lib.RunSummary], None]
 
 
 def train(t: Trainer) -> None:
@@ -324,7 +331,9 @@ def _summary(t: Trainer) -> summary_lib.RunSummary:
   final, ledger, keys = rs.history[-1], rs.ledger, t.progress.keys
   return summary_lib.RunSummary(
       private=t.private, privacy_note=t.privacy_note,
-      epsilon=final["epsilon"], delta=plan.delta_total if dp_on else None,
+      epsilon=final["epsilon"] + plan.count_epsilon, training_epsilon=final["epsilon"],
+      count_epsilon=plan.count_epsilon or None, planned_num_examples=plan.num_examples,
+      num_examples_source=plan.num_examples_source, delta=plan.delta_total if dp_on else None,
       accountant_delta=plan.delta if dp_on else None,
       overflow_probability=plan.overflow_probability if dp_on else None,
       overflow_delta=plan.overflow_delta if dp_on else None,
@@ -349,21 +358,30 @@ def _summary(t: Trainer) -> summary_lib.RunSummary:
       config=t.config.to_dict())
 
 
+def export_arguments(t: Trainer, host_params: Any) -> dict[str, Any]:
+  """:func:`fastdp_jax.export.model_dir.export_model`'s arguments for ``t``'s model, less
+  the directory and the summary (``fastdp_jax.tune`` exports the best trial with them)."""
+  rc, rows = t.config, t.data
+  return dict(
+      params=host_params, feature_names=rows.train.feature_names,
+      label_name=rows.train.label_name, hidden_sizes=rc.model.hidden_sizes,
+      model=models.model_spec(hidden_sizes=rc.model.hidden_sizes, head=rows.head,
+                              classes=rows.train.task.classes,
+                              feature_names=rows.train.feature_names,
+                              embeddings=rows.embeddings),
+      feature_spec=export_lib.dataset_feature_spec(rc.data.path),  # raw-row encoding
+      include_test_metrics=rc.export_test_metrics)
+
+
 def _write_outputs(t: Trainer, summary: summary_lib.RunSummary,
                    host_params: Any) -> summary_lib.RunSummary:
   """Exports the model (process 0), writes the summary to the sinks, ``final_params.npz`` and
   ``summary.json``; returns the summary with the model's directory."""
-  rc, rows = t.config, t.data
+  rc = t.config
   if t.is_writer and rc.export_model:
     summary = dataclasses.replace(summary, model_dir=export_lib.export_model(
-        os.path.join(t.workdir, export_layout.MODEL_DIR), params=host_params,
-        feature_names=rows.train.feature_names, label_name=rows.train.label_name,
-        hidden_sizes=rc.model.hidden_sizes, summary=summary,
-        model=models.model_spec(hidden_sizes=rc.model.hidden_sizes, head=rows.head,
-                                classes=rows.train.task.classes,
-                                feature_names=rows.train.feature_names,
-                                embeddings=rows.embeddings),
-        feature_spec=export_lib.dataset_feature_spec(rc.data.path)))  # raw-row encoding
+        os.path.join(t.workdir, export_layout.MODEL_DIR), summary=summary,
+        **export_arguments(t, host_params)))
   record = summary.to_json()
   t.services.writer.write(records.SUMMARY, t.step, record)
   t.services.writer.close()
@@ -376,7 +394,7 @@ def _write_outputs(t: Trainer, summary: summary_lib.RunSummary,
                              json.dumps(record, indent=1, default=float))
   if not rc.checkpoint.keep_keys and t.services.ckpt is not None:
     t.services.ckpt.close()
-    checkpoint_lib.forget(t.workdir)
+    say("; ".join(checkpoint_lib.forget(t.workdir, batches=rc.data.batches or None)))
   return summary
 
 
@@ -401,7 +419,7 @@ def finalize(t: Trainer) -> summary_lib.RunSummary:
         f"(after {t.step} of {t.plan.total_steps} updates"
         f"{'; checkpoint saved' if t.services.ckpt is not None else ''})")
   host_params = jax.device_get(t.progress.state.params)
-  summary = _summary(t)
+  summary = summary_lib.with_spec_estimate(_summary(t), *t.data.spec_estimate)
   rows, rc = t.data, t.config
   # Empirical privacy: membership inference; the canary audit when the data is an audit set.
   results, lines = privacy_eval.evaluate_privacy(
@@ -434,7 +452,8 @@ def finalize(t: Trainer) -> summary_lib.RunSummary:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict | config_lib.RunConfig,
-                       workdir: str) -> summary_lib.RunSummary:
+                       workdir: str, *, inspect: Inspect | None = None
+                       ) -> summary_lib.RunSummary:
   """Trains a model with DP-SGD as configured and writes its results into ``workdir``.
 
   Args:
@@ -444,6 +463,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict | config_lib.RunConfig,
       ``final_params.npz``, ``keys.json``, ``checkpoints/`` and the public ``model/``. If it
       holds a checkpoint, the run resumes from it (same parameters, noise and sampling as an
       uninterrupted run).
+    inspect: called with the finished trainer and its summary before the workdir is
+      released (``fastdp_jax.tune`` scores a trial's model with it).
 
   Returns:
     The run's :class:`~fastdp_jax.summary.RunSummary` (also ``workdir/summary.json``).
@@ -472,4 +493,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict | config_lib.RunConfig,
     with atomic.disk_full_is_user_error(f"the workdir {workdir}", _KEPT):
       trainer = setup(rc, workdir, cleanup)
       train(trainer)
-      return finalize(trainer)
+      summary = finalize(trainer)
+      if inspect is not None:
+        inspect(trainer, summary)
+      return summary
