@@ -3,7 +3,10 @@
 Methods (``--methods``): ``fastdp-jax`` (this project: ``python -m fastdp_jax
 --config=configs/fulton.py`` with ``dp.target_epsilon`` = ``dp.max_epsilon`` = E, 10 % of the
 training rows held out for the private temperature calibration, ``calibration.epsilon`` 0.05
-of the E; secret OS-entropy keys, so each run is a fresh private run); and, in the peers'
+of the E; secret OS-entropy keys, so each run is a fresh private run), ``fastdp-jax-binned``
+(``configs/fulton_binned.py`` on the ``pums_binned`` dataset, ``--data-binned``: a logistic
+regression over public census brackets, the temperature's epsilon 0.2 of the E); and, in the
+peers'
 venv (``bash benchmarks/utility_venv.sh``, see ``benchmarks/utility_peers.py``): ``dp-ebm``,
 ``dp-ebm-lr0.2`` (its learning rate tuned on the training rows, unaccounted), ``dp-lr``
 (diffprivlib, pure epsilon-DP), and non-private ``lr``, ``hgb`` and ``base-rate``.
@@ -61,7 +64,8 @@ NONPRIVATE = ("lr", "hgb", "base-rate")
 ALL = (*PROJECT, *PEERS_DP, *NONPRIVATE)
 CONFIGS = {OURS: "configs/fulton.py", BINNED: "configs/fulton_binned.py"}
 VALIDATION_FRACTION = 0.1
-CALIBRATION_EPSILON = 0.05
+# The temperature's epsilon per method: each config's own (configs/fulton_binned.py: 0.2).
+CALIBRATION_EPSILON = {OURS: 0.05, BINNED: 0.2}
 DELTA = 1e-6  # DP-EBM's delta: the delta our run requests (default: largest 10^-k <= 1/(10 N))
 
 
@@ -121,7 +125,7 @@ def run_ours(eps: float, seed: int, args, rows: dict, method: str = OURS) -> dic
          f"--config.data.path={data}", f"--config.dp.target_epsilon={eps:g}",
          f"--config.dp.max_epsilon={eps:g}",  # configs/fulton.py caps at 1: the cap is E
          f"--config.data.validation_fraction={VALIDATION_FRACTION}",
-         f"--config.calibration.epsilon={CALIBRATION_EPSILON}", f"--workdir={workdir}"]
+         f"--config.calibration.epsilon={CALIBRATION_EPSILON[method]}", f"--workdir={workdir}"]
   t0 = time.perf_counter()
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
   wall = time.perf_counter() - t0

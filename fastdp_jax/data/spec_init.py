@@ -277,10 +277,15 @@ def feature_entry(r: Released) -> dict[str, Any] | None:
   """A feature column's spec entry from its DP outputs (None: leave it out)."""
   discrete = _discrete(r)
   if discrete is not None:
-    if discrete == (0.0, 1.0):
+    # 0/1 is the binary kind's public coding: a column whose released values are among them
+    # is binary even when one of the two was too rare to pass the threshold (a one-valued
+    # categorical would reject every row holding the other).
+    if set(discrete) <= {0.0, 1.0} and not isinstance(discrete[0], str):
       return {"kind": "binary"}
     if len(discrete) == 2 and isinstance(discrete[0], str):
       return {"kind": "binary", "values": _binary_order(discrete)}
+    if len(discrete) == 1:  # the others were rare: they share the extra id, no row is lost
+      return {"kind": "embedding", "codes": _ints(discrete), "unknown": "extra_id"}
     return {"kind": "categorical", "categories": _ints(discrete)}
   if r.is_numeric:
     return _numeric_entry(r)

@@ -216,6 +216,15 @@ MUTANTS: tuple[Mutant, ...] = (
                "(its lower bound above the accountant's epsilon)",
         tests=("tests/dp/test_privacy_eval.py::test_canary_audit_with_the_power_to_see_a_"
                "quarter_of_the_noise_stays_below_the_accountant",)),
+    Mutant(
+        name="n_published",
+        file="fastdp_jax/dp/count.py",
+        old="  words = np.concatenate([np.array([estimate], np.int64).view(np.uint32),",
+        new="  words = np.concatenate([np.array([num_examples], np.int64).view(np.uint32),"
+            "  # MUTANT",
+        breaks="the run plans q, T and delta from the exact N while the card says a DP estimate: "
+               "model/ publishes N",
+        tests=("tests/export/test_export_scan.py",)),
 )
 
 

@@ -9,7 +9,6 @@ dataset's rows. One SparkSession (local[2]) serves the whole module.
 
 import json
 import os
-import resource
 import shutil
 import stat
 import subprocess
@@ -383,21 +382,23 @@ def test_not_enough_free_disk_is_refused_before_spark_starts(dataset, tmp_path, 
     pb.plan_job(dataset["path"], str(tmp_path / "b"), batch_size=B, epochs=E)
 
 
-def _limit_file_size():
-  # A file-size limit stands in for a full disk: writes past it fail with EFBIG (Python and
-  # the JVM ignore SIGXFSZ). The shuffle files of this small job stay far below it.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+# A file-size limit stands in for a full disk: writes past it fail with EFBIG (Python and the
+# JVM ignore SIGXFSZ). The shuffle files of this small job stay far below it. A fresh
+# interpreter sets it and execs the job: a preexec_fn would run Python between fork and exec
+# in a copy of this multithreaded (JAX) process, which can deadlock under load.
+_LIMITED = ("import os, resource, sys; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def test_disk_filling_during_the_job_fails_cleanly(dataset, tmp_path):
   out = tmp_path / "full"
   # 150 updates x capacity x 25 bytes (5 float32 features, a float32 label, the mask) in one
   # shard: about 300 KB, over the 200 KB limit.
-  cmd = [sys.executable, "-m", "preprocessing.poisson_batches", "--dataset", dataset["path"],
-         "--output", str(out), "--batch-size", str(B), "--epochs", str(E),
-         "--updates-per-shard", "150", "--master", "local[1]"]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=600,
-                     preexec_fn=_limit_file_size)
+  cmd = [sys.executable, "-c", _LIMITED, "-m", "preprocessing.poisson_batches",
+         "--dataset", dataset["path"], "--output", str(out), "--batch-size", str(B),
+         "--epochs", str(E), "--updates-per-shard", "150", "--master", "local[1]"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=600)
   assert r.returncode == 2, r.stderr[-3000:]
   line = r.stderr.strip().splitlines()[-1]
   assert line.startswith("error: writing batch shard updates-000000000.h5 failed: OSError")
