@@ -673,8 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = output_lib.check_output(args.output, args.overwrite)  # fail before Spark starts (7-9 s)
     _check_input(args.input, out)
     check_header(args.input, spec, args.format)  # a missing column: refused before Spark starts
+    # Under spark-submit (its PythonRunner hands the driver a gateway in the environment) the
+    # user chose Spark: auto must not run the local path.
+    submitted = ["spark-submit"] if "PYSPARK_GATEWAY_PORT" in os.environ else []
     engine = choose_engine(args.engine, args.input, args.format,
-                           [o for o in _SPARK_ONLY if getattr(args, o)])
+                           [o for o in _SPARK_ONLY if getattr(args, o)] + submitted)
     if engine == "local":
       t1 = time.perf_counter()
       m = run_local_engine(args.input, args.output, args.spec, overwrite=args.overwrite,
