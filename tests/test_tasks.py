@@ -115,6 +115,7 @@ PRED_RTOL = 1e-5
 def test_each_task_end_to_end_beats_its_baseline_and_exports(kind, datasets, tmp_path):
   path = datasets[kind]
   cfg = _config(path)
+  cfg.export_test_metrics = True  # the card's evaluation lines are checked below
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   assert summary.task == kind
   # epsilon is dp_accounting's for this run's q, T and delta.
