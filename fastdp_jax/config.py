@@ -124,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.enabled = True  # save in WORKDIR/checkpoints and resume from it.
   c.checkpoint.every_steps = 1000  # also save at every epoch end.
   c.checkpoint.allow_changes = False  # resume even if privacy/model/data changed (recorded).
-  c.checkpoint.keep_keys = True  # False: delete keys.json and checkpoints/ when the run ends
-  #                                (or later: python -m fastdp_jax.checkpoint forget WORKDIR).
+  c.checkpoint.keep_keys = True  # False: delete keys.json, checkpoints/ and the batch
+  #                                directory the run made (it holds the sampling key) when the
+  #                                run ends (or later: python -m fastdp_jax.checkpoint forget).
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.padding_microbatch = config_dict.placeholder(int)  # rows: process each padded batch in
