@@ -41,9 +41,13 @@ decimal literals (``1``, ``-3.5``, ``1e3``), never ``nan``, ``inf``, ``1_000`` o
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import math
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +74,13 @@ MAX_HEADER_BYTES = 1 << 20
 # a string category matches a cell exactly after normalize_token.
 parse_number = spec_values.parse_number
 normalize_token = spec_values.normalize_token
+
+
+def open_csv(path: str) -> Any:
+  """A CSV file as text lines: plain, ``.gz`` or ``.bz2`` by its name; UTF-8 with undecodable
+  bytes as U+FFFD; ``\\n``, ``\\r\\n`` and ``\\r`` end a line."""
+  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  return opener(path, "rt", encoding="utf-8", errors="replace", newline=None)
 
 
 def parse_header(line: str) -> tuple[str, ...]:

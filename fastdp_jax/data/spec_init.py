@@ -65,10 +65,8 @@ estimates (and spends the budget again).
 from __future__ import annotations
 
 import argparse
-import bz2
 import collections
 import dataclasses
-import gzip
 import math
 import os
 import re
@@ -114,11 +112,6 @@ class ColumnData:
   numbers: list[float]
 
 
-def _open(path: str):
-  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-  return opener(path, "rt", encoding="utf-8", errors="replace", newline=None)
-
-
 def read_header(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """``(header, names)``: the first line's columns, and their names in the spec (an empty
   name becomes ``unnamed_I``).
@@ -128,7 +121,7 @@ def read_header(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """
   if not os.path.isfile(path):
     raise InitError(f"{path} does not exist")
-  with _open(path) as f:
+  with cleaning.open_csv(path) as f:
     first = f.readline(cleaning.MAX_HEADER_BYTES + 1).rstrip("\n")
   if not first:
     raise InitError(f"{path} is empty (expected a header line naming the columns)")
@@ -149,7 +142,7 @@ def scan(path: str, header: Sequence[str], used: Sequence[int]) -> list[ColumnDa
   repeats of the header are skipped, as the cleaning rejects them."""
   out = [ColumnData(collections.Counter(), []) for _ in used]
   na = frozenset(_NA_TOKENS)
-  with _open(path) as f:
+  with cleaning.open_csv(path) as f:
     f.readline(cleaning.MAX_HEADER_BYTES + 1)
     for line in f:
       parts = line.rstrip("\n").split(",")

@@ -28,9 +28,7 @@ check the features they encode the same way and report such a row as a bad row.
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -291,7 +289,8 @@ class Predictor:
     Raises:
       RowInputError: an empty file, or a header lacking a column the model needs.
     """
-    with _open_csv(os.fspath(path)) as f:
+    from fastdp_jax.data import cleaning  # local: only raw rows need it
+    with cleaning.open_csv(os.fspath(path)) as f:
       header_line = _read_csv_header(f)
     self.csv_cleaner(path, header_line)
     return header_line
@@ -461,12 +460,6 @@ def _encode_columns(spec, columns: Mapping[str, Any]):
   return x, result.kept, _errors_of(spec, result, positions, None), n
 
 
-def _open_csv(path: str):
-  """A CSV file as text lines: plain, ``.gz`` or ``.bz2`` (\\n, \\r\\n and \\r end a line)."""
-  opener: Any = {".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-  return opener(path, "rt", encoding="utf-8", errors="replace", newline=None)
-
-
 def _read_csv_header(f) -> str:
   from fastdp_jax.data import cleaning  # local: only raw rows need it
   return f.readline(cleaning.MAX_HEADER_BYTES + 1)  # one more: a longer header is refused
@@ -500,7 +493,8 @@ def _encode_csv_lines(spec, cleaner, lines: Sequence[str], row: int):
 
 def _csv_blocks(spec, path: str, block_rows: int = 1 << 16):
   """``(features, positions, errors, rows)`` per block of a CSV file's data lines."""
-  with _open_csv(path) as f:
+  from fastdp_jax.data import cleaning  # local: only raw rows need it
+  with cleaning.open_csv(path) as f:
     cleaner = _csv_cleaner(spec, path, _read_csv_header(f))
     row = 0
     while True:
