@@ -33,6 +33,11 @@ Usage::
   python benchmarks/throughput.py --workload W1 --mode dp
   python benchmarks/throughput.py --workload W1,W2 --mode nonprivate,dp --repeat 2
   python benchmarks/throughput.py --workload W2 --mode dp --clipping vmap --max-steps 8
+  python benchmarks/throughput.py --workload W1,W2 --units households --unit-size 8,4 \
+      --max-steps 64 --repeat 3 --out benchmarks/results/units_throughput_DATE.jsonl
+
+``--units households`` times household-level against row-level DP training of the same rows
+(:func:`measure_units`, one ``"ratio"`` line each and a ``"summary"`` line per workload and k).
 
 Both workloads in both modes take about a minute on a 2-core CPU.
 """
@@ -116,9 +121,13 @@ def in_memory_data(workload: str, x, y, process_rows=None):
 
 def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: contextlib.ExitStack,
                  *, steps_per_call: int, num_epochs: int, microbatch_size: int | None = None,
-                 strategy: str = "shard_map", padding_microbatch: int | None = None):
+                 strategy: str = "shard_map", padding_microbatch: int | None = None,
+                 unit_dir: str | None = None, batch_size: int | None = None):
   """:func:`fastdp_jax.setup` for one workload and mode, on ``data`` (from
   :func:`in_memory_data`), in a temporary workdir (closed by ``cleanup``).
+
+  With ``unit_dir`` (``--units``), the run reads that unit dataset instead (``setup``'s
+  in-memory ``data`` carries no privacy unit) and ``batch_size`` counts units.
 
   The config is ``configs/seq.py``'s (sigma 0.9, C 3, SGD lr 0.01) with the workload's model
   and batch, no checkpoint, export or privacy evaluation, and fixed keys (:data:`KEYS`).
@@ -128,8 +137,9 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   import fastdp_jax
   _, hidden, batch = WORKLOADS[workload][:3]
   cfg = fastdp_jax.base_config()
-  cfg.data.path, cfg.data.attack_column = "<generated in memory>", ""
+  cfg.data.path, cfg.data.attack_column = unit_dir or "<generated in memory>", ""
   cfg.batch_size, cfg.model.hidden_sizes, cfg.steps_per_call = batch, hidden, steps_per_call
+  cfg.batch_size = batch_size or batch
   cfg.num_epochs = num_epochs  # the plan's length: the updates timed, warm-up included
   cfg.dp.enabled, cfg.dp.clipping = mode == "dp", clipping
   cfg.dp.noise_multiplier, cfg.dp.noise_seed, cfg.dp.sampling_seed = 0.9, 0, 0
@@ -142,7 +152,7 @@ def make_trainer(workload: str, mode: str, clipping: str, data, cleanup: context
   cfg.privacy_eval.membership_rows = 0
   workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fastdp-bench-"))
   with contextlib.redirect_stdout(sys.stderr):
-    return fastdp_jax.setup(cfg, workdir, cleanup, data=data)
+    return fastdp_jax.setup(cfg, workdir, cleanup, data=None if unit_dir else data)
 
 
 def clipping_name(t) -> str:
@@ -262,6 +272,90 @@ def measure_interleaved(workload: str, clipping: str, *, steps_per_call: int, w2
                       dp_over_nonprivate_examples_per_s=round(
                           dp["examples_per_s"] / base["examples_per_s"], 3)))
   return records
+
+
+def measure_units(workload: str, k: int, clipping: str, *, steps_per_call: int, w2_rows: int,
+                  max_steps: int | None, microbatch_size: int | None,
+                  padding_microbatch: int | None = None) -> list[dict]:
+  """Row-level and household-level DP training of the same rows in ONE process, their
+  compiled calls alternated (as :func:`measure_interleaved`); returns both records and the
+  ratio of their rows per second (household over row).
+
+  The rows are grouped into households of the published size distribution
+  (``benchmarks/units.py``), bounded to ``k`` rows each; the unit run samples
+  B / E[min(S, k)] households per update (the same expected rows as the row run's B) and
+  gives each k row slots, so it computes on k / E[min(S, k)] row slots per real row.
+  """
+  import units as units_bench
+  _, _, batch = WORKLOADS[workload]
+  unit_batch = round(batch / units_bench.mean_kept_rows(k))
+  x, y = workload_data(workload, w2_rows)
+  with contextlib.ExitStack() as cleanup:
+    trainer = functools.partial(make_trainer, workload, "dp", clipping,
+                                steps_per_call=steps_per_call, num_epochs=2,
+                                microbatch_size=microbatch_size,
+                                padding_microbatch=padding_microbatch)
+    row = trainer(in_memory_data(workload, x, y), cleanup)
+    unit_dir = os.path.join(cleanup.enter_context(
+        tempfile.TemporaryDirectory(prefix="fastdp-bench-units-")), "data")
+    households = units_bench.write_unit_dataset(unit_dir, x, y, row.data.train.feature_names,
+                                                row.data.train.label_name, k)
+    del x, y
+    unit = trainer(None, cleanup, unit_dir=unit_dir, batch_size=unit_batch)
+    trainers = {"row": row, "household": unit}
+    compile_s = {name: warm_up(t) for name, t in trainers.items()}
+    steps = min(_epoch_steps(row, max_steps), _epoch_steps(unit, max_steps))
+    examples, seconds, step = dict.fromkeys(trainers, 0.0), dict.fromkeys(trainers, 0.0), 0
+    while step < steps:
+      n = min(steps_per_call, steps - step)
+      for name, t in trainers.items():
+        t0 = time.perf_counter()
+        examples[name] += timed_call(t, n)
+        seconds[name] += time.perf_counter() - t0
+      step += n
+    records = [record(t, workload, "dp", examples[name], seconds[name], steps, compile_s[name],
+                      interleaved=True, unit=name, unit_size=k if name != "row" else 1,
+                      units_per_batch=unit_batch if name != "row" else batch,
+                      households=households, row_slots=t.batches.capacity)
+               for name, t in trainers.items()]
+  records.append(dict(ratio=True, interleaved=True, workload=workload, unit_size=k,
+                      clipping=records[1]["clipping"], units_per_batch=unit_batch,
+                      household_over_row_rows_per_s=round(
+                          records[1]["examples_per_s"] / records[0]["examples_per_s"], 3)))
+  return records
+
+
+def units_main(args, workloads: list[str]) -> int:
+  """``--units households``: :func:`measure_units` for every workload and k, ``--repeat``
+  times, each in its own process, then the min and median ratio per (workload, k)."""
+  sizes = [int(v) for v in str(args.unit_size).split(",")]
+  single = dict(steps_per_call=args.steps_per_call, w2_rows=args.w2_rows,
+                max_steps=args.max_steps, microbatch_size=args.microbatch_size,
+                padding_microbatch=args.padding_microbatch)
+  if len(workloads) == 1 and len(sizes) == 1 and args.repeat == 1:
+    for rec in measure_units(workloads[0], sizes[0], args.clipping, **single):
+      print(json.dumps(rec), flush=True)
+    return 0
+  from _jsonl import emit, env
+  ratios: dict = {}
+  for rep in range(args.repeat):
+    for wl in workloads:
+      for k in sizes:
+        argv = [sys.executable, os.path.abspath(__file__), f"--workload={wl}", "--units",
+                args.units, f"--unit-size={k}", f"--clipping={args.clipping}",
+                f"--steps-per-call={args.steps_per_call}", f"--w2-rows={args.w2_rows}",
+                *([f"--max-steps={args.max_steps}"] if args.max_steps else [])]
+        out = subprocess.run(argv, check=True, text=True, stdout=subprocess.PIPE).stdout
+        for line in out.strip().splitlines():
+          if line.startswith("{"):
+            rec = dict(json.loads(line), repeat=rep, **env())
+            if rec.get("ratio"):
+              ratios.setdefault((wl, k), []).append(rec["household_over_row_rows_per_s"])
+            emit(rec, args.out)
+  for (wl, k), v in ratios.items():
+    emit(dict(summary=True, workload=wl, unit_size=k, household_over_row_rows_per_s=v,
+              min=min(v), median=_median(v), target=0.7, met=_median(v) >= 0.7), args.out)
+  return 0
 
 
 # --- one sitting: everyone, interleaved (--peers) ------------------------------------------------
@@ -619,11 +713,16 @@ def main(argv: list[str] | None = None) -> int:
                  help="--peers: timed seconds per measurement (at least one call or step)")
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                  help="--peers: also W2's peak RSS, DP and non-private, in own processes")
-  p.add_argument("--out", default=None, help="--peers: also append the JSON lines here")
+  p.add_argument("--out", default=None, help="--peers, --units: also append the JSON lines here")
   p.add_argument("--slow", action="store_true",
                  help="--peers: also ours-dp-vmap and seed-microbatch on W2")
   p.add_argument("--table", default=None, metavar="JSONL",
                  help="print the Markdown tables of a sitting's JSON lines (its --out file)")
+  p.add_argument("--units", default=None, choices=("households",),
+                 help="household-level against row-level DP training of the same rows, "
+                      "interleaved (rows grouped into households of the published sizes)")
+  p.add_argument("--unit-size", default="8",
+                 help="--units: k, the public bound on rows per unit; several: 8,4")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.table:
@@ -638,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     return sitting(args)
   args.workload = args.workload or "W1"
   workloads = _split(args.workload, WORKLOADS)
+  if args.units:
+    return units_main(args, workloads)
   modes = _split(args.mode, ("dp", "nonprivate"))
   single = dict(steps_per_call=args.steps_per_call, w2_rows=args.w2_rows,
                 max_steps=args.max_steps, microbatch_size=args.microbatch_size,

@@ -205,6 +205,24 @@ def _quiet_library_logs() -> None:
   std_logging.getLogger("jax._src.xla_bridge").addFilter(_DropUnavailableBackendNotes())
 
 
+def use_compilation_cache(cfg: Any) -> None:
+  """Turns on the config's persistent compilation cache (``compilation_cache_dir``) for this
+  process: a program compiled by an earlier run is read back instead of compiled. Call it
+  before anything compiles (``fastdp-tune`` may call it too).
+
+  A directory the user chose that cannot be used (not private, not creatable) is a one-line
+  error; the default one, where the home is read-only or missing, only a warning: the run
+  goes on uncached.
+  """
+  from fastdp_jax import services  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    services.use_compilation_cache(cfg.compilation_cache_dir)
+  except errors.UserError as e:
+    if cfg.compilation_cache_dir != config_lib.DEFAULT_COMPILATION_CACHE:
+      _fail(e)  # the user's own choice: theirs to fix
+    logging.warning("running without a compilation cache: %s", e)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv  # checked by parse_flags
   _quiet_library_logs()
@@ -225,6 +243,7 @@ def main(argv: Sequence[str]) -> None:
     distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     _fail(e)
+  use_compilation_cache(cfg)  # before anything compiles
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
   logging.info("workdir %s", workdir)
   try:  # before any other JAX call

@@ -32,6 +32,9 @@ DECAYS = ("constant", "cosine", "linear")
 STRATEGIES = ("auto", "shard_map")  # fastdp_jax.step.build_train_chunk
 TASKS = ("binary", "multiclass", "regression")  # fastdp_jax.data.manifest.TASK_KINDS
 TUNING = ("none", "unaccounted", "accounted")  # tuning.private_data
+# Per user, so that every run of the same shapes shares it (a cache in each new workdir would
+# never be hit again); fastdp_jax.services.use_compilation_cache makes it owner-only.
+DEFAULT_COMPILATION_CACHE = "~/.cache/fastdp-jax/jax"
 
 
 def _data_keys() -> ml_collections.ConfigDict:
@@ -162,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                                     dataset (python -m fastdp_jax.dp.privacy_eval).
   c.profile_steps = 0  # >0: JAX profiler trace of this many updates in WORKDIR/profile,
   #                      and a per-phase time table (fastdp_jax.profiling).
+  c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE  # JAX's persistent compilation cache
+  #   (owner-only, as private as the data: its programs' shapes give N and the test size);
+  #   a second run of the same shapes skips compiling. '' or None: no cache.
   return c
 
 
@@ -278,6 +284,8 @@ RANGE_CHECKS: dict[str, _Check] = {
                             "a non-negative finite number (0: no calibration)"),
     "padding_microbatch": (_unset_or(_positive_int), "a positive integer (or None: off)"),
     "profile_steps": (_non_negative_int, "a non-negative integer"),
+    "compilation_cache_dir": (_unset_or(lambda v: isinstance(v, str) and "\0" not in v),
+                              "a directory path ('' or None: no cache)"),
     "checkpoint.every_steps": (_positive_int, "positive"),
     "model.hidden_sizes": (lambda v: isinstance(v, (tuple, list)) and all(
         _positive_int(h) for h in v), "positive integers"),
@@ -479,6 +487,7 @@ class RunConfig:
   export_model: bool
   export_test_metrics: bool
   profile_steps: int
+  compilation_cache_dir: str | None  # '' or None: no persistent compilation cache
   json: str  # the whole config as JSON: what the summary records and every process compares
 
   def to_dict(self) -> dict[str, Any]:
@@ -514,4 +523,5 @@ def settings(cfg: ml_collections.ConfigDict | RunConfig) -> RunConfig:
       padding_microbatch=cfg.padding_microbatch, eval_batch_size=cfg.eval_batch_size,
       log_every_steps=cfg.log_every_steps, export_model=cfg.export_model,
       export_test_metrics=cfg.export_test_metrics,
-      profile_steps=cfg.profile_steps, json=cfg.to_json_best_effort())
+      profile_steps=cfg.profile_steps, compilation_cache_dir=cfg.compilation_cache_dir,
+      json=cfg.to_json_best_effort())

@@ -42,6 +42,7 @@ from scipy import stats
 
 from fastdp_jax import errors
 from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import units as units_lib
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -166,7 +167,8 @@ def csv_split(spec: Any, path: str, split: str, split_seed: int,
 
   A data line's row id is its 0-based index after the header line (blank and malformed lines
   count, as in the pipeline); rows with a missing value or a malformed line are left out, as
-  the pipeline leaves them out of the shards.
+  the pipeline leaves them out of the shards. A spec naming a ``privacy_unit`` splits by unit
+  key instead (:func:`fastdp_jax.data.units.is_test_unit`), as the pipeline does.
 
   Raises:
     UserError: the model has no feature spec (pass its dataset directory instead).
@@ -181,7 +183,12 @@ def csv_split(spec: Any, path: str, split: str, split_seed: int,
     for first, lines in _blocks(f):
       result = cleaner.clean(lines)
       ids = first + np.asarray(result.kept, np.int64)
-      keep = split_lib.is_test_row(ids, split_seed, test_fraction) == (split == "test")
+      if result.units is not None:  # a unit spec: the producers split by unit key
+        test = units_lib.is_test_unit(units_lib.keys_of_ids(result.units), split_seed,
+                                      test_fraction)
+      else:
+        test = split_lib.is_test_row(ids, split_seed, test_fraction)
+      keep = test == (split == "test")
       x, y = spec.encode(result.values)
       xs.append(np.asarray(x)[keep])
       ys.append(np.asarray(y)[keep])

@@ -19,6 +19,7 @@ from fastdp_jax import inputs
 from fastdp_jax import parallel
 from fastdp_jax import profiling
 from fastdp_jax import step as step_lib
+from fastdp_jax import unit_batches
 from fastdp_jax.data import batch_stream
 from fastdp_jax.dp import count as count_lib
 from fastdp_jax.dp import keys as keys_lib
@@ -43,11 +44,14 @@ class Batches:
   local_shards: list[int]
   steps_per_call: int
   reader: batch_stream.Prefetcher | None = None
+  units: parallel.UnitLayout | None = None
 
   @property
   def capacity(self) -> int:
-    """Slots per update per device."""
-    return self.sampler.capacity if self.sampler is not None else self.stream.capacity
+    """Row slots per update per device (unit slots times k with privacy units)."""
+    if self.sampler is None:
+      return self.stream.capacity
+    return self.sampler.capacity * (self.units.unit_size if self.units is not None else 1)
 
   def sampled(self, run: step_lib.TrainStep, dev: parallel.DeviceData, step: int, k: int,
               prof: profiling.Profiler) -> tuple:
@@ -56,6 +60,8 @@ class Batches:
     chunk = self.steps_per_call
     with prof.phase("sampling"):
       b = self.sampler.batches(step, k, shards=self.local_shards)
+      if self.units is not None:  # the sampled units' row slots (k per unit)
+        b = unit_batches.expand(b, self.units)
       pad = ((0, chunk - k), (0, 0), (0, 0))
       idx, msk = np.pad(b.indices, pad), np.pad(b.mask, pad)
       active = np.arange(chunk) < k
@@ -88,25 +94,30 @@ def make_batches(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, keys: keys
                  dev: parallel.DeviceData | None, stream: batch_stream.BatchStream | None, *,
                  batch_size: int, steps_per_call: int,
                  microbatch_size: int | None) -> Batches:
-  """The run's batches: a Poisson sampler over the rows on the devices, or ``stream``."""
-  sampler = None
+  """The run's batches: a Poisson sampler over the rows on the devices (over the units, in a
+  unit dataset: :mod:`fastdp_jax.unit_batches`), or ``stream``."""
+  sampler, units = None, dev.units if dev is not None else None
   if dev is not None:
     sampler = sampling.PoissonSampler(
-        dev.num_examples, batch_size, keys.sampling, shard_bounds=dev.bounds,
-        capacity_multiple=microbatch_size,
-        overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate)
-  return Batches(sampler=sampler, stream=stream, steps_per_call=steps_per_call,
+        dev.num_examples, batch_size, keys.sampling,
+        shard_bounds=dev.bounds if units is None else units.unit_bounds,
+        capacity_multiple=microbatch_size,  # with units, the vmap chunks count unit slots
+        overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate,
+        counters=None if units is None else units.keys)
+  return Batches(sampler=sampler, stream=stream, steps_per_call=steps_per_call, units=units,
                  local_shards=[k for k, d in enumerate(mesh.devices.flat)
                                if d.process_index == jax.process_index()])
 
 
 def plan_run(rc: config_lib.RunConfig, rows: count_lib.RowCount, mesh: jax.sharding.Mesh,
-             streamed: bool) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
+             data: inputs.RunData
+             ) -> tuple[plan_lib.PrivacyPlan, batch_stream.BatchStream | None]:
   """The privacy plan and, with ``data.batches``, the verified batches it is checked against
   (their capacity fixes the overflow term of delta).
 
   The plan sees N only as ``rows``: the DP estimate or the declared figure, never the exact
-  count (which only the sampler's capacity uses, unpublished: docs/privacy.md).
+  count (which only the sampler's capacity uses, unpublished: docs/privacy.md). In a unit
+  dataset N counts units (``data.unit``), and the plan names the unit.
   """
   count_lib.check_estimate(rows, rc.batch_size)
   plan = plan_lib.plan_privacy(rc.dp, batch_size=rc.batch_size, num_epochs=rc.num_epochs,
@@ -114,7 +125,10 @@ def plan_run(rc: config_lib.RunConfig, rows: count_lib.RowCount, mesh: jax.shard
   if plan.enabled:  # a non-private run states no N (it has no guarantee to state it for)
     plan = dataclasses.replace(plan, num_examples=rows.value, num_examples_source=rows.source,
                                count_epsilon=rows.epsilon)
-  if not streamed:
+  if data.unit is not None:
+    plan = dataclasses.replace(plan, privacy_unit=data.unit.columns,
+                               max_rows_per_unit=data.unit.max_rows)
+  if data.streamed_from is None:
     return plan, None
   stream = inputs.open_stream(rc, plan)
   # One capacity per update (not per device): the job's union bound.

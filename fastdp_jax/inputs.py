@@ -23,10 +23,12 @@ from fastdp_jax import errors
 from fastdp_jax import metrics
 from fastdp_jax import models
 from fastdp_jax import parallel
+from fastdp_jax import unit_batches
 from fastdp_jax.data import batch_stream
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import plan as plan_lib
 from fastdp_jax.dp import privacy_eval
 
@@ -53,6 +55,10 @@ class RunData:
       rows are in memory).
     spec_estimate: ``(epsilon, delta)`` the dataset's feature spec spent on private estimates
       (:func:`fastdp_jax.data.manifest.spec_estimate`); added to the run's.
+    unit: the dataset's privacy unit (None: every row is its own unit). With a unit,
+      ``train`` holds the grouped and bounded rows, ``num_examples`` counts training UNITS
+      and ``validation`` holds the rows of the validation units
+      (:mod:`fastdp_jax.unit_batches`).
   """
   train: data_lib.Split
   test: data_lib.Split
@@ -66,6 +72,7 @@ class RunData:
   attack_index: int | None
   streamed_from: str | None
   spec_estimate: tuple[float, float] = (0.0, 0.0)
+  unit: unit_batches.UnitSpec | None = None
 
 
 Given = tuple[data_lib.Split, data_lib.Split, parallel.DeviceData]
@@ -80,12 +87,23 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
       with materialised batches); ShardError: a corrupt or inconsistent dataset.
   """
   d = rc.data
+  if given is not None and given[2].units is not None:
+    # The unit (its columns, k) lives in a dataset's manifest: rows given in memory with a unit
+    # layout would be sampled by unit but clipped row by row.
+    raise errors.ConfigError("rows given in memory cannot carry a privacy unit; train on the "
+                             "unit dataset's directory (data.path)")
   streamed = given is None and bool(d.batches)
-  validation = _load_validation(d, given=given is not None)
-  if streamed:
+  unit = unit_batches.unit_spec(d.path) if given is None else None
+  if unit is not None:
+    _check_unit_settings(rc)
+    train, test, dev, validation = _load_units(d, mesh, rc.json, unit)
+    n = dev.num_examples
+  elif streamed:
+    validation = _load_validation(d, given=False)
     train, test, n = _load_streamed(d, rc.privacy_eval.membership_rows, rc.json)
     dev = None
   else:
+    validation = _load_validation(d, given=given is not None)
     train, test, dev = _load_data(d, mesh, rc.json) if given is None else given
     n = dev.num_examples
   head, embeddings = task_of(rc.model, train)
@@ -100,11 +118,72 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
                                  chunk_rows=rc.eval_batch_size),
       canaries=privacy_eval.load_canaries(d.path) if given is None else None,
       attack_index=_attack_index(d.attack_column, train), streamed_from=streamed_from,
-      spec_estimate=manifest_lib.spec_estimate(d.path) if given is None else (0.0, 0.0))
+      spec_estimate=manifest_lib.spec_estimate(d.path) if given is None else (0.0, 0.0),
+      unit=unit)
+
+
+def _check_unit_settings(rc: config_lib.RunConfig) -> None:
+  """Refuses what a unit dataset does not support yet, in one line.
+
+  Raises:
+    ConfigError: materialised batches (units are sampled in memory).
+  """
+  if rc.data.batches:
+    raise errors.ConfigError(unit_batches.IN_MEMORY_ONLY)
+
+
+def _load_units(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str,
+                unit: unit_batches.UnitSpec):
+  """A unit dataset's ``(train, test, device data, validation)``, in memory.
+
+  Every process reads the whole train split (a unit's rows must not straddle processes); the
+  validation units (``data.validation_fraction``, a rule of the unit key with
+  :data:`VALIDATION_SEED`) are held out whole, and the rest grouped and bounded by unit.
+  """
+  full = data_lib.load_split(d.path, "train", verify_checksum=d.verify_checksums,
+                             feature_bounds=d.feature_bounds)
+  distributed.check_same_on_all_processes("config and data", (config_json, full.digest))
+  validation = None
+  if full.unit_keys is not None and d.validation_fraction:
+    held = units_lib.is_validation_unit(full.unit_keys, d.validation_fraction,
+                                        seed=VALIDATION_SEED)
+    validation = _rows(full, held)
+    full = _rows(full, ~held)
+    # Bounded like the training units (at most k rows each, the same rank), so that a private
+    # statistic of the validation rows (the temperature, a tuning score) moves by at most k
+    # rows' worth when one unit is added or removed.
+    kept = units_lib.group(validation.unit_keys, units_lib.row_content_keys(
+        validation.features, validation.labels), unit.max_rows).order
+    validation = dataclasses.replace(validation, features=validation.features[kept],
+                                     labels=validation.labels[kept],
+                                     unit_keys=validation.unit_keys[kept])
+  train, dev = unit_batches.place_units(mesh, full, unit.max_rows)
+  test = data_lib.load_split(d.path, "test", verify_checksum=d.verify_checksums,
+                             feature_bounds=d.feature_bounds)
+  return train, test, dev, validation
+
+
+def _unit_counts(d: config_lib.DataSettings) -> tuple[int, int]:
+  """``(training units, units of the train split)`` of a unit dataset, from its unit keys
+  only (8 bytes a row; the training load verifies the shards). The bound k drops rows, never
+  a whole unit, so this is the U the loader's grouping finds."""
+  shards = manifest_lib.read_manifest(d.path).shards_of("train")
+  keys = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [
+      data_lib.read_unit_keys(d.path, info) for info in shards]))
+  held = units_lib.is_validation_unit(keys, d.validation_fraction, seed=VALIDATION_SEED)
+  return int(np.count_nonzero(~held)), int(keys.shape[0])
+
+
+def _rows(split: data_lib.Split, keep: np.ndarray) -> data_lib.Split:
+  """The rows of ``split`` where ``keep`` (with their unit keys)."""
+  return dataclasses.replace(
+      split, features=split.features[keep], labels=split.labels[keep],
+      unit_keys=None if split.unit_keys is None else split.unit_keys[keep])
 
 
 def check_enough_rows(rc: config_lib.RunConfig) -> None:
-  """Refuses data with too few training rows for the run, before any row is read.
+  """Refuses data with too few training rows (units, in a unit dataset) for the run, or
+  settings a unit dataset does not support, before any row is read.
 
   Called before the workdir is made or locked: found later, by the privacy plan, the refusal
   left a workdir holding only its lock. N is what the loaders will count: the manifest's (an
@@ -118,7 +197,11 @@ def check_enough_rows(rc: config_lib.RunConfig) -> None:
   if counts is None:
     return  # the loader names what is wrong with data.path
   n, total = counts
-  held = f" ({total} train rows, {total - n} held out for validation)" if n != total else ""
+  what = "rows"
+  if unit_batches.unit_spec(d.path) is not None:
+    _check_unit_settings(rc)
+    what = "units"
+  held = f" ({total} train {what}, {total - n} held out for validation)" if n != total else ""
   plan_lib.check_rows(n, rc.batch_size, public_num_examples=d.public_num_examples,
                       where=f"data.path={d.path}{held}")
 
@@ -126,10 +209,13 @@ def check_enough_rows(rc: config_lib.RunConfig) -> None:
 def training_row_count(d: config_lib.DataSettings) -> tuple[int, int] | None:
   """``(N, train rows)``: the rows a run trains on (the train split less the validation
   rows) and the train split's, from the manifest without reading a row; None when
-  ``data.path`` is not a dataset (the loader then says why)."""
+  ``data.path`` is not a dataset (the loader then says why). A unit dataset's are UNITS
+  (N = U), counted from its unit keys alone."""
   total = data_lib.count_rows(d.path, "train")
   if total is None:
     return None
+  if unit_batches.unit_spec(d.path) is not None:
+    return _unit_counts(d)
   n, rule = total, validation_rows(d.validation_fraction)
   if rule is not None and not d.batches:  # with batches the loader refuses the fraction
     n -= sum(int(np.count_nonzero(rule(np.arange(lo, min(total, lo + (1 << 20))))))

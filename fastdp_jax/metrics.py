@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastdp_jax import models
+from fastdp_jax import profiling
 from fastdp_jax.data import batch_stream
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.dp import privacy_eval
+
 
 
 def build_eval(apply_fn: Callable, head: models.TaskHead = models.BINARY) -> Callable:
@@ -28,8 +30,24 @@ def build_eval(apply_fn: Callable, head: models.TaskHead = models.BINARY) -> Cal
   ``predictions`` are :meth:`fastdp_jax.models.TaskHead.predict`'s (what an exported model
   returns); ``correct`` counts right classes (binary: logit > 0, as the trainer always did;
   multiclass: the arg-max; 0 for regression). A calibrated classifier's loss is that of its
-  probabilities: of the logits divided by the head's temperature.
+  probabilities: of the logits divided by the head's temperature. The same ``apply_fn`` and
+  an equal ``head`` give the same function (compiled once).
   """
+  # Kept on the model function itself (collected with it): trials that share one model
+  # function (fastdp_jax.trials) and end with the same calibrated head compile it once.
+  by_head = getattr(apply_fn, "_fastdp_evals", None)
+  if by_head is None:
+    by_head = {}
+    try:
+      apply_fn._fastdp_evals = by_head  # type: ignore[attr-defined]
+    except AttributeError:  # a callable without attributes: no cache
+      return _build_eval(apply_fn, head)
+  if head not in by_head:
+    by_head[head] = _build_eval(apply_fn, head)
+  return by_head[head]
+
+
+def _build_eval(apply_fn: Callable, head: models.TaskHead) -> Callable:
   scale = head.temperature if head.kind != "regression" else 1.0
 
   @jax.jit
@@ -237,9 +255,11 @@ def example_losses(apply_fn: Callable, params: Any, head: models.TaskHead,
                    chunk: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
   """Per-example losses of a trained model (membership inference and the canary audit)."""
   if head.kind == "binary":
-    return privacy_eval.batched_losses(apply_fn, params, chunk)
+    return profiling.books("privacy evaluation")(
+        privacy_eval.batched_losses(apply_fn, params, chunk))
   losses = jax.jit(lambda p, x, y: head.losses(apply_fn(p, x), y))
 
+  @profiling.books("privacy evaluation")
   def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     step = chunk
     return np.concatenate([np.asarray(losses(params, x[i:i + step], y[i:i + step]))
@@ -248,6 +268,7 @@ def example_losses(apply_fn: Callable, params: Any, head: models.TaskHead,
   return fn
 
 
+@profiling.books("evaluation")  # inside the loop's own "evaluation" phase: booked once
 def split_metrics_of(evaluate: Callable, params: Any, head: models.TaskHead, prefix: str, *,
                      rows: data_lib.Split | None = None, streamed_from: str | None = None,
                      chunk: int = 65_536) -> dict[str, Any]:
@@ -278,6 +299,7 @@ def split_metrics_of(evaluate: Callable, params: Any, head: models.TaskHead, pre
                        np.concatenate(labels))
 
 
+@profiling.books("evaluation")  # the calibration's pass over the validation rows
 def outputs_of(apply_fn: Callable, params: Any, x: np.ndarray, chunk: int) -> np.ndarray:
   """The model's raw outputs (logits for a classifier) of rows ``x``, a chunk at a time."""
   fn = jax.jit(apply_fn)

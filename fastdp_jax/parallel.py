@@ -35,6 +35,30 @@ AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
+class UnitLayout:
+  """Where the privacy units' rows are on the mesh (a unit dataset, held in memory).
+
+  Units are numbered 0..U-1 in the grouped order (:func:`fastdp_jax.data.units.group`); each
+  unit's rows are contiguous and on one device, so a unit's clipped sum is computed where its
+  rows are and the Poisson sampler draws units, never rows (:mod:`fastdp_jax.unit_batches`).
+
+  Attributes:
+    unit_size: k, the public bound on a unit's rows: each sampled unit has k row slots.
+    unit_bounds: [num_devices + 1] global unit offsets: device d holds units
+      ``unit_bounds[d]:unit_bounds[d+1]``.
+    starts: [U] each unit's first row, local to its device's block.
+    sizes: [U] each unit's rows (1..k).
+    keys: [U] uint64 unit keys (ascending): the sampler's counter of each unit.
+  """
+
+  unit_size: int
+  unit_bounds: np.ndarray
+  starts: np.ndarray
+  sizes: np.ndarray
+  keys: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceData:
   """Training rows on the mesh: device k holds global rows ``bounds[k]:bounds[k+1]``.
 
@@ -43,13 +67,16 @@ class DeviceData:
       block starts with its rows and is padded with zeros.
     labels: [num_devices * rows_per_device] float32, sharded along ``data``.
     bounds: [num_devices + 1] global row offsets of the devices' blocks.
-    num_examples: N, the number of training rows over all processes.
+    num_examples: N, the number of training rows over all processes (of training units, when
+      ``units`` is set).
+    units: where each privacy unit's rows are (None: every row is its own unit).
   """
 
   features: jax.Array
   labels: jax.Array
   bounds: np.ndarray
   num_examples: int = -1
+  units: UnitLayout | None = None
 
   def __post_init__(self):
     if self.num_examples < 0:
@@ -121,11 +148,30 @@ def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray,
   me = jax.process_index()
   if process_rows[me] != len(y):
     raise ValueError(f"process {me} holds {len(y)} rows, the layout says {process_rows[me]}")
-  counts = devices_per_process(mesh)
-  bounds, per = device_bounds(process_rows, counts)
-  # This process's blocks, in mesh order: each padded to the common block length.
+  bounds, _ = device_bounds(process_rows, devices_per_process(mesh))
+  return place_blocks(mesh, x, y, bounds, offset=sum(process_rows[:me]),
+                      num_examples=int(sum(process_rows)))
+
+
+def place_blocks(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray, bounds: np.ndarray,
+                 *, offset: int, num_examples: int, units: UnitLayout | None = None
+                 ) -> DeviceData:
+  """Puts this process's devices' blocks on them: device k gets global rows
+  ``bounds[k]:bounds[k+1]``, each block padded with zeros to the longest one.
+
+  Args:
+    mesh: the ``data`` mesh (from :func:`make_mesh`).
+    x: [n_p, d] features of global rows ``offset .. offset + n_p - 1``, covering this
+      process's devices' blocks.
+    y: [n_p] their labels.
+    bounds: [num_devices + 1] global row offsets of every device's block.
+    offset: the global row of ``x[0]``.
+    num_examples: N (rows, or units with ``units``), recorded in the result.
+    units: the unit layout of a unit dataset, recorded in the result.
+  """
+  me, counts = jax.process_index(), devices_per_process(mesh)
+  per = max(1, int(np.diff(bounds).max()))
   first = sum(counts[:me])
-  offset = sum(process_rows[:me])
   xs, ys = [], []
   for k in range(first, first + counts[me]):
     lo, hi = bounds[k] - offset, bounds[k + 1] - offset
@@ -137,8 +183,8 @@ def place_training_data(mesh: jax.sharding.Mesh, x: np.ndarray, y: np.ndarray,
   features = jax.make_array_from_process_local_data(sharding, np.concatenate(xs),
                                                     (total,) + x.shape[1:])
   labels = jax.make_array_from_process_local_data(sharding, np.concatenate(ys), (total,))
-  return DeviceData(features=features, labels=labels, bounds=bounds,
-                    num_examples=int(sum(process_rows)))
+  return DeviceData(features=features, labels=labels, bounds=np.asarray(bounds, np.int64),
+                    num_examples=int(num_examples), units=units)
 
 
 def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: bool = True,

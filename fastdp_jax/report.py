@@ -126,7 +126,8 @@ def _either(value: Any, fallback: Any) -> Any:
 
 def markdown_table(runs: Sequence[Run]) -> str:
   """One row per run: privacy parameters, epsilon, accuracy, attacks, time."""
-  header = ("| run | task | DP | sigma | C | q | updates | epsilon | delta | test acc | "
+  header = ("| run | task | DP | privacy unit | sigma | C | q | updates | epsilon | delta | "
+            "test acc | "
             "test acc 95% CI | majority | "
             "macro-F1 | test RMSE | baseline RMSE | model inversion | MIA AUC | MIA TPR@1%FPR | "
             "empirical eps >= | f-DP eps >= | wall s |")
@@ -138,7 +139,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
     audit = pe.get("canary_audit") or {}
     dp = s.dp_enabled if s else None
     lines.append("| " + " | ".join([
-        r.name, s.task if s else "binary", _fmt(dp),
+        r.name, s.task if s else "binary", _fmt(dp), _unit_cell(s),
         _fmt(s.noise_multiplier) if dp else "-",
         _fmt(s.l2_norm_clip) if dp else "-",
         _fmt(s.sampling_rate if s else None, 3),
@@ -158,6 +159,21 @@ def markdown_table(runs: Sequence[Run]) -> str:
         _fmt(s.wall_time_s if s else None, 3),
     ]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _unit_cell(s: summary_lib.RunSummary | None) -> str:
+  """The unit a run's epsilon is about: ``row``, or ``household (SERIALNO), k = 8``."""
+  if s is None:
+    return "-"
+  name = summary_lib.unit_name(s.privacy_unit)
+  return name if s.privacy_unit is None else f"{name}, k = {s.max_rows_per_unit}"
+
+
+def unit_lines(runs: Sequence[Run]) -> list[str]:
+  """Each finished run's unit statement: what its (epsilon, delta) hold for."""
+  done = [r for r in runs if r.summary is not None and r.summary.dp_enabled]
+  return [f"- {r.name}: {summary_lib.unit_statement(s.privacy_unit, s.max_rows_per_unit)}."
+          for r, s in ((r, r.summary) for r in done if r.summary is not None)]
 
 
 def _accuracy_interval(s: summary_lib.RunSummary | None) -> str:
@@ -345,6 +361,10 @@ def write_report(workdirs: Sequence[str], output_dir: str | None = None,
            "chance). Empirical eps: the one-run canary audit's lower bound (when canaries "
            "were used). Model inversion and MIA use training rows: they are not private "
            "(nonprivate_*), like the whole report.", ""]
+  if unit_lines(runs):
+    lines += ["What each private run's (epsilon, delta) hold for (with a unit, its rows "
+              "beyond the public bound k were left out of training):", "",
+              *unit_lines(runs), ""]
   if data is not None:
     lines += intervals_section(runs, data)
   lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"

@@ -52,7 +52,9 @@ def run_identity(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
               **({"model_huber_delta": rc.model.huber_delta}
                  if train.task.kind == "regression" else {}),
               **({"validation_fraction": rc.data.validation_fraction}
-                 if rc.data.validation_fraction else {}))
+                 if rc.data.validation_fraction else {}),
+              **({"privacy_unit": [list(plan.privacy_unit), plan.max_rows_per_unit]}
+                 if plan.privacy_unit else {}))
 
 
 def restore(allow_changes: bool, workdir: str, ckpt: checkpoint_lib.Checkpointer | None,

@@ -1,16 +1,21 @@
 """What surrounds the training loop: checkpoints, the schedule of events, the sinks, the
-profiler and the preemption watch, built once at set-up and closed when the run ends."""
+profiler and the preemption watch, built once at set-up and closed when the run ends; and the
+process's persistent compilation cache (:func:`use_compilation_cache`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import stat
 import time
 
 import jax
 
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
+from fastdp_jax import console
+from fastdp_jax import errors
 from fastdp_jax import preemption
 from fastdp_jax import profiling
 from fastdp_jax import resume
@@ -51,5 +56,75 @@ def make_services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.Privacy
                             num_epochs=rc.num_epochs, history=p.run_state.history,
                             start_step=p.step)
   cleanup.callback(writer.close)
+  # The work after the loop books itself into this run's profiler (profiling.booked); its
+  # table comes once the outputs are written, when the run's clean-up starts.
+  profiling.activate(prof)
+  cleanup.callback(_finish_profile, prof)
   return Services(ckpt=ckpt, schedule=schedule, writer=writer, prof=prof, cleanup=cleanup,
                   preemption=preemption.Watch(enabled=ckpt is not None))
+
+
+def _finish_profile(prof: profiling.Profiler) -> None:
+  profiling.activate(None)
+  if table := prof.finish():
+    console.say(table)
+
+
+def use_compilation_cache(directory: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``directory``, made owner-only (0700).
+
+  Call it before the run's first JAX computation (``fastdp-train`` does, with the config key
+  ``compilation_cache_dir``; a notebook may call it itself): a program compiled once is then
+  read back by every later process that compiles the same program, so a second run of the
+  same shapes skips nearly all of its compilation. Every program is cached, however quick to
+  compile: a small table's run is mostly small programs.
+
+  The cache is as private as the data (docs/privacy.md): the programs' shapes give the
+  number of training, test and validation rows, and anyone who can write to it can make
+  the next run execute their code (JAX's warning). So it is refused unless it is a
+  directory of this user's that nobody else can read or enter.
+
+  Args:
+    directory: the cache's directory (``~`` expanded, and a leading ``~/.cache/`` read as
+      ``$XDG_CACHE_HOME/`` when that is set; created with its parents); ``''`` or
+      ``None`` (or the string ``'None'``, which is what ``--config.compilation_cache_dir=None``
+      gives a string key) turns the cache off.
+
+  Returns:
+    The absolute directory used, or ``None`` when off.
+
+  Raises:
+    errors.UserError: the directory cannot be made owner-only, or another user owns it.
+  """
+  if not directory or directory == "None":
+    return None
+  cache_home = os.environ.get("XDG_CACHE_HOME")
+  if cache_home and directory.startswith("~/.cache/"):  # the XDG convention for "~/.cache"
+    directory = os.path.join(cache_home, directory[len("~/.cache/"):])
+  path = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.getuid():
+      with contextlib.suppress(OSError):  # refused below if it stays open
+        os.chmod(path, 0o700)  # made earlier, or by someone's umask: close it before any use
+      st = os.stat(path)
+  except OSError as e:
+    raise errors.UserError(
+        f"compilation_cache_dir {path}: {e.strerror}; choose a directory of your own "
+        "(--config.compilation_cache_dir=DIR) or turn the cache off "
+        "(--config.compilation_cache_dir=)") from e
+  if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+    raise errors.UserError(
+        f"compilation_cache_dir {path} is not private (owner uid {st.st_uid}, mode "
+        f"{stat.S_IMODE(st.st_mode):o}): its programs reveal the dataset's row counts and "
+        "whoever can write there can run code in this process; choose a directory of your "
+        "own (--config.compilation_cache_dir=DIR) or turn the cache off "
+        "(--config.compilation_cache_dir=)")
+  jax.config.update("jax_compilation_cache_dir", path)
+  # JAX caches only programs that took >= 1 s to compile unless told otherwise; here nearly
+  # every program takes less, and all of them read back cost far less than compiling them
+  # (docs/performance.md, "Small tables").
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path

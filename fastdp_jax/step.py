@@ -70,16 +70,18 @@ _METRICS = ("loss_sum", "count", "clipped", "nonfinite")
 
 
 def _per_device(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn,
-                l2_norm_clip: float | None, microbatch: int | None = None) -> Callable:
+                l2_norm_clip: float | None, microbatch: int | None = None,
+                unit_size: int | None = None) -> Callable:
   """One device's work: ``(params, x, y, idx, mask) -> (clipped sum, metric sums)``.
 
   ``x``, ``y`` are the device's own rows, ``idx``/``mask`` [capacity] its local sampled
   indices. Nothing here reduces across devices. With ``microbatch``, the rows are gathered
   and processed one microbatch at a time, skipping those that hold only padding
-  (:func:`_sum_microbatches`).
+  (:func:`_sum_microbatches`). With ``unit_size`` k (privacy units), the batch is k row
+  slots per unit slot and ``microbatch`` a multiple of k.
   """
 
-  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
+  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip, unit_size)
   if microbatch is not None:
     def by_microbatch(params, x, y, idx, mask):
       idx = _split(idx, microbatch)  # padded with row 0, masked off
@@ -130,8 +132,13 @@ def _sum_microbatches(on_batch: Callable, params: Any, take: Callable[[jax.Array
 
 
 def _per_device_batch(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn,
-                      l2_norm_clip: float | None) -> Callable:
-  """One device's work on its batch: ``(params, (x, y), mask) -> (clipped sum, metrics)``."""
+                      l2_norm_clip: float | None, unit_size: int | None = None) -> Callable:
+  """One device's work on its batch: ``(params, (x, y), mask) -> (clipped sum, metrics)``.
+
+  With ``unit_size`` k, ``stats.norms`` and ``stats.nonfinite`` are per unit slot (k row slots
+  each): ``clipped`` counts the rows of the units whose sum was clipped (so ``clipped / count``
+  is the share of sampled rows whose unit was clipped) and ``nonfinite`` the units zeroed.
+  """
 
   def on_batch(params, batch, mask):
     grads, stats = clipped_sum(params, batch, mask)
@@ -139,6 +146,8 @@ def _per_device_batch(loss_fn: clip_types.LossFn, clipped_sum: clip_types.Clippe
     if losses is None:  # ghost clipping returns them; vmap clipping does not.
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
     clipped = stats.norms > (l2_norm_clip if l2_norm_clip is not None else jnp.inf)
+    if unit_size is not None:  # a unit's verdict, for each of its row slots
+      clipped = jnp.repeat(clipped, unit_size, total_repeat_length=mask.shape[0])
     # A non-finite loss is left out of the sum (its gradient was zeroed and counted): the
     # run must not behave differently at the update where such a row was sampled.
     finite = mask & jnp.isfinite(losses)
@@ -200,16 +209,21 @@ def _sum_over_devices(sums: Any, by_device: NamedSharding, replicated: NamedShar
   return unravel(total)
 
 
-def padding_microbatch(size: int | None, method: str, vmap_chunk: int | None) -> int | None:
-  """The step's ``padding_microbatch`` for config ``padding_microbatch=size``.
+def padding_microbatch(size: int | None, method: str, vmap_chunk: int | None,
+                       unit_size: int | None = None) -> int | None:
+  """The step's ``padding_microbatch`` (rows) for config ``padding_microbatch=size``.
 
   The vmap path with ``dp.microbatch_size`` already works in chunks (the capacity is a
   multiple of them): its chunks become the microbatches that are skipped, so that the two
-  never disagree on the rows per chunk.
+  never disagree on the rows per chunk. With privacy units of ``unit_size`` k rows, a vmap
+  chunk counts unit slots (k rows each) and any other microbatch is rounded up to whole units.
   """
   if size is None:
     return None
-  return vmap_chunk if method == "vmap" and vmap_chunk is not None else size
+  k = unit_size or 1
+  if method == "vmap" and vmap_chunk is not None:
+    return vmap_chunk * k
+  return -(-size // k) * k
 
 
 def _check_microbatch(size: int | None) -> None:
@@ -243,7 +257,8 @@ def _update_fn(tx: optax.GradientTransformation) -> Callable:
 def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
                       clipped_sum: clip_types.ClippedSumFn, tx: optax.GradientTransformation,
                       l2_norm_clip: float | None, strategy: str = "shard_map",
-                      padding_microbatch: int | None = None) -> TrainStep:
+                      padding_microbatch: int | None = None,
+                      unit_size: int | None = None) -> TrainStep:
   """Compiles ``run(state, features, labels, indices, mask, active) -> (state, metrics)``.
 
   Args:
@@ -256,6 +271,9 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
     padding_microbatch: rows per microbatch: each device's padded batch is processed in
       microbatches of this size and those holding only padding are skipped
       (:func:`_sum_microbatches`); None: the whole padded batch at once.
+    unit_size: k, the row slots of each unit slot when the batches sample privacy units
+      (``clipped_sum`` then clips each unit's sum; ``padding_microbatch`` a multiple of k);
+      None: each row is its own unit.
 
   Returns:
     A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData`
@@ -270,7 +288,7 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
   _check_microbatch(padding_microbatch)
-  per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip, padding_microbatch)
+  per_device = _per_device(loss_fn, clipped_sum, l2_norm_clip, padding_microbatch, unit_size)
   sharded_sum = (_shard_map_sum if strategy == "shard_map" else _auto_sum)(mesh, per_device)
   update = _update_fn(tx)
 
@@ -392,7 +410,8 @@ class StreamedStep:
 def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
                          clipped_sum: clip_types.ClippedSumFn, tx: optax.GradientTransformation,
                          l2_norm_clip: float | None, strategy: str = "shard_map",
-                         padding_microbatch: int | None = None) -> StreamedStep:
+                         padding_microbatch: int | None = None,
+                         unit_size: int | None = None) -> StreamedStep:
   """Like :func:`build_train_chunk`, for batches read from disk instead of gathered on device.
 
   The per-device work (clipping, metrics) and the update (one all-reduce, noise once, the
@@ -401,7 +420,7 @@ def build_streamed_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
   if strategy not in STRATEGIES:
     raise ValueError(f"{strategy=} must be one of {STRATEGIES}")
   _check_microbatch(padding_microbatch)
-  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip)
+  on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip, unit_size)
   if padding_microbatch is not None:
     whole, size = on_batch, padding_microbatch
 
@@ -478,12 +497,19 @@ def compile_step(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, model: Any
                  tx: optax.GradientTransformation, *, dp: config_lib.DPSettings,
                  padding_microbatch_rows: int | None, strategy: str, streamed: bool,
                  head: models.TaskHead) -> tuple[TrainStep | StreamedStep, str]:
-  """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap')."""
+  """The compiled step and the per-example clipping method it uses ('ghost' or 'vmap').
+
+  With a privacy unit (``plan.privacy_unit``), each unit's rows are clipped as one sum
+  (``unit_size`` = ``plan.max_rows_per_unit``) and the padding microbatches hold whole units.
+  """
+  unit = plan.max_rows_per_unit if plan.privacy_unit else None
   clipped_sum = clipping.make_clipped_sum(dp.clipping, model, loss_fn, plan.l2_norm_clip,
-                                          microbatch_size=dp.microbatch_size, head=head)
+                                          microbatch_size=dp.microbatch_size, head=head,
+                                          unit_size=unit)
   method = clipping.resolve_method(dp.clipping, model)
-  logging.info("per-example clipping: %s", method)
+  logging.info("per-example clipping: %s%s", method, f", per unit of k={unit} rows" if unit
+               else "")
   build = build_streamed_chunk if streamed else build_train_chunk
-  microbatch = padding_microbatch(padding_microbatch_rows, method, dp.microbatch_size)
+  microbatch = padding_microbatch(padding_microbatch_rows, method, dp.microbatch_size, unit)
   return build(mesh, loss_fn, clipped_sum, tx, plan.l2_norm_clip, strategy,
-               padding_microbatch=microbatch), method
+               padding_microbatch=microbatch, unit_size=unit), method

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Fields written to summary.json only when set: the task decides which metrics a run has.
@@ -23,7 +23,7 @@ _OMITTED_WHEN_UNSET = frozenset({
     "validation_auc", "validation_macro_f1", "validation_rmse", "validation_mae",
     "validation_examples", "model_dir", "temperature", "calibration_epsilon",
     "training_epsilon", "tuning", "count_epsilon", "planned_num_examples",
-    "num_examples_source", "spec_epsilon", "spec_delta"})
+    "num_examples_source", "spec_epsilon", "spec_delta", "privacy_unit", "max_rows_per_unit"})
 
 # The summary's public parts: what an exported model states (fastdp_jax.export).
 PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
@@ -31,7 +31,8 @@ PRIVACY_FIELDS = ("private", "privacy_note", "dp_enabled", "epsilon", "delta",
                   "noise_multiplier", "l2_norm_clip", "steps", "noise", "sampling",
                   "max_epsilon", "budget_exhausted", "ledger_composition", "training_epsilon",
                   "calibration_epsilon", "temperature", "tuning", "count_epsilon",
-                  "planned_num_examples", "num_examples_source", "spec_epsilon", "spec_delta")
+                  "planned_num_examples", "num_examples_source", "spec_epsilon", "spec_delta",
+                  "privacy_unit", "max_rows_per_unit")
 TEST_METRIC_FIELDS = ("task", "test_accuracy", "test_loss", "test_auc", "test_macro_f1",
                       "test_rmse", "test_mae", "test_brier", "test_ece", "majority_class_rate",
                       "below_majority_class", "base_rate_log_loss", "worse_than_base_rate",
@@ -99,6 +100,11 @@ class RunSummary:
   The feature spec's private estimates (``fastdp-spec init --epsilon``; public specs: None):
     spec_epsilon, spec_delta: what they cost, included in ``epsilon`` and ``delta`` (basic
       composition, as the calibration's).
+  The privacy unit (the dataset manifest's; :mod:`fastdp_jax.data.units`):
+    privacy_unit: the raw column(s) naming the unit whose adding or removing (epsilon, delta)
+      bounds (a household: ``('SERIALNO',)``); None: every row is its own unit.
+    max_rows_per_unit: the public bound k on a unit's training rows (rows beyond it were left
+      out); None for a row-level run. N, q and the sampling are then about units.
   Tuning (``fastdp-tune``, :mod:`fastdp_jax.tune`):
     tuning: how the hyperparameters were chosen and what that cost: for a private random
       search, the distribution of the secret number of trials, each trial's sigma, q, T and
@@ -178,6 +184,8 @@ class RunSummary:
   tuning: dict[str, Any] | None = None
   spec_epsilon: float | None = None
   spec_delta: float | None = None
+  privacy_unit: tuple[str, ...] | None = None
+  max_rows_per_unit: int | None = None
 
   @property
   def below_constant_baseline(self) -> bool:
@@ -185,8 +193,14 @@ class RunSummary:
     return bool(self.below_majority_class or self.below_baseline)
 
   def privacy_record(self) -> dict[str, Any]:
-    """The privacy fields an exported model states (:data:`PRIVACY_FIELDS`), those set."""
-    return {k: getattr(self, k) for k in PRIVACY_FIELDS if getattr(self, k) is not None}
+    """The privacy fields an exported model states (:data:`PRIVACY_FIELDS`), those set, and
+    the unit: ``privacy_unit`` is the column list or ``'row'``, and ``unit_statement`` says
+    what (epsilon, delta) holds for (:func:`unit_statement`; DP runs only)."""
+    out = {k: getattr(self, k) for k in PRIVACY_FIELDS if getattr(self, k) is not None}
+    out["privacy_unit"] = list(self.privacy_unit) if self.privacy_unit else ROW_UNIT
+    if self.dp_enabled:
+      out["unit_statement"] = unit_statement(self.privacy_unit, self.max_rows_per_unit)
+    return out
 
   def test_record(self) -> dict[str, Any]:
     """The test metrics and baseline an exported model states, those the task has."""
@@ -201,7 +215,82 @@ class RunSummary:
   def from_json(cls, record: Mapping[str, Any]) -> RunSummary:
     """A summary from its ``summary.json`` dict (keys it does not know are ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in record.items() if k in names})
+    fields = {k: v for k, v in record.items() if k in names}
+    if fields.get("privacy_unit") is not None:  # a JSON list; the field is a tuple
+      fields["privacy_unit"] = tuple(fields["privacy_unit"])
+    return cls(**fields)
+
+
+# What ``privacy_unit`` is called in a row-level run's model.json, card and report.
+ROW_UNIT = "row"
+# Unit columns whose meaning is public census coding: the word the statements use for them.
+_UNIT_NOUNS = {("SERIALNO",): "household", ("SERIALNO", "SPORDER"): "person"}
+
+
+def unit_name(privacy_unit: Sequence[str] | str | None) -> str:
+  """The unit in words: ``'household (SERIALNO)'``, ``'pid'``, or ``'row'`` (None, ``'row'``).
+
+  A unit named by PUMS household (or person) columns gets its word; any other unit is named by
+  its columns alone, which is all the spec says about it.
+  """
+  if not privacy_unit or privacy_unit == ROW_UNIT:
+    return ROW_UNIT
+  cols = (privacy_unit,) if isinstance(privacy_unit, str) else tuple(map(str, privacy_unit))
+  joined = ", ".join(cols)
+  noun = _UNIT_NOUNS.get(cols)
+  name = f"{noun} ({joined})" if noun else (joined if len(cols) == 1 else f"({joined})")
+  return f"'{name}'" if name == ROW_UNIT else name  # a column named "row" is not the row
+
+
+def unit_statement(privacy_unit: Sequence[str] | str | None,
+                   max_rows_per_unit: int | None) -> str:
+  """What (epsilon, delta) holds for, in the words every output uses (model.json, the card,
+  the report, the console): the unit, its public bound k, and the neighbouring relation."""
+  name = unit_name(privacy_unit)
+  if name == ROW_UNIT:
+    return "privacy unit: row; (epsilon, delta) hold for adding or removing one row"
+  rows = "row" if max_rows_per_unit == 1 else "rows"
+  return (f"privacy unit: {name}, at most {max_rows_per_unit} {rows} per unit; (epsilon, delta) "
+          "hold for adding or removing one whole unit")
+
+
+def unit_fields(unit: Any) -> dict[str, Any]:
+  """A summary's unit fields from a run's unit (``columns``, ``max_rows``: the trainer's
+  :class:`fastdp_jax.unit_batches.UnitSpec`), or none for a row-level run (``unit`` None)."""
+  if unit is None:
+    return {}
+  return {"privacy_unit": tuple(unit.columns), "max_rows_per_unit": int(unit.max_rows)}
+
+
+def unit_record_problem(priv: Mapping[str, Any]) -> str | None:
+  """Why a model.json privacy section's unit entries disagree (None: they agree, or are
+  absent, as in an export from before units).
+
+  ``privacy_unit`` is ``'row'`` or a list of column names; a unit has an integer bound
+  ``max_rows_per_unit`` in 1..64 and a row has none; ``unit_statement``, when present, is
+  the one those two give (an edited statement would claim a guarantee the run lacks).
+  """
+  unit, k = priv.get("privacy_unit"), priv.get("max_rows_per_unit")
+  if unit is None:
+    return None if k is None and "unit_statement" not in priv else "is missing"
+  if unit == ROW_UNIT:
+    if k is not None:
+      return f"is 'row' but max_rows_per_unit is {k!r}"
+  elif not (isinstance(unit, list) and unit and all(isinstance(c, str) and c for c in unit)):
+    return f"={unit!r} must be 'row' or a list of column names"
+  elif not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 64):
+    return f"names a unit but max_rows_per_unit={k!r} is not an integer in 1..64"
+  said = priv.get("unit_statement")
+  if said is not None and said != unit_statement(unit, k):
+    return f"'s unit_statement {said!r} is not what the unit and its bound give"
+  return None
+
+
+def done_line(s: RunSummary, delta: float, private: bool) -> str:
+  """The console's last line of a DP run: epsilon at delta, for which unit, and the result."""
+  return (f"done: epsilon {s.epsilon:.4f} at delta {delta:.3g} "
+          f"({unit_statement(s.privacy_unit, s.max_rows_per_unit)}), "
+          f"private: {str(private).lower()}, {result_line(s)}")
 
 
 def read_summary(workdir: str) -> RunSummary | None:

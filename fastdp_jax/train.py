@@ -203,7 +203,7 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
   # The calibration's, the count's and the spec's epsilons come out of the target and the cap.
   budget = dataclasses.replace(rc, dp=calibration.training_share(
       rc.dp, count=n.epsilon, calibration=rc.calibration.epsilon, spec=rows.spec_estimate[0]))
-  plan, stream = feed.plan_run(budget, n, mesh, rows.streamed_from is not None)
+  plan, stream = feed.plan_run(budget, n, mesh, rows)
   model, apply_fn, params, loss_fn = _build_model(rc, plan, rows)
   # Keys, then the state they noise, then the checkpoint's state and keys if resuming.
   ckpt = None
@@ -352,7 +352,7 @@ def _summary(t: Trainer) -> summary_lib.RunSummary:
       nonprivate_note=release.NONPRIVATE_NOTE, max_epsilon=t.config.dp.max_epsilon,
       budget_exhausted=t.services.schedule.stop_at < plan.total_steps,
       privacy_ledger=[dataclasses.asdict(s) for s in ledger.segments],
-      resume_overrides=[list(o) for o in rs.overrides],
+      resume_overrides=[list(o) for o in rs.overrides], **summary_lib.unit_fields(rows.unit),
       data_digest=rows.train.digest, num_devices=int(t.compiled.mesh.devices.size),
       num_processes=jax.process_count(), wall_time_s=time.time() - t.services.t_start,
       config=t.config.to_dict())
@@ -405,7 +405,8 @@ def _calibrated(t: Trainer, host_params: Any,
   rows.head = calibration.calibrated_head(
       rows.head, evaluate_lib.outputs_of(t.compiled.apply_fn, host_params,
                                          rows.validation.features, t.config.eval_batch_size),
-      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys)
+      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys,
+      rows.unit.max_rows if rows.unit else 1)
   t.compiled.evaluate = evaluate_lib.build_eval(t.compiled.apply_fn, rows.head)
   return summary_lib.calibrated(summary, t.split_metrics("test"), rows.baseline,
                                 temperature=rows.head.temperature,
@@ -444,8 +445,7 @@ def finalize(t: Trainer) -> summary_lib.RunSummary:
         f"{summary.base_rate_log_loss:.4f}: the predicted probabilities are worse than the "
         "test rows' class frequencies (overconfident); do not use them as probabilities")
   if t.plan.enabled:
-    say(f"done: epsilon {summary.epsilon:.4f} at delta {t.plan.delta_total:.3g}, "
-        f"private: {str(t.private).lower()}, {summary_lib.result_line(summary)}")
+    say(summary_lib.done_line(summary, t.plan.delta_total, t.private))
   else:
     say(f"done (non-private): {summary_lib.result_line(summary)}")
   return summary

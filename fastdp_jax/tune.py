@@ -8,6 +8,9 @@ whole cost is one (epsilon, delta): ``dp.target_epsilon`` is the total for the p
   OS entropy; each trial is a full DP-SGD run (:func:`fastdp_jax.train.train_and_evaluate`, its
   own secret keys, its hyperparameters drawn with secret randomness) in ``W/trials/NNN`` that
   scores itself privately on the validation rows (:func:`fastdp_jax.dp.tuning.noisy_score`).
+  Trials of one shape (differing in learning rate, weight decay, C or seed only) train side
+  by side in one compiled step (:mod:`fastdp_jax.trials`); ``search.trials.sequential=True``
+  runs them one after the other.
   Only the best-scoring trial's model is released, into ``W/model/``. Every trial's sigma is
   calibrated so that ``dp_accounting``'s RDP accountant gives the procedure
   (``RepeatAndSelectDpEvent``, Papernot & Steinke 2022) at most the target
@@ -33,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -73,6 +76,9 @@ def default_search() -> ml_collections.ConfigDict:
   s.trials.shape = config_dict.placeholder(float)  # eta of the truncated negative binomial.
   s.trials.seed = config_dict.placeholder(int)  # set: K, the draws and the score noise are
   #                   reproducible and PUBLIC: the tuning is then declared non-private.
+  s.trials.sequential = False  # True: one trial after another, each through the trainer;
+  #                   False: trials of one shape side by side in one compiled step
+  #                   (fastdp_jax.trials), each still its own keys, plan and outputs.
   s.score = ml_collections.ConfigDict()
   s.score.metric = "brier"  # 'brier' | 'accuracy' | 'log_loss' on the validation rows.
   s.score.noise_multiplier = 40.0  # the score's Gaussian noise, times its sensitivity.
@@ -327,53 +333,125 @@ class Trial:
                 noise_multiplier=s.noise_multiplier, private=s.private)
 
 
-def run_trial(cfg: ml_collections.ConfigDict, workdir: str, index: int,
-              values: dict[str, Any], metric: str, score_noise: float, rng: Any) -> Trial:
-  """Trains ``cfg`` in ``workdir`` and scores its (calibrated) model on the validation rows
-  with the Gaussian mechanism (``score_noise`` times the sensitivity; 0: exact)."""
+def _score(t: Any, metric: str, score_noise: float, rng: Any) -> tuple[float, dict[str, Any]]:
+  """A finished trial's noisy score: its (calibrated) model on the validation rows with the
+  Gaussian mechanism (``score_noise`` times the sensitivity; 0: exact); and its model's
+  export arguments (``t``: its :class:`fastdp_jax.train.Trainer`)."""
   import jax  # pylint: disable=g-import-not-at-top
   from fastdp_jax import metrics as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from fastdp_jax import train  # pylint: disable=g-import-not-at-top
+  v, head = t.data.validation, t.data.head
+  if head.kind == "regression":
+    raise tuning.TuningError("fastdp-tune scores classifiers (Brier, accuracy or "
+                             "log-loss); this dataset's task is regression")
+  params = jax.device_get(t.progress.state.params)
+  logits = evaluate_lib.outputs_of(t.compiled.apply_fn, params, v.features,
+                                   t.config.eval_batch_size)
+  classes = 2 if logits.ndim == 1 else logits.shape[1]
+  # One privacy unit is up to k validation rows (bounded like the training units): the
+  # score's sensitivity is k rows' worth.
+  rows_per_unit = t.data.unit.max_rows if t.data.unit else 1
+  score = tuning.noisy_score(tuning.row_scores(logits, v.labels, metric, head.temperature),
+                             tuning.score_sensitivity(metric, classes) * rows_per_unit,
+                             score_noise, rng)
+  return score, train.export_arguments(t, params)
+
+
+def run_trial(cfg: ml_collections.ConfigDict, workdir: str, index: int,
+              values: dict[str, Any], metric: str, score_noise: float, rng: Any) -> Trial:
+  """Trains ``cfg`` in ``workdir`` alone and scores it (:func:`_score`)."""
   from fastdp_jax import train  # pylint: disable=g-import-not-at-top
   kept: dict[str, Any] = {}
 
   def score(t: train.Trainer, summary: Any) -> None:
     del summary
-    v, head = t.data.validation, t.data.head
-    if head.kind == "regression":
-      raise tuning.TuningError("fastdp-tune scores classifiers (Brier, accuracy or "
-                               "log-loss); this dataset's task is regression")
-    params = jax.device_get(t.progress.state.params)
-    logits = evaluate_lib.outputs_of(t.compiled.apply_fn, params, v.features,
-                                     t.config.eval_batch_size)
-    classes = 2 if logits.ndim == 1 else logits.shape[1]
-    kept["score"] = tuning.noisy_score(
-        tuning.row_scores(logits, v.labels, metric, head.temperature),
-        tuning.score_sensitivity(metric, classes), score_noise, rng)
-    kept["export"] = train.export_arguments(t, params)
+    kept["score"], kept["export"] = _score(t, metric, score_noise, rng)
 
   summary = train.train_and_evaluate(cfg, workdir, inspect=score)
   return Trial(index=index, workdir=workdir, values=values, score=kept["score"],
                summary=summary, export=kept["export"])
 
 
+def run_side_by_side(cfgs: list[ml_collections.ConfigDict], workdirs: list[str],
+                     indices: list[int], values: list[dict[str, Any]], metric: str,
+                     score_noise: float, rng: Any) -> list[Trial]:
+  """Trains trials of one shape side by side (:func:`fastdp_jax.trials.run_trials`: one
+  compiled step, each trial its own keys and hyperparameters) and scores each as
+  :func:`run_trial` does."""
+  from fastdp_jax import trials  # pylint: disable=g-import-not-at-top
+  kept: dict[int, tuple[float, dict[str, Any]]] = {}
+
+  def score(i: int, t: Any, summary: Any) -> None:
+    del summary
+    kept[i] = _score(t, metric, score_noise, rng)
+
+  summaries = trials.run_trials(cfgs, workdirs, inspect=score)
+  return [Trial(index=indices[i], workdir=workdirs[i], values=values[i], score=kept[i][0],
+                summary=s, export=kept[i][1]) for i, s in enumerate(summaries)]
+
+
 def _search_trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str,
-                   metric: str, score_noise: float, rng: Any,
-                   proc: Procedure | None) -> tuple[Trial | None, list[dict[str, Any]]]:
+                   metric: str, score_noise: float, rng: Any, proc: Procedure | None,
+                   sequential: bool = False) -> tuple[Trial | None, list[dict[str, Any]]]:
   """Runs ``k`` trials; returns the best (the only one whose model is kept) and the
-  records of all."""
+  records of all.
+
+  Trials of one shape run side by side (:mod:`fastdp_jax.trials`) unless
+  ``search.trials.sequential`` (``sequential``) says one after the other; a shape drawn once
+  runs alone through the trainer either way. Every trial is drawn, trained and scored as in
+  the sequential search; only the order of the secret draws differs.
+  """
   best: Trial | None = None
   records = []
-  for i in range(k):
-    values = draw_hyperparameters(space, cfg, rng)
-    say(f"tuning: trial {i + 1}: {values}")
-    t = run_trial(trial_config(cfg, values, proc), os.path.join(trials_dir, f"{i:03d}"), i,
-                  values, metric, score_noise, rng)
+  for t in _trials(cfg, space, k, trials_dir, metric, score_noise, rng, proc, sequential):
     records.append(t.record())
     if best is None or t.score > best.score:
       best = t  # the previous best's parameters are dropped here
     else:
       t.export = None
   return best, records
+
+
+def _trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str,
+            metric: str, score_noise: float, rng: Any, proc: Procedure | None,
+            sequential: bool) -> Iterator[Trial]:
+  """The ``k`` finished trials, in the order of their indices."""
+  workdir = lambda i: os.path.join(trials_dir, f"{i:03d}")
+  if sequential:
+    for i in range(k):
+      values = draw_hyperparameters(space, cfg, rng)
+      say(f"tuning: trial {i + 1}: {values}")
+      yield run_trial(trial_config(cfg, values, proc), workdir(i), i, values, metric,
+                      score_noise, rng)
+    return
+  from fastdp_jax import trials  # pylint: disable=g-import-not-at-top
+  drawn = [draw_hyperparameters(space, cfg, rng) for _ in range(k)]
+  cfgs = [trial_config(cfg, v, proc) for v in drawn]
+  done: dict[int, Trial] = {}
+  for group in trials.group_by_shape([config_lib.settings(c) for c in cfgs]):
+    for i in group:
+      say(f"tuning: trial {i + 1}: {drawn[i]}")
+    if len(group) == 1:
+      (i,) = group
+      done[i] = run_trial(cfgs[i], workdir(i), i, drawn[i], metric, score_noise, rng)
+      continue
+    say(f"tuning: trials {', '.join(str(i + 1) for i in group)} side by side")
+    for t in run_side_by_side([cfgs[i] for i in group], [workdir(i) for i in group], group,
+                              [drawn[i] for i in group], metric, score_noise, rng):
+      done[t.index] = t
+    # As the sequential search, keep no parameters that cannot be released: a trial scored
+    # below another is never the best.
+    top = max(t.score for t in done.values())
+    for t in done.values():
+      if t.score < top:
+        t.export = None
+  for i in range(k):
+    yield done.pop(i)
+
+
+def _sequential(search: ml_collections.ConfigDict) -> bool:
+  """``search.trials.sequential`` (absent from search configs older than the key: False)."""
+  return bool(search.trials.get("sequential", False))
 
 
 # --- the procedure ----------------------------------------------------------------------------
@@ -405,7 +483,7 @@ def _private_tuning(cfg: ml_collections.ConfigDict, search: ml_collections.Confi
       f"({trial.score_noise_multiplier:g} x its sensitivity); K ~ {proc.count.describe()}, "
       f"not released; total epsilon {proc.epsilon:.4f} at delta {proc.delta:.3g} (RDP)")
   best, records = _search_trials(cfg, space, k, os.path.join(workdir, "trials"), proc.metric,
-                                 trial.score_noise_multiplier, rng, proc)
+                                 trial.score_noise_multiplier, rng, proc, _sequential(search))
   description = tuning.describe(trial, proc.count, proc.epsilon, proc.accountant_delta,
                                 proc.metric, proc.count_epsilon)
   from fastdp_jax.dp import release  # pylint: disable=g-import-not-at-top
@@ -438,7 +516,7 @@ def _proxy_tuning(cfg: ml_collections.ConfigDict, search: ml_collections.ConfigD
   on_proxy.data.path = proxy
   metric = str(search.score.metric)
   best, records = _search_trials(on_proxy, space, k, os.path.join(workdir, "proxy_trials"),
-                                 metric, 0.0, rng, None)
+                                 metric, 0.0, rng, None, _sequential(search))
   assert best is not None
   say(f"tuning: the best of {k} trials on {proxy}: {best.values}; one private run on "
       f"{cfg.data.path}")

@@ -31,6 +31,7 @@ from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
 from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import units as units_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
 
@@ -90,6 +91,14 @@ class ShardSink:
   One sink per Spark task (or one for the streaming converter). Rows of one input split
   (``key``) arrive in row-id order; shards never mix splits and hold at most ``max_rows``
   rows, so shard files sorted by name list the rows in input order.
+
+  A row's split is decided here: by its row id (:func:`fastdp_jax.data.split.is_test_row`),
+  or, when the spec names a ``privacy_unit``, by its unit key
+  (:func:`fastdp_jax.data.units.is_test_unit`), so that each unit lies wholly in one split
+  whatever other rows the input holds. The sink also refuses two unit ids sharing a key among
+  the rows it sees (all of them for the streaming converter; a task's for Spark, whose driver
+  checks across tasks). It does not bound rows per unit: the trainer's loader does, for every
+  producer alike (:func:`fastdp_jax.data.units.group`).
   """
 
   def __init__(self, *, spec: features_lib.FeatureSpec, staging: str, split_seed: int,
@@ -109,6 +118,8 @@ class ShardSink:
     self._values: list[np.ndarray] = []
     self._buffered = 0
     self._rejects_file: IO[str] | None = None
+    self._units: list[list[str]] = []  # canonical unit ids of the buffered rows
+    self._unit_seen: dict[int, str] = {}  # key -> id, for the collision check
 
   def _begin(self, key: Any) -> None:
     if key != self._key:
@@ -146,6 +157,10 @@ class ShardSink:
       self._ids.append(np.asarray(row_ids)[result.kept])
       self._values.append(result.values)
       self._buffered += len(result.kept)
+      if self.spec.privacy_unit:
+        if result.units is None or len(result.units) != len(result.kept):
+          raise ValueError("a unit spec's cleaner must give the unit id of every kept row")
+        self._units.append(list(result.units))
     if result.rejects:
       if self._rejects_file is None:
         first = int(row_ids[result.rejects[0][0]])
@@ -169,10 +184,18 @@ class ShardSink:
     ids = np.concatenate(self._ids)
     values = np.concatenate(self._values)
     x, y = self.spec.encode(values)
-    test = split_lib.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
-    keep_ids, keep_values = [], []
+    uids = np.array([u for block in self._units for u in block] if self.spec.privacy_unit
+                    else [], dtype=object)
+    if self.spec.privacy_unit:
+      keys, test = units_lib.key_and_split(uids.tolist(), self.split_seed, self.test_fraction,
+                                           self._unit_seen)
+    else:
+      keys = None
+      test = split_lib.is_test_row(ids, seed=self.split_seed, test_fraction=self.test_fraction)
+    keep_ids, keep_values, keep_units = [], [], []
     for split, mask in (("train", ~test), ("test", test)):
       sid, sx, sy = ids[mask], x[mask], y[mask]
+      skeys = None if keys is None else keys[mask]
       n = len(sid)
       full = n if final else (n // self.max_rows) * self.max_rows
       for lo in range(0, full, self.max_rows):
@@ -181,12 +204,16 @@ class ShardSink:
                                     sy[lo:lo + self.max_rows],
                                     feature_bounds=self.spec.feature_bounds,
                                     feature_names=self.spec.feature_names,
-                                    task=self.spec.task, embeddings=self.spec.embeddings)
+                                    task=self.spec.task, embeddings=self.spec.embeddings,
+                                    unit_keys=None if skeys is None else
+                                    skeys[lo:lo + self.max_rows])
         self.shards.append(dataclasses.asdict(info))
       if full < n:  # keep the partial shard's rows for later
         keep_ids.append(sid[full:])
         keep_values.append(values[mask][full:])
-    self._ids, self._values = keep_ids, keep_values
+        if keys is not None:
+          keep_units.append(uids[mask][full:].tolist())
+    self._ids, self._values, self._units = keep_ids, keep_values, keep_units
     self._buffered = sum(len(i) for i in keep_ids)
 
   def flush(self) -> None:
@@ -195,7 +222,7 @@ class ShardSink:
       self._rejects_file.close()
       self._rejects_file = None
     self._write_shards(final=True)
-    self._ids, self._values, self._buffered = [], [], 0
+    self._ids, self._values, self._units, self._buffered = [], [], [], 0
 
   def close(self) -> list[tuple[str, str]]:
     """Flushes; returns ``(kind, json)`` records: one per shard, then the counts."""
@@ -255,7 +282,10 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
   extra.update({
       "spec": spec.to_dict(), "spec_source": spec.source,
       "split": {"seed": split_seed, "test_fraction": test_fraction,
-                "row_id": "0-based index of the data row over the input files in path order"},
+                "row_id": "0-based index of the data row over the input files in path order"}
+      if not spec.privacy_unit else
+      {"seed": split_seed, "test_fraction": test_fraction,
+       "unit": "fastdp_jax.data.units.is_test_unit of the unit key: each unit in one split"},
       "max_rows_per_shard": max_rows,
       "header_lines": total["header_lines"],
       "dropped_na_by_column": dict(zip(spec.used_columns, na_by_column)),
@@ -266,7 +296,8 @@ def summarize(spec: features_lib.FeatureSpec, results: Iterable[tuple[str, str]]
   })
   return {"feature_names": spec.feature_names, "label_name": spec.label, "shards": shards,
           "provenance": provenance, "feature_bounds": spec.feature_bounds, "extra": extra,
-          "task": spec.task, "embeddings": spec.embeddings, "_lines_by_split": lines_by_split}
+          "task": spec.task, "embeddings": spec.embeddings, "_lines_by_split": lines_by_split,
+          "privacy_unit": spec.privacy_unit, "max_rows_per_unit": spec.max_rows_per_unit}
 
 
 def describe(output: str, manifest: manifest_lib.Manifest) -> str:
@@ -276,3 +307,69 @@ def describe(output: str, manifest: manifest_lib.Manifest) -> str:
           f" / {manifest.rows('test')} test, {len(manifest.shards)} shards, "
           f"{manifest.num_features} features), {pv.dropped_na} dropped for NA, "
           f"{pv.rejected} rejected")
+
+
+def check_columns(spec: features_lib.FeatureSpec, header: tuple[str, ...]) -> None:
+  """The spec's used columns and its privacy-unit columns must be in an input's header.
+
+  Raises:
+    SpecError: naming the missing (or repeated) columns.
+  """
+  spec.column_indices(header)
+  if spec.privacy_unit:
+    try:
+      units_lib.unit_column_indices(spec.privacy_unit, header)
+    except errors.PipelineError as e:
+      raise features_lib.SpecError(str(e)) from e
+
+
+# The unit-collision check of the Spark job: (key, canonical id) of each row, grouped by key.
+UNIT_ID_SCHEMA = "ukey long, uid string"
+
+
+def unit_id_task(spec: features_lib.FeatureSpec, header: tuple[str, ...] | None):
+  """The mapInPandas function of the Spark job's unit-collision check.
+
+  Batches of CSV lines (column ``value``, bytes; ``header`` given) or of the unit columns
+  (Parquet; ``header`` None) -> ``(ukey, uid)``: the signed 64-bit unit key and the canonical
+  id of every row that has one. Lines the cleaner would reject for their shape (the header
+  again, a wrong field count) are skipped; a row rejected for a bad value is kept here, which
+  can only refuse more, never miss a collision.
+  """
+  idx = None if header is None else units_lib.unit_column_indices(spec.privacy_unit, header)
+
+  def run(batches):
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    for pdf in batches:
+      if idx is None:
+        cells = zip(*(pdf[c].tolist() for c in spec.privacy_unit))
+      else:
+        text = b"\n".join(pdf["value"].tolist()).decode("utf-8", "replace").split("\n")
+        parts = (line.split(",") for line in text)
+        cells = ([p[j] for j in idx] for p in parts
+                 if len(p) == len(header)
+                 and tuple(cleaning.normalize_token(c) for c in p) != header)
+      ids = [u for u in (units_lib.canonical_id(c, spec.na_tokens) for c in cells)
+             if u is not None]
+      yield pd.DataFrame({"ukey": units_lib.keys_of_ids(ids).view(np.int64), "uid": ids})
+
+  return run
+
+
+def check_unit_collisions(pairs) -> None:
+  """Refuses distinct unit ids sharing a key, over all rows (a Spark aggregation).
+
+  Args:
+    pairs: a Spark DataFrame of :data:`UNIT_ID_SCHEMA` (:func:`unit_id_task`'s output).
+
+  Raises:
+    PipelineError: naming two ids that share a key (as
+      :func:`fastdp_jax.data.units.check_no_collision`).
+  """
+  from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
+  # min and max aggregate map-side, so only one (key, min, max) row per unit is shuffled.
+  bad = (pairs.groupBy("ukey").agg(F.min("uid").alias("a"), F.max("uid").alias("b"))
+         .filter(F.col("a") != F.col("b")).limit(1).collect())
+  if bad:
+    a, b = bad[0]["a"], bad[0]["b"]
+    units_lib.check_no_collision([a, b], np.array([bad[0]["ukey"]] * 2).astype(np.uint64))

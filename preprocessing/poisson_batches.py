@@ -136,6 +136,10 @@ def _train_manifest(dataset: str) -> manifest_lib.Manifest:
     raise FileNotFoundError(f"dataset {dataset} does not exist (a directory written by "
                             "preprocessing.spark_job or synthesize --output-shards)")
   m = manifest_lib.read_manifest(dataset)
+  if m.privacy_unit is not None:  # this job samples rows; a unit dataset samples units
+    raise PipelineError(f"{dataset}: a privacy-unit dataset (privacy_unit "
+                        f"{list(m.privacy_unit)}); its units are sampled in memory only: "
+                        "train without data.batches")
   if m.rows("train") == 0:
     raise PipelineError(f"{dataset}: no training rows")
   manifest_lib.resolve_bounds(m.feature_bounds, None, m.num_features,

@@ -25,7 +25,10 @@ What it does, and what it guarantees:
    on how the input is partitioned or how many executors there are.
 2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
    :mod:`fastdp_jax.data.cleaning` (the same rules as the streaming mapper and the direct
-   writer), puts each row in train or test with ``fastdp_jax.data.split.is_test_row(row_id)``,
+   writer), puts each row in train or test with ``fastdp_jax.data.split.is_test_row(row_id)``
+   (or, for a spec naming a ``privacy_unit``, ``fastdp_jax.data.units.is_test_unit`` of its
+   unit key, after a check, one Spark aggregation over the unit ids, that no two distinct ids
+   share a key),
    encodes it with the spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
    mixing input splits, named by their first row id) with ``fastdp_jax.data.shards.write_shard``
    into a staging directory, and its malformed lines into ``rejects/part-*.jsonl`` with the
@@ -172,7 +175,7 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
         part = pdf.iloc[lo:hi]
         index = part["__row_index"].to_numpy(np.int64)
         row_ids = base + index
-        cols = {c: part[c].to_numpy() for c in spec.used_columns}
+        cols = {c: part[c].to_numpy() for c in spec.used_columns + (spec.privacy_unit or ())}
         result = cleaning.clean_columns(spec, cols)
 
         def show(i, cols=cols):
@@ -284,7 +287,7 @@ def check_header(input_path: str, spec: features_lib.FeatureSpec,
       cols = _local_header(path, fmt)  # a header over 1 MiB is refused here already
       if cols is None:
         continue
-      spec.column_indices(cols)
+      output_lib.check_columns(spec, cols)
     except features_lib.SpecError as e:
       raise PipelineError(f"{path}: {what}: {e}") from e
     first = cols if first is None else first
@@ -374,7 +377,7 @@ def plan_csv(spark, input_path: str,
     line = first_lines[r["file"]]
     try:
       cols = cleaning.parse_header(line)
-      spec.column_indices(cols)
+      output_lib.check_columns(spec, cols)
     except features_lib.SpecError as e:
       raise PipelineError(f"{r['file']}: the first line is taken as the header: {e}") from e
     if header is None:
@@ -513,6 +516,9 @@ def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_ro
   df = spark.read.text(input_path).select(
       F.col("value").cast("binary").alias("value"), F.xxhash64(F.col("_metadata.file_path"),
                           F.col("_metadata.file_block_start")).alias("key"))
+  if spec.privacy_unit:  # before writing anything: distinct unit ids sharing a key
+    output_lib.check_unit_collisions(df.select("value").mapInPandas(
+        output_lib.unit_id_task(spec, header), output_lib.UNIT_ID_SCHEMA))
   fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows)
   results = _collect(df.mapInPandas(fn, "kind string, body string"), "cleaning the input")
   body = output_lib.summarize(spec, results, staging, split_seed, test_fraction, max_rows,
@@ -539,10 +545,15 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
   except Exception as e:  # pylint: disable=broad-except
     raise _read_error(e, input_path) from e
   try:
-    spec.column_indices(columns)  # by name; other columns are ignored
+    output_lib.check_columns(spec, columns)  # by name; other columns are ignored
   except features_lib.SpecError as e:
     raise PipelineError(f"{input_path}: the Parquet schema: {e}") from e
-  meta = df.select(*[F.col(f"`{c}`") for c in spec.used_columns],
+  unit_only = [c for c in spec.privacy_unit or () if c not in spec.used_columns]
+  if spec.privacy_unit:  # before writing anything: distinct unit ids sharing a key
+    output_lib.check_unit_collisions(df.select(*[F.col(f"`{c}`") for c in spec.privacy_unit])
+                                     .mapInPandas(output_lib.unit_id_task(spec, None),
+                                                  output_lib.UNIT_ID_SCHEMA))
+  meta = df.select(*[F.col(f"`{c}`") for c in spec.used_columns + tuple(unit_only)],
                    F.xxhash64(F.col("_metadata.file_path")).alias("__key"),
                    F.col("_metadata.row_index").alias("__row_index"),
                    F.col("_metadata.file_path").alias("__file"))

@@ -35,6 +35,12 @@ Usage::
   python -m preprocessing.synthesize --rows 100000 --schema raw --output raw.csv
   python -m preprocessing.synthesize --rows 100000 --output-shards data/capums  # no Spark
   python -m preprocessing.synthesize --rows 200000 --malformed 500 --output bad.csv
+  python -m preprocessing.synthesize --households 50000 --output households.csv
+
+Households (``--households``, :func:`synthesize_households`): the raw schema's persons grouped
+into households of the published US size distribution, with ``SERIALNO``, ``SPORDER``, ``NP``
+and ``HINCP`` (:mod:`preprocessing.households`), for the spec ``pums_households``. Without
+``--households`` every output is as before.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -55,6 +61,8 @@ from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
 from fastdp_jax.data import cleaning
 from fastdp_jax.data import features as features_lib
+from fastdp_jax.data import units as units_lib
+from preprocessing import households as households_lib
 
 RAW_COLUMNS = ("state", "puma", "sex", "age", "educ", "income", "latino", "black", "asian",
                "married", "divorced", "uscitizen", "children", "disability", "militaryservice",
@@ -160,8 +168,21 @@ def _linear(coefs: dict[str, float], terms: dict[str, np.ndarray], n: int) -> np
 
 
 def _bernoulli(rng: np.random.Generator, coefs: dict[str, float],
-               terms: dict[str, np.ndarray], n: int) -> np.ndarray:
-  return (rng.random(n) < _sigmoid(_linear(coefs, terms, n))).astype(np.float64)
+               terms: dict[str, np.ndarray], n: int,
+               offset: np.ndarray | float = 0.0) -> np.ndarray:
+  # offset: a household's shared effect on the logit (0 adds nothing: the same draws).
+  return (rng.random(n) < _sigmoid(_linear(coefs, terms, n) + offset)).astype(np.float64)
+
+
+def _fix(values: np.ndarray, fixed: Mapping[str, np.ndarray] | None, name: str) -> np.ndarray:
+  """``values`` with ``fixed[name]``'s non-NaN entries put in (a household's shared or
+  related values, :mod:`preprocessing.households`); ``values`` itself when none are fixed.
+
+  The draw behind ``values`` is made either way, so every later draw is unchanged.
+  """
+  if not fixed or name not in fixed:
+    return values
+  return np.where(np.isnan(fixed[name]), values, fixed[name])
 
 
 def _streams(entropy: list[int]) -> Iterator[np.random.Generator]:
@@ -171,23 +192,29 @@ def _streams(entropy: list[int]) -> Iterator[np.random.Generator]:
     yield from (np.random.default_rng(s) for s in seq.spawn(8))
 
 
-def _raw_block(entropy: list[int], n: int) -> dict[str, np.ndarray]:
+def _raw_block(entropy: list[int], n: int,
+               fixed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Draws n people of the raw schema (int64 columns, RAW_COLUMNS order).
 
   Every random draw takes n values (or n rows) from its own stream, so the first k people
   are the same for every n >= k.
+
+  ``fixed`` (households, :mod:`preprocessing.households`): [n] float arrays of values that
+  replace the drawn ones where not NaN (``age``, ``sex``, ``black``, ``asian``, ``latino``,
+  ``married``, ``puma``; later columns are drawn given them), and ``employed_offset``, added
+  to the employment logit. Without it the draws are those of every earlier version.
   """
   rng = _streams(entropy).__next__  # a fresh stream per call
   bracket = rng().choice(len(_AGE_PROBS), size=n, p=np.asarray(_AGE_PROBS) / sum(_AGE_PROBS))
   lo = np.asarray(_AGE_EDGES[:-1])[bracket]
   hi = np.asarray(_AGE_EDGES[1:])[bracket]
   age = np.floor(lo + rng().random(n) * (hi - lo))
-  age = np.where(age >= 90, _AGE_TOP_CODE, age)
+  age = _fix(np.where(age >= 90, _AGE_TOP_CODE, age), fixed, "age")
   a = (age - 45.0) / 15.0
   t = {"a1": a, "a2": a * a, "a3": a * a * a, "r60": np.maximum(age - 60.0, 0) / 10.0,
        "r25": np.maximum(25.0 - age, 0) / 5.0}
   for col in ("sex", "black", "asian", "latino", "uscitizen", "englishability"):
-    t[col] = _bernoulli(rng(), _LOGIT[col], t, n)
+    t[col] = _fix(_bernoulli(rng(), _LOGIT[col], t, n), fixed, col)
   educ = np.ones(n)
   alive = np.ones(n, bool)
   low, high = _linear(_EDUC_LOW, t, n), _linear(_EDUC_HIGH, t, n)
@@ -198,13 +225,14 @@ def _raw_block(entropy: list[int], n: int) -> dict[str, np.ndarray]:
   t["educ_s"] = (educ - 10.0) / 3.0
   t["college"] = (educ >= 13).astype(np.float64)
   t["hsgrad"] = (educ >= 9).astype(np.float64)
-  t["married"] = _bernoulli(rng(), _LOGIT["married"], t, n)
+  t["married"] = _fix(_bernoulli(rng(), _LOGIT["married"], t, n), fixed, "married")
   t["divorced"] = _bernoulli(rng(), _LOGIT["divorced"], t, n) * (1 - t["married"])
   t["sex_married"] = t["sex"] * t["married"]
   for col in ("children", "militaryservice", "disability"):
     t[col] = _bernoulli(rng(), _LOGIT[col], t, n)
   t["sex_children"] = t["sex"] * t["children"]
-  t["employed"] = _bernoulli(rng(), _LOGIT["employed"], t, n)
+  t["employed"] = _bernoulli(rng(), _LOGIT["employed"], t, n,
+                             (fixed or {}).get("employed_offset", 0.0))
   for name in ("a1", "a2", "sex", "educ_s"):
     t[f"employed_{name}"] = t["employed"] * t[name]
   positive = _bernoulli(rng(), _LOGIT["income_positive"], t, n).astype(bool)
@@ -221,6 +249,7 @@ def _raw_block(entropy: list[int], n: int) -> dict[str, np.ndarray]:
   p_puma = np.asarray([_PUMA_PROBS[0], _PUMA_PROBS[1]])
   cum = np.cumsum(p_puma / p_puma.sum(axis=1, keepdims=True), axis=1)[t["black"].astype(int)]
   puma = np.asarray(_PUMA_CODES)[(rng().random(n)[:, None] > cum[:, :-1]).sum(axis=1)]
+  puma = _fix(puma.astype(np.float64), fixed, "puma")
   cols = {"state": np.full(n, _STATE), "puma": puma, "age": age, "educ": educ,
           "income": income, "fips": np.full(n, _FIPS)}
   return {c: np.asarray(cols[c] if c in cols else t[c]).astype(np.int64) for c in RAW_COLUMNS}
@@ -307,6 +336,52 @@ def synthesize_capums(rows: int, seed: int = 0,
     Column name -> [rows] float32 array of 0/1 with NaN for missing, in CAPUMS_COLUMNS order.
   """
   return synthesize(rows, schema_name="capums", seed=seed, na_fraction=na_fraction)
+
+
+# --- Households: persons of this generator grouped into households (preprocessing.households).
+
+HOUSEHOLD_COLUMNS = (households_lib.HOUSEHOLD_IDS + RAW_COLUMNS
+                     + households_lib.HOUSEHOLD_VARIABLES)
+
+
+def iter_household_blocks(households: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the rows of consecutive blocks of households (HOUSEHOLD_COLUMNS, int64)."""
+  if households < 0 or seed < 0:
+    raise ValueError(f"{households=} and {seed=} must be non-negative")
+  size = households_lib.HOUSEHOLD_BLOCK
+  for block, lo in enumerate(range(0, households, size)):
+    yield households_lib.household_block(_raw_block, _streams, RAW_COLUMNS, seed, block,
+                                         min(size, households - lo))
+
+
+def synthesize_households(households: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """All rows of ``households`` synthetic households: the raw person schema with each
+  person's ``SERIALNO`` and ``SPORDER`` and the household's ``NP`` and ``HINCP``.
+
+  Household sizes follow the published US distribution, and members share their PUMA,
+  household income and a household effect on employment (:mod:`preprocessing.households`);
+  the spec ``pums_households`` trains on them with the household as the privacy unit.
+
+  Returns:
+    HOUSEHOLD_COLUMNS -> [rows] int64, rows grouped by household.
+  """
+  blocks = list(iter_household_blocks(households, seed))
+  if not blocks:
+    return {c: np.zeros(0, np.int64) for c in HOUSEHOLD_COLUMNS}
+  return {c: np.concatenate([b[c] for b in blocks]) for c in HOUSEHOLD_COLUMNS}
+
+
+def write_households_csv(path: str, households: int, *, seed: int = 0,
+                         line_ending: str = "\n") -> tuple[int, int]:
+  """Writes the households block by block (constant memory); returns (rows, bytes)."""
+  rows = 0
+  with atomic.replacing(path) as f:  # a full disk or a kill leaves no truncated CSV
+    f.write(header_line(HOUSEHOLD_COLUMNS, line_ending))
+    for block in iter_household_blocks(households, seed):
+      rows += len(block["SERIALNO"])
+      f.write(format_csv_rows(block, line_ending))
+    size = f.tell()
+  return rows, size
 
 
 # --- CSV, vectorised: each column becomes a fixed-width byte matrix; the padding is removed. ---
@@ -479,7 +554,8 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
 
   Row ``i`` of the columns has row id ``i`` (as the ``i``-th data line of the CSV that
   :func:`write_csv` would write, for the Spark job and the streaming path), so all producers
-  put it in the same split.
+  put it in the same split. With a spec's ``privacy_unit`` (``pums_households``), every row is
+  keyed by its unit and each unit lands wholly in one split, by its key alone.
 
   Args:
     columns: column name -> [n] numbers, NaN for missing (at least the spec's used columns).
@@ -504,10 +580,18 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                      "the direct writer only takes clean columns")
   n = len(columns[spec.used_columns[0]])
   x, y = spec.encode(result.values)
-  test = split_lib.is_test_row(result.kept, seed=split_seed, test_fraction=test_fraction)
+  keys = None
+  if spec.privacy_unit:  # each unit wholly in one split, by its key alone (as the Spark job)
+    keys, test = units_lib.key_and_split(result.units or [], seed=split_seed,
+                                         test_fraction=test_fraction)
+  else:
+    test = split_lib.is_test_row(result.kept, seed=split_seed, test_fraction=test_fraction)
   extra = {"producer": "preprocessing.synthesize", "spec": spec.to_dict(),
            "split": {"seed": split_seed, "test_fraction": test_fraction,
-                     "row_id": "0-based index of the data row"},
+                     "row_id": "0-based index of the data row"} if keys is None else
+           {"seed": split_seed, "test_fraction": test_fraction,
+            "unit": "fastdp_jax.data.units.is_test_unit of the unit key: each unit in one "
+                    "split"},
            "dropped_na_by_column": dict(zip(spec.used_columns,
                                             result.na_by_column.tolist()))}
   # The spec's task and embeddings, as the Spark job and the streaming path record them: a
@@ -516,9 +600,11 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                               label_name=spec.label, feature_bounds=spec.feature_bounds,
                               task=spec.task, embeddings=spec.embeddings,
                               overwrite=overwrite,
-                              max_rows_per_shard=max_rows_per_shard, extra=extra) as w:
-    w.add("train", x[~test], y[~test])
-    w.add("test", x[test], y[test])
+                              max_rows_per_shard=max_rows_per_shard, extra=extra,
+                              privacy_unit=spec.privacy_unit,
+                              max_rows_per_unit=spec.max_rows_per_unit) as w:
+    for split, rows in (("train", ~test), ("test", test)):
+      w.add(split, x[rows], y[rows], unit_keys=None if keys is None else keys[rows])
     w.set_provenance(manifest_lib.Provenance(rows_read=n, kept=len(result.kept),
                                              dropped_na=len(result.dropped_na)))
   return manifest_lib.read_manifest(output)
@@ -543,32 +629,48 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--spec", help="feature spec for --output-shards (default by --schema)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output-shards dataset")
+  p.add_argument("--households", type=int, default=None, metavar="N",
+                 help="write N households instead of --rows people: the raw PUMS schema with "
+                 "SERIALNO, SPORDER, NP and HINCP (--schema and --rows do not apply; "
+                 "--output-shards uses the spec pums_households, household-level privacy)")
   args = p.parse_args(argv)
   if not (args.output or args.output_shards):
     p.error("give --output FILE.csv and/or --output-shards DIR")
+  if args.households is not None and args.na_fraction:
+    p.error("--households writes no NA cells: drop --na-fraction")
+  households = args.households is not None
   if args.malformed and not args.output:
     p.error("--malformed needs --output")
   try:
     t0 = time.perf_counter()
     if args.output:
       os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-      size = write_csv_file(args.output, args.rows, schema_name=args.schema, seed=args.seed,
-                            na_fraction=args.na_fraction,
-                            line_ending="\r\n" if args.crlf else "\n")
-      print(f"wrote {args.rows} rows ({size / 1e6:.1f} MB, schema {args.schema}) to "
-            f"{args.output} in {time.perf_counter() - t0:.1f} s")
+      ending = "\r\n" if args.crlf else "\n"
+      if households:
+        rows, size = write_households_csv(args.output, args.households, seed=args.seed,
+                                          line_ending=ending)
+        what = f"{rows} rows ({args.households} households, {size / 1e6:.1f} MB"
+      else:
+        size = write_csv_file(args.output, args.rows, schema_name=args.schema, seed=args.seed,
+                              na_fraction=args.na_fraction, line_ending=ending)
+        what = f"{args.rows} rows ({size / 1e6:.1f} MB, schema {args.schema}"
+      print(f"wrote {what}) to {args.output} in {time.perf_counter() - t0:.1f} s")
       if args.malformed:
         with atomic.replacing_path(args.output) as tmp:
-          injected = inject_malformed(args.output, tmp, args.malformed, seed=args.seed)
+          injected = inject_malformed(
+              args.output, tmp, args.malformed, seed=args.seed,
+              spec=features_lib.load_spec("pums_households") if households else None)
         atomic.write_text(args.output + ".injected.jsonl", "".join(
             json.dumps(dataclasses.asdict(x)) + "\n" for x in injected))
         print(f"inserted {len(injected)} malformed lines (list: "
               f"{args.output}.injected.jsonl)")
     if args.output_shards:
-      spec = features_lib.load_spec(
-          args.spec or ("capums" if args.schema == "capums" else "pums_raw"))
-      cols = synthesize(args.rows, schema_name=args.schema, seed=args.seed,
-                        na_fraction=args.na_fraction)
+      spec = features_lib.load_spec(args.spec or (
+          "pums_households" if households else
+          "capums" if args.schema == "capums" else "pums_raw"))
+      cols = (synthesize_households(args.households, seed=args.seed) if households else
+              synthesize(args.rows, schema_name=args.schema, seed=args.seed,
+                         na_fraction=args.na_fraction))
       m = write_shards(cols, args.output_shards, spec=spec, overwrite=args.overwrite)
       print(f"wrote {m.rows('train')} train / {m.rows('test')} test rows to "
             f"{args.output_shards} (dropped {m.provenance.dropped_na} rows with NA)")

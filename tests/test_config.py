@@ -123,7 +123,7 @@ _BAD = {
     "dp.sampling_seed": False, "dp.overflow_probability": 0.0, "dp.l2_norm_clip": -1.0,
     "dp.noise_multiplier": -math.inf, "dp.target_epsilon": 0.0, "dp.max_epsilon": 0.0,
     "dp.delta": 1.0, "dp.accountant": "moments", "dp.count_epsilon": 0.0,
-    "tuning.private_data": "maybe",
+    "tuning.private_data": "maybe", "compilation_cache_dir": "cache\0dir",
 }
 
 

@@ -51,7 +51,33 @@ def test_profile_steps_writes_a_trace_and_phase_table_same_results(tmp_path, cap
   assert phases["trace_written"]
   assert phases["trace_steps"][1] - phases["trace_steps"][0] == 5
   assert phases["phases"]["sampling"]["calls"] >= 2
+  # The work after the loop is in the profile too: the membership inference's loss passes
+  # (train and test rows) and the export of model/, once the run's outputs are written.
+  after = phases["after_loop"]
+  assert after["export"]["calls"] == 1 and after["privacy evaluation"]["calls"] == 2
+  assert after["total"]["seconds"] >= sum(r["seconds"] for k, r in after.items()
+                                          if k != "total") - 1e-9
+  assert phases["start_up_s"] > 0 and set(phases["process_cpu_s"]) == {
+      "before_loop", "loop", "after_loop"}
+  assert "time after the loop:" in out and "export" in out
   assert not (tmp_path / "run0" / "profile").exists()
   # Cutting calls at the traced window's edges does not change the training.
   for name in results[0].files:
     np.testing.assert_allclose(results[5][name], results[0][name], rtol=1e-6, atol=1e-7)
+
+
+def test_nested_phases_are_booked_once_to_the_outer_one(tmp_path):
+  prof = profiling.Profiler(str(tmp_path), 1, first_step=0, last_step=10, steps_per_call=5)
+  profiling.activate(prof)
+  try:
+    with prof.phase("evaluation"):
+      with profiling.booked("export"):  # e.g. a metric computed inside the loop's evaluation
+        pass
+    profiling.books("export")(lambda: None)()
+  finally:
+    profiling.activate(None)
+  profiling.books("export")(lambda: None)()  # no run: nothing booked anywhere
+  phases = prof.phases()
+  assert phases["evaluation"]["calls"] == 1
+  assert phases["export"]["calls"] == 1  # the decorated call alone, not the nested one
+  assert prof.finish() is None  # report() did not run: no table after the loop

@@ -19,7 +19,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from fastdp_jax import tune
 from fastdp_jax.dp import tuning
 from fastdp_jax.export import predictor
-from tests.conftest import ROOT, make_config, make_dataset
+from tests.conftest import ROOT, make_config, make_dataset, make_unit_dataset
 
 SCORE_SIGMA = 40.0
 CAL_EPS = 0.1
@@ -197,3 +197,21 @@ def test_the_command_refuses_a_tuning_without_a_total(dataset, tmp_path):
   assert out.returncode == 2, out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith("error: fastdp-tune needs "
                                                         "dp.target_epsilon")
+
+
+def test_a_unit_datasets_score_counts_k_rows_per_unit(tmp_path, monkeypatch):
+  # One household is up to k validation rows (bounded like the training units), so each
+  # trial's Gaussian score must be noised for k rows' sensitivity, not one row's.
+  data = make_unit_dataset(str(tmp_path / "units"), units=900, max_rows=3, max_size=5, seed=1)
+  search = tune.default_search()
+  search.trials.mean = 2.0
+  search.trials.sequential = True
+  count = tuning.TrialCount(distribution="poisson", mean=2.0)
+  seed = _seed_with(count, 1)
+  monkeypatch.setattr(tuning, "secret_rng", lambda: np.random.default_rng(seed))
+  sensitivities = []
+  real = tuning.noisy_score
+  monkeypatch.setattr(tuning, "noisy_score", lambda scores, sensitivity, *a: (
+      sensitivities.append(sensitivity) or real(scores, sensitivity, *a)))
+  tune.tune(_private_config(data, **{"batch_size": 64}), search, str(tmp_path / "w"))
+  assert sensitivities == [tuning.score_sensitivity("brier", 2) * 3]

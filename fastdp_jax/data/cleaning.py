@@ -20,6 +20,8 @@ a row. Each row ends in exactly one of three outcomes:
                        multiclass label code in no class)
   ``out_of_bounds``    a regression label outside its public bounds, when the spec says
                        ``out_of_bounds='reject'`` (with ``'clip'`` it is clipped and counted)
+  ``missing_unit``     a spec naming a ``privacy_unit``: the row's unit id is missing (an NA
+                       token, empty); its unit columns need not be used columns
   ===================  =======================================================================
 
 Structural problems are checked first (blank, header, arity), then the tokens from left to
@@ -46,18 +48,21 @@ import dataclasses
 import gzip
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fastdp_jax.data import features as features_lib
 from fastdp_jax.data import spec_values
+from fastdp_jax.data import units as units_lib
 
 # Every spec can meet these (the generator's malformed lines cover them all) ...
 REASONS = ("blank_line", "repeated_header", "wrong_arity", "non_numeric", "out_of_domain")
 # ... and a regression label declared with out_of_bounds='reject' adds this one.
 LABEL_REASONS = ("out_of_bounds",)
+# ... and a spec naming a privacy_unit this one (a row without its unit id).
+UNIT_REASONS = ("missing_unit",)
 _NAN = float("nan")
 _MAX_TOKEN_TEXT = 40
 _LUT_LIMIT = 1 << 16
@@ -125,6 +130,9 @@ class CleanResult:
     rejects: ``(index, reason, detail)`` for each malformed row, by index.
     reject_columns: index -> the column that rejected the row (absent for structural
       reasons: blank line, header, arity).
+    units: the canonical privacy-unit id of each kept row (:mod:`fastdp_jax.data.units`), in
+      ``kept`` order, when the spec names a ``privacy_unit``; None otherwise. The producer
+      keys and splits by it (the raw id goes no further).
   """
 
   kept: np.ndarray
@@ -133,6 +141,7 @@ class CleanResult:
   na_cells: np.ndarray
   rejects: list[tuple[int, str, str]]
   reject_columns: dict[int, str] = dataclasses.field(default_factory=dict)
+  units: list[str] | None = None
 
   @property
   def na_by_column(self) -> np.ndarray:
@@ -190,6 +199,36 @@ def classify_values(spec: features_lib.FeatureSpec, values: np.ndarray, index: n
                      na_cells=~present[na_rows], rejects=rejects, reject_columns=where)
 
 
+def attach_units(spec: features_lib.FeatureSpec, result: CleanResult,
+                 cells: Callable[[int], Sequence[object]]) -> CleanResult:
+  """Adds the canonical unit id of each kept row; a kept row without one is rejected.
+
+  A row whose unit id is missing (:func:`fastdp_jax.data.units.canonical_id`) is rejected
+  (``missing_unit``), not dropped for NA: its unit columns need not be used columns, and it
+  can be bounded in no unit.
+
+  Args:
+    spec: the feature spec (names ``privacy_unit``; without one, ``result`` is returned).
+    result: the block's cleaning outcome.
+    cells: block index -> that row's raw cells of the unit columns.
+  """
+  if not spec.privacy_unit:
+    return result
+  ids = [units_lib.canonical_id(cells(i), spec.na_tokens) for i in result.kept.tolist()]
+  missing = [j for j, u in enumerate(ids) if u is None]
+  if not missing:
+    return dataclasses.replace(result, units=ids)
+  ok = np.ones(len(ids), bool)
+  ok[missing] = False
+  col = spec.privacy_unit[0] if len(spec.privacy_unit) == 1 else list(spec.privacy_unit)
+  rejects = result.rejects + [(int(result.kept[j]), "missing_unit",
+                               f"privacy_unit {col!r}: the unit id is missing")
+                              for j in missing]
+  rejects.sort(key=lambda r: r[0])
+  return dataclasses.replace(result, kept=result.kept[ok], values=result.values[ok],
+                             rejects=rejects, units=[u for u in ids if u is not None])
+
+
 class LineCleaner:
   """Cleans CSV lines (without their line terminator) against a header and a spec.
 
@@ -206,6 +245,9 @@ class LineCleaner:
     self.header = tuple(header)
     self.with_label = with_label
     self.indices = spec.column_indices(self.header, with_label)
+    # A producer finds the unit's id columns up front: a header without them fails at once.
+    self.unit_indices = (units_lib.unit_column_indices(spec.privacy_unit, self.header)
+                         if with_label and spec.privacy_unit else ())
     self.columns = spec.input_specs(with_label)
     self.num_fields = len(self.header)
     self._na = frozenset(spec.na_tokens)
@@ -293,8 +335,12 @@ class LineCleaner:
         flat.extend(r)
         ok.append(i)
     values = np.array(flat, np.float64).reshape(len(ok), k)
-    return classify_values(self.spec, values, np.array(ok, np.int64), rejects, where,
-                           self.with_label)
+    result = classify_values(self.spec, values, np.array(ok, np.int64), rejects, where,
+                             self.with_label)
+    if not self.unit_indices:
+      return result
+    ui = self.unit_indices
+    return attach_units(self.spec, result, lambda i: [lines[i].split(",")[j] for j in ui])
 
 
 def clean_columns(spec: features_lib.FeatureSpec, columns: Mapping[str, Sequence | np.ndarray],
@@ -333,8 +379,16 @@ def clean_columns(spec: features_lib.FeatureSpec, columns: Mapping[str, Sequence
       values[:, j] = _column_values(name, columns[name], frozenset(spec.na_tokens), bad)
   rejects = sorted((i, r, d) for i, (r, d, _) in bad.items())
   good = np.setdiff1d(np.arange(n), np.array(sorted(bad), np.int64))
-  return classify_values(spec, values[good], good, rejects,
-                         {i: c for i, (_, _, c) in bad.items()}, with_label)
+  result = classify_values(spec, values[good], good, rejects,
+                           {i: c for i, (_, _, c) in bad.items()}, with_label)
+  if not (with_label and spec.privacy_unit):
+    return result
+  absent = [c for c in spec.privacy_unit if c not in columns]
+  if absent:
+    raise features_lib.SpecError(f"privacy_unit column(s) {absent} of spec {spec.name!r} are "
+                                 f"absent (have {sorted(columns)})")
+  unit_cols = [columns[c] for c in spec.privacy_unit]
+  return attach_units(spec, result, lambda i: [c[i] for c in unit_cols])
 
 
 def _text_values(col: Sequence | np.ndarray, tokens: spec_values.TokenMap) -> np.ndarray:

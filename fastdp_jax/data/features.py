@@ -17,6 +17,8 @@ A feature spec is a Python config file whose ``get_config()`` returns an
   config.label = 'employed'                          # the label column
   config.task = dict(kind='binary')                  # optional; binary by default
   config.na_tokens = ('NA', '')                      # cells that mean "missing"
+  config.privacy_unit = 'SERIALNO'                   # optional: a unit's id column(s), and
+  config.max_rows_per_unit = 8                       # its public bound k (fastdp_jax.data.units)
 
 Columns are found by name: the header may hold them in any order, and columns the spec does
 not use are ignored (the manifest lists them). A used column that the header lacks is refused.
@@ -93,7 +95,7 @@ TRANSFORMS = spec_values.TRANSFORMS
 UNKNOWN = ("reject", "extra_id")
 OUT_OF_BOUNDS = spec_values.OUT_OF_BOUNDS
 _TOP_KEYS = {"name", "input_columns", "features", "columns", "label", "task", "na_tokens",
-             "description", "private_estimates"}
+             "description", "private_estimates", "privacy_unit", "max_rows_per_unit"}
 _COLUMN_KEYS = {
     "binary": {"kind", "values"},
     "categorical": {"kind", "categories"},
@@ -366,6 +368,8 @@ class FeatureSpec:
       private estimates (``config.private_estimates``, written by ``fastdp-spec init
       --epsilon``; 0, 0, '' when every value is public). It composes into every model
       trained with the spec.
+    privacy_unit, max_rows_per_unit: the raw column(s) naming a privacy unit and the public
+      bound k on its rows (:mod:`fastdp_jax.data.units`); None, None: one row, one unit.
   """
 
   name: str
@@ -379,6 +383,8 @@ class FeatureSpec:
   estimate_epsilon: float = 0.0
   estimate_delta: float = 0.0
   estimate_mechanism: str = ""
+  privacy_unit: tuple[str, ...] | None = None
+  max_rows_per_unit: int | None = None
 
   @property
   def target(self) -> LabelSpec:
@@ -448,6 +454,8 @@ class FeatureSpec:
     if self.estimate_epsilon:  # the privacy its values cost (specs without keep their digest)
       d["private_estimates"] = {"epsilon": self.estimate_epsilon, "delta": self.estimate_delta,
                                 "mechanism": self.estimate_mechanism}
+    if self.privacy_unit:  # row-level specs keep their form and digest
+      d["privacy_unit"], d["max_rows_per_unit"] = list(self.privacy_unit), self.max_rows_per_unit
     return d
 
   @property
@@ -711,7 +719,8 @@ def spec_from_config(config: Any, source: str = "") -> FeatureSpec:
                      features=specs, label=label, na_tokens=na_tokens, source=source,
                      description=str(cfg.get("description", "")),
                      label_spec=None if label_spec == LabelSpec(name=label) else label_spec,
-                     estimate_epsilon=eps, estimate_delta=delta, estimate_mechanism=mechanism)
+                     estimate_epsilon=eps, estimate_delta=delta, estimate_mechanism=mechanism,
+                     **spec_source.unit_fields(cfg, input_columns))
 
 
 def _na_tokens(value: Any) -> tuple[str, ...]:
@@ -746,10 +755,9 @@ def spec_from_dict(body: Mapping[str, Any], source: str = "") -> FeatureSpec:
          "na_tokens": body.get("na_tokens", ("NA", ""))}
   if "task" in body:
     cfg["task"] = body["task"]
-  if body.get("description"):
-    cfg["description"] = body["description"]
-  if body.get("private_estimates"):
-    cfg["private_estimates"] = body["private_estimates"]
+  for key in ("description", "private_estimates", "privacy_unit", "max_rows_per_unit"):
+    if body.get(key):
+      cfg[key] = body[key]
   return spec_from_config(cfg, source=source)
 
 

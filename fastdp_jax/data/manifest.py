@@ -36,6 +36,7 @@ import numpy as np
 
 from fastdp_jax import atomic
 from fastdp_jax import errors
+from fastdp_jax.data import units as units_lib
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -233,6 +234,11 @@ class Manifest:
       none (the config must then declare them).
     task: what the labels are (a manifest without one is binary).
     embeddings: the integer-id columns the model embeds (a manifest without them has none).
+    privacy_unit: the raw column(s) whose value identifies a privacy unit (person,
+      household); None: every row is its own unit. A unit dataset's shards carry
+      ``unit_keys`` (:mod:`fastdp_jax.data.units`).
+    max_rows_per_unit: the public bound k on rows a unit trains with (set with
+      ``privacy_unit``); the trainer applies it (:func:`fastdp_jax.data.units.group`).
   """
 
   format_version: int
@@ -244,6 +250,8 @@ class Manifest:
   feature_bounds: Bounds | None = None
   task: Task = BINARY
   embeddings: tuple[Embedding, ...] = ()
+  privacy_unit: tuple[str, ...] | None = None
+  max_rows_per_unit: int | None = None
 
   @property
   def num_features(self) -> int:
@@ -265,6 +273,8 @@ class Manifest:
       ident["task"] = self.task.to_json()
     if self.embeddings:
       ident["embeddings"] = [e.to_json() for e in self.embeddings]
+    if self.privacy_unit is not None:  # a unit dataset trains differently from its rows
+      ident["privacy_unit"] = [list(self.privacy_unit), self.max_rows_per_unit]
     body = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -444,7 +454,9 @@ def _check_shard_list(shards: Sequence[ShardInfo], num_features: int, where: str
 def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str],
                    label_name: str, shards: Sequence[ShardInfo], provenance: Provenance,
                    feature_bounds: Any, extra: dict[str, Any] | None = None,
-                   task: Task = BINARY, embeddings: Sequence[Embedding] = ()) -> Manifest:
+                   task: Task = BINARY, embeddings: Sequence[Embedding] = (),
+                   privacy_unit: Sequence[str] | str | None = None,
+                   max_rows_per_unit: int | None = None) -> Manifest:
   """Writes ``manifest.json`` last, atomically (temporary file + rename).
 
   Args:
@@ -452,7 +464,11 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
       the loader; None writes a manifest without bounds (the config must then declare them).
     task: what the labels are, recorded as ``"task"`` (default binary).
     embeddings: the integer-id columns, recorded as ``"embeddings"``.
+    privacy_unit: the unit's id column(s), recorded (with ``max_rows_per_unit``) only when
+      set, so that a row-level dataset's manifest and digest are as before.
+    max_rows_per_unit: the public bound k, required with ``privacy_unit``.
   """
+  unit, bound = units_lib.normalize_unit(privacy_unit, max_rows_per_unit, f"{directory}")
   bounds = (None if feature_bounds is None else
             normalize_bounds(feature_bounds, len(feature_names), what="feature_bounds"))
   embeddings = tuple(embeddings)
@@ -460,7 +476,8 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
   manifest = Manifest(format_version=FORMAT_VERSION, feature_names=tuple(feature_names),
                       label_name=label_name, shards=tuple(sorted(shards, key=lambda s: s.file)),
                       provenance=provenance, extra=dict(extra or {}), feature_bounds=bounds,
-                      task=task, embeddings=embeddings)
+                      task=task, embeddings=embeddings, privacy_unit=unit,
+                      max_rows_per_unit=bound)
   _check_shard_list(manifest.shards, manifest.num_features, f"{directory}")
   body = {
       "format_version": manifest.format_version,
@@ -475,6 +492,9 @@ def write_manifest(directory: str | os.PathLike, *, feature_names: Sequence[str]
     body["embeddings"] = [e.to_json() for e in embeddings]
   if bounds is not None:
     body["feature_bounds"] = [list(b) for b in bounds]
+  if unit is not None:
+    body["privacy_unit"] = list(unit)
+    body["max_rows_per_unit"] = bound
   atomic.write_json(os.path.join(directory, MANIFEST), body, mode=0o600)
   return manifest
 
@@ -506,6 +526,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     # Optional keys, so that a dataset written without them stays readable: binary, no
     # embeddings.
     task_body, emb_body = body.get("task"), body.get("embeddings", [])
+    unit_body, bound_body = body.get("privacy_unit"), body.get("max_rows_per_unit")
   except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
     raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
   _check_shard_list(manifest.shards, manifest.num_features, path)
@@ -518,9 +539,13 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     bounds = (None if declared is None else  # None: the config must declare them
               normalize_bounds(declared, manifest.num_features, what="feature_bounds"))
     check_embedding_bounds(embeddings, manifest.feature_names, bounds, path)
+    if unit_body is not None and not isinstance(unit_body, list):
+      raise errors.UserError(f"privacy_unit {unit_body!r} must be a list of column names")
+    unit, bound = units_lib.normalize_unit(unit_body, bound_body, "privacy unit")
   except errors.UserError as e:
     raise ShardError(f"{path}: malformed manifest ({e})") from e
-  return dataclasses.replace(manifest, feature_bounds=bounds, task=task, embeddings=embeddings)
+  return dataclasses.replace(manifest, feature_bounds=bounds, task=task, embeddings=embeddings,
+                             privacy_unit=unit, max_rows_per_unit=bound)
 
 
 def spec_estimate(directory: Any) -> tuple[float, float]:

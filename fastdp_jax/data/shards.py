@@ -47,6 +47,7 @@ import numpy as np
 from fastdp_jax import atomic
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import split as split_lib
+from fastdp_jax.data import units as units_lib
 
 _HASH_CHUNK = 1 << 20
 _NUMERIC_KINDS = "iuf"  # signed, unsigned, float; not bool, complex, strings or objects
@@ -101,7 +102,8 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
                 labels: np.ndarray, *, feature_bounds: Any,
                 feature_names: Sequence[str] | None = None,
                 task: manifest_lib.Task = manifest_lib.BINARY,
-                embeddings: Sequence[manifest_lib.Embedding] = ()) -> manifest_lib.ShardInfo:
+                embeddings: Sequence[manifest_lib.Embedding] = (),
+                unit_keys: np.ndarray | None = None) -> manifest_lib.ShardInfo:
   """Writes one shard file, after checking its values, and returns its manifest entry.
 
   Args:
@@ -119,6 +121,9 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
     feature_names: the d column names, for error messages (required with embeddings).
     task: what the labels are (default binary).
     embeddings: the integer-id columns (their bounds must be ``(0, vocab_size - 1)``).
+    unit_keys: [n] uint64 privacy-unit keys of a unit dataset's rows
+      (:func:`fastdp_jax.data.units.unit_keys`), stored as the ``unit_keys`` dataset; None
+      for a row-level dataset (no such dataset, the file as before).
 
   Returns:
     The :class:`~fastdp_jax.data.manifest.ShardInfo` to put in the manifest.
@@ -145,12 +150,20 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
       raise manifest_lib.ShardError(f"{where}: embeddings need the feature names")
     manifest_lib.check_embedding_bounds(embeddings, feature_names, bounds, where)
   stored = _compact(features)
+  if unit_keys is not None:
+    unit_keys = np.asarray(unit_keys)
+    if unit_keys.dtype != np.uint64 or unit_keys.shape != labels.shape:
+      raise manifest_lib.ShardError(f"{where}: unit_keys have dtype {unit_keys.dtype} and "
+                                    f"shape {unit_keys.shape}; expected uint64 "
+                                    f"({labels.shape[0]},), one key per row")
   manifest_lib.check_values(stored, labels, bounds=bounds, feature_names=feature_names,
                             where=where, task=task, embeddings=embeddings)
   path = os.path.join(directory, file)
   with h5py.File(path, "w") as f:
     f.create_dataset("features", data=stored)
     f.create_dataset("labels", data=labels.astype(label_dtype(task)))
+    if unit_keys is not None:
+      f.create_dataset("unit_keys", data=unit_keys)
   return manifest_lib.ShardInfo(file=file, split=split, rows=int(features.shape[0]),
                                 num_features=int(features.shape[1]), sha256=sha256_file(path))
 
@@ -182,14 +195,22 @@ class DatasetWriter:
     task: what the labels are (default binary: 0/1).
     embeddings: integer-id feature columns the model embeds (their bounds must be
       ``(0, vocab_size - 1)``).
+    privacy_unit: the raw column(s) identifying a privacy unit; set, every :meth:`add` must
+      give each row's unit key (:mod:`fastdp_jax.data.units`). None: a row-level dataset.
+    max_rows_per_unit: the public bound k (required with ``privacy_unit``), recorded in the
+      manifest for the trainer, which applies it.
   """
 
   def __init__(self, directory: str | os.PathLike, *, feature_names: Sequence[str],
                label_name: str, feature_bounds: Any, max_rows_per_shard: int = 500_000,
                overwrite: bool = False, extra: dict[str, Any] | None = None,
                task: manifest_lib.Task = manifest_lib.BINARY,
-               embeddings: Sequence[manifest_lib.Embedding] = ()):
+               embeddings: Sequence[manifest_lib.Embedding] = (),
+               privacy_unit: Sequence[str] | str | None = None,
+               max_rows_per_unit: int | None = None):
     self.feature_names = list(feature_names)
+    self.privacy_unit, self.max_rows_per_unit = units_lib.normalize_unit(
+        privacy_unit, max_rows_per_unit, f"{directory}")
     self.feature_bounds = manifest_lib.normalize_bounds(
         feature_bounds, len(self.feature_names), what="feature_bounds")
     self.task = task
@@ -209,15 +230,28 @@ class DatasetWriter:
     self._counts = {s: 0 for s in manifest_lib.SPLITS}
     self._provenance: manifest_lib.Provenance | None = None
 
-  def add(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
+  def add(self, split: str, features: np.ndarray, labels: np.ndarray,
+          unit_keys: np.ndarray | None = None) -> None:
     """Adds rows of a split, cut into shards of at most ``max_rows_per_shard``.
+
+    Args:
+      split: ``'train'`` or ``'test'``.
+      features: [n, d] rows.
+      labels: [n] labels.
+      unit_keys: [n] uint64 unit keys: required for a unit dataset, refused otherwise.
 
     Raises:
       ShardError: naming the shard and column, if a value breaks the shard contract.
     """
     if split not in manifest_lib.SPLITS:
       raise manifest_lib.ShardError(f"{split=} must be one of {manifest_lib.SPLITS}")
+    if (unit_keys is None) != (self.privacy_unit is None):
+      raise manifest_lib.ShardError(
+          f"{self.directory}: " + ("a unit dataset's rows need their unit_keys"
+                                   if unit_keys is None else
+                                   "unit_keys given for a dataset without privacy_unit"))
     features, labels = np.asarray(features), np.asarray(labels)
+    unit_keys = None if unit_keys is None else np.asarray(unit_keys)
     for lo in range(0, max(len(labels), 1), self.max_rows_per_shard):
       name = f"{split}-{self._counts[split]:05d}.h5"
       self._counts[split] += 1
@@ -226,7 +260,9 @@ class DatasetWriter:
                                       labels[lo:lo + self.max_rows_per_shard],
                                       feature_bounds=self.feature_bounds,
                                       feature_names=self.feature_names, task=self.task,
-                                      embeddings=self.embeddings))
+                                      embeddings=self.embeddings,
+                                      unit_keys=None if unit_keys is None else
+                                      unit_keys[lo:lo + self.max_rows_per_shard]))
 
   def set_provenance(self, provenance: manifest_lib.Provenance) -> None:
     self._provenance = provenance
@@ -239,7 +275,8 @@ class DatasetWriter:
     manifest = manifest_lib.write_manifest(
         self.staging, feature_names=self.feature_names, label_name=self.label_name,
         shards=self._shards, provenance=prov, feature_bounds=self.feature_bounds,
-        extra=self.extra, task=self.task, embeddings=self.embeddings)
+        extra=self.extra, task=self.task, embeddings=self.embeddings,
+        privacy_unit=self.privacy_unit, max_rows_per_unit=self.max_rows_per_unit)
     atomic.publish(self.staging, self.directory, self.overwrite)
     return manifest
 
@@ -365,6 +402,10 @@ class Split:
     feature_bounds: the d public ``(lo, hi)`` bounds every row was checked against.
     task: what the labels are.
     embeddings: the integer-id columns the model embeds.
+    unit_keys: [n] uint64 privacy-unit key of each row (a unit dataset), or None (every row
+      its own unit).
+    privacy_unit: the unit's id column(s) (None: row-level).
+    max_rows_per_unit: the public bound k the trainer applies (None: row-level).
   """
 
   features: np.ndarray
@@ -375,6 +416,9 @@ class Split:
   feature_bounds: manifest_lib.Bounds | None = None
   task: manifest_lib.Task = manifest_lib.BINARY
   embeddings: tuple[manifest_lib.Embedding, ...] = ()
+  unit_keys: np.ndarray | None = None
+  privacy_unit: tuple[str, ...] | None = None
+  max_rows_per_unit: int | None = None
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -414,6 +458,32 @@ def _load_original(path: str, split: str, feature_bounds: Any) -> Split:
   return Split(features=np.asarray(x, np.float32), labels=np.asarray(y, np.float32),
                feature_names=tuple(names), label_name="employed", digest=sha256_file(path),
                feature_bounds=bounds)
+
+
+def read_unit_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *,
+                   start: int = 0, stop: int | None = None) -> np.ndarray:
+  """Reads the unit keys of rows ``start:stop`` of a unit dataset's shard.
+
+  Call it after :func:`read_shard` of the same rows, which verified the file's checksum.
+
+  Returns:
+    [stop - start] uint64.
+
+  Raises:
+    ShardError: naming the shard, if it has no ``unit_keys`` of one uint64 per row.
+  """
+  path = shard_path(directory, info)
+  stop = info.rows if stop is None else stop
+  where = f"shard {info.file}"
+  try:
+    with h5py.File(path, "r") as f:
+      keys = _h5_dataset(f, "unit_keys", where)
+      if keys.dtype != np.uint64 or keys.shape != (info.rows,):
+        raise manifest_lib.ShardError(f"{where}: unit_keys have dtype {keys.dtype} and shape "
+                                      f"{keys.shape}; expected uint64 ({info.rows},)")
+      return np.asarray(keys[start:stop], np.uint64)
+  except OSError as e:
+    raise manifest_lib.ShardError(f"{where}: unreadable ({e})") from e
 
 
 def _slices(shards: Sequence[manifest_lib.ShardInfo], start: int,
@@ -486,6 +556,7 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
     raise ValueError(f"rows {start}:{stop} outside the {total} {split} rows of {path}")
   xs = [np.zeros((0, manifest.num_features), np.float32)]
   ys = [np.zeros((0,), np.float32)]
+  ks = [np.zeros((0,), np.uint64)]
   for info, lo, hi in _slices(shards, start, stop):
     x, y = read_shard(path, info, start=lo, stop=hi, verify_checksum=verify_checksum)
     manifest_lib.check_values(x, y, bounds=bounds, feature_names=manifest.feature_names,
@@ -493,10 +564,15 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
                               embeddings=manifest.embeddings)
     xs.append(x)
     ys.append(y)
+    if manifest.privacy_unit is not None:
+      ks.append(read_unit_keys(path, info, start=lo, stop=hi))
   return Split(features=np.concatenate(xs), labels=np.concatenate(ys),
                feature_names=manifest.feature_names, label_name=manifest.label_name,
                digest=manifest.digest(), feature_bounds=bounds, task=manifest.task,
-               embeddings=manifest.embeddings)
+               embeddings=manifest.embeddings,
+               unit_keys=None if manifest.privacy_unit is None else np.concatenate(ks),
+               privacy_unit=manifest.privacy_unit,
+               max_rows_per_unit=manifest.max_rows_per_unit)
 
 
 def count_rows(path: str | os.PathLike, split: str) -> int | None:

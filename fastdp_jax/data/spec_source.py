@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastdp_jax import errors
+from fastdp_jax.data import units as units_lib
 
 # The placeholder ``fastdp-spec init`` writes for a value only the user (or a private estimate)
 # can supply: any string value starting with it makes the spec refuse to load.
@@ -141,3 +142,24 @@ def line_of(path: str, message: str) -> int:
       if pat.search(line):
         return i
   return 1
+
+
+def unit_fields(cfg: Mapping[str, Any], input_columns: tuple[str, ...]) -> dict[str, Any]:
+  """A spec's ``privacy_unit`` and ``max_rows_per_unit``, checked (both None when unset).
+
+  Here rather than in :mod:`fastdp_jax.data.features` (kept small): the unit columns need
+  not be features, but a declared ``input_columns`` must name them, since the streaming mapper
+  finds them by that header.
+
+  Raises:
+    SpecError: starting with ``privacy_unit`` (its line in the file), saying what to declare.
+  """
+  try:
+    unit, bound = units_lib.normalize_unit(cfg.get("privacy_unit"),
+                                           cfg.get("max_rows_per_unit"), "privacy_unit")
+  except errors.UserError as e:
+    raise SpecError(str(e)) from e
+  absent = [c for c in unit or () if input_columns and c not in input_columns]
+  if absent:
+    raise SpecError(f"privacy_unit: input_columns lacks the unit column(s) {absent}")
+  return {"privacy_unit": unit, "max_rows_per_unit": bound}

@@ -7,6 +7,7 @@ updates is their self-composition. Nothing here re-implements RDP or PLD arithme
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging as std_logging
 import math
 import time
@@ -104,6 +105,9 @@ def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
   raise ValueError(f"{accountant=} must be one of {ACCOUNTANTS}")
 
 
+# A pure function of its arguments, and 0.2-0.5 s with PLD: every trial of fastdp-tune
+# plans the same (sigma, q, T, delta) and asks for it once.
+@functools.lru_cache(maxsize=1024)
 def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
                     accountant: str = "pld") -> float:
   """Epsilon of DP-SGD after ``steps`` updates at ``delta``.
@@ -140,6 +144,59 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
         f"{noise_multiplier:g}, q {sampling_rate:.4g}, {steps} updates ({e}); a sigma this "
         f"small gives no meaningful guarantee: use sigma >= {MIN_PLD_NOISE_MULTIPLIER}, the "
         "rdp accountant, or no DP") from e
+
+
+# The largest unit group_epsilon accepts: the spec's max_rows_per_unit bound (1..64).
+MAX_ROWS_PER_UNIT = 64
+
+
+def group_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                  rows_per_unit: int) -> float:
+  """Epsilon that a ROW-level run gives a unit (person, household) of ``rows_per_unit`` rows.
+
+  A row-level run samples each row independently with probability q and clips each row, so a
+  unit of k rows puts Binomial(k, q) clipped vectors into an update: under adding or removing
+  the whole unit, one update is a mixture of Gaussians with sensitivities 0..k (in units of C)
+  weighted by Binomial(k, q) (Ganesh 2024, arXiv:2401.10294), which dp_accounting's PLD
+  accountant composes tightly (``MixtureOfGaussiansDpEvent``; PLD only: the pinned RDP
+  accountant does not support it). This is the comparison figure for a unit-level run, never
+  its guarantee: a unit-level run's epsilon is :func:`compute_epsilon` at q = units sampled /
+  units, whatever k is. At k = 1 it is the row-level epsilon.
+
+  Args:
+    noise_multiplier: sigma of the row-level run.
+    sampling_rate: q, the row-level Poisson rate.
+    steps: T, the updates run.
+    delta: the delta at which to state epsilon (the unit-level delta).
+    rows_per_unit: k, the most rows one unit has (1..MAX_ROWS_PER_UNIT).
+
+  Returns:
+    The unit's epsilon (0 for zero steps, ``inf`` for sigma 0).
+
+  Raises:
+    ValueError: a parameter out of range.
+    AccountingError: the PLD accountant cannot compute it (a tiny sigma).
+  """
+  _check(sampling_rate, steps, delta, "pld")
+  if not 1 <= rows_per_unit <= MAX_ROWS_PER_UNIT:
+    raise ValueError(f"{rows_per_unit=} must be in 1..{MAX_ROWS_PER_UNIT}")
+  if steps == 0:
+    return 0.0
+  if noise_multiplier <= 0:
+    return float("inf")
+  k, q = int(rows_per_unit), float(sampling_rate)
+  weights = [math.comb(k, i) * q ** i * (1 - q) ** (k - i) for i in range(k + 1)]
+  event = dp_accounting.dp_event.MixtureOfGaussiansDpEvent(
+      float(noise_multiplier), [float(i) for i in range(k + 1)], weights)
+  acc = pld.PLDAccountant()  # neighbouring relation: add or remove one (unit)
+  try:
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+    return float(acc.get_epsilon(delta))
+  except (ValueError, MemoryError, OverflowError) as e:
+    raise AccountingError(
+        f"the PLD accountant cannot compute a {k}-row unit's epsilon for sigma "
+        f"{noise_multiplier:g}, q {sampling_rate:.4g}, {steps} updates ({e}); use sigma >= "
+        f"{MIN_PLD_NOISE_MULTIPLIER}") from e
 
 
 class _OneNoteForDivergentOrders(std_logging.Filter):
@@ -323,8 +380,16 @@ class _SegmentCurve:
     self.noise_multiplier, self.sampling_rate = float(noise_multiplier), float(sampling_rate)
     self.delta, self.accountant = float(delta), accountant
     self._one_update: Any = None  # the PLD of one update, built on first use
+    # epsilon by T: ledgers that share this curve (fastdp_jax.trials' side-by-side trials,
+    # all at the same update) ask for the same T once each.
+    self._values: dict[int, float] = {}
 
   def __call__(self, steps: int) -> float:
+    if int(steps) not in self._values:
+      self._values[int(steps)] = self._epsilon(steps)
+    return self._values[int(steps)]
+
+  def _epsilon(self, steps: int) -> float:
     if self.noise_multiplier <= 0:
       return float("inf")
     if self.accountant != "pld" or steps <= 0:

@@ -81,7 +81,8 @@ def scores(logits: np.ndarray, labels: np.ndarray,
 
 def select_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float,
                        rng: np.random.Generator,
-                       temperatures: tuple[float, ...] = TEMPERATURES) -> float:
+                       temperatures: tuple[float, ...] = TEMPERATURES, *,
+                       rows_per_unit: int = 1) -> float:
   """A temperature drawn by the exponential mechanism (epsilon-DP in the validation rows).
 
   Args:
@@ -90,13 +91,16 @@ def select_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float,
     epsilon: the selection's privacy budget (> 0).
     rng: the mechanism's randomness; it must be secret for the guarantee to hold.
     temperatures: the public candidates.
+    rows_per_unit: the most rows one privacy unit has among the validation rows (its bound
+      k in a unit dataset, whose validation units are bounded like its training units): one
+      unit then moves each score by up to k times a row's sensitivity.
 
   Returns:
     One of ``temperatures``.
   """
   if not epsilon > 0:
     raise ValueError(f"{epsilon=} must be positive")
-  utility = -scores(logits, labels, temperatures) * epsilon / SENSITIVITY
+  utility = -scores(logits, labels, temperatures) * epsilon / (SENSITIVITY * rows_per_unit)
   # Gumbel-max: argmax(u_i + G_i) is distributed as softmax(u).
   return temperatures[int(np.argmax(utility + rng.gumbel(size=len(temperatures))))]
 
@@ -154,18 +158,21 @@ def mechanism_rng(noise_key: np.ndarray, fixed: bool) -> np.random.Generator:
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float | None,
-                       rng: np.random.Generator) -> float:
+                       rng: np.random.Generator, rows_per_unit: int = 1) -> float:
   """The temperature of the calibrated model: drawn by :func:`select_temperature` with
-  ``epsilon``, or (``epsilon`` None: a non-private run) the grid's best score."""
+  ``epsilon`` (and ``rows_per_unit``), or (``epsilon`` None: a non-private run) the grid's
+  best score."""
   if epsilon is None:
     return TEMPERATURES[int(np.argmin(scores(logits, labels)))]
-  return select_temperature(logits, labels, epsilon, rng)
+  return select_temperature(logits, labels, epsilon, rng, rows_per_unit=rows_per_unit)
 
 
 def calibrated_head(head: models.TaskHead, logits: np.ndarray, labels: np.ndarray,
-                    epsilon: float | None, keys: keys_lib.RunKeys) -> models.TaskHead:
+                    epsilon: float | None, keys: keys_lib.RunKeys,
+                    rows_per_unit: int = 1) -> models.TaskHead:
   """``head`` with the temperature chosen on the validation rows' ``logits`` and ``labels``
-  (privately with ``epsilon``; None: a non-private run), the same on every process.
+  (privately with ``epsilon``; None: a non-private run), the same on every process;
+  ``rows_per_unit`` as :func:`select_temperature`'s.
 
   Raises:
     ConfigError: the task is not a classification.
@@ -174,7 +181,7 @@ def calibrated_head(head: models.TaskHead, logits: np.ndarray, labels: np.ndarra
     raise errors.ConfigError("calibration.epsilon applies to classifiers; unset it for a "
                              "regression task")
   temperature = choose_temperature(logits, labels, epsilon,
-                                   mechanism_rng(keys.noise, keys.noise_fixed))
+                                   mechanism_rng(keys.noise, keys.noise_fixed), rows_per_unit)
   # The grid's index travels (an exact integer), not the float.
   index = int(distributed.broadcast_from_process_0(
       np.array(TEMPERATURES.index(temperature), np.int32)))

@@ -15,6 +15,10 @@ Two methods compute the sum:
   at the cost of a non-private step, for the dense and embedding layers of
   :class:`fastdp_jax.models.MLP`.
 
+With a privacy unit of k rows (``unit_size=k``, issue #23) both methods clip each unit's
+SUMMED gradient instead (:func:`unit_clipped_grad_sum_with_stats`; ghost by per-unit Gram
+norms): the sum then has sensitivity C with respect to adding or removing one whole unit.
+
 :func:`make_clipped_sum` is the ``dp.clipping`` choice between them (``'auto'``: ghost when
 every parametrised layer of the model supports it, else vmap). This module imports the ghost
 module and never the reverse; the types both methods return are in
@@ -128,6 +132,65 @@ def clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree, batc
                                      nonfinite=st.nonfinite.reshape(n))
 
 
+def _unit_loss(loss_fn: clip_types.LossFn) -> clip_types.LossFn:
+  """The loss of ONE unit ``(rows [k, ...], row_mask [k])``: its real rows' summed loss."""
+
+  def unit_loss(params, unit):
+    rows, row_mask = unit
+    # Padding rows become zeros before the loss: their loss is masked out, so their cotangent
+    # is 0, and 0 times a finite partial is exactly 0 (a NaN padding row would poison the
+    # unit's gradient through 0 * NaN).
+    rows = jax.tree_util.tree_map(
+        lambda v: jnp.where(row_mask.reshape(row_mask.shape + (1,) * (v.ndim - 1)), v,
+                            jnp.zeros((), v.dtype)), rows)
+    losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, rows)
+    return jnp.sum(jnp.where(row_mask, losses, 0.0))
+
+  return unit_loss
+
+
+def unit_clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
+                                     l2_norm_clip: float | None, mask: jax.Array | None,
+                                     unit_size: int, *, microbatch_size: int | None = None
+                                     ) -> tuple[PyTree, clip_types.ClipStats]:
+  """Sum over units of each unit's summed row gradients, clipped as a whole to norm C.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE row.
+    params: the parameter pytree.
+    batch: a pytree of flat row arrays [units * k, ...]; row slot j of unit slot u is
+      index ``u * k + j``.
+    l2_norm_clip: C > 0, or ``None`` (non-private): the plain masked sum of row gradients.
+    mask: [units * k] bool or 0/1 rows mask (None: every row real); a unit slot with no
+      real row contributes nothing.
+    unit_size: k, the row slots per unit slot.
+    microbatch_size: process the batch in chunks of this many UNIT slots (bounding the
+      memory of materialised per-unit gradients); must divide the number of unit slots.
+
+  Returns:
+    ``(grad_sum, ClipStats)`` with ``norms`` and ``nonfinite`` per unit slot [units] (a unit
+    whose gradient is not finite is zeroed whole) and ``losses`` None.
+  """
+  clip_types.check_unit_size(unit_size)
+  n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+  present = clip_types.units_present(mask, unit_size)
+  units = present.shape[0]
+  if l2_norm_clip is None:  # the unit changes nothing without clipping: one backward pass
+    grads, _ = clipped_grad_sum_with_stats(loss_fn, params, batch, None, mask)
+    zero = jnp.zeros((units,), jnp.float32)
+    return grads, clip_types.ClipStats(norms=zero, nonfinite=zero.astype(bool))
+  if microbatch_size is not None and microbatch_size < units and units % microbatch_size:
+    raise ValueError(f"{microbatch_size=} (unit slots per chunk) must divide the {units}"
+                     f" unit slots of a batch")
+  split = lambda v: v.reshape((units, unit_size) + v.shape[1:])
+  # One "example" of the row machinery is now a unit (its k rows and their mask): its
+  # gradient, clipped and zeroed if non-finite as a whole, is the gradient of its summed loss.
+  by_unit = (jax.tree_util.tree_map(split, batch), split(mask))
+  return clipped_grad_sum_with_stats(_unit_loss(loss_fn), params, by_unit, l2_norm_clip,
+                                     present, microbatch_size=microbatch_size)
+
+
 def resolve_method(method: str, model: nnx.Module) -> str:
   """The clipping method that ``method`` means for ``model``: ``'ghost'`` or ``'vmap'``.
 
@@ -148,7 +211,8 @@ def resolve_method(method: str, model: nnx.Module) -> str:
 def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clip_types.LossFn,
                      l2_norm_clip: float | None, *,
                      microbatch_size: int | None = None,
-                     head: models.TaskHead = models.BINARY) -> clip_types.ClippedSumFn:
+                     head: models.TaskHead = models.BINARY,
+                     unit_size: int | None = None) -> clip_types.ClippedSumFn:
   """The ``dp.clipping`` choice: a per-device ``ClippedSumFn`` for the training step.
 
   Args:
@@ -163,15 +227,28 @@ def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clip_types.LossFn,
     microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
       of the activations).
     head: the task (its per-example loss is the ghost path's).
+    unit_size: None: every row is its own privacy unit (clipped alone). k: the batch is
+      flat unit slots of k row slots (row slot j of unit slot u at index ``u * k + j``, the
+      mask flat too) and each unit's summed gradient is clipped to C as a whole
+      (:func:`unit_clipped_grad_sum_with_stats`, or ghost's per-unit Gram norms);
+      ``microbatch_size`` then counts unit slots.
 
   Returns:
-    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``.
+    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``; with ``unit_size`` the stats'
+    norms and non-finite flags are per unit slot ([batch // k]), losses per row or None.
   """
+  clip_types.check_unit_size(unit_size)
   resolved = resolve_method(method, model)
+  if (l2_norm_clip is None or resolved == "vmap") and unit_size is not None:
+    def unit_fn(params, batch, mask):
+      return unit_clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
+                                              unit_size, microbatch_size=microbatch_size)
+    return unit_fn
   if l2_norm_clip is None or resolved == "vmap":
     def fn(params, batch, mask):
       return clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, mask,
                                          microbatch_size=microbatch_size)
     return fn
   graphdef, _ = nnx.split(model, nnx.Param)
-  return ghost.ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef)
+  return ghost.ghost_clipped_sum(l2_norm_clip, head.losses, graphdef=graphdef,
+                                 unit_size=unit_size)

@@ -159,7 +159,8 @@ def check_estimate(count: RowCount, batch_size: int) -> None:
   """
   if count.estimated and count.value < batch_size:
     raise errors.ConfigError(
-        f"the DP estimate of the training rows ({count.value}, dp.count_epsilon="
+        f"the DP estimate of N, the training rows (units, with a privacy unit) "
+        f"({count.value}, dp.count_epsilon="
         f"{count.epsilon:g}) is below batch_size={batch_size}, so q = batch_size / N would "
         "exceed 1: lower batch_size, raise dp.count_epsilon (less noise), or declare N public "
         "(data.num_examples_public=True)")

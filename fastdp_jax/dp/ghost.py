@@ -30,6 +30,12 @@ from the quantities of the first pass. A DP step therefore costs one forward and
 pass, like a non-private step, and its memory is the activations' [batch, width], not the
 per-example gradients' [batch, params].
 
+With a privacy unit (``unit_size=k``: unit slot u's rows are ``u * k .. u * k + k - 1``) the
+clipped thing is a unit P's summed gradient ``sum_{j in P} a_j g_j^T``, whose squared norm is
+``sum_{j,l in P} (a_j.a_l + 1)(g_j.g_l)`` (a k x k Gram matrix per unit; for a table
+``sum_{j,l} [id_j = id_l](g_j.g_l)``), the sequence case of ghost clipping (Li et al. 2022);
+the book-keeping pass is unchanged, each row weighted by its unit's factor ``c_P``.
+
 Rows with ``mask == 0`` (padding) and rows whose norm is not finite get ``c_i = 0`` and their
 activations and output gradients are zeroed with ``where`` before the products, so they
 contribute exactly zero (a NaN row times 0 would still be NaN). An example whose gradient norm
@@ -119,81 +125,159 @@ def _rows(keep: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
 
 
+def _output_grads(params: models.Params, batch: tuple[jax.Array, jax.Array],
+                  loss: ElementwiseLoss, graphdef: Any) -> tuple[list, list, list, jax.Array]:
+  """One forward and one backward pass, to zero taps: ``(inputs, out_grads, row_grads,
+  losses)``.
+
+  ``inputs[l]`` [batch, in_l] is dense layer l's input, ``out_grads[l]`` [batch, out_l] each
+  example's gradient with respect to its pre-activation, ``row_grads[k]`` [batch, dim_k] with
+  respect to table k's looked-up row, ``losses`` [batch] the per-example losses.
+  """
+  x, y = batch
+  taps = [jnp.zeros((x.shape[0], layer["kernel"].shape[1]), layer["kernel"].dtype)
+          for layer in _dense_layers(params)]
+  table_taps = [jnp.zeros((x.shape[0], t["embedding"].shape[1]), t["embedding"].dtype)
+                for t in _tables(params)]
+
+  def summed_loss(all_taps):
+    taps, table_taps = all_taps
+    outputs, inputs = models.mlp_forward(  # the model's own forward pass
+        params, x, taps, graphdef=graphdef, table_taps=table_taps or None)
+    losses = loss(outputs, y)
+    return jnp.sum(losses), (inputs, losses)
+
+  (out_grads, row_grads), (inputs, losses) = jax.grad(summed_loss, has_aux=True)(
+      (taps, table_taps))
+  return inputs, out_grads, row_grads, losses
+
+
+def _row_sq_norms(params: models.Params, inputs: list, out_grads: list,
+                  row_grads: list) -> jax.Array:
+  """[batch] squared norm of each example's gradient: (||a_i||^2 + 1) ||g_i||^2 per dense
+  layer, plus ||g_i||^2 per table."""
+  sq = jnp.zeros((inputs[0].shape[0],), jnp.float32)
+  for layer, a, g in zip(_dense_layers(params), inputs, out_grads):
+    a_sq = jnp.sum(jnp.square(a), axis=1)
+    g_sq = jnp.sum(jnp.square(g), axis=1)
+    sq = sq + (a_sq + (1.0 if "bias" in layer else 0.0)) * g_sq
+  for g in row_grads:  # one lookup per example and table: ||onehot outer g||^2 = ||g||^2
+    sq = sq + jnp.sum(jnp.square(g), axis=1)
+  return sq
+
+
+def _unit_sq_norms(params: models.Params, inputs: list, out_grads: list, row_grads: list,
+                   ids: list[jax.Array], mask: jax.Array, unit_size: int) -> jax.Array:
+  """[units] squared norm of each unit's gradient, the sum of its masked rows' gradients.
+
+  A dense layer's unit gradient is ``sum_j outer(a_j, g_j)`` (and ``sum_j g_j``), whose
+  squared norm is ``sum_{j,l} (a_j.a_l + 1)(g_j.g_l)``: a k x k Gram matrix per unit. A
+  table's is ``sum_j onehot(id_j) outer g_j``, with squared norm
+  ``sum_{j,l} [id_j = id_l](g_j.g_l)``. Rows of the flat batch are ``u * k + j``.
+  """
+  units = mask.shape[0] // unit_size
+
+  def gram(v):  # [batch, w] -> [units, k, k]; padding rows are exact zeros (even if NaN)
+    v = _rows(mask, v).reshape(units, unit_size, v.shape[1])
+    return jnp.einsum("ukw,ulw->ukl", v, v)
+
+  sq = jnp.zeros((units,), jnp.float32)
+  for layer, a, g in zip(_dense_layers(params), inputs, out_grads):
+    aa = gram(a) + (1.0 if "bias" in layer else 0.0)
+    sq = sq + jnp.sum(aa * gram(g), axis=(1, 2))
+  for col, g in zip(ids, row_grads):
+    c = col.reshape(units, unit_size)
+    same = c[:, :, None] == c[:, None, :]
+    sq = sq + jnp.sum(jnp.where(same, gram(g), 0.0), axis=(1, 2))
+  # A squared norm, but rounding can leave a unit whose rows cancel slightly below 0; its
+  # square root would be NaN and the unit wrongly counted as non-finite. (NaN stays NaN.)
+  return jnp.maximum(sq, 0.0)
+
+
+def _clip_factor(norms: jax.Array, keep: jax.Array, l2_norm_clip: float) -> jax.Array:
+  """``min(1, C / norm)`` where ``keep``, else 0; a zero norm gets factor 1 (its gradient is
+  zero anyway)."""
+  factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))
+  return jnp.where(keep, factor, 0.0)
+
+
+def _bookkeeping(params: models.Params, inputs: list, out_grads: list, row_grads: list,
+                 ids: list[jax.Array], keep: jax.Array, factor: jax.Array) -> models.Params:
+  """``sum_i factor_i * grad loss_i`` from the first pass's quantities: rows where ``keep``
+  is False contribute exact zeros."""
+  grads: dict[str, Any] = {"layers": {}}
+  for k, layer, a, g in zip(sorted(params["layers"], key=int), _dense_layers(params), inputs,
+                            out_grads):
+    scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+    # Contract the batch axis in place (what a non-private backward pass emits): ``a.T @``
+    # makes XLA:CPU copy the transposed [batch, in] activations first (3-4 ms of W2's 31).
+    entry = {"kernel": jnp.einsum("bi,bo->io", _rows(keep, a), scaled)}
+    if "bias" in layer:
+      entry["bias"] = jnp.sum(scaled, axis=0)
+    grads["layers"][k] = entry
+  if ids:
+    grads["tables"] = {}
+    for k, t, g, col in zip(sorted(params["tables"], key=int), _tables(params), row_grads, ids):
+      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
+      # Padding rows add exact zeros wherever their (arbitrary) id points.
+      grads["tables"][k] = {"embedding": jnp.zeros_like(t["embedding"]).at[col].add(scaled)}
+  return grads
+
+
 def ghost_clipped_sum(l2_norm_clip: float,
                       loss: ElementwiseLoss = optax.sigmoid_binary_cross_entropy,
-                      graphdef: Any = None) -> clip_types.ClippedSumFn:
+                      graphdef: Any = None, *,
+                      unit_size: int | None = None) -> clip_types.ClippedSumFn:
   """Ghost-norm clipping of an MLP as a ``ClippedSumFn(params, (x, y), mask)``.
 
   Args:
-    l2_norm_clip: C > 0; every example's gradient is scaled to norm at most C.
+    l2_norm_clip: C > 0; every example's (or unit's) gradient is scaled to norm at most C.
     loss: per-example loss of the outputs, ``loss(outputs [batch] or [batch, K], labels
       [batch]) -> [batch]`` (default BCE with logits; a task's is
       :meth:`fastdp_jax.models.TaskHead.losses`, as :func:`fastdp_jax.models.example_loss`).
       Example i's loss must depend on row i only.
     graphdef: the MLP's graph definition (``nnx.split(model, nnx.Param)[0]``); required for
       a model with embeddings, else read off the parameter shapes.
+    unit_size: None: each row is clipped alone. k: the flat batch holds units of k row slots
+      (row slot j of unit slot u at index ``u * k + j``) and the SUM of each unit's masked
+      rows' gradients is clipped as a whole (per-unit Gram norms, each row weighted by its
+      unit's factor).
 
   Returns:
     ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
-    the same results as :func:`fastdp_jax.dp.clipping.clipped_grad_sum_with_stats`; the stats
-    also carry the per-example ``losses``.
+    the same results as :func:`fastdp_jax.dp.clipping.clipped_grad_sum_with_stats` (or its
+    unit form); the stats also carry the per-row ``losses``, and their norms and
+    non-finite flags are per unit slot ([batch // k]) when ``unit_size`` is set.
   """
   if not l2_norm_clip > 0:
     raise ValueError(f"{l2_norm_clip=} must be positive")
+  clip_types.check_unit_size(unit_size)
 
   def fn(params, batch, mask):
-    x, y = batch
+    x, _ = batch
     mask = jnp.asarray(mask).astype(bool)
-    layers = _dense_layers(params)
-    tables = _tables(params)
-    taps = [jnp.zeros((x.shape[0], layer["kernel"].shape[1]), layer["kernel"].dtype)
-            for layer in layers]
-    table_taps = [jnp.zeros((x.shape[0], t["embedding"].shape[1]), t["embedding"].dtype)
-                  for t in tables]
-
-    def summed_loss(all_taps):
-      taps, table_taps = all_taps
-      outputs, inputs = models.mlp_forward(  # the model's own forward pass
-          params, x, taps, graphdef=graphdef, table_taps=table_taps or None)
-      losses = loss(outputs, y)
-      return jnp.sum(losses), (inputs, losses)
-
-    # One backward pass, to the taps only: out_grads[l] [batch, out_l] holds each example's
-    # gradient with respect to layer l's pre-activation, row_grads[k] [batch, dim_k] with
-    # respect to table k's looked-up row.
-    (out_grads, row_grads), (inputs, losses) = jax.grad(summed_loss, has_aux=True)(
-        (taps, table_taps))
-    sq = jnp.zeros((x.shape[0],), jnp.float32)
-    for layer, a, g in zip(layers, inputs, out_grads):
-      a_sq = jnp.sum(jnp.square(a), axis=1)
-      g_sq = jnp.sum(jnp.square(g), axis=1)
-      sq = sq + (a_sq + (1.0 if "bias" in layer else 0.0)) * g_sq
-    for g in row_grads:  # one lookup per example and table: ||onehot outer g||^2 = ||g||^2
-      sq = sq + jnp.sum(jnp.square(g), axis=1)
-    norms = jnp.sqrt(sq)
+    inputs, out_grads, row_grads, losses = _output_grads(params, batch, loss, graphdef)
+    ids = _id_columns(params, x, graphdef) if _tables(params) else []
+    if unit_size is None:
+      norms = jnp.sqrt(_row_sq_norms(params, inputs, out_grads, row_grads))
+      nonfinite = ~jnp.isfinite(norms)
+      keep = mask & ~nonfinite
+      grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, keep,
+                           _clip_factor(norms, keep, l2_norm_clip))
+      # The losses come with the forward pass: the step reports them without another one.
+      return grads, clip_types.ClipStats(norms=jnp.where(keep, norms, 0.0),
+                                         nonfinite=nonfinite & mask, losses=losses)
+    present = clip_types.units_present(mask, unit_size)
+    norms = jnp.sqrt(_unit_sq_norms(params, inputs, out_grads, row_grads, ids, mask,
+                                    unit_size))
     nonfinite = ~jnp.isfinite(norms)
-    keep = mask & ~nonfinite
-    # min(1, C / norm); a zero norm gets factor 1 (its gradient is zero anyway).
-    factor = jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0))
-    factor = jnp.where(keep, factor, 0.0)
-    grads = {"layers": {}}
-    for k, layer, a, g in zip(sorted(params["layers"], key=int), layers, inputs, out_grads):
-      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
-      # Contract the batch axis in place (what a non-private backward pass emits): ``a.T @``
-      # makes XLA:CPU copy the transposed [batch, in] activations first (3-4 ms of W2's 31).
-      entry = {"kernel": jnp.einsum("bi,bo->io", _rows(keep, a), scaled)}
-      if "bias" in layer:
-        entry["bias"] = jnp.sum(scaled, axis=0)
-      grads["layers"][k] = entry
-    if tables:
-      ids = _id_columns(params, x, graphdef)
-      grads["tables"] = {}
-      for k, t, g, col in zip(sorted(params["tables"], key=int), tables, row_grads, ids):
-        scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)
-        # Padding rows add exact zeros wherever their (arbitrary) id points.
-        grads["tables"][k] = {"embedding": jnp.zeros_like(t["embedding"]).at[col].add(scaled)}
-    # The losses come with the forward pass: the step reports them without another one.
+    keep = present & ~nonfinite
+    # Each row carries its unit's factor c_P: sum_P c_P sum_{j in P} grad loss_j.
+    row_keep = mask & jnp.repeat(keep, unit_size)
+    row_factor = jnp.repeat(_clip_factor(norms, keep, l2_norm_clip), unit_size)
+    grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, row_keep,
+                         jnp.where(row_keep, row_factor, 0.0))
     return grads, clip_types.ClipStats(norms=jnp.where(keep, norms, 0.0),
-                                       nonfinite=nonfinite & mask, losses=losses)
+                                       nonfinite=nonfinite & present, losses=losses)
 
   return fn

@@ -45,6 +45,11 @@ class PrivacyPlan:
   num_examples: int | None = None
   num_examples_source: str | None = None
   count_epsilon: float = 0.0
+  # The privacy unit of a unit dataset (its manifest's columns and the public bound k on a
+  # unit's rows): N, q, the capacity and delta's default then count units, and (epsilon,
+  # delta) hold for adding or removing one whole unit. None: every row is its own unit.
+  privacy_unit: tuple[str, ...] | None = None
+  max_rows_per_unit: int | None = None
 
   @property
   def delta_total(self) -> float:

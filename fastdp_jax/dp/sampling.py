@@ -231,9 +231,12 @@ class PaddedBatches:
 class _ShardStream:
   """The inclusions of one shard's rows, generated block by block, in update order."""
 
-  def __init__(self, key: np.ndarray, lo: int, hi: int, q: float):
+  def __init__(self, key: np.ndarray, lo: int, hi: int, q: float,
+               counters: np.ndarray | None = None):
     self.key, self.lo, self.q = key, lo, q
-    self.rows = np.arange(lo, hi, dtype=np.int64)
+    # Each example's Threefry counter: its global id, or the id it was given (a unit key).
+    self.rows = (np.arange(lo, hi, dtype=np.int64) if counters is None
+                 else np.asarray(counters[lo:hi], np.uint64))
     self.reset()
 
   def reset(self) -> None:
@@ -283,6 +286,10 @@ class PoissonSampler:
     capacity_multiple: round the capacity up to a multiple of this (e.g. the microbatch
       size of chunked clipping, which must divide the padded batch).
     sampling_rate: q itself, when it is fixed by a public figure rather than by N.
+    counters: [num_examples] uint64, the Threefry counter of each example instead of its
+      global id (a unit dataset passes its unit keys, so that a unit's inclusions are a
+      function of (key, unit key, update) alone, as the out-of-core job evaluates them);
+      distinct values. Default: the global ids.
 
   Example::
 
@@ -298,7 +305,8 @@ class PoissonSampler:
                shard_bounds: np.ndarray | None = None,
                overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
                capacity_multiple: int | None = None,
-               sampling_rate: float | None = None):
+               sampling_rate: float | None = None,
+               counters: np.ndarray | None = None):
     if num_examples <= 0:
       raise ValueError(f"{num_examples=} must be positive")
     self.num_examples = int(num_examples)
@@ -324,6 +332,10 @@ class PoissonSampler:
     if capacity_multiple:
       self.capacity = -(-self.capacity // capacity_multiple) * capacity_multiple
     self._streams: dict[int, _ShardStream] = {}
+    self._counters = None if counters is None else np.asarray(counters, np.uint64)
+    if self._counters is not None and self._counters.shape != (self.num_examples,):
+      raise ValueError(f"counters of shape {self._counters.shape}; expected "
+                       f"({self.num_examples},)")
 
   def __repr__(self) -> str:  # never shows the key
     return (f"PoissonSampler(q={self.sampling_rate:.4g}, shards={self.num_shards}, "
@@ -336,7 +348,8 @@ class PoissonSampler:
   def _stream(self, shard: int) -> _ShardStream:
     if shard not in self._streams:
       self._streams[shard] = _ShardStream(self._key, int(self.shard_bounds[shard]),
-                                          int(self.shard_bounds[shard + 1]), self.sampling_rate)
+                                          int(self.shard_bounds[shard + 1]), self.sampling_rate,
+                                          self._counters)
     return self._streams[shard]
 
   def global_indices(self, step: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fastdp_jax import summary as summary_lib
 from fastdp_jax.export import layout
 
 
@@ -81,17 +82,18 @@ def model_card(spec: Mapping[str, Any]) -> str:
   ]
   if priv.get("dp_enabled"):
     lines += [
-        f"Trained with DP-SGD: per-example gradients clipped to L2 norm "
+        f"Trained with DP-SGD: {_clipped_words(priv)} clipped to L2 norm "
         f"C = {_fmt(priv.get('l2_norm_clip'))}, Gaussian noise of std sigma * C with "
         f"sigma = {_fmt(priv.get('noise_multiplier'))} added once per update to the sum, "
-        f"Poisson sampling at rate q = {_fmt(priv.get('sampling_rate'))}, "
-        f"{priv.get('steps')} updates.", "",
+        f"Poisson sampling of {_units_noun(priv)} at rate q = "
+        f"{_fmt(priv.get('sampling_rate'))}, {priv.get('steps')} updates.", "",
         f"**(epsilon, delta) = ({_up(priv.get('epsilon'))}, {_fmt(priv.get('delta'), 3)})"
         f"** by the {_stated_accountant(priv)} accountant (dp_accounting), "
-        "for adding or removing one training row with q held fixed (delta includes "
+        f"for adding or removing {_one_unit_words(priv)} with q held fixed (delta includes "
         f"{_fmt(priv.get('overflow_delta'), 2)} for a batch overflowing its capacity). "
         f"Private: **{str(priv.get('private', False)).lower()}** (sampling: "
         f"{priv.get('sampling', 'n/a')}; noise: {priv.get('noise', 'n/a')}).", "",
+        *_unit_lines(priv),
         *([f"Warning: {priv['delta_warning']}.", ""] if priv.get("delta_warning") else []),
         *_row_count_lines(priv),
         *([f"The probabilities are calibrated: the logits are divided by the temperature "
@@ -122,7 +124,7 @@ def model_card(spec: Mapping[str, Any]) -> str:
       "unreliable predictions.",
       f"- Trained on {_data_words(spec)}"
       + ("; the metrics above are for its test split only." if _has_metrics(met) else "."),
-      "- Differential privacy limits what the model reveals about any one training row; it "
+      f"- Differential privacy limits what the model reveals about {_one_unit_words(priv)}; it "
       "does not make predictions fair or correct.", "",
       *_loading_lines(bool(spec.get("feature_spec")), task)]
   return "\n".join(lines)
@@ -142,12 +144,48 @@ def _row_count_lines(priv: Mapping[str, Any]) -> list[str]:
   n, source = priv.get("planned_num_examples"), str(priv.get("num_examples_source") or "")
   if n is None:
     return []
+  what = f"training {_units_noun(priv)}"
   if priv.get("count_epsilon"):
-    return [f"q, the number of updates and delta derive from N = {n} training rows, a DP "
+    return [f"q, the number of updates and delta derive from N = {n} {what}, a DP "
             f"estimate (a Laplace count with epsilon {_fmt(priv['count_epsilon'])}, included "
-            "in epsilon above); the exact number of training rows is not published.", ""]
-  return [f"q, the number of updates and delta derive from N = {n} training rows, {source}: "
+            f"in epsilon above); the exact number of {what} is not published.", ""]
+  return [f"q, the number of updates and delta derive from N = {n} {what}, {source}: "
           "the guarantee treats this figure as public.", ""]
+
+
+def _is_unit(priv: Mapping[str, Any]) -> bool:
+  """Whether the run's unit is not the row (its model.json names unit columns)."""
+  return summary_lib.unit_name(priv.get("privacy_unit")) != summary_lib.ROW_UNIT
+
+
+def _units_noun(priv: Mapping[str, Any]) -> str:
+  """What was sampled and counted: ``'rows'``, or ``'units'`` in a unit-level run."""
+  return "units" if _is_unit(priv) else "rows"
+
+
+def _clipped_words(priv: Mapping[str, Any]) -> str:
+  """What the clipping bounds: each row's gradient, or the sum over a unit's rows."""
+  if _is_unit(priv):
+    return "the sum of each unit's row gradients (one vector per unit)"
+  return "per-example gradients"
+
+
+def _one_unit_words(priv: Mapping[str, Any]) -> str:
+  """The neighbouring relation's object: one training row, or one whole unit."""
+  if _is_unit(priv):
+    return f"one whole {summary_lib.unit_name(priv.get('privacy_unit'))} and all of its rows"
+  return "one training row"
+
+
+def _unit_lines(priv: Mapping[str, Any]) -> list[str]:
+  """The unit (epsilon, delta) hold for, as every output states it, and what it implies."""
+  said = summary_lib.unit_statement(priv.get("privacy_unit"), priv.get("max_rows_per_unit"))
+  if not _is_unit(priv):
+    return [f"In short: {said}. A person or household with several rows is protected only "
+            "as a group of rows (group privacy: a weaker guarantee for several rows).", ""]
+  return [f"In short: {said}. The bound of {priv.get('max_rows_per_unit')} rows per unit is "
+          "public, fixed before seeing the data; a unit's rows beyond it were left out of "
+          "training, and each unit lies wholly in one split.", ""]
 
 
 def _spec_estimate_lines(priv: Mapping[str, Any]) -> list[str]:
@@ -233,13 +271,23 @@ def _raw_input_lines(feature_spec: Mapping[str, Any] | None) -> list[str]:
 
 _TASK_NOUNS = {"binary": "binary classifier", "multiclass": "multi-class classifier",
                "regression": "regression model"}
-# What the guarantee protects, by model.json's privacy.privacy_unit (absent: "row", the unit of
-# every run today: the sampler and the clipping work on rows).
+# What the guarantee protects, by model.json's privacy.privacy_unit ("row" or absent: the
+# sampler and the clipping work on rows; a list of columns: on units, see _unit_model_line).
 _PRIVACY_UNITS = {
     "row": "one row of the training table: (epsilon, delta) bounds what the model reveals "
            "about any one row. A person or household with several rows is protected as a "
            "group of rows (group privacy: a weaker guarantee), not by (epsilon, delta) itself."}
 _MAX_CODES_SHOWN = 8
+
+
+def _unit_model_line(spec: Mapping[str, Any], unit: str) -> str:
+  """The Model section's privacy-unit entry: a row, or a unit with its public bound."""
+  if unit in _PRIVACY_UNITS:
+    return _PRIVACY_UNITS[unit]
+  k = (spec.get("privacy") or {}).get("max_rows_per_unit")
+  bound = f", at most {k}, a public bound" if k is not None else ""
+  return (f"one {unit}: all of its rows{bound}. (epsilon, delta) bound what the model "
+          "reveals about any one unit, whatever it contributed.")
 
 
 def task_of(spec: Mapping[str, Any]) -> str:
@@ -251,8 +299,9 @@ def task_of(spec: Mapping[str, Any]) -> str:
 
 
 def privacy_unit(spec: Mapping[str, Any]) -> str:
-  """The unit the guarantee protects: ``privacy.privacy_unit``, ``'row'`` when absent."""
-  return str((spec.get("privacy") or {}).get("privacy_unit") or "row")
+  """The unit the guarantee protects, in words: ``'household (SERIALNO)'`` for a
+  ``privacy.privacy_unit`` of ``['SERIALNO']``, ``'row'`` when it is absent or ``'row'``."""
+  return summary_lib.unit_name((spec.get("privacy") or {}).get("privacy_unit"))
 
 
 def model_section(spec: Mapping[str, Any]) -> list[str]:
@@ -268,7 +317,7 @@ def model_section(spec: Mapping[str, Any]) -> list[str]:
   unit = privacy_unit(spec)
   lines = ["## Model", "", f"- Task: {_task_words(spec, task, label)}",
            f"- Data: {_data_words(spec)}.",
-           f"- Privacy unit: {_PRIVACY_UNITS.get(unit, f'one {unit} (all of its rows).')}",
+           f"- Privacy unit: {_unit_model_line(spec, unit)}",
            f"- Multi-layer perceptron {'-'.join(map(str, sizes))} (ReLU), "
            f"{spec['num_params']} parameters; output: {_output_words(spec, task, label)}."]
   if task == "binary":

@@ -41,6 +41,7 @@ from fastdp_jax import atomic
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import errors
+from fastdp_jax import profiling
 from fastdp_jax import summary as summary_lib
 from fastdp_jax.dp import release
 from fastdp_jax.export import card
@@ -83,6 +84,7 @@ def _versions() -> dict[str, str]:
   return out
 
 
+@profiling.books("export")  # a phase of the run's profile (profile_steps > 0)
 def export_model(directory: str, *, params: Any, feature_names: Sequence[str], label_name: str,
                  hidden_sizes: Sequence[int], summary: summary_lib.RunSummary | None = None,
                  threshold: float = 0.5, signing_key: bytes | None = None,
@@ -682,6 +684,8 @@ def _check_privacy(priv: Any, bad, check_epsilon: bool) -> None:
   from fastdp_jax.dp import accounting  # local: dp_accounting is slow to import
   if not isinstance(priv, dict):
     raise bad("privacy", "must be an object")
+  if (unit_problem := summary_lib.unit_record_problem(priv)) is not None:
+    raise bad("privacy.privacy_unit", unit_problem)
   for key in ("private", "dp_enabled"):
     if key in priv and not isinstance(priv[key], bool):
       raise bad(f"privacy.{key}", f"={priv[key]!r} must be true or false")

@@ -24,7 +24,9 @@ zero-padded to 15 digits, so that a byte-wise sort restores the input order, and
 
 * ``H`` header line; payload: the header's columns that the spec does not use (ignored),
   comma-separated (columns are found by name, in any order);
-* ``K`` kept: the used columns' values (features then label), comma-separated;
+* ``K`` kept: the used columns' values (features then label), comma-separated; with a spec
+  that names a ``privacy_unit``, then a TAB and the row's canonical unit id as a JSON string
+  (:func:`fastdp_jax.data.units.canonical_id`; JSON escapes any TAB inside it);
 * ``N`` dropped for NA: the positions (in the spec's used columns) of the missing cells;
 * ``R`` rejected: a JSON object with ``reason``, ``detail`` and the line's ``text``.
 """
@@ -44,7 +46,9 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from fastdp_jax.data import cleaning  # pylint: disable=g-import-not-at-top
+from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax.data import features as features_lib  # pylint: disable=g-import-not-at-top
+from fastdp_jax.data import units as units_lib  # pylint: disable=g-import-not-at-top
 
 BLOCK_LINES = 8192
 _HADOOP_ENV = ("mapreduce_task_id", "mapred_task_id")
@@ -86,8 +90,10 @@ def format_values(values: np.ndarray) -> list[str]:
 def _emit(out, file: str, positions: list[int], lines: list[str],
           result: cleaning.CleanResult) -> None:
   status = [""] * len(lines)
-  for i, text in zip(result.kept.tolist(), format_values(result.values)):
-    status[i] = "K\t" + text
+  uids = ([""] * len(result.kept) if result.units is None else
+          ["\t" + json.dumps(u) for u in result.units])
+  for i, text, uid in zip(result.kept.tolist(), format_values(result.values), uids):
+    status[i] = "K\t" + text + uid
   for i, cells in zip(result.dropped_na.tolist(), result.na_cells):
     status[i] = "N\t" + ",".join(map(str, np.flatnonzero(cells).tolist()))
   for i, reason, detail in result.rejects:
@@ -132,7 +138,9 @@ def run(stdin, stdout, spec: features_lib.FeatureSpec, columns: tuple[str, ...] 
       try:
         found = cleaning.parse_header(line)
         spec.column_indices(found)
-      except features_lib.SpecError as e:
+        if spec.privacy_unit:  # the unit's id columns, whether or not they are features
+          units_lib.unit_column_indices(spec.privacy_unit, found)
+      except (features_lib.SpecError, errors.PipelineError) as e:
         print(f"mapper: {file}: the first line is taken as the header: {e}", file=sys.stderr)
         return 2
       if cleaner is None or cleaner.header != found:

@@ -7,7 +7,9 @@
 
 ``--input`` is the reducer's output: a file, ``-`` for stdin, or a Hadoop output directory
 (its ``part-*`` files, in name order). Rows are split with ``fastdp_jax.data.split.is_test_row``
-on the reducer's row ids and encoded with the spec, exactly as the Spark job does; malformed
+on the reducer's row ids (by ``fastdp_jax.data.units.is_test_unit`` of the unit key when the
+spec names a ``privacy_unit``; distinct unit ids sharing a key are refused) and encoded with
+the spec, exactly as the Spark job does; malformed
 lines go to ``rejects/`` and the manifest's counts reconcile
 (``rows_read = kept + dropped_na + rejected``). The output appears atomically.
 """
@@ -59,6 +61,7 @@ class _Block:
     self.rows: list[int] = []
     self.kept: list[int] = []
     self.payloads: list[str] = []
+    self.units: list[str] = []  # canonical unit ids of the kept rows (a unit spec)
     self.na: list[int] = []
     self.na_cells: list[list[int]] = []
     self.rejects: list[tuple[int, str, str]] = []
@@ -79,7 +82,8 @@ class _Block:
       cells[r, cols] = True
     return np.array(self.rows, np.int64), cleaning.CleanResult(
         kept=np.array(self.kept, np.int64), values=values,
-        dropped_na=np.array(self.na, np.int64), na_cells=cells, rejects=self.rejects)
+        dropped_na=np.array(self.na, np.int64), na_cells=cells, rejects=self.rejects,
+        units=self.units or None)  # one id per kept row of a unit spec (checked by the sink)
 
 
 def convert(lines: Iterable[str], output: str, spec: features_lib.FeatureSpec | str, *,
@@ -141,6 +145,12 @@ def _convert(lines, out, spec, overwrite, split_seed, test_fraction, max_rows_pe
       block.rows.append(row)
       if status == "K":
         block.kept.append(i)
+        if spec.privacy_unit:  # values<TAB>"unit id" (the mapper's JSON string)
+          b, sep, uid = b.partition("\t")
+          if not sep:
+            raise PipelineError(f"reducer output line {n}: a kept row without its unit id; "
+                                "was the streaming path run with another spec?")
+          block.units.append(json.loads(uid))
         block.payloads.append(b)
       elif status == "N":
         block.na.append(i)

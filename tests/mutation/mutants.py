@@ -45,8 +45,9 @@ _VMAP_CLIP_ARG = "      loss_fn, l2_clip_norm=l2_norm_clip,"
 _BUILD_STEP = "  build = build_streamed_chunk if streamed else build_train_chunk\n"
 _NOISE_STDDEV = "  stddev = float(noise_multiplier) * float(l2_norm_clip)\n"
 _VMAP_SUM = "  summed, aux = clipped_sum(params, batch, is_padding_example=~mask)\n"
-_TABLE_SCALE = ("        scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)\n"
-                "        # Padding rows add exact zeros")
+_TABLE_SCALE = ("      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)\n"
+                "      # Padding rows add exact zeros")
+_UNIT_TESTS = "tests/test_units_training.py"
 _WITH_KEY = "lambda s: s._replace(key=jnp.asarray(key, s.key.dtype).reshape(s.key.shape)))"
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -225,6 +226,70 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="the run plans q, T and delta from the exact N while the card says a DP estimate: "
                "model/ publishes N",
         tests=("tests/export/test_export_scan.py",)),
+    # The privacy unit (issue #23): user-level sampling with a clipped sum per unit.
+    Mutant(
+        name="unit_rows_clipped_ghost",
+        file="fastdp_jax/dp/ghost.py",
+        old="    row_factor = jnp.repeat(_clip_factor(norms, keep, l2_norm_clip), unit_size)\n",
+        new=("    row_factor = _clip_factor(jnp.sqrt(_row_sq_norms(params, inputs, out_grads, "
+             "row_grads)), mask, l2_norm_clip)  # MUTANT\n"),
+        breaks="the ghost path clips each ROW of a unit to C instead of the unit's summed "
+               "gradient: one unit of k rows moves the sum by up to k C",
+        tests=(_UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c",)),
+    Mutant(
+        name="unit_rows_clipped_vmap",
+        file="fastdp_jax/dp/clipping.py",
+        old=("  return clipped_grad_sum_with_stats(_unit_loss(loss_fn), params, by_unit, "
+             "l2_norm_clip,\n                                     present, "
+             "microbatch_size=microbatch_size)\n"),
+        new=("  del by_unit  # MUTANT: rows clipped alone, stats reported per unit slot\n"
+             "  grads, s = clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, "
+             "mask)\n"
+             "  return grads, clip_types.ClipStats(norms=s.norms.reshape(units, -1).max(1),\n"
+             "                                     nonfinite=s.nonfinite.reshape(units, -1)"
+             ".any(1))\n"),
+        breaks="the vmap path clips each ROW of a unit to C instead of the unit's summed "
+               "gradient: one unit of k rows moves the sum by up to k C",
+        tests=(_UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c",)),
+    Mutant(
+        name="unit_rows_sampled",
+        file="fastdp_jax/unit_batches.py",
+        old="  mask = units.mask[..., None] & (j < layout.sizes[g][..., None])\n",
+        new=("  mask = units.mask[..., None] & (j < layout.sizes[g][..., None])  # MUTANT\n"
+             "  mask &= np.random.default_rng().random(mask.shape) < 0.5\n"),
+        breaks="a sampled unit's rows are each included with their own coin (rows sampled, "
+               "not units): the accountant's q is no longer the unit's",
+        tests=(_UNIT_TESTS + "::test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other",)),
+    Mutant(
+        name="unit_q_from_rows",
+        file="fastdp_jax/inputs.py",
+        old=("    train, test, dev, validation = _load_units(d, mesh, rc.json, unit)\n"
+             "    n = dev.num_examples\n"),
+        new=("    train, test, dev, validation = _load_units(d, mesh, rc.json, unit)\n"
+             "    n = len(train.labels)  # MUTANT: N counts rows\n"),
+        breaks="q, T and delta are planned from the number of ROWS while units are sampled: "
+               "the stated epsilon is not the units'",
+        tests=(_UNIT_TESTS + "::test_q_n_delta_and_epsilon_count_units",)),
+    Mutant(
+        name="unit_bound_not_in_layout",
+        file="fastdp_jax/data/units.py",
+        old="  order = perm[keep]\n",
+        new="  order = perm  # MUTANT: the rows beyond k stay in the grouped order\n",
+        breaks="the bound k is not applied to the rows kept (only to the unit offsets): unit "
+               "slots read rows of the neighbouring unit, so one unit moves two clipped sums",
+        tests=(_UNIT_TESTS + "::test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other",)),
+    Mutant(
+        name="unit_split_by_row",
+        file="preprocessing/output.py",
+        old=("      keys, test = units_lib.key_and_split(uids.tolist(), self.split_seed, "
+             "self.test_fraction,\n"),
+        new=("      test = split_lib.is_test_row(ids, seed=self.split_seed, "
+             "test_fraction=self.test_fraction)  # MUTANT\n"
+             "      keys, _ = units_lib.key_and_split(uids.tolist(), self.split_seed, "
+             "self.test_fraction,\n"),
+        breaks="the producer splits a unit dataset by row: a household's rows land in both "
+               "training and test",
+        tests=("tests/preprocessing/test_units_pipeline.py",)),
 )
 
 

@@ -1,0 +1,395 @@
+"""Training on a unit dataset (a privacy unit: person or household) through the real loop.
+
+User-level sampling with a clipped sum per unit (fastdp_jax/unit_batches.py): each UNIT is in
+an update with probability q = batch_size / U, its rows' summed gradient is clipped to C as a
+whole, and the accountant, the DP count and delta's default count units. Checked here through
+``train.train_and_evaluate``: q, N and epsilon are the units' (against ``dp_accounting``
+directly), a unit of k rows never moves the clipped sum by more than C, the bound k is applied,
+ghost = vmap, a resumed run equals the uninterrupted one, 1 device = 8 devices (the
+multidevice suite), and the out-of-core paths refuse units in one line.
+"""
+
+import json
+import os
+
+import dp_accounting
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fastdp_jax import errors
+from fastdp_jax import inputs as inputs_lib
+from fastdp_jax import parallel
+from fastdp_jax import step as step_lib
+from fastdp_jax import train
+from fastdp_jax import unit_batches
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import units as units_lib
+from fastdp_jax.dp import count as count_lib
+from fastdp_jax.dp import release
+from fastdp_jax.dp import sampling
+from tests.conftest import make_config, make_dataset, make_unit_dataset
+
+BATCH, K = 32, 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  # Units of 1..6 rows with k = 4: the bound drops rows of the larger units.
+  return make_unit_dataset(str(tmp_path_factory.mktemp("u") / "data"), units=700,
+                           max_rows=K, max_size=6, seed=3)
+
+
+def _units_and_rows(path):
+  """(U, rows) of the train split, counted here from the stored unit keys."""
+  keys = data_lib.load_split(path, "train").unit_keys
+  return len(np.unique(keys)), len(keys)
+
+
+def _cfg(path, **overrides):
+  return make_config(path, **{"batch_size": BATCH, **overrides})
+
+
+def _params(workdir):
+  saved = np.load(os.path.join(workdir, "final_params.npz"))
+  return {k: saved[k] for k in saved.files}
+
+
+def _assert_params_close(a, b, rel):
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=rel * np.abs(a[k]).max())
+
+
+def test_expand_puts_row_slot_j_of_unit_slot_u_at_u_k_plus_j():
+  # Two devices: units 0..2 on device 0 (rows 0, 1-2, 3-5), units 3..4 on device 1.
+  layout = parallel.UnitLayout(unit_size=3, unit_bounds=np.array([0, 3, 5]),
+                               starts=np.array([0, 1, 3, 0, 2]), sizes=np.array([1, 2, 3, 2, 1]),
+                               keys=np.arange(5, dtype=np.uint64))
+  units = sampling.PaddedBatches(indices=np.array([[[2, 0], [1, 0]]], np.int32),
+                                 mask=np.array([[[True, True], [True, False]]]))
+  rows = unit_batches.expand(units, layout)
+  assert rows.indices.shape == rows.mask.shape == (1, 2, 6)
+  np.testing.assert_array_equal(rows.indices[0, 0], [3, 4, 5, 0, 0, 0])
+  np.testing.assert_array_equal(rows.mask[0, 0], [True, True, True, True, False, False])
+  np.testing.assert_array_equal(rows.indices[0, 1], [2, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows.mask[0, 1], [True, False, False, False, False, False])
+
+
+def test_a_units_batches_follow_its_key_so_removing_a_unit_moves_no_other():
+  rng = np.random.default_rng(0)
+  keys = np.sort(rng.integers(0, 2**64 - 1, size=300, dtype=np.uint64))
+  full = sampling.PoissonSampler(300, 30, 7, counters=keys)
+  less = sampling.PoissonSampler(299, 30, 7, counters=np.delete(keys, 100),
+                                 sampling_rate=full.sampling_rate)
+  others = np.delete(keys, 100)
+  for t in range(50):
+    a = set(keys[full.global_indices(t)].tolist()) - {int(keys[100])}
+    assert a == set(others[less.global_indices(t)].tolist())
+
+
+def test_q_n_delta_and_epsilon_count_units(dataset, tmp_path, monkeypatch):
+  units, rows = _units_and_rows(dataset)
+  assert rows > 2 * units  # so a q, N or delta taken from rows would differ
+  s = train.train_and_evaluate(_cfg(dataset), str(tmp_path / "w"))
+  assert s.train_examples == s.planned_num_examples == units
+  assert s.privacy_unit == ("household",) and s.max_rows_per_unit == K
+  assert s.sampling_rate == BATCH / units
+  assert s.steps == 2 * round(units / BATCH)
+  # delta's default (below 1/U): the accountant's share of it, plus the overflow's term.
+  requested = release.default_delta(units)
+  assert s.accountant_delta == pytest.approx(requested * (1 - sampling.OVERFLOW_SHARE))
+  assert s.delta <= requested
+  assert release.default_delta(units) != release.default_delta(rows)
+  sigma = s.noise_multiplier
+
+  def epsilon(q):
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), s.steps))
+    return acc.get_epsilon(s.accountant_delta)
+
+  # The ledger's PLD and the accountant's event agree to well within the gap between the
+  # unit-level q and the row-level one.
+  want, by_rows = epsilon(BATCH / units), epsilon(BATCH / rows)
+  assert s.training_epsilon == pytest.approx(want, rel=1e-6)
+  assert abs(want - by_rows) > 1e-3 * want
+  # Without a declared N, the DP count counts units (its sensitivity is one unit).
+  seen = []
+  real = count_lib.noisy_count
+  monkeypatch.setattr(count_lib, "noisy_count",
+                      lambda n, eps, rng: seen.append(n) or real(n, eps, rng))
+  s2 = train.train_and_evaluate(_cfg(dataset, **{"data.num_examples_public": False}),
+                                str(tmp_path / "counted"))
+  assert seen == [units] and s2.num_examples_source == count_lib.DP_ESTIMATE
+
+
+def _one_unit_dataset(path, rows_in_unit):
+  """A train split of ONE unit (``rows_in_unit`` rows, aligned large gradients), k = K."""
+  rng = np.random.default_rng(0)
+  x = np.ones((rows_in_unit, 6), np.uint8)
+  x[:, 0] = np.arange(rows_in_unit) % 2  # distinct rows, all with label 0
+  y = np.zeros(rows_in_unit, np.uint8)
+  xt = (rng.random((40, 6)) < 0.5).astype(np.uint8)
+  yt = (rng.random(40) < 0.5).astype(np.uint8)
+  test_keys = units_lib.unit_keys([[f"T{i // 2}" for i in range(40)]])
+  with data_lib.DatasetWriter(path, feature_names=[f"f{i}" for i in range(6)],
+                              label_name="y", feature_bounds=(0, 1), privacy_unit="person",
+                              max_rows_per_unit=K) as w:
+    w.add("train", x, y, unit_keys=units_lib.unit_keys([["P1"] * rows_in_unit]))
+    w.add("test", xt, yt, unit_keys=test_keys)
+  return path
+
+
+@pytest.mark.parametrize("clipping", ["vmap", "ghost"])
+def test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c(tmp_path, monkeypatch,
+                                                                     clipping):
+  # One unit (q = 1: in every update) of 6 rows whose gradients are aligned and far above C:
+  # clipped row by row they would sum to k C; clipped as a unit, to C exactly.
+  path = _one_unit_dataset(str(tmp_path / "one"), rows_in_unit=6)
+  seen = []
+  real = step_lib.clipping.make_clipped_sum
+
+  def spy(*args, **kwargs):
+    fn = real(*args, **kwargs)
+
+    def wrapped(params, batch, mask):
+      grads, stats = fn(params, batch, mask)
+      jax.debug.callback(lambda n, m: seen.append((float(n), int(m))),
+                         optax.tree.norm(grads), mask.sum())
+      return grads, stats
+    return wrapped
+
+  monkeypatch.setattr(step_lib.clipping, "make_clipped_sum", spy)
+  clip = 1e-3
+  s = train.train_and_evaluate(
+      _cfg(path, **{"batch_size": 1, "dp.l2_norm_clip": clip, "dp.clipping": clipping}),
+      str(tmp_path / "w"))
+  assert s.sampling_rate == 1.0 and s.steps == 2
+  real_calls = [(n, m) for n, m in seen if m]  # microbatches holding a real row
+  assert len(real_calls) == s.steps
+  for norm, rows in real_calls:
+    assert rows == K  # the bound: 4 of the unit's 6 rows
+    # float32 norms: the clipped sum is C up to rounding (a relative 1e-5 is 80 ulps).
+    assert clip * (1 - 1e-5) <= norm <= clip * (1 + 1e-5)
+
+
+def test_ghost_equals_vmap_through_the_loop(dataset, tmp_path):
+  runs = {}
+  for method in ("vmap", "ghost"):
+    runs[method] = train.train_and_evaluate(
+        _cfg(dataset, **{"dp.clipping": method, "dp.l2_norm_clip": 0.5}),
+        str(tmp_path / method))
+  assert runs["vmap"].epsilon == runs["ghost"].epsilon
+  # The same batches and noise; the clipped sums differ by float32 summation order only.
+  _assert_params_close(_params(tmp_path / "vmap"), _params(tmp_path / "ghost"), 1e-4)
+
+
+def test_microbatches_hold_whole_units(dataset, tmp_path):
+  # A padding microbatch of 10 rows is rounded up to 3 units of k = 4; the vmap path's chunks
+  # (dp.microbatch_size) count unit slots. Neither changes the update beyond summation order.
+  base = {"dp.l2_norm_clip": 0.5}
+  runs = {"plain": dict(base, **{"dp.clipping": "vmap"}),
+          "ghost": dict(base, **{"dp.clipping": "ghost", "padding_microbatch": 10}),
+          "vmap": dict(base, **{"dp.clipping": "vmap", "dp.microbatch_size": 8,
+                                "padding_microbatch": 10})}
+  for name, overrides in runs.items():
+    train.train_and_evaluate(_cfg(dataset, **overrides), str(tmp_path / name))
+  for name in ("ghost", "vmap"):
+    _assert_params_close(_params(tmp_path / "plain"), _params(tmp_path / name), 1e-4)
+
+
+def test_a_resumed_unit_run_equals_the_uninterrupted_one(dataset, tmp_path, monkeypatch):
+  cfg = dict(**{"checkpoint.every_steps": 5, "steps_per_call": 1})
+  ref = train.train_and_evaluate(_cfg(dataset, **cfg), str(tmp_path / "ref"))
+  real = train.Trainer.train_call
+
+  class Crash(Exception):
+    pass
+
+  def crashing(self, k):
+    if self.step >= ref.steps // 2:  # a checkpoint of an earlier update is on disk
+      raise Crash()
+    return real(self, k)
+
+  monkeypatch.setattr(train.Trainer, "train_call", crashing)
+  work = tmp_path / "stopped"
+  with pytest.raises(Crash):
+    train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
+  monkeypatch.setattr(train.Trainer, "train_call", real)
+  resumed = train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
+  assert resumed.steps == ref.steps and resumed.epsilon == ref.epsilon
+  a, b = _params(tmp_path / "ref"), _params(work)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k])
+  epochs = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_materialised_batches_are_refused_for_units_in_one_line(dataset, tmp_path):
+  with pytest.raises(errors.ConfigError, match="in memory"):
+    train.train_and_evaluate(_cfg(dataset, **{"data.batches": str(tmp_path / "b")}),
+                             str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir is made
+
+
+def test_the_poisson_batch_job_refuses_a_unit_dataset_in_one_line(dataset, tmp_path):
+  from preprocessing import poisson_batches as pb
+  with pytest.raises(errors.UserError, match="in memory only"):
+    pb.plan_job(dataset, str(tmp_path / "b"), batch_size=BATCH, epochs=1)
+  assert not (tmp_path / "b").exists()
+
+
+def test_too_few_units_are_refused_before_the_workdir_exists(dataset, tmp_path):
+  units, rows = _units_and_rows(dataset)
+  batch = (units + rows) // 2  # enough rows, too few units
+  with pytest.raises(errors.ConfigError, match=f"N = {batch} / {units} "):
+    train.train_and_evaluate(_cfg(dataset, **{"batch_size": batch}), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_validation_units_are_held_out_whole(dataset, tmp_path):
+  seen = {}
+
+  def inspect(t, summary):
+    seen.update(train=t.data.train.unit_keys, validation=t.data.validation.unit_keys,
+                summary=summary)
+
+  train.train_and_evaluate(_cfg(dataset, **{"data.validation_fraction": 0.2}),
+                           str(tmp_path / "w"), inspect=inspect)
+  units, _ = _units_and_rows(dataset)
+  held, kept = np.unique(seen["validation"]), np.unique(seen["train"])
+  assert not np.intersect1d(held, kept).size  # no unit on both sides
+  assert len(held) + len(kept) == units and len(held) > 0.1 * units
+  assert seen["summary"].train_examples == len(kept)
+  assert seen["summary"].sampling_rate == BATCH / len(kept)
+
+
+def test_a_row_level_dataset_trains_as_before(tmp_path):
+  path = make_dataset(str(tmp_path / "rows"), rows=1500)
+  s = train.train_and_evaluate(_cfg(path), str(tmp_path / "w"))
+  assert s.sampling_rate == BATCH / s.train_examples
+  assert s.train_examples == len(data_lib.load_split(path, "train"))
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("strategy", ["shard_map", "auto"])
+def test_one_device_equals_eight_devices(dataset, tmp_path, monkeypatch, strategy):
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  eight = train.train_and_evaluate(_cfg(dataset, **{"parallel.strategy": strategy}),
+                                   str(tmp_path / "eight"))
+  real = parallel.make_mesh
+  monkeypatch.setattr(parallel, "make_mesh",
+                      lambda devices=None: real(jax.devices()[:1] if devices is None
+                                                else devices))
+  one = train.train_and_evaluate(_cfg(dataset, **{"parallel.strategy": strategy}),
+                                 str(tmp_path / "one"))
+  assert eight.num_devices == 8 and one.num_devices == 1
+  assert eight.epsilon == one.epsilon and eight.steps == one.steps
+  a, b = _params(tmp_path / "one"), _params(tmp_path / "eight")
+  _assert_params_close(a, b, 1e-5)  # the same units sampled; float summation order only
+
+
+def _labelled_units_dataset(path, num_units=120, max_size=6, seed=5):
+  """Units of 1..``max_size`` rows whose 8 binary features spell the unit's number, so that
+  a batch row tells which unit it came from; k = K (the bound cuts units above K rows)."""
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1, max_size + 1, size=num_units)
+  unit = np.repeat(np.arange(num_units), sizes)
+  x = ((unit[:, None] >> np.arange(8)) & 1).astype(np.uint8)
+  y = (rng.random(len(unit)) < 0.5).astype(np.uint8)
+  keys = units_lib.unit_keys([[f"U{u}" for u in unit]])
+  test = units_lib.is_test_unit(keys)
+  with data_lib.DatasetWriter(path, feature_names=[f"b{i}" for i in range(8)],
+                              label_name="y", feature_bounds=(0, 1), privacy_unit="person",
+                              max_rows_per_unit=K) as w:
+    w.add("train", x[~test], y[~test], unit_keys=keys[~test])
+    w.add("test", x[test], y[test], unit_keys=keys[test])
+  in_test = units_lib.is_test_unit(units_lib.unit_keys([[f"U{u}" for u in range(num_units)]]))
+  kept = {u: min(int(s), K) for u, s in enumerate(sizes) if not in_test[u]}
+  return path, kept
+
+
+@pytest.mark.parametrize("clipping", ["vmap", "ghost"])
+def test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other(tmp_path, monkeypatch,
+                                                                     clipping):
+  # What each real update's clipped sum sees, slot by slot: a unit slot's rows are rows of ONE
+  # unit (never a neighbour's: its clipped sum would then move with two units), all of that
+  # unit's kept rows (the unit is sampled whole, not row by row), and at most k of them.
+  path, kept = _labelled_units_dataset(str(tmp_path / "d"))
+  seen = []
+  real = step_lib.clipping.make_clipped_sum
+
+  def spy(*args, **kwargs):
+    fn = real(*args, **kwargs)
+
+    def wrapped(params, batch, mask):
+      jax.debug.callback(lambda x, m: seen.append((np.asarray(x), np.asarray(m))),
+                         batch[0], mask)
+      return fn(params, batch, mask)
+    return wrapped
+
+  monkeypatch.setattr(step_lib.clipping, "make_clipped_sum", spy)
+  s = train.train_and_evaluate(_cfg(path, **{"batch_size": 24, "dp.clipping": clipping,
+                                             "num_epochs": 1}), str(tmp_path / "w"))
+  assert s.steps >= 2
+  sampled = 0
+  for x, m in seen:
+    for xs, ms in zip(x.reshape(-1, K, 8), m.reshape(-1, K)):
+      if not ms.any():
+        continue
+      ids = {int((row.astype(np.int64) << np.arange(8)).sum()) for row in xs[ms]}
+      assert len(ids) == 1, f"a unit slot mixes units {sorted(ids)}"
+      (u,) = ids
+      assert int(ms.sum()) == kept[u], (u, int(ms.sum()), kept[u])
+      sampled += 1
+  assert sampled > 0
+
+
+def test_a_private_temperature_counts_a_unit_of_k_validation_rows(dataset, tmp_path,
+                                                                  monkeypatch):
+  # The temperature's exponential mechanism scores the validation rows; one unit is up to k of
+  # them (the validation units are bounded like the training units), so its utility's
+  # sensitivity is k times a row's: the run must say so to the mechanism.
+  from fastdp_jax.dp import calibration
+  calls = []
+  real = calibration.select_temperature
+
+  def spy(logits, labels, epsilon, rng, temperatures=calibration.TEMPERATURES, *,
+          rows_per_unit=1):
+    calls.append((len(labels), epsilon, rows_per_unit))
+    return real(logits, labels, epsilon, rng, temperatures, rows_per_unit=rows_per_unit)
+
+  monkeypatch.setattr(calibration, "select_temperature", spy)
+  s = train.train_and_evaluate(_cfg(dataset, **{"calibration.epsilon": 0.1,
+                                                "data.validation_fraction": 0.2}),
+                               str(tmp_path / "w"))
+  keys = data_lib.load_split(dataset, "train").unit_keys
+  uniq, sizes = np.unique(keys, return_counts=True)
+  held = units_lib.is_validation_unit(uniq, 0.2, seed=inputs_lib.VALIDATION_SEED)
+  assert calls == [(int(np.minimum(sizes[held], K).sum()), 0.1, K)]
+  assert s.calibration_epsilon == 0.1
+  assert s.epsilon == pytest.approx(s.training_epsilon + 0.1, rel=1e-9)
+
+
+def test_a_units_score_sensitivity_is_k_rows():
+  # Scaling the sensitivity by k is the same mechanism as epsilon / k (same draws).
+  from fastdp_jax.dp import calibration
+  rng = np.random.default_rng(0)
+  logits, labels = rng.normal(size=500) * 3, (rng.random(500) < 0.5).astype(np.uint8)
+  for seed in range(20):
+    a = calibration.select_temperature(logits, labels, 0.8, np.random.default_rng(seed),
+                                       rows_per_unit=4)
+    b = calibration.select_temperature(logits, labels, 0.2, np.random.default_rng(seed))
+    assert a == b
+
+
+def test_rows_given_in_memory_with_a_unit_layout_are_refused(dataset, tmp_path):
+  # Given rows carry no manifest, so the step would not know the unit: refused, not clipped
+  # row by row while sampled by unit.
+  import contextlib
+  mesh = parallel.make_mesh()
+  grouped, dev = unit_batches.place_units(mesh, data_lib.load_split(dataset, "train"), K)
+  test = data_lib.load_split(dataset, "test")
+  with contextlib.ExitStack() as stack, pytest.raises(errors.ConfigError, match="privacy unit"):
+    train.setup(_cfg(dataset), str(tmp_path / "w"), stack, data=(grouped, test, dev))
