@@ -11,6 +11,7 @@ compilation is part of a trial's cost)::
   .venv/bin/python benchmarks/trials.py --trials=10
   .venv/bin/python benchmarks/trials.py --trials=10 --sequential
   .venv/bin/python benchmarks/trials.py --trials=10 --space=default  # 3 widths: 3 groups
+  .venv/bin/python benchmarks/trials.py --trials=10 --epoch_metrics  # evaluate every epoch
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
   p.add_argument("--target_epsilon", type=float, default=4.0,
                  help="the total (1 cannot hold a mean of 10 trials with the config's "
                       "temperature and count)")
+  p.add_argument("--epoch_metrics", action="store_true",
+                 help="search.trials.epoch_metrics=True: evaluate side-by-side trials at "
+                      "every epoch end (default: at their last update only)")
   p.add_argument("--out", default=None, help="also append the JSON line here")
   a = p.parse_args()
   from fastdp_jax import tune  # pylint: disable=g-import-not-at-top
@@ -48,6 +52,7 @@ def main() -> None:
   cfg.dp.target_epsilon, cfg.dp.max_epsilon = a.target_epsilon, None
   search = tune.default_search()
   search.trials.sequential = a.sequential
+  search.trials.epoch_metrics = a.epoch_metrics
   if a.space == "one_shape":
     search.space = tuple(d for d in search.space if d[0] != "model.hidden_sizes")
   count = tune.trial_count(search)
@@ -62,6 +67,7 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
   _jsonl.emit(dict(benchmark="trials", config=a.config, trials=a.trials, space=a.space,
                    mode="sequential" if a.sequential else "side_by_side",
+                   epoch_metrics=a.epoch_metrics,
                    wall_s=round(wall, 2), cpu_s=round(cpu, 2),
                    test_accuracy=summary.test_accuracy, **_jsonl.env()), a.out)
 

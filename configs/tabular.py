@@ -48,6 +48,9 @@ def get_config():
   config.dp.target_epsilon = 1.0  # the privacy you want; sigma is calibrated to it.
   config.batch_size = 1024  # expected batch: q = 1024 / N (large batches: less noise per row).
   config.num_epochs = 30  # 30 * round(N / 1024) updates, whatever the table's size.
+  # A small table's run takes seconds: a checkpoint (and its fsyncs) at each epoch end would
+  # cost more than the work it saves. Save at most once a minute (and at the last update).
+  config.checkpoint.min_interval_s = 60.0
   config.model.hidden_sizes = (50,)
   config.optimizer.name = "adam"  # its step size does not depend on the label's scale
   config.optimizer.learning_rate = 0.01

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -207,6 +208,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False))
     self._closed = False
+    # When the last save ended (time.monotonic()); at first, when this run opened the
+    # directory: what checkpoint.min_interval_s counts from (services.Services.epoch_end).
+    self.last_save_time = time.monotonic()
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -217,6 +221,7 @@ class Checkpointer:
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(run_state.to_json())))
     self._mngr.wait_until_finished()
+    self.last_save_time = time.monotonic()
 
   def restore_metadata(self) -> RunState:
     """The latest checkpoint's run state only (to check it before restoring arrays)."""

@@ -89,6 +89,21 @@ def _dp_keys() -> ml_collections.ConfigDict:
   return dp
 
 
+def _checkpoint_keys() -> ml_collections.ConfigDict:
+  """The ``checkpoint`` group of :func:`base_config`."""
+  checkpoint = ml_collections.ConfigDict()
+  checkpoint.enabled = True  # save in WORKDIR/checkpoints and resume from it.
+  checkpoint.every_steps = 1000  # also save at every epoch end (but see min_interval_s).
+  checkpoint.min_interval_s = 0.0  # seconds: an epoch end saves only if at least this
+  #   long has passed since the last save (the run's last update always saves; every_steps
+  #   and SIGTERM's saves are kept); a crash redoes at most this much. 0: every epoch end.
+  checkpoint.allow_changes = False  # resume even if privacy/model/data changed (recorded).
+  checkpoint.keep_keys = True  # False: delete keys.json, checkpoints/ and the batch
+  #   directory the run made (it holds the sampling key) when the run ends (or later:
+  #   python -m fastdp_jax.checkpoint forget).
+  return checkpoint
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key with its default: the original system's sequential DP-SGD run."""
   c = ml_collections.ConfigDict()
@@ -123,13 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # 'shard_map' (explicit psum) | 'auto' (XLA's all-reduce).
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.enabled = True  # save in WORKDIR/checkpoints and resume from it.
-  c.checkpoint.every_steps = 1000  # also save at every epoch end.
-  c.checkpoint.allow_changes = False  # resume even if privacy/model/data changed (recorded).
-  c.checkpoint.keep_keys = True  # False: delete keys.json, checkpoints/ and the batch
-  #                                directory the run made (it holds the sampling key) when the
-  #                                run ends (or later: python -m fastdp_jax.checkpoint forget).
+  c.checkpoint = _checkpoint_keys()
 
   c.steps_per_call = 128  # updates compiled into one device call (no per-step dispatch).
   c.padding_microbatch = config_dict.placeholder(int)  # rows: process each padded batch in
@@ -287,6 +296,8 @@ RANGE_CHECKS: dict[str, _Check] = {
     "compilation_cache_dir": (_unset_or(lambda v: isinstance(v, str) and "\0" not in v),
                               "a directory path ('' or None: no cache)"),
     "checkpoint.every_steps": (_positive_int, "positive"),
+    "checkpoint.min_interval_s": (lambda v: _is_number(v) and 0 <= v < math.inf,
+                                  "a non-negative finite number of seconds (0: every epoch end)"),
     "model.hidden_sizes": (lambda v: isinstance(v, (tuple, list)) and all(
         _positive_int(h) for h in v), "positive integers"),
     "model.task": (_unset_or(_one_of(TASKS)), f"one of {TASKS} (or unset: the manifest's task)"),
@@ -441,6 +452,7 @@ class CheckpointSettings:
   """The ``checkpoint`` group."""
   enabled: bool
   every_steps: int
+  min_interval_s: float
   allow_changes: bool
   keep_keys: bool
 

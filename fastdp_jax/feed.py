@@ -76,8 +76,10 @@ class Batches:
     chunk, d = self.steps_per_call, int(mesh.devices.size)
     lo, hi = self.local_shards[0], self.local_shards[-1] + 1
     if self.reader is None:  # starts at the run's position (a resume seeks to it)
+      # Unit batches: each device's slots are whole units (k slots each), so no unit's
+      # clipped sum straddles two devices.
       self.reader = self.stream.reader(step, stop_at, device_slice=batch_stream.device_slots(
-          self.stream.capacity, d, (lo, hi)))
+          self.stream.capacity, d, (lo, hi), self.stream.run.unit_size))
       if cleanup is not None:
         cleanup.callback(self.reader.close)
     with prof.phase("data read"):

@@ -94,7 +94,12 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
                              "unit dataset's directory (data.path)")
   streamed = given is None and bool(d.batches)
   unit = unit_batches.unit_spec(d.path) if given is None else None
-  if unit is not None:
+  if unit is not None and streamed:  # the batches hold the sampled units' row slots
+    _check_unit_settings(rc)
+    validation, dev = None, None
+    train, test, _ = _load_streamed(d, rc.privacy_eval.membership_rows, rc.json)
+    n = _unit_counts(d)[0]
+  elif unit is not None:
     _check_unit_settings(rc)
     train, test, dev, validation = _load_units(d, mesh, rc.json, unit)
     n = dev.num_examples
@@ -123,13 +128,16 @@ def load(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, given: Given | None 
 
 
 def _check_unit_settings(rc: config_lib.RunConfig) -> None:
-  """Refuses what a unit dataset does not support yet, in one line.
+  """Refuses what a unit dataset does not support, in one line.
 
   Raises:
-    ConfigError: materialised batches (units are sampled in memory).
+    ConfigError: a validation fraction with materialised batches (the batches are drawn from
+      every training unit, so none can be held out).
   """
-  if rc.data.batches:
-    raise errors.ConfigError(unit_batches.IN_MEMORY_ONLY)
+  if rc.data.batches and rc.data.validation_fraction:
+    raise errors.ConfigError("data.validation_fraction needs the training units read from "
+                             "data.path (the batches of data.batches are drawn from every "
+                             "training unit); unset it")
 
 
 def _load_units(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str,
@@ -315,7 +323,8 @@ def _load_streamed(d: config_lib.DataSettings, membership_rows: int, config_json
 def open_stream(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan
                 ) -> batch_stream.BatchStream:
   """The materialised batches of ``data.batches``, verified, and refused unless they are this
-  run's (dataset, batch size, epochs, q and the number of updates)."""
+  run's (dataset, batch size, epochs, q and the number of updates; for a unit dataset, unit
+  batches of its k drawn from its U units: :func:`batch_stream.dataset_identity`)."""
   if rc.dp.overflow_probability is not None:
     raise errors.ConfigError("dp.overflow_probability is fixed by the batches' capacity with "
                              "data.batches; unset it (or rewrite the batches)")

@@ -10,11 +10,15 @@ import os
 import stat
 import time
 
+from collections.abc import Callable
+
 import jax
+import numpy as np
 
 from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import console
+from fastdp_jax import distributed
 from fastdp_jax import errors
 from fastdp_jax import preemption
 from fastdp_jax import profiling
@@ -35,6 +39,23 @@ class Services:
   cleanup: contextlib.ExitStack | None
   t_start: float = dataclasses.field(default_factory=time.time)
   epoch_t0: float = dataclasses.field(default_factory=time.time)
+  min_interval_s: float = 0.0  # checkpoint.min_interval_s
+
+  def save_at_epoch_end(self, step: int, save: Callable[[], None]) -> None:
+    """Calls ``save`` at the epoch end ``step`` unless ``checkpoint.min_interval_s`` says
+    skip it: the last save ended less than that long ago and ``step`` is not the run's last
+    update (which always saves). A crash then redoes at most that much work, from a
+    checkpoint as exact as any other (the epoch records after it are cut and rewritten).
+
+    Every process takes process 0's decision: clocks differ, and a save is collective.
+    """
+    if self.ckpt is None:
+      return
+    if self.min_interval_s > 0 and step != self.schedule.stop_at:
+      due = time.monotonic() - self.ckpt.last_save_time >= self.min_interval_s
+      if not distributed.broadcast_from_process_0(np.array(due, np.uint8)):
+        return
+    save()
 
 
 def make_services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.PrivacyPlan,
@@ -61,7 +82,8 @@ def make_services(rc: config_lib.RunConfig, workdir: str, plan: plan_lib.Privacy
   profiling.activate(prof)
   cleanup.callback(_finish_profile, prof)
   return Services(ckpt=ckpt, schedule=schedule, writer=writer, prof=prof, cleanup=cleanup,
-                  preemption=preemption.Watch(enabled=ckpt is not None))
+                  preemption=preemption.Watch(enabled=ckpt is not None),
+                  min_interval_s=float(rc.checkpoint.min_interval_s))
 
 
 def _finish_profile(prof: profiling.Profiler) -> None:

@@ -82,7 +82,8 @@ class RunSummary:
     nonprivate_note: what the nonprivate_* figures are.
     privacy_eval: membership inference and, on an audit dataset, the canary audit.
   The run:
-    train_examples, test_examples: N and the test size (private: kept in the workdir).
+    train_examples, test_examples: N and the test size (private: kept in the workdir); with
+      a privacy unit, N counts training UNITS (``privacy_unit``), the test size rows.
     batches: the materialised batch directory, if the updates streamed from one.
     data_digest: the training rows' digest (private).
     num_devices, num_processes, wall_time_s: how it ran.

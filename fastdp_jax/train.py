@@ -234,8 +234,8 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
       compiled=Compiled(mesh=mesh, run=run, clipping=method, apply_fn=apply_fn,
                         evaluate=evaluate_lib.build_eval(apply_fn, rows.head)))
   services.writer.write(records.CONFIG, progress.step, rc.to_dict())
-  logging.info("train rows %d, test rows %d, features %d, devices %d, params %d",
-               rows.num_examples, len(rows.test), rows.train.features.shape[1],
+  logging.info("train %s %d, test rows %d, features %d, devices %d, params %d", "units" if
+               rows.unit else "rows", rows.num_examples, len(rows.test), rows.train.features.shape[1],
                mesh.devices.size, models.count_params(params))
   console.announce_plan(plan, devices=int(mesh.devices.size), capacity=t.batches.capacity,
                         private=private, privacy_note=privacy_note)
@@ -288,7 +288,7 @@ def _epoch_end(t: Trainer, m: dict[str, np.ndarray], k: int) -> None:
                                              partial=checkpoint_lib.zero_partial())
   s.writer.write(records.EVAL, t.step, dict(test, epsilon=eps))
   s.writer.write(records.EPOCH, t.step, record)
-  t.save()
+  s.save_at_epoch_end(t.step, t.save)  # checkpoint.min_interval_s may skip it
   s.epoch_t0 = time.time()
 
 

@@ -16,7 +16,9 @@ it a trial of its own:
   (:func:`fastdp_jax.dp.noise.gaussian_noise`, the trainer's noise, bit for bit);
 - its own :class:`fastdp_jax.train.Trainer` (set up by :func:`fastdp_jax.train.setup` in its
   own workdir): the same plan, ledger, epoch-end evaluation, calibration, summary and outputs
-  as a run of ``train_and_evaluate``; only the loop's compiled call is shared.
+  as a run of ``train_and_evaluate``; only the loop's compiled call is shared. With
+  ``epoch_metrics=False`` (``fastdp-tune``'s default, ``search.trials.epoch_metrics``) the
+  evaluation runs at the last update only: the same final metrics, no per-epoch curves.
 
 So a trial here is the trial alone (``tests/test_trials.py``) up to float32 rounding: vmap
 batches the matrix products, and C enters through the identity
@@ -364,10 +366,48 @@ def _batches(trainers: Sequence[train.Trainer], k: int, on_mesh: jax.sharding.Sh
           jax.device_put(np.arange(chunk) < k, on_mesh))
 
 
-def train_side_by_side(trainers: Sequence[train.Trainer]) -> None:
+def _last_epoch_end(t: train.Trainer, m: dict[str, np.ndarray], k: int) -> None:
+  """The trainer's epoch-end hook at the run's last update only.
+
+  At an earlier epoch end only what the last epoch's record depends on is done: the epoch's
+  partial sums (train loss, clipped fraction, non-finite count) and its clock start again.
+  The evaluations, the epsilon, the model-inversion attack and the epoch record are skipped:
+  the final record, and so the summary and the released model's metrics, are the ones the
+  full hook writes, bit for bit; the trial's ``metrics.jsonl`` then has one epoch record.
+  """
+  s = t.services
+  if not s.schedule.is_epoch_end(t.step):
+    return
+  if t.step == s.schedule.stop_at:
+    train._epoch_end(t, m, k)  # pylint: disable=protected-access
+    return
+  t.progress.run_state = dataclasses.replace(t.progress.run_state,
+                                             partial=checkpoint_lib.zero_partial())
+  s.epoch_t0 = time.time()
+
+
+def hooks(epoch_metrics: bool) -> tuple[Callable[..., None], ...]:
+  """The trainer's hooks (:data:`fastdp_jax.train.HOOKS`); without ``epoch_metrics``, its
+  epoch-end hook runs at the last update only (:func:`_last_epoch_end`)."""
+  if epoch_metrics:
+    return train.HOOKS
+  epoch_end = train._epoch_end  # pylint: disable=protected-access
+  return tuple(_last_epoch_end if h is epoch_end else h for h in train.HOOKS)
+
+
+def train_side_by_side(trainers: Sequence[train.Trainer], *, epoch_metrics: bool = True
+                       ) -> None:
   """Runs every trainer's updates from 0 to its schedule's stop, all in one compiled call per
   chunk; after each call, each trainer's hooks (progress, epoch-end evaluation, ...) run as
-  in :func:`fastdp_jax.train.train`."""
+  in :func:`fastdp_jax.train.train`.
+
+  Args:
+    trainers: the trials' trainers, of one :class:`Shape`.
+    epoch_metrics: False: each trial is evaluated (test and validation metrics, epsilon,
+      model-inversion attack) at its last update only, not at every epoch end: the same
+      final metrics, without the per-epoch curves (this host work, K times per epoch, is
+      most of what K trials cost beyond one).
+  """
   shape = _shape(trainers)
   if any(t.step for t in trainers):
     raise TrialShapeError("trials side by side start at update 0 (no resume)")
@@ -382,6 +422,7 @@ def train_side_by_side(trainers: Sequence[train.Trainer]) -> None:
       _stack([_initial_state(t, shape, h) for t, h in zip(trainers, hypers)]), on_mesh)
   hyper = jax.device_put(_stack(hypers), on_mesh)
   schedule, dev = first.services.schedule, first.data.dev
+  run_hooks = hooks(epoch_metrics)
   for t in trainers:
     t.services.epoch_t0 = time.time()  # as train.train starts an epoch's clock
   while first.step < schedule.stop_at:
@@ -393,7 +434,7 @@ def train_side_by_side(trainers: Sequence[train.Trainer]) -> None:
     for i, t in enumerate(trainers):
       mi = {name: v[i] for name, v in m.items()}
       _advance(t, jax.tree_util.tree_map(lambda a, i=i: a[i], params), mi, k)
-      for hook in train.HOOKS:
+      for hook in run_hooks:
         hook(t, mi, k)
 
 
@@ -401,8 +442,8 @@ Inspect = Callable[[int, train.Trainer, summary_lib.RunSummary], None]
 
 
 def run_trials(configs: Sequence[ml_collections.ConfigDict | config_lib.RunConfig],
-               workdirs: Sequence[str], *, inspect: Inspect | None = None
-               ) -> list[summary_lib.RunSummary]:
+               workdirs: Sequence[str], *, inspect: Inspect | None = None,
+               epoch_metrics: bool = True) -> list[summary_lib.RunSummary]:
   """Trains trials of one shape side by side; each finishes as ``train_and_evaluate`` would.
 
   Args:
@@ -411,6 +452,8 @@ def run_trials(configs: Sequence[ml_collections.ConfigDict | config_lib.RunConfi
     workdirs: one new directory per trial (its outputs, as a run's).
     inspect: called as ``inspect(i, trainer, summary)`` for trial ``i`` once it is finished
       (``fastdp_jax.tune`` scores each trial with it).
+    epoch_metrics: False: evaluate each trial at its last update only
+      (:func:`train_side_by_side`): the same summaries, one epoch record per trial.
 
   Returns:
     Each trial's :class:`~fastdp_jax.summary.RunSummary`, in the order of ``configs``.
@@ -433,7 +476,7 @@ def run_trials(configs: Sequence[ml_collections.ConfigDict | config_lib.RunConfi
     with atomic.disk_full_is_user_error(f"the trials' workdirs {workdirs[0]}, ...",
                                         "every complete output is intact"):
       trainers = [_open(rc, w, cleanup) for rc, w in zip(rcs, workdirs)]
-      train_side_by_side(trainers)
+      train_side_by_side(trainers, epoch_metrics=epoch_metrics)
       for i, t in enumerate(trainers):
         summary = train.finalize(t)
         if inspect is not None:

@@ -79,6 +79,9 @@ def default_search() -> ml_collections.ConfigDict:
   s.trials.sequential = False  # True: one trial after another, each through the trainer;
   #                   False: trials of one shape side by side in one compiled step
   #                   (fastdp_jax.trials), each still its own keys, plan and outputs.
+  s.trials.epoch_metrics = False  # side by side: evaluate each trial (test, validation,
+  #                   epsilon, attack) at its last update only (the same final metrics and
+  #                   model; its metrics.jsonl without per-epoch curves); True: every epoch.
   s.score = ml_collections.ConfigDict()
   s.score.metric = "brier"  # 'brier' | 'accuracy' | 'log_loss' on the validation rows.
   s.score.noise_multiplier = 40.0  # the score's Gaussian noise, times its sensitivity.
@@ -374,7 +377,7 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, index: int,
 
 def run_side_by_side(cfgs: list[ml_collections.ConfigDict], workdirs: list[str],
                      indices: list[int], values: list[dict[str, Any]], metric: str,
-                     score_noise: float, rng: Any) -> list[Trial]:
+                     score_noise: float, rng: Any, epoch_metrics: bool = True) -> list[Trial]:
   """Trains trials of one shape side by side (:func:`fastdp_jax.trials.run_trials`: one
   compiled step, each trial its own keys and hyperparameters) and scores each as
   :func:`run_trial` does."""
@@ -385,14 +388,15 @@ def run_side_by_side(cfgs: list[ml_collections.ConfigDict], workdirs: list[str],
     del summary
     kept[i] = _score(t, metric, score_noise, rng)
 
-  summaries = trials.run_trials(cfgs, workdirs, inspect=score)
+  summaries = trials.run_trials(cfgs, workdirs, inspect=score, epoch_metrics=epoch_metrics)
   return [Trial(index=indices[i], workdir=workdirs[i], values=values[i], score=kept[i][0],
                 summary=s, export=kept[i][1]) for i, s in enumerate(summaries)]
 
 
 def _search_trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str,
                    metric: str, score_noise: float, rng: Any, proc: Procedure | None,
-                   sequential: bool = False) -> tuple[Trial | None, list[dict[str, Any]]]:
+                   sequential: bool = False, epoch_metrics: bool = True
+                   ) -> tuple[Trial | None, list[dict[str, Any]]]:
   """Runs ``k`` trials; returns the best (the only one whose model is kept) and the
   records of all.
 
@@ -403,7 +407,8 @@ def _search_trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_d
   """
   best: Trial | None = None
   records = []
-  for t in _trials(cfg, space, k, trials_dir, metric, score_noise, rng, proc, sequential):
+  for t in _trials(cfg, space, k, trials_dir, metric, score_noise, rng, proc, sequential,
+                   epoch_metrics):
     records.append(t.record())
     if best is None or t.score > best.score:
       best = t  # the previous best's parameters are dropped here
@@ -414,7 +419,7 @@ def _search_trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_d
 
 def _trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str,
             metric: str, score_noise: float, rng: Any, proc: Procedure | None,
-            sequential: bool) -> Iterator[Trial]:
+            sequential: bool, epoch_metrics: bool = True) -> Iterator[Trial]:
   """The ``k`` finished trials, in the order of their indices."""
   workdir = lambda i: os.path.join(trials_dir, f"{i:03d}")
   if sequential:
@@ -437,7 +442,8 @@ def _trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str
       continue
     say(f"tuning: trials {', '.join(str(i + 1) for i in group)} side by side")
     for t in run_side_by_side([cfgs[i] for i in group], [workdir(i) for i in group], group,
-                              [drawn[i] for i in group], metric, score_noise, rng):
+                              [drawn[i] for i in group], metric, score_noise, rng,
+                              epoch_metrics):
       done[t.index] = t
     # As the sequential search, keep no parameters that cannot be released: a trial scored
     # below another is never the best.
@@ -452,6 +458,12 @@ def _trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str
 def _sequential(search: ml_collections.ConfigDict) -> bool:
   """``search.trials.sequential`` (absent from search configs older than the key: False)."""
   return bool(search.trials.get("sequential", False))
+
+
+def _epoch_metrics(search: ml_collections.ConfigDict) -> bool:
+  """``search.trials.epoch_metrics`` (absent from search configs older than the key: True,
+  what they did)."""
+  return bool(search.trials.get("epoch_metrics", True))
 
 
 # --- the procedure ----------------------------------------------------------------------------
@@ -483,7 +495,8 @@ def _private_tuning(cfg: ml_collections.ConfigDict, search: ml_collections.Confi
       f"({trial.score_noise_multiplier:g} x its sensitivity); K ~ {proc.count.describe()}, "
       f"not released; total epsilon {proc.epsilon:.4f} at delta {proc.delta:.3g} (RDP)")
   best, records = _search_trials(cfg, space, k, os.path.join(workdir, "trials"), proc.metric,
-                                 trial.score_noise_multiplier, rng, proc, _sequential(search))
+                                 trial.score_noise_multiplier, rng, proc, _sequential(search),
+                                 _epoch_metrics(search))
   description = tuning.describe(trial, proc.count, proc.epsilon, proc.accountant_delta,
                                 proc.metric, proc.count_epsilon)
   from fastdp_jax.dp import release  # pylint: disable=g-import-not-at-top
@@ -516,7 +529,8 @@ def _proxy_tuning(cfg: ml_collections.ConfigDict, search: ml_collections.ConfigD
   on_proxy.data.path = proxy
   metric = str(search.score.metric)
   best, records = _search_trials(on_proxy, space, k, os.path.join(workdir, "proxy_trials"),
-                                 metric, 0.0, rng, None, _sequential(search))
+                                 metric, 0.0, rng, None, _sequential(search),
+                                 _epoch_metrics(search))
   assert best is not None
   say(f"tuning: the best of {k} trials on {proxy}: {best.values}; one private run on "
       f"{cfg.data.path}")

@@ -18,6 +18,9 @@ key, unit key, t, q) alone, so 1 and N devices and a resumed run see the same ba
 adding or removing a unit changes no other unit's. :func:`expand` turns each device's sampled
 unit slots into k row slots each: row slot j of unit slot u at ``u * k + j``, masked beyond
 the unit's rows. The capacity (and its overflow term in delta) counts units.
+
+Materialised batches of a unit dataset (``preprocessing.poisson_batches``, ``data.batches``)
+hold the same row slots, drawn by the same rule: the streamed run equals this one.
 """
 
 from __future__ import annotations
@@ -33,10 +36,6 @@ from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import sampling
-
-IN_MEMORY_ONLY = ("privacy units are supported in memory only: unset data.batches (the "
-                  "unit dataset's updates are sampled by unit as the run reads it)")
-
 
 @dataclasses.dataclass(frozen=True)
 class UnitSpec:

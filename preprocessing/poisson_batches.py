@@ -32,6 +32,12 @@ What it does (the format is :mod:`fastdp_jax.data.batch_format`'s):
    are written empty; ``block.json`` is written last and the staging directory renamed into
    place. A failed or killed job leaves only a hidden ``.NAME.staging-*`` directory.
 
+Privacy units: a unit dataset's UNITS are sampled, as the trainer samples them in memory
+(:mod:`preprocessing.poisson_units`): N = U, its training units, q = B / U, the capacity
+counts units, and each sampled unit takes k = ``max_rows_per_unit`` slots (its kept rows,
+chosen by ``units.group``), so the shards hold ``capacity * k`` row slots per update and
+``batches.json`` records k; the batches equal the in-memory run's for the same key.
+
 Disk: the block takes about (its updates) x capacity x (4 F + 5) bytes, i.e. about epochs x
 the training rows in float32 plus the capacity's headroom over B. The output is as private as
 the dataset (it holds its rows, and the key).
@@ -48,7 +54,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (spark-submit preprocessing/poisson_batches.py)
@@ -64,6 +70,7 @@ from fastdp_jax import errors  # pylint: disable=g-import-not-at-top
 from fastdp_jax.dp import release  # pylint: disable=g-import-not-at-top
 from fastdp_jax.dp import sampling  # pylint: disable=g-import-not-at-top
 from preprocessing import output as output_lib  # pylint: disable=g-import-not-at-top
+from preprocessing import poisson_units  # pylint: disable=g-import-not-at-top
 from preprocessing.output import PipelineError  # pylint: disable=g-import-not-at-top
 
 DEFAULT_SHARD_BYTES = 64 << 20  # target size of one batch shard (sets K by default)
@@ -97,6 +104,8 @@ class JobPlan:
   rows_per_task: int | None
   overwrite: bool
   key: np.ndarray = dataclasses.field(repr=False)  # secret: never printed
+  # A unit dataset's grouping (None: row-level); shipped to the tasks as a broadcast.
+  units: poisson_units.UnitRows | None = dataclasses.field(default=None, repr=False)
 
   @property
   def block(self) -> str:
@@ -136,10 +145,6 @@ def _train_manifest(dataset: str) -> manifest_lib.Manifest:
     raise FileNotFoundError(f"dataset {dataset} does not exist (a directory written by "
                             "preprocessing.spark_job or synthesize --output-shards)")
   m = manifest_lib.read_manifest(dataset)
-  if m.privacy_unit is not None:  # this job samples rows; a unit dataset samples units
-    raise PipelineError(f"{dataset}: a privacy-unit dataset (privacy_unit "
-                        f"{list(m.privacy_unit)}); its units are sampled in memory only: "
-                        "train without data.batches")
   if m.rows("train") == 0:
     raise PipelineError(f"{dataset}: no training rows")
   manifest_lib.resolve_bounds(m.feature_bounds, None, m.num_features,
@@ -155,12 +160,17 @@ def _train_manifest(dataset: str) -> manifest_lib.Manifest:
 
 def derive_run(manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
                overflow_probability: float | None, key: np.ndarray,
-               sampling_fixed: bool) -> bf.RunInfo:
-  """The run manifest a (dataset, B, E, p, key) gives: q, T and the capacity."""
-  n = manifest.rows("train")
+               sampling_fixed: bool, num_units: int | None = None) -> bf.RunInfo:
+  """The run manifest a (dataset, B, E, p, key) gives: q, T and the capacity.
+
+  With ``num_units`` (a unit dataset's U), N = U and the capacity counts units, times k.
+  """
+  n = manifest.rows("train") if num_units is None else num_units
+  k = int(manifest.max_rows_per_unit) if num_units is not None else None
+  what = "rows" if k is None else "units"
   if batch_size > n:
-    raise PipelineError(f"--batch-size {batch_size} exceeds the {n} training rows (q = B / N "
-                        "must be at most 1)")
+    raise PipelineError(f"--batch-size {batch_size} exceeds the {n} training {what} (q = B / "
+                        "N must be at most 1)")
   q = batch_size / n
   spe = max(1, round(n / batch_size))
   total = epochs * spe
@@ -169,11 +179,18 @@ def derive_run(manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
         release.default_delta(n), total, 1)
   if not 0 < overflow_probability < 1:
     raise PipelineError(f"--overflow-probability {overflow_probability} must be in (0, 1)")
-  return bf.RunInfo(
+  units: dict[str, Any] = {} if k is None else dict(
+      max_rows_per_unit=k,
+      slot_order=("units of an update in ascending unit key, k slots each: row j of unit slot"
+                  " u at u * k + j (its rows kept by fastdp_jax.data.units.group, in that "
+                  "order), masked beyond them; then padding with mask False"),
+      inclusion=("fastdp_jax.dp.sampling.inclusions with each UNIT's key as its counter: unit"
+                 " u is in update t iff t is a partial sum of its Geometric(q) gaps"))
+  return bf.RunInfo(**units,
       format_version=bf.FORMAT_VERSION, dataset_digest=manifest.digest(), num_examples=n,
       batch_size=batch_size, epochs=epochs, steps_per_epoch=spe, total_updates=total,
       sampling_rate=q, expected_batch_size=q * n,
-      capacity=sampling.capacity_for(n, q, overflow_probability),
+      capacity=sampling.capacity_for(n, q, overflow_probability) * (k or 1),
       overflow_probability=float(overflow_probability),
       feature_names=tuple(manifest.feature_names), label_name=manifest.label_name,
       sampling_fixed=bool(sampling_fixed), key_commitment=bf.key_commitment(key))
@@ -221,8 +238,8 @@ def _is_append(out: str, blocked: bool, overwrite: bool) -> bool:
 
 
 def _existing_run(out: str, manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
-                  sampling_seed: int | None, overflow_probability: float | None
-                  ) -> tuple[bf.RunInfo, np.ndarray]:
+                  sampling_seed: int | None, overflow_probability: float | None,
+                  num_units: int | None = None) -> tuple[bf.RunInfo, np.ndarray]:
   """``(run, key)`` of the batch directory ``out``, refused unless this job's run is its run."""
   existing = bf.read_run(out)
   key, fixed = bf.read_key(out)
@@ -231,7 +248,8 @@ def _existing_run(out: str, manifest: manifest_lib.Manifest, *, batch_size: int,
     raise bf.BatchMismatchError(f"{out}: --sampling-seed {sampling_seed} is not the seed of "
                                 "this directory's key; omit it to use the directory's key")
   wanted = derive_run(manifest, batch_size=batch_size, epochs=epochs,
-                      overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
+                      overflow_probability=overflow_probability, key=key, sampling_fixed=fixed,
+                      num_units=num_units)
   # The directory's overflow probability holds unless one was asked for explicitly.
   if overflow_probability is None:
     wanted = dataclasses.replace(wanted, overflow_probability=existing.overflow_probability,
@@ -284,15 +302,21 @@ def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
   dataset, out = _local_paths(dataset, output)
   manifest = _train_manifest(dataset)
   append = _is_append(out, blocked, overwrite)
+  units = None
+  if manifest.privacy_unit:  # the units' grouping, as the trainer's loader makes it
+    units = poisson_units.unit_rows(dataset, manifest, max(1024, _PIECE_BYTES // (
+        4 * manifest.num_features)))
+  num_units = None if units is None else units.num_units
   if append:
     run, key = _existing_run(out, manifest, batch_size=batch_size, epochs=epochs,
                              sampling_seed=sampling_seed,
-                             overflow_probability=overflow_probability)
+                             overflow_probability=overflow_probability, num_units=num_units)
     _check_new_block(out, first, count, overwrite)
   else:
     key, fixed = sampling.sampling_key(sampling_seed)
     run = derive_run(manifest, batch_size=batch_size, epochs=epochs,
-                     overflow_probability=overflow_probability, key=key, sampling_fixed=fixed)
+                     overflow_probability=overflow_probability, key=key, sampling_fixed=fixed,
+                     num_units=num_units)
   run = bf.RunInfo.from_json(run.to_json(), "run")  # fills in the digest
   slot = bf.bytes_per_slot(run.num_features)
   if updates_per_shard is None:
@@ -302,7 +326,7 @@ def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
     rows_per_task = _positive_int(rows_per_task, "--rows-per-task")
   plan = JobPlan(dataset=dataset, output=out, run=run, append=append, first_epoch=first,
                  end_epoch=first + count, updates_per_shard=k, rows_per_task=rows_per_task,
-                 overwrite=overwrite, key=key)
+                 overwrite=overwrite, key=key, units=units)
   _check_free_space(plan)
   return plan
 
@@ -349,16 +373,38 @@ def _decode(payload: bytes, num_features: int):
 
 def _inclusion_task(plan: JobPlan, pieces: list[tuple[manifest_lib.ShardInfo, int, int, int, bool]],
                     bounds: manifest_lib.Bounds, task: manifest_lib.Task,
-                    embeddings: tuple[manifest_lib.Embedding, ...] = ()):
+                    embeddings: tuple[manifest_lib.Embedding, ...] = (),
+                    units: Callable[[], poisson_units.UnitRows] | None = None):
   """The mapInArrow function: piece ids -> (shard index, payload) records.
 
   Every row read is checked as the loader checks it: features against ``bounds``, labels
-  against ``task`` and embedding ids against ``embeddings`` (the dataset manifest's).
+  against ``task`` and embedding ids against ``embeddings`` (the dataset manifest's). With
+  ``units`` (a unit dataset's grouping), a row is in every update its unit is in, and travels
+  with its slot id ``u * k + j`` in place of its row id (a dropped row never travels).
   """
   key, q, names = plan.key, plan.run.sampling_rate, plan.run.feature_names
   u0, u1, k = plan.first_update, plan.end_update, plan.updates_per_shard
   expected = max(q * u1, 1e-12)  # inclusions per row before the block's end
   sub_rows = int(max(1, min(1 << 16, _INCLUSIONS_PER_CHUNK / expected)))
+
+  def included(rows: np.ndarray, first: int):
+    """``(ids, updates, positions in the piece)`` of the rows' inclusions."""
+    if units is None:
+      r, t = sampling.inclusions(key, rows, q, u1, start=u0)
+      return r, t, r - first
+    grouping = units()
+    slot = grouping.slot[rows]
+    kept = np.flatnonzero(slot >= 0)
+    row_units = slot[kept] // grouping.k
+    uu = np.unique(row_units)
+    # The unit keys are the sampler's counters (fastdp_jax.unit_batches); inclusions takes
+    # them as int64 and hashes the same 64 bits.
+    counters = grouping.keys[uu].view(np.int64)
+    c, t = sampling.inclusions(key, counters, q, u1, start=u0)
+    by_counter = np.argsort(counters)
+    unit_of = uu[by_counter[np.searchsorted(counters[by_counter], c)]]
+    pos, t = poisson_units.rows_of_units(row_units, unit_of, t)
+    return slot[kept][pos], t, rows[kept][pos] - first
 
   def run(batches):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
@@ -371,17 +417,17 @@ def _inclusion_task(plan: JobPlan, pieces: list[tuple[manifest_lib.ShardInfo, in
                                   embeddings=embeddings, where=f"shard {info.file}", first_row=lo)
         for s in range(0, hi - lo, sub_rows):
           rows = np.arange(base + lo + s, base + min(hi, lo + s + sub_rows), dtype=np.int64)
-          r, t = sampling.inclusions(key, rows, q, u1, start=u0)
+          r, t, at = included(rows, base + lo)
           if not len(r):
             continue
           shard = (t - u0) // k
           order = np.argsort(shard, kind="stable")
-          r, t, shard = r[order], t[order], shard[order]
+          r, t, at, shard = r[order], t[order], at[order], shard[order]
           cuts = np.flatnonzero(np.diff(shard)) + 1
           ids, payloads = [], []
           for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(r)]):
             j = int(shard[a])
-            local = r[a:b] - (base + lo)
+            local = at[a:b]
             ids.append(j)
             payloads.append(_encode(t[a:b] - (u0 + j * k), r[a:b], y[local], x[local]))
           yield pa.RecordBatch.from_arrays(
@@ -435,10 +481,17 @@ def write_one_shard(block_dir: str, plan: JobPlan, j: int, payloads: Sequence[by
     parts = [_decode(_encode(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0),
                              np.zeros((0, plan.run.num_features))), plan.run.num_features)]
   updates, rows, labels, features = (np.concatenate(c) for c in zip(*parts))
-  f, lab, m, over = fill_shard(updates.astype(np.int64), rows, labels, features, end - first,
-                               plan.run.capacity)
+  unit = plan.run.max_rows_per_unit
+  if unit is None:
+    f, lab, m, over = fill_shard(updates.astype(np.int64), rows, labels, features, end - first,
+                                 plan.run.capacity)
+  else:  # ``rows`` holds slot ids u * k + j
+    f, lab, m, over = poisson_units.fill_unit_shard(
+        updates.astype(np.int64), rows, labels, features, end - first,
+        plan.run.capacity // unit, unit)
   if over is not None:
-    return "overflow", json.dumps({"update": first + over[0], "examples": over[1]})
+    return "overflow", json.dumps({"update": first + over[0], "examples": over[1],
+                                   "what": "examples" if unit is None else "units"})
   try:
     entry = bf.write_shard(block_dir, first, f, lab, m)
   except OSError as e:
@@ -503,10 +556,17 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bf.ShardEnt
   bounds = manifest_lib.resolve_bounds(manifest.feature_bounds, None, manifest.num_features,
                                        plan.dataset)
   ids = spark.range(0, len(pieces), 1, numPartitions=len(pieces))
-  check = _inclusion_task(plan, pieces, bounds, manifest.task, tuple(manifest.embeddings))
+  units = None
+  if plan.units is not None:  # shipped once per executor, not in every task's closure
+    shared = spark.sparkContext.broadcast(plan.units)
+    units = lambda: shared.value  # noqa: E731 - pickled into the tasks
+  task_plan = dataclasses.replace(plan, units=None)
+  check = _inclusion_task(task_plan, pieces, bounds, manifest.task, tuple(manifest.embeddings),
+                          units)
   records = ids.mapInArrow(check, "shard int, payload binary")
   results = _collect(records.groupBy("shard").applyInPandas(
-      _shard_task(block_dir, plan), "kind string, body string"), "materialising the batches")
+      _shard_task(block_dir, task_plan), "kind string, body string"),
+      "materialising the batches")
   shards: dict[int, bf.ShardEntry] = {}
   failures, overflows = [], []
   for r in results:
@@ -527,9 +587,10 @@ def _write_block(spark, plan: JobPlan, block_dir: str) -> tuple[list[bf.ShardEnt
                         + "; nothing was published")
   if overflows:
     o = min(overflows, key=lambda b: b["update"])
+    cap = plan.run.capacity // plan.run.unit_size
     raise sampling.BatchOverflowError(
-        f"update {o['update']}: {o['examples']} examples sampled, capacity "
-        f"{plan.run.capacity}; lower --overflow-probability (now "
+        f"update {o['update']}: {o['examples']} {o['what']} sampled, capacity "
+        f"{cap}; lower --overflow-probability (now "
         f"{plan.run.overflow_probability:g}) and rerun; nothing was published")
   for j in range(plan.num_shards):  # shards no row fell in (rare: tiny q)
     first, _ = plan.shard_range(j)
@@ -595,7 +656,10 @@ def describe(plan: JobPlan, block: bf.BlockInfo, seconds: float) -> str:
          f"secret, in {os.path.join(plan.output, bf.PRIVATE_DIR, bf.KEY_FILE)}")
   return (f"{plan.output}/{block.name}: updates [{block.first_update}, {block.end_update}) of "
           f"{run.total_updates} (epochs {block.first_epoch}-{block.end_epoch} of {run.epochs}, "
-          f"{run.steps_per_epoch}/epoch), q={run.sampling_rate:.6g}, capacity {run.capacity}, "
+          f"{run.steps_per_epoch}/epoch), q={run.sampling_rate:.6g}, capacity {run.capacity}"
+          + ("" if run.max_rows_per_unit is None else
+             f" row slots ({run.capacity // run.unit_size} units of k={run.unit_size})")
+          + ", "
           f"{len(block.shards)} shards, {size / 1e6:.1f} MB; sampling key {key}; "
           f"{seconds:.1f} s")
 
@@ -606,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Dataset -> materialised Poisson batches (see docs/data_pipeline.md)")
   p.add_argument("--dataset", required=True, help="dataset directory (manifest.json, shards)")
   p.add_argument("--output", required=True, help="batch directory to create or add a block to")
-  p.add_argument("--batch-size", type=int, required=True, help="expected batch size B")
+  p.add_argument("--batch-size", type=int, required=True, help="expected batch size B (units per update, for a unit dataset)")
   p.add_argument("--epochs", type=int, required=True, help="epochs E of the whole run")
   p.add_argument("--sampling-seed", type=int, default=None,
                  help="fix the sampling key (reproducible, public: no privacy); default: "

@@ -113,6 +113,7 @@ _BAD = {
     "num_epochs": 0, "batch_size": -1, "steps_per_call": 0, "eval_batch_size": 0,
     "log_every_steps": -1, "privacy_eval.membership_rows": -1,
     "privacy_eval.significance": 1.0, "profile_steps": -5, "checkpoint.every_steps": 0,
+    "checkpoint.min_interval_s": -1.0,
     "padding_microbatch": 0, "model.hidden_sizes": (8, 0), "model.task": "multi",
     "model.embedding_dim": 0, "model.huber_delta": math.inf,
     "data.validation_fraction": 1.0, "optimizer.name": "sgdd",
@@ -141,6 +142,18 @@ def test_each_range_check_refuses_a_bad_value_naming_key_and_value(key):
   with pytest.raises(errors.ConfigError) as e:
     config_lib.validate(cfg)
   assert str(e.value) == f"{key}={_BAD[key]!r} must be {table[key][1]}"
+
+
+@pytest.mark.parametrize("seconds,ok", [(0.0, True), (60.0, True), (0.5, True),
+                                        (math.inf, False), (math.nan, False), (-0.1, False)])
+def test_checkpoint_min_interval_is_a_finite_non_negative_number_of_seconds(seconds, ok):
+  cfg = _valid()
+  cfg.checkpoint.min_interval_s = seconds
+  if ok:
+    assert config_lib.settings(cfg).checkpoint.min_interval_s == seconds
+  else:
+    with pytest.raises(errors.ConfigError, match=r"checkpoint\.min_interval_s="):
+      config_lib.validate(cfg)
 
 
 def test_dp_value_checks_apply_only_when_dp_is_on():

@@ -1,4 +1,6 @@
-"""The services around the loop: the persistent compilation cache is private and is hit.
+"""The services around the loop: the persistent compilation cache is private and is hit;
+``checkpoint.min_interval_s`` skips epoch-end saves, never the last, and a crash still
+resumes to the uninterrupted model.
 
 The cache holds compiled programs whose shapes give the number of training, test and
 validation rows (secret under the threat model), and anyone who can write to it can make a
@@ -17,10 +19,12 @@ import numpy as np
 import pytest
 from jax._src import compilation_cache  # JAX's own reader of its cache entries
 
-from conftest import make_dataset
+from conftest import make_config, make_dataset
+from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import errors
 from fastdp_jax import services
+from fastdp_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,3 +182,87 @@ def test_unusable_cache_directory_is_one_error_line_unless_it_is_the_default(tmp
   assert default.returncode == 0, default.stderr[-3000:]
   assert "running without a compilation cache" in default.stderr
   assert (tmp_path / "b" / "summary.json").exists()
+
+
+# --- checkpoint.min_interval_s: epoch-end saves at most that often -----------------------------
+EPOCHS = 4
+
+
+class _Crash(Exception):
+  """A crash in the middle of a run (what SIGKILL is to a process, here in-process)."""
+
+
+@pytest.fixture
+def saved_steps(monkeypatch):
+  """The update of every checkpoint saved (the directory keeps the last two only)."""
+  steps = []
+  save = checkpoint_lib.Checkpointer.save
+
+  def recording_save(self, step, state, run_state):
+    steps.append(step)
+    save(self, step, state, run_state)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", recording_save)
+  return steps
+
+
+def _interval_config(dataset, interval, every_steps=100_000):
+  return make_config(dataset, **{"num_epochs": EPOCHS, "checkpoint.min_interval_s": interval,
+                                 "checkpoint.every_steps": every_steps})
+
+
+def _final_params(workdir):
+  with np.load(os.path.join(workdir, "final_params.npz")) as f:
+    return {k: f[k] for k in f}
+
+
+def _epochs(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["epoch"] for r in map(json.loads, f) if r["kind"] == "epoch"]
+
+
+def test_an_interval_skips_the_epoch_end_saves_but_the_last(small_dataset, tmp_path,
+                                                            saved_steps):
+  each = train.train_and_evaluate(_interval_config(small_dataset, 0.0), str(tmp_path / "each"))
+  per_epoch = each.steps // EPOCHS
+  assert saved_steps == [per_epoch * e for e in range(1, EPOCHS + 1)]  # the default: each end
+  saved_steps.clear()
+  # An hour between saves: only the run's last update is saved.
+  hour = train.train_and_evaluate(_interval_config(small_dataset, 3600.0),
+                                  str(tmp_path / "hour"))
+  assert saved_steps == [hour.steps] and hour.steps == each.steps
+  a, b = _final_params(str(tmp_path / "each")), _final_params(str(tmp_path / "hour"))
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k])  # saving changes no update
+  assert _epochs(str(tmp_path / "hour")) == list(range(1, EPOCHS + 1))
+
+
+def test_a_crash_after_skipped_saves_resumes_to_the_same_model(small_dataset, tmp_path,
+                                                               saved_steps, monkeypatch):
+  ref = train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=10),
+                                 str(tmp_path / "ref"))
+  per_epoch = ref.steps // EPOCHS
+  saved_steps.clear()
+  # Crash at epoch 3's end, after its save was skipped: the last checkpoint is a periodic
+  # one of epoch 3, so the resume redoes updates, an epoch end and its record.
+  at_epoch_end = services.Services.save_at_epoch_end
+
+  def crash_at_epoch_3(self, step, save):
+    at_epoch_end(self, step, save)
+    if step == 3 * per_epoch:
+      raise _Crash
+
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", crash_at_epoch_3)
+  work = str(tmp_path / "crashed")
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=10), work)
+  assert saved_steps and not any(s % per_epoch == 0 for s in saved_steps)  # periodic only
+  assert 2 * per_epoch < saved_steps[-1] < 3 * per_epoch
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", at_epoch_end)
+  again = train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=10),
+                                   work)
+  assert again.steps == ref.steps and again.epsilon == ref.epsilon
+  a, b = _final_params(str(tmp_path / "ref")), _final_params(work)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k])  # the same updates, from an exact checkpoint
+  assert _epochs(work) == list(range(1, EPOCHS + 1))  # no epoch lost or written twice

@@ -5,6 +5,7 @@ public seeds give both runs the same secret keys (sampling and noise), so the tw
 by float32 rounding (vmap batches the products; C enters as ``C * clip_1(g / C)``).
 """
 
+import dataclasses
 import json
 import os
 
@@ -99,6 +100,35 @@ def test_a_trial_is_independent_of_the_others(dataset, tmp_path):
   before, after = _params(str(tmp_path / "a1")), _params(str(tmp_path / "b1"))
   assert max(float(np.abs(before[k] - after[k]).max()) for k in before) > 100 * _tolerance(
       before, summaries[1].steps)
+
+
+def _epoch_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == "epoch"]
+
+
+def test_trials_evaluated_at_the_last_update_only_end_with_the_same_metrics(dataset, tmp_path):
+  # Three epochs: two epoch ends whose evaluation, epsilon and attack are skipped.
+  cfgs = [_config(dataset, i, h) for i, h in enumerate(TRIALS)]
+  for c in cfgs:
+    c.num_epochs = 3
+  every = trials.run_trials(cfgs, [str(tmp_path / f"e{i}") for i in range(3)])
+  last = trials.run_trials(cfgs, [str(tmp_path / f"l{i}") for i in range(3)],
+                           epoch_metrics=False)
+  for i, (a, b) in enumerate(zip(every, last)):
+    # The same program on the same inputs: the same bits, not merely close.
+    pa, pb = _params(str(tmp_path / f"e{i}")), _params(str(tmp_path / f"l{i}"))
+    for k in pa:
+      np.testing.assert_array_equal(pb[k], pa[k], err_msg=f"trial {i} {k}")
+    # The summary (what the released model's card and score come from) is the same, but
+    # for the run's wall time and where its model went.
+    same = lambda r: dataclasses.replace(r, wall_time_s=0.0, model_dir="")
+    assert same(b) == same(a)
+    ra, rb = _epoch_records(str(tmp_path / f"e{i}")), _epoch_records(str(tmp_path / f"l{i}"))
+    assert [r["epoch"] for r in ra] == [1, 2, 3] and [r["epoch"] for r in rb] == [3]
+    # The last epoch's record, train loss of that epoch alone included, but for its clock.
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("epoch_time_s", "time")}
+    assert drop(rb[0]) == drop(ra[-1])
 
 
 def test_trials_of_different_shapes_are_grouped_apart(dataset, tmp_path):

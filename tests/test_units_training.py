@@ -6,7 +6,7 @@ whole, and the accountant, the DP count and delta's default count units. Checked
 ``train.train_and_evaluate``: q, N and epsilon are the units' (against ``dp_accounting``
 directly), a unit of k rows never moves the clipped sum by more than C, the bound k is applied,
 ghost = vmap, a resumed run equals the uninterrupted one, 1 device = 8 devices (the
-multidevice suite), and the out-of-core paths refuse units in one line.
+multidevice suite). Materialised (streamed) unit batches: tests/test_units_streamed.py.
 """
 
 import json
@@ -226,18 +226,26 @@ def test_a_resumed_unit_run_equals_the_uninterrupted_one(dataset, tmp_path, monk
   assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
 
 
-def test_materialised_batches_are_refused_for_units_in_one_line(dataset, tmp_path):
-  with pytest.raises(errors.ConfigError, match="in memory"):
-    train.train_and_evaluate(_cfg(dataset, **{"data.batches": str(tmp_path / "b")}),
+def test_materialised_batches_with_validation_units_are_refused_in_one_line(dataset,
+                                                                           tmp_path):
+  # The batches are drawn from every training unit: none can be held out for validation.
+  with pytest.raises(errors.ConfigError, match="validation_fraction"):
+    train.train_and_evaluate(_cfg(dataset, **{"data.batches": str(tmp_path / "b"),
+                                              "data.validation_fraction": 0.1}),
                              str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # refused before the workdir is made
 
 
-def test_the_poisson_batch_job_refuses_a_unit_dataset_in_one_line(dataset, tmp_path):
+def test_the_poisson_batch_job_plans_a_unit_dataset_by_unit(dataset, tmp_path):
+  # The plan alone (no Spark): N = U, q = B / U, and the capacity counts units times k
+  # (tests/test_units_streamed.py runs the job and trains from its batches).
   from preprocessing import poisson_batches as pb
-  with pytest.raises(errors.UserError, match="in memory only"):
-    pb.plan_job(dataset, str(tmp_path / "b"), batch_size=BATCH, epochs=1)
-  assert not (tmp_path / "b").exists()
+  units, _ = _units_and_rows(dataset)
+  run = pb.plan_job(dataset, str(tmp_path / "b"), batch_size=BATCH, epochs=1).run
+  assert run.num_examples == units and run.sampling_rate == BATCH / units
+  assert run.max_rows_per_unit == K and run.capacity == K * sampling.capacity_for(
+      units, BATCH / units, run.overflow_probability)
+  assert not (tmp_path / "b").exists()  # planning writes nothing
 
 
 def test_too_few_units_are_refused_before_the_workdir_exists(dataset, tmp_path):

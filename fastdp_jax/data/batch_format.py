@@ -136,6 +136,12 @@ class RunInfo:
     sampling_fixed: True when the key came from ``--sampling-seed``: the batches are public
       and training from them has no privacy guarantee (``private: false``).
     key_commitment: :func:`key_commitment` of the sampling key.
+    max_rows_per_unit: None for row-level batches (each row sampled on its own). For a
+      privacy-unit dataset, its public bound k: the UNITS are sampled (``num_examples`` is
+      U, the training units, and q = B / U), each sampled unit takes k consecutive slots
+      (slot j of unit slot u at ``u * k + j``, masked beyond its kept rows), and
+      ``capacity`` counts row slots: k times the unit capacity. Written only when set, so a
+      row-level manifest (and its digest) is as before.
     digest: :func:`body_digest` of the rest.
   """
 
@@ -160,14 +166,22 @@ class RunInfo:
                     "sum of row i's Geometric(q) gaps (Threefry-2x64-20 keyed by the sampling "
                     "key, counter (i, j))")
   producer: str = "preprocessing.poisson_batches"
+  max_rows_per_unit: int | None = None
   digest: str = ""
 
   @property
   def num_features(self) -> int:
     return len(self.feature_names)
 
+  @property
+  def unit_size(self) -> int:
+    """Slots per sampled example: k for unit batches, 1 for row-level ones."""
+    return self.max_rows_per_unit or 1
+
   def to_json(self) -> dict[str, Any]:
     body = dataclasses.asdict(self)
+    if self.max_rows_per_unit is None:  # a row-level run's manifest, unchanged
+      del body["max_rows_per_unit"]
     body["feature_names"] = list(self.feature_names)
     body["digest"] = body_digest(body)
     return body

@@ -54,28 +54,36 @@ EXPECTED_KEYS = {
     "overflow_probability": "the per-update overflow probability behind the capacity",
     "feature_names": "the feature columns",
     "label_name": "the label column",
+    "max_rows_per_unit": "the privacy unit's bound k (None: row-level batches)",
 }
 
 
 # ------------------------------------------------------------------ devices
 
-def padded_capacity(capacity: int, num_devices: int) -> int:
-  """The capacity rounded up to a multiple of ``num_devices``."""
-  if num_devices < 1:
-    raise ValueError(f"{num_devices=} must be positive")
-  return -(-capacity // num_devices) * num_devices
+def padded_capacity(capacity: int, num_devices: int, unit_size: int = 1) -> int:
+  """The capacity rounded up to a multiple of ``num_devices * unit_size``.
+
+  With unit batches (k = ``unit_size`` slots per sampled unit) every device's share is then
+  whole units: a unit's clipped sum never straddles two devices.
+  """
+  if num_devices < 1 or unit_size < 1:
+    raise ValueError(f"{num_devices=} and {unit_size=} must be positive")
+  step = num_devices * unit_size
+  return -(-capacity // step) * step
 
 
-def device_slots(capacity: int, num_devices: int, devices: tuple[int, int]) -> tuple[int, int]:
+def device_slots(capacity: int, num_devices: int, devices: tuple[int, int],
+                 unit_size: int = 1) -> tuple[int, int]:
   """The slot range ``[lo, hi)`` of devices ``devices[0] .. devices[1] - 1`` of ``num_devices``.
 
-  Device d holds slots ``[d * c, (d + 1) * c)`` with ``c = padded_capacity / num_devices``;
-  a process passes its devices' range as ``device_slice`` to read only its part.
+  Device d holds slots ``[d * c, (d + 1) * c)`` with ``c = padded_capacity / num_devices``
+  (a multiple of ``unit_size``, the slots of one sampled unit); a process passes its
+  devices' range as ``device_slice`` to read only its part.
   """
   first, last = devices
   if not 0 <= first <= last <= num_devices:
     raise ValueError(f"{devices=} must be a range inside 0..{num_devices}")
-  per = padded_capacity(capacity, num_devices) // num_devices
+  per = padded_capacity(capacity, num_devices, unit_size) // num_devices
   return first * per, last * per
 
 
@@ -183,10 +191,41 @@ class RowRule:
 
 
 def dataset_identity(dataset: str | os.PathLike) -> dict[str, Any]:
-  """What a trainer passes as ``open_batches(expected=...)`` for its dataset (plus B, E)."""
+  """What a trainer passes as ``open_batches(expected=...)`` for its dataset (plus B, E).
+
+  For a privacy-unit dataset ``num_examples`` is U, its training units (counted from the
+  train shards' unit keys: the bound k drops rows, never a whole unit), and
+  ``max_rows_per_unit`` its k; None for a row-level dataset.
+  """
   m = manifest_lib.read_manifest(dataset)
-  return {"dataset_digest": m.digest(), "num_examples": m.rows("train"),
-          "feature_names": tuple(m.feature_names), "label_name": m.label_name}
+  n = m.rows("train")
+  if m.privacy_unit:
+    n = train_unit_count(dataset, m)
+  return {"dataset_digest": m.digest(), "num_examples": n,
+          "feature_names": tuple(m.feature_names), "label_name": m.label_name,
+          "max_rows_per_unit": int(m.max_rows_per_unit) if m.privacy_unit else None}
+
+
+def train_unit_count(dataset: str | os.PathLike, m: manifest_lib.Manifest) -> int:
+  """U: the distinct unit keys of a unit dataset's train shards (8 bytes a row in memory)."""
+  keys = [np.zeros(0, np.uint64)] + [data_lib.read_unit_keys(dataset, info)
+                                     for info in m.shards_of("train")]
+  return int(np.unique(np.concatenate(keys)).shape[0])
+
+
+def _check_unit_kind(path: str, run: batch_format.RunInfo, dataset: str | os.PathLike,
+                     m: manifest_lib.Manifest) -> None:
+  """Refuses row-level batches for a unit dataset, and unit batches for a row-level one."""
+  want = int(m.max_rows_per_unit) if m.privacy_unit else None
+  if run.max_rows_per_unit == want:
+    return
+  have = ("row-level batches (each row sampled alone)" if run.max_rows_per_unit is None
+          else f"privacy-unit batches (k={run.max_rows_per_unit})")
+  asked = (f"a privacy-unit dataset (privacy_unit {list(m.privacy_unit)}, k={want})"
+           if m.privacy_unit else "a row-level dataset")
+  raise batch_format.BatchMismatchError(
+      f"{path} holds {have} but data.path={os.fspath(dataset)} is {asked}; write its "
+      "batches with preprocessing.poisson_batches --dataset on that dataset")
 
 
 class BatchStream:
@@ -585,7 +624,9 @@ def open_batches(path: str | os.PathLike, *, expected: dict[str, Any] | None = N
   rows = None
   if dataset is not None:
     rows = RowRule.of_dataset(dataset, feature_bounds)
-    expected = dict(expected or {}, dataset_digest=manifest_lib.read_manifest(dataset).digest())
+    m = manifest_lib.read_manifest(dataset)
+    _check_unit_kind(path, run, dataset, m)
+    expected = dict(expected or {}, dataset_digest=m.digest())
   if expected:
     diffs = _compare(run, expected)
     if diffs:
