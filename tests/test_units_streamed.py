@@ -22,6 +22,7 @@ from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import release
 from fastdp_jax.dp import sampling
 from tests import preprocessing_helpers as T
+from tests import test_units_training
 from tests.conftest import make_config, make_dataset, make_unit_dataset
 
 _WHY_NOT = T.spark_available()
@@ -130,24 +131,9 @@ def test_streamed_unit_training_equals_in_memory_training(dataset, batches, tmp_
 
 def test_a_resumed_streamed_unit_run_equals_the_uninterrupted_one(dataset, batches, tmp_path,
                                                                   monkeypatch):
-  cfg = {"data.batches": batches, "checkpoint.every_steps": 5, "steps_per_call": 1}
-  ref = train.train_and_evaluate(_cfg(dataset, **cfg), str(tmp_path / "ref"))
-  real = train.Trainer.train_call
-
-  class Crash(Exception):
-    pass
-
-  def crashing(self, k):
-    if self.step >= ref.steps // 2:  # a checkpoint of an earlier update is on disk
-      raise Crash()
-    return real(self, k)
-
-  monkeypatch.setattr(train.Trainer, "train_call", crashing)
-  work = tmp_path / "stopped"
-  with pytest.raises(Crash):
-    train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
-  monkeypatch.setattr(train.Trainer, "train_call", real)
-  resumed = train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
+  cfg = _cfg(dataset, **{"data.batches": batches, "checkpoint.every_steps": 5,
+                         "steps_per_call": 1})
+  ref, resumed, work = test_units_training.crash_midway_and_resume(cfg, tmp_path, monkeypatch)
   assert resumed.steps == ref.steps and resumed.epsilon == ref.epsilon
   a, b = _params(tmp_path / "ref"), _params(work)
   for k in a:

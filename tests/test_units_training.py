@@ -199,9 +199,11 @@ def test_microbatches_hold_whole_units(dataset, tmp_path):
     _assert_params_close(_params(tmp_path / "plain"), _params(tmp_path / name), 1e-4)
 
 
-def test_a_resumed_unit_run_equals_the_uninterrupted_one(dataset, tmp_path, monkeypatch):
-  cfg = dict(**{"checkpoint.every_steps": 5, "steps_per_call": 1})
-  ref = train.train_and_evaluate(_cfg(dataset, **cfg), str(tmp_path / "ref"))
+def crash_midway_and_resume(cfg, tmp_path, monkeypatch):
+  """``(reference summary, resumed summary, resumed workdir)``: ``cfg`` run whole in
+  ``tmp_path/ref``, and in ``tmp_path/stopped`` crashed halfway (after a checkpoint of an
+  earlier update) then resumed."""
+  ref = train.train_and_evaluate(cfg, str(tmp_path / "ref"))
   real = train.Trainer.train_call
 
   class Crash(Exception):
@@ -215,9 +217,14 @@ def test_a_resumed_unit_run_equals_the_uninterrupted_one(dataset, tmp_path, monk
   monkeypatch.setattr(train.Trainer, "train_call", crashing)
   work = tmp_path / "stopped"
   with pytest.raises(Crash):
-    train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
+    train.train_and_evaluate(cfg, str(work))
   monkeypatch.setattr(train.Trainer, "train_call", real)
-  resumed = train.train_and_evaluate(_cfg(dataset, **cfg), str(work))
+  return ref, train.train_and_evaluate(cfg, str(work)), work
+
+
+def test_a_resumed_unit_run_equals_the_uninterrupted_one(dataset, tmp_path, monkeypatch):
+  cfg = _cfg(dataset, **{"checkpoint.every_steps": 5, "steps_per_call": 1})
+  ref, resumed, work = crash_midway_and_resume(cfg, tmp_path, monkeypatch)
   assert resumed.steps == ref.steps and resumed.epsilon == ref.epsilon
   a, b = _params(tmp_path / "ref"), _params(work)
   for k in a:
