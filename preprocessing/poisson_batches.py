@@ -459,13 +459,7 @@ def fill_shard(updates: np.ndarray, rows: np.ndarray, labels: np.ndarray,
   t = updates[order]
   starts = np.r_[0, np.cumsum(counts)[:-1]]
   slot = np.arange(len(t)) - starts[t]
-  f = np.zeros((num_updates, capacity, features.shape[1]), np.float32)
-  lab = np.zeros((num_updates, capacity), np.float32)
-  m = np.zeros((num_updates, capacity), bool)
-  f[t, slot] = features[order]
-  lab[t, slot] = labels[order]
-  m[t, slot] = True
-  return f, lab, m, None
+  return poisson_units.scatter(features[order], labels[order], t, slot, num_updates, capacity)
 
 
 def write_one_shard(block_dir: str, plan: JobPlan, j: int, payloads: Sequence[bytes]) -> tuple[

@@ -119,11 +119,21 @@ def fill_unit_shard(updates: np.ndarray, slots: np.ndarray, labels: np.ndarray,
     return None, None, None, (over, int(counts[over]))
   rank = np.cumsum(new) - 1 - np.r_[0, np.cumsum(counts)[:-1]][t]  # unit slot in its update
   position = rank * k + s % k
-  capacity = unit_capacity * k
+  return scatter(features[order], labels[order], t, position, num_updates, unit_capacity * k)
+
+
+def scatter(features: np.ndarray, labels: np.ndarray, updates: np.ndarray,
+            slots: np.ndarray, num_updates: int, capacity: int):
+  """The padded arrays of a shard: row i at ``[updates[i], slots[i]]``, the rest masked.
+
+  Returns:
+    ``(features [num_updates, capacity, F], labels [num_updates, capacity],
+    mask [num_updates, capacity], None)``.
+  """
   f = np.zeros((num_updates, capacity, features.shape[1]), np.float32)
   lab = np.zeros((num_updates, capacity), np.float32)
   m = np.zeros((num_updates, capacity), bool)
-  f[t, position] = features[order]
-  lab[t, position] = labels[order]
-  m[t, position] = True
+  f[updates, slots] = features
+  lab[updates, slots] = labels
+  m[updates, slots] = True
   return f, lab, m, None
