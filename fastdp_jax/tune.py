@@ -422,7 +422,9 @@ def _trials(cfg: ml_collections.ConfigDict, space: list, k: int, trials_dir: str
             sequential: bool, epoch_metrics: bool = True) -> Iterator[Trial]:
   """The ``k`` finished trials, in the order of their indices."""
   workdir = lambda i: os.path.join(trials_dir, f"{i:03d}")
-  if sequential:
+  from fastdp_jax import unit_batches  # pylint: disable=g-import-not-at-top
+  # A privacy unit's trials run one after another: the side-by-side step has no unit layout.
+  if sequential or unit_batches.unit_spec(cfg.data.path) is not None:
     for i in range(k):
       values = draw_hyperparameters(space, cfg, rng)
       say(f"tuning: trial {i + 1}: {values}")

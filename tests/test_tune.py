@@ -204,14 +204,13 @@ def test_a_unit_datasets_score_counts_k_rows_per_unit(tmp_path, monkeypatch):
   # trial's Gaussian score must be noised for k rows' sensitivity, not one row's.
   data = make_unit_dataset(str(tmp_path / "units"), units=900, max_rows=3, max_size=5, seed=1)
   search = tune.default_search()
-  search.trials.mean = 2.0
-  search.trials.sequential = True
+  search.trials.mean = 2.0  # side by side by default: a unit dataset's trials run alone
   count = tuning.TrialCount(distribution="poisson", mean=2.0)
-  seed = _seed_with(count, 1)
+  seed = _seed_with(count, 2)
   monkeypatch.setattr(tuning, "secret_rng", lambda: np.random.default_rng(seed))
   sensitivities = []
   real = tuning.noisy_score
   monkeypatch.setattr(tuning, "noisy_score", lambda scores, sensitivity, *a: (
       sensitivities.append(sensitivity) or real(scores, sensitivity, *a)))
   tune.tune(_private_config(data, **{"batch_size": 64}), search, str(tmp_path / "w"))
-  assert sensitivities == [tuning.score_sensitivity("brier", 2) * 3]
+  assert sensitivities == [tuning.score_sensitivity("brier", 2) * 3] * 2
