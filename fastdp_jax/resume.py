@@ -9,6 +9,7 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from fastdp_jax import checkpoint as checkpoint_lib
 from fastdp_jax import config as config_lib
 from fastdp_jax import errors
 from fastdp_jax import parallel
+from fastdp_jax import sinks
 from fastdp_jax import step as step_lib
 from fastdp_jax.console import say
 from fastdp_jax.dp import accounting
@@ -57,6 +59,29 @@ def run_identity(rc: config_lib.RunConfig, plan: plan_lib.PrivacyPlan,
                  if plan.privacy_unit else {}))
 
 
+def _refuse_unaccounted_updates(workdir: str, checkpoint_step: int) -> None:
+  """Refuses a changed resume when the run logged updates after its checkpoint.
+
+  Those updates' outputs (test metrics, epsilon) were seen and may have chosen the changes,
+  but the restored ledger ends at the checkpoint: redone with other settings they would be
+  in no ledger segment. A resume with the same settings redoes them exactly (same keys, same
+  batches, same noise), so it is the way on.
+
+  Raises:
+    ResumeMismatchError: records past the checkpoint in ``metrics.jsonl``.
+  """
+  path = os.path.join(workdir, sinks.METRICS_FILE)
+  if not os.path.isfile(path):
+    return
+  logged = max((int(r.get("step", 0)) for r in sinks.read_jsonl(path)), default=0)
+  if logged > checkpoint_step:
+    raise errors.ResumeMismatchError(
+        f"workdir {workdir} logged updates up to {logged} after its last checkpoint (update "
+        f"{checkpoint_step}); resumed with changed settings they would be spent but not "
+        "accounted: resume with the run's own settings first (it redoes them exactly), or "
+        "use another --workdir")
+
+
 def restore(allow_changes: bool, workdir: str, ckpt: checkpoint_lib.Checkpointer | None,
              mesh: jax.sharding.Mesh, p: Progress, *, streamed: bool = False) -> Progress:
   """The progress of the workdir's latest checkpoint, if any (else ``p`` as it is).
@@ -73,6 +98,8 @@ def restore(allow_changes: bool, workdir: str, ckpt: checkpoint_lib.Checkpointer
         f"workdir {workdir} holds a checkpoint of a different run; changed: "
         + "; ".join(diffs) + ". Use another --workdir, or --config.checkpoint.allow_changes"
         "=True to continue anyway (recorded in the summary; epsilon keeps accumulating)")
+  if diffs:
+    _refuse_unaccounted_updates(workdir, int(ckpt.latest_step()))
   state, saved = ckpt.restore(p.state)
   keys = p.keys
   if diffs:

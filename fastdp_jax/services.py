@@ -51,7 +51,8 @@ class Services:
     """
     if self.ckpt is None:
       return
-    if self.min_interval_s > 0 and step != self.schedule.stop_at:
+    if (self.min_interval_s > 0 and step != self.schedule.stop_at
+        and not self.schedule.is_checkpoint(step)):  # every_steps' saves are kept
       due = time.monotonic() - self.ckpt.last_save_time >= self.min_interval_s
       if not distributed.broadcast_from_process_0(np.array(due, np.uint8)):
         return

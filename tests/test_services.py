@@ -256,8 +256,9 @@ def test_a_crash_after_skipped_saves_resumes_to_the_same_model(small_dataset, tm
   work = str(tmp_path / "crashed")
   with pytest.raises(_Crash):
     train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=10), work)
-  assert saved_steps and not any(s % per_epoch == 0 for s in saved_steps)  # periodic only
-  assert 2 * per_epoch < saved_steps[-1] < 3 * per_epoch
+  # Periodic saves only (every_steps' saves are kept even where one falls on an epoch end).
+  assert saved_steps and all(s % 10 == 0 for s in saved_steps)
+  assert 2 * per_epoch < saved_steps[-1] <= 3 * per_epoch
   monkeypatch.setattr(services.Services, "save_at_epoch_end", at_epoch_end)
   again = train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=10),
                                    work)
@@ -266,3 +267,52 @@ def test_a_crash_after_skipped_saves_resumes_to_the_same_model(small_dataset, tm
   for k in a:
     np.testing.assert_array_equal(b[k], a[k])  # the same updates, from an exact checkpoint
   assert _epochs(work) == list(range(1, EPOCHS + 1))  # no epoch lost or written twice
+
+
+def test_a_changed_resume_after_logged_but_unsaved_updates_is_refused(small_dataset, tmp_path,
+                                                                      saved_steps, monkeypatch):
+  # Epoch records (test metrics, epsilon) went out after the last checkpoint: redone with
+  # other settings under fresh keys, those updates would be spent but in no ledger segment.
+  per_epoch = None
+  at_epoch_end = services.Services.save_at_epoch_end
+
+  def crash_at_epoch_2(self, step, save):
+    at_epoch_end(self, step, save)
+    if step == 2 * per_epoch:
+      raise _Crash
+
+  cfg = _interval_config(small_dataset, 3600.0)
+  per_epoch = train.train_and_evaluate(cfg, str(tmp_path / "ref")).steps // EPOCHS
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", crash_at_epoch_2)
+  work = str(tmp_path / "crashed")
+  cfg_every_epoch = _interval_config(small_dataset, 0.0)  # a checkpoint at epoch 1's end
+  saved_steps.clear()
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(_interval_config(small_dataset, 3600.0, every_steps=per_epoch),
+                             work)
+  assert saved_steps == [per_epoch, 2 * per_epoch]  # every_steps' saves are kept
+  # A crash right after the save: nothing past the checkpoint is logged, so a changed resume
+  # may go on; one after a SKIPPED save is refused.
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", at_epoch_end)
+  work2 = str(tmp_path / "skipped")
+  saved_steps.clear()
+
+  def crash_after_skip(self, step, save):
+    if step == 2 * per_epoch:
+      raise _Crash  # epoch 2's records are written, its save not made
+    at_epoch_end(self, step, save)
+
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", crash_after_skip)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(cfg_every_epoch, work2)
+  assert saved_steps == [per_epoch]
+  monkeypatch.setattr(services.Services, "save_at_epoch_end", at_epoch_end)
+  changed = _interval_config(small_dataset, 0.0)
+  changed.optimizer.learning_rate *= 2
+  changed.checkpoint.allow_changes = True
+  with pytest.raises(errors.ResumeMismatchError, match=rf"logged updates up to "
+                     rf"{2 * per_epoch} after its last checkpoint \(update {per_epoch}\)"):
+    train.train_and_evaluate(changed, work2)
+  # The run's own settings redo them exactly; then a change is accounted as a new segment.
+  same = train.train_and_evaluate(cfg_every_epoch, work2)
+  assert same.steps == EPOCHS * per_epoch

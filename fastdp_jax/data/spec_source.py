@@ -162,4 +162,9 @@ def unit_fields(cfg: Mapping[str, Any], input_columns: tuple[str, ...]) -> dict[
   absent = [c for c in unit or () if input_columns and c not in input_columns]
   if absent:
     raise SpecError(f"privacy_unit: input_columns lacks the unit column(s) {absent}")
+  if unit and cfg.get("private_estimates"):
+    # fastdp-spec init's estimates are DP for one ROW (no bound per unit): a unit of k rows
+    # moves them k times, so their epsilon and delta would not hold for the unit.
+    raise SpecError("privacy_unit: this spec's private_estimates hold for one row, not one "
+                    "unit; write the bounds and categories from public knowledge instead")
   return {"privacy_unit": unit, "max_rows_per_unit": bound}

@@ -257,3 +257,16 @@ def test_spec_input_columns_must_name_the_unit(tmp_path):
                     '  config.input_columns = ("sex", "employed")\n')
   with pytest.raises(features.SpecError, match=r"lacks the unit column\(s\) \['hh'\]"):
     features.load_spec(path)
+
+
+def test_spec_with_a_unit_refuses_row_level_private_estimates(tmp_path):
+  # fastdp-spec init's estimates are DP for one row; a household of k rows moves them k times,
+  # so a unit-level statement including their epsilon would not hold.
+  from fastdp_jax.data import features
+  from fastdp_jax.data import spec_init
+  path = _spec_file(tmp_path, "SERIALNO", '  config.max_rows_per_unit = 8\n'
+                    "  config.private_estimates = ml_collections.ConfigDict({'epsilon': 0.5, "
+                    f"'delta': 1e-6, 'mechanism': {spec_init.MECHANISM!r}}})\n")
+  with pytest.raises(features.SpecError, match="hold for one row, not one unit") as e:
+    features.load_spec(path)
+  assert "\n" not in str(e.value)
