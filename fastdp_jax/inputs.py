@@ -74,6 +74,12 @@ class RunData:
   spec_estimate: tuple[float, float] = (0.0, 0.0)
   unit: unit_batches.UnitSpec | None = None
 
+  @property
+  def rows_per_unit(self) -> int:
+    """The most rows one privacy unit has (k; 1 without a unit): what one unit can move a
+    statistic of the (bounded) validation rows by, in rows."""
+    return self.unit.max_rows if self.unit else 1
+
 
 Given = tuple[data_lib.Split, data_lib.Split, parallel.DeviceData]
 

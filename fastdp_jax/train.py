@@ -405,8 +405,7 @@ def _calibrated(t: Trainer, host_params: Any,
   rows.head = calibration.calibrated_head(
       rows.head, evaluate_lib.outputs_of(t.compiled.apply_fn, host_params,
                                          rows.validation.features, t.config.eval_batch_size),
-      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys,
-      rows.unit.max_rows if rows.unit else 1)
+      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys, rows.rows_per_unit)
   t.compiled.evaluate = evaluate_lib.build_eval(t.compiled.apply_fn, rows.head)
   return summary_lib.calibrated(summary, t.split_metrics("test"), rows.baseline,
                                 temperature=rows.head.temperature,

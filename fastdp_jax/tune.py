@@ -353,9 +353,8 @@ def _score(t: Any, metric: str, score_noise: float, rng: Any) -> tuple[float, di
   classes = 2 if logits.ndim == 1 else logits.shape[1]
   # One privacy unit is up to k validation rows (bounded like the training units): the
   # score's sensitivity is k rows' worth.
-  rows_per_unit = t.data.unit.max_rows if t.data.unit else 1
   score = tuning.noisy_score(tuning.row_scores(logits, v.labels, metric, head.temperature),
-                             tuning.score_sensitivity(metric, classes) * rows_per_unit,
+                             tuning.score_sensitivity(metric, classes) * t.data.rows_per_unit,
                              score_noise, rng)
   return score, train.export_arguments(t, params)
 

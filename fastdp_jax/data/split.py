@@ -24,7 +24,8 @@ DEFAULT_TEST_FRACTION = 0.2
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser of each uint64 (the split's mixer; also the unit keys' rank)."""
   x = x.astype(np.uint64)
   with np.errstate(over="ignore"):
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -48,6 +49,6 @@ def is_test_row(row_ids: np.ndarray, seed: int = DEFAULT_SPLIT_SEED,
   """
   row_ids = np.asarray(row_ids, dtype=np.uint64)
   with np.errstate(over="ignore"):
-    h = _splitmix64(row_ids ^ _splitmix64(np.asarray(seed, dtype=np.uint64)))
+    h = splitmix64(row_ids ^ splitmix64(np.asarray(seed, dtype=np.uint64)))
   u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
   return u < test_fraction

@@ -259,10 +259,6 @@ def key_and_split(ids: Sequence[str], seed: int = split_lib.DEFAULT_SPLIT_SEED,
   return keys, is_test_unit(keys, seed=seed, test_fraction=test_fraction)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-  return split_lib._splitmix64(x)  # noqa: SLF001 - the one mixer of the split, shared
-
-
 def row_content_keys(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """A 64-bit hash of each encoded row (its float32 features and label), for the rank.
 
@@ -285,13 +281,14 @@ def row_content_keys(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
   with np.errstate(over="ignore"):
     for j in range(words.shape[1]):
       # Chained per column (not a sum), so that swapping two columns' values changes the key.
-      h = _mix(h ^ (words[:, j] + (np.uint64(j) << np.uint64(32))))
+      h = split_lib.splitmix64(h ^ (words[:, j] + (np.uint64(j) << np.uint64(32))))
   return h & _M64
 
 
 def _rank(unit_keys_: np.ndarray, row_keys: np.ndarray, seed: int) -> np.ndarray:
   with np.errstate(over="ignore"):
-    return _mix(_mix(unit_keys_ ^ _mix(np.asarray(seed, np.uint64))) ^ row_keys)
+    mix = split_lib.splitmix64
+    return mix(mix(unit_keys_ ^ mix(np.asarray(seed, np.uint64))) ^ row_keys)
 
 
 def group(unit_keys: np.ndarray, row_keys: np.ndarray, max_rows_per_unit: int,

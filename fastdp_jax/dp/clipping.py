@@ -15,7 +15,7 @@ Two methods compute the sum:
   at the cost of a non-private step, for the dense and embedding layers of
   :class:`fastdp_jax.models.MLP`.
 
-With a privacy unit of k rows (``unit_size=k``, issue #23) both methods clip each unit's
+With a privacy unit of k rows (``unit_size=k``) both methods clip each unit's
 SUMMED gradient instead (:func:`unit_clipped_grad_sum_with_stats`; ghost by per-unit Gram
 norms): the sum then has sensitivity C with respect to adding or removing one whole unit.
 

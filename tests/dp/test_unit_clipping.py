@@ -1,4 +1,4 @@
-"""Per-unit clipping (issue #23): each privacy unit's summed gradient is clipped to C as a whole.
+"""Per-unit clipping: each privacy unit's summed gradient is clipped to C as a whole.
 
 A batch in unit mode is flat: unit slot u's row slot j is row ``u * k + j``; the row mask is
 flat too. The guarantees checked here, through ``clipping.make_clipped_sum`` and a real

@@ -1,4 +1,4 @@
-"""Every output states the privacy unit (issue #23): model.json, MODEL_CARD.md, the report
+"""Every output states the privacy unit: model.json, MODEL_CARD.md, the report
 and the console line, for a household-level run and for a row-level run.
 
 A household run says 'privacy unit: household (SERIALNO), at most 8 rows per unit; (epsilon,

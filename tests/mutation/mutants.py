@@ -226,7 +226,7 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="the run plans q, T and delta from the exact N while the card says a DP estimate: "
                "model/ publishes N",
         tests=("tests/export/test_export_scan.py",)),
-    # The privacy unit (issue #23): user-level sampling with a clipped sum per unit.
+    # The privacy unit: user-level sampling with a clipped sum per unit.
     Mutant(
         name="unit_rows_clipped_ghost",
         file="fastdp_jax/dp/ghost.py",

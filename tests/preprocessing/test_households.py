@@ -1,4 +1,4 @@
-"""Synthetic households (issue #23): sizes as published, shared household variables,
+"""Synthetic households: sizes as published, shared household variables,
 correlated members, deterministic, and trained as units by the spec ``pums_households``.
 
 Tolerances are four standard errors of the statistic at the sample size used (a false failure
