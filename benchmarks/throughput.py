@@ -283,8 +283,8 @@ def measure_units(workload: str, k: int, clipping: str, *, steps_per_call: int, 
 
   The rows are grouped into households of the published size distribution
   (``benchmarks/units.py``), bounded to ``k`` rows each; the unit run samples
-  B / E[min(S, k)] households per update (the same expected rows as the row run's B) and
-  gives each k row slots, so it computes on k / E[min(S, k)] row slots per real row.
+  B / E[min(S, k)] households per update (the same expected rows as the row run's B), their
+  kept rows packed (``row_slots``: the capacity, a Chernoff bound on the sampled rows).
   """
   import units as units_bench
   _, _, batch = WORKLOADS[workload]
@@ -344,7 +344,9 @@ def units_main(args, workloads: list[str]) -> int:
         argv = [sys.executable, os.path.abspath(__file__), f"--workload={wl}", "--units",
                 args.units, f"--unit-size={k}", f"--clipping={args.clipping}",
                 f"--steps-per-call={args.steps_per_call}", f"--w2-rows={args.w2_rows}",
-                *([f"--max-steps={args.max_steps}"] if args.max_steps else [])]
+                *([f"--max-steps={args.max_steps}"] if args.max_steps else []),
+                *(f"--{n}={v}" for n, v in (("microbatch-size", args.microbatch_size),
+                                            ("padding-microbatch", args.padding_microbatch)) if v)]
         out = subprocess.run(argv, check=True, text=True, stdout=subprocess.PIPE).stdout
         for line in out.strip().splitlines():
           if line.startswith("{"):

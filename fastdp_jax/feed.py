@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from fastdp_jax import config as config_lib
+from fastdp_jax import errors
 from fastdp_jax import inputs
 from fastdp_jax import parallel
 from fastdp_jax import profiling
@@ -38,6 +39,9 @@ class Batches:
       move).
     steps_per_call: updates per compiled call (the inputs are padded to it).
     reader: the prefetching reader of ``stream``, started by the first call.
+    units: the unit layout of an in-memory unit run (None otherwise).
+    block: a unit run's microbatch (rows): no packed unit straddles a multiple of it.
+    unit_capacity: an in-memory unit run's row slots per update per device.
   """
   sampler: sampling.PoissonSampler | None
   stream: batch_stream.BatchStream | None
@@ -45,13 +49,15 @@ class Batches:
   steps_per_call: int
   reader: batch_stream.Prefetcher | None = None
   units: parallel.UnitLayout | None = None
+  block: int | None = None
+  unit_capacity: int | None = None
 
   @property
   def capacity(self) -> int:
-    """Row slots per update per device (unit slots times k with privacy units)."""
+    """Row slots per update per device (in memory; of the whole update when streamed)."""
     if self.sampler is None:
       return self.stream.capacity
-    return self.sampler.capacity * (self.units.unit_size if self.units is not None else 1)
+    return self.unit_capacity if self.units is not None else self.sampler.capacity
 
   def sampled(self, run: step_lib.TrainStep, dev: parallel.DeviceData, step: int, k: int,
               prof: profiling.Profiler) -> tuple:
@@ -60,10 +66,11 @@ class Batches:
     chunk = self.steps_per_call
     with prof.phase("sampling"):
       b = self.sampler.batches(step, k, shards=self.local_shards)
-      if self.units is not None:  # the sampled units' row slots (k per unit)
-        b = unit_batches.expand(b, self.units)
+      idx, msk = b.indices, b.mask
+      if self.units is not None:  # the sampled units' rows, packed
+        idx, msk = unit_batches.pack(b, self.units, self.unit_capacity, self.block)
       pad = ((0, chunk - k), (0, 0), (0, 0))
-      idx, msk = np.pad(b.indices, pad), np.pad(b.mask, pad)
+      idx, msk = np.pad(idx, pad), np.pad(msk, pad)
       active = np.arange(chunk) < k
     with prof.phase("data transfer"):
       placed = prof.sync(run.place(idx, msk, active))
@@ -75,18 +82,23 @@ class Batches:
     """This process's devices' slots of the next ``k`` materialised batches, placed."""
     chunk, d = self.steps_per_call, int(mesh.devices.size)
     lo, hi = self.local_shards[0], self.local_shards[-1] + 1
+    unit = self.stream.run.max_rows_per_unit
     if self.reader is None:  # starts at the run's position (a resume seeks to it)
-      # Unit batches: each device's slots are whole units (k slots each), so no unit's
-      # clipped sum straddles two devices.
-      self.reader = self.stream.reader(step, stop_at, device_slice=batch_stream.device_slots(
-          self.stream.capacity, d, (lo, hi), self.stream.run.unit_size))
+      # Unit batches are read whole and their units repacked over the devices (below), so
+      # that no unit's clipped sum straddles two devices or two microbatches.
+      self.reader = self.stream.reader(step, stop_at, device_slice=None if unit else (
+          batch_stream.device_slots(self.stream.capacity, d, (lo, hi))))
       if cleanup is not None:
         cleanup.callback(self.reader.close)
     with prof.phase("data read"):
-      f, y, m = batch_stream.split_for_devices(*self.reader.take(k), hi - lo)
+      if unit:
+        f, y, m = (a[:, lo:hi] for a in batch_stream.split_units_for_devices(
+            *self.reader.take(k), d, unit, self.block))
+      else:
+        f, y, m = batch_stream.split_for_devices(*self.reader.take(k), hi - lo)
       shape = (chunk, d) + f.shape[2:]
       features = np.zeros(shape, np.float32)
-      labels, mask = np.zeros(shape[:3], np.float32), np.zeros(shape[:3], bool)
+      labels, mask = np.zeros(shape[:3], np.float32), np.zeros(shape[:3], m.dtype)
       features[:k, lo:hi], labels[:k, lo:hi], mask[:k, lo:hi] = f, y, m
     with prof.phase("data transfer"):
       return prof.sync(run.place(features, labels, mask, np.arange(chunk) < k))
@@ -95,20 +107,51 @@ class Batches:
 def make_batches(mesh: jax.sharding.Mesh, plan: plan_lib.PrivacyPlan, keys: keys_lib.RunKeys,
                  dev: parallel.DeviceData | None, stream: batch_stream.BatchStream | None, *,
                  batch_size: int, steps_per_call: int,
-                 microbatch_size: int | None) -> Batches:
+                 microbatch_size: int | None, block: int | None = None) -> Batches:
   """The run's batches: a Poisson sampler over the rows on the devices (over the units, in a
-  unit dataset: :mod:`fastdp_jax.unit_batches`), or ``stream``."""
-  sampler, units = None, dev.units if dev is not None else None
+  unit dataset: :mod:`fastdp_jax.unit_batches`), or ``stream``.
+
+  With units, ``block`` is the step's microbatch in rows (:func:`unit_block`) and the
+  capacity counts rows (:func:`fastdp_jax.unit_batches.row_capacity`); the sampler's unit
+  capacity is the same number, so only the rows' overflow event (probability at most
+  ``plan.overflow_probability`` per update and device) can stop the run: the overflow's
+  term in delta is unchanged.
+  """
+  sampler, units, rows, capacity = None, dev.units if dev is not None else None, None, None
+  if units is not None:
+    rows, capacity = unit_batches.row_capacity(units, plan.sampling_rate,
+                                               plan.overflow_probability, block)
   if dev is not None:
     sampler = sampling.PoissonSampler(
         dev.num_examples, batch_size, keys.sampling,
         shard_bounds=dev.bounds if units is None else units.unit_bounds,
-        capacity_multiple=microbatch_size,  # with units, the vmap chunks count unit slots
+        capacity_multiple=microbatch_size if units is None else None, capacity=rows,
         overflow_probability=plan.overflow_probability, sampling_rate=plan.sampling_rate,
         counters=None if units is None else units.keys)
   return Batches(sampler=sampler, stream=stream, steps_per_call=steps_per_call, units=units,
+                 block=block if plan.privacy_unit else None, unit_capacity=capacity,
                  local_shards=[k for k, d in enumerate(mesh.devices.flat)
                                if d.process_index == jax.process_index()])
+
+
+def unit_block(rc: config_lib.RunConfig, method: str, plan: plan_lib.PrivacyPlan
+               ) -> int | None:
+  """A unit run's block in rows (:func:`fastdp_jax.step.unit_block`: the padding microbatch
+  or the vmap chunk): no packed unit straddles a multiple of it. None for a row-level run, or
+  a unit run whose batch is one block.
+
+  Raises:
+    ConfigError: a block of fewer than k rows (a unit of k rows would not fit in one).
+  """
+  if not plan.privacy_unit:
+    return None
+  k = int(plan.max_rows_per_unit or 1)
+  m = step_lib.unit_block(rc.padding_microbatch, method, rc.dp.microbatch_size, k)
+  if m is not None and m < k:
+    raise errors.ConfigError(f"microbatches of {m} rows cannot hold a unit of "
+                             f"max_rows_per_unit={k} rows; raise padding_microbatch to at "
+                             "least k")
+  return m
 
 
 def plan_run(rc: config_lib.RunConfig, rows: count_lib.RowCount, mesh: jax.sharding.Mesh,

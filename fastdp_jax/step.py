@@ -77,8 +77,9 @@ def _per_device(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn
   ``x``, ``y`` are the device's own rows, ``idx``/``mask`` [capacity] its local sampled
   indices. Nothing here reduces across devices. With ``microbatch``, the rows are gathered
   and processed one microbatch at a time, skipping those that hold only padding
-  (:func:`_sum_microbatches`). With ``unit_size`` k (privacy units), the batch is k row
-  slots per unit slot and ``microbatch`` a multiple of k.
+  (:func:`_sum_microbatches`). With ``unit_size`` k (privacy units), the batch is packed
+  units (``mask`` int8, :func:`fastdp_jax.dp.clip_types.unit_rows`) and no unit straddles a
+  microbatch (the host packs them so: :func:`unit_block`).
   """
 
   on_batch = _per_device_batch(loss_fn, clipped_sum, l2_norm_clip, unit_size)
@@ -96,8 +97,9 @@ def _per_device(loss_fn: clip_types.LossFn, clipped_sum: clip_types.ClippedSumFn
 
 
 def _split(a: jax.Array, size: int) -> jax.Array:
-  """[capacity, ...] -> [n, size, ...], zero-padded (mask: False) up to a multiple of size;
-  a capacity of at most ``size`` rows is one microbatch of the capacity."""
+  """[capacity, ...] -> [n, size, ...], zero-padded (mask: False, or 0 = empty slot in a unit
+  batch) up to a multiple of size; a capacity of at most ``size`` rows is one microbatch of
+  the capacity."""
   size = min(size, a.shape[0])
   n = -(-a.shape[0] // size)
   pad = [(0, n * size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
@@ -135,9 +137,11 @@ def _per_device_batch(loss_fn: clip_types.LossFn, clipped_sum: clip_types.Clippe
                       l2_norm_clip: float | None, unit_size: int | None = None) -> Callable:
   """One device's work on its batch: ``(params, (x, y), mask) -> (clipped sum, metrics)``.
 
-  With ``unit_size`` k, ``stats.norms`` and ``stats.nonfinite`` are per unit slot (k row slots
-  each): ``clipped`` counts the rows of the units whose sum was clipped (so ``clipped / count``
-  is the share of sampled rows whose unit was clipped) and ``nonfinite`` the units zeroed.
+  With ``unit_size`` k the batch is packed units (``mask`` int8; see
+  :func:`fastdp_jax.dp.clip_types.unit_rows`) and ``stats.norms`` / ``stats.nonfinite`` sit
+  at each unit's first row: ``count`` counts the rows kept, ``clipped`` the rows of the units
+  whose sum was clipped (so ``clipped / count`` is the share of sampled rows whose unit was
+  clipped, as in a row-level run) and ``nonfinite`` the units zeroed.
   """
 
   def on_batch(params, batch, mask):
@@ -146,8 +150,9 @@ def _per_device_batch(loss_fn: clip_types.LossFn, clipped_sum: clip_types.Clippe
     if losses is None:  # ghost clipping returns them; vmap clipping does not.
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
     clipped = stats.norms > (l2_norm_clip if l2_norm_clip is not None else jnp.inf)
-    if unit_size is not None:  # a unit's verdict, for each of its row slots
-      clipped = jnp.repeat(clipped, unit_size, total_repeat_length=mask.shape[0])
+    if unit_size is not None:  # a unit's verdict, read at its first row, for each of its rows
+      rows = clip_types.unit_rows(mask, unit_size)
+      mask, clipped = rows.keep, clipped[rows.first]
     # A non-finite loss is left out of the sum (its gradient was zeroed and counted): the
     # run must not behave differently at the update where such a row was sampled.
     finite = mask & jnp.isfinite(losses)
@@ -215,15 +220,40 @@ def padding_microbatch(size: int | None, method: str, vmap_chunk: int | None,
 
   The vmap path with ``dp.microbatch_size`` already works in chunks (the capacity is a
   multiple of them): its chunks become the microbatches that are skipped, so that the two
-  never disagree on the rows per chunk. With privacy units of ``unit_size`` k rows, a vmap
-  chunk counts unit slots (k rows each) and any other microbatch is rounded up to whole units.
+  never disagree on the rows per chunk. With privacy units of at most ``unit_size`` k rows, a
+  vmap chunk counts units of k row slots and any other microbatch holds at least k rows, so
+  that every unit fits in one (packed units never straddle a microbatch: :func:`unit_block`).
   """
   if size is None:
     return None
   k = unit_size or 1
   if method == "vmap" and vmap_chunk is not None:
     return vmap_chunk * k
-  return -(-size // k) * k
+  if unit_size is None:
+    return size
+  return max(size, k)
+
+
+def unit_block(size: int | None, method: str, vmap_chunk: int | None,
+               unit_size: int) -> int | None:
+  """m, the rows of each block of a packed unit batch (no unit straddles a multiple of m).
+
+  The host packs each device's sampled units into blocks of m row slots (the capacity a
+  multiple of m) because the device clips each block on its own: a padding microbatch
+  (:func:`padding_microbatch`) or, without one, a vmap chunk of ``vmap_chunk`` units of k
+  slots (:func:`fastdp_jax.dp.clipping.unit_clipped_grad_sum_with_stats`). None: the whole
+  batch is one block.
+
+  Args:
+    size: config ``padding_microbatch`` (rows), or None.
+    method: the resolved clipping method, ``'ghost'`` or ``'vmap'``.
+    vmap_chunk: ``dp.microbatch_size``, or None.
+    unit_size: k, the most rows of a unit.
+  """
+  m = padding_microbatch(size, method, vmap_chunk, unit_size)
+  if m is None and method == "vmap" and vmap_chunk is not None:
+    return vmap_chunk * unit_size
+  return m
 
 
 def _check_microbatch(size: int | None) -> None:
@@ -271,9 +301,10 @@ def build_train_chunk(mesh: jax.sharding.Mesh, loss_fn: clip_types.LossFn,
     padding_microbatch: rows per microbatch: each device's padded batch is processed in
       microbatches of this size and those holding only padding are skipped
       (:func:`_sum_microbatches`); None: the whole padded batch at once.
-    unit_size: k, the row slots of each unit slot when the batches sample privacy units
-      (``clipped_sum`` then clips each unit's sum; ``padding_microbatch`` a multiple of k);
-      None: each row is its own unit.
+    unit_size: k, the most rows of a unit when the batches sample privacy units: ``mask``
+      is then int8 packed units (0 empty, 2 a unit's first row, 1 a further row; none
+      straddles a microbatch), ``clipped_sum`` clips each unit's sum; None: each row is its
+      own unit (``mask`` bool).
 
   Returns:
     A :class:`TrainStep`. ``features``/``labels`` are :class:`fastdp_jax.parallel.DeviceData`
@@ -318,8 +349,9 @@ class BatchLayout:
 
   ``indices`` and ``mask`` are ``[steps, num_devices, capacity]``: for update s and mesh
   device d, the batch's rows among d's OWN block of training rows (local indices), padded with
-  ``mask == False``. They are sharded along axis 1 (one slice per device), so each process
-  transfers only its devices' slices; ``active`` ``[steps]`` is replicated.
+  ``mask == False`` (or 0 in an int8 mask of packed units, ``unit_size``). They are sharded
+  along axis 1 (one slice per device), so each process transfers only its devices' slices;
+  ``active`` ``[steps]`` is replicated.
   """
 
   mesh: jax.sharding.Mesh

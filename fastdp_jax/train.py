@@ -230,7 +230,8 @@ def setup(cfg: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str,
       data=rows, progress=progress, services=services,
       batches=feed.make_batches(mesh, plan, progress.keys, rows.dev, stream,
                                 batch_size=rc.batch_size, steps_per_call=rc.steps_per_call,
-                                microbatch_size=rc.dp.microbatch_size),
+                                microbatch_size=rc.dp.microbatch_size,
+                                block=feed.unit_block(rc, method, plan)),
       compiled=Compiled(mesh=mesh, run=run, clipping=method, apply_fn=apply_fn,
                         evaluate=evaluate_lib.build_eval(apply_fn, rows.head)))
   services.writer.write(records.CONFIG, progress.step, rc.to_dict())

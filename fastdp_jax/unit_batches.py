@@ -15,12 +15,18 @@ never crosses devices). The sampler (:class:`fastdp_jax.dp.sampling.PoissonSampl
 units with the run's secret sampling key, as it draws rows in a row-level run, with the unit
 KEY as each unit's counter: the inclusion of a unit in update t is a function of (sampling
 key, unit key, t, q) alone, so 1 and N devices and a resumed run see the same batches, and
-adding or removing a unit changes no other unit's. :func:`expand` turns each device's sampled
-unit slots into k row slots each: row slot j of unit slot u at ``u * k + j``, masked beyond
-the unit's rows. The capacity (and its overflow term in delta) counts units.
+adding or removing a unit changes no other unit's. :func:`pack` lays each device's sampled
+units' kept rows out contiguously (:data:`fastdp_jax.data.batch_format.UNIT_SLOT_ORDER`:
+an int8 mask, 2 at a unit's first row, 1 at its further rows), no unit straddling a
+microbatch. The capacity counts ROWS (:func:`row_capacity`): a Chernoff bound on the rows of
+each device's sample from its exact unit sizes, so that a device's batch overflows with
+probability at most the run's per-update, per-device p, and the overflow's term in delta
+(``p T D``) stands as for rows; the sampler's unit capacity is that row capacity (a unit has
+at least one row), so its own overflow can happen only with the rows'.
 
 Materialised batches of a unit dataset (``preprocessing.poisson_batches``, ``data.batches``)
-hold the same row slots, drawn by the same rule: the streamed run equals this one.
+hold the same units packed the same way, drawn by the same rule: the streamed run equals this
+one.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax
 import numpy as np
 
 from fastdp_jax import parallel
+from fastdp_jax.data import batch_format
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import units as units_lib
@@ -109,28 +116,84 @@ def place_units(mesh: jax.sharding.Mesh, train: data_lib.Split, k: int
   return grouped, dev
 
 
-def expand(units: sampling.PaddedBatches, layout: parallel.UnitLayout
-           ) -> sampling.PaddedBatches:
-  """Each device's sampled unit slots as k row slots each.
+def size_counts(layout: parallel.UnitLayout) -> np.ndarray:
+  """[devices, k + 1] each device's exact unit-size histogram (units of s kept rows)."""
+  k, bounds = layout.unit_size, layout.unit_bounds
+  device = np.searchsorted(bounds, np.arange(len(layout.sizes)), side="right") - 1
+  counts = np.zeros((len(bounds) - 1, k + 1), np.int64)
+  np.add.at(counts, (device, np.asarray(layout.sizes, np.int64)), 1)
+  return counts
+
+
+def row_capacity(layout: parallel.UnitLayout, sampling_rate: float,
+                 overflow_probability: float, block: int | None) -> tuple[int, int]:
+  """``(rows, capacity)``: the rows a device's sample exceeds with probability at most p, and
+  the row slots per device that always hold that many packed (:func:`pack`).
+
+  ``rows`` is the largest over the devices of :func:`fastdp_jax.dp.sampling.row_capacity_for`
+  on each one's exact unit sizes (a function of the private data, like the row-level
+  capacity: unpublished, docs/privacy.md). With microbatches of ``block`` rows the capacity
+  is whole blocks, enough for next-fit packing of any sample of at most ``rows`` rows
+  (:func:`fastdp_jax.data.batch_format.unit_blocks`); without, it is ``rows``.
+
+  Raises:
+    ValueError: ``block`` is below k (a unit of k rows would not fit in a microbatch).
+  """
+  rows = max(sampling.row_capacity_for(c, sampling_rate, overflow_probability)
+             for c in size_counts(layout))
+  if block is None:
+    return rows, rows
+  return rows, block * batch_format.unit_blocks(rows, block, layout.unit_size)
+
+
+def pack(units: sampling.PaddedBatches, layout: parallel.UnitLayout, capacity: int,
+         block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Each device's sampled units' kept rows, packed contiguously (vectorised over
+  [steps, devices]).
 
   Args:
-    units: [steps, devices, capacity] unit indices local to each device, and their mask.
+    units: [steps, devices, unit slots] unit indices local to each device, and their mask
+      (the sampler's: ascending, used slots first).
     layout: where each unit's rows are.
+    capacity: row slots per device (:func:`row_capacity`).
+    block: rows per microbatch (``capacity`` a multiple of it): no unit straddles a multiple
+      of it; None: the whole capacity is one block.
 
   Returns:
-    [steps, devices, capacity * k] row indices local to each device's block: row slot j of
-    unit slot u at ``u * k + j``, True in the mask for the unit's rows only (False for the
-    slots beyond its rows and for unused unit slots, whose index is 0).
+    ``(indices [steps, devices, capacity] int32, mask [steps, devices, capacity] int8)``:
+    the row indices local to each device's block (0 for padding), and the mask
+    (:data:`fastdp_jax.data.batch_format.UNIT_SLOT_ORDER`: 2 at a unit's first row, 1 at its
+    further rows, 0 for padding), units in the sampler's order.
+
+  Raises:
+    BatchOverflowError: a device's units do not fit (a sample of more rows than the
+      capacity's bound: probability at most p per update and device).
   """
-  k = layout.unit_size
   num_units = len(layout.sizes)
-  steps, devices, cap = units.indices.shape
-  # Global unit of each slot; an unused slot of a device without units points past the last
-  # unit: clamped, then masked off.
+  # Only the unit slots some device uses (the sampler's capacity is the rows'): host work.
+  used = max(1, int(units.mask.sum(axis=-1).max(initial=0)))
+  units = sampling.PaddedBatches(indices=units.indices[..., :used], mask=units.mask[..., :used])
+  steps, devices, _ = units.indices.shape
+  # Global unit of each slot; an unused slot (of a device without units: past the last unit)
+  # is clamped, then given size 0.
   g = np.minimum(units.indices.astype(np.int64) + layout.unit_bounds[:-1][None, :, None],
                  max(num_units - 1, 0))
-  j = np.arange(k)
-  mask = units.mask[..., None] & (j < layout.sizes[g][..., None])
-  idx = np.where(mask, layout.starts[g][..., None] + j, 0)
-  return sampling.PaddedBatches(indices=idx.reshape(steps, devices, cap * k).astype(np.int32),
-                                mask=mask.reshape(steps, devices, cap * k))
+  sizes = np.where(units.mask, layout.sizes[g], 0)
+  size = block or capacity
+  first, fits = batch_format.unit_positions(sizes, size, capacity // size)
+  if not fits.all():
+    s, d = np.argwhere(~fits)[0]
+    raise sampling.BatchOverflowError(
+        f"{int(sizes[s, d].sum())} rows sampled on device {d} (of {int(units.mask[s, d].sum())}"
+        f" units), capacity {capacity}; lower dp.overflow_probability and rerun")
+  # One entry per kept row: its unit slot (flat over [steps, devices, slots]) and rank in it.
+  sizes, first = sizes.ravel(), (first + (np.arange(steps * devices) * capacity).reshape(
+      steps, devices, 1)).ravel()
+  unit = np.repeat(np.arange(len(sizes)), sizes)
+  rank = np.arange(len(unit)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+  indices = np.zeros(steps * devices * capacity, np.int32)
+  mask = np.zeros(steps * devices * capacity, np.int8)
+  indices[first[unit] + rank] = layout.starts[g.ravel()[unit]] + rank
+  mask[first[unit] + rank] = np.where(rank == 0, batch_format.UNIT_FIRST, batch_format.UNIT_MORE)
+  shape = (steps, devices, capacity)
+  return indices.reshape(shape), mask.reshape(shape)

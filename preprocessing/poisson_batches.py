@@ -33,10 +33,11 @@ What it does (the format is :mod:`fastdp_jax.data.batch_format`'s):
    place. A failed or killed job leaves only a hidden ``.NAME.staging-*`` directory.
 
 Privacy units: a unit dataset's UNITS are sampled, as the trainer samples them in memory
-(:mod:`preprocessing.poisson_units`): N = U, its training units, q = B / U, the capacity
-counts units, and each sampled unit takes k = ``max_rows_per_unit`` slots (its kept rows,
-chosen by ``units.group``), so the shards hold ``capacity * k`` row slots per update and
-``batches.json`` records k; the batches equal the in-memory run's for the same key.
+(:mod:`preprocessing.poisson_units`): N = U, its training units, q = B / U, the sampled
+units' kept rows (at most k = ``max_rows_per_unit``, chosen by ``units.group``) are packed
+contiguously with an int8 mask marking each unit's first row, the capacity counts rows (a
+Chernoff bound from the units' sizes), and ``batches.json`` records k; the batches equal the
+in-memory run's (one device) for the same key.
 
 Disk: the block takes about (its updates) x capacity x (4 F + 5) bytes, i.e. about epochs x
 the training rows in float32 plus the capacity's headroom over B. The output is as private as
@@ -160,10 +161,13 @@ def _train_manifest(dataset: str) -> manifest_lib.Manifest:
 
 def derive_run(manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
                overflow_probability: float | None, key: np.ndarray,
-               sampling_fixed: bool, num_units: int | None = None) -> bf.RunInfo:
+               sampling_fixed: bool, num_units: int | None = None,
+               unit_counts: np.ndarray | None = None) -> bf.RunInfo:
   """The run manifest a (dataset, B, E, p, key) gives: q, T and the capacity.
 
-  With ``num_units`` (a unit dataset's U), N = U and the capacity counts units, times k.
+  With ``num_units`` (a unit dataset's U), N = U and the capacity counts the rows of the
+  units sampled: a Chernoff bound from ``unit_counts``, the exact unit-size histogram
+  (:meth:`poisson_units.UnitRows.size_counts`).
   """
   n = manifest.rows("train") if num_units is None else num_units
   k = int(manifest.max_rows_per_unit) if num_units is not None else None
@@ -181,16 +185,15 @@ def derive_run(manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
     raise PipelineError(f"--overflow-probability {overflow_probability} must be in (0, 1)")
   units: dict[str, Any] = {} if k is None else dict(
       max_rows_per_unit=k,
-      slot_order=("units of an update in ascending unit key, k slots each: row j of unit slot"
-                  " u at u * k + j (its rows kept by fastdp_jax.data.units.group, in that "
-                  "order), masked beyond them; then padding with mask False"),
+      slot_order=bf.UNIT_SLOT_ORDER,
       inclusion=("fastdp_jax.dp.sampling.inclusions with each UNIT's key as its counter: unit"
                  " u is in update t iff t is a partial sum of its Geometric(q) gaps"))
   return bf.RunInfo(**units,
       format_version=bf.FORMAT_VERSION, dataset_digest=manifest.digest(), num_examples=n,
       batch_size=batch_size, epochs=epochs, steps_per_epoch=spe, total_updates=total,
       sampling_rate=q, expected_batch_size=q * n,
-      capacity=sampling.capacity_for(n, q, overflow_probability) * (k or 1),
+      capacity=(sampling.capacity_for(n, q, overflow_probability) if k is None else
+                sampling.row_capacity_for(unit_counts, q, overflow_probability)),
       overflow_probability=float(overflow_probability),
       feature_names=tuple(manifest.feature_names), label_name=manifest.label_name,
       sampling_fixed=bool(sampling_fixed), key_commitment=bf.key_commitment(key))
@@ -239,7 +242,8 @@ def _is_append(out: str, blocked: bool, overwrite: bool) -> bool:
 
 def _existing_run(out: str, manifest: manifest_lib.Manifest, *, batch_size: int, epochs: int,
                   sampling_seed: int | None, overflow_probability: float | None,
-                  num_units: int | None = None) -> tuple[bf.RunInfo, np.ndarray]:
+                  num_units: int | None = None, unit_counts: np.ndarray | None = None
+                  ) -> tuple[bf.RunInfo, np.ndarray]:
   """``(run, key)`` of the batch directory ``out``, refused unless this job's run is its run."""
   existing = bf.read_run(out)
   key, fixed = bf.read_key(out)
@@ -249,7 +253,7 @@ def _existing_run(out: str, manifest: manifest_lib.Manifest, *, batch_size: int,
                                 "this directory's key; omit it to use the directory's key")
   wanted = derive_run(manifest, batch_size=batch_size, epochs=epochs,
                       overflow_probability=overflow_probability, key=key, sampling_fixed=fixed,
-                      num_units=num_units)
+                      num_units=num_units, unit_counts=unit_counts)
   # The directory's overflow probability holds unless one was asked for explicitly.
   if overflow_probability is None:
     wanted = dataclasses.replace(wanted, overflow_probability=existing.overflow_probability,
@@ -307,16 +311,18 @@ def plan_job(dataset: str, output: str, *, batch_size: int, epochs: int,
     units = poisson_units.unit_rows(dataset, manifest, max(1024, _PIECE_BYTES // (
         4 * manifest.num_features)))
   num_units = None if units is None else units.num_units
+  counts = None if units is None else units.size_counts()
   if append:
     run, key = _existing_run(out, manifest, batch_size=batch_size, epochs=epochs,
                              sampling_seed=sampling_seed,
-                             overflow_probability=overflow_probability, num_units=num_units)
+                             overflow_probability=overflow_probability, num_units=num_units,
+                             unit_counts=counts)
     _check_new_block(out, first, count, overwrite)
   else:
     key, fixed = sampling.sampling_key(sampling_seed)
     run = derive_run(manifest, batch_size=batch_size, epochs=epochs,
                      overflow_probability=overflow_probability, key=key, sampling_fixed=fixed,
-                     num_units=num_units)
+                     num_units=num_units, unit_counts=counts)
   run = bf.RunInfo.from_json(run.to_json(), "run")  # fills in the digest
   slot = bf.bytes_per_slot(run.num_features)
   if updates_per_shard is None:
@@ -482,10 +488,10 @@ def write_one_shard(block_dir: str, plan: JobPlan, j: int, payloads: Sequence[by
   else:  # ``rows`` holds slot ids u * k + j
     f, lab, m, over = poisson_units.fill_unit_shard(
         updates.astype(np.int64), rows, labels, features, end - first,
-        plan.run.capacity // unit, unit)
+        plan.run.capacity, unit)
   if over is not None:
     return "overflow", json.dumps({"update": first + over[0], "examples": over[1],
-                                   "what": "examples" if unit is None else "units"})
+                                   "what": "examples" if unit is None else "unit rows"})
   try:
     entry = bf.write_shard(block_dir, first, f, lab, m)
   except OSError as e:

@@ -4,9 +4,13 @@ A unit dataset (its manifest names ``privacy_unit`` and the public bound k) is s
 UNIT, as the trainer samples it in memory (:mod:`fastdp_jax.unit_batches`): the training rows
 are grouped and bounded with :func:`fastdp_jax.data.units.group` (at most k rows per unit,
 chosen by a seeded rank of their content; units in ascending key order), unit u is in update
-t by the inclusion function with the unit's KEY as its counter, and each sampled unit takes
-k consecutive slots of its update: slot j of unit slot u at ``u * k + j``, masked beyond the
-unit's kept rows. The materialised batches are then exactly the in-memory run's batches.
+t by the inclusion function with the unit's KEY as its counter, and the sampled units' kept
+rows are packed contiguously in ascending unit key (:data:`fastdp_jax.data.batch_format.
+UNIT_SLOT_ORDER`: an int8 mask, 2 at a unit's first row, 1 at its further rows), the capacity
+a Chernoff bound on the rows of a sample (:func:`fastdp_jax.dp.sampling.row_capacity_for`,
+from the exact unit sizes). The materialised batches are then the in-memory run's batches on
+one device; the reader repacks them for several devices and microbatches
+(:func:`fastdp_jax.data.batch_stream.split_units_for_devices`).
 
 The grouping needs every row's unit key and content key (16 bytes a row on the driver); the
 features are read one piece at a time and dropped once hashed.
@@ -18,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from fastdp_jax.data import batch_format as bf
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import units as units_lib
@@ -41,6 +46,13 @@ class UnitRows:
   @property
   def num_units(self) -> int:
     return int(self.keys.shape[0])
+
+  def size_counts(self) -> np.ndarray:
+    """[k + 1] the exact unit-size histogram: ``counts[s]`` units of s kept rows (it fixes
+    the row capacity, :func:`fastdp_jax.dp.sampling.row_capacity_for`)."""
+    kept = self.slot[self.slot >= 0] // self.k
+    sizes = np.bincount(kept, minlength=self.num_units)
+    return np.bincount(sizes, minlength=self.k + 1)
 
 
 def unit_rows(dataset: str, manifest: manifest_lib.Manifest, piece_rows: int) -> UnitRows:
@@ -93,47 +105,46 @@ def rows_of_units(row_units: np.ndarray, units: np.ndarray, updates: np.ndarray
 
 
 def fill_unit_shard(updates: np.ndarray, slots: np.ndarray, labels: np.ndarray,
-                    features: np.ndarray, num_updates: int, unit_capacity: int, k: int):
-  """Lays out one shard's rows: per update, its units in ascending key order, k slots each.
+                    features: np.ndarray, num_updates: int, capacity: int, k: int):
+  """Lays out one shard's rows: per update, its units' kept rows packed in ascending key.
 
   Args:
     updates: [n] update of each row, relative to the shard's first update.
     slots: [n] ``u * k + j`` of each row (:attr:`UnitRows.slot`).
     labels: [n] float32; features [n, F].
     num_updates: the shard's updates.
-    unit_capacity: unit slots per update (the row capacity is ``unit_capacity * k``).
+    capacity: row slots per update.
     k: the bound.
 
   Returns:
-    ``(features [K, capacity, F], labels [K, capacity], mask [K, capacity], None)``, or
-    ``(None, None, None, (update, units))`` for the first update over the unit capacity.
+    ``(features [K, capacity, F], labels [K, capacity], mask [K, capacity] int8, None)``
+    (mask 2 at a unit's first row, 1 at its further rows, 0 for padding), or
+    ``(None, None, None, (update, rows))`` for the first update over the capacity.
   """
-  order = np.lexsort((slots, updates))
+  order = np.lexsort((slots, updates))  # by update, then unit, then the row's rank in it
   t, s = updates[order], slots[order]
-  unit = s // k
-  new = np.r_[True, (t[1:] != t[:-1]) | (unit[1:] != unit[:-1])] if len(t) else \
-      np.zeros(0, bool)
-  counts = np.bincount(t[new], minlength=num_updates)
-  if len(counts) and counts.max() > unit_capacity:
-    over = int(np.flatnonzero(counts > unit_capacity)[0])
+  counts = np.bincount(t, minlength=num_updates)
+  if len(counts) and counts.max() > capacity:
+    over = int(np.flatnonzero(counts > capacity)[0])
     return None, None, None, (over, int(counts[over]))
-  rank = np.cumsum(new) - 1 - np.r_[0, np.cumsum(counts)[:-1]][t]  # unit slot in its update
-  position = rank * k + s % k
-  return scatter(features[order], labels[order], t, position, num_updates, unit_capacity * k)
+  position = np.arange(len(t)) - np.r_[0, np.cumsum(counts)[:-1]][t]  # rank in its update
+  marks = np.where(s % k == 0, bf.UNIT_FIRST, bf.UNIT_MORE).astype(np.int8)
+  return scatter(features[order], labels[order], t, position, num_updates, capacity, marks)
 
 
 def scatter(features: np.ndarray, labels: np.ndarray, updates: np.ndarray,
-            slots: np.ndarray, num_updates: int, capacity: int):
+            slots: np.ndarray, num_updates: int, capacity: int,
+            marks: np.ndarray | None = None):
   """The padded arrays of a shard: row i at ``[updates[i], slots[i]]``, the rest masked.
 
   Returns:
     ``(features [num_updates, capacity, F], labels [num_updates, capacity],
-    mask [num_updates, capacity], None)``.
+    mask [num_updates, capacity], None)``: mask bool, or int8 holding ``marks`` (a unit run).
   """
   f = np.zeros((num_updates, capacity, features.shape[1]), np.float32)
   lab = np.zeros((num_updates, capacity), np.float32)
-  m = np.zeros((num_updates, capacity), bool)
+  m = np.zeros((num_updates, capacity), bool if marks is None else np.int8)
   f[updates, slots] = features
   lab[updates, slots] = labels
-  m[updates, slots] = True
+  m[updates, slots] = True if marks is None else marks
   return f, lab, m, None

@@ -2,11 +2,12 @@
 
 The Spark job (preprocessing.poisson_batches) groups and bounds a unit dataset's rows as the
 trainer's loader does (fastdp_jax.data.units.group), samples UNITS with each unit's key as
-its counter and writes each sampled unit as k row slots (slot j of unit slot u at u * k + j),
-so with the same sampling key the streamed run reads exactly the in-memory run's batches
-(checked slot by slot), and the two give the same parameters up to float32 summation order
-over a different padding (the capacities differ: 1e-5 relative, as for row-level batches in
-tests/test_streamed_training.py). One SparkSession per module.
+its counter and packs the sampled units' kept rows contiguously (an int8 mask: 2 at a unit's
+first row, 1 at its further rows), so with the same sampling key the streamed run reads
+exactly the in-memory run's batches on one device (checked slot by slot), and the two give
+the same parameters up to float32 summation order over a different padding (the capacities
+differ: 1e-5 relative, as for row-level batches in tests/test_streamed_training.py). The
+reader repacks the units for several devices and microbatches. One SparkSession per module.
 """
 
 import os
@@ -87,7 +88,8 @@ def test_q_and_n_of_the_plan_are_units(dataset, batches):
   p = sampling.automatic_overflow_probability(release.default_delta(units),
                                               run.total_updates, 1)
   assert run.overflow_probability == p
-  assert run.capacity == K * sampling.capacity_for(units, BATCH / units, p)
+  sizes = np.bincount(np.diff(g.offsets), minlength=K + 1)  # the kept units' sizes
+  assert run.capacity == sampling.row_capacity_for(sizes, BATCH / units, p)
 
 
 def test_the_batches_are_the_in_memory_runs_batches_slot_by_slot(dataset, batches):
@@ -100,11 +102,14 @@ def test_the_batches_are_the_in_memory_runs_batches_slot_by_slot(dataset, batche
   for t in range(stream.total_updates):
     want_x = np.zeros((stream.capacity, x.shape[1]), np.float32)
     want_y = np.zeros(stream.capacity, np.float32)
-    want_m = np.zeros(stream.capacity, bool)
-    for slot, u in enumerate(sampler.global_indices(t)):
+    want_m = np.zeros(stream.capacity, np.int8)
+    at = 0
+    for u in sampler.global_indices(t):  # packed in ascending key, a 2 then 1s
       rows = np.arange(offsets[u], offsets[u + 1])
-      at = slot * K + np.arange(len(rows))
-      want_x[at], want_y[at], want_m[at] = x[rows], y[rows], True
+      slots = at + np.arange(len(rows))
+      want_x[slots], want_y[slots], want_m[slots] = x[rows], y[rows], 1
+      want_m[at] = 2
+      at += len(rows)
       sampled += 1
     np.testing.assert_array_equal(m[t], want_m, err_msg=f"update {t}")
     np.testing.assert_array_equal(f[t], want_x, err_msg=f"update {t}")
@@ -151,11 +156,34 @@ def test_row_level_and_unit_batches_are_not_mixed_up(spark, dataset, batches, tm
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
-def test_each_devices_slots_are_whole_units():
-  for capacity, devices in ((4 * 37, 3), (4 * 8, 8), (4 * 5, 2)):
-    per = batch_stream.device_slots(capacity, devices, (0, 1), K)[1]
-    assert per % K == 0 and per * devices >= capacity
-    assert batch_stream.padded_capacity(capacity, devices, K) == per * devices
+@pytest.mark.parametrize("devices, block", [(1, None), (3, None), (8, None), (2, 9), (3, 4)])
+def test_the_reader_repacks_whole_units_for_the_devices(devices, block):
+  # Full packed batches (every update at its capacity, units of 1..k rows) repacked for the
+  # devices: each unit whole on one device and inside one block, in order, every row once.
+  from tests.test_units_training import packed_units
+  rng = np.random.default_rng(devices)
+  capacity, steps = 61, 20
+  mask = np.zeros((steps, capacity), np.int8)
+  for t in range(steps):
+    at = 0
+    while at < capacity - (t % 3):  # some updates full, some not
+      n = min(int(rng.integers(1, K + 1)), capacity - at)
+      mask[t, at], mask[t, at + 1:at + n] = 2, 1
+      at += n
+  ids = np.arange(steps * capacity, dtype=np.float32).reshape(steps, capacity)
+  f, y, m = batch_stream.split_units_for_devices(ids[..., None], ids, mask, devices, K, block)
+  per = batch_stream.unit_device_capacity(capacity, devices, K, block)
+  assert f.shape == (steps, devices, per, 1) and m.shape == y.shape == (steps, devices, per)
+  size = block or per
+  assert per % size == 0
+  for t in range(steps):
+    want = packed_units(ids[t].astype(np.int64), mask[t])
+    got = []
+    for d in range(devices):
+      for a, b in zip(range(0, per, size), range(size, per + 1, size)):
+        got += packed_units(y[t, d, a:b].astype(np.int64), m[t, d, a:b])
+    assert [rows for _, rows in got] == [rows for _, rows in want]
+    np.testing.assert_array_equal(f[t, ..., 0], y[t])
 
 
 def test_blocks_written_one_epoch_at_a_time_equal_the_whole_run(spark, dataset, batches,

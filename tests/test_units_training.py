@@ -47,6 +47,12 @@ def _units_and_rows(path):
   return len(np.unique(keys)), len(keys)
 
 
+def _keys_of(path):
+  """(unit keys, row content keys) of the train split: :func:`units_lib.group`'s input."""
+  split = data_lib.load_split(path, "train")
+  return split.unit_keys, units_lib.row_content_keys(split.features, split.labels)
+
+
 def _cfg(path, **overrides):
   return make_config(path, **{"batch_size": BATCH, **overrides})
 
@@ -61,19 +67,118 @@ def _assert_params_close(a, b, rel):
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=rel * np.abs(a[k]).max())
 
 
-def test_expand_puts_row_slot_j_of_unit_slot_u_at_u_k_plus_j():
-  # Two devices: units 0..2 on device 0 (rows 0, 1-2, 3-5), units 3..4 on device 1.
-  layout = parallel.UnitLayout(unit_size=3, unit_bounds=np.array([0, 3, 5]),
-                               starts=np.array([0, 1, 3, 0, 2]), sizes=np.array([1, 2, 3, 2, 1]),
-                               keys=np.arange(5, dtype=np.uint64))
-  units = sampling.PaddedBatches(indices=np.array([[[2, 0], [1, 0]]], np.int32),
-                                 mask=np.array([[[True, True], [True, False]]]))
-  rows = unit_batches.expand(units, layout)
-  assert rows.indices.shape == rows.mask.shape == (1, 2, 6)
-  np.testing.assert_array_equal(rows.indices[0, 0], [3, 4, 5, 0, 0, 0])
-  np.testing.assert_array_equal(rows.mask[0, 0], [True, True, True, True, False, False])
-  np.testing.assert_array_equal(rows.indices[0, 1], [2, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(rows.mask[0, 1], [True, False, False, False, False, False])
+def _random_layout(rng, k, units_per_device):
+  """A unit layout of ``len(units_per_device)`` devices, units of 1..k rows."""
+  sizes = rng.integers(1, k + 1, size=sum(units_per_device))
+  bounds = np.r_[0, np.cumsum(units_per_device)]
+  starts = np.concatenate([np.r_[0, np.cumsum(sizes[a:b])[:-1]] if b > a else []
+                           for a, b in zip(bounds[:-1], bounds[1:])]).astype(np.int64)
+  return parallel.UnitLayout(unit_size=k, unit_bounds=bounds, starts=starts, sizes=sizes,
+                             keys=np.arange(len(sizes), dtype=np.uint64))
+
+
+def packed_units(indices, mask):
+  """The units of one packed block: ``[(first slot, indices of its rows)]``, checking the
+  layout: an int8 mask, each unit a 2 followed by its 1s (never a 1 after padding or at the
+  start)."""
+  assert mask.dtype == np.int8 and set(np.unique(mask)) <= {0, 1, 2}
+  more = np.flatnonzero(mask == 1)
+  assert (more > 0).all() and (mask[more - 1] > 0).all(), "a unit's rows are not contiguous"
+  firsts = np.flatnonzero(mask == 2)
+  out = []
+  for a in firsts:
+    b = a + 1
+    while b < len(mask) and mask[b] == 1:
+      b += 1
+    out.append((int(a), indices[a:b].tolist()))
+  return out
+
+
+@pytest.mark.parametrize("block", [None, 8, 11])
+def test_pack_lays_each_sampled_units_kept_rows_out_once_contiguously(block):
+  # Every sampled unit's rows appear exactly once, contiguous, in the sampler's order, never
+  # straddling a multiple of the block, within the capacity; padding is 0 with index 0.
+  rng = np.random.default_rng(block or 0)
+  k = 5
+  layout = _random_layout(rng, k, [40, 0, 55, 23])  # a device without units too
+  sampler = sampling.PoissonSampler(len(layout.sizes), 12, 3, shard_bounds=layout.unit_bounds,
+                                    counters=layout.keys)
+  rows, capacity = unit_batches.row_capacity(layout, sampler.sampling_rate, 1e-6, block)
+  b = sampler.batches(0, 30)
+  idx, mask = unit_batches.pack(b, layout, capacity, block)
+  assert idx.shape == mask.shape == (30, 4, capacity) and idx.dtype == np.int32
+  size = block or capacity
+  assert capacity % size == 0 and rows <= capacity
+  seen = 0
+  for s in range(30):
+    for d in range(4):
+      units = b.indices[s, d][b.mask[s, d]] + layout.unit_bounds[d]
+      got = packed_units(idx[s, d], mask[s, d])
+      assert (idx[s, d][mask[s, d] == 0] == 0).all()  # padding reads row 0
+      assert len(got) == len(units)
+      for (first, row_idx), u in zip(got, units):
+        want = list(range(layout.starts[u], layout.starts[u] + layout.sizes[u]))
+        assert row_idx == want  # all its kept rows, once, in order
+        assert first // size == (first + len(want) - 1) // size  # inside one block
+        seen += 1
+  assert seen > 100
+
+
+def test_pack_refuses_units_beyond_the_capacity():
+  layout = _random_layout(np.random.default_rng(1), 3, [20])
+  b = sampling.PoissonSampler(20, 20, 0, counters=layout.keys).batches(0, 1)  # q = 1
+  total = int(layout.sizes.sum())
+  idx, _ = unit_batches.pack(b, layout, total)  # exactly full: fits
+  assert idx.shape == (1, 1, total)
+  with pytest.raises(sampling.BatchOverflowError, match=f"{total} rows sampled on device 0"):
+    unit_batches.pack(b, layout, total - 1)
+
+
+def test_next_fit_blocks_hold_every_sample_up_to_the_bound():
+  # unit_blocks(c, m, k) blocks hold ANY sequence of units of 1..k rows with at most c rows in
+  # all; with m >= 2k - 1, one block fewer fails for some such sequence (the bound is tight).
+  from fastdp_jax.data import batch_format
+  rng = np.random.default_rng(0)
+  for m, k, c in ((8, 3, 30), (11, 5, 47), (6, 6, 20), (16, 4, 16), (16, 4, 17), (9, 5, 40)):
+    n = batch_format.unit_blocks(c, m, k)
+    sizes = rng.integers(1, k + 1, size=(4000, c))
+    sizes[np.cumsum(sizes, axis=1) > c] = 0  # at most c rows each, unused slots after
+    assert batch_format.unit_positions(sizes, m, n)[1].all(), (m, k, c)
+    if n > 1 and m >= 2 * k - 1:
+      # Blocks of m - k + 1 rows each, every one closed by a unit of k: c rows at most.
+      seq = [1] * (m - k + 1) + ([k] + [1] * (m - 2 * k + 1)) * (n - 2) + [k]
+      assert sum(seq) <= c
+      assert not batch_format.unit_positions(np.array([seq]), m, n - 1)[1][0], (m, k, c)
+
+
+def _exact_tail(counts, q):
+  """P(R > c) for every c, R = sum of s * Bernoulli(q) over counts[s] units: the exact
+  distribution by convolution."""
+  dist = np.array([1.0])
+  for s, n in enumerate(counts):
+    for _ in range(n):
+      nxt = np.zeros(len(dist) + s)
+      nxt[:len(dist)] += (1 - q) * dist
+      nxt[s:] += q * dist
+      dist = nxt
+  return np.r_[dist[::-1].cumsum()[::-1][1:], 0.0]  # tail[c] = P(R >= c + 1), c = 0..max R
+
+
+@pytest.mark.parametrize("counts, q", [([0, 40, 30, 20, 10], 0.1), ([0, 5, 0, 0, 0, 0, 7], 0.3),
+                                       ([0, 200, 100, 50, 30, 20, 10, 5, 3], 0.02)])
+def test_the_row_capacity_bounds_the_exact_tail(counts, q):
+  tail = _exact_tail(counts, q)
+  total = len(tail) - 1  # every unit's rows: R never exceeds them
+  for c in range(total + 1):  # the bound holds everywhere
+    bound = np.exp(sampling.chernoff_log_tail(np.array(counts), q, c))
+    assert tail[c] <= bound * (1 + 1e-9) + 1e-300, (c, tail[c], bound)
+  for p in (1e-2, 1e-6, 1e-12):
+    c = sampling.row_capacity_for(np.array(counts), q, p)
+    exact = int(np.argmax(tail <= p))  # the exact quantile: the least any bound can give
+    assert tail[c] <= p and exact <= c <= total
+    # Not loose: the Chernoff slack is a couple of standard deviations at most.
+    sd = np.sqrt(q * (1 - q) * np.dot(counts, np.arange(len(counts)) ** 2))
+    assert c - exact <= 2 * sd, (c, exact, sd)
 
 
 def test_a_units_batches_follow_its_key_so_removing_a_unit_moves_no_other():
@@ -91,7 +196,24 @@ def test_a_units_batches_follow_its_key_so_removing_a_unit_moves_no_other():
 def test_q_n_delta_and_epsilon_count_units(dataset, tmp_path, monkeypatch):
   units, rows = _units_and_rows(dataset)
   assert rows > 2 * units  # so a q, N or delta taken from rows would differ
-  s = train.train_and_evaluate(_cfg(dataset), str(tmp_path / "w"))
+  seen = {}
+  s = train.train_and_evaluate(_cfg(dataset), str(tmp_path / "w"),
+                               inspect=lambda t, summary: seen.update(t=t))
+  # The capacity counts ROWS, from the kept units' exact sizes; the sampler's unit capacity is
+  # the same number (a unit has a row at least), so only the rows' overflow event can happen
+  # and the overflow's term in delta is p T D as planned.
+  t = seen["t"]
+  sizes = np.diff(units_lib.group(*_keys_of(dataset), K).offsets)
+  ub = t.data.dev.units.unit_bounds  # each device's units: its own exact sizes
+  want = max(sampling.row_capacity_for(np.bincount(sizes[a:b], minlength=K + 1),
+                                       s.sampling_rate, t.plan.overflow_probability)
+             for a, b in zip(ub[:-1], ub[1:]))
+  assert t.batches.capacity == t.batches.sampler.capacity == want
+  # Fewer row slots than k for every unit slot of the Binomial unit capacity (the old layout).
+  assert want < K * sampling.capacity_for(int(np.diff(ub).max()), s.sampling_rate,
+                                          t.plan.overflow_probability)
+  assert t.plan.overflow_delta == sampling.overflow_delta(
+      t.plan.overflow_probability, t.plan.total_steps, len(ub) - 1, t.plan.epsilon_bound)
   assert s.train_examples == s.planned_num_examples == units
   assert s.privacy_unit == ("household",) and s.max_rows_per_unit == K
   assert s.sampling_rate == BATCH / units
@@ -156,7 +278,7 @@ def test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c(tmp_path, m
     def wrapped(params, batch, mask):
       grads, stats = fn(params, batch, mask)
       jax.debug.callback(lambda n, m: seen.append((float(n), int(m))),
-                         optax.tree.norm(grads), mask.sum())
+                         optax.tree.norm(grads), (mask > 0).sum())  # the rows kept
       return grads, stats
     return wrapped
 
@@ -244,14 +366,16 @@ def test_materialised_batches_with_validation_units_are_refused_in_one_line(data
 
 
 def test_the_poisson_batch_job_plans_a_unit_dataset_by_unit(dataset, tmp_path):
-  # The plan alone (no Spark): N = U, q = B / U, and the capacity counts units times k
-  # (tests/test_units_streamed.py runs the job and trains from its batches).
+  # The plan alone (no Spark): N = U, q = B / U, and the capacity counts the rows of the
+  # units sampled, bounded from the kept units' sizes (tests/test_units_streamed.py runs the
+  # job and trains from its batches).
   from preprocessing import poisson_batches as pb
   units, _ = _units_and_rows(dataset)
   run = pb.plan_job(dataset, str(tmp_path / "b"), batch_size=BATCH, epochs=1).run
   assert run.num_examples == units and run.sampling_rate == BATCH / units
-  assert run.max_rows_per_unit == K and run.capacity == K * sampling.capacity_for(
-      units, BATCH / units, run.overflow_probability)
+  sizes = np.diff(units_lib.group(*_keys_of(dataset), K).offsets)
+  assert run.max_rows_per_unit == K and run.capacity == sampling.row_capacity_for(
+      np.bincount(sizes, minlength=K + 1), BATCH / units, run.overflow_probability)
   assert not (tmp_path / "b").exists()  # planning writes nothing
 
 
@@ -325,12 +449,14 @@ def _labelled_units_dataset(path, num_units=120, max_size=6, seed=5):
   return path, kept
 
 
-@pytest.mark.parametrize("clipping", ["vmap", "ghost"])
+@pytest.mark.parametrize("clipping, microbatch", [("vmap", None), ("ghost", None),
+                                                  ("ghost", 9)])
 def test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other(tmp_path, monkeypatch,
-                                                                     clipping):
-  # What each real update's clipped sum sees, slot by slot: a unit slot's rows are rows of ONE
-  # unit (never a neighbour's: its clipped sum would then move with two units), all of that
-  # unit's kept rows (the unit is sampled whole, not row by row), and at most k of them.
+                                                                     clipping, microbatch):
+  # What each real update's clipped sum sees: every packed unit (a 2, then its 1s) is rows of
+  # ONE unit (never a neighbour's: its clipped sum would then move with two units), all of
+  # that unit's kept rows (the unit is sampled whole, not row by row), at most k, and no unit
+  # twice; no block (a microbatch) starts inside a unit.
   path, kept = _labelled_units_dataset(str(tmp_path / "d"))
   seen = []
   real = step_lib.clipping.make_clipped_sum
@@ -346,17 +472,20 @@ def test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other(tmp_path, m
 
   monkeypatch.setattr(step_lib.clipping, "make_clipped_sum", spy)
   s = train.train_and_evaluate(_cfg(path, **{"batch_size": 24, "dp.clipping": clipping,
-                                             "num_epochs": 1}), str(tmp_path / "w"))
+                                             "num_epochs": 1, "padding_microbatch": microbatch}),
+                               str(tmp_path / "w"))
   assert s.steps >= 2
   sampled = 0
   for x, m in seen:
-    for xs, ms in zip(x.reshape(-1, K, 8), m.reshape(-1, K)):
-      if not ms.any():
-        continue
-      ids = {int((row.astype(np.int64) << np.arange(8)).sum()) for row in xs[ms]}
-      assert len(ids) == 1, f"a unit slot mixes units {sorted(ids)}"
-      (u,) = ids
-      assert int(ms.sum()) == kept[u], (u, int(ms.sum()), kept[u])
+    if microbatch is not None:
+      assert len(m) == microbatch
+    ids = (x.astype(np.int64) << np.arange(8)).sum(axis=1)  # the unit of each row
+    units = packed_units(np.arange(len(m)), m)
+    in_block = [ids[slots].tolist() for _, slots in units]
+    assert len({u[0] for u in in_block}) == len(in_block), "a unit sampled twice"
+    for rows in in_block:
+      assert len(set(rows)) == 1, f"a packed unit mixes units {sorted(set(rows))}"
+      assert len(rows) == kept[rows[0]] <= K, (rows[0], len(rows), kept[rows[0]])
       sampled += 1
   assert sampled > 0
 

@@ -109,6 +109,59 @@ def key_commitment(key: np.ndarray) -> str:
   return hashlib.sha256(_COMMITMENT_TAG + words.astype("<u8").tobytes()).hexdigest()
 
 
+# ------------------------------------------------------------------ privacy-unit layout
+# The slot order of privacy-unit batches (``RunInfo.slot_order``): a reader refuses any other
+# (an older layout gave every sampled unit k slots).
+UNIT_SLOT_ORDER = ("the sampled units' kept rows packed contiguously, units in ascending unit "
+                   "key (each unit's rows in fastdp_jax.data.units.group's order); mask int8: "
+                   "2 at a unit's first row, 1 at its further rows, 0 for the padding after")
+UNIT_FIRST, UNIT_MORE = 2, 1  # mask values of a unit's first and further rows
+
+
+def unit_blocks(rows: int, block: int, k: int) -> int:
+  """The blocks of ``block`` slots that next-fit packing (:func:`unit_positions`) always
+  suffices with for at most ``rows`` rows in units of 1..k rows.
+
+  Next-fit opens a new block only when the next unit (s <= k rows) does not fit, so a block
+  it leaves holds more than ``block - s >= block - k`` rows, and the rows before the unit that
+  would open block n + 1 number at least ``(n - 1)(block - k + 1) + block - s + 1``, plus its
+  own s: more than ``(n - 1)(block - k + 1) + block``. So n blocks hold any sample of at most
+  ``rows`` rows once ``(n - 1)(block - k + 1) + block >= rows``.
+  """
+  if block < k:
+    raise ValueError(f"a block of {block} slots cannot hold a unit of k={k} rows")
+  return 1 + -(-max(0, rows - block) // (block - k + 1))
+
+
+def unit_positions(sizes: np.ndarray, block: int, num_blocks: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Next-fit packing of units into blocks, vectorised over the leading axes.
+
+  Args:
+    sizes: [..., U] int, each unit slot's kept rows in packing order (0 for an unused slot,
+      after the used ones).
+    block: slots per block: no unit straddles a multiple of it.
+    num_blocks: the blocks available (the capacity is ``block * num_blocks``).
+
+  Returns:
+    ``(first [..., U], fits [...])``: each unit's first slot (its rows follow it; unused
+    slots get some position, to be ignored) and whether every unit found room.
+  """
+  sizes = np.asarray(sizes, np.int64)
+  ends = np.cumsum(sizes, axis=-1)
+  starts = ends - sizes
+  if num_blocks == 1:
+    return starts, ends[..., -1] <= block
+  first = np.zeros_like(sizes)
+  base = np.zeros(sizes.shape[:-1], np.int64)  # rows of the units placed so far
+  for b in range(num_blocks):
+    # The units that fit in block b: those ending within ``block`` rows of ``base``.
+    here = (starts >= base[..., None]) & (ends <= base[..., None] + block)
+    first = np.where(here, b * block + starts - base[..., None], first)
+    base = np.max(np.where(ends <= base[..., None] + block, ends, 0), axis=-1)
+  return first, base == ends[..., -1]
+
+
 def bytes_per_slot(num_features: int) -> int:
   """Disk bytes of one slot: features (float32), label (float32), mask (bool)."""
   return 4 * num_features + 4 + 1
@@ -138,10 +191,11 @@ class RunInfo:
     key_commitment: :func:`key_commitment` of the sampling key.
     max_rows_per_unit: None for row-level batches (each row sampled on its own). For a
       privacy-unit dataset, its public bound k: the UNITS are sampled (``num_examples`` is
-      U, the training units, and q = B / U), each sampled unit takes k consecutive slots
-      (slot j of unit slot u at ``u * k + j``, masked beyond its kept rows), and
-      ``capacity`` counts row slots: k times the unit capacity. Written only when set, so a
-      row-level manifest (and its digest) is as before.
+      U, the training units, and q = B / U), the sampled units' kept rows are packed
+      contiguously in ascending unit key (:data:`UNIT_SLOT_ORDER`; the mask is int8: 2 at a
+      unit's first row, 1 at its further rows, 0 for padding), and ``capacity`` counts row
+      slots (:func:`fastdp_jax.dp.sampling.row_capacity_for` of the units' sizes). Written
+      only when set, so a row-level manifest (and its digest) is as before.
     digest: :func:`body_digest` of the rest.
   """
 
@@ -371,7 +425,8 @@ def write_shard(directory: str, first_update: int, features: np.ndarray, labels:
     first_update: the shard's first update.
     features: [k, capacity, F] float32.
     labels: [k, capacity] the task's labels (0/1, class indices or values), stored float32.
-    mask: [k, capacity] bool, True for real rows.
+    mask: [k, capacity] bool, True for real rows; int8 in a privacy-unit run
+      (:data:`UNIT_SLOT_ORDER`).
 
   Raises:
     OSError: if the file cannot be written (a full disk: ENOSPC, a file size limit: EFBIG);
@@ -391,7 +446,8 @@ def write_shard(directory: str, first_update: int, features: np.ndarray, labels:
         f.attrs["first_update"] = np.int64(first_update)
         f.create_dataset("features", data=np.asarray(features, np.float32))
         f.create_dataset("labels", data=np.asarray(labels, np.float32))
-        f.create_dataset("mask", data=np.asarray(mask, bool))
+        # int8 in a privacy-unit run (it marks each unit's first row), bool otherwise.
+        f.create_dataset("mask", data=mask if mask.dtype == np.int8 else np.asarray(mask, bool))
       digest = data_lib.sha256_file(tmp)
       size = os.path.getsize(tmp)
   except BaseException as e:
@@ -422,7 +478,8 @@ def _check_shard_file(block_dir: str, entry: ShardEntry, run: RunInfo) -> None:
                      "truncated, corrupt or replaced file)")
   shapes = {"features": ((entry.num_updates, run.capacity, run.num_features), np.float32),
             "labels": ((entry.num_updates, run.capacity), np.float32),
-            "mask": ((entry.num_updates, run.capacity), np.bool_)}
+            "mask": ((entry.num_updates, run.capacity),
+                     np.int8 if run.max_rows_per_unit else np.bool_)}
   try:
     with h5py.File(path, "r") as f:
       for name, (shape, dtype) in shapes.items():

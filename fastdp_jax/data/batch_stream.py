@@ -19,7 +19,10 @@ times differ) is hashed again before its rows are used, and refused, named, unle
 matches its manifest: one ``stat`` per read otherwise.
 
 A device's part of an update is a fixed slot range (:func:`split_for_devices`): a public
-function of the slot order alone, never of the data.
+function of the slot order alone, never of the data. Privacy-unit batches (packed units, an
+int8 mask) are repacked for the devices and microbatches instead
+(:func:`split_units_for_devices`), so that no unit straddles two: a function of the units'
+sizes, which the mask shows, and of the public device count and microbatch.
 
 The test split is not copied: evaluation streams the dataset's own test shards in row order
 with :func:`iter_split` (no sampling is involved, so nothing needs materialising).
@@ -85,6 +88,66 @@ def device_slots(capacity: int, num_devices: int, devices: tuple[int, int],
     raise ValueError(f"{devices=} must be a range inside 0..{num_devices}")
   per = padded_capacity(capacity, num_devices, unit_size) // num_devices
   return first * per, last * per
+
+
+def unit_device_capacity(capacity: int, num_devices: int, k: int, block: int | None) -> int:
+  """Row slots per device that always hold an update of privacy-unit batches of
+  ``capacity`` rows, its units repacked next-fit over the devices (:func:`split_units_for_
+  devices`): whole blocks of ``block`` rows each, or without blocks the smallest P with
+  ``(D - 1)(P - k + 1) + P >= capacity`` (each device a block of P,
+  :func:`fastdp_jax.data.batch_format.unit_blocks`)."""
+  if block is not None:
+    blocks = batch_format.unit_blocks(capacity, block, k)
+    return -(-blocks // num_devices) * block
+  return max(k, -(-(capacity + (num_devices - 1) * (k - 1)) // num_devices))
+
+
+def split_units_for_devices(features: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                            num_devices: int, k: int, block: int | None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Privacy-unit batches (packed units, ``mask`` int8) repacked for the devices.
+
+  The units of each update keep their order and are packed next-fit into ``num_devices``
+  devices of :func:`unit_device_capacity` slots, in blocks of ``block`` rows (or one block a
+  device): no unit straddles two devices or two microbatches. On one device without blocks
+  the layout is the written one (padded).
+
+  Args:
+    features: [K, slots, F]; labels [K, slots]; mask [K, slots] int8 (2 at a unit's first
+      row, 1 at its further rows).
+    num_devices: D.
+    k: the bound on a unit's rows.
+    block: the step's microbatch in rows, or None.
+
+  Returns:
+    ``(features [K, D, P, F], labels [K, D, P], mask [K, D, P])``.
+
+  Raises:
+    BatchError: an update holds more rows than its capacity (a corrupt directory).
+  """
+  steps, slots = mask.shape
+  per = unit_device_capacity(slots, num_devices, k, block)
+  size = block or per
+  first = mask == batch_format.UNIT_FIRST
+  rank = np.cumsum(first, axis=1) - 1  # the unit of each slot in its update
+  t, s = np.nonzero(mask > 0)
+  unit = rank[t, s]
+  sizes = np.zeros((steps, max(1, int(first.sum(axis=1).max(initial=0)))), np.int64)
+  np.add.at(sizes, (t, unit), 1)
+  start = np.zeros_like(sizes)  # each unit's first slot as written
+  ft, fs = np.nonzero(first)
+  start[ft, rank[ft, fs]] = fs
+  at, fits = batch_format.unit_positions(sizes, size, num_devices * per // size)
+  if not fits.all():
+    raise batch_format.BatchError(f"an update holds {int(sizes.sum(axis=1).max())} rows, "
+                                  f"above the capacity {slots} of its batches (corrupt?)")
+  new = at[t, unit] + s - start[t, unit]
+  f = np.zeros((steps, num_devices * per) + features.shape[2:], features.dtype)
+  y = np.zeros((steps, num_devices * per), labels.dtype)
+  m = np.zeros((steps, num_devices * per), mask.dtype)
+  f[t, new], y[t, new], m[t, new] = features[t, s], labels[t, s], mask[t, s]
+  return (f.reshape((steps, num_devices, per) + features.shape[2:]),
+          y.reshape(steps, num_devices, per), m.reshape(steps, num_devices, per))
 
 
 def split_for_devices(features: np.ndarray, labels: np.ndarray, mask: np.ndarray,
@@ -217,6 +280,11 @@ def _check_unit_kind(path: str, run: batch_format.RunInfo, dataset: str | os.Pat
                      m: manifest_lib.Manifest) -> None:
   """Refuses row-level batches for a unit dataset, and unit batches for a row-level one."""
   want = int(m.max_rows_per_unit) if m.privacy_unit else None
+  if run.max_rows_per_unit == want and want is not None and (
+      run.slot_order != batch_format.UNIT_SLOT_ORDER):
+    raise batch_format.BatchMismatchError(
+        f"{path} holds privacy-unit batches of an older layout (k slots per unit); write them "
+        "again with this version's preprocessing.poisson_batches (a new --output)")
   if run.max_rows_per_unit == want:
     return
   have = ("row-level batches (each row sampled alone)" if run.max_rows_per_unit is None
@@ -258,6 +326,8 @@ class BatchStream:
   q = property(lambda self: self.run.sampling_rate, doc="the sampling rate q")
   total_updates = property(lambda self: self.run.total_updates, doc="T, all blocks")
   capacity = property(lambda self: self.run.capacity, doc="slots per update")
+  mask_dtype = property(lambda self: np.dtype(np.int8 if self.run.max_rows_per_unit else bool),
+                        doc="int8 for privacy-unit batches (packed units), bool otherwise")
   batch_size = property(lambda self: self.run.batch_size, doc="the expected batch size B")
   epochs = property(lambda self: self.run.epochs)
   steps_per_epoch = property(lambda self: self.run.steps_per_epoch)
@@ -385,7 +455,7 @@ class BatchStream:
     if out is None:
       features = np.zeros((num_updates, width, self.num_features), np.float32)
       labels = np.zeros((num_updates, width), np.float32)
-      mask = np.zeros((num_updates, width), bool)
+      mask = np.zeros((num_updates, width), self.mask_dtype)
     else:
       features, labels, mask = (a[:num_updates] for a in out)
       if (features.shape != (num_updates, width, self.num_features)
@@ -487,7 +557,7 @@ class Prefetcher:
     for _ in range(self.num_buffers):
       self._free.put((np.zeros((self.read_updates, width, stream.num_features), np.float32),
                       np.zeros((self.read_updates, width), np.float32),
-                      np.zeros((self.read_updates, width), bool)))
+                      np.zeros((self.read_updates, width), stream.mask_dtype)))
     self._filled: queue.Queue = queue.Queue()
     self._stop = threading.Event()
     self._pending: tuple[Chunk, int] | None = None  # (buffer, updates in it)
@@ -533,7 +603,7 @@ class Prefetcher:
                        f"{self.end_update}")
     width = self._slice[1] - self._slice[0]
     out = (np.empty((k, width, self._stream.num_features), np.float32),
-           np.empty((k, width), np.float32), np.empty((k, width), bool))
+           np.empty((k, width), np.float32), np.empty((k, width), self._stream.mask_dtype))
     done = 0
     while done < k:
       if self._pending is None:

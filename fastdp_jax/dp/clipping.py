@@ -15,8 +15,9 @@ Two methods compute the sum:
   at the cost of a non-private step, for the dense and embedding layers of
   :class:`fastdp_jax.models.MLP`.
 
-With a privacy unit of k rows (``unit_size=k``) both methods clip each unit's
-SUMMED gradient instead (:func:`unit_clipped_grad_sum_with_stats`; ghost by per-unit Gram
+With a privacy unit of at most k rows (``unit_size=k``, a packed batch whose int8 mask marks
+each unit's first row: :func:`fastdp_jax.dp.clip_types.unit_rows`) both methods clip each
+unit's SUMMED gradient instead (:func:`unit_clipped_grad_sum_with_stats`; ghost by band
 norms): the sum then has sensitivity C with respect to adding or removing one whole unit.
 
 :func:`make_clipped_sum` is the ``dp.clipping`` choice between them (``'auto'``: ghost when
@@ -132,25 +133,34 @@ def clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree, batc
                                      nonfinite=st.nonfinite.reshape(n))
 
 
-def _unit_loss(loss_fn: clip_types.LossFn) -> clip_types.LossFn:
-  """The loss of ONE unit ``(rows [k, ...], row_mask [k])``: its real rows' summed loss."""
-
-  def unit_loss(params, unit):
-    rows, row_mask = unit
-    # Padding rows become zeros before the loss: their loss is masked out, so their cotangent
-    # is 0, and 0 times a finite partial is exactly 0 (a NaN padding row would poison the
-    # unit's gradient through 0 * NaN).
-    rows = jax.tree_util.tree_map(
-        lambda v: jnp.where(row_mask.reshape(row_mask.shape + (1,) * (v.ndim - 1)), v,
-                            jnp.zeros((), v.dtype)), rows)
-    losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, rows)
-    return jnp.sum(jnp.where(row_mask, losses, 0.0))
-
-  return unit_loss
+def _unit_chunk(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
+                l2_norm_clip: float, rows: clip_types.UnitRows
+                ) -> tuple[PyTree, clip_types.ClipStats]:
+  """One packed block: per-row gradients, summed into units, each unit's sum clipped."""
+  n = rows.keep.shape[0]
+  grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
+  units = rows.unit  # row r's gradient joins its unit's sum: never clipped alone
+  def to_units(g):
+    # where, not a product: a dropped or empty row's gradient may be NaN (garbage features).
+    g = jnp.where(rows.keep.reshape((n,) + (1,) * (g.ndim - 1)), g, jnp.zeros((), g.dtype))
+    return jax.ops.segment_sum(g, units, num_segments=n, indices_are_sorted=True)
+  sums = jax.tree_util.tree_map(to_units, grads)  # [n units, ...], by unit id
+  norms = jnp.sqrt(sum(jnp.sum(jnp.square(v.reshape(n, -1)), axis=1)
+                       for v in jax.tree_util.tree_leaves(sums)))
+  finite = jnp.isfinite(norms)  # a unit with a non-finite gradient is zeroed whole
+  factor = jnp.where(finite, jnp.minimum(1.0, l2_norm_clip / jnp.where(norms > 0, norms, 1.0)),
+                     0.0)
+  clipped = jax.tree_util.tree_map(
+      lambda v: jnp.tensordot(factor.astype(v.dtype), jnp.where(
+          finite.reshape((n,) + (1,) * (v.ndim - 1)), v, jnp.zeros((), v.dtype)), axes=1),
+      sums)
+  return clipped, clip_types.ClipStats(
+      norms=clip_types.at_first_rows(jnp.where(finite, norms, 0.0), rows),
+      nonfinite=clip_types.at_first_rows(~finite, rows))
 
 
 def unit_clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree, batch: PyTree,
-                                     l2_norm_clip: float | None, mask: jax.Array | None,
+                                     l2_norm_clip: float | None, mask: jax.Array,
                                      unit_size: int, *, microbatch_size: int | None = None
                                      ) -> tuple[PyTree, clip_types.ClipStats]:
   """Sum over units of each unit's summed row gradients, clipped as a whole to norm C.
@@ -158,37 +168,46 @@ def unit_clipped_grad_sum_with_stats(loss_fn: clip_types.LossFn, params: PyTree,
   Args:
     loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE row.
     params: the parameter pytree.
-    batch: a pytree of flat row arrays [units * k, ...]; row slot j of unit slot u is
-      index ``u * k + j``.
-    l2_norm_clip: C > 0, or ``None`` (non-private): the plain masked sum of row gradients.
-    mask: [units * k] bool or 0/1 rows mask (None: every row real); a unit slot with no
-      real row contributes nothing.
-    unit_size: k, the row slots per unit slot.
-    microbatch_size: process the batch in chunks of this many UNIT slots (bounding the
-      memory of materialised per-unit gradients); must divide the number of unit slots.
+    batch: a pytree of row arrays [n, ...]: packed units, each unit's rows contiguous.
+    l2_norm_clip: C > 0, or ``None`` (non-private): the plain sum of the kept rows'
+      gradients.
+    mask: [n] int8: 0 empty slot, 2 a unit's first row, 1 a further row of that unit
+      (:func:`fastdp_jax.dp.clip_types.unit_rows`).
+    unit_size: k, the most rows a unit has (the slots a unit may span).
+    microbatch_size: process the batch in chunks of ``microbatch_size * k`` row slots (the
+      rows of that many full units), bounding the memory of materialised per-row and
+      per-unit gradients; each chunk is a block that no unit straddles, and must divide n.
 
   Returns:
-    ``(grad_sum, ClipStats)`` with ``norms`` and ``nonfinite`` per unit slot [units] (a unit
-    whose gradient is not finite is zeroed whole) and ``losses`` None.
+    ``(grad_sum, ClipStats)``: each unit's norm (0 if zeroed) and non-finite flag at its
+    first row slot, 0/False elsewhere; ``losses`` None.
   """
   clip_types.check_unit_size(unit_size)
   n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-  mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask).astype(bool)
-  present = clip_types.units_present(mask, unit_size)
-  units = present.shape[0]
+  mask = jnp.asarray(mask)
   if l2_norm_clip is None:  # the unit changes nothing without clipping: one backward pass
-    grads, _ = clipped_grad_sum_with_stats(loss_fn, params, batch, None, mask)
-    zero = jnp.zeros((units,), jnp.float32)
+    grads, _ = clipped_grad_sum_with_stats(loss_fn, params, batch, None,
+                                           clip_types.unit_rows(mask, unit_size).keep)
+    zero = jnp.zeros((n,), jnp.float32)
     return grads, clip_types.ClipStats(norms=zero, nonfinite=zero.astype(bool))
-  if microbatch_size is not None and microbatch_size < units and units % microbatch_size:
-    raise ValueError(f"{microbatch_size=} (unit slots per chunk) must divide the {units}"
-                     f" unit slots of a batch")
-  split = lambda v: v.reshape((units, unit_size) + v.shape[1:])
-  # One "example" of the row machinery is now a unit (its k rows and their mask): its
-  # gradient, clipped and zeroed if non-finite as a whole, is the gradient of its summed loss.
-  by_unit = (jax.tree_util.tree_map(split, batch), split(mask))
-  return clipped_grad_sum_with_stats(_unit_loss(loss_fn), params, by_unit, l2_norm_clip,
-                                     present, microbatch_size=microbatch_size)
+  if l2_norm_clip <= 0:
+    raise ValueError(f"{l2_norm_clip=} must be positive")
+  chunk = n if microbatch_size is None else min(microbatch_size * unit_size, n)
+  if n % chunk:
+    raise ValueError(f"{microbatch_size=} units of {unit_size} row slots ({chunk} rows per"
+                     f" chunk) must divide the {n} row slots of a batch")
+  reshape = lambda v: v.reshape((n // chunk, chunk) + v.shape[1:])
+
+  def body(acc, part):
+    b, m = part
+    s, st = _unit_chunk(loss_fn, params, b, l2_norm_clip, clip_types.unit_rows(m, unit_size))
+    return jax.tree_util.tree_map(jnp.add, acc, s), st
+
+  # A fixed trip count (the step's duration does not follow the realised batch), in order.
+  init = jax.tree_util.tree_map(jnp.zeros_like, params)
+  total, st = jax.lax.scan(body, init, (jax.tree_util.tree_map(reshape, batch), reshape(mask)))
+  return total, clip_types.ClipStats(norms=st.norms.reshape(n),
+                                     nonfinite=st.nonfinite.reshape(n))
 
 
 def resolve_method(method: str, model: nnx.Module) -> str:
@@ -227,15 +246,15 @@ def make_clipped_sum(method: str, model: nnx.Module, loss_fn: clip_types.LossFn,
     microbatch_size: chunk size of the vmap path (ghost needs no chunking: its memory is that
       of the activations).
     head: the task (its per-example loss is the ghost path's).
-    unit_size: None: every row is its own privacy unit (clipped alone). k: the batch is
-      flat unit slots of k row slots (row slot j of unit slot u at index ``u * k + j``, the
-      mask flat too) and each unit's summed gradient is clipped to C as a whole
-      (:func:`unit_clipped_grad_sum_with_stats`, or ghost's per-unit Gram norms);
-      ``microbatch_size`` then counts unit slots.
+    unit_size: None: every row is its own privacy unit (clipped alone; ``mask`` bool or
+      0/1). k: the batch is packed units of at most k contiguous rows (``mask`` int8: 0
+      empty, 2 a unit's first row, 1 a further row) and each unit's summed gradient is
+      clipped to C as a whole (:func:`unit_clipped_grad_sum_with_stats`, or ghost's band
+      norms); ``microbatch_size`` then counts units of k row slots.
 
   Returns:
-    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``; with ``unit_size`` the stats'
-    norms and non-finite flags are per unit slot ([batch // k]), losses per row or None.
+    ``fn(params, batch, mask) -> (grad_sum, ClipStats)``; with ``unit_size`` a unit's norm
+    and non-finite flag sit at its first row slot, losses per row or None.
   """
   clip_types.check_unit_size(unit_size)
   resolved = resolve_method(method, model)

@@ -30,11 +30,16 @@ from the quantities of the first pass. A DP step therefore costs one forward and
 pass, like a non-private step, and its memory is the activations' [batch, width], not the
 per-example gradients' [batch, params].
 
-With a privacy unit (``unit_size=k``: unit slot u's rows are ``u * k .. u * k + k - 1``) the
-clipped thing is a unit P's summed gradient ``sum_{j in P} a_j g_j^T``, whose squared norm is
-``sum_{j,l in P} (a_j.a_l + 1)(g_j.g_l)`` (a k x k Gram matrix per unit; for a table
-``sum_{j,l} [id_j = id_l](g_j.g_l)``), the sequence case of ghost clipping (Li et al. 2022);
-the book-keeping pass is unchanged, each row weighted by its unit's factor ``c_P``.
+With privacy units (``unit_size=k``, a packed batch: each unit's 1..k rows contiguous, its
+first row marked 2 in an int8 mask, :func:`fastdp_jax.dp.clip_types.unit_rows`) the clipped
+thing is a unit P's summed gradient ``sum_{j in P} a_j g_j^T``, whose squared norm is
+``sum_{j,l in P} (a_j.a_l + 1)(g_j.g_l)`` (for a table ``sum_{j,l} [id_j = id_l](g_j.g_l)``),
+the sequence case of ghost clipping (Li et al. 2022). Two rows of one unit are fewer than k
+slots apart, so the pairs are a BAND of width k: the products of rows r and r + d for
+d = 0 .. k - 1 (counted twice for d > 0) where both rows are in the same unit, summed into
+units with a segment sum. Computed blockwise as small matrix products, that costs about 2k
+row-wise dot products per layer (about k times a row's ghost norm), whatever the units'
+sizes. The book-keeping pass is unchanged, each row weighted by its unit's factor ``c_P``.
 
 Rows with ``mask == 0`` (padding) and rows whose norm is not finite get ``c_i = 0`` and their
 activations and output gradients are zeroed with ``where`` before the products, so they
@@ -167,28 +172,53 @@ def _row_sq_norms(params: models.Params, inputs: list, out_grads: list,
 
 
 def _unit_sq_norms(params: models.Params, inputs: list, out_grads: list, row_grads: list,
-                   ids: list[jax.Array], mask: jax.Array, unit_size: int) -> jax.Array:
-  """[units] squared norm of each unit's gradient, the sum of its masked rows' gradients.
+                   ids: list[jax.Array], rows: clip_types.UnitRows,
+                   unit_size: int) -> jax.Array:
+  """[n] squared norm of each unit's gradient (by unit id), the sum of its kept rows'.
 
   A dense layer's unit gradient is ``sum_j outer(a_j, g_j)`` (and ``sum_j g_j``), whose
-  squared norm is ``sum_{j,l} (a_j.a_l + 1)(g_j.g_l)``: a k x k Gram matrix per unit. A
-  table's is ``sum_j onehot(id_j) outer g_j``, with squared norm
-  ``sum_{j,l} [id_j = id_l](g_j.g_l)``. Rows of the flat batch are ``u * k + j``.
+  squared norm is ``sum_{j,l} (a_j.a_l + 1)(g_j.g_l)``; a table's is
+  ``sum_j onehot(id_j) outer g_j``, with ``sum_{j,l} [id_j = id_l](g_j.g_l)``. Kept rows of
+  one unit are fewer than k slots apart (``rows.keep``), so every pair j <= l is a pair
+  (r, r + d) with 0 <= d < k: a band of width k. It is computed in blocks of k rows, each
+  block's rows against the 2k - 1 rows from the block's start (a batched matrix product,
+  [n / k, k, 2k - 1] per layer, of which the band is k entries a row): about 2k dot
+  products per row, at the speed of a matrix product, rather than k shifted copies of the
+  activations (several times slower, memory-bound) or a Gram matrix per unit slot of k
+  padded rows.
   """
-  units = mask.shape[0] // unit_size
+  n, k = rows.keep.shape[0], unit_size
+  nb = -(-n // k)
 
-  def gram(v):  # [batch, w] -> [units, k, k]; padding rows are exact zeros (even if NaN)
-    v = _rows(mask, v).reshape(units, unit_size, v.shape[1])
-    return jnp.einsum("ukw,ulw->ukl", v, v)
+  def blocks(v):  # [n, ...] -> each block [nb, k, ...] and its window [nb, 2k - 1, ...]
+    v = jnp.pad(v, [(0, (nb + 1) * k - n)] + [(0, 0)] * (v.ndim - 1))  # padding: not kept
+    b = v.reshape((nb + 1, k) + v.shape[1:])
+    return b[:nb], jnp.concatenate([b[:nb], b[1:, :k - 1]], axis=1)
 
-  sq = jnp.zeros((units,), jnp.float32)
+  def gram(v):  # [nb, k, 2k - 1] dot products of each row with its window's rows
+    here, window = blocks(v)
+    # HIGHEST: full float32 products (no TF32 on a GPU), the accuracy of the row path's
+    # elementwise norms; a norm too small by 1e-3 would let the clipped unit exceed C.
+    return jnp.einsum("bpw,bqw->bpq", here, window, precision=jax.lax.Precision.HIGHEST)
+
+  def same(v):  # [nb, k, 2k - 1] whether a row and a window row share the value of v
+    here, window = blocks(v)
+    return here[:, :, None] == window[:, None, :]
+
+  p, q = jnp.arange(k)[:, None], jnp.arange(2 * k - 1)[None, :]
+  # The band from each row's own slot: the diagonal once, each further pair counted twice.
+  weight = jnp.where(q == p, 1.0, jnp.where((q > p) & (q < p + k), 2.0, 0.0))
+  keep_here, keep_window = blocks(rows.keep)
+  pair = same(rows.unit) & keep_here[:, :, None] & keep_window[:, None, :] & (weight > 0)
+  total = jnp.zeros((nb, k, 2 * k - 1), jnp.float32)
   for layer, a, g in zip(_dense_layers(params), inputs, out_grads):
-    aa = gram(a) + (1.0 if "bias" in layer else 0.0)
-    sq = sq + jnp.sum(aa * gram(g), axis=(1, 2))
+    total = total + (gram(a) + (1.0 if "bias" in layer else 0.0)) * gram(g)
   for col, g in zip(ids, row_grads):
-    c = col.reshape(units, unit_size)
-    same = c[:, :, None] == c[:, None, :]
-    sq = sq + jnp.sum(jnp.where(same, gram(g), 0.0), axis=(1, 2))
+    total = total + jnp.where(same(col), gram(g), 0.0)
+  # where, not a product with the mask: a NaN in a dropped or empty row must not leak.
+  per_row = jnp.sum(jnp.where(pair, total * weight, 0.0), axis=2).reshape(nb * k)[:n]
+  # Rows outside ``keep`` added exact zeros, wherever their unit id points.
+  sq = jax.ops.segment_sum(per_row, rows.unit, num_segments=n, indices_are_sorted=True)
   # A squared norm, but rounding can leave a unit whose rows cancel slightly below 0; its
   # square root would be NaN and the unit wrongly counted as non-finite. (NaN stays NaN.)
   return jnp.maximum(sq, 0.0)
@@ -238,16 +268,16 @@ def ghost_clipped_sum(l2_norm_clip: float,
       Example i's loss must depend on row i only.
     graphdef: the MLP's graph definition (``nnx.split(model, nnx.Param)[0]``); required for
       a model with embeddings, else read off the parameter shapes.
-    unit_size: None: each row is clipped alone. k: the flat batch holds units of k row slots
-      (row slot j of unit slot u at index ``u * k + j``) and the SUM of each unit's masked
-      rows' gradients is clipped as a whole (per-unit Gram norms, each row weighted by its
-      unit's factor).
+    unit_size: None: each row is clipped alone (``mask`` bool or 0/1). k: the batch is a
+      packed unit block (``mask`` int8: 0 empty, 2 a unit's first row, 1 a further row;
+      at most k contiguous rows per unit) and the SUM of each unit's rows' gradients is
+      clipped as a whole (band norms, each row weighted by its unit's factor).
 
   Returns:
     ``fn(params, (x [batch, d], y [batch]), mask [batch]) -> (grad_sum, ClipStats)`` with
     the same results as :func:`fastdp_jax.dp.clipping.clipped_grad_sum_with_stats` (or its
-    unit form); the stats also carry the per-row ``losses``, and their norms and
-    non-finite flags are per unit slot ([batch // k]) when ``unit_size`` is set.
+    unit form); the stats also carry the per-row ``losses``; with ``unit_size`` a unit's
+    norm and non-finite flag sit at its first row slot.
   """
   if not l2_norm_clip > 0:
     raise ValueError(f"{l2_norm_clip=} must be positive")
@@ -255,29 +285,39 @@ def ghost_clipped_sum(l2_norm_clip: float,
 
   def fn(params, batch, mask):
     x, _ = batch
+    if unit_size is not None:
+      return _unit_clipped_sum(params, batch, clip_types.unit_rows(mask, unit_size),
+                               loss, graphdef, l2_norm_clip, unit_size)
     mask = jnp.asarray(mask).astype(bool)
     inputs, out_grads, row_grads, losses = _output_grads(params, batch, loss, graphdef)
     ids = _id_columns(params, x, graphdef) if _tables(params) else []
-    if unit_size is None:
-      norms = jnp.sqrt(_row_sq_norms(params, inputs, out_grads, row_grads))
-      nonfinite = ~jnp.isfinite(norms)
-      keep = mask & ~nonfinite
-      grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, keep,
-                           _clip_factor(norms, keep, l2_norm_clip))
-      # The losses come with the forward pass: the step reports them without another one.
-      return grads, clip_types.ClipStats(norms=jnp.where(keep, norms, 0.0),
-                                         nonfinite=nonfinite & mask, losses=losses)
-    present = clip_types.units_present(mask, unit_size)
-    norms = jnp.sqrt(_unit_sq_norms(params, inputs, out_grads, row_grads, ids, mask,
-                                    unit_size))
+    norms = jnp.sqrt(_row_sq_norms(params, inputs, out_grads, row_grads))
     nonfinite = ~jnp.isfinite(norms)
-    keep = present & ~nonfinite
-    # Each row carries its unit's factor c_P: sum_P c_P sum_{j in P} grad loss_j.
-    row_keep = mask & jnp.repeat(keep, unit_size)
-    row_factor = jnp.repeat(_clip_factor(norms, keep, l2_norm_clip), unit_size)
-    grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, row_keep,
-                         jnp.where(row_keep, row_factor, 0.0))
+    keep = mask & ~nonfinite
+    grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, keep,
+                         _clip_factor(norms, keep, l2_norm_clip))
+    # The losses come with the forward pass: the step reports them without another one.
     return grads, clip_types.ClipStats(norms=jnp.where(keep, norms, 0.0),
-                                       nonfinite=nonfinite & present, losses=losses)
+                                       nonfinite=nonfinite & mask, losses=losses)
 
   return fn
+
+
+def _unit_clipped_sum(params: models.Params, batch: tuple[jax.Array, jax.Array],
+                      rows: clip_types.UnitRows, loss: ElementwiseLoss, graphdef: Any,
+                      l2_norm_clip: float, unit_size: int
+                      ) -> tuple[models.Params, clip_types.ClipStats]:
+  """The unit form of ghost clipping on one packed block (see :func:`ghost_clipped_sum`)."""
+  inputs, out_grads, row_grads, losses = _output_grads(params, batch, loss, graphdef)
+  ids = _id_columns(params, batch[0], graphdef) if _tables(params) else []
+  norms = jnp.sqrt(_unit_sq_norms(params, inputs, out_grads, row_grads, ids, rows,
+                                  unit_size))  # [n], by unit id
+  finite = jnp.isfinite(norms)  # a unit with a non-finite gradient is zeroed whole
+  row_keep = rows.keep & finite[rows.unit]
+  # Each row carries its unit's factor c_P: sum_P c_P sum_{j in P} grad loss_j.
+  row_factor = _clip_factor(norms, finite, l2_norm_clip)[rows.unit]
+  grads = _bookkeeping(params, inputs, out_grads, row_grads, ids, row_keep,
+                       jnp.where(row_keep, row_factor, 0.0))
+  return grads, clip_types.ClipStats(
+      norms=clip_types.at_first_rows(jnp.where(finite, norms, 0.0), rows),
+      nonfinite=clip_types.at_first_rows(~finite, rows), losses=losses)

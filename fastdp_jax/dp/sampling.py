@@ -183,6 +183,79 @@ def capacity_for(num_examples: int, sampling_rate: float,
   return int(max(1, min(num_examples, np.ceil(c))))
 
 
+def _log_mgf(log_q: float, log_1mq: float, sizes: np.ndarray, counts: np.ndarray,
+             lam: float) -> float:
+  """log E[exp(lam * R)], R = sum over units of size * Bernoulli(q), counts[i] units of
+  sizes[i] rows: each factor ``log(1 - q + q e^(lam s))`` as a stable logaddexp."""
+  return float(np.sum(counts * np.logaddexp(log_1mq, log_q + lam * sizes)))
+
+
+def chernoff_log_tail(counts: np.ndarray, sampling_rate: float, c: int) -> float:
+  """A rigorous upper bound on log P(R > c), R the rows of a Poisson sample of units.
+
+  ``counts[s]`` units have s rows; each unit is in the sample with probability q on its own,
+  so R = sum_u s_u Bernoulli(q). R is an integer, so P(R > c) = P(R >= c + 1) <=
+  exp(-lam (c + 1)) E[e^(lam R)] for every lam >= 0 (Markov on e^(lam R)), and
+  E[e^(lam R)] = prod_s (1 - q + q e^(lam s))^counts[s] by independence. The exponent is
+  convex in lam: its minimum is found by bisection on its derivative; any lam gives a valid
+  bound, so an imprecise minimiser only loosens it.
+
+  Returns:
+    The bound's log (0 when c + 1 <= E[R]: no better bound than 1; -inf when c is at least
+    the rows of every unit together, which R never exceeds).
+  """
+  counts = np.asarray(counts, np.float64)
+  sizes = np.arange(len(counts), dtype=np.float64)
+  total = float(np.dot(counts, sizes))
+  q, a = float(sampling_rate), float(c) + 1.0
+  if a > total:
+    return -np.inf
+  if a <= q * total or q >= 1.0:
+    return 0.0
+  log_q, log_1mq = math.log(q), math.log1p(-q)
+  logit = log_q - log_1mq
+
+  def slope(lam: float) -> float:  # d/dlam of the exponent: E_lam[R] - a, increasing in lam
+    return float(np.dot(counts * sizes, 1.0 / (1.0 + np.exp(-(lam * sizes + logit))))) - a
+
+  lo, hi = 0.0, 1.0
+  while slope(hi) < 0 and hi < 1e6:
+    lo, hi = hi, 2 * hi
+  for _ in range(100):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+  lam = 0.5 * (lo + hi)
+  return min(0.0, _log_mgf(log_q, log_1mq, sizes, counts, lam) - lam * a)
+
+
+def row_capacity_for(counts: np.ndarray, sampling_rate: float,
+                     overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY) -> int:
+  """Smallest c whose Chernoff bound (:func:`chernoff_log_tail`) on P(R > c) is at most
+  ``overflow_probability``, R the rows of a Poisson sample of units.
+
+  Args:
+    counts: [k + 1] the exact unit-size histogram: ``counts[s]`` units of s rows (of one
+      device: its own capacity, as :func:`capacity_for` takes a device's exact row count).
+    sampling_rate: q, each unit's inclusion probability.
+    overflow_probability: p.
+
+  Returns:
+    c >= 1, at most the rows of all the units (R never exceeds them: probability 0).
+  """
+  counts = np.asarray(counts, np.int64)
+  total = int(np.dot(counts, np.arange(len(counts))))
+  # A margin of 1e-9 in the log absorbs the float64 rounding of the bound's evaluation.
+  target = math.log(overflow_probability) - 1e-9
+  lo, hi = max(0, int(sampling_rate * total)), total  # the bound at hi is -inf: it holds
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if chernoff_log_tail(counts, sampling_rate, mid) <= target:
+      hi = mid
+    else:
+      lo = mid + 1
+  return max(1, lo)
+
+
 # The share of the requested delta set aside for a batch overflowing its capacity; the
 # accountant gets the rest.
 OVERFLOW_SHARE = 0.01
@@ -290,6 +363,9 @@ class PoissonSampler:
       global id (a unit dataset passes its unit keys, so that a unit's inclusions are a
       function of (key, unit key, update) alone, as the out-of-core job evaluates them);
       distinct values. Default: the global ids.
+    capacity: a fixed capacity instead of the Binomial quantile (a unit run passes its row
+      capacity: a unit has at least one row, so a batch of more units than that has more
+      rows too, and only the row capacity's overflow event can happen).
 
   Example::
 
@@ -306,7 +382,8 @@ class PoissonSampler:
                overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
                capacity_multiple: int | None = None,
                sampling_rate: float | None = None,
-               counters: np.ndarray | None = None):
+               counters: np.ndarray | None = None,
+               capacity: int | None = None):
     if num_examples <= 0:
       raise ValueError(f"{num_examples=} must be positive")
     self.num_examples = int(num_examples)
@@ -328,7 +405,8 @@ class PoissonSampler:
       raise ValueError(f"shard_bounds {self.shard_bounds} must rise from 0 to {num_examples}")
     largest = int(np.diff(self.shard_bounds).max())
     self.overflow_probability = float(overflow_probability)
-    self.capacity = capacity_for(largest, self.sampling_rate, overflow_probability)
+    self.capacity = (int(capacity) if capacity is not None
+                     else capacity_for(largest, self.sampling_rate, overflow_probability))
     if capacity_multiple:
       self.capacity = -(-self.capacity // capacity_multiple) * capacity_multiple
     self._streams: dict[int, _ShardStream] = {}
