@@ -8,9 +8,10 @@
 
 Everything it uses is public: :func:`fastdp_jax.load_model` (the exported model), the dataset's
 shards (:func:`fastdp_jax.load_split`) or, for a raw CSV, the model's feature spec and the split
-rule :func:`fastdp_jax.data.split.is_test_row` (row id = the 0-based index of a data line
-after the header; the seed and fraction are the dataset's, recorded in its manifest's
-``extra["split"]``), and the formulas of :mod:`fastdp_jax.metrics`. On the dataset the run
+rule :func:`fastdp_jax.data.split.is_test_row` of each cleaned row's row key (its content and
+its occurrence among the identical kept rows before it, :func:`fastdp_jax.data.split.row_keys`;
+the seed and fraction are the dataset's, recorded in its manifest's ``extra["split"]``), and
+the formulas of :mod:`fastdp_jax.metrics`. On the dataset the run
 trained on it gives the run's test metrics (``summary.json``): accuracy exactly, the others to
 float precision (the run computes them in float32 on the device).
 
@@ -122,7 +123,7 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, split: str =
     data: a dataset directory (its ``split`` shards are read) or a raw CSV file (plain,
       gzip or bzip2) with a header: its rows are cleaned and encoded with the model's feature
       spec, as the Spark job does, and put in splits by
-      :func:`fastdp_jax.data.split.is_test_row` on their row ids.
+      :func:`fastdp_jax.data.split.is_test_row` of their row keys.
     split: ``'test'`` (the run's test metrics) or ``'train'``.
     split_seed: for a CSV: the dataset's split seed (its manifest's ``extra["split"]["seed"]``;
       default the pipeline's default, 69).
@@ -165,9 +166,10 @@ def csv_split(spec: Any, path: str, split: str, split_seed: int,
               test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """The encoded ``(features, labels)`` of a raw CSV's ``split`` rows, as the Spark job makes them.
 
-  A data line's row id is its 0-based index after the header line (blank and malformed lines
-  count, as in the pipeline); rows with a missing value or a malformed line are left out, as
-  the pipeline leaves them out of the shards. A spec naming a ``privacy_unit`` splits by unit
+  A kept row's split is decided by its row key: its encoded content and its occurrence among
+  the identical kept rows before it in the file (one counter over the file's blocks, as the
+  pipeline counts over the whole input); rows with a missing value or a malformed line are
+  left out, as the pipeline leaves them out of the shards. A spec naming a ``privacy_unit`` splits by unit
   key instead (:func:`fastdp_jax.data.units.is_test_unit`), as the pipeline does.
 
   Raises:
@@ -178,18 +180,20 @@ def csv_split(spec: Any, path: str, split: str, split_seed: int,
                            "pass its dataset directory instead")
   from fastdp_jax.data import cleaning  # pylint: disable=g-import-not-at-top
   xs, ys = [], []
+  seen: dict[int, int] = {}  # kept rows of each content key in the blocks before
   with _open_text(path) as f:
     cleaner = cleaning.LineCleaner(spec, cleaning.parse_header(f.readline().rstrip("\n")))
-    for first, lines in _blocks(f):
+    for _, lines in _blocks(f):
       result = cleaner.clean(lines)
-      ids = first + np.asarray(result.kept, np.int64)
+      x, y = spec.encode(result.values)
       if result.units is not None:  # a unit spec: the producers split by unit key
         test = units_lib.is_test_unit(units_lib.keys_of_ids(result.units), split_seed,
                                       test_fraction)
       else:
-        test = split_lib.is_test_row(ids, split_seed, test_fraction)
+        content = split_lib.value_keys(result.values)
+        test = split_lib.is_test_row(split_lib.row_keys(content, split_lib.occurrences(
+            content, seen)), split_seed, test_fraction)
       keep = test == (split == "test")
-      x, y = spec.encode(result.values)
       xs.append(np.asarray(x)[keep])
       ys.append(np.asarray(y)[keep])
   if not xs:
@@ -225,8 +229,12 @@ def _point_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[s
     y = labels > 0.5
     p = special.expit(outputs)
     loss = np.where(y, np.logaddexp(0.0, -outputs), np.logaddexp(0.0, outputs))
+    # AUC ranks the probabilities as the run does, in float32: two rows whose float64
+    # probabilities round to one float32 value tie there (half a pair each), and a whole
+    # group of such pairs would move the AUC by far more than float32 precision.
     return {"accuracy": float(np.mean((outputs > 0) == y)), "loss": float(np.mean(loss)),
-            "auc": metrics.binary_auc(p, y), "brier": metrics.brier_score(p, y),
+            "auc": metrics.binary_auc(p.astype(np.float32), y),
+            "brier": metrics.brier_score(p, y),
             "ece": metrics.expected_calibration_error(p, y)}
   y = labels.astype(np.int64)
   log_p = outputs - special.logsumexp(outputs, axis=1, keepdims=True)

@@ -168,9 +168,7 @@ def _load_units(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json
     # rows' worth when one unit is added or removed.
     kept = units_lib.group(validation.unit_keys, units_lib.row_content_keys(
         validation.features, validation.labels), unit.max_rows).order
-    validation = dataclasses.replace(validation, features=validation.features[kept],
-                                     labels=validation.labels[kept],
-                                     unit_keys=validation.unit_keys[kept])
+    validation = validation.take(kept)
   train, dev = unit_batches.place_units(mesh, full, unit.max_rows)
   test = data_lib.load_split(d.path, "test", verify_checksum=d.verify_checksums,
                              feature_bounds=d.feature_bounds)
@@ -189,10 +187,8 @@ def _unit_counts(d: config_lib.DataSettings) -> tuple[int, int]:
 
 
 def _rows(split: data_lib.Split, keep: np.ndarray) -> data_lib.Split:
-  """The rows of ``split`` where ``keep`` (with their unit keys)."""
-  return dataclasses.replace(
-      split, features=split.features[keep], labels=split.labels[keep],
-      unit_keys=None if split.unit_keys is None else split.unit_keys[keep])
+  """The rows of ``split`` where ``keep`` (with their unit and row keys)."""
+  return split.take(keep)
 
 
 def check_enough_rows(rc: config_lib.RunConfig) -> None:
@@ -230,7 +226,7 @@ def training_row_count(d: config_lib.DataSettings) -> tuple[int, int] | None:
     return None
   if unit_batches.unit_spec(d.path) is not None:
     return _unit_counts(d)
-  n, rule = total, validation_rows(d.validation_fraction)
+  n, rule = total, validation_rows(d.validation_fraction, d.path)
   if rule is not None and not d.batches:  # with batches the loader refuses the fraction
     n -= sum(int(np.count_nonzero(rule(np.arange(lo, min(total, lo + (1 << 20))))))
              for lo in range(0, total, 1 << 20))  # bounded memory: a chunk of ids at a time
@@ -240,7 +236,8 @@ def training_row_count(d: config_lib.DataSettings) -> tuple[int, int] | None:
 def _load_data(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json: str):
   train, dev = parallel.load_training_data(mesh, d.path, verify_checksum=d.verify_checksums,
                                            feature_bounds=d.feature_bounds,
-                                           exclude=validation_rows(d.validation_fraction))
+                                           exclude=validation_rows(d.validation_fraction,
+                                                                   d.path))
   distributed.check_same_on_all_processes("config and data", (config_json, train.digest))
   test = data_lib.load_split(d.path, "test", verify_checksum=d.verify_checksums,
                              feature_bounds=d.feature_bounds)
@@ -250,16 +247,43 @@ def _load_data(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json:
   return train, test, dev
 
 
-def validation_rows(fraction: float) -> Callable[[np.ndarray], np.ndarray] | None:
+def validation_rows(fraction: float, path: str | None = None
+                    ) -> Callable[[np.ndarray], np.ndarray] | None:
   """``rows(ids) -> bool``: which global training rows are validation rows (None: none).
 
   The same hash rule as the train/test split (:func:`fastdp_jax.data.split.is_test_row`) with
-  :data:`VALIDATION_SEED`: a function of the row number only, identical on every process.
+  :data:`VALIDATION_SEED`, applied to each row's key (its content and occurrence, stored in
+  its shard), so that removing one row moves no other between training and validation; a row
+  whose shard holds no keys (an original ``.h5`` file, a dataset written before rows had
+  keys, a canary shard) by its row number. Every process reads the same keys: the same rows.
+
+  Args:
+    fraction: ``data.validation_fraction``.
+    path: the dataset (None: by row number).
   """
   if not fraction:
     return None
-  return lambda ids: split_lib.is_test_row(ids, seed=VALIDATION_SEED,
-                                           test_fraction=float(fraction))
+  keys = _train_row_keys(path) if path is not None else None
+  if keys is None:
+    return lambda ids: split_lib.is_test_row(ids, seed=VALIDATION_SEED,
+                                             test_fraction=float(fraction))
+  return lambda ids: split_lib.is_test_row(keys[np.asarray(ids, np.int64)],
+                                           seed=VALIDATION_SEED, test_fraction=float(fraction))
+
+
+def _train_row_keys(path: str) -> np.ndarray | None:
+  """[train rows] the key of each training row, in row order: its stored row key, or its row
+  number where its shard holds none (None: no shard holds keys, or not a dataset directory).
+  8 bytes a row, read once per run."""
+  if not os.path.isdir(path):
+    return None
+  keys, base, any_keys = [], 0, False
+  for info in manifest_lib.read_manifest(path).shards_of("train"):
+    k = data_lib.read_row_keys(path, info)
+    any_keys |= k is not None
+    keys.append(np.arange(base, base + info.rows, dtype=np.uint64) if k is None else k)
+    base += info.rows
+  return np.concatenate(keys) if any_keys else None
 
 
 def _load_validation(d: config_lib.DataSettings, given: bool) -> data_lib.Split | None:
@@ -269,7 +293,7 @@ def _load_validation(d: config_lib.DataSettings, given: bool) -> data_lib.Split 
     ConfigError: with ``data.batches`` (materialised batches are drawn from every training
       row) or with data given in memory.
   """
-  rule = validation_rows(d.validation_fraction)
+  rule = validation_rows(d.validation_fraction, None if given else d.path)
   if rule is None:
     return None
   if d.batches or given:
@@ -278,7 +302,7 @@ def _load_validation(d: config_lib.DataSettings, given: bool) -> data_lib.Split 
   if not os.path.isdir(d.path):
     full = data_lib.load_split(d.path, "train", feature_bounds=d.feature_bounds)
     keep = rule(np.arange(len(full)))
-    return dataclasses.replace(full, features=full.features[keep], labels=full.labels[keep])
+    return full.take(keep)
   total = manifest_lib.read_manifest(d.path).rows("train")
   parts = []
   for lo in range(0, total, 1 << 20):  # bounded memory: one chunk and the validation rows
@@ -287,12 +311,14 @@ def _load_validation(d: config_lib.DataSettings, given: bool) -> data_lib.Split 
                                 verify_checksum=False,  # the training load verified them
                                 feature_bounds=d.feature_bounds)
     keep = rule(np.arange(lo, hi))
-    parts.append(dataclasses.replace(chunk, features=chunk.features[keep],
-                                     labels=chunk.labels[keep]))
+    parts.append(chunk.take(keep))
   if not parts:
     return None
+  keys = [p.row_keys for p in parts]
   return dataclasses.replace(parts[0], features=np.concatenate([p.features for p in parts]),
-                             labels=np.concatenate([p.labels for p in parts]))
+                             labels=np.concatenate([p.labels for p in parts]),
+                             row_keys=None if any(k is None for k in keys) else
+                             np.concatenate(keys))
 
 
 def task_of(m: config_lib.ModelSettings, train: data_lib.Split

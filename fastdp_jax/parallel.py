@@ -43,7 +43,8 @@ class UnitLayout:
   rows are and the Poisson sampler draws units, never rows (:mod:`fastdp_jax.unit_batches`).
 
   Attributes:
-    unit_size: k, the public bound on a unit's rows: each sampled unit has k row slots.
+    unit_size: k, the public bound on a unit's rows (the band width of a unit's Gram norm:
+      a sampled unit's rows are packed contiguously, :func:`fastdp_jax.unit_batches.pack`).
     unit_bounds: [num_devices + 1] global unit offsets: device d holds units
       ``unit_bounds[d]:unit_bounds[d+1]``.
     starts: [U] each unit's first row, local to its device's block.
@@ -233,8 +234,7 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
                                  feature_bounds=feature_bounds)
       ranges = data_lib.process_row_ranges(len(full), counts)
       lo, hi = ranges[me]
-      local = dataclasses.replace(full, features=full.features[lo:hi],
-                                  labels=full.labels[lo:hi])
+      local = full.take(slice(lo, hi))
   except errors.UserError as e:
     failure = e
   _agree_on_failure(failure)
@@ -242,7 +242,7 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
   process_rows = [hi - lo for lo, hi in ranges]
   if exclude is not None:  # each process drops its own held-out rows; N counts the rest
     keep = ~np.asarray(exclude(np.arange(*ranges[me])), bool)
-    local = dataclasses.replace(local, features=local.features[keep], labels=local.labels[keep])
+    local = local.take(keep)
     process_rows = [int(np.count_nonzero(~np.asarray(exclude(np.arange(lo, hi)), bool)))
                     for lo, hi in ranges]
   if nproc > 1:

@@ -23,17 +23,25 @@ What it does, and what it guarantees:
    before any Python runs (again: a remote input is first seen here); from the counts every line gets its line number and every data row
    its row id (0-based index of the data row over the files in path order). Neither depends
    on how the input is partitioned or how many executors there are.
-2. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
+2. **Count** (a row-level spec): a row's split is decided by its row key, its encoded
+   content and its occurrence among the identical kept rows before it in row-id order over
+   the whole input (:mod:`fastdp_jax.data.split`), so that removing or reordering rows moves
+   no other row between splits. A task sees only its runs (ranges of row ids of one input
+   split), so a pre-pass cleans and encodes the input as the next pass will and counts each
+   run's rows by content key; a window over the content key, ordered by run start, gives each
+   run the rows of each key before it, and the non-zero offsets go to the next pass's tasks.
+   The driver checks afterwards that both passes cut the same runs.
+3. **Clean and write** (one pass, ``mapInPandas``): each task cleans its lines with
    :mod:`fastdp_jax.data.cleaning` (the same rules as the streaming mapper and the direct
-   writer), puts each row in train or test with ``fastdp_jax.data.split.is_test_row(row_id)``
-   (or, for a spec naming a ``privacy_unit``, ``fastdp_jax.data.units.is_test_unit`` of its
-   unit key, after a check, one Spark aggregation over the unit ids, that no two distinct ids
-   share a key),
-   encodes it with the spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
+   writer), puts each row in train or test with ``fastdp_jax.data.split.is_test_row`` of
+   its row key, written into the shards (or, for a spec naming a ``privacy_unit``,
+   ``fastdp_jax.data.units.is_test_unit`` of its unit key, after a check, one Spark
+   aggregation over the unit ids, that no two distinct ids share a key), encodes it with the
+   spec, and writes shards (at most ``--max-rows-per-shard`` rows, never
    mixing input splits, named by their first row id) with ``fastdp_jax.data.shards.write_shard``
    into a staging directory, and its malformed lines into ``rejects/part-*.jsonl`` with the
    reason. Tasks return the shards' manifest entries and their counts.
-3. **Commit** (driver): checks that ``rows_read = kept + dropped_na + rejected``, that every
+4. **Commit** (driver): checks that ``rows_read = kept + dropped_na + rejected``, that every
    planned line was seen exactly once and that the shards hold exactly the kept rows, writes
    ``manifest.json`` last, then renames the staging directory into place. A failed or killed
    job leaves only a hidden ``.NAME.staging-*`` directory, never a complete-looking output.
@@ -113,16 +121,28 @@ class InputSplit:
 # Executor side.
 
 
+def _sink(spec: features_lib.FeatureSpec, staging: str | None, split_seed: int,
+          test_fraction: float, max_rows: int, offsets: output_lib.Offsets | None):
+  """A task's sink: the pre-pass's counter (``staging`` None) or the shard writer."""
+  if staging is None:
+    return output_lib.ContentCounter(spec)
+  return output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
+                              test_fraction=test_fraction, max_rows=max_rows,
+                              offsets=offsets if offsets is not None else {})
+
+
 def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
-              spec: features_lib.FeatureSpec, staging: str, split_seed: int,
-              test_fraction: float, max_rows: int):
-  """The mapInPandas function of the CSV pass: (value, key) batches -> (kind, body) rows."""
+              spec: features_lib.FeatureSpec, staging: str | None, split_seed: int,
+              test_fraction: float, max_rows: int, offsets: output_lib.Offsets | None = None):
+  """The mapInPandas function of the CSV pass: (value, key) batches -> (kind, body) rows.
+
+  With ``staging`` None, the pre-pass instead: the same blocks counted by content key
+  (:class:`preprocessing.output.ContentCounter`), so that both passes cut the same runs.
+  """
 
   def run(batches):
-    import pandas as pd  # pylint: disable=g-import-not-at-top
     cleaner = cleaning.LineCleaner(spec, header)
-    writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
-                                  test_fraction=test_fraction, max_rows=max_rows)
+    writer = _sink(spec, staging, split_seed, test_fraction, max_rows, offsets)
     seen: dict[int, int] = {}
     for pdf in batches:
       # Lines come as bytes: undecodable bytes become U+FFFD (as in the streaming mapper) and
@@ -153,19 +173,18 @@ def _csv_task(splits: dict[int, InputSplit], header: tuple[str, ...],
                     "reason": reason, "detail": detail, "text": block[i]}
                    for i, reason, detail in result.rejects)
         writer.add(key, len(block), row_ids, result, records)
-    yield pd.DataFrame(writer.close(), columns=["kind", "body"])
+    yield output_lib.task_frame(writer)
 
   return run
 
 
 def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureSpec,
-                  staging: str, split_seed: int, test_fraction: float, max_rows: int):
-  """The mapInPandas function of the Parquet pass."""
+                  staging: str | None, split_seed: int, test_fraction: float, max_rows: int,
+                  offsets: output_lib.Offsets | None = None):
+  """The mapInPandas function of the Parquet pass (``staging`` None: of its pre-pass)."""
 
   def run(batches):
-    import pandas as pd  # pylint: disable=g-import-not-at-top
-    writer = output_lib.ShardSink(spec=spec, staging=staging, split_seed=split_seed,
-                                  test_fraction=test_fraction, max_rows=max_rows)
+    writer = _sink(spec, staging, split_seed, test_fraction, max_rows, offsets)
     for pdf in batches:
       keys = pdf["__key"].to_numpy()
       cuts = np.flatnonzero(np.diff(keys)) + 1
@@ -188,7 +207,7 @@ def _parquet_task(files: dict[int, tuple[str, int]], spec: features_lib.FeatureS
                     "reason": reason, "detail": detail, "text": show(i)}
                    for i, reason, detail in result.rejects)
         writer.add(key, hi - lo, row_ids, result, records)
-    yield pd.DataFrame(writer.close(), columns=["kind", "body"])
+    yield output_lib.task_frame(writer)
 
   return run
 
@@ -509,6 +528,23 @@ def _collect(df, what: str) -> list:
     raise
 
 
+def _offsets(df, spec: features_lib.FeatureSpec,
+             counter) -> tuple[output_lib.Offsets | None, dict[str, int] | None]:
+  """The pre-pass of a row-level spec: ``(occurrence offsets, rows of each run)``.
+
+  A row's split depends on its occurrence among the identical rows before it over the
+  WHOLE input, but a task sees only its runs: this pass cleans and encodes the input as the
+  writing pass will (``counter()``: its task function, counting) and a window query gives
+  each run the rows of each content key in the runs before it. A unit spec needs none
+  (split by unit key): ``(None, None)``.
+  """
+  if spec.privacy_unit:
+    return None, None
+  counts = df.mapInPandas(counter(), output_lib.COUNT_SCHEMA)
+  return output_lib.offsets_of(_collect(output_lib.offsets_query(counts),
+                                        "counting identical rows"))
+
+
 def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_rows):
   from pyspark.sql import functions as F  # pylint: disable=g-import-not-at-top
   splits, _, header = plan_csv(spark, input_path, spec)
@@ -519,8 +555,12 @@ def _run_csv(spark, input_path, spec, staging, split_seed, test_fraction, max_ro
   if spec.privacy_unit:  # before writing anything: distinct unit ids sharing a key
     output_lib.check_unit_collisions(df.select("value").mapInPandas(
         output_lib.unit_id_task(spec, header), output_lib.UNIT_ID_SCHEMA))
-  fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows)
+  offsets, runs = _offsets(df, spec, lambda: _csv_task(table, header, spec, None, split_seed,
+                                                       test_fraction, max_rows))
+  fn = _csv_task(table, header, spec, staging, split_seed, test_fraction, max_rows, offsets)
   results = _collect(df.mapInPandas(fn, "kind string, body string"), "cleaning the input")
+  if runs is not None:
+    output_lib.check_runs(results, runs)
   body = output_lib.summarize(spec, results, staging, split_seed, test_fraction, max_rows,
                       {"partitions": df.rdd.getNumPartitions(),
                        "files": sorted({s.file for s in splits})})
@@ -564,9 +604,13 @@ def _run_parquet(spark, input_path, spec, staging, split_seed, test_fraction, ma
   for r in counts:
     files[int(r["__key"])] = (r["__file"], base)
     base += int(r["count"])
-  fn = _parquet_task(files, spec, staging, split_seed, test_fraction, max_rows)
-  out_df = meta.drop("__file").mapInPandas(fn, "kind string, body string")
-  results = _collect(out_df, "cleaning the input")
+  rows = meta.drop("__file")
+  offsets, runs = _offsets(rows, spec, lambda: _parquet_task(files, spec, None, split_seed,
+                                                             test_fraction, max_rows))
+  fn = _parquet_task(files, spec, staging, split_seed, test_fraction, max_rows, offsets)
+  results = _collect(rows.mapInPandas(fn, "kind string, body string"), "cleaning the input")
+  if runs is not None:
+    output_lib.check_runs(results, runs)
   body = output_lib.summarize(spec, results, staging, split_seed, test_fraction, max_rows,
                       {"partitions": meta.rdd.getNumPartitions(),
                        "files": [r["__file"] for r in counts]})

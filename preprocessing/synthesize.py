@@ -553,8 +553,10 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
   """Cleans columns with the pipeline's rules and writes them as a shard dataset.
 
   Row ``i`` of the columns has row id ``i`` (as the ``i``-th data line of the CSV that
-  :func:`write_csv` would write, for the Spark job and the streaming path), so all producers
-  put it in the same split. With a spec's ``privacy_unit`` (``pums_households``), every row is
+  :func:`write_csv` would write, for the Spark job and the streaming path), and its split is
+  decided by its row key (:func:`fastdp_jax.data.split.rows_in_test`: its cleaned content and
+  its occurrence among the identical kept rows before it), so all producers put it in the
+  same split. With a spec's ``privacy_unit`` (``pums_households``), every row is
   keyed by its unit and each unit lands wholly in one split, by its key alone.
 
   Args:
@@ -580,20 +582,27 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                      "the direct writer only takes clean columns")
   n = len(columns[spec.used_columns[0]])
   x, y = spec.encode(result.values)
-  keys = None
+  keys, row_keys = None, None
   if spec.privacy_unit:  # each unit wholly in one split, by its key alone (as the Spark job)
     keys, test = units_lib.key_and_split(result.units or [], seed=split_seed,
                                          test_fraction=test_fraction)
-  else:
-    test = split_lib.is_test_row(result.kept, seed=split_seed, test_fraction=test_fraction)
+  else:  # split_lib.rows_in_test, keeping the row keys for the shards
+    content = split_lib.value_keys(result.values)
+    row_keys = split_lib.row_keys(content, split_lib.occurrences(content))
+    test = split_lib.is_test_row(row_keys, seed=split_seed, test_fraction=test_fraction)
   extra = {"producer": "preprocessing.synthesize", "spec": spec.to_dict(),
            "split": {"seed": split_seed, "test_fraction": test_fraction,
-                     "row_id": "0-based index of the data row"} if keys is None else
+                     "row_key": "fastdp_jax.data.split.row_keys of the cleaned row's content "
+                                "key and its occurrence among identical kept rows in row "
+                                "order; in each shard's row_keys"} if keys is None else
            {"seed": split_seed, "test_fraction": test_fraction,
             "unit": "fastdp_jax.data.units.is_test_unit of the unit key: each unit in one "
                     "split"},
            "dropped_na_by_column": dict(zip(spec.used_columns,
                                             result.na_by_column.tolist()))}
+  if keys is not None:  # what the trainer's bound k will keep, per split (as the Spark job)
+    extra["units"] = {"train": units_lib.bound_counts(keys[~test], spec.max_rows_per_unit),
+                      "test": units_lib.bound_counts(keys[test], spec.max_rows_per_unit)}
   # The spec's task and embeddings, as the Spark job and the streaming path record them: a
   # multiclass or regression label, or an embedded id column, is then trained as declared.
   with data_lib.DatasetWriter(output, feature_names=spec.feature_names,
@@ -604,7 +613,8 @@ def write_shards(columns: dict[str, np.ndarray], output: str, *,
                               privacy_unit=spec.privacy_unit,
                               max_rows_per_unit=spec.max_rows_per_unit) as w:
     for split, rows in (("train", ~test), ("test", test)):
-      w.add(split, x[rows], y[rows], unit_keys=None if keys is None else keys[rows])
+      w.add(split, x[rows], y[rows], unit_keys=None if keys is None else keys[rows],
+            row_keys=None if row_keys is None else row_keys[rows])
     w.set_provenance(manifest_lib.Provenance(rows_read=n, kept=len(result.kept),
                                              dropped_na=len(result.dropped_na)))
   return manifest_lib.read_manifest(output)

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 
@@ -47,7 +48,8 @@ def expected_splits(spec: features_lib.FeatureSpec, columns: dict[str, np.ndarra
                     test_fraction: float = split_lib.DEFAULT_TEST_FRACTION):
   """What every producer must write for generated ``columns``, computed independently.
 
-  A row is kept iff no used column is NaN; its row id is ``row_ids[i]`` (default ``i``).
+  A row is kept iff no used column is NaN; its row id is ``row_ids[i]`` (default ``i``); its
+  split is :func:`fastdp_jax.data.split.rows_in_test` over the kept rows in row-id order.
 
   Returns:
     ``{split: (features, labels)}`` in row-id order, and the number of rows dropped for NA.
@@ -60,8 +62,47 @@ def expected_splits(spec: features_lib.FeatureSpec, columns: dict[str, np.ndarra
   order = np.argsort(ids, kind="stable")
   ids, vals = ids[order], vals[order]
   x, y = spec.encode(vals)
-  test = split_lib.is_test_row(ids, seed=split_seed, test_fraction=test_fraction)
+  # The row-level rule over the whole table in row-id order (occurrences among kept rows).
+  test = split_lib.rows_in_test(vals, seed=split_seed, test_fraction=test_fraction)
   return {"train": (x[~test], y[~test]), "test": (x[test], y[test])}, int((~keep).sum())
+
+
+def split_multisets(output: str) -> dict[str, Counter]:
+  """Each split's rows as a multiset of (features..., label) tuples."""
+  found = {}
+  for split in manifest_lib.SPLITS:
+    s = data_lib.load_split(output, split)
+    found[split] = Counter(map(tuple, np.column_stack([s.features, s.labels]).tolist()))
+  return found
+
+
+def assert_neighbours(full: dict[str, Counter], less: dict[str, Counter],
+                      removed: tuple | None) -> None:
+  """``less`` (:func:`split_multisets`) is ``full`` without one copy of the row ``removed``
+  (None: a row that was not kept): every other row is in the split it was in, and of the
+  copies of ``removed`` only one is gone, from one split."""
+  for split in manifest_lib.SPLITS:
+    other = {r: n for r, n in full[split].items() if r != removed}
+    assert other == {r: n for r, n in less[split].items() if r != removed}, split
+  if removed is None:
+    return
+  lost = [full[s][removed] - less[s][removed] for s in manifest_lib.SPLITS]
+  assert sorted(lost) == [0, 1], lost
+
+
+def capums_row(columns: dict[str, np.ndarray], i: int) -> tuple | None:
+  """Row ``i`` of generated CaPUMS columns as the capums spec's shards hold it (features,
+  then label), or None if a used cell is missing (the row is dropped)."""
+  values = [float(columns[c][i]) for c in split_lib.CAPUMS_FEATURES + (split_lib.CAPUMS_LABEL,)]
+  return None if np.isnan(values).any() else tuple(values)
+
+
+def middle_copy_of_the_commonest_row(columns: dict[str, np.ndarray]) -> int:
+  """The index of the middle copy of the most repeated kept CaPUMS row: removing it shifts
+  the occurrence of every later copy."""
+  rows = [capums_row(columns, i) for i in range(len(columns[split_lib.CAPUMS_LABEL]))]
+  common, count = Counter(r for r in rows if r is not None).most_common(1)[0]
+  return [i for i, r in enumerate(rows) if r == common][count // 2]
 
 
 def row_ids_after_injection(n_rows: int, injected_lines: list[int]) -> np.ndarray:

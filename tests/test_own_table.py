@@ -110,9 +110,11 @@ def test_predictions_from_the_same_raw_csv(own_model):
   np.testing.assert_array_equal(got.rows, kept)
   assert len(got.errors) == ROWS - len(kept)
   # The test rows' predictions are the model on the test shards the trainer evaluated (the
-  # label is always yes or no here, so every predicted test row is in the shards, in row
-  # order).
-  test_rows = got.rows[split_lib.is_test_row(got.rows)]
+  # label is always yes or no here, so every predicted row is a kept row of the shards, in
+  # row order, and its split is the row-level rule on the encoded rows).
+  labelled = cleaning.LineCleaner(spec, cleaning.parse_header(lines[0])).clean(lines[1:])
+  np.testing.assert_array_equal(labelled.kept, got.rows)
+  test_rows = got.rows[split_lib.rows_in_test(labelled.values)]
   shard = data_lib.load_split(data, "test")
   assert len(test_rows) == len(shard.labels)
   outputs = dict(zip(got.rows.tolist(), got.outputs))

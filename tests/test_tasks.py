@@ -195,10 +195,12 @@ def test_validation_split_is_held_out_and_n_counts_the_rest(datasets, tmp_path):
   path = datasets["multiclass"]
   cfg = _config(path, **{"data.validation_fraction": 0.25, "num_epochs": 2})
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  total = manifest_lib.read_manifest(path).rows("train")
-  held = split_lib.is_test_row(np.arange(total), seed=inputs.VALIDATION_SEED, test_fraction=0.25)
-  # The same hash rule as the train/test split, with another seed: not the test rows' rule.
-  assert not np.array_equal(held, split_lib.is_test_row(np.arange(total)))
+  # The validation rows: the train/test split's rule on the rows' keys (the writer stored
+  # them), with another seed: not the test rows' rule.
+  keys = data_lib.load_split(path, "train").row_keys
+  assert keys is not None and len(keys) == manifest_lib.read_manifest(path).rows("train")
+  held = split_lib.is_test_row(keys, seed=inputs.VALIDATION_SEED, test_fraction=0.25)
+  assert not np.array_equal(held, split_lib.is_test_row(keys))
   n = int((~held).sum())
   assert summary.train_examples == n and summary.validation_examples == int(held.sum())
   q, steps = cfg.batch_size / n, cfg.num_epochs * round(n / cfg.batch_size)
@@ -379,3 +381,35 @@ def test_validation_split_is_refused_with_materialised_batches(datasets, tmp_pat
                                                 r"\[0, 1\)"):
     train.train_and_evaluate(_config(datasets["binary"], **{"data.validation_fraction": 1.0}),
                              str(tmp_path / "w2"))
+
+
+def test_removing_one_training_row_moves_no_other_between_training_and_validation(tmp_path):
+  # Rows from 3 binary columns (8 contents, so identical rows abound): the validation rule is
+  # keyed by each row's content and occurrence, so the table without row 17 has the same
+  # validation rows (as a multiset) but possibly one copy of row 17's content.
+  rng = np.random.default_rng(4)
+  x = rng.integers(0, 2, (600, 3)).astype(np.float32)
+  y = x[:, 0].copy()
+
+  def held_out(xs, ys, name):
+    path = str(tmp_path / name)
+    with data_lib.DatasetWriter(path, feature_names=("a", "b", "c"), label_name="y",
+                                feature_bounds=(0, 1)) as w:
+      w.add("train", xs, ys)
+      w.add("test", xs[:10], ys[:10])
+    held = inputs.validation_rows(0.3, path)(np.arange(len(ys)))
+    return split_lib.content_keys(xs[held], ys[held]), held
+
+  full, held_full = held_out(x, y, "full")
+  less, _ = held_out(np.delete(x, 17, 0), np.delete(y, 17), "less")
+  removed = int(split_lib.content_keys(x[17:18], y[17:18])[0])
+  a, b = np.unique(full, return_counts=True), np.unique(less, return_counts=True)
+  diff = {int(k): c for k, c in zip(*a)}
+  for k, c in zip(*b):
+    diff[int(k)] = diff.get(int(k), 0) - int(c)
+  moved = {k: c for k, c in diff.items() if c}
+  assert moved in ({}, {removed: 1})  # at most one copy of the removed row's content
+  # By row number instead, a third of the rows after row 17 would change sides.
+  by_number = split_lib.is_test_row(np.arange(len(y)), seed=inputs.VALIDATION_SEED,
+                                    test_fraction=0.3)
+  assert not np.array_equal(by_number, held_full)

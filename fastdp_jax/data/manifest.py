@@ -236,7 +236,8 @@ class Manifest:
     embeddings: the integer-id columns the model embeds (a manifest without them has none).
     privacy_unit: the raw column(s) whose value identifies a privacy unit (person,
       household); None: every row is its own unit. A unit dataset's shards carry
-      ``unit_keys`` (:mod:`fastdp_jax.data.units`).
+      ``unit_keys`` (:mod:`fastdp_jax.data.units`); a row-level dataset's carry ``row_keys``
+      (:func:`fastdp_jax.data.split.row_keys`), optional on read (older datasets lack them).
     max_rows_per_unit: the public bound k on rows a unit trains with (set with
       ``privacy_unit``); the trainer applies it (:func:`fastdp_jax.data.units.group`).
   """

@@ -5,9 +5,14 @@ checks, reader and writer: :mod:`fastdp_jax.data.manifest`)::
 
     DATASET/
       manifest.json
-      train-00000.h5      # datasets: features [n, d], labels [n]
-      test-00000.h5
+      train-00000.h5      # datasets: features [n, d], labels [n], and row_keys [n] or
+      test-00000.h5       #   (a unit dataset) unit_keys [n], both uint64
       ...
+
+A row-level dataset's shards carry each row's key (:func:`fastdp_jax.data.split.row_keys`: its
+content and its occurrence among identical rows), the key its split was decided by;
+:func:`load_split` returns them as :attr:`Split.row_keys`. They are optional on read: a
+dataset written before rows had keys loads with ``row_keys`` None.
 
 The dataset directory is a trust boundary: a shard must be a regular file inside it (no
 symlink leading outside), and no two manifest entries may be the same file. Values are checked
@@ -91,6 +96,19 @@ def _compact(features: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ writing
 
+def _checked_keys(keys: np.ndarray | None, name: str, shape: tuple[int, ...],
+                  where: str) -> np.ndarray | None:
+  """One uint64 key per row (or None), as a shard stores its ``unit_keys`` / ``row_keys``."""
+  if keys is None:
+    return None
+  keys = np.asarray(keys)
+  if keys.dtype != np.uint64 or keys.shape != shape:
+    raise manifest_lib.ShardError(f"{where}: {name} have dtype {keys.dtype} and shape "
+                                  f"{keys.shape}; expected uint64 ({shape[0]},), one key per "
+                                  "row")
+  return keys
+
+
 def label_dtype(task: manifest_lib.Task) -> np.dtype:
   """How a task's labels are stored: uint8 (binary, up to 256 classes), uint16, float32."""
   if task.kind == "regression":
@@ -103,7 +121,8 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
                 feature_names: Sequence[str] | None = None,
                 task: manifest_lib.Task = manifest_lib.BINARY,
                 embeddings: Sequence[manifest_lib.Embedding] = (),
-                unit_keys: np.ndarray | None = None) -> manifest_lib.ShardInfo:
+                unit_keys: np.ndarray | None = None,
+                row_keys: np.ndarray | None = None) -> manifest_lib.ShardInfo:
   """Writes one shard file, after checking its values, and returns its manifest entry.
 
   Args:
@@ -124,6 +143,10 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
     unit_keys: [n] uint64 privacy-unit keys of a unit dataset's rows
       (:func:`fastdp_jax.data.units.unit_keys`), stored as the ``unit_keys`` dataset; None
       for a row-level dataset (no such dataset, the file as before).
+    row_keys: [n] uint64 row keys of a row-level dataset's rows
+      (:func:`fastdp_jax.data.split.row_keys`: the keys its train/test split was decided
+      by), stored as the ``row_keys`` dataset; None: no such dataset (a unit dataset, or a
+      file as written before rows had keys).
 
   Returns:
     The :class:`~fastdp_jax.data.manifest.ShardInfo` to put in the manifest.
@@ -150,12 +173,8 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
       raise manifest_lib.ShardError(f"{where}: embeddings need the feature names")
     manifest_lib.check_embedding_bounds(embeddings, feature_names, bounds, where)
   stored = _compact(features)
-  if unit_keys is not None:
-    unit_keys = np.asarray(unit_keys)
-    if unit_keys.dtype != np.uint64 or unit_keys.shape != labels.shape:
-      raise manifest_lib.ShardError(f"{where}: unit_keys have dtype {unit_keys.dtype} and "
-                                    f"shape {unit_keys.shape}; expected uint64 "
-                                    f"({labels.shape[0]},), one key per row")
+  unit_keys = _checked_keys(unit_keys, "unit_keys", labels.shape, where)
+  row_keys = _checked_keys(row_keys, "row_keys", labels.shape, where)
   manifest_lib.check_values(stored, labels, bounds=bounds, feature_names=feature_names,
                             where=where, task=task, embeddings=embeddings)
   path = os.path.join(directory, file)
@@ -164,6 +183,8 @@ def write_shard(directory: str | os.PathLike, file: str, split: str, features: n
     f.create_dataset("labels", data=labels.astype(label_dtype(task)))
     if unit_keys is not None:
       f.create_dataset("unit_keys", data=unit_keys)
+    if row_keys is not None:
+      f.create_dataset("row_keys", data=row_keys)
   return manifest_lib.ShardInfo(file=file, split=split, rows=int(features.shape[0]),
                                 num_features=int(features.shape[1]), sha256=sha256_file(path))
 
@@ -228,10 +249,13 @@ class DatasetWriter:
     self.overwrite = overwrite
     self._shards: list[manifest_lib.ShardInfo] = []
     self._counts = {s: 0 for s in manifest_lib.SPLITS}
+    # Rows of each content key added to each split so far: the occurrences of row keys that
+    # :meth:`add` computes itself.
+    self._seen: dict[str, dict[int, int]] = {s: {} for s in manifest_lib.SPLITS}
     self._provenance: manifest_lib.Provenance | None = None
 
   def add(self, split: str, features: np.ndarray, labels: np.ndarray,
-          unit_keys: np.ndarray | None = None) -> None:
+          unit_keys: np.ndarray | None = None, row_keys: np.ndarray | None = None) -> None:
     """Adds rows of a split, cut into shards of at most ``max_rows_per_shard``.
 
     Args:
@@ -239,6 +263,10 @@ class DatasetWriter:
       features: [n, d] rows.
       labels: [n] labels.
       unit_keys: [n] uint64 unit keys: required for a unit dataset, refused otherwise.
+      row_keys: [n] uint64 row keys of a row-level dataset (refused for a unit dataset):
+        those its producer split the rows by (:func:`fastdp_jax.data.split.row_keys`). When
+        not given, each row's key is that of its content and its occurrence among the
+        identical rows added to ``split`` so far (this writer counts them over its calls).
 
     Raises:
       ShardError: naming the shard and column, if a value breaks the shard contract.
@@ -252,6 +280,16 @@ class DatasetWriter:
                                    "unit_keys given for a dataset without privacy_unit"))
     features, labels = np.asarray(features), np.asarray(labels)
     unit_keys = None if unit_keys is None else np.asarray(unit_keys)
+    if self.privacy_unit is not None:
+      if row_keys is not None:
+        raise manifest_lib.ShardError(f"{self.directory}: row_keys given for a unit dataset "
+                                      "(it is split by unit key)")
+    elif row_keys is None:
+      # Dtypes and shapes first: the keys hash the values (write_shard checks them again).
+      _check_arrays(features, labels, num_features=len(self.feature_names),
+                    where=f"shard {split}-{self._counts[split]:05d}.h5")
+      content = split_lib.content_keys(features, labels)
+      row_keys = split_lib.row_keys(content, split_lib.occurrences(content, self._seen[split]))
     for lo in range(0, max(len(labels), 1), self.max_rows_per_shard):
       name = f"{split}-{self._counts[split]:05d}.h5"
       self._counts[split] += 1
@@ -262,7 +300,9 @@ class DatasetWriter:
                                       feature_names=self.feature_names, task=self.task,
                                       embeddings=self.embeddings,
                                       unit_keys=None if unit_keys is None else
-                                      unit_keys[lo:lo + self.max_rows_per_shard]))
+                                      unit_keys[lo:lo + self.max_rows_per_shard],
+                                      row_keys=None if row_keys is None else
+                                      row_keys[lo:lo + self.max_rows_per_shard]))
 
   def set_provenance(self, provenance: manifest_lib.Provenance) -> None:
     self._provenance = provenance
@@ -404,6 +444,10 @@ class Split:
     embeddings: the integer-id columns the model embeds.
     unit_keys: [n] uint64 privacy-unit key of each row (a unit dataset), or None (every row
       its own unit).
+    row_keys: [n] uint64 row key of each row of a row-level dataset
+      (:func:`fastdp_jax.data.split.row_keys`), or None: a unit dataset, an original
+      single-file layout, or rows of which some shard has no keys (written before rows had
+      keys, or added by hand).
     privacy_unit: the unit's id column(s) (None: row-level).
     max_rows_per_unit: the public bound k the trainer applies (None: row-level).
   """
@@ -417,11 +461,18 @@ class Split:
   task: manifest_lib.Task = manifest_lib.BINARY
   embeddings: tuple[manifest_lib.Embedding, ...] = ()
   unit_keys: np.ndarray | None = None
+  row_keys: np.ndarray | None = None
   privacy_unit: tuple[str, ...] | None = None
   max_rows_per_unit: int | None = None
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
+
+  def take(self, index: np.ndarray | slice) -> "Split":
+    """These rows (a mask, indices or a slice), with their unit and row keys."""
+    pick = lambda a: None if a is None else a[index]  # noqa: E731
+    return dataclasses.replace(self, features=self.features[index], labels=self.labels[index],
+                               unit_keys=pick(self.unit_keys), row_keys=pick(self.row_keys))
 
 
 def _load_original(path: str, split: str, feature_bounds: Any) -> Split:
@@ -480,6 +531,35 @@ def read_unit_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *
       keys = _h5_dataset(f, "unit_keys", where)
       if keys.dtype != np.uint64 or keys.shape != (info.rows,):
         raise manifest_lib.ShardError(f"{where}: unit_keys have dtype {keys.dtype} and shape "
+                                      f"{keys.shape}; expected uint64 ({info.rows},)")
+      return np.asarray(keys[start:stop], np.uint64)
+  except OSError as e:
+    raise manifest_lib.ShardError(f"{where}: unreadable ({e})") from e
+
+
+def read_row_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *,
+                  start: int = 0, stop: int | None = None) -> np.ndarray | None:
+  """Reads the row keys of rows ``start:stop`` of a row-level dataset's shard.
+
+  Call it after :func:`read_shard` of the same rows, which verified the file's checksum.
+
+  Returns:
+    [stop - start] uint64, or None for a shard without a ``row_keys`` dataset (written
+    before rows had keys).
+
+  Raises:
+    ShardError: naming the shard, if its ``row_keys`` are not one uint64 per row.
+  """
+  path = shard_path(directory, info)
+  stop = info.rows if stop is None else stop
+  where = f"shard {info.file}"
+  try:
+    with h5py.File(path, "r") as f:
+      if "row_keys" not in f:
+        return None
+      keys = _h5_dataset(f, "row_keys", where)
+      if keys.dtype != np.uint64 or keys.shape != (info.rows,):
+        raise manifest_lib.ShardError(f"{where}: row_keys have dtype {keys.dtype} and shape "
                                       f"{keys.shape}; expected uint64 ({info.rows},)")
       return np.asarray(keys[start:stop], np.uint64)
   except OSError as e:
@@ -557,6 +637,7 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
   xs = [np.zeros((0, manifest.num_features), np.float32)]
   ys = [np.zeros((0,), np.float32)]
   ks = [np.zeros((0,), np.uint64)]
+  rks: list[np.ndarray | None] = []
   for info, lo, hi in _slices(shards, start, stop):
     x, y = read_shard(path, info, start=lo, stop=hi, verify_checksum=verify_checksum)
     manifest_lib.check_values(x, y, bounds=bounds, feature_names=manifest.feature_names,
@@ -566,13 +647,25 @@ def load_split(path: str | os.PathLike, split: str, *, rows: tuple[int, int] | N
     ys.append(y)
     if manifest.privacy_unit is not None:
       ks.append(read_unit_keys(path, info, start=lo, stop=hi))
+    else:
+      rks.append(read_row_keys(path, info, start=lo, stop=hi))
   return Split(features=np.concatenate(xs), labels=np.concatenate(ys),
                feature_names=manifest.feature_names, label_name=manifest.label_name,
                digest=manifest.digest(), feature_bounds=bounds, task=manifest.task,
                embeddings=manifest.embeddings,
                unit_keys=None if manifest.privacy_unit is None else np.concatenate(ks),
+               row_keys=_all_or_none(rks),
                privacy_unit=manifest.privacy_unit,
                max_rows_per_unit=manifest.max_rows_per_unit)
+
+
+def _all_or_none(keys: list[np.ndarray | None]) -> np.ndarray | None:
+  """The row keys of the shards read, concatenated; None unless every one has them (an old
+  dataset, a unit one, or one with shards added by hand, as the canary audit's dataset: its
+  canary shard has no keys)."""
+  if not keys or any(k is None for k in keys):
+    return None
+  return np.concatenate([np.zeros((0,), np.uint64)] + [k for k in keys if k is not None])
 
 
 def count_rows(path: str | os.PathLike, split: str) -> int | None:

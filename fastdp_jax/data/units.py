@@ -49,7 +49,6 @@ MAX_ROWS_PER_UNIT = 64  # the largest public k a spec may declare (shapes grow w
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?")
 _MAX_NUMBER_CHARS = 64  # longer digit strings are ids (hashed as text), not numbers
 _SEP = "\x1f"  # ASCII unit separator between the columns of a multi-column id
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 class Grouping(NamedTuple):
@@ -259,30 +258,9 @@ def key_and_split(ids: Sequence[str], seed: int = split_lib.DEFAULT_SPLIT_SEED,
   return keys, is_test_unit(keys, seed=seed, test_fraction=test_fraction)
 
 
-def row_content_keys(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """A 64-bit hash of each encoded row (its float32 features and label), for the rank.
-
-  Rows are hashed as the loader holds them (float32), so the key of a row does not depend on
-  how a shard stored it (uint8 or float32); identical rows share a key, and are
-  interchangeable for the bound.
-
-  Args:
-    features: [n, d] numeric.
-    labels: [n] numeric.
-
-  Returns:
-    [n] uint64.
-  """
-  x = np.asarray(features, np.float32)
-  y = np.asarray(labels, np.float32).reshape(-1, 1)
-  # + 0.0 turns -0.0 into 0.0: equal values, equal words.
-  words = (np.concatenate([x, y], axis=1) + np.float32(0.0)).view(np.uint32).astype(np.uint64)
-  h = np.full(words.shape[0], np.uint64(words.shape[1]), np.uint64)
-  with np.errstate(over="ignore"):
-    for j in range(words.shape[1]):
-      # Chained per column (not a sum), so that swapping two columns' values changes the key.
-      h = split_lib.splitmix64(h ^ (words[:, j] + (np.uint64(j) << np.uint64(32))))
-  return h & _M64
+# A row's content key (its encoded float32 features and label): the rank's tie-break within a
+# unit, the same key the row-level split uses.
+row_content_keys = split_lib.content_keys
 
 
 def _rank(unit_keys_: np.ndarray, row_keys: np.ndarray, seed: int) -> np.ndarray:
@@ -330,6 +308,21 @@ def group(unit_keys: np.ndarray, row_keys: np.ndarray, max_rows_per_unit: int,
   kept = np.minimum(sizes, int(max_rows_per_unit))
   offsets = np.r_[0, np.cumsum(kept)].astype(np.int64)
   return Grouping(order=order, offsets=offsets, dropped_rows=int(n - order.shape[0]))
+
+
+def bound_counts(unit_keys: np.ndarray, max_rows_per_unit: int) -> dict[str, int]:
+  """What the bound k does to a split: its units, rows, and the rows it drops.
+
+  The trainer keeps ``min(rows, k)`` rows of each unit (:func:`group`), so the counts need the
+  unit keys alone. They are statistics of private rows: the manifest (private) records them.
+
+  Returns:
+    ``{'units', 'rows', 'rows_dropped_by_bound'}``.
+  """
+  _, counts = np.unique(np.asarray(unit_keys, np.uint64), return_counts=True)
+  k = int(max_rows_per_unit)
+  return {"units": int(counts.shape[0]), "rows": int(counts.sum()),
+          "rows_dropped_by_bound": int(np.maximum(counts - k, 0).sum())}
 
 
 def check_unit_bound(max_rows_per_unit: object, where: str) -> int:

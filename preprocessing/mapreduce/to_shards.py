@@ -6,10 +6,12 @@
       --spec capums [--overwrite]
 
 ``--input`` is the reducer's output: a file, ``-`` for stdin, or a Hadoop output directory
-(its ``part-*`` files, in name order). Rows are split with ``fastdp_jax.data.split.is_test_row``
-on the reducer's row ids (by ``fastdp_jax.data.units.is_test_unit`` of the unit key when the
-spec names a ``privacy_unit``; distinct unit ids sharing a key are refused) and encoded with
-the spec, exactly as the Spark job does; malformed
+(its ``part-*`` files, in name order). Rows are encoded with the spec and split with
+``fastdp_jax.data.split.is_test_row`` of their row keys (content and occurrence among the
+identical rows before them: one sink sees every row in the reducer's row-id order, so one
+counter numbers them over the whole input), or by ``fastdp_jax.data.units.is_test_unit`` of
+the unit key when the spec names a ``privacy_unit`` (distinct unit ids sharing a key are
+refused), exactly as the Spark job does; malformed
 lines go to ``rejects/`` and the manifest's counts reconcile
 (``rows_read = kept + dropped_na + rejected``). The output appears atomically.
 """

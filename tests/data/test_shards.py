@@ -1,6 +1,7 @@
 """The shard format: round trip, atomic output, an error naming the shard on mismatch, the
 declared public bounds (writer and loader), and reading global row ranges across shards."""
 
+import dataclasses
 import json
 import os
 
@@ -340,3 +341,76 @@ def test_overwrite_replaces_a_dataset_whole(tmp_path):
   assert m.feature_names == ("a",) and m.rows("train") == 4 and m.rows("test") == 0
   assert sorted(os.listdir(out)) == ["manifest.json", "train-00000.h5"]  # no old shard kept
   assert os.listdir(tmp_path) == ["d"]  # nor the old directory
+
+
+def test_row_keys_round_trip_and_the_writer_counts_occurrences_per_split(tmp_path):
+  # Rows repeat (3 binary features and a label): the writer's keys number identical rows
+  # over its calls for one split, each split on its own.
+  from fastdp_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 2, (300, 3)).astype(np.float32)
+  y = rng.integers(0, 2, 300)
+  out = str(tmp_path / "d")
+  given = split_lib.splitmix64(np.arange(50, dtype=np.uint64))  # any uint64 keys are kept
+  with data_lib.DatasetWriter(out, feature_names=list("abc"), label_name="y",
+                              feature_bounds=(0, 1), max_rows_per_shard=70) as w:
+    w.add("train", x[:120], y[:120])
+    w.add("train", x[120:250], y[120:250])
+    w.add("test", x[250:], y[250:], row_keys=given)
+  train, test = data_lib.load_split(out, "train"), data_lib.load_split(out, "test")
+  content = split_lib.content_keys(x[:250], y[:250])
+  want = split_lib.row_keys(content, split_lib.occurrences(content))
+  np.testing.assert_array_equal(train.row_keys, want)
+  assert len(set(want.tolist())) == 250  # copies get distinct keys
+  np.testing.assert_array_equal(test.row_keys, given)
+  # A range across shard boundaries, and one shard's keys read alone.
+  np.testing.assert_array_equal(data_lib.load_split(out, "train", rows=(60, 150)).row_keys,
+                                want[60:150])
+  m = manifest_lib.read_manifest(out)
+  np.testing.assert_array_equal(
+      data_lib.read_row_keys(out, m.shards_of("train")[1], start=5, stop=9), want[75:79])
+
+
+def test_row_keys_are_optional_on_read_and_checked(tmp_path):
+  out = str(tmp_path / "d")
+  with data_lib.DatasetWriter(out, feature_names=["a"], label_name="y", feature_bounds=(0, 1),
+                              max_rows_per_shard=10) as w:
+    w.add("train", np.zeros((20, 1)), np.zeros(20))
+  m = manifest_lib.read_manifest(out)
+  first, second = m.shards_of("train")
+  for info in (first, second):  # as a dataset written before rows had keys
+    with h5py.File(os.path.join(out, info.file), "a") as f:
+      del f["row_keys"]
+  infos = [dataclasses.replace(s, sha256=data_lib.sha256_file(os.path.join(out, s.file)))
+           for s in m.shards]
+  manifest_lib.write_manifest(out, feature_names=["a"], label_name="y", shards=infos,
+                              provenance=m.provenance, feature_bounds=m.feature_bounds)
+  assert data_lib.load_split(out, "train").row_keys is None
+  assert data_lib.read_row_keys(out, infos[0]) is None
+
+  def give_first_keys(keys):
+    with h5py.File(os.path.join(out, first.file), "a") as f:
+      if "row_keys" in f:
+        del f["row_keys"]
+      f.create_dataset("row_keys", data=keys)
+    infos[0] = dataclasses.replace(infos[0], sha256=data_lib.sha256_file(
+        os.path.join(out, first.file)))
+    manifest_lib.write_manifest(out, feature_names=["a"], label_name="y", shards=infos,
+                                provenance=m.provenance, feature_bounds=m.feature_bounds)
+
+  give_first_keys(np.arange(10, dtype=np.uint64))  # one shard with keys, one without
+  assert data_lib.load_split(out, "train").row_keys is None
+  np.testing.assert_array_equal(data_lib.load_split(out, "train", rows=(0, 10)).row_keys,
+                                np.arange(10))
+  give_first_keys(np.arange(10, dtype=np.int64))
+  with pytest.raises(manifest_lib.ShardError, match="row_keys have dtype int64"):
+    data_lib.load_split(out, "train")
+  with pytest.raises(manifest_lib.ShardError, match="row_keys have dtype"):
+    data_lib.write_shard(out, "x.h5", "train", np.zeros((2, 1)), np.zeros(2),
+                         feature_bounds=(0, 1), row_keys=np.zeros(3, np.uint64))
+  with pytest.raises(manifest_lib.ShardError, match="row_keys given for a unit dataset"):
+    with data_lib.DatasetWriter(str(tmp_path / "u"), feature_names=["a"], label_name="y",
+                                feature_bounds=(0, 1), privacy_unit="hh",
+                                max_rows_per_unit=2) as w:
+      w.add("train", np.zeros((2, 1)), np.zeros(2), unit_keys=np.zeros(2, np.uint64),
+            row_keys=np.zeros(2, np.uint64))

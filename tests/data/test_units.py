@@ -106,6 +106,17 @@ def test_group_keeps_at_most_k_rows_per_unit_whole_units_contiguous():
   assert (starts[1:] > starts[:-1]).all()  # units in ascending key order
 
 
+def test_bound_counts_are_what_the_grouping_keeps_and_drops():
+  rng = np.random.default_rng(3)
+  keys = rng.integers(0, 40, 500).astype(np.uint64)
+  rows = units.row_content_keys(rng.normal(size=(500, 2)), rng.integers(0, 2, 500))
+  for k in (1, 3, 8, 64):
+    g = units.group(keys, rows, k)
+    got = units.bound_counts(keys, k)
+    assert got == {"units": len(g.offsets) - 1, "rows": 500,
+                   "rows_dropped_by_bound": g.dropped_rows}
+
+
 def test_group_choice_does_not_depend_on_row_order():
   ids, keys = _panel(seed=2)
   x, y = _rows(len(ids), seed=2)
@@ -178,7 +189,8 @@ def test_row_dataset_is_unchanged(tmp_path):
   assert "privacy_unit" not in body and "max_rows_per_unit" not in body
   m = manifest_lib.read_manifest(path)
   with h5py.File(os.path.join(path, m.shards[0].file)) as f:
-    assert sorted(f.keys()) == ["features", "labels"]
+    # No unit keys; the row keys its split was decided by (fastdp_jax.data.split.row_keys).
+    assert sorted(f.keys()) == ["features", "labels", "row_keys"]
   assert data_lib.load_split(path, "train").unit_keys is None
   # The digest of a row dataset is computed as before (no unit entry in its identity).
   unit = manifest_lib.Manifest(**{**m.__dict__, "privacy_unit": ("h",), "max_rows_per_unit": 2})

@@ -17,6 +17,7 @@ import pytest
 
 import fastdp_jax
 from fastdp_jax import metrics as metrics_lib
+from fastdp_jax.data import cleaning
 from fastdp_jax.data import shards as data_lib
 from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax.export import layout
@@ -133,13 +134,18 @@ def test_cli_on_the_raw_csv_equals_the_trainers_evaluation(spark, raw_csv, tmp_p
   assert [int(r["row"]) for r in bad] == np.flatnonzero(na_features).tolist()
   assert {r["reason"] for r in bad} == {"missing"}
   assert all(r["column"] in spec.used_columns[:-1] for r in bad)
-  # The Spark job's row id of a single file's row is its data-row position: the test rows
-  # are the labelled rows that is_test_row puts in the test split.
-  is_test = split_lib.is_test_row(rows, seed=manifest.extra["split"]["seed"],
-                               test_fraction=manifest.extra["split"]["test_fraction"])
+  # The test rows are the kept (labelled) rows that the row-level rule puts in the test
+  # split: each encoded row's content and its occurrence among the identical kept rows
+  # before it (the Spark job's row id of a single file's row is its data-row position).
+  with open(raw_csv, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  labelled = cleaning.LineCleaner(spec, cleaning.parse_header(lines[0])).clean(lines[1:])
+  in_test = split_lib.rows_in_test(labelled.values,
+                                   seed=manifest.extra["split"]["seed"],
+                                   test_fraction=manifest.extra["split"]["test_fraction"])
+  test_ids = set(np.asarray(labelled.kept)[in_test].tolist())
   test = data_lib.load_split(data, "test")
-  mine = [r for r, t, unlabelled in zip(predicted, is_test, na_label[rows]) if t and not
-          unlabelled]
+  mine = [r for r in predicted if int(r["row"]) in test_ids]
   assert len(mine) == len(test)
   accuracy, expected = _trainer_evaluation(cfg, workdir, test)
   if spec_name == "pums_educ":

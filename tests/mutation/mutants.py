@@ -48,6 +48,7 @@ _VMAP_SUM = "  summed, aux = clipped_sum(params, batch, is_padding_example=~mask
 _TABLE_SCALE = ("      scaled = _rows(keep, g) * factor[:, None].astype(g.dtype)\n"
                 "      # Padding rows add exact zeros")
 _UNIT_TESTS = "tests/test_units_training.py"
+_UNIT_CLIPPING = "tests/dp/test_unit_clipping.py"  # the unit clipping on its own
 _WITH_KEY = "lambda s: s._replace(key=jnp.asarray(key, s.key.dtype).reshape(s.key.shape)))"
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -230,33 +231,31 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="unit_rows_clipped_ghost",
         file="fastdp_jax/dp/ghost.py",
-        old="    row_factor = jnp.repeat(_clip_factor(norms, keep, l2_norm_clip), unit_size)\n",
-        new=("    row_factor = _clip_factor(jnp.sqrt(_row_sq_norms(params, inputs, out_grads, "
-             "row_grads)), mask, l2_norm_clip)  # MUTANT\n"),
+        old="  row_factor = _clip_factor(norms, finite, l2_norm_clip)[rows.unit]\n",
+        new=("  row_factor = _clip_factor(jnp.sqrt(_row_sq_norms(params, inputs, out_grads, "
+             "row_grads)), row_keep, l2_norm_clip)  # MUTANT\n"),
         breaks="the ghost path clips each ROW of a unit to C instead of the unit's summed "
                "gradient: one unit of k rows moves the sum by up to k C",
-        tests=(_UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c",)),
+        tests=(_UNIT_CLIPPING + "::test_a_units_rows_together_contribute_at_most_c_where_rows_"
+               "alone_give_k_c",
+               _UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c")),
     Mutant(
         name="unit_rows_clipped_vmap",
         file="fastdp_jax/dp/clipping.py",
-        old=("  return clipped_grad_sum_with_stats(_unit_loss(loss_fn), params, by_unit, "
-             "l2_norm_clip,\n                                     present, "
-             "microbatch_size=microbatch_size)\n"),
-        new=("  del by_unit  # MUTANT: rows clipped alone, stats reported per unit slot\n"
-             "  grads, s = clipped_grad_sum_with_stats(loss_fn, params, batch, l2_norm_clip, "
-             "mask)\n"
-             "  return grads, clip_types.ClipStats(norms=s.norms.reshape(units, -1).max(1),\n"
-             "                                     nonfinite=s.nonfinite.reshape(units, -1)"
-             ".any(1))\n"),
+        old=("  units = rows.unit  # row r's gradient joins its unit's sum: never clipped "
+             "alone\n"),
+        new="  units = jnp.arange(n)  # MUTANT: every row its own unit, clipped alone\n",
         breaks="the vmap path clips each ROW of a unit to C instead of the unit's summed "
                "gradient: one unit of k rows moves the sum by up to k C",
-        tests=(_UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c",)),
+        tests=(_UNIT_CLIPPING + "::test_a_units_rows_together_contribute_at_most_c_where_rows_"
+               "alone_give_k_c",
+               _UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c")),
     Mutant(
         name="unit_rows_sampled",
         file="fastdp_jax/unit_batches.py",
-        old="  mask = units.mask[..., None] & (j < layout.sizes[g][..., None])\n",
-        new=("  mask = units.mask[..., None] & (j < layout.sizes[g][..., None])  # MUTANT\n"
-             "  mask &= np.random.default_rng().random(mask.shape) < 0.5\n"),
+        old="  sizes = np.where(units.mask, layout.sizes[g], 0)\n",
+        new=("  sizes = np.where(units.mask, layout.sizes[g], 0)  # MUTANT\n"
+             "  sizes = np.random.default_rng().binomial(sizes, 0.5)\n"),
         breaks="a sampled unit's rows are each included with their own coin (rows sampled, "
                "not units): the accountant's q is no longer the unit's",
         tests=(_UNIT_TESTS + "::test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other",)),
@@ -290,6 +289,25 @@ MUTANTS: tuple[Mutant, ...] = (
         breaks="the producer splits a unit dataset by row: a household's rows land in both "
                "training and test",
         tests=("tests/preprocessing/test_units_pipeline.py",)),
+    Mutant(
+        name="row_split_by_position",
+        file="preprocessing/output.py",
+        old=("      test = split_lib.is_test_row(rkeys, seed=self.split_seed, "
+             "test_fraction=self.test_fraction)\n"),
+        new=("      test = split_lib.is_test_row(ids, seed=self.split_seed, "
+             "test_fraction=self.test_fraction)  # MUTANT\n"),
+        breaks="the producer splits a row-level dataset by row position: removing one input "
+               "line moves about a third of the rows after it to the other split",
+        tests=("tests/preprocessing/test_row_split.py",)),
+    Mutant(
+        name="validation_by_row_number",
+        file="fastdp_jax/inputs.py",
+        old="  keys = _train_row_keys(path) if path is not None else None\n",
+        new="  keys = None  # MUTANT: the validation rows by row number\n",
+        breaks="the validation rows are chosen by row number: removing one training row moves "
+               "about a third of the rows after it between training and validation",
+        tests=("tests/test_tasks.py::test_removing_one_training_row_moves_no_other_between_"
+               "training_and_validation",)),
 )
 
 

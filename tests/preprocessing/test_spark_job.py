@@ -187,6 +187,49 @@ def test_overwrite_replaces_a_dataset(spark, capums, tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
 
 
+def test_many_partitions_give_the_local_splits_and_neighbours_stay_neighbours(spark, tmp_path):
+  """The row-level split on many partitions: a row's occurrence counts the identical rows of
+  the earlier partitions (the pre-pass's offsets), so the splits are the local engine's row
+  for row; a removed line moves no other row; reordering the lines moves nothing."""
+  from preprocessing import spark_job  # pylint: disable=g-import-not-at-top
+  from preprocessing.mapreduce import local  # pylint: disable=g-import-not-at-top
+  cols = S.synthesize_capums(20_000, seed=12, na_fraction=0.002)  # 10 binary columns: repeats
+  n = len(cols["employed"])
+
+  def run(name, rows=None, engine="spark"):
+    rows = np.arange(n) if rows is None else rows
+    S.write_csv({c: v[rows] for c, v in cols.items()}, str(tmp_path / f"{name}.csv"))
+    out = str(tmp_path / name)
+    if engine == "local":
+      return local.run_local(str(tmp_path / f"{name}.csv"), out, "capums"), out
+    return spark_job.run_job(spark, str(tmp_path / f"{name}.csv"), out, "capums",
+                             partition_mb=0.05), out
+
+  m, full = run("full")
+  assert m.extra["spark"]["partitions"] >= 8
+  _, by_local = run("local", engine="local")
+  for split in manifest_lib.SPLITS:
+    a, b = data_lib.load_split(full, split), data_lib.load_split(by_local, split)
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.row_keys, b.row_keys)
+  sets = T.split_multisets(full)
+  i = T.middle_copy_of_the_commonest_row(cols)
+  _, less = run("less", np.delete(np.arange(n), i))
+  T.assert_neighbours(sets, T.split_multisets(less), T.capums_row(cols, i))
+  _, shuffled = run("shuffled", np.random.default_rng(1).permutation(n))
+  assert T.split_multisets(shuffled) == sets
+  # Parquet: three files of small row groups, several partitions per file.
+  os.makedirs(tmp_path / "pq")
+  frame = pd.DataFrame(cols)
+  for j, (lo, hi) in enumerate([(0, 6000), (6000, 13_000), (13_000, n)]):
+    frame.iloc[lo:hi].to_parquet(tmp_path / "pq" / f"part-{j}.parquet", row_group_size=500)
+  m = spark_job.run_job(spark, str(tmp_path / "pq"), str(tmp_path / "pq_out"), "capums",
+                        partition_mb=0.01)
+  assert m.extra["spark"]["partitions"] >= 6
+  assert_same_splits(str(tmp_path / "pq_out"), full)
+
+
 def test_real_fulton_file_with_the_raw_spec(spark, tmp_path):
   if not os.path.isfile(FULTON):
     pytest.skip(f"real data file {FULTON} is absent")

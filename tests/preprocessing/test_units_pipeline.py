@@ -80,6 +80,13 @@ def _check_unit_dataset(out, ids):
   for split in manifest_lib.SPLITS:
     rows = data_lib.load_split(out, split)
     assert [parity[k] for k in rows.unit_keys.tolist()] == rows.features[:, 0].tolist()
+    # The manifest records what the bound k = 3 will keep: per unit min(rows, 3).
+    _, sizes = np.unique(rows.unit_keys, return_counts=True)
+    assert m.extra["units"][split] == {"units": len(sizes), "rows": len(rows),
+                                       "rows_dropped_by_bound": int(np.maximum(sizes - 3, 0)
+                                                                    .sum())}
+  assert m.extra["units"]["train"]["rows_dropped_by_bound"] + \
+      m.extra["units"]["test"]["rows_dropped_by_bound"] > 0  # a household of 5 is cut to 3
   return {k: s.pop() for k, s in by_key.items()}
 
 

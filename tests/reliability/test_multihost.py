@@ -20,7 +20,7 @@ from fastdp_jax.data import manifest as manifest_lib
 from fastdp_jax import launch
 from fastdp_jax import summary as summary_lib
 from fastdp_jax import train
-from tests.conftest import ROOT, make_dataset
+from tests.conftest import ROOT, make_dataset, make_unit_dataset
 from tests.data.test_shards import write_raw_dataset
 
 # Spark sessions, extra processes or a wheel build: `make test-fast` leaves these out.
@@ -68,6 +68,30 @@ def test_two_processes_give_the_one_process_model(dataset, tmp_path):
   assert not re.search(r"^\[1\] done: epsilon", r.stdout, re.M)
   kinds = [json.loads(l)["kind"] for l in (work / "metrics.jsonl").read_text().splitlines()]
   assert kinds.count("epoch") == cfg.num_epochs
+
+
+def test_two_processes_train_a_unit_dataset_as_one_process(tmp_path):
+  # A household dataset: every process reads the whole train split and places its devices'
+  # units; 2 processes x 2 devices must give the 1-process, 1-device model (same unit batches,
+  # drawn by unit key; each unit's clipped sum on the device that holds it).
+  data = make_unit_dataset(str(tmp_path / "units"), units=1200, max_rows=4, seed=5)
+  cfg = test_config.get_config()
+  cfg.data.path = data
+  ref = train.train_and_evaluate(cfg, str(tmp_path / "one"))
+  work = tmp_path / "two"
+  r = subprocess.run(
+      [sys.executable, "-m", "fastdp_jax.launch", "--num_processes=2",
+       "--devices_per_process=2", "--", "--config=configs/test.py",
+       f"--config.data.path={data}", f"--workdir={work}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert r.returncode == 0, r.stdout[-3000:]
+  two = summary_lib.read_summary(str(work))
+  assert two.num_processes == 2 and two.num_devices == 4
+  assert (two.steps, two.train_examples) == (ref.steps, ref.train_examples)
+  assert two.epsilon == pytest.approx(ref.epsilon, rel=1e-5)
+  a, b = np.load(tmp_path / "one" / "final_params.npz"), np.load(work / "final_params.npz")
+  for k in a:  # float32 sums in another order: a few ulps per update
+    assert np.linalg.norm(a[k] - b[k]) <= 1e-5 * np.linalg.norm(a[k]), k
 
 
 def _reproducible(cfg):
