@@ -69,7 +69,7 @@ A run, end to end (a tiny generated dataset; fixed seeds, so ``private`` is fals
   >>> rng = np.random.default_rng(0)
   >>> features = (rng.random((600, 3)) < 0.5).astype(np.uint8)
   >>> labels = features[:, 0] ^ (rng.random(600) < 0.1)
-  >>> test = split.is_test_row(np.arange(600))
+  >>> test = split.rows_in_test(np.c_[features, labels])
   >>> with shards.DatasetWriter(f"{root}/data", feature_names=["a", "b", "c"],
   ...                         label_name="y", feature_bounds=(0, 1)) as w:
   ...   w.add("train", features[~test], labels[~test])

@@ -57,9 +57,10 @@ def _data_keys() -> ml_collections.ConfigDict:
   # outside them is refused before the first update. A manifest's own bounds take precedence.
   data.attack_column = "englishability"  # model-inversion attack target ('' to skip).
   data.attack_rows = 10_000  # training rows attacked (the original's figure).
-  data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of the
-  #                  row number, fastdp_jax.data.split.is_test_row with VALIDATION_SEED) is held
-  #                  out of training and evaluated each epoch; its metrics are private.
+  data.validation_fraction = 0.0  # >0: this fraction of the training rows (a hash of each
+  #                  row's key, fastdp_jax.data.split.is_test_row with VALIDATION_SEED; of the
+  #                  unit key with a privacy unit) is held out of training and evaluated each
+  #                  epoch; its metrics are private.
   return data
 
 

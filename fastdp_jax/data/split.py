@@ -76,7 +76,9 @@ def content_keys(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
   Returns:
     [n] uint64.
   """
-  x = np.asarray(features, np.float32).reshape(len(labels), -1)
+  x = np.asarray(features, np.float32)
+  # An explicit width, not -1: a shard may hold no rows of a split.
+  x = x.reshape(len(labels), int(np.prod(x.shape[1:])))
   y = np.asarray(labels, np.float32).reshape(-1, 1)
   # + 0.0 turns -0.0 into 0.0: equal values, equal words.
   return _hash_rows((np.concatenate([x, y], axis=1) + np.float32(0.0)).view(np.uint32))
@@ -96,9 +98,9 @@ def value_keys(values: np.ndarray) -> np.ndarray:
     [n] uint64.
   """
   v = np.ascontiguousarray(np.asarray(values, np.float64) + 0.0)  # -0.0 -> 0.0
-  words = v.view(np.uint64).reshape(v.shape[0], -1)
+  words = v.view(np.uint64).reshape(v.shape[0], int(np.prod(v.shape[1:])))
   lo, hi = words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)
-  return _hash_rows(np.stack([lo, hi], axis=2).reshape(v.shape[0], -1))
+  return _hash_rows(np.stack([lo, hi], axis=2).reshape(v.shape[0], 2 * words.shape[1]))
 
 
 def _hash_rows(words: np.ndarray) -> np.ndarray:

@@ -170,3 +170,11 @@ def test_two_specs_over_the_same_columns_split_a_table_alike(tmp_path):
                   for s in manifest_lib.SPLITS]
   for a, b in zip(keys["pums_raw"], keys["pums_binned"]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_keys_of_no_rows_are_empty_not_an_error():
+  """A shard may hold no rows of a split (all held out, or an empty block of the input)."""
+  assert split_lib.value_keys(np.zeros((0, 4))).shape == (0,)
+  assert split_lib.content_keys(np.zeros((0, 9), np.uint8), np.zeros(0, np.uint8)).shape == (0,)
+  one = np.array([[1.0, 2.0, 3.0]])
+  assert split_lib.value_keys(np.concatenate([np.zeros((0, 3)), one])) == split_lib.value_keys(one)
