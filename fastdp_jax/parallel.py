@@ -208,7 +208,8 @@ def load_training_data(mesh: jax.sharding.Mesh, path: str, *, verify_checksum: b
     verify_checksum: check the sha256 of every shard this process reads.
     feature_bounds: ``data.feature_bounds``, for data that declares no bounds.
     exclude: ``exclude(global row ids [n]) -> [n] bool``: rows held out of training (the
-      validation split); a function of the row number only, so every process agrees on N.
+      validation split); a function of the global row id (and the row keys every process
+      reads alike), so every process agrees on N.
 
   Returns:
     ``(local, device_data)``: this process's rows as a :class:`fastdp_jax.data.shards.Split`

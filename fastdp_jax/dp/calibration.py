@@ -12,9 +12,10 @@ every score by at most L, and all of them in the same direction (a row adds a no
 term to each). For such a monotone score, drawing candidate i with probability proportional to
 ``exp(-epsilon * score_i / L)`` is epsilon-DP (McSherry and Talwar 2007; Dwork and Roth 2014,
 after Thm 3.10: the factor 2 of the general mechanism is not needed). The
-validation split is a hash of the row's position, so one row's removal can move other rows
-between the splits: the calibration is composed with training sequentially rather than
-claimed free by parallel composition. Its epsilon adds to the training's (basic composition,
+validation rows are chosen by each row's key (its content and occurrence) or unit key, so one
+unit's removal moves no other between the splits. The calibration is still composed with
+training sequentially, a conservative choice (parallel composition over the two disjoint
+parts is not claimed): its epsilon adds to the training's (basic composition,
 :func:`total_epsilon`): ``dp_accounting``'s PLD accountant composes no pure-DP selection under
 add-or-remove neighbours, and with a calibration budget of a few hundredths the sum loses
 almost nothing against a tighter composition.
