@@ -134,7 +134,10 @@ def row_capacity(layout: parallel.UnitLayout, sampling_rate: float,
   on each one's exact unit sizes (a function of the private data, like the row-level
   capacity: unpublished, docs/privacy.md). With microbatches of ``block`` rows the capacity
   is whole blocks, enough for next-fit packing of any sample of at most ``rows`` rows
-  (:func:`fastdp_jax.data.batch_format.unit_blocks`); without, it is ``rows``.
+  (:func:`fastdp_jax.data.batch_format.unit_blocks`); without, it is ``rows`` rounded up to
+  whole blocks of k rows, ghost clipping's view of the slots
+  (:mod:`fastdp_jax.dp.ghost`): a copy of every wide activation to pad them
+  would cost more than the few more slots.
 
   Raises:
     ValueError: ``block`` is below k (a unit of k rows would not fit in a microbatch).
@@ -142,7 +145,7 @@ def row_capacity(layout: parallel.UnitLayout, sampling_rate: float,
   rows = max(sampling.row_capacity_for(c, sampling_rate, overflow_probability)
              for c in size_counts(layout))
   if block is None:
-    return rows, rows
+    return rows, -(-rows // layout.unit_size) * layout.unit_size
   return rows, block * batch_format.unit_blocks(rows, block, layout.unit_size)
 
 

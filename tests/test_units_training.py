@@ -108,7 +108,9 @@ def test_pack_lays_each_sampled_units_kept_rows_out_once_contiguously(block):
   idx, mask = unit_batches.pack(b, layout, capacity, block)
   assert idx.shape == mask.shape == (30, 4, capacity) and idx.dtype == np.int32
   size = block or capacity
-  assert capacity % size == 0 and rows <= capacity
+  # Whole microbatches, or (none) whole blocks of k rows, ghost clipping's view of the slots.
+  assert capacity % size == 0 and capacity % (block or k) == 0
+  assert rows <= capacity
   seen = 0
   for s in range(30):
     for d in range(4):
@@ -201,14 +203,16 @@ def test_q_n_delta_and_epsilon_count_units(dataset, tmp_path, monkeypatch):
                                inspect=lambda t, summary: seen.update(t=t))
   # The capacity counts ROWS, from the kept units' exact sizes; the sampler's unit capacity is
   # the same number (a unit has a row at least), so only the rows' overflow event can happen
-  # and the overflow's term in delta is p T D as planned.
+  # and the overflow's term in delta is p T D as planned. The row slots are that many rounded
+  # up to whole blocks of k (more slots only lower the chance of an overflow).
   t = seen["t"]
   sizes = np.diff(units_lib.group(*_keys_of(dataset), K).offsets)
   ub = t.data.dev.units.unit_bounds  # each device's units: its own exact sizes
   want = max(sampling.row_capacity_for(np.bincount(sizes[a:b], minlength=K + 1),
                                        s.sampling_rate, t.plan.overflow_probability)
              for a, b in zip(ub[:-1], ub[1:]))
-  assert t.batches.capacity == t.batches.sampler.capacity == want
+  assert t.batches.sampler.capacity == want
+  assert t.batches.capacity == -(-want // K) * K
   # Fewer row slots than k for every unit slot of the Binomial unit capacity (the old layout).
   assert want < K * sampling.capacity_for(int(np.diff(ub).max()), s.sampling_rate,
                                           t.plan.overflow_probability)

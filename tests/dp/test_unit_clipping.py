@@ -18,6 +18,7 @@ import pytest
 
 from fastdp_jax.dp import clip_types
 from fastdp_jax.dp import clipping
+from fastdp_jax.dp import ghost
 from fastdp_jax import models
 from fastdp_jax import step as step_lib
 from tests.dp import test_ghost
@@ -150,14 +151,19 @@ def _case(task, d, hidden, embeddings, units, k, block, seed):
   rng = np.random.default_rng(seed)
   sizes = rng.integers(1, k + 1, units)
   sizes[0] = k  # at least one full unit
-  capacity = 2 * units * k  # room for empty slots (and blocks' ends)
+  # Room for empty slots (and blocks' ends); some cases not whole blocks of k slots.
+  capacity = 2 * units * k + (block is None and units % 2)
   mask, slots = _pack(sizes, capacity, block)
   x, y = _batch(rng, capacity, d, HEADS[task], embeddings)
   return model, head, params, loss_fn, (_garbage(x, mask, embeddings), y), mask, slots
 
 
+@pytest.mark.parametrize("wide_band", [0, 10 ** 9], ids=["two_products", "window"])
 @pytest.mark.parametrize("task,d,hidden,embeddings,units,k,block", CASES)
-def test_ghost_equals_vmap_equals_unit_by_unit(task, d, hidden, embeddings, units, k, block):
+def test_ghost_equals_vmap_equals_unit_by_unit(task, d, hidden, embeddings, units, k, block,
+                                               wide_band, monkeypatch):
+  # Both forms of the band (chosen by an activation's width) on the same small layers.
+  monkeypatch.setattr(ghost, "WIDE_BAND", wide_band)
   model, head, params, loss_fn, batch, mask, slots = _case(
       task, d, hidden, embeddings, units, k, block, [d, units, k])
   _, norms = _unit_by_unit(loss_fn, params, batch, slots, np.inf)

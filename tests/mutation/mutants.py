@@ -240,6 +240,15 @@ MUTANTS: tuple[Mutant, ...] = (
                "alone_give_k_c",
                _UNIT_TESTS + "::test_a_unit_of_k_rows_never_moves_the_clipped_sum_by_more_than_c")),
     Mutant(
+        name="unit_band_own_block_only",
+        file="fastdp_jax/dp/ghost.py",
+        old="  weights = (jnp.where(q == p, 1.0, jnp.where(q > p, 2.0, 0.0)), jnp.where(q < p, 2.0, 0.0))\n",
+        new=("  weights = (jnp.where(q == p, 1.0, jnp.where(q > p, 2.0, 0.0)), 0.0 * q)"
+             "  # MUTANT\n"),
+        breaks="the ghost unit norm misses the pairs of a unit that straddles two blocks of k "
+               "slots: its norm comes out too small and the clipped unit exceeds C",
+        tests=(_UNIT_CLIPPING + "::test_ghost_equals_vmap_equals_unit_by_unit",)),
+    Mutant(
         name="unit_rows_clipped_vmap",
         file="fastdp_jax/dp/clipping.py",
         old=("  units = rows.unit  # row r's gradient joins its unit's sum: never clipped "
