@@ -22,7 +22,8 @@ at 0.5, ROC AUC, log-loss.
 
 For the row-level run it also states what that run guarantees a household of k = 2, 3, 5, 8
 rows (:func:`fastdp_jax.dp.accounting.group_epsilon` at the run's own sigma, q, T and delta:
-a household with k rows puts Binomial(k, q) clipped rows into an update).
+a household with k rows puts Binomial(k, q) clipped rows into an update; plus k times the
+temperature's epsilon where the config calibrates, ``configs/households.py`` does).
 
 Prints one JSON line per run and one ``"kind": "summary"`` line (``--out`` appends them)::
 
@@ -172,6 +173,10 @@ def run(level: str, seed: int, args, data: dict, batch: int) -> dict:
          f"--config.data.path={data[level]}", f"--config.batch_size={batch}",
          f"--config.num_epochs={args.epochs}", f"--config.dp.target_epsilon={args.epsilon:g}",
          f"--config.seed={seed}", f"--workdir={workdir}"]
+  if args.calibration_epsilon is not None:  # else the config's own temperature
+    cmd += [f"--config.data.validation_fraction="
+            f"{args.validation_fraction if args.calibration_epsilon else 0:g}",
+            f"--config.calibration.epsilon={args.calibration_epsilon:g}"]
   t0 = time.perf_counter()
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
   wall = time.perf_counter() - t0
@@ -186,12 +191,16 @@ def run(level: str, seed: int, args, data: dict, batch: int) -> dict:
   out = dict(kind="run", level=level, seed=seed, private=s.private, epsilon=s.epsilon,
              delta=s.delta, noise_multiplier=s.noise_multiplier, sampling_rate=s.sampling_rate,
              steps=s.steps, batch_size=batch, epochs=args.epochs,
+             calibration_epsilon=s.calibration_epsilon, temperature=s.temperature,
              batch_counts="households" if level == "household" else "rows",
              test_rows=int(len(test)), metrics=score(p, test.labels), fit_s=round(s.wall_time_s, 2),
              wall_s=round(wall, 2), command=command)
   if level == "row":
+    # Training's group epsilon, plus the temperature's: a pure epsilon_c-DP selection per row
+    # is k epsilon_c-DP for k rows (group privacy), added as the run adds them.
     out["group_epsilon"] = {str(k): round(accounting.group_epsilon(
-        s.noise_multiplier, s.sampling_rate, s.steps, s.delta, k), 4) for k in GROUP_SIZES}
+        s.noise_multiplier, s.sampling_rate, s.steps, s.delta, k)
+        + k * (s.calibration_epsilon or 0.0), 4) for k in GROUP_SIZES}
   return out
 
 
@@ -229,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--household-batch", type=int, default=512,
                  help="expected households per update (the row run's B: this times the "
                       "kept training rows per household)")
+  p.add_argument("--calibration-epsilon", type=float, default=None,
+                 help="config calibration.epsilon of both runs (default: the config's; 0: no "
+                      "temperature, no validation rows); the household run's selection has k "
+                      "times a row's sensitivity")
+  p.add_argument("--validation-fraction", type=float, default=0.1,
+                 help="config data.validation_fraction with --calibration-epsilon")
   p.add_argument("--work", default="/tmp/fastdp-units-bench")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
