@@ -56,8 +56,11 @@ test: lint
 	echo "make test: main suite $$( [ $$main = 0 ] && echo passed || echo FAILED ), multidevice suite $$( [ $$multi = 0 ] && echo passed || echo FAILED )"; \
 	[ $$main = 0 ] && [ $$multi = 0 ]
 
+# Two pytest workers: a test holds one core on average (compiling, Spark's JVM, waiting on the
+# processes it starts), so two at once on a 2-core machine take about 70 % of the time.
+TEST_WORKERS ?= 2
 test-main: $(STAMP)
-	$(PY) -m pytest -q tests -m "not multidevice"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m "not multidevice"
 
 test-multidevice: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests -m multidevice
@@ -65,7 +68,7 @@ test-multidevice: $(STAMP)
 # The fast part for a developer: everything not marked slow (no Spark session, no extra
 # processes, no wheel build), on one process. `make test` stays the full suite.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow and not multidevice"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m "not slow and not multidevice"
 
 # The flakiness check: the main suite twice at once, beside a busy CPU, REPEAT rounds; each
 # round's logs in runs/test-repeat/. A test that fails in any round is named at the end.
