@@ -523,18 +523,9 @@ def read_unit_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *
   Raises:
     ShardError: naming the shard, if it has no ``unit_keys`` of one uint64 per row.
   """
-  path = shard_path(directory, info)
-  stop = info.rows if stop is None else stop
-  where = f"shard {info.file}"
-  try:
-    with h5py.File(path, "r") as f:
-      keys = _h5_dataset(f, "unit_keys", where)
-      if keys.dtype != np.uint64 or keys.shape != (info.rows,):
-        raise manifest_lib.ShardError(f"{where}: unit_keys have dtype {keys.dtype} and shape "
-                                      f"{keys.shape}; expected uint64 ({info.rows},)")
-      return np.asarray(keys[start:stop], np.uint64)
-  except OSError as e:
-    raise manifest_lib.ShardError(f"{where}: unreadable ({e})") from e
+  keys = _read_keys(directory, info, "unit_keys", start, stop, optional=False)
+  assert keys is not None  # not optional: a shard without them raised
+  return keys
 
 
 def read_row_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *,
@@ -550,16 +541,21 @@ def read_row_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, *,
   Raises:
     ShardError: naming the shard, if its ``row_keys`` are not one uint64 per row.
   """
-  path = shard_path(directory, info)
+  return _read_keys(directory, info, "row_keys", start, stop, optional=True)
+
+
+def _read_keys(directory: str | os.PathLike, info: manifest_lib.ShardInfo, name: str,
+               start: int, stop: int | None, *, optional: bool) -> np.ndarray | None:
+  """Rows ``start:stop`` of the shard's uint64 dataset ``name`` (None: absent and optional)."""
   stop = info.rows if stop is None else stop
   where = f"shard {info.file}"
   try:
-    with h5py.File(path, "r") as f:
-      if "row_keys" not in f:
+    with h5py.File(shard_path(directory, info), "r") as f:
+      if optional and name not in f:
         return None
-      keys = _h5_dataset(f, "row_keys", where)
+      keys = _h5_dataset(f, name, where)
       if keys.dtype != np.uint64 or keys.shape != (info.rows,):
-        raise manifest_lib.ShardError(f"{where}: row_keys have dtype {keys.dtype} and shape "
+        raise manifest_lib.ShardError(f"{where}: {name} have dtype {keys.dtype} and shape "
                                       f"{keys.shape}; expected uint64 ({info.rows},)")
       return np.asarray(keys[start:stop], np.uint64)
   except OSError as e:
