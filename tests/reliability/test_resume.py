@@ -18,6 +18,7 @@ from tests.conftest import ROOT, make_dataset
 pytestmark = pytest.mark.slow
 
 EPOCH_STEPS = 625  # round(train rows / batch_size) for the data set below
+LOG_EVERY = 650  # an eval record early in epoch 2
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,17 @@ def _saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
+def _eval_steps(workdir):
+  """The updates of the eval records past epoch 1 in ``metrics.jsonl`` (whole lines only)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f.read().split("\n")[:-1] if line]  # the last may be partial
+  return [r["step"] for r in map(json.loads, lines)
+          if r["kind"] == "eval" and r["step"] > EPOCH_STEPS]
+
+
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory):
   """The uninterrupted run's workdir."""
@@ -48,7 +60,7 @@ def reference(dataset, tmp_path_factory):
   return work
 
 
-def _assert_same_run(ref, work):
+def _assert_same_run(ref, work, log_every=None):
   a = np.load(ref / "final_params.npz")
   b = np.load(work / "final_params.npz")
   for k in a:
@@ -58,9 +70,12 @@ def _assert_same_run(ref, work):
   assert sb["epsilon"] == sa["epsilon"] and sb["steps"] == sa["steps"]
   ma = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
   mb = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-  # The eval records too: the ones after the checkpoint were cut and written again, once.
-  assert [r["step"] for r in mb if r["kind"] == "eval"] == [
-      r["step"] for r in ma if r["kind"] == "eval"]
+  # The eval records too: the ones after the checkpoint were cut and written again, once
+  # (with ``log_every``, also one at each multiple of it).
+  want = {r["step"] for r in ma if r["kind"] == "eval"}
+  if log_every:
+    want |= set(range(log_every, sa["steps"] + 1, log_every))
+  assert [r["step"] for r in mb if r["kind"] == "eval"] == sorted(want)
   ma, mb = ([r for r in m if r["kind"] == "epoch"] for m in (ma, mb))
   assert [r["epoch"] for r in mb] == [1, 2, 3]  # no duplicated or lost epochs
   assert mb[-1]["test_accuracy"] == pytest.approx(ma[-1]["test_accuracy"], abs=1e-6)
@@ -97,20 +112,23 @@ def test_sigkill_during_epoch_3_then_resume_equals_uninterrupted(dataset, refere
 
 def test_sigterm_checkpoints_the_update_it_stops_at_then_resume_equals_uninterrupted(
     dataset, reference, tmp_path):
-  # Epoch ends are the only scheduled checkpoints here: any other one is SIGTERM's.
-  no_periodic = "--config.checkpoint.every_steps=100000"
+  # Epoch ends are the only scheduled checkpoints here: any other one is SIGTERM's. An eval
+  # record at update LOG_EVERY (log_every_steps; it changes no parameter) tells the test that the
+  # run is in epoch 2, past epoch 1's checkpoint: a signal sent on the checkpoint's appearance
+  # alone could land while the run still finishes epoch 1 (it then stops at update 625).
+  extra = ("--config.checkpoint.every_steps=100000", f"--config.log_every_steps={LOG_EVERY}")
   work = tmp_path / "terminated"
   log_path = tmp_path / "terminated.log"
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(_cmd(dataset, work, no_periodic), cwd=ROOT, stdout=log,
+    proc = subprocess.Popen(_cmd(dataset, work, *extra), cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-      deadline, saved = time.time() + 300, []
-      while proc.poll() is None and not saved and time.time() < deadline:
+      deadline, evals = time.time() + 300, []
+      while proc.poll() is None and not evals and time.time() < deadline:
         time.sleep(0.02)
-        saved = _saved_steps(work)
-      assert saved and proc.poll() is None, "the run ended before it could be stopped"
-      assert saved[0] == EPOCH_STEPS  # epoch 1's checkpoint, the first there is
+        evals = _eval_steps(work)
+      assert evals and proc.poll() is None, "the run ended before it could be stopped"
+      assert _saved_steps(work)[0] == EPOCH_STEPS  # epoch 1's checkpoint, the first there is
       proc.send_signal(signal.SIGTERM)  # in epoch 2 (or later on a starved machine)
       code = proc.wait(timeout=120)
     finally:
@@ -126,5 +144,5 @@ def test_sigterm_checkpoints_the_update_it_stops_at_then_resume_equals_uninterru
   assert stopped.group(2) == str(work)
   assert step > EPOCH_STEPS and step in _saved_steps(work)  # the update it stopped at
   assert not (work / "summary.json").exists()
-  _resume(dataset, work, no_periodic)
-  _assert_same_run(reference, work)
+  _resume(dataset, work, *extra)
+  _assert_same_run(reference, work, log_every=LOG_EVERY)
