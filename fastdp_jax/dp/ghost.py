@@ -174,7 +174,8 @@ def _row_sq_norms(params: models.Params, inputs: list, out_grads: list,
 # Activations at least this wide get the band as two products per block (own block, next
 # block) on a view of the rows; narrower ones as one product against a copied window of 2k - 1
 # rows. Measured on a 2-core CPU at k = 4 and 8: at width 1024 the copy costs a quarter of the
-# band's time; at widths 9-128 the single larger product is 10-25 % faster.
+# band's time; at widths 9-50 the single larger product is 10-25 % faster, at 128 the two
+# forms are within 15 % either way.
 WIDE_BAND = 512
 
 
@@ -216,9 +217,9 @@ def _unit_sq_norms(params: models.Params, inputs: list, out_grads: list, row_gra
     w = dots(b[:nb], jnp.concatenate([b[:nb], b[1:, :k - 1]], axis=1))
     return w[:, :, :k], jnp.pad(w[:, :, k:], [(0, 0), (0, 0), (0, 1)])
 
-  def same(v):  # (own, next) [nb, k, k] whether a row and a row of the block share v
+  def pairs(v, op):  # (own, next) [nb, k, k]: op of each row's v with its block's rows' v
     b = blocks(v)
-    return b[:nb, :, None] == b[:nb, None, :], b[:nb, :, None] == b[1:, None, :]
+    return op(b[:nb, :, None], b[:nb, None, :]), op(b[:nb, :, None], b[1:, None, :])
 
   p, q = jnp.arange(k)[:, None], jnp.arange(k)[None, :]
   # The band from each row's own slot: the diagonal once, each further pair counted twice.
@@ -229,11 +230,11 @@ def _unit_sq_norms(params: models.Params, inputs: list, out_grads: list, row_gra
     bias = 1.0 if "bias" in layer else 0.0
     totals = [t + (ga + bias) * gg for t, ga, gg in zip(totals, gram(a), gram(g))]
   for col, g in zip(ids, row_grads):
-    totals = [t + jnp.where(eq, gg, 0.0) for t, eq, gg in zip(totals, same(col), gram(g))]
-  kept = blocks(rows.keep)
-  keeps = (kept[:nb, :, None] & kept[:nb, None, :], kept[:nb, :, None] & kept[1:, None, :])
+    totals = [t + jnp.where(eq, gg, 0.0)
+              for t, eq, gg in zip(totals, pairs(col, jnp.equal), gram(g))]
   per_row = jnp.zeros((nb, k), jnp.float32)
-  for total, unit, keep, weight in zip(totals, same(rows.unit), keeps, weights):
+  for total, unit, keep, weight in zip(totals, pairs(rows.unit, jnp.equal),
+                                       pairs(rows.keep, jnp.logical_and), weights):
     pair = unit & keep & (weight > 0)
     # where, not a product with the mask: a NaN in a dropped or empty row must not leak.
     per_row = per_row + jnp.sum(jnp.where(pair, total * weight, 0.0), axis=2)
