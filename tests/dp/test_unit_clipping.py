@@ -142,6 +142,7 @@ CASES = [  # task, d, hidden, embeddings, units, k, block
     ("binary", 6, (10,), (), 10, 3, None),
     ("binary", 6, (8,), EMB, 8, 4, 8),
     ("multiclass", 5, (), (), 9, 2, None),
+    ("binary", 4, (), (), 6, 3, None),  # one layer with one output: no band at all
     ("regression", 5, (6,), EMB, 7, 5, 10),
 ]
 

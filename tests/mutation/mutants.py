@@ -249,6 +249,15 @@ MUTANTS: tuple[Mutant, ...] = (
                "slots: its norm comes out too small and the clipped unit exceeds C",
         tests=(_UNIT_CLIPPING + "::test_ghost_equals_vmap_equals_unit_by_unit",)),
     Mutant(
+        name="unit_one_output_layer_by_row",
+        file="fastdp_jax/dp/ghost.py",
+        old="  total = jax.ops.segment_sum(v, rows.unit, num_segments=n, indices_are_sorted=True)\n",
+        new=("  total = jax.ops.segment_sum(v, jnp.arange(n), num_segments=n)  # MUTANT: by row\n"),
+        breaks="the ghost unit norm of a one-output layer (the logit) adds its rows' squared "
+               "norms instead of squaring their sum: a unit whose rows agree comes out too "
+               "small and the clipped unit exceeds C",
+        tests=(_UNIT_CLIPPING + "::test_ghost_equals_vmap_equals_unit_by_unit",)),
+    Mutant(
         name="unit_rows_clipped_vmap",
         file="fastdp_jax/dp/clipping.py",
         old=("  units = rows.unit  # row r's gradient joins its unit's sum: never clipped "
