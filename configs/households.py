@@ -41,9 +41,9 @@ def get_config():
   config.dp.noise_multiplier = None
   config.dp.target_epsilon = 1.0  # sigma calibrated so the household-level epsilon is 1.
   # A private temperature chosen on 10 % of the households, held out whole: epsilon 0.1 of
-  # the total 1 (training gets 0.9). One household is up to 8 validation rows, so the
-  # selection has 8 times a row's sensitivity; it still chooses well on a few thousand
-  # households (log-loss 0.64 without it, 0.48 with it: BENCHMARKS.md, "Privacy units").
+  # the total 1 (training gets 0.9). Each household is scored by its rows' mean loss, so one
+  # household moves the selection's score by at most a row's bound, whatever its size
+  # (BENCHMARKS.md, "Privacy units": the log-loss with and without the temperature).
   config.data.validation_fraction = 0.1
   config.calibration.epsilon = 0.1
   return config

@@ -80,6 +80,12 @@ class RunData:
     statistic of the (bounded) validation rows by, in rows."""
     return self.unit.max_rows if self.unit else 1
 
+  @property
+  def validation_units(self) -> np.ndarray | None:
+    """Each validation row's unit key (None without a unit: each row is its own unit), by
+    which the temperature's selection scores whole units (docs/privacy.md)."""
+    return self.validation.unit_keys if self.unit and self.validation is not None else None
+
 
 Given = tuple[data_lib.Split, data_lib.Split, parallel.DeviceData]
 

@@ -402,15 +402,15 @@ def _write_outputs(t: Trainer, summary: summary_lib.RunSummary,
 def _calibrated(t: Trainer, host_params: Any,
                 summary: summary_lib.RunSummary) -> summary_lib.RunSummary:
   """The model with a temperature chosen on the validation rows, and its test metrics."""
-  rows, eps = t.data, t.config.calibration.epsilon
+  rows, eps = t.data, t.config.calibration.epsilon if t.plan.enabled else None
   rows.head = calibration.calibrated_head(
       rows.head, evaluate_lib.outputs_of(t.compiled.apply_fn, host_params,
                                          rows.validation.features, t.config.eval_batch_size),
-      rows.validation.labels, eps if t.plan.enabled else None, t.progress.keys, rows.rows_per_unit)
+      rows.validation.labels, eps, t.progress.keys, rows.validation_units)
   t.compiled.evaluate = evaluate_lib.build_eval(t.compiled.apply_fn, rows.head)
   return summary_lib.calibrated(summary, t.split_metrics("test"), rows.baseline,
                                 temperature=rows.head.temperature,
-                                calibration_epsilon=eps if t.plan.enabled else 0.0)
+                                calibration_epsilon=eps or 0.0)
 
 
 def finalize(t: Trainer) -> summary_lib.RunSummary:

@@ -494,19 +494,17 @@ def test_each_unit_slot_holds_all_kept_rows_of_one_unit_and_no_other(tmp_path, m
   assert sampled > 0
 
 
-def test_a_private_temperature_counts_a_unit_of_k_validation_rows(dataset, tmp_path,
-                                                                  monkeypatch):
-  # The temperature's exponential mechanism scores the validation rows; one unit is up to k of
-  # them (the validation units are bounded like the training units), so its utility's
-  # sensitivity is k times a row's: the run must say so to the mechanism.
+def test_a_private_temperature_scores_whole_validation_units(dataset, tmp_path, monkeypatch):
+  # The temperature's exponential mechanism scores the validation units (held out whole,
+  # bounded to k rows like the training units), each by its mean row loss: the run must hand
+  # the mechanism every validation row's unit.
   from fastdp_jax.dp import calibration
   calls = []
   real = calibration.select_temperature
 
-  def spy(logits, labels, epsilon, rng, temperatures=calibration.TEMPERATURES, *,
-          rows_per_unit=1):
-    calls.append((len(labels), epsilon, rows_per_unit))
-    return real(logits, labels, epsilon, rng, temperatures, rows_per_unit=rows_per_unit)
+  def spy(logits, labels, epsilon, rng, temperatures=calibration.TEMPERATURES, *, units=None):
+    calls.append((len(labels), epsilon, None if units is None else np.asarray(units)))
+    return real(logits, labels, epsilon, rng, temperatures, units=units)
 
   monkeypatch.setattr(calibration, "select_temperature", spy)
   s = train.train_and_evaluate(_cfg(dataset, **{"calibration.epsilon": 0.1,
@@ -515,21 +513,39 @@ def test_a_private_temperature_counts_a_unit_of_k_validation_rows(dataset, tmp_p
   keys = data_lib.load_split(dataset, "train").unit_keys
   uniq, sizes = np.unique(keys, return_counts=True)
   held = units_lib.is_validation_unit(uniq, 0.2, seed=inputs_lib.VALIDATION_SEED)
-  assert calls == [(int(np.minimum(sizes[held], K).sum()), 0.1, K)]
+  [(rows, epsilon, units)] = calls
+  assert (rows, epsilon) == (int(np.minimum(sizes[held], K).sum()), 0.1)
+  got_units, got_sizes = np.unique(units, return_counts=True)
+  assert set(got_units) == set(uniq[held])  # each held-out unit, by its key
+  np.testing.assert_array_equal(got_sizes, np.minimum(sizes[held], K)[np.argsort(uniq[held])])
   assert s.calibration_epsilon == 0.1
   assert s.epsilon == pytest.approx(s.training_epsilon + 0.1, rel=1e-9)
 
 
-def test_a_units_score_sensitivity_is_k_rows():
-  # Scaling the sensitivity by k is the same mechanism as epsilon / k (same draws).
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_one_whole_validation_unit_moves_every_temperature_score_by_at_most_l(k):
+  # The selection is epsilon-DP in the units if adding one unit moves every candidate's score
+  # by a value in [0, L] (a monotone score of sensitivity L). The worst unit: k rows all
+  # confidently wrong, each at the clamp L at every temperature; its rows' SUM would be k L.
   from fastdp_jax.dp import calibration
-  rng = np.random.default_rng(0)
-  logits, labels = rng.normal(size=500) * 3, (rng.random(500) < 0.5).astype(np.uint8)
-  for seed in range(20):
-    a = calibration.select_temperature(logits, labels, 0.8, np.random.default_rng(seed),
-                                       rows_per_unit=4)
-    b = calibration.select_temperature(logits, labels, 0.2, np.random.default_rng(seed))
-    assert a == b
+  rng = np.random.default_rng(k)
+  n = 300
+  logits, labels = rng.normal(size=n) * 3, (rng.random(n) < 0.5).astype(np.uint8)
+  units = rng.integers(0, 120, n)  # 1..several rows per unit
+  worst = (np.full(k, -1e4), np.ones(k, np.uint8), np.full(k, 10_000))
+  mild = (rng.normal(size=k), (rng.random(k) < 0.5).astype(np.uint8), np.full(k, 10_001))
+  base = calibration.scores(logits, labels, units=units)
+  L = calibration.SENSITIVITY
+  for extra_logits, extra_labels, extra_units in (worst, mild):
+    more = calibration.scores(np.append(logits, extra_logits), np.append(labels, extra_labels),
+                              units=np.append(units, extra_units))
+    assert np.all(more - base >= 0) and np.all(more - base <= L * (1 + 1e-12))
+  worst_move = calibration.scores(np.append(logits, worst[0]), np.append(labels, worst[1]),
+                                  units=np.append(units, worst[2])) - base
+  np.testing.assert_allclose(worst_move, L, rtol=1e-12)  # the bound is reached, not loose
+  # Units of one row each: the row-level score.
+  np.testing.assert_allclose(calibration.scores(logits, labels, units=np.arange(n)),
+                             calibration.scores(logits, labels), rtol=1e-12)
 
 
 def test_rows_given_in_memory_with_a_unit_layout_are_refused(dataset, tmp_path):

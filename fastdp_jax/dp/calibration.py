@@ -11,7 +11,10 @@ row's term clamped to at most ``L = -log(PROB_FLOOR)``, so adding or removing on
 every score by at most L, and all of them in the same direction (a row adds a non-negative
 term to each). For such a monotone score, drawing candidate i with probability proportional to
 ``exp(-epsilon * score_i / L)`` is epsilon-DP (McSherry and Talwar 2007; Dwork and Roth 2014,
-after Thm 3.10: the factor 2 of the general mechanism is not needed). The
+after Thm 3.10: the factor 2 of the general mechanism is not needed). With a privacy unit the
+score is the sum over validation UNITS of each unit's mean clamped log-loss: one whole unit
+then moves every score by at most L too, in the same direction, whatever its number of rows
+(a sum over its rows would move it by up to k L and need k times the noise). The
 validation rows are chosen by each row's key (its content and occurrence) or unit key, so one
 unit's removal moves no other between the splits. The calibration is still composed with
 training sequentially, a conservative choice (parallel composition over the two disjoint
@@ -75,15 +78,22 @@ def row_losses(logits: np.ndarray, labels: np.ndarray, temperature: float) -> np
 
 
 def scores(logits: np.ndarray, labels: np.ndarray,
-           temperatures: tuple[float, ...] = TEMPERATURES) -> np.ndarray:
-  """[m] the summed clamped log-loss of every candidate temperature (lower is better)."""
-  return np.array([row_losses(logits, labels, t).sum() for t in temperatures])
+           temperatures: tuple[float, ...] = TEMPERATURES,
+           units: np.ndarray | None = None) -> np.ndarray:
+  """[m] every candidate temperature's score (lower is better): the summed clamped log-loss
+  of the rows, or with ``units`` ([n] each row's unit, any labels) the sum over units of each
+  unit's mean clamped log-loss. Either way one row (or unit) adds a term in [0, L]."""
+  weights: float | np.ndarray = 1.0
+  if units is not None:
+    _, inverse, counts = np.unique(np.asarray(units), return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse.ravel()]
+  return np.array([np.sum(row_losses(logits, labels, t) * weights) for t in temperatures])
 
 
 def select_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float,
                        rng: np.random.Generator,
                        temperatures: tuple[float, ...] = TEMPERATURES, *,
-                       rows_per_unit: int = 1) -> float:
+                       units: np.ndarray | None = None) -> float:
   """A temperature drawn by the exponential mechanism (epsilon-DP in the validation rows).
 
   Args:
@@ -92,16 +102,15 @@ def select_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float,
     epsilon: the selection's privacy budget (> 0).
     rng: the mechanism's randomness; it must be secret for the guarantee to hold.
     temperatures: the public candidates.
-    rows_per_unit: the most rows one privacy unit has among the validation rows (its bound
-      k in a unit dataset, whose validation units are bounded like its training units): one
-      unit then moves each score by up to k times a row's sensitivity.
+    units: [n] each validation row's privacy unit (None: every row its own unit); the
+      score is then the units' mean losses, so that one unit moves it by at most L.
 
   Returns:
     One of ``temperatures``.
   """
   if not epsilon > 0:
     raise ValueError(f"{epsilon=} must be positive")
-  utility = -scores(logits, labels, temperatures) * epsilon / (SENSITIVITY * rows_per_unit)
+  utility = -scores(logits, labels, temperatures, units) * epsilon / SENSITIVITY
   # Gumbel-max: argmax(u_i + G_i) is distributed as softmax(u).
   return temperatures[int(np.argmax(utility + rng.gumbel(size=len(temperatures))))]
 
@@ -159,21 +168,21 @@ def mechanism_rng(noise_key: np.ndarray, fixed: bool) -> np.random.Generator:
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, epsilon: float | None,
-                       rng: np.random.Generator, rows_per_unit: int = 1) -> float:
+                       rng: np.random.Generator, units: np.ndarray | None = None) -> float:
   """The temperature of the calibrated model: drawn by :func:`select_temperature` with
-  ``epsilon`` (and ``rows_per_unit``), or (``epsilon`` None: a non-private run) the grid's
-  best score."""
+  ``epsilon`` (and ``units``), or (``epsilon`` None: a non-private run) the grid's best
+  score."""
   if epsilon is None:
-    return TEMPERATURES[int(np.argmin(scores(logits, labels)))]
-  return select_temperature(logits, labels, epsilon, rng, rows_per_unit=rows_per_unit)
+    return TEMPERATURES[int(np.argmin(scores(logits, labels, units=units)))]
+  return select_temperature(logits, labels, epsilon, rng, units=units)
 
 
 def calibrated_head(head: models.TaskHead, logits: np.ndarray, labels: np.ndarray,
                     epsilon: float | None, keys: keys_lib.RunKeys,
-                    rows_per_unit: int = 1) -> models.TaskHead:
+                    units: np.ndarray | None = None) -> models.TaskHead:
   """``head`` with the temperature chosen on the validation rows' ``logits`` and ``labels``
   (privately with ``epsilon``; None: a non-private run), the same on every process;
-  ``rows_per_unit`` as :func:`select_temperature`'s.
+  ``units`` (each row's privacy unit) as :func:`select_temperature`'s.
 
   Raises:
     ConfigError: the task is not a classification.
@@ -182,7 +191,7 @@ def calibrated_head(head: models.TaskHead, logits: np.ndarray, labels: np.ndarra
     raise errors.ConfigError("calibration.epsilon applies to classifiers; unset it for a "
                              "regression task")
   temperature = choose_temperature(logits, labels, epsilon,
-                                   mechanism_rng(keys.noise, keys.noise_fixed), rows_per_unit)
+                                   mechanism_rng(keys.noise, keys.noise_fixed), units)
   # The grid's index travels (an exact integer), not the float.
   index = int(distributed.broadcast_from_process_0(
       np.array(TEMPERATURES.index(temperature), np.int32)))
