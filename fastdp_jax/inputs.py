@@ -75,12 +75,6 @@ class RunData:
   unit: unit_batches.UnitSpec | None = None
 
   @property
-  def rows_per_unit(self) -> int:
-    """The most rows one privacy unit has (k; 1 without a unit): what one unit can move a
-    statistic of the (bounded) validation rows by, in rows."""
-    return self.unit.max_rows if self.unit else 1
-
-  @property
   def validation_units(self) -> np.ndarray | None:
     """Each validation row's unit key (None without a unit: each row is its own unit), by
     which the temperature's selection scores whole units (docs/privacy.md)."""

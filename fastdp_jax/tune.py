@@ -49,6 +49,7 @@ from fastdp_jax import atomic
 from fastdp_jax import config as config_lib
 from fastdp_jax import errors
 from fastdp_jax.console import say
+from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import tuning
 
 KINDS = ("log_uniform", "uniform", "choice", "log_scale")
@@ -351,11 +352,12 @@ def _score(t: Any, metric: str, score_noise: float, rng: Any) -> tuple[float, di
   logits = evaluate_lib.outputs_of(t.compiled.apply_fn, params, v.features,
                                    t.config.eval_batch_size)
   classes = 2 if logits.ndim == 1 else logits.shape[1]
-  # One privacy unit is up to k validation rows (bounded like the training units): the
-  # score's sensitivity is k rows' worth.
-  score = tuning.noisy_score(tuning.row_scores(logits, v.labels, metric, head.temperature),
-                             tuning.score_sensitivity(metric, classes) * t.data.rows_per_unit,
-                             score_noise, rng)
+  scores = tuning.row_scores(logits, v.labels, metric, head.temperature)
+  if t.data.validation_units is not None:
+    # Each validation unit scored by its rows' mean: one unit moves the sum by at most S, as a
+    # row does (its rows' sum would move it by up to k S: k times the noise).
+    scores = scores * units_lib.unit_weights(t.data.validation_units)
+  score = tuning.noisy_score(scores, tuning.score_sensitivity(metric, classes), score_noise, rng)
   return score, train.export_arguments(t, params)
 
 

@@ -16,7 +16,10 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
+from fastdp_jax import inputs as inputs_lib
 from fastdp_jax import tune
+from fastdp_jax.data import shards as data_lib
+from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import tuning
 from fastdp_jax.export import predictor
 from tests.conftest import ROOT, make_config, make_dataset, make_unit_dataset
@@ -199,9 +202,10 @@ def test_the_command_refuses_a_tuning_without_a_total(dataset, tmp_path):
                                                         "dp.target_epsilon")
 
 
-def test_a_unit_datasets_score_counts_k_rows_per_unit(tmp_path, monkeypatch):
-  # One household is up to k validation rows (bounded like the training units), so each
-  # trial's Gaussian score must be noised for k rows' sensitivity, not one row's.
+def test_a_unit_datasets_score_weighs_each_unit_as_one_row(tmp_path, monkeypatch):
+  # One household is up to k validation rows (bounded like the training units): each trial's
+  # Gaussian score is the sum over units of their rows' mean score, so one unit moves it by at
+  # most one row's sensitivity S, and the noise is S's.
   data = make_unit_dataset(str(tmp_path / "units"), units=900, max_rows=3, max_size=5, seed=1)
   search = tune.default_search()
   search.trials.mean = 2.0  # side by side by default: a unit dataset's trials run alone
@@ -210,7 +214,16 @@ def test_a_unit_datasets_score_counts_k_rows_per_unit(tmp_path, monkeypatch):
   monkeypatch.setattr(tuning, "secret_rng", lambda: np.random.default_rng(seed))
   sensitivities = []
   real = tuning.noisy_score
+  totals = []
   monkeypatch.setattr(tuning, "noisy_score", lambda scores, sensitivity, *a: (
-      sensitivities.append(sensitivity) or real(scores, sensitivity, *a)))
+      sensitivities.append(sensitivity) or totals.append(np.sum(scores))
+      or real(scores, sensitivity, *a)))
   tune.tune(_private_config(data, **{"batch_size": 64}), search, str(tmp_path / "w"))
-  assert sensitivities == [tuning.score_sensitivity("brier", 2) * 3] * 2
+  s = tuning.score_sensitivity("brier", 2)
+  assert sensitivities == [s] * 2
+  # The validation units (held out whole by their keys) each add at most S to the sum; their
+  # rows alone (2.4 a unit on average, each scoring 0.75 or more for a calibrated binary
+  # model) would add about 1.8 S a unit.
+  keys = data_lib.load_split(data, "train").unit_keys
+  held = units_lib.is_validation_unit(np.unique(keys), 0.25, seed=inputs_lib.VALIDATION_SEED)
+  assert all(0 < total <= s * int(held.sum()) for total in totals), (totals, int(held.sum()))

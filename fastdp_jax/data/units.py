@@ -386,3 +386,11 @@ def unit_column_indices(privacy_unit: Sequence[str], header: Sequence[str]) -> t
     raise errors.PipelineError(f"the input's header names the privacy_unit column(s) {dupes} "
                                "more than once")
   return tuple(header.index(c) for c in privacy_unit)
+
+
+def unit_weights(units: np.ndarray) -> np.ndarray:
+  """[n] float64: each row's weight, 1 / the number of these rows in its unit (``units`` [n]
+  each row's unit, any labels). A sum of per-row values in [0, S] weighted so is the sum over
+  units of each unit's mean, which one whole unit moves by at most S whatever its rows."""
+  _, inverse, counts = np.unique(np.asarray(units), return_inverse=True, return_counts=True)
+  return 1.0 / counts[inverse.ravel()]

@@ -41,6 +41,7 @@ from fastdp_jax import distributed
 from fastdp_jax import errors
 from fastdp_jax import models
 from fastdp_jax.console import say
+from fastdp_jax.data import units as units_lib
 from fastdp_jax.dp import keys as keys_lib
 
 # The public grid of temperatures: 1 (no change) to 10, about 25 % apart.
@@ -83,10 +84,7 @@ def scores(logits: np.ndarray, labels: np.ndarray,
   """[m] every candidate temperature's score (lower is better): the summed clamped log-loss
   of the rows, or with ``units`` ([n] each row's unit, any labels) the sum over units of each
   unit's mean clamped log-loss. Either way one row (or unit) adds a term in [0, L]."""
-  weights: float | np.ndarray = 1.0
-  if units is not None:
-    _, inverse, counts = np.unique(np.asarray(units), return_inverse=True, return_counts=True)
-    weights = 1.0 / counts[inverse.ravel()]
+  weights = 1.0 if units is None else units_lib.unit_weights(units)
   return np.array([np.sum(row_losses(logits, labels, t) * weights) for t in temperatures])
 
 

@@ -258,14 +258,16 @@ MUTANTS: tuple[Mutant, ...] = (
                "small and the clipped unit exceeds C",
         tests=(_UNIT_CLIPPING + "::test_ghost_equals_vmap_equals_unit_by_unit",)),
     Mutant(
-        name="calibration_unit_rows_summed",
-        file="fastdp_jax/dp/calibration.py",
-        old="    weights = 1.0 / counts[inverse.ravel()]\n",
-        new="    weights = np.ones_like(inverse.ravel(), float)  # MUTANT: a unit's rows summed\n",
-        breaks="the temperature's score sums a validation unit's rows while the mechanism "
-               "assumes sensitivity L per unit: one household of k rows moves it by up to k L",
+        name="validation_unit_rows_summed",
+        file="fastdp_jax/data/units.py",
+        old="  return 1.0 / counts[inverse.ravel()]\n",
+        new="  return np.ones(len(inverse.ravel()))  # MUTANT: a unit's rows summed\n",
+        breaks="the temperature's and fastdp-tune's scores sum a validation unit's rows while "
+               "their mechanisms assume one row's sensitivity per unit: one household of k rows "
+               "moves them by up to k times that",
         tests=(_UNIT_TESTS + "::test_one_whole_validation_unit_moves_every_temperature_score_by_"
-               "at_most_l",)),
+               "at_most_l",
+               "tests/test_tune.py::test_a_unit_datasets_score_weighs_each_unit_as_one_row")),
     Mutant(
         name="unit_rows_clipped_vmap",
         file="fastdp_jax/dp/clipping.py",
