@@ -163,9 +163,10 @@ def _load_units(d: config_lib.DataSettings, mesh: jax.sharding.Mesh, config_json
                                         seed=VALIDATION_SEED)
     validation = _rows(full, held)
     full = _rows(full, ~held)
-    # Bounded like the training units (at most k rows each, the same rank), so that a private
-    # statistic of the validation rows (the temperature, a tuning score) moves by at most k
-    # rows' worth when one unit is added or removed.
+    # Bounded like the training units (at most k rows each, the same rank): the validation
+    # units are the units a model would be trained on. The private statistics of them (the
+    # temperature, a tuning score) weigh each unit's rows by 1 / its rows, a bound of one
+    # row's worth per unit whatever k is.
     kept = units_lib.group(validation.unit_keys, units_lib.row_content_keys(
         validation.features, validation.labels), unit.max_rows).order
     validation = validation.take(kept)

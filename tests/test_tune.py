@@ -222,8 +222,8 @@ def test_a_unit_datasets_score_weighs_each_unit_as_one_row(tmp_path, monkeypatch
   s = tuning.score_sensitivity("brier", 2)
   assert sensitivities == [s] * 2
   # The validation units (held out whole by their keys) each add at most S to the sum; their
-  # rows alone (2.4 a unit on average, each scoring 0.75 or more for a calibrated binary
-  # model) would add about 1.8 S a unit.
+  # rows' own scores summed (2.4 rows a unit on average, a Brier score averaging 0.75 or more
+  # for any model at least as good as p = 0.5) would add about 1.8 S a unit.
   keys = data_lib.load_split(data, "train").unit_keys
   held = units_lib.is_validation_unit(np.unique(keys), 0.25, seed=inputs_lib.VALIDATION_SEED)
   assert all(0 < total <= s * int(held.sum()) for total in totals), (totals, int(held.sum()))

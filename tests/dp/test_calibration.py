@@ -33,16 +33,28 @@ def test_one_row_moves_every_score_by_at_most_the_sensitivity():
     assert np.all(diff >= 0) and np.all(diff <= calibration.SENSITIVITY + 1e-9)
 
 
-def test_the_selection_is_the_exponential_mechanism():
+def _unit_scores(logits, labels, units):
+  """The units' score computed unit by unit: the sum over units of their rows' mean loss."""
+  return np.array([sum(np.mean(calibration.row_losses(logits[units == u], labels[units == u], t))
+                       for u in np.unique(units)) for t in calibration.TEMPERATURES])
+
+
+@pytest.mark.parametrize("by_unit", [False, True], ids=["rows", "units"])
+def test_the_selection_is_the_exponential_mechanism(by_unit):
   # Frequencies of 20,000 draws against softmax(-epsilon * score / L) (the monotone score's
   # mechanism), an independent computation of its distribution; chi-square at the 1e-4 level.
+  # By unit (about 3 rows each), the score is the units' mean losses, computed unit by unit.
   logits, labels = _overconfident(300, seed=1)
+  units = np.random.default_rng(3).integers(0, 100, 300) if by_unit else None
   eps = 0.5
-  utility = -calibration.scores(logits, labels) * eps / calibration.SENSITIVITY
+  score = (_unit_scores(logits, labels, units) if by_unit
+           else calibration.scores(logits, labels))
+  utility = -score * eps / calibration.SENSITIVITY
   expected = np.exp(utility - utility.max())
   expected /= expected.sum()
   rng = np.random.default_rng(2)
-  draws = [calibration.select_temperature(logits, labels, eps, rng) for _ in range(20_000)]
+  draws = [calibration.select_temperature(logits, labels, eps, rng, units=units)
+           for _ in range(20_000)]
   counts = np.array([draws.count(t) for t in calibration.TEMPERATURES])
   keep = expected * 20_000 >= 5  # chi-square needs expected counts of 5 or more
   observed = np.append(counts[keep], counts[~keep].sum())

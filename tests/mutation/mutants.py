@@ -258,6 +258,15 @@ MUTANTS: tuple[Mutant, ...] = (
                "small and the clipped unit exceeds C",
         tests=(_UNIT_CLIPPING + "::test_ghost_equals_vmap_equals_unit_by_unit",)),
     Mutant(
+        name="temperature_units_dropped",
+        file="fastdp_jax/dp/calibration.py",
+        old="  utility = -scores(logits, labels, temperatures, units) * epsilon / SENSITIVITY\n",
+        new=("  utility = -scores(logits, labels, temperatures) * epsilon / SENSITIVITY"
+             "  # MUTANT\n"),
+        breaks="the temperature's selection scores a unit dataset's validation rows one by one "
+               "at one row's sensitivity: one household of k rows moves the score by up to k L",
+        tests=("tests/dp/test_calibration.py::test_the_selection_is_the_exponential_mechanism",)),
+    Mutant(
         name="validation_unit_rows_summed",
         file="fastdp_jax/data/units.py",
         old="  return 1.0 / counts[inverse.ravel()]\n",
