@@ -77,7 +77,7 @@ test-repeat: $(STAMP)
 	bash tests/repeat.sh $(REPEAT)
 
 # Each deliberately broken copy of the training path (tests/mutation/mutants.py) must make a
-# privacy test fail; writes the table into docs/privacy.md. About 10-20 minutes on 2 cores (28 mutants: 490 s, 2026-12-07).
+# privacy test fail; writes the table into docs/privacy.md. About 10-20 minutes on 2 cores (30 mutants: 539 s, 2026-12-07).
 mutation: $(STAMP)
 	$(PY) tests/mutation/run.py
 
